@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what storage-sidecar needs on a fresh Debian machine, and nothing that is already there.
+# Usage: scripts/bootstrap.sh [--bench]   (--bench adds rclone and fio, the benchmark peer and load generator)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+
+apt_pkgs=(fuse3 libfuse3-dev pkg-config gcc)
+[[ "${1:-}" == "--bench" ]] && apt_pkgs+=(rclone fio)
+
+missing=()
+for p in "${apt_pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    echo "bootstrap: installing Debian packages: ${missing[*]}"
+    if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; else SUDO=; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+stamp="$VENV/.installed"
+if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
+    echo "bootstrap: preparing the virtualenv $VENV"
+    [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -e '.[test]'
+    "$VENV/bin/python" -m pip check
+    touch "$stamp"
+fi

@@ -1,0 +1,118 @@
+"""Local object-store servers on 127.0.0.1 for the demo, the tests and the benchmarks.
+
+Each server is a child process started on a free port, polled until it answers (with a
+deadline) and stopped by PID. Nothing here is used by the daemon itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, deadline_s: float = 30.0) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early with status {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except urllib.error.HTTPError:
+            return  # any HTTP status: it is listening
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"no answer from {url} within {deadline_s} s")
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Stops a child by PID: SIGTERM, then SIGKILL after `timeout`."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    key: str
+    secret: str
+    proc: subprocess.Popen
+
+    def client(self):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=self.key,
+            aws_secret_access_key=self.secret,
+        )
+
+
+@contextlib.contextmanager
+def moto_server(log_path: str | os.PathLike[str], *, auth: bool = True) -> Iterator[S3Server]:
+    """A moto S3 server on 127.0.0.1. With `auth`, requests must be signed with the IAM key it yields."""
+    port = free_port()
+    ep = f"http://127.0.0.1:{port}"
+    env = dict(os.environ)
+    if auth:
+        env["INITIAL_NO_AUTH_ACTION_COUNT"] = "3"  # the three IAM calls below go unauthenticated
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        wait_http(ep + "/moto-api/", proc)
+        key, secret = "testing", "testing"
+        if auth:
+            import boto3
+
+            iam = boto3.client("iam", endpoint_url=ep, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+            iam.create_user(UserName="sidecar")
+            ak = iam.create_access_key(UserName="sidecar")["AccessKey"]
+            iam.put_user_policy(
+                UserName="sidecar",
+                PolicyName="s3",
+                PolicyDocument=json.dumps(
+                    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+                ),
+            )
+            key, secret = ak["AccessKeyId"], ak["SecretAccessKey"]
+        yield S3Server(ep, key, secret, proc)
+    finally:
+        stop_process(proc)
+
+
+def fuse_mounts() -> list[str]:
+    """Mount points of FUSE file systems in this mount namespace."""
+    out = []
+    for line in Path("/proc/mounts").read_text().splitlines():
+        parts = line.split()
+        if len(parts) > 2 and parts[2].startswith("fuse"):
+            out.append(parts[1].replace("\\040", " "))
+    return out

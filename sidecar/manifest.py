@@ -1,0 +1,312 @@
+"""The mount manifest: which storages a project has (`RemoteStorage`) and where they appear
+(`StorageMount`). The launcher writes it, the daemon reads it.
+
+Invariants after `load`/`parse_manifest` succeeds:
+- every storage has an id and a unique slug `name`; every mount has an id, a unique `name` and a
+  resolved `storage` object; mount paths are absolute, inside `root`, unique and not nested;
+- no field holds a secret (names that look like one are refused before validation);
+- `options` only holds keys from the provider's allowlist, so nothing can make a backend read
+  local files or run commands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sidecar import urls
+
+DEFAULT_INSTANCE = "renkulab.io"
+
+# Allowed `options` per provider and their types. Nothing here names a local file or a command.
+PROVIDER_OPTIONS: dict[str, dict[str, type]] = {
+    "s3": {"endpoint_url": str, "region": str, "anonymous": bool, "requester_pays": bool},
+    "azure": {"account_name": str, "endpoint_url": str, "anonymous": bool},
+    "gcs": {"endpoint_url": str, "project": str, "anonymous": bool, "requester_pays": bool},
+}
+
+# Substrings that mark a secret anywhere in a field name, and short words that only do as a whole
+# word (so "accessKey", "account_key" and "sas" match, while "keywords" or "sasquatch" do not).
+_SECRET_PARTS = ("secret", "password", "passwd", "token", "credential", "signature", "connectionstring", "privatekey")
+_SECRET_WORDS = {"key", "sas", "pwd"}
+_SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; `errors` holds (field path, message) pairs."""
+
+    def __init__(self, errors: list[tuple[str, str]]):
+        self.errors = errors
+        lines = "\n".join(f"  {loc}: {msg}" for loc, msg in errors)
+        super().__init__(f"invalid manifest ({len(errors)} error{'s' if len(errors) != 1 else ''}):\n{lines}")
+
+
+def _looks_secret(field: str) -> bool:
+    squashed = re.sub(r"[^a-z0-9]", "", field.lower())
+    if any(part in squashed for part in _SECRET_PARTS):
+        return True
+    words = {w.lower() for w in re.split(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])", field)}
+    return bool(words & _SECRET_WORDS)
+
+
+def find_secret_fields(doc: Any, loc: str = "") -> list[tuple[str, str]]:
+    """Field paths in a raw document whose names look like they hold a secret."""
+    found: list[tuple[str, str]] = []
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            here = f"{loc}.{k}" if loc else str(k)
+            if isinstance(k, str) and _looks_secret(k):
+                found.append(
+                    (
+                        here,
+                        "looks like a secret; a manifest never holds secrets. Provide credentials through "
+                        "the credentials directory, environment variables or the control socket (README: Credentials)",
+                    )
+                )
+            else:
+                found.extend(find_secret_fields(v, here))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            found.extend(find_secret_fields(v, f"{loc}[{i}]"))
+    return found
+
+
+def slugify(text: str) -> str:
+    slug = re.sub(r"[^a-z0-9_-]+", "-", text.lower()).strip("-_")[:63]
+    return slug or "storage"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, validate_assignment=False)
+
+
+class RemoteStorage(_Model):
+    id: str | None = None
+    name: str | None = None
+    provider: Literal["s3", "azure", "gcs"]
+    url: str
+    readonly: bool = True
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_slug(cls, v: str | None) -> str | None:
+        if v is not None and not _SLUG.match(v):
+            raise ValueError("must be a slug: 1-63 of a-z, 0-9, '-', '_', starting with a letter or digit")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "RemoteStorage":
+        try:
+            parsed = urls.parse(self.url)
+        except urls.StorageURLError as exc:
+            raise ValueError(f"url: {exc}") from None
+        if parsed.provider != self.provider:
+            raise ValueError(f"url is a {parsed.provider} URL but provider is {self.provider!r}")
+        allowed = PROVIDER_OPTIONS[self.provider]
+        for key, value in self.options.items():
+            if key not in allowed:
+                raise ValueError(
+                    f"options.{key}: unknown option for provider {self.provider!r}; allowed: {', '.join(sorted(allowed))}"
+                )
+            if not isinstance(value, allowed[key]):
+                raise ValueError(f"options.{key}: must be a {allowed[key].__name__}")
+            if key == "endpoint_url" and not re.match(r"^https?://[^/\s@]+/?[^\s@]*$", value):
+                raise ValueError("options.endpoint_url: must be an http:// or https:// URL without user info")
+        return self
+
+    @property
+    def parsed(self) -> urls.StorageURL:
+        return urls.parse(self.url)
+
+
+class StorageMount(_Model):
+    id: str | None = None
+    name: str | None = None
+    storage: str
+    mountpath: str
+    source_path: str = ""
+    metadata_ttl: float = Field(default=5.0, ge=0, le=3600, description="seconds listings and attributes are cached")
+    deadline: float = Field(default=30.0, gt=0, le=600, description="seconds before a backend call fails with EIO")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_slug(cls, v: str | None) -> str | None:
+        return RemoteStorage._name_is_slug(v)
+
+    @field_validator("source_path")
+    @classmethod
+    def _source_path(cls, v: str) -> str:
+        segments = [s for s in v.split("/") if s]
+        if any(s in (".", "..") for s in segments):
+            raise ValueError("must be a folder inside the storage, without '.' or '..'")
+        return "/".join(segments)
+
+    @field_validator("mountpath")
+    @classmethod
+    def _mountpath(cls, v: str) -> str:
+        if not v:
+            raise ValueError("must not be empty")
+        return v
+
+
+class Manifest(_Model):
+    root: str
+    instance: str = DEFAULT_INSTANCE
+    storages: list[RemoteStorage]
+    mounts: list[StorageMount]
+
+    @field_validator("root")
+    @classmethod
+    def _root_absolute(cls, v: str) -> str:
+        if not os.path.isabs(v):
+            raise ValueError("must be an absolute path")
+        return os.path.normpath(v)
+
+    @field_validator("instance")
+    @classmethod
+    def _instance_host(cls, v: str) -> str:
+        if not re.match(r"^[a-z0-9.-]+(:\d+)?$", v):
+            raise ValueError("must be a host name like renkulab.io")
+        return v
+
+    def storage_for(self, mount: StorageMount) -> RemoteStorage:
+        for s in self.storages:
+            if mount.storage in (s.id, s.name):
+                return s
+        raise KeyError(mount.storage)
+
+    def mount_named(self, name: str) -> StorageMount:
+        for m in self.mounts:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+
+def storage_id(instance: str, parsed: urls.StorageURL) -> str:
+    """`https://<instance>/storage/<provider>/<host>/<bucket|container>`, as the project metadata model does."""
+    return f"https://{instance}/storage/{parsed.provider}/{parsed.host}/{parsed.bucket}"
+
+
+def _resolve(m: Manifest) -> list[tuple[str, str]]:
+    """Fills derived fields and checks cross-references; returns (field path, message) errors."""
+    errors: list[tuple[str, str]] = []
+    seen_ids: dict[str, int] = {}
+    seen_names: dict[str, int] = {}
+    for i, s in enumerate(m.storages):
+        parsed = s.parsed
+        if s.id is None:
+            s.id = storage_id(m.instance, parsed)
+        if s.name is None:
+            s.name = slugify(parsed.bucket)
+        if s.id in seen_ids:
+            errors.append((f"storages[{i}].id", f"duplicates storages[{seen_ids[s.id]}].id; give each storage its own id"))
+        seen_ids.setdefault(s.id, i)
+        if s.name in seen_names:
+            errors.append((f"storages[{i}].name", f"{s.name!r} is already used by storages[{seen_names[s.name]}]; set a unique name"))
+        seen_names.setdefault(s.name, i)
+
+    root = Path(os.path.realpath(m.root))
+    use_count: dict[str, int] = {}
+    targets: list[tuple[int, Path]] = []
+    mount_names: dict[str, int] = {}
+    for i, mt in enumerate(m.mounts):
+        try:
+            storage = m.storage_for(mt)
+        except KeyError:
+            errors.append((f"mounts[{i}].storage", f"{mt.storage!r} is not the id or name of any storage in storages"))
+            continue
+        mt.storage = storage.id  # type: ignore[assignment]
+        use_count[storage.id] = use_count.get(storage.id, 0) + 1  # type: ignore[index]
+        raw = mt.mountpath
+        joined = Path(raw) if os.path.isabs(raw) else Path(m.root) / raw
+        # realpath resolves symlinks of the parts that exist, so a symlink out of root is caught.
+        target = Path(os.path.realpath(joined))
+        if target == root or root not in target.parents:
+            errors.append((f"mounts[{i}].mountpath", f"{raw!r} must be a folder inside root {m.root!r} (no '..', no symlinks out of it)"))
+            continue
+        mt.mountpath = str(target)
+        for j, other in targets:
+            if other == target:
+                errors.append((f"mounts[{i}].mountpath", f"the same path as mounts[{j}].mountpath"))
+            elif other in target.parents or target in other.parents:
+                errors.append((f"mounts[{i}].mountpath", f"nests with mounts[{j}].mountpath; mount paths must not be inside each other"))
+        targets.append((i, target))
+
+    for i, mt in enumerate(m.mounts):
+        if not mt.mountpath.startswith("/") or mt.storage not in use_count:
+            continue
+        storage = m.storage_for(mt)
+        if mt.name is None:
+            if use_count[storage.id] == 1:  # type: ignore[index]
+                mt.name = storage.name
+            else:
+                mt.name = slugify(f"{storage.name}-{Path(mt.mountpath).name}")
+        if mt.name in mount_names:
+            errors.append((f"mounts[{i}].name", f"{mt.name!r} is already used by mounts[{mount_names[mt.name]}]; set a unique name"))
+        mount_names.setdefault(mt.name, i)  # type: ignore[arg-type]
+        if mt.id is None:
+            mt.id = f"https://{m.instance}/storage/mounts/{mt.name}"
+    return errors
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def parse_manifest(doc: Any) -> Manifest:
+    """Validates a decoded manifest document. Raises `ManifestError` with field-level errors."""
+    if not isinstance(doc, dict):
+        raise ManifestError([("(document)", "must be a JSON object with root, storages and mounts")])
+    secret_errors = find_secret_fields(doc)
+    if secret_errors:
+        raise ManifestError(secret_errors)
+    try:
+        manifest = Manifest.model_validate(doc)
+    except ValidationError as exc:
+        errors = []
+        for e in exc.errors(include_input=False, include_url=False):
+            msg = e["msg"].removeprefix("Value error, ")
+            loc = _format_loc(e["loc"])
+            # A model-level check names its own sub-field ("options.x: ..."): fold it into the path.
+            m = re.match(r"^(url|options\.\w+): (.*)$", msg, re.S)
+            if m:
+                loc, msg = f"{loc}.{m.group(1)}", m.group(2)
+            errors.append((loc, msg))
+        raise ManifestError(errors) from None
+    errors = _resolve(manifest)
+    if errors:
+        raise ManifestError(errors)
+    return manifest
+
+
+def load(path: str | os.PathLike[str]) -> Manifest:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ManifestError([("(file)", f"cannot read {os.fspath(path)!r}: {exc.strerror}")]) from None
+    return loads(text)
+
+
+def loads(text: str) -> Manifest:
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ManifestError([("(document)", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")]) from None
+    return parse_manifest(doc)
+
+
+def load_from_env(var: str = "STORAGE_SIDECAR_MANIFEST") -> Manifest | None:
+    text = os.environ.get(var)
+    return loads(text) if text else None
