@@ -10,7 +10,7 @@ from tests.unit.test_manifest import BASE
 
 def test_help_lists_commands():
     out = subprocess.run([sys.executable, "-m", "sidecar.cli", "--help"], capture_output=True, text=True, check=True).stdout
-    assert "validate" in out
+    assert "validate" in out and "run" in out
 
 
 def test_validate_prints_table_and_json(tmp_path):

@@ -1,0 +1,206 @@
+"""The block cache: objects read in fixed-size blocks through a memory tier and a disk tier.
+
+A block is identified by (storage, object key, etag, index): a changed object has a new etag and
+so never serves old bytes.
+
+Concurrency protocol (all on the trio thread unless noted):
+- `_inflight` maps a block id to its `_Fetch`; a second reader of the same block waits on that
+  fetch's event instead of starting another (single flight).
+- Fetches run in the cache's own nursery (`run`), not in the reader's task, so a reader that is
+  interrupted does not cancel a fetch others wait for, and the disk write happens after the
+  waiters have been woken.
+- One memory budget (`memory_limit`) covers the memory tier *and* the blocks being fetched:
+  a fetch reserves its block size first, evicting least-recently-used blocks to make room. A
+  demand read waits for room; a prefetch that finds no room is simply not started.
+- Disk reads and writes run in worker threads (`trio.to_thread`, bounded by `_disk_limiter`).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import trio
+
+from sidecar.cache.disk import DiskTier, block_name
+from sidecar.store.base import ObjectStore
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    key: str
+    etag: str
+    size: int
+
+
+@dataclass
+class CacheStats:
+    memory_hits: int = 0
+    disk_hits: int = 0
+    misses: int = 0
+    prefetches: int = 0
+    prefetch_skipped: int = 0
+    single_flight_joins: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Fetch:
+    done: trio.Event = field(default_factory=trio.Event)
+    data: bytes | None = None
+    error: BaseException | None = None
+
+
+class BlockCache:
+    def __init__(
+        self,
+        store: ObjectStore,
+        *,
+        block_size: int = 8 * 1024 * 1024,
+        memory_limit: int = 256 * 1024 * 1024,
+        disk: DiskTier | None = None,
+        storage_id: str | None = None,
+    ) -> None:
+        if memory_limit < block_size:
+            raise ValueError("memory_limit must hold at least one block")
+        self.store = store
+        self.block_size = block_size
+        self.memory_limit = memory_limit
+        self.disk = disk
+        self.storage_id = storage_id or store.name
+        self.stats = CacheStats()
+        self._memory: OrderedDict[tuple[str, str, int], bytes] = OrderedDict()
+        self._memory_bytes = 0
+        self._reserved = 0  # bytes reserved by fetches in flight
+        self._room = trio.Event()  # set (and replaced) whenever reserved bytes are released
+        self._inflight: dict[tuple[str, str, int], _Fetch] = {}
+        self._nursery: trio.Nursery | None = None
+        self._disk_limiter = trio.CapacityLimiter(4)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The cache's fetch service; start with `await nursery.start(cache.run)`."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    @property
+    def memory_bytes(self) -> int:
+        return self._memory_bytes + self._reserved
+
+    def blocks_of(self, ref: ObjectRef) -> int:
+        return -(-ref.size // self.block_size)
+
+    def block_range(self, ref: ObjectRef, index: int) -> tuple[int, int]:
+        start = index * self.block_size
+        return start, min(start + self.block_size, ref.size)
+
+    def has(self, ref: ObjectRef, index: int) -> bool:
+        bid = (ref.key, ref.etag, index)
+        return bid in self._memory or bid in self._inflight
+
+    async def get(self, ref: ObjectRef, index: int) -> bytes:
+        """The bytes of block `index` of `ref` (shorter than block_size for the last block)."""
+        bid = (ref.key, ref.etag, index)
+        data = self._memory.get(bid)
+        if data is not None:
+            self._memory.move_to_end(bid)
+            self.stats.memory_hits += 1
+            return data
+        fetch = self._inflight.get(bid)
+        if fetch is not None:
+            self.stats.single_flight_joins += 1
+        else:
+            fetch = self._start(ref, index, wait_for_room=True)
+            assert fetch is not None
+        await fetch.done.wait()
+        if fetch.error is not None:
+            raise fetch.error
+        assert fetch.data is not None
+        return fetch.data
+
+    def prefetch(self, ref: ObjectRef, index: int, *, readahead: bool = True) -> bool:
+        """Starts fetching a block in the background if there is room; never waits.
+        `readahead=False` marks a block a reader is about to wait for (not counted as prefetch)."""
+        if index >= self.blocks_of(ref) or self.has(ref, index):
+            return False
+        if not self._try_reserve(self._block_len(ref, index)):
+            self.stats.prefetch_skipped += readahead
+            return False
+        self.stats.prefetches += readahead
+        return self._start(ref, index, wait_for_room=False, reserved=True) is not None
+
+    def _block_len(self, ref: ObjectRef, index: int) -> int:
+        start, end = self.block_range(ref, index)
+        return end - start
+
+    def _start(self, ref: ObjectRef, index: int, *, wait_for_room: bool, reserved: bool = False) -> _Fetch | None:
+        if self._nursery is None:
+            raise RuntimeError("BlockCache.run is not started")
+        bid = (ref.key, ref.etag, index)
+        fetch = _Fetch()
+        self._inflight[bid] = fetch
+        self._nursery.start_soon(self._fetch, ref, index, fetch, reserved)
+        return fetch
+
+    def _evict_for(self, need: int) -> bool:
+        while self._memory and self._memory_bytes + self._reserved + need > self.memory_limit:
+            _, data = self._memory.popitem(last=False)
+            self._memory_bytes -= len(data)
+        return self._memory_bytes + self._reserved + need <= self.memory_limit
+
+    def _try_reserve(self, n: int) -> bool:
+        if self._evict_for(n):
+            self._reserved += n
+            return True
+        return False
+
+    async def _reserve(self, n: int) -> None:
+        while not self._try_reserve(n):
+            await self._room.wait()
+
+    def _release(self, n: int) -> None:
+        self._reserved -= n
+        self._room.set()
+        self._room = trio.Event()
+
+    async def _fetch(self, ref: ObjectRef, index: int, fetch: _Fetch, reserved: bool) -> None:
+        bid = (ref.key, ref.etag, index)
+        n = self._block_len(ref, index)
+        from_disk = False
+        try:
+            if not reserved:
+                await self._reserve(n)
+            try:
+                name = block_name(self.storage_id, ref.key, ref.etag, index, self.block_size)
+                data = None
+                if self.disk is not None:
+                    data = await trio.to_thread.run_sync(self.disk.get, name, limiter=self._disk_limiter)
+                if data is not None and len(data) == n:
+                    from_disk = True
+                    self.stats.disk_hits += 1
+                else:
+                    self.stats.misses += 1
+                    start, end = self.block_range(ref, index)
+                    data = await self.store.get_range(ref.key, start, end, ref.etag)
+                    if len(data) != n:
+                        raise OSError(f"short read of {ref.key} block {index}: {len(data)} of {n} bytes")
+                fetch.data = data
+                self._memory[bid] = data
+                self._memory_bytes += len(data)
+            finally:
+                self._release(n)
+        except Exception as exc:
+            fetch.error = exc
+        finally:
+            self._inflight.pop(bid, None)
+            fetch.done.set()
+        if fetch.data is not None and self.disk is not None and not from_disk:
+            await trio.to_thread.run_sync(self.disk.put, name, fetch.data, limiter=self._disk_limiter)
+
+    def invalidate(self, key: str) -> None:
+        """Drops every memory block of `key` (any etag); disk blocks of old etags age out by LRU."""
+        for bid in [b for b in self._memory if b[0] == key]:
+            self._memory_bytes -= len(self._memory.pop(bid))

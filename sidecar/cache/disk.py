@@ -1,0 +1,150 @@
+"""Disk tier of the block cache: checksummed block files under a hard byte limit, LRU eviction.
+
+Layout: `<dir>/<2 hex>/<sha256 hex>` per block, each file a 16-byte header
+(magic, crc32 of the data, data length) followed by the data. A block is written to a temp file
+in the same directory and renamed, so a reader never sees a half-written block; a block whose
+checksum does not match is deleted and counted as corrupt (the caller refetches it).
+
+Invariant: `used` (bytes of all block files, temp files included) never exceeds `limit`. Space is
+reserved under `_lock` before a file is written, and eviction of least-recently-used blocks makes
+the room. All methods are blocking (file I/O) and are called from worker threads; `_lock` guards
+`_index` and `used` and is never held across file I/O except unlinks during eviction.
+
+The index is rebuilt from the directory at start (ordered by access time), so a cache survives a
+daemon restart and a block is reused while its object's etag still matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import threading
+import zlib
+from collections import OrderedDict
+from pathlib import Path
+
+MAGIC = b"SSCB"
+_HEADER = struct.Struct("<4sIQ")  # magic, crc32, length
+
+
+def block_name(storage: str, key: str, etag: str, index: int, block_size: int) -> str:
+    raw = f"{storage}\0{key}\0{etag}\0{index}\0{block_size}".encode()
+    return hashlib.sha256(raw).hexdigest()
+
+
+class DiskTier:
+    def __init__(self, directory: str | os.PathLike[str], limit: int) -> None:
+        self.dir = Path(directory)
+        self.limit = limit
+        self.used = 0
+        self.corrupt = 0
+        self.evictions = 0
+        self._index: OrderedDict[str, int] = OrderedDict()
+        self._pending: set[str] = set()  # reserved, still being written
+        self._lock = threading.Lock()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._load()
+
+    def _path(self, name: str) -> Path:
+        return self.dir / name[:2] / name
+
+    def _load(self) -> None:
+        found: list[tuple[float, str, int]] = []
+        for sub in self.dir.iterdir():
+            if not sub.is_dir():
+                continue
+            for f in sub.iterdir():
+                if f.name.startswith(".tmp"):
+                    f.unlink(missing_ok=True)  # a write interrupted by a crash
+                    continue
+                st = f.stat()
+                found.append((st.st_atime, f.name, st.st_size))
+        found.sort()
+        for _, name, size in found:
+            self._index[name] = size
+            self.used += size
+        self._evict_locked(0)  # the limit may have been lowered since the last run
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def _evict_locked(self, need: int) -> bool:
+        for name in list(self._index):
+            if self.used + need <= self.limit:
+                break
+            if name in self._pending:
+                continue
+            size = self._index.pop(name)
+            self._path(name).unlink(missing_ok=True)
+            self.used -= size
+            self.evictions += 1
+        return self.used + need <= self.limit
+
+    def get(self, name: str) -> bytes | None:
+        with self._lock:
+            if name not in self._index or name in self._pending:
+                return None
+            self._index.move_to_end(name)
+        try:
+            with open(self._path(name), "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            self._drop(name)
+            return None
+        if len(raw) >= _HEADER.size:
+            magic, crc, length = _HEADER.unpack_from(raw)
+            data = raw[_HEADER.size :]
+            if magic == MAGIC and length == len(data) and zlib.crc32(data) == crc:
+                return data
+        self.corrupt += 1
+        self._drop(name)
+        return None
+
+    def _drop(self, name: str) -> None:
+        with self._lock:
+            size = self._index.pop(name, None)
+            if size is not None:
+                self.used -= size
+                self._path(name).unlink(missing_ok=True)
+
+    def put(self, name: str, data: bytes) -> bool:
+        size = _HEADER.size + len(data)
+        with self._lock:
+            if name in self._index:
+                self._index.move_to_end(name)
+                return True
+            if size > self.limit or not self._evict_locked(size):
+                return False
+            # Reserve before writing: concurrent writers can never push usage past the limit.
+            self._index[name] = size
+            self._pending.add(name)
+            self.used += size
+        path = self._path(name)
+        tmp = path.parent / f".tmp{threading.get_ident()}-{name}"
+        try:
+            path.parent.mkdir(exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(_HEADER.pack(MAGIC, zlib.crc32(data), len(data)))
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            with self._lock:
+                self._pending.discard(name)
+            self._drop(name)
+            return False
+        with self._lock:
+            self._pending.discard(name)
+        return True
+
+    def disk_bytes(self) -> int:
+        """Bytes actually on disk under the cache directory (for tests and status)."""
+        total = 0
+        for root, _dirs, files in os.walk(self.dir):
+            for f in files:
+                try:
+                    total += os.stat(os.path.join(root, f)).st_size
+                except FileNotFoundError:
+                    pass
+        return total

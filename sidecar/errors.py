@@ -1,0 +1,82 @@
+"""Domain errors and the ONE table that maps them to errno values.
+
+Lower layers (store, cache, vfs) raise these; only the FUSE adapter converts them to errno
+(`errno_for`). Anything not in the table is unexpected: the adapter logs it with its traceback
+and answers EIO.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class SidecarError(Exception):
+    """Base of every domain error. `code` is a stable, machine-readable reason."""
+
+    code = "error"
+
+
+class NotFound(SidecarError):
+    code = "not_found"
+
+
+class AccessDenied(SidecarError):
+    code = "access_denied"
+
+
+class ObjectChanged(SidecarError):
+    """The object changed under an open handle (its etag no longer matches)."""
+
+    code = "object_changed"
+
+
+class BackendUnavailable(SidecarError):
+    """The backend could not be reached or did not answer within the mount's deadline."""
+
+    code = "endpoint_unreachable"
+
+
+class BackendTimeout(BackendUnavailable):
+    code = "timeout"
+
+
+class ReadOnly(SidecarError):
+    code = "readonly"
+
+
+class IsADirectory(SidecarError):
+    code = "is_a_directory"
+
+
+class NotADirectory(SidecarError):
+    code = "not_a_directory"
+
+
+class BadHandle(SidecarError):
+    code = "bad_handle"
+
+
+class NotSupported(SidecarError):
+    code = "not_supported"
+
+
+ERRNO_TABLE: dict[type[SidecarError], int] = {
+    NotFound: errno.ENOENT,
+    AccessDenied: errno.EACCES,
+    ObjectChanged: errno.ESTALE,
+    BackendTimeout: errno.EIO,
+    BackendUnavailable: errno.EIO,
+    ReadOnly: errno.EROFS,
+    IsADirectory: errno.EISDIR,
+    NotADirectory: errno.ENOTDIR,
+    BadHandle: errno.EBADF,
+    NotSupported: errno.ENOTSUP,
+}
+
+
+def errno_for(exc: BaseException) -> int | None:
+    """The errno for a domain error (most specific class first), None for anything unexpected."""
+    for cls in type(exc).__mro__:
+        if cls in ERRNO_TABLE:
+            return ERRNO_TABLE[cls]  # type: ignore[index]
+    return None

@@ -1,0 +1,162 @@
+"""A thin pyfuse3.Operations adapter over the filesystem core.
+
+Each handler binds per-request log context, bounds the call by the mount's deadline, calls the
+core and translates every error through the one errno table (`sidecar.errors`). pyfuse3 catches
+only FUSEError, so nothing else may escape a handler: anything unexpected is logged with its
+traceback and answered EIO.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+import structlog
+import trio
+
+from sidecar.errors import SidecarError, errno_for
+from sidecar.log import get_logger
+from sidecar.vfs.core import Attr, Filesystem
+
+log = get_logger(__name__)
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+class ErrorCounts(dict):
+    def bump(self, name: str) -> None:
+        self[name] = self.get(name, 0) + 1
+
+
+def _translated(fn: F) -> F:
+    @functools.wraps(fn)
+    async def wrapper(self: "FuseOps", *args: Any) -> Any:
+        op = fn.__name__
+        with structlog.contextvars.bound_contextvars(op=op, mount=self.mount_name):
+            try:
+                with trio.fail_after(self.deadline):
+                    return await fn(self, *args)
+            except pyfuse3.FUSEError:
+                raise
+            except trio.TooSlowError:
+                self.errors.bump("timeout")
+                log.warning("request_timed_out", deadline=self.deadline)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            except SidecarError as exc:
+                code = errno_for(exc)
+                self.errors.bump(exc.code)
+                if code in (errno.ENOENT, errno.ESTALE, errno.EROFS):
+                    log.debug("request_failed", code=exc.code, detail=str(exc))
+                else:
+                    log.warning("request_failed", code=exc.code, detail=str(exc))
+                raise pyfuse3.FUSEError(code or errno.EIO) from None
+            except Exception:
+                self.errors.bump("unexpected")
+                log.exception("request_crashed")
+                raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class FuseOps(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, fs: Filesystem, *, mount_name: str, deadline: float = 30.0) -> None:
+        super().__init__()
+        self.fs = fs
+        self.mount_name = mount_name
+        self.deadline = deadline
+        self.errors = ErrorCounts()
+
+    def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = a.ino
+        e.generation = 0
+        e.entry_timeout = self.fs.ttl
+        e.attr_timeout = self.fs.ttl
+        e.st_mode = a.mode
+        e.st_nlink = a.nlink
+        e.st_uid = a.uid
+        e.st_gid = a.gid
+        e.st_rdev = 0
+        e.st_size = a.size
+        e.st_blksize = 128 * 1024
+        e.st_blocks = -(-a.size // 512)
+        ns = int(a.mtime * 1e9)
+        e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = ns
+        return e
+
+    @_translated
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return self._entry(await self.fs.lookup(parent_inode, os.fsdecode(name)))
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        try:
+            self.fs.forget(inode_list)
+        except Exception:  # forget must never raise
+            log.exception("forget_crashed")
+
+    @_translated
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return self._entry(await self.fs.getattr(inode))
+
+    @_translated
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        return await self.fs.opendir(inode)
+
+    @_translated
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        for name, attr, next_id in self.fs.readdir(fh, start_id):
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(attr), next_id):
+                break
+            self.fs.remember(attr.ino)  # readdirplus: the kernel took a reference
+
+    @_translated
+    async def releasedir(self, fh: int) -> None:
+        self.fs.releasedir(fh)
+
+    @_translated
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        fh, keep_cache = await self.fs.open(inode, flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache, direct_io=False)
+
+    @_translated
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self.fs.read(fh, off, size)
+
+    @_translated
+    async def release(self, fh: int) -> None:
+        self.fs.release(fh)
+
+    @_translated
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        st = self.fs.statfs()
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = st.block_size
+        out.f_frsize = st.fragment_size
+        out.f_blocks = st.blocks
+        out.f_bfree = st.blocks_free
+        out.f_bavail = st.blocks_available
+        out.f_files = st.files
+        out.f_ffree = st.files_free
+        out.f_favail = st.files_free
+        out.f_namemax = st.name_max
+        return out
+
+    @_translated
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        self.fs.node(inode)
+        return not (mode & os.W_OK and self.fs.readonly)
+
+    @_translated
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    @_translated
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return []

@@ -1,0 +1,58 @@
+"""The `ObjectStore` protocol: three calls are all the read path needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str  # full object key, no leading slash
+    size: int
+    etag: str  # cache identity: S3/Azure etag, GCS generation
+    mtime: float  # seconds since the epoch
+
+
+@dataclass(frozen=True)
+class DirInfo:
+    key: str  # full prefix without its trailing slash
+
+
+@dataclass
+class Listing:
+    """One directory level: objects directly under a prefix and the sub-prefixes."""
+
+    files: list[ObjectInfo] = field(default_factory=list)
+    dirs: list[str] = field(default_factory=list)  # full prefixes, no trailing slash
+    markers: list[str] = field(default_factory=list)  # keys of empty "folder/" marker objects
+
+
+@dataclass
+class StoreStats:
+    """Request counters, for status, metrics, tests and benchmarks."""
+
+    get_requests: int = 0
+    bytes_fetched: int = 0
+    list_requests: int = 0
+    head_requests: int = 0
+    errors: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+class ObjectStore(Protocol):
+    stats: StoreStats
+    name: str  # identifies the storage in cache keys
+
+    async def list_dir(self, prefix: str) -> Listing:
+        """Everything directly under `prefix` ("" for the bucket root), all pages."""
+
+    async def stat(self, key: str) -> ObjectInfo | DirInfo | None:
+        """The object `key`, else the directory `key/` if any object lies under it, else None."""
+
+    async def get_range(self, key: str, start: int, end: int, etag: str) -> bytes:
+        """Bytes [start, end) of `key`; raises ObjectChanged if its etag is no longer `etag`."""
+
+    async def close(self) -> None: ...

@@ -1,0 +1,18 @@
+"""Builds the store for one storage from its parsed URL, options and credentials."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sidecar import urls
+from sidecar.errors import NotSupported
+from sidecar.store.fsspec_store import FsspecStore, S3Store, make_s3_filesystem
+
+
+def build_store(
+    storage_id: str, url: urls.StorageURL, options: dict[str, Any], credentials: dict[str, str], *, deadline: float = 30.0
+) -> FsspecStore:
+    if url.provider == "s3":
+        fs = make_s3_filesystem(options, credentials, url.endpoint, url.region)
+        return S3Store(fs, url.bucket, storage_id, deadline=deadline)
+    raise NotSupported(f"provider {url.provider!r} is not supported yet")

@@ -1,0 +1,230 @@
+"""fsspec-backed object stores.
+
+fsspec's async file systems (s3fs, adlfs, gcsfs) run their coroutines on fsspec's own asyncio
+loop in a dedicated IO thread. We submit coroutines there with `run_coroutine_threadsafe` and
+wait for the result from trio without occupying a worker thread: the future's done-callback
+wakes the trio task through its trio token. Cancelling the trio side (a deadline) cancels the
+asyncio task, so an abandoned request does not linger.
+
+Every call is bounded by the mount's deadline and every backend error is translated into a
+domain error here, so nothing above this module sees botocore or aiohttp exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+import trio
+
+from sidecar.errors import AccessDenied, BackendTimeout, BackendUnavailable, NotFound, ObjectChanged, SidecarError
+from sidecar.log import get_logger
+from sidecar.store.base import DirInfo, Listing, ObjectInfo, StoreStats
+
+T = TypeVar("T")
+log = get_logger(__name__)
+
+
+async def run_on_loop(loop: asyncio.AbstractEventLoop, coro_fn: Callable[[], Awaitable[T]]) -> T:
+    """Runs `coro_fn()` on an asyncio loop in another thread and waits for it from trio."""
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+
+    async def wrapper() -> T:
+        return await coro_fn()
+
+    fut = asyncio.run_coroutine_threadsafe(wrapper(), loop)
+    fut.add_done_callback(lambda _f: token.run_sync_soon(done.set))
+    try:
+        await done.wait()
+    except BaseException:
+        fut.cancel()
+        raise
+    return fut.result()
+
+
+def _mtime(value: Any) -> float:
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return 0.0
+    return 0.0
+
+
+def translate(exc: BaseException, what: str) -> SidecarError:
+    """Maps fsspec/botocore/aiohttp errors to domain errors. Messages carry no request details."""
+    if isinstance(exc, SidecarError):
+        return exc
+    if isinstance(exc, FileNotFoundError):
+        return NotFound(what)
+    if isinstance(exc, PermissionError):
+        return AccessDenied(f"access denied: {what}")
+    code = _error_code(exc)
+    if code in ("PreconditionFailed", "412", "ConditionNotMet"):
+        return ObjectChanged(what)
+    if code in ("NoSuchKey", "NoSuchBucket", "404", "NotFound"):
+        return NotFound(what)
+    if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+        return AccessDenied(f"access denied: {what}")
+    if isinstance(exc, (OSError, asyncio.TimeoutError)) or code is not None or _is_client_error(exc):
+        return BackendUnavailable(f"{what}: {type(exc).__name__}")
+    raise exc  # a programming error, not a backend one: let the adapter log its traceback
+
+
+def _is_client_error(exc: BaseException) -> bool:
+    mod = type(exc).__module__
+    return mod.startswith(("botocore", "aiobotocore", "aiohttp", "azure", "google", "gcsfs", "adlfs"))
+
+
+def _error_code(exc: BaseException) -> str | None:
+    for e in (exc, exc.__cause__, exc.__context__):
+        resp = getattr(e, "response", None)
+        if isinstance(resp, dict):
+            err = resp.get("Error", {})
+            return str(err.get("Code") or resp.get("ResponseMetadata", {}).get("HTTPStatusCode"))
+        if e is not None and "PreconditionFailed" in str(e):
+            return "PreconditionFailed"
+    return None
+
+
+class FsspecStore:
+    """Generic store over an async fsspec file system; `root` is the bucket (or container)."""
+
+    def __init__(self, fs: Any, bucket: str, name: str, deadline: float = 30.0) -> None:
+        self.fs = fs
+        self.bucket = bucket
+        self.name = name
+        self.deadline = deadline
+        self.stats = StoreStats()
+
+    def _path(self, key: str) -> str:
+        return f"{self.bucket}/{key}" if key else self.bucket
+
+    def _key(self, path: str) -> str:
+        path = path.split("://", 1)[-1]
+        return path[len(self.bucket) + 1 :] if path.startswith(self.bucket + "/") else ""
+
+    async def _run(self, what: str, coro_fn: Callable[[], Awaitable[T]]) -> T:
+        try:
+            with trio.fail_after(self.deadline):
+                return await run_on_loop(self.fs.loop, coro_fn)
+        except trio.TooSlowError:
+            self.stats.errors += 1
+            raise BackendTimeout(f"{what}: no answer within {self.deadline:g} s") from None
+        except (trio.Cancelled, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            err = translate(exc, what)
+            if not isinstance(err, (NotFound, ObjectChanged)):
+                self.stats.errors += 1
+            raise err from None
+
+    def _object_info(self, d: dict[str, Any]) -> ObjectInfo:
+        etag = d.get("ETag") or d.get("etag") or d.get("generation") or d.get("md5Hash") or ""
+        mtime = d.get("LastModified") or d.get("last_modified") or d.get("mtime") or d.get("updated")
+        return ObjectInfo(self._key(d["name"]), int(d.get("size") or 0), str(etag).strip('"'), _mtime(mtime))
+
+    async def list_dir(self, prefix: str) -> Listing:
+        self.stats.list_requests += 1
+        entries = await self._run(f"list {prefix or '/'}", lambda: self.fs._ls(self._path(prefix), detail=True, refresh=True))
+        return self._to_listing(prefix, entries)
+
+    def _to_listing(self, prefix: str, entries: list[dict[str, Any]]) -> Listing:
+        out = Listing()
+        for d in entries:
+            key = self._key(d["name"])
+            if d.get("type") == "directory":
+                out.dirs.append(key.rstrip("/"))
+            elif key.endswith("/") or key == prefix:
+                out.markers.append(key)
+            else:
+                out.files.append(self._object_info(d))
+        return out
+
+    async def stat(self, key: str) -> ObjectInfo | DirInfo | None:
+        self.stats.head_requests += 1
+        try:
+            d = await self._run(f"stat {key}", lambda: self.fs._info(self._path(key), refresh=True))
+        except NotFound:
+            return None
+        if d.get("type") == "directory":
+            return DirInfo(key)
+        return self._object_info(d)
+
+    async def get_range(self, key: str, start: int, end: int, etag: str) -> bytes:
+        data = await self._run(f"read {key}", lambda: self.fs._cat_file(self._path(key), start=start, end=end))
+        self.stats.get_requests += 1
+        self.stats.bytes_fetched += len(data)
+        return data
+
+    async def close(self) -> None:
+        pass
+
+
+class S3Store(FsspecStore):
+    """S3 through s3fs: LIST with delimiter page by page, and ranged GETs conditional on the etag
+    (`If-Match`), so a block fetched after the object changed fails with ObjectChanged instead of
+    mixing old and new bytes."""
+
+    async def list_dir(self, prefix: str) -> Listing:
+        self.stats.list_requests += 1
+        key_prefix = f"{prefix}/" if prefix else ""
+
+        async def collect() -> list[dict[str, Any]]:
+            return [d async for d in self.fs._iterdir(self.bucket, prefix=key_prefix)]
+
+        entries = await self._run(f"list {prefix or '/'}", collect)
+        return self._to_listing(key_prefix, entries)
+
+    async def get_range(self, key: str, start: int, end: int, etag: str) -> bytes:
+        async def fetch() -> bytes:
+            resp = await self.fs._call_s3(
+                "get_object", Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}", IfMatch=f'"{etag}"'
+            )
+            try:
+                return await resp["Body"].read()
+            finally:
+                resp["Body"].close()
+
+        if end <= start:
+            return b""
+        data = await self._run(f"read {key}", fetch)
+        self.stats.get_requests += 1
+        self.stats.bytes_fetched += len(data)
+        return data
+
+
+def make_s3_filesystem(options: dict[str, Any], credentials: dict[str, str], endpoint: str | None, region: str | None) -> Any:
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    import s3fs
+
+    client_kwargs: dict[str, Any] = {}
+    if region or options.get("region"):
+        client_kwargs["region_name"] = options.get("region") or region
+    kwargs: dict[str, Any] = dict(
+        anon=bool(options.get("anonymous")),
+        endpoint_url=options.get("endpoint_url") or endpoint,
+        client_kwargs=client_kwargs,
+        skip_instance_cache=True,
+        use_listings_cache=False,
+        config_kwargs={"max_pool_connections": 32, "connect_timeout": 5, "read_timeout": 60},
+    )
+    if options.get("requester_pays"):
+        kwargs["requester_pays"] = True
+    if not kwargs["anon"]:
+        if credentials.get("access_key_id"):
+            kwargs["key"] = credentials["access_key_id"]
+            kwargs["secret"] = credentials.get("secret_access_key")
+            if credentials.get("session_token"):
+                kwargs["token"] = credentials["session_token"]
+    fs = s3fs.S3FileSystem(**kwargs)
+    fs.retries = 3  # s3fs retries transient errors with backoff; the mount's deadline bounds the total
+    return fs

@@ -1,0 +1,79 @@
+"""An in-memory object store for the filesystem-core tests (no server, no kernel)."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import trio
+
+from sidecar.errors import BackendUnavailable, NotFound, ObjectChanged
+from sidecar.store.base import DirInfo, Listing, ObjectInfo, StoreStats
+
+
+class MemoryStore:
+    def __init__(self, name: str = "memory") -> None:
+        self.name = name
+        self.objects: dict[str, tuple[bytes, ObjectInfo]] = {}
+        self.stats = StoreStats()
+        self.fail = False  # when set, every call raises BackendUnavailable
+        self.delay = 0.0  # seconds each call sleeps (to test deadlines and single flight)
+
+    def put(self, key: str, data: bytes, mtime: float | None = None) -> ObjectInfo:
+        etag = hashlib.md5(data + key.encode()).hexdigest()
+        info = ObjectInfo(key, len(data), etag, mtime if mtime is not None else time.time())
+        self.objects[key] = (data, info)
+        return info
+
+    def delete(self, key: str) -> None:
+        del self.objects[key]
+
+    async def _call(self) -> None:
+        if self.delay:
+            await trio.sleep(self.delay)
+        if self.fail:
+            self.stats.errors += 1
+            raise BackendUnavailable("memory store is down")
+
+    async def list_dir(self, prefix: str) -> Listing:
+        await self._call()
+        self.stats.list_requests += 1
+        base = f"{prefix}/" if prefix else ""
+        out = Listing()
+        dirs: set[str] = set()
+        for key, (_, info) in sorted(self.objects.items()):
+            if not key.startswith(base):
+                continue
+            rest = key[len(base) :]
+            if "/" in rest:
+                dirs.add(base + rest.split("/", 1)[0])
+            elif rest == "":
+                out.markers.append(key)
+            else:
+                out.files.append(info)
+        out.dirs = sorted(dirs)
+        return out
+
+    async def stat(self, key: str) -> ObjectInfo | DirInfo | None:
+        await self._call()
+        self.stats.head_requests += 1
+        if key in self.objects:
+            return self.objects[key][1]
+        if any(k.startswith(key + "/") for k in self.objects):
+            return DirInfo(key)
+        return None
+
+    async def get_range(self, key: str, start: int, end: int, etag: str) -> bytes:
+        await self._call()
+        if key not in self.objects:
+            raise NotFound(key)
+        data, info = self.objects[key]
+        if info.etag != etag:
+            raise ObjectChanged(key)
+        self.stats.get_requests += 1
+        chunk = data[start:end]
+        self.stats.bytes_fetched += len(chunk)
+        return chunk
+
+    async def close(self) -> None:
+        pass

@@ -1,0 +1,189 @@
+"""One mount, one process: serves a single FUSE mount of one storage.
+
+pyfuse3 serves one file system per process (its session is module state), so the daemon runs a
+worker per mount. That also isolates mounts: a crash takes down one mount, not all of them.
+
+Protocol with the parent (JSON lines):
+- stdin, first line: the mount's configuration (including credentials, which therefore never
+  appear on a command line or in the environment of the worker);
+- stdout: {"event": "mounted"} once the kernel mount exists, {"event": "error", ...} if it
+  could not be mounted, {"event": "stats", ...} in answer to a "stats" line on stdin;
+- stdin closed, a "stop" line, SIGTERM or SIGINT: unmount and exit 0.
+Logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from sidecar import log, urls
+from sidecar.cache.blocks import BlockCache
+from sidecar.cache.disk import DiskTier
+from sidecar.vfs.core import Filesystem
+
+logger = log.get_logger("sidecar.worker")
+
+
+def emit(event: str, **fields: Any) -> None:
+    data = (json.dumps({"event": event, **fields}) + "\n").encode()
+    os.write(1, data)
+
+
+def read_config_line() -> dict[str, Any]:
+    # Byte by byte, so no later command is swallowed by a read buffer.
+    buf = bytearray()
+    while not buf.endswith(b"\n"):
+        chunk = os.read(0, 1)
+        if not chunk:
+            break
+        buf += chunk
+    return json.loads(buf)
+
+
+def clear_stale_mount(path: str) -> bool:
+    """Unmounts a dead FUSE mount left at `path` by a killed process ("Transport endpoint is not
+    connected"). Returns True if there was one."""
+    try:
+        os.stat(path)
+        return False
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            return False
+    subprocess.run(["fusermount3", "-u", "-z", path], check=False, capture_output=True)
+    logger.warning("stale_mount_cleared", mountpath=path)
+    return True
+
+
+def mount_options(cfg: dict[str, Any]) -> set[str]:
+    import pyfuse3
+
+    opts = set(pyfuse3.default_options)
+    opts.add(f"fsname=storage-sidecar:{cfg['name']}")
+    opts.add("subtype=storage-sidecar")
+    opts.add("noatime")
+    if cfg.get("readonly", True):
+        opts.add("ro")
+    if cfg.get("allow_other"):
+        opts.add("allow_other")
+    return opts
+
+
+async def serve(cfg: dict[str, Any]) -> int:
+    import pyfuse3
+
+    from sidecar.fuse_ops import FuseOps
+    from sidecar.store.factory import build_store
+
+    url = urls.parse(cfg["url"])
+    store = build_store(cfg["storage_id"], url, cfg.get("options", {}), cfg.get("credentials", {}), deadline=cfg.get("deadline", 30.0))
+    disk = None
+    if cfg.get("cache_dir"):
+        sub = hashlib.sha256(cfg["storage_id"].encode()).hexdigest()[:16]
+        disk = await trio.to_thread.run_sync(DiskTier, Path(cfg["cache_dir"]) / sub, int(cfg.get("disk_limit", 10 << 30)))
+    cache = BlockCache(
+        store,
+        block_size=int(cfg.get("block_size", 8 << 20)),
+        memory_limit=int(cfg.get("memory_limit", 256 << 20)),
+        disk=disk,
+        storage_id=cfg["storage_id"],
+    )
+    fs = Filesystem(
+        store,
+        cache,
+        root_prefix=url.key_prefix(cfg.get("source_path", "")),
+        ttl=float(cfg.get("ttl", 5.0)),
+        uid=cfg.get("uid"),
+        gid=cfg.get("gid"),
+        readonly=cfg.get("readonly", True),
+        max_readahead_blocks=int(cfg.get("max_readahead_blocks", 8)),
+    )
+    ops = FuseOps(fs, mount_name=cfg["name"], deadline=float(cfg.get("deadline", 30.0)) + 5)
+    mountpath = cfg["mountpath"]
+    clear_stale_mount(mountpath)
+    os.makedirs(mountpath, exist_ok=True)
+
+    def stats() -> dict[str, Any]:
+        return {
+            "store": store.stats.as_dict(),
+            "cache": cache.stats.as_dict(),
+            "memory_bytes": cache.memory_bytes,
+            "disk": {"used": disk.used, "limit": disk.limit, "blocks": len(disk), "corrupt": disk.corrupt, "evictions": disk.evictions}
+            if disk
+            else None,
+            "errors": dict(ops.errors),
+            "inodes": fs.inode_count,
+        }
+
+    async def control(nursery: trio.Nursery) -> None:
+        stream = trio.lowlevel.FdStream(os.dup(0))
+        buf = b""
+        async with stream:
+            while True:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break  # the parent went away: do not outlive it
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    cmd = line.strip().decode()
+                    if cmd == "stats":
+                        emit("stats", **stats())
+                    elif cmd == "stop":
+                        pyfuse3.terminate()
+                        return
+        pyfuse3.terminate()
+
+    async def signals() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+            async for signum in received:
+                logger.info("signal_received", signal=signal.Signals(signum).name)
+                pyfuse3.terminate()
+                return
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(cache.run)
+        try:
+            pyfuse3.init(ops, mountpath, mount_options(cfg))
+        except RuntimeError as exc:
+            emit("error", code="mount_failed", reason=str(exc))
+            nursery.cancel_scope.cancel()
+            return 1
+        try:
+            logger.info("mounted", mount=cfg["name"], mountpath=mountpath, url=url.canonical())
+            emit("mounted", mountpath=mountpath)
+            nursery.start_soon(control, nursery)
+            nursery.start_soon(signals)
+            await pyfuse3.main()
+        finally:
+            pyfuse3.close(unmount=True)
+            logger.info("unmounted", mount=cfg["name"], mountpath=mountpath)
+            nursery.cancel_scope.cancel()
+    return 0
+
+
+def main() -> None:
+    cfg = read_config_line()
+    log.configure(cfg.get("log_level", "info"))
+    for value in (cfg.get("credentials") or {}).values():
+        log.register_secret(value)
+    try:
+        rc = trio.run(serve, cfg)
+    except Exception as exc:
+        logger.exception("worker_failed", mount=cfg.get("name"))
+        emit("error", code=getattr(exc, "code", "internal"), reason=log.redact_text(str(exc)))
+        rc = 1
+    sys.exit(rc)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,452 @@
+"""Filesystem core and block cache against the in-memory store: no kernel, no server."""
+
+import errno
+import os
+import random
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+import trio.testing
+
+from sidecar.cache.blocks import BlockCache, ObjectRef
+from sidecar.cache.disk import DiskTier
+from sidecar.cache.prefetch import ReadAhead
+from sidecar.errors import ObjectChanged, errno_for
+from sidecar.store.memory import MemoryStore
+from sidecar.vfs.core import ROOT_INO, Filesystem
+
+BS = 64 * 1024
+
+
+def run(fn, *, mock_clock=True):
+    clock = trio.testing.MockClock(autojump_threshold=0) if mock_clock else None
+    return trio.run(fn, clock=clock)
+
+
+@asynccontextmanager
+async def mounted(store, *, prefix="", ttl=5.0, memory_limit=BS * 16, disk=None):
+    cache = BlockCache(store, block_size=BS, memory_limit=memory_limit, disk=disk)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(cache.run)
+        yield Filesystem(store, cache, root_prefix=prefix, ttl=ttl, uid=1000, gid=100)
+        nursery.cancel_scope.cancel()
+
+
+async def path_ino(fs, path):
+    ino = ROOT_INO
+    for part in [p for p in path.split("/") if p]:
+        ino = (await fs.lookup(ino, part)).ino
+    return ino
+
+
+async def read_all(fs, path, chunk=4096 * 7):
+    ino = await path_ino(fs, path)
+    fh, _ = await fs.open(ino, os.O_RDONLY)
+    out, off = [], 0
+    while True:
+        data = await fs.read(fh, off, chunk)
+        if not data:
+            break
+        out.append(data)
+        off += len(data)
+    fs.release(fh)
+    return b"".join(out)
+
+
+async def names(fs, path=""):
+    fh = await fs.opendir(await path_ino(fs, path))
+    entries = fs.readdir(fh, 0)
+    fs.releasedir(fh)
+    return {name: attr for name, attr, _ in entries}
+
+
+def test_directories_from_prefixes_and_markers_with_sizes_from_listing():
+    store = MemoryStore()
+    store.put("data/a.txt", b"hello", mtime=1_700_000_000)
+    store.put("data/sub/b.bin", b"x" * 10)
+    store.put("data/empty/", b"")  # folder marker
+    store.put("other/c", b"not mounted")
+
+    async def main():
+        async with mounted(store, prefix="data") as fs:
+            top = await names(fs)
+            assert set(top) == {"a.txt", "sub", "empty"}
+            assert top["a.txt"].size == 5 and top["a.txt"].mtime == 1_700_000_000
+            assert top["sub"].is_dir and top["empty"].is_dir
+            assert top["a.txt"].uid == 1000 and top["a.txt"].gid == 100
+            assert top["a.txt"].mode & 0o777 == 0o444
+            assert await names(fs, "empty") == {}
+            assert store.stats.head_requests == 0  # sizes came from the listing
+            assert await read_all(fs, "sub/b.bin") == b"x" * 10
+
+    run(main)
+
+
+def test_unrepresentable_names_are_skipped_with_one_warning(monkeypatch):
+    from sidecar.vfs import core
+
+    warnings = []
+    monkeypatch.setattr(core.log, "warning", lambda event, **kw: warnings.append((event, kw["key"], kw["reason"])))
+
+    store = MemoryStore()
+    store.put("ok", b"1")
+    store.put("a//b", b"2")
+    store.put("x" * 256, b"3")
+    store.put("dup", b"file")
+    store.put("dup/inner", b"dir wins")
+    store.put("./dot", b"4")
+
+    async def main():
+        async with mounted(store) as fs:
+            listed = await names(fs)
+            assert await names(fs, "a") == {}  # "a//b": the empty segment cannot be shown
+            await trio.sleep(6)  # past the TTL: listed again, warned no more
+            await names(fs)
+            await names(fs, "a")
+            assert store.stats.list_requests == 4
+            return listed
+
+    listed = run(main)
+    assert sorted(k for _, k, _ in warnings) == sorted(["a//", "x" * 256, "dup", "./"])  # once each
+    assert {e for e, _, _ in warnings} == {"object_skipped"}
+    assert set(listed) == {"ok", "a", "dup"}
+    assert listed["dup"].is_dir
+    assert sorted(listed) == ["a", "dup", "ok"]
+
+
+def test_lookup_counts_and_forget_drop_inodes():
+    store = MemoryStore()
+    store.put("f", b"1")
+
+    async def main():
+        async with mounted(store) as fs:
+            a1 = await fs.lookup(ROOT_INO, "f")
+            a2 = await fs.lookup(ROOT_INO, "f")
+            assert a1.ino == a2.ino
+            assert fs.node(a1.ino).lookups == 2
+            fs.forget([(a1.ino, 1)])
+            assert fs.node(a1.ino).lookups == 1
+            fs.forget([(a1.ino, 1)])
+            assert fs.inode_count == 1
+            fs.forget([(999, 1), (ROOT_INO, 5)])  # unknown inodes and the root: never raise
+            # readdir entries not accepted by the kernel are dropped at releasedir
+            fh = await fs.opendir(ROOT_INO)
+            (name, attr, _), = fs.readdir(fh, 0)
+            fs.releasedir(fh)
+            assert fs.inode_count == 1
+
+    run(main)
+
+
+def test_readdir_offsets_stable_while_directory_changes():
+    store = MemoryStore()
+    for i in range(10):
+        store.put(f"f{i:02d}", b"x")
+
+    async def main():
+        async with mounted(store, ttl=0) as fs:
+            fh = await fs.opendir(ROOT_INO)
+            first = fs.readdir(fh, 0)[:4]
+            store.delete("f00")
+            store.put("a-new", b"y")
+            rest = fs.readdir(fh, first[-1][2])
+            fs.releasedir(fh)
+            seen = [n for n, _, _ in first] + [n for n, _, _ in rest]
+            assert seen == [f"f{i:02d}" for i in range(10)]  # no entry lost or repeated
+            assert [off for _, _, off in first + rest] == list(range(1, 11))
+
+    run(main)
+
+
+def test_metadata_ttl_and_negative_cache():
+    store = MemoryStore()
+    store.put("a", b"1")
+
+    async def main():
+        async with mounted(store, ttl=5) as fs:
+            with pytest.raises(Exception) as err:
+                await fs.lookup(ROOT_INO, "missing")
+            assert errno_for(err.value) == errno.ENOENT
+            heads = store.stats.head_requests
+            store.put("missing", b"now here")
+            with pytest.raises(Exception):
+                await fs.lookup(ROOT_INO, "missing")  # negative entry still fresh
+            assert store.stats.head_requests == heads
+            await trio.sleep(5.1)
+            assert (await fs.lookup(ROOT_INO, "missing")).size == 8
+            lists = store.stats.list_requests
+            await names(fs)
+            await names(fs)
+            assert store.stats.list_requests == lists + 1  # second listing from the cache
+
+    run(main)
+
+
+def test_replaced_object_seen_after_ttl_never_mixed():
+    store = MemoryStore()
+    old = bytes(random.Random(1).randbytes(BS * 3))
+    new = bytes(random.Random(2).randbytes(BS * 3 + 5))
+    store.put("obj", old)
+
+    async def main():
+        async with mounted(store, ttl=2) as fs:
+            ino = await path_ino(fs, "obj")
+            fh, keep = await fs.open(ino, os.O_RDONLY)
+            assert keep is False
+            assert await fs.read(fh, 0, 100) == old[:100]
+            store.put("obj", new)
+            # the open handle pins the old etag: a block it has not read yet cannot be mixed in
+            with pytest.raises(ObjectChanged) as err:
+                await fs.read(fh, BS * 2, 100)
+            assert errno_for(err.value) == errno.ESTALE
+            fs.release(fh)
+            await trio.sleep(2.1)
+            assert (await fs.getattr(ino)).size == len(new)
+            assert await read_all(fs, "obj") == new
+            store.delete("obj")
+            await trio.sleep(2.1)
+            with pytest.raises(Exception) as err:
+                await fs.getattr(ino)
+            assert errno_for(err.value) == errno.ENOENT
+
+    run(main)
+
+
+def test_keep_cache_only_when_etag_unchanged():
+    store = MemoryStore()
+    store.put("k", b"one")
+
+    async def main():
+        async with mounted(store, ttl=1) as fs:
+            ino = await path_ino(fs, "k")
+            fh, keep = await fs.open(ino, os.O_RDONLY)
+            fs.release(fh)
+            fh, keep2 = await fs.open(ino, os.O_RDONLY)
+            fs.release(fh)
+            store.put("k", b"two!")
+            await trio.sleep(1.1)
+            fh, keep3 = await fs.open(ino, os.O_RDONLY)
+            fs.release(fh)
+            assert (keep, keep2, keep3) == (False, True, False)
+
+    run(main)
+
+
+@pytest.mark.parametrize("size", [0, 1, BS - 1, BS, BS + 1, BS * 5 + 17])
+def test_reads_at_every_boundary(size):
+    store = MemoryStore()
+    data = random.Random(size).randbytes(size)
+    store.put("f", data)
+
+    async def main():
+        async with mounted(store) as fs:
+            assert await read_all(fs, "f") == data
+            ino = await path_ino(fs, "f")
+            fh, _ = await fs.open(ino, os.O_RDONLY)
+            rng = random.Random(7)
+            for _ in range(50):
+                off = rng.randrange(0, size + 10)
+                n = rng.randrange(1, BS * 2 + 3)
+                assert await fs.read(fh, off, n) == data[off : off + n]
+
+    run(main)
+
+
+def test_single_flight_concurrent_readers_one_fetch_per_block():
+    store = MemoryStore()
+    data = random.Random(3).randbytes(BS * 4)
+    store.put("f", data)
+    store.delay = 0.5
+
+    async def main():
+        async with mounted(store) as fs:
+            ino = await path_ino(fs, "f")
+            results = {}
+
+            async def reader(i):
+                fh, _ = await fs.open(ino, os.O_RDONLY)
+                results[i] = await fs.read(fh, BS + 10, 1000)
+
+            async with trio.open_nursery() as n:
+                for i in range(16):
+                    n.start_soon(reader, i)
+            assert all(r == data[BS + 10 : BS + 1010] for r in results.values())
+            assert fs.cache.stats.single_flight_joins >= 15
+
+    run(main)
+    assert store.stats.get_requests <= 3  # the block itself, plus at most its read-ahead
+
+
+def test_sequential_reader_prefetches_random_reader_does_not():
+    store = MemoryStore()
+    store.put("big", random.Random(4).randbytes(BS * 64))
+
+    async def main():
+        async with mounted(store, memory_limit=BS * 32) as fs:
+            await read_all(fs, "big", chunk=BS // 2)
+            assert fs.cache.stats.prefetches > 10
+            assert fs.cache.memory_bytes <= BS * 32
+            store.stats.bytes_fetched = 0
+            fs.cache._memory.clear()
+            fs.cache._memory_bytes = 0
+            ino = await path_ino(fs, "big")
+            fh, _ = await fs.open(ino, os.O_RDONLY)
+            rng = random.Random(5)
+            for _ in range(20):
+                await fs.read(fh, rng.randrange(0, BS * 63), 4096)
+            await trio.sleep(1)
+            # at most the blocks touched plus one block of read-ahead from the first read
+            assert store.stats.bytes_fetched <= BS * 21
+
+    run(main)
+
+
+def test_readahead_window_grows_and_shrinks():
+    ra = ReadAhead(block_size=100, max_blocks=8)
+    windows = []
+    for off in range(0, 2000, 50):
+        ra.on_read(off, 50)
+        windows.append(ra.window)
+    assert windows[0] == 1 and max(windows) == 8 and windows == sorted(windows)
+    ra.on_read(10_000_000, 50)
+    assert ra.window == 2
+    ra.on_read(50, 50)
+    assert ra.window == 0
+    assert list(ra.on_read(90_000_000, 10)) == []
+
+
+def test_memory_budget_holds_with_many_readers():
+    store = MemoryStore()
+    for i in range(8):
+        store.put(f"f{i}", random.Random(i).randbytes(BS * 16))
+    store.delay = 0.01
+    peak = 0
+
+    async def main():
+        nonlocal peak
+        async with mounted(store, memory_limit=BS * 6) as fs:
+            async def reader(i):
+                assert await read_all(fs, f"f{i}", chunk=BS // 4) == store.objects[f"f{i}"][0]
+
+            async def watch():
+                nonlocal peak
+                while True:
+                    peak = max(peak, fs.cache.memory_bytes)
+                    await trio.sleep(0.001)
+
+            async with trio.open_nursery() as n:
+                n.start_soon(watch)
+                async with trio.open_nursery() as readers:
+                    for i in range(8):
+                        readers.start_soon(reader, i)
+                n.cancel_scope.cancel()
+
+    run(main)
+    assert 0 < peak <= BS * 6
+
+
+def test_disk_tier_survives_restart_and_detects_corruption(tmp_path):
+    store = MemoryStore()
+    data = random.Random(9).randbytes(BS * 4 + 3)
+    store.put("f", data)
+
+    async def main():
+        async with mounted(store, disk=DiskTier(tmp_path, limit=BS * 100)) as fs:
+            assert await read_all(fs, "f") == data
+            await trio.sleep(1)  # let the background disk writes finish
+
+    run(main)
+    gets = store.stats.get_requests
+    assert gets == 5
+    # corrupt one block file on disk
+    files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    assert len(files) == 5
+    raw = bytearray(files[0].read_bytes())
+    raw[-1] ^= 0xFF
+    files[0].write_bytes(bytes(raw))
+    disk = DiskTier(tmp_path, limit=BS * 100)
+
+    async def again():
+        async with mounted(store, disk=disk) as fs:
+            assert await read_all(fs, "f") == data
+
+    run(again)
+    assert store.stats.get_requests == gets + 1  # only the corrupt block was fetched again
+    assert disk.corrupt == 1
+
+
+def test_disk_limit_never_exceeded(tmp_path):
+    store = MemoryStore()
+    for i in range(6):
+        store.put(f"f{i}", random.Random(i).randbytes(BS * 8))
+    limit = BS * 10 + 500
+    disk = DiskTier(tmp_path, limit=limit)
+    peak = 0
+
+    async def main():
+        nonlocal peak
+        async with mounted(store, disk=disk) as fs:
+            async with trio.open_nursery() as n:
+                async def watch():
+                    nonlocal peak
+                    while True:
+                        peak = max(peak, await trio.to_thread.run_sync(disk.disk_bytes))
+                        await trio.sleep(0.01)
+
+                n.start_soon(watch)
+                for i in range(6):
+                    assert await read_all(fs, f"f{i}") == store.objects[f"f{i}"][0]
+                await trio.sleep(0.5)
+                n.cancel_scope.cancel()
+
+    run(main, mock_clock=False)
+    assert 0 < peak <= limit
+    assert disk.used <= limit and disk.disk_bytes() <= limit
+    assert disk.evictions > 0
+
+
+def test_block_cache_rejects_budget_below_one_block():
+    with pytest.raises(ValueError):
+        BlockCache(MemoryStore(), block_size=BS, memory_limit=BS - 1)
+
+
+def test_backend_failure_is_an_error_not_a_hang():
+    store = MemoryStore()
+    store.put("f", b"abc")
+
+    async def main():
+        async with mounted(store) as fs:
+            ino = await path_ino(fs, "f")
+            fh, _ = await fs.open(ino, os.O_RDONLY)
+            store.fail = True
+            with pytest.raises(Exception) as err:
+                await fs.read(fh, 0, 3)
+            assert errno_for(err.value) == errno.EIO
+            store.fail = False
+            assert await fs.read(fh, 0, 3) == b"abc"  # a failed fetch is not cached
+
+    run(main)
+
+
+def test_readonly_open_for_write_is_erofs_and_statfs_sane():
+    store = MemoryStore()
+    store.put("f", b"abc")
+
+    async def main():
+        async with mounted(store) as fs:
+            ino = await path_ino(fs, "f")
+            with pytest.raises(Exception) as err:
+                await fs.open(ino, os.O_WRONLY)
+            assert errno_for(err.value) == errno.EROFS
+            st = fs.statfs()
+            assert st.name_max == 255 and st.blocks > 0 and st.fragment_size == 4096
+
+    run(main)
+
+
+def test_object_ref_blocks():
+    cache = BlockCache(MemoryStore(), block_size=10, memory_limit=10)
+    assert cache.blocks_of(ObjectRef("k", "e", 0)) == 0
+    assert cache.blocks_of(ObjectRef("k", "e", 10)) == 1
+    assert cache.blocks_of(ObjectRef("k", "e", 11)) == 2

@@ -1,0 +1,241 @@
+"""The read path through a real FUSE mount of a moto S3 server on 127.0.0.1."""
+
+import errno
+import hashlib
+import os
+import random
+import shutil
+import subprocess
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.conftest import needs_fuse, wait_for
+
+pytestmark = [pytest.mark.mount, needs_fuse]
+
+MiB = 1024 * 1024
+BLOCK = 8 * MiB
+
+
+def sha(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def bucket(s3):
+    name = f"b-{uuid.uuid4().hex[:12]}"
+    s3.client().create_bucket(Bucket=name)
+    return name
+
+
+def put(s3, bucket, key, data):
+    s3.client().put_object(Bucket=bucket, Key=key, Body=data)
+    return data
+
+
+SIZES = {"empty": 0, "one": 1, "block-1": BLOCK - 1, "block": BLOCK, "block+1": BLOCK + 1}
+
+
+def test_tree_listing_stat_cat_cp_and_checksums(s3, bucket, mount_worker, tmp_path):
+    rng = random.Random(1)
+    objects = {f"data/raw/{name}.bin": rng.randbytes(size) for name, size in SIZES.items()}
+    objects["data/raw/nested/deeper/note.txt"] = b"a note\n"
+    objects["data/raw/folder-marker/"] = b""
+    objects["data/other/not-mounted.txt"] = b"outside source_path"
+    for key, data in objects.items():
+        put(s3, bucket, key, data)
+
+    w = mount_worker(bucket, "data", source_path="raw")
+    out = subprocess.run(["ls", "-R", w.mnt], capture_output=True, text=True, check=True).stdout
+    for name in SIZES:
+        assert f"{name}.bin" in out
+    assert "deeper" in out and "note.txt" in out and "folder-marker" in out
+    assert "not-mounted.txt" not in out
+
+    for name, size in SIZES.items():
+        path = os.path.join(w.mnt, f"{name}.bin")
+        st = os.stat(path)
+        assert st.st_size == size
+        assert subprocess.run(["sha256sum", path], capture_output=True, text=True, check=True).stdout.split()[0] == sha(
+            objects[f"data/raw/{name}.bin"]
+        )
+    assert subprocess.run(["cat", os.path.join(w.mnt, "nested/deeper/note.txt")], capture_output=True, check=True).stdout == b"a note\n"
+    assert os.path.isdir(os.path.join(w.mnt, "folder-marker")) and os.listdir(os.path.join(w.mnt, "folder-marker")) == []
+
+    dest = tmp_path / "copy"
+    subprocess.run(["cp", "-r", w.mnt, str(dest)], check=True)
+    for key, data in objects.items():
+        if key.startswith("data/raw/") and not key.endswith("/"):
+            assert (dest / key.removeprefix("data/raw/")).read_bytes() == data
+
+    with pytest.raises(FileNotFoundError):
+        os.stat(os.path.join(w.mnt, "missing"))
+
+
+def test_large_object_and_odd_offsets(s3, bucket, mount_worker):
+    data = random.Random(2).randbytes(200 * MiB + 12345)
+    put(s3, bucket, "big.bin", data)
+    w = mount_worker(bucket)
+    path = os.path.join(w.mnt, "big.bin")
+    out = subprocess.run(["sha256sum", path], capture_output=True, text=True, check=True).stdout
+    assert out.split()[0] == sha(data)
+    for skip, count in [(0, 1), (7, 3), (BLOCK - 3, 11), (199 * MiB + 1, 7000)]:
+        got = subprocess.run(
+            ["dd", f"if={path}", "bs=1", f"skip={skip}", f"count={count}", "iflag=skip_bytes,count_bytes", "status=none"],
+            capture_output=True,
+            check=True,
+        ).stdout
+        assert got == data[skip : skip + count]
+    with open(path, "rb") as f:
+        for off in (BLOCK - 1, 3 * BLOCK + 5, len(data) - 10):
+            f.seek(off)
+            assert f.read(100_000) == data[off : off + 100_000]
+    stats = w.stats()
+    # sequential read-ahead kicked in, and the reads above never fetched more than the object
+    assert stats["cache"]["prefetches"] > 0
+    assert stats["store"]["bytes_fetched"] <= len(data) + BLOCK * 2
+
+
+def test_sixteen_concurrent_readers_same_and_different_files(s3, bucket, mount_worker):
+    rng = random.Random(3)
+    files = {f"f{i}.bin": rng.randbytes(3 * MiB + i) for i in range(8)}
+    for k, v in files.items():
+        put(s3, bucket, k, v)
+    w = mount_worker(bucket, block_size=MiB)
+
+    def read(name):
+        with open(os.path.join(w.mnt, name), "rb") as f:
+            return name, f.read()
+
+    names = ["f0.bin"] * 8 + [f"f{i}.bin" for i in range(8)]
+    with ThreadPoolExecutor(16) as pool:
+        for name, got in pool.map(read, names):
+            assert got == files[name]
+    assert w.stats()["store"]["get_requests"] <= sum(-(-len(v) // MiB) for v in files.values()) + 8
+
+
+def test_replaced_object_seen_after_ttl_never_mixed(s3, bucket, mount_worker):
+    old = put(s3, bucket, "obj.bin", random.Random(4).randbytes(3 * MiB))
+    w = mount_worker(bucket, block_size=MiB, ttl=1.0)
+    path = os.path.join(w.mnt, "obj.bin")
+    assert open(path, "rb").read() == old
+    new = put(s3, bucket, "obj.bin", random.Random(5).randbytes(3 * MiB + 100))
+    seen = []
+
+    def read_whole():
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:  # ESTALE if the object changes between blocks of one read
+            assert exc.errno == errno.ESTALE
+            return False
+        assert data in (old, new), "a read mixed old and new bytes"
+        seen.append(data == new)
+        return data == new
+
+    wait_for(read_whole, timeout=10, interval=0.2, what="the new object")
+    assert seen[-1] is True
+
+
+def test_deleted_object_disappears_after_ttl(s3, bucket, mount_worker):
+    put(s3, bucket, "gone.txt", b"soon gone")
+    put(s3, bucket, "stays.txt", b"stays")
+    w = mount_worker(bucket, ttl=1.0)
+    assert sorted(os.listdir(w.mnt)) == ["gone.txt", "stays.txt"]
+    s3.client().delete_object(Bucket=bucket, Key="gone.txt")
+    wait_for(lambda: not os.path.exists(os.path.join(w.mnt, "gone.txt")), timeout=10, what="deletion to be seen")
+    assert os.listdir(w.mnt) == ["stays.txt"]
+
+
+def test_disk_cache_limit_never_exceeded(s3, bucket, mount_worker, tmp_path):
+    rng = random.Random(6)
+    files = {f"d{i}.bin": rng.randbytes(6 * MiB) for i in range(5)}
+    for k, v in files.items():
+        put(s3, bucket, k, v)
+    cache = tmp_path / "small-cache"
+    limit = 10 * MiB
+    w = mount_worker(bucket, block_size=MiB, cache_dir=str(cache), disk_limit=limit)
+    peak = 0
+    done = threading.Event()
+
+    def du():
+        total = 0
+        for root, _, fs in os.walk(cache):
+            for f in fs:
+                try:
+                    total += os.stat(os.path.join(root, f)).st_size
+                except FileNotFoundError:
+                    pass
+        return total
+
+    def watch():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, du())
+            done.wait(0.005)
+
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        for name, data in files.items():  # 30 MiB through a 10 MiB cache
+            assert open(os.path.join(w.mnt, name), "rb").read() == data
+        wait_for(lambda: w.stats()["disk"]["blocks"] > 0, what="disk writes")
+    finally:
+        done.set()
+        t.join()
+    stats = w.stats()
+    assert 0 < peak <= limit
+    assert stats["disk"]["used"] <= limit and stats["disk"]["evictions"] > 0
+
+
+def test_restart_with_warm_disk_cache_makes_no_get(s3, bucket, mount_worker, tmp_path):
+    data = put(s3, bucket, "warm.bin", random.Random(7).randbytes(5 * MiB + 3))
+    cache = str(tmp_path / "warm-cache")
+    w = mount_worker(bucket, block_size=MiB, cache_dir=cache)
+    assert open(os.path.join(w.mnt, "warm.bin"), "rb").read() == data
+    wait_for(lambda: w.stats()["disk"]["blocks"] == 6, what="6 blocks on disk")
+    w.stop()
+
+    w2 = mount_worker(bucket, block_size=MiB, cache_dir=cache)
+    assert open(os.path.join(w2.mnt, "warm.bin"), "rb").read() == data
+    stats = w2.stats()
+    assert stats["store"]["get_requests"] == 0
+    assert stats["cache"]["disk_hits"] == 6
+
+
+def test_readonly_mount_refuses_writes(s3, bucket, mount_worker):
+    put(s3, bucket, "ro.txt", b"read only")
+    w = mount_worker(bucket)
+    for action in (
+        lambda: open(os.path.join(w.mnt, "ro.txt"), "ab"),
+        lambda: open(os.path.join(w.mnt, "new.txt"), "wb"),
+        lambda: os.mkdir(os.path.join(w.mnt, "d")),
+        lambda: os.unlink(os.path.join(w.mnt, "ro.txt")),
+    ):
+        with pytest.raises(OSError) as err:
+            action()
+        assert err.value.errno == errno.EROFS
+    st = os.statvfs(w.mnt)
+    assert st.f_namemax == 255 and st.f_blocks > 0
+
+
+def test_unreachable_backend_gives_eio_within_deadline(s3, tmp_path, mount_worker):
+    from sidecar.devservers import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    w = mount_worker("nobucket", options={"endpoint_url": dead}, deadline=2.0)
+    with pytest.raises(OSError) as err:
+        os.listdir(w.mnt)
+    assert err.value.errno == errno.EIO
+    assert w.stats()["errors"]
+
+
+def test_file_owner_is_configurable(s3, bucket, mount_worker):
+    put(s3, bucket, "owned.txt", b"x")
+    w = mount_worker(bucket, uid=1000, gid=100)
+    st = os.stat(os.path.join(w.mnt, "owned.txt"))
+    assert (st.st_uid, st.st_gid) == (1000, 100)
+    assert shutil.disk_usage(w.mnt).total > 0
