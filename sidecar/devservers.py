@@ -116,3 +116,42 @@ def fuse_mounts() -> list[str]:
         if len(parts) > 2 and parts[2].startswith("fuse"):
             out.append(parts[1].replace("\\040", " "))
     return out
+
+
+class WorkerProcess:
+    """A sidecar.worker process serving one mount, driven over its stdin/stdout protocol."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.mnt = cfg["mountpath"]
+        with open(cfg["log"], "a") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "sidecar.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+        self.proc.stdin.write((json.dumps(cfg) + "\n").encode())
+        self.proc.stdin.flush()
+        event = json.loads(self.proc.stdout.readline() or b'{"event": "exited"}')
+        if event["event"] != "mounted":
+            self.stop()
+            raise RuntimeError(f"worker did not mount: {event}; log: {Path(cfg['log']).read_text()[-3000:]}")
+
+    def stats(self):
+        self.proc.stdin.write(b"stats\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def peak_rss(self) -> int:
+        """Peak resident memory of the worker in bytes (VmHWM)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self):
+        try:
+            if self.proc.poll() is None:
+                self.proc.stdin.close()
+            self.proc.wait(15)
+        except (subprocess.TimeoutExpired, BrokenPipeError):
+            pass
+        stop_process(self.proc)
+        if os.path.realpath(self.mnt) in fuse_mounts():
+            subprocess.run(["fusermount3", "-u", "-z", self.mnt], check=False)

@@ -1,13 +1,10 @@
-import json
 import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from sidecar.devservers import fuse_mounts, moto_server, stop_process
+from sidecar.devservers import WorkerProcess as Worker
+from sidecar.devservers import fuse_mounts, moto_server
 
 needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
 
@@ -27,39 +24,6 @@ def wait_for(predicate, timeout=30.0, interval=0.05, what="condition"):
             return value
         time.sleep(interval)
     raise TimeoutError(f"timed out waiting for {what}")
-
-
-class Worker:
-    """A sidecar.worker process serving one mount, driven over its stdin/stdout protocol."""
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.mnt = cfg["mountpath"]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(cfg["log"], "a")
-        )
-        self.proc.stdin.write((json.dumps(cfg) + "\n").encode())
-        self.proc.stdin.flush()
-        event = json.loads(self.proc.stdout.readline() or b'{"event": "exited"}')
-        if event["event"] != "mounted":
-            self.stop()
-            raise RuntimeError(f"worker did not mount: {event}; log: {Path(cfg['log']).read_text()[-3000:]}")
-
-    def stats(self):
-        self.proc.stdin.write(b"stats\n")
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
-
-    def stop(self):
-        try:
-            if self.proc.poll() is None:
-                self.proc.stdin.close()
-            self.proc.wait(15)
-        except (subprocess.TimeoutExpired, BrokenPipeError):
-            pass
-        stop_process(self.proc)
-        if os.path.realpath(self.mnt) in fuse_mounts():
-            subprocess.run(["fusermount3", "-u", "-z", self.mnt], check=False)
 
 
 @pytest.fixture

@@ -12,6 +12,8 @@ Concurrency protocol (all on the trio thread unless noted):
 - One memory budget (`memory_limit`) covers the memory tier *and* the blocks being fetched:
   a fetch reserves its block size first, evicting least-recently-used blocks to make room. A
   demand read waits for room; a prefetch that finds no room is simply not started.
+- A run of contiguous blocks is fetched with one streamed request; each block completes (wakes
+  its waiters) as soon as its bytes have arrived, not when the whole run has.
 - Disk reads and writes run in worker threads (`trio.to_thread`, bounded by `_disk_limiter`).
 """
 
@@ -113,37 +115,57 @@ class BlockCache:
         if fetch is not None:
             self.stats.single_flight_joins += 1
         else:
-            fetch = self._start(ref, index, wait_for_room=True)
-            assert fetch is not None
+            fetch = self._start(ref, index)
         await fetch.done.wait()
         if fetch.error is not None:
             raise fetch.error
         assert fetch.data is not None
         return fetch.data
 
-    def prefetch(self, ref: ObjectRef, index: int, *, readahead: bool = True) -> bool:
-        """Starts fetching a block in the background if there is room; never waits.
-        `readahead=False` marks a block a reader is about to wait for (not counted as prefetch)."""
-        if index >= self.blocks_of(ref) or self.has(ref, index):
-            return False
-        if not self._try_reserve(self._block_len(ref, index)):
-            self.stats.prefetch_skipped += readahead
-            return False
-        self.stats.prefetches += readahead
-        return self._start(ref, index, wait_for_room=False, reserved=True) is not None
+    def prefetch(self, ref: ObjectRef, indices: range, *, readahead: bool = True) -> int:
+        """Starts fetching blocks `indices` (contiguous) in the background, as few requests as
+        possible, for as many blocks as the memory budget has room for; never waits. Returns
+        the number of blocks started. `readahead=False` marks blocks a reader is about to wait
+        for (not counted as prefetches)."""
+        run: list[int] = []
+        started = 0
+        for index in indices:
+            if index >= self.blocks_of(ref):
+                break
+            if self.has(ref, index):
+                started += self._start_run(ref, run)
+                run = []
+                continue
+            if not self._try_reserve(self._block_len(ref, index)):
+                self.stats.prefetch_skipped += readahead
+                break
+            run.append(index)
+        started += self._start_run(ref, run)
+        if readahead:
+            self.stats.prefetches += started
+        return started
 
     def _block_len(self, ref: ObjectRef, index: int) -> int:
         start, end = self.block_range(ref, index)
         return end - start
 
-    def _start(self, ref: ObjectRef, index: int, *, wait_for_room: bool, reserved: bool = False) -> _Fetch | None:
+    def _start_run(self, ref: ObjectRef, run: list[int], *, reserved: bool = True) -> int:
+        """Registers fetches for the contiguous blocks `run` and starts one task for them."""
+        if not run:
+            return 0
         if self._nursery is None:
             raise RuntimeError("BlockCache.run is not started")
-        bid = (ref.key, ref.etag, index)
-        fetch = _Fetch()
-        self._inflight[bid] = fetch
-        self._nursery.start_soon(self._fetch, ref, index, fetch, reserved)
-        return fetch
+        fetches = []
+        for index in run:
+            fetch = _Fetch()
+            self._inflight[(ref.key, ref.etag, index)] = fetch
+            fetches.append(fetch)
+        self._nursery.start_soon(self._fetch_run, ref, run[0], fetches, reserved)
+        return len(run)
+
+    def _start(self, ref: ObjectRef, index: int) -> _Fetch:
+        self._start_run(ref, [index], reserved=False)
+        return self._inflight[(ref.key, ref.etag, index)]
 
     def _evict_for(self, need: int) -> bool:
         while self._memory and self._memory_bytes + self._reserved + need > self.memory_limit:
@@ -166,39 +188,72 @@ class BlockCache:
         self._room.set()
         self._room = trio.Event()
 
-    async def _fetch(self, ref: ObjectRef, index: int, fetch: _Fetch, reserved: bool) -> None:
+    def _complete(self, ref: ObjectRef, index: int, fetch: _Fetch, data: bytes | None, error: BaseException | None, held: bool) -> None:
+        """Finishes one block's fetch: wakes its waiters and moves its memory reservation (if
+        `held`) into the memory tier, or releases it on error. Idempotent."""
+        if fetch.done.is_set():
+            return
         bid = (ref.key, ref.etag, index)
         n = self._block_len(ref, index)
-        from_disk = False
+        if data is not None and len(data) != n:
+            data, error = None, OSError(f"short read of {ref.key} block {index}: {len(data)} of {n} bytes")
+        if data is not None:
+            fetch.data = data
+            self._memory[bid] = data
+            self._memory_bytes += len(data)
+        else:
+            fetch.error = error
+        if held:
+            self._release(n)
+        if self._inflight.get(bid) is fetch:
+            del self._inflight[bid]
+        fetch.done.set()
+
+    async def _fetch_run(self, ref: ObjectRef, first: int, fetches: list[_Fetch], reserved: bool) -> None:
+        names = [block_name(self.storage_id, ref.key, ref.etag, first + i, self.block_size) for i in range(len(fetches))]
+        to_disk: list[tuple[str, bytes]] = []
+        held = reserved
+        error: BaseException = OSError(f"{ref.key}: the backend sent fewer bytes than asked")
         try:
-            if not reserved:
-                await self._reserve(n)
-            try:
-                name = block_name(self.storage_id, ref.key, ref.etag, index, self.block_size)
+            if not held:
+                await self._reserve(self._block_len(ref, first))  # a run of one demand block
+                held = True
+            # Blocks already on disk are served from there; the rest are fetched in one stream.
+            missing: list[int] = []
+            for i, fetch in enumerate(fetches):
                 data = None
                 if self.disk is not None:
-                    data = await trio.to_thread.run_sync(self.disk.get, name, limiter=self._disk_limiter)
-                if data is not None and len(data) == n:
-                    from_disk = True
+                    data = await trio.to_thread.run_sync(self.disk.get, names[i], limiter=self._disk_limiter)
+                if data is not None and len(data) == self._block_len(ref, first + i):
                     self.stats.disk_hits += 1
+                    self._complete(ref, first + i, fetch, data, None, held)
                 else:
-                    self.stats.misses += 1
-                    start, end = self.block_range(ref, index)
-                    data = await self.store.get_range(ref.key, start, end, ref.etag)
-                    if len(data) != n:
-                        raise OSError(f"short read of {ref.key} block {index}: {len(data)} of {n} bytes")
-                fetch.data = data
-                self._memory[bid] = data
-                self._memory_bytes += len(data)
-            finally:
-                self._release(n)
-        except Exception as exc:
-            fetch.error = exc
+                    missing.append(i)
+            if missing:
+                # One request from the first to the last missing block: a disk hit in between
+                # costs less as bytes in the stream than as another request.
+                lo, hi = missing[0], missing[-1]
+                start, end = self.block_range(ref, first + lo)[0], self.block_range(ref, first + hi)[1]
+                self.stats.misses += len(missing)
+
+                def on_block(i: int, data: bytes) -> None:
+                    j = lo + i
+                    if j < len(fetches) and not fetches[j].done.is_set():
+                        self._complete(ref, first + j, fetches[j], data, None, held)
+                        to_disk.append((names[j], data))
+
+                await self.store.get_blocks(ref.key, start, end, ref.etag, self.block_size, on_block)
+        except BaseException as exc:
+            error = exc if isinstance(exc, Exception) else OSError("fetch cancelled")
+            if not isinstance(exc, Exception):
+                raise
         finally:
-            self._inflight.pop(bid, None)
-            fetch.done.set()
-        if fetch.data is not None and self.disk is not None and not from_disk:
-            await trio.to_thread.run_sync(self.disk.put, name, fetch.data, limiter=self._disk_limiter)
+            # Whatever did not arrive fails, so no waiter is left hanging.
+            for i, fetch in enumerate(fetches):
+                self._complete(ref, first + i, fetch, None, error, held)
+        if self.disk is not None:
+            for name, data in to_disk:
+                await trio.to_thread.run_sync(self.disk.put, name, data, limiter=self._disk_limiter)
 
     def invalidate(self, key: str) -> None:
         """Drops every memory block of `key` (any etag); disk blocks of old etags age out by LRU."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -54,5 +55,11 @@ class ObjectStore(Protocol):
 
     async def get_range(self, key: str, start: int, end: int, etag: str) -> bytes:
         """Bytes [start, end) of `key`; raises ObjectChanged if its etag is no longer `etag`."""
+
+    async def get_blocks(
+        self, key: str, start: int, end: int, etag: str, block_size: int, on_block: "Callable[[int, bytes], None]"
+    ) -> None:
+        """Streams bytes [start, end) of `key` with one request, calling `on_block(i, data)` (on the
+        trio thread) for each consecutive `block_size` piece as soon as it has arrived."""
 
     async def close(self) -> None: ...

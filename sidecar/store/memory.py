@@ -75,5 +75,10 @@ class MemoryStore:
         self.stats.bytes_fetched += len(chunk)
         return chunk
 
+    async def get_blocks(self, key, start, end, etag, block_size, on_block) -> None:
+        data = await self.get_range(key, start, end, etag)
+        for i, pos in enumerate(range(0, len(data), block_size)):
+            on_block(i, data[pos : pos + block_size])
+
     async def close(self) -> None:
         pass

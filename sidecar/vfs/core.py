@@ -371,10 +371,8 @@ class Filesystem:
         first, last = offset // bs, (end - 1) // bs
         # Start the blocks this read needs first, then the read-ahead, so that read-ahead never
         # takes the memory the demand blocks need; `get` below waits for room if need be.
-        for index in range(first, last + 1):
-            self.cache.prefetch(ref, index, readahead=False)
-        for index in h.readahead.on_read(offset, end - offset):
-            self.cache.prefetch(ref, index)
+        self.cache.prefetch(ref, range(first, last + 1), readahead=False)
+        self.cache.prefetch(ref, h.readahead.on_read(offset, end - offset))
         try:
             if first == last:
                 block = await self.cache.get(ref, first)
