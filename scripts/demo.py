@@ -79,7 +79,7 @@ def main() -> int:
         banner("starting the sidecar")
         log = open(DEMO / "sidecar.log", "w")
         proc = subprocess.Popen(
-            [str(BIN), "run", "--manifest", str(mpath), "--credentials-dir", str(DEMO / "credentials"), "--cache-dir", str(DEMO / "cache")],
+            [str(BIN), "run", "--manifest", str(mpath), "--credentials-dir", str(DEMO / "credentials"), "--cache-dir", str(DEMO / "cache"), "--socket", str(DEMO / "sidecar.sock")],
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -105,9 +105,8 @@ def main() -> int:
             print(f"48 MiB read: first {cold:.2f} s, again {hot:.3f} s (page and block cache)")
             banner("writing is refused: the storage is read-only")
             show(["touch", f"{mnt}/new-file"])
-            if os.path.exists(HERE / "sidecar" / "control.py"):
-                banner("status")
-                show([str(BIN), "status", "--socket", str(DEMO / "sidecar.sock")])
+            banner("status (what `storage-sidecar status` shows inside a session)")
+            show([str(BIN), "status", "--socket", str(DEMO / "sidecar.sock")])
             if once:
                 banner("done (non-interactive); unmounting")
             else:

@@ -1,10 +1,20 @@
-"""The daemon: manifest -> one worker process per mount -> wait for a signal -> unmount all.
+"""The daemon: manifest -> pre-flight -> one worker process per mount -> control socket -> signals.
 
-Each mount is served by its own `sidecar.worker` process (pyfuse3 serves one file system per
-process, and a crash then takes down one mount only). Mounts start concurrently; one that fails
-is reported and does not stop the others. SIGTERM/SIGINT stop every worker within the grace
-period; a worker that does not stop in time is killed and its mount lazily unmounted, so the
-pod never hangs while terminating.
+Per-mount state machine (`MountState`):
+
+    pending -> checking -> mounted | needs_credentials | failed | skipped
+    mounted <-> degraded       (backend errors since the last poll)
+    mounted -> unmounted       (POST unmount, shutdown)
+    mounted -> failed -> checking -> mounted   (the worker died: noticed, reported, mounted again)
+
+Each mount has one supervisor task that owns its state; everything else (control socket,
+signals, worker exit) talks to it through its command channel, so state changes are serialised
+and logged in one place. Each mount is served by its own `sidecar.worker` process (pyfuse3
+serves one file system per process, and a crash then takes down one mount only). One bad
+storage never blocks or fails the others.
+
+SIGTERM/SIGINT: stop accepting requests, stop every worker (which unmounts) within the grace
+period, lazily unmount whatever is left, remove the socket, exit 0.
 """
 
 from __future__ import annotations
@@ -14,43 +24,57 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from sidecar import credentials
-from sidecar.log import get_logger
-from sidecar.manifest import Manifest
+from sidecar import credentials as credential_sources
+from sidecar import preflight
+from sidecar.control import HTTPError, route, serve
+from sidecar.log import get_logger, register_secret
+from sidecar.manifest import Manifest, RemoteStorage, StorageMount
 
 log = get_logger("sidecar.daemon")
+
+STATES = ("pending", "checking", "mounted", "degraded", "needs_credentials", "failed", "skipped", "unmounted")
+SETTLED = {"mounted", "degraded", "needs_credentials", "failed", "skipped", "unmounted"}
+HEALTHY = {"mounted", "skipped"}
+MAX_RESTARTS = 5
 
 
 @dataclass
 class DaemonConfig:
+    socket: str = "/run/storage-sidecar/sidecar.sock"
+    socket_group: str | int | None = None
     cache_dir: str | None = None
     credentials_dir: str | None = None
     block_size: int = 8 << 20
     memory_limit: int = 256 << 20
+    readahead: int = 128 << 20
     disk_limit: int = 10 << 30
     mount_timeout: float = 60.0
+    check_deadline: float = 10.0
+    credentials_wait: float = 0.0
+    write_probe: bool = True
     grace_period: float = 20.0
+    poll_interval: float = 5.0
     uid: int | None = None
     gid: int | None = None
     allow_other: bool = False
     log_level: str = "info"
 
 
-@dataclass
-class MountWorker:
-    """The trio side of one worker process."""
+class WorkerProcess:
+    """The trio side of one worker process (JSON lines over its stdin/stdout)."""
 
-    name: str
-    mountpath: str
-    state: str = "pending"
-    error: dict[str, str] | None = None
-    process: trio.Process | None = None
-    _buffer: bytes = field(default=b"", repr=False)
+    def __init__(self, name: str, mountpath: str) -> None:
+        self.name = name
+        self.mountpath = mountpath
+        self.process: trio.Process | None = None
+        self._buffer = b""
+        self._lock = trio.Lock()
 
     async def _read_event(self) -> dict[str, Any] | None:
         assert self.process is not None and self.process.stdout is not None
@@ -62,8 +86,8 @@ class MountWorker:
         line, self._buffer = self._buffer.split(b"\n", 1)
         return json.loads(line)
 
-    async def start(self, cfg: dict[str, Any], timeout: float) -> bool:
-        self.state = "checking"
+    async def start(self, cfg: dict[str, Any], timeout: float) -> dict[str, str] | None:
+        """Starts the worker; None once mounted, else an error {code, reason}."""
         self.process = await trio.lowlevel.open_process(
             [sys.executable, "-m", "sidecar.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
         )
@@ -72,23 +96,34 @@ class MountWorker:
         with trio.move_on_after(timeout):
             event = await self._read_event()
             if event and event.get("event") == "mounted":
-                self.state = "mounted"
-                return True
-            self.error = {"code": (event or {}).get("code", "worker_exited"), "reason": (event or {}).get("reason", "the mount process exited")}
-            self.state = "failed"
-            return False
-        self.error = {"code": "timeout", "reason": f"not mounted within {timeout:g} s"}
-        self.state = "failed"
+                return None
+            await self.stop(5)
+            event = event or {}
+            return {"code": event.get("code", "mount_failed"), "reason": event.get("reason", "the mount process exited")}
         await self.stop(5)
-        return False
+        return {"code": "timeout", "reason": f"not mounted within {timeout:g} s"}
 
-    async def stats(self) -> dict[str, Any] | None:
-        if self.process is None or self.process.returncode is not None or self.state != "mounted":
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    async def wait(self) -> int:
+        assert self.process is not None
+        return await self.process.wait()
+
+    async def stats(self, timeout: float = 2.0) -> dict[str, Any] | None:
+        if not self.alive:
             return None
-        assert self.process.stdin is not None
-        await self.process.stdin.send_all(b"stats\n")
-        event = await self._read_event()
-        return event
+        async with self._lock:
+            with trio.move_on_after(timeout):
+                assert self.process is not None and self.process.stdin is not None
+                try:
+                    await self.process.stdin.send_all(b"stats\n")
+                    event = await self._read_event()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return None
+                return event if event and event.get("event") == "stats" else None
+        return None
 
     async def stop(self, grace: float) -> None:
         proc = self.process
@@ -104,81 +139,321 @@ class MountWorker:
                     proc.kill()
                     await proc.wait()
             await unmount_if_mounted(self.mountpath)
-        self.state = "unmounted" if self.state == "mounted" else self.state
 
 
 def is_mounted(path: str) -> bool:
     real = os.path.realpath(path)
     with open("/proc/mounts") as f:
-        return any(line.split()[1].replace("\\040", " ") == real for line in f if len(line.split()) > 1)
+        return any(len(p) > 1 and p[1].replace("\\040", " ") == real for p in (line.split() for line in f))
 
 
-async def unmount_if_mounted(path: str) -> None:
-    """Lazy unmount of a mount left behind; a mount that is already gone counts as success."""
+async def unmount_if_mounted(path: str) -> bool:
+    """Lazy unmount of a mount left behind (also a dead one: "Transport endpoint is not
+    connected"). A mount that is already gone counts as success."""
     if is_mounted(path):
         await trio.run_process(["fusermount3", "-u", "-z", path], check=False, capture_stdout=True, capture_stderr=True)
+        return True
+    return False
 
 
-def worker_config(manifest: Manifest, name: str, cfg: DaemonConfig) -> dict[str, Any]:
-    mt = manifest.mount_named(name)
-    st = manifest.storage_for(mt)
-    creds = {} if st.options.get("anonymous") else credentials.lookup(st.name or "", st.provider, directory=cfg.credentials_dir)
-    return {
-        "name": mt.name,
-        "storage_id": st.id,
-        "url": st.url,
-        "options": st.options,
-        "source_path": mt.source_path,
-        "mountpath": mt.mountpath,
-        "readonly": st.readonly,
-        "ttl": mt.metadata_ttl,
-        "deadline": mt.deadline,
-        "credentials": creds,
-        "cache_dir": cfg.cache_dir,
-        "block_size": cfg.block_size,
-        "memory_limit": cfg.memory_limit,
-        "disk_limit": cfg.disk_limit,
-        "uid": cfg.uid,
-        "gid": cfg.gid,
-        "allow_other": cfg.allow_other,
-        "log_level": cfg.log_level,
-    }
+@dataclass
+class Mount:
+    mount: StorageMount
+    storage: RemoteStorage
+    state: str = "pending"
+    error: dict[str, str] | None = None
+    worker: WorkerProcess | None = None
+    handed_credentials: dict[str, str] | None = None
+    restarts: int = 0
+    stats: dict[str, Any] | None = None
+    since: float = field(default_factory=time.time)
+    commands: tuple[trio.MemorySendChannel, trio.MemoryReceiveChannel] = field(default_factory=lambda: trio.open_memory_channel(16))
+    settled: trio.Event = field(default_factory=trio.Event)
+    decision_deadline: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.mount.name or ""
+
+    def public(self) -> dict[str, Any]:
+        st, url = self.storage, self.storage.parsed
+        stats = self.stats or {}
+        cache = stats.get("cache", {})
+        hits = cache.get("memory_hits", 0) + cache.get("disk_hits", 0)
+        lookups = hits + cache.get("misses", 0)
+        return {
+            "name": self.name,
+            "storage_id": st.id,
+            "storage": st.name,
+            "provider": st.provider,
+            "url": url.canonical(),
+            "source_path": self.mount.source_path,
+            "mountpath": self.mount.mountpath,
+            "readonly": st.readonly,
+            "state": self.state,
+            "since": self.since,
+            "error": self.error,
+            "restarts": self.restarts,
+            "cache_hit_rate": (hits / lookups) if lookups else None,
+            "counters": {k: stats.get(k) for k in ("store", "cache", "disk", "errors", "memory_bytes")} if stats else None,
+            "unsynced_writes": 0,
+        }
 
 
 class Daemon:
     def __init__(self, manifest: Manifest, cfg: DaemonConfig) -> None:
         self.manifest = manifest
         self.cfg = cfg
-        self.workers = {mt.name: MountWorker(mt.name or "", mt.mountpath) for mt in manifest.mounts}
+        self.mounts = {mt.name: Mount(mt, manifest.storage_for(mt)) for mt in manifest.mounts}
+        self.started = time.time()
+        self._stopping = False
 
-    async def _start_one(self, worker: MountWorker) -> None:
-        try:
-            ok = await worker.start(worker_config(self.manifest, worker.name, self.cfg), self.cfg.mount_timeout)
-        except Exception as exc:  # one bad storage never stops the others
-            worker.state, worker.error = "failed", {"code": "internal", "reason": str(exc)}
-            ok = False
-        if ok:
-            log.info("mount_ready", mount=worker.name, mountpath=worker.mountpath)
+    # -- state -------------------------------------------------------------------------------
+
+    def _set(self, m: Mount, state: str, error: dict[str, str] | None = None) -> None:
+        if m.state != state or m.error != error:
+            m.state, m.error, m.since = state, error, time.time()
+            fields = {"mount": m.name, "mountpath": m.mount.mountpath, "state": state}
+            if error:
+                fields.update(code=error.get("code"), reason=error.get("reason"))
+            (log.warning if state in ("failed", "needs_credentials", "degraded") else log.info)("mount_state", **fields)
+        if state in SETTLED:
+            m.settled.set()
+
+    def ready(self) -> bool:
+        for m in self.mounts.values():
+            if m.state in ("pending", "checking"):
+                return False
+            if m.state == "needs_credentials" and m.decision_deadline is not None:
+                return False  # the launcher may still hand in credentials or skip it
+        return True
+
+    # -- the supervisor of one mount ---------------------------------------------------------
+
+    def worker_config(self, m: Mount, creds: dict[str, str]) -> dict[str, Any]:
+        st, mt, cfg = m.storage, m.mount, self.cfg
+        return {
+            "name": mt.name,
+            "storage_id": st.id,
+            "url": st.url,
+            "options": st.options,
+            "source_path": mt.source_path,
+            "mountpath": mt.mountpath,
+            "readonly": st.readonly,
+            "ttl": mt.metadata_ttl,
+            "deadline": mt.deadline,
+            "credentials": creds,
+            "cache_dir": cfg.cache_dir,
+            "block_size": cfg.block_size,
+            "memory_limit": cfg.memory_limit,
+            "readahead": cfg.readahead,
+            "disk_limit": cfg.disk_limit,
+            "uid": cfg.uid,
+            "gid": cfg.gid,
+            "allow_other": cfg.allow_other,
+            "log_level": cfg.log_level,
+        }
+
+    def credentials_for(self, m: Mount) -> dict[str, str]:
+        if m.storage.options.get("anonymous"):
+            return {}
+        if m.handed_credentials:
+            return m.handed_credentials
+        return credential_sources.lookup(m.storage.name or "", m.storage.provider, directory=self.cfg.credentials_dir)
+
+    async def _bring_up(self, m: Mount) -> None:
+        self._set(m, "checking")
+        creds = self.credentials_for(m)
+        result = await preflight.check(
+            m.name,
+            m.storage.parsed,
+            m.storage.options,
+            creds,
+            source_path=m.mount.source_path,
+            writable=not m.storage.readonly,
+            write_probe=self.cfg.write_probe,
+            deadline=self.cfg.check_deadline,
+        )
+        log.info("preflight", mount=m.name, code=result.code)
+        if not result.ok:
+            error = {"code": result.code, "reason": result.reason}
+            if result.code in preflight.CREDENTIAL_CODES:
+                if self.cfg.credentials_wait > 0 and m.decision_deadline is None:
+                    m.decision_deadline = trio.current_time() + self.cfg.credentials_wait
+                self._set(m, "needs_credentials", error)
+            else:
+                self._set(m, "failed", error)
+            return
+        await unmount_if_mounted(m.mount.mountpath)  # a stale mount of a killed predecessor
+        m.worker = WorkerProcess(m.name, m.mount.mountpath)
+        error = await m.worker.start(self.worker_config(m, creds), self.cfg.mount_timeout)
+        if error:
+            m.worker = None
+            self._set(m, "failed", error)
+            return
+        m.decision_deadline = None
+        self._set(m, "mounted")
+
+    async def _take_down(self, m: Mount, state: str, error: dict[str, str] | None = None) -> None:
+        worker, m.worker = m.worker, None
+        if worker is not None:
+            await worker.stop(self.cfg.grace_period)
         else:
-            log.error("mount_failed", mount=worker.name, **(worker.error or {}))
+            await unmount_if_mounted(m.mount.mountpath)
+        self._set(m, state, error)
+
+    async def _watch_worker(self, m: Mount, worker: WorkerProcess) -> None:
+        rc = await worker.wait()
+        if m.worker is worker and not self._stopping:
+            await m.commands[0].send(("worker_exited", rc))
+
+    async def supervise(self, m: Mount) -> None:
+        send, receive = m.commands
+        async with trio.open_nursery() as nursery:
+            await self._bring_up(m)
+            if m.worker:
+                nursery.start_soon(self._watch_worker, m, m.worker)
+            async for cmd, arg in receive:
+                before = m.worker
+                if cmd == "mount" and m.state not in ("mounted", "degraded"):
+                    m.restarts = 0
+                    await self._bring_up(m)
+                elif cmd == "credentials":
+                    m.handed_credentials = arg
+                    if m.state not in ("mounted", "degraded"):
+                        await self._bring_up(m)
+                elif cmd == "unmount":
+                    await self._take_down(m, "unmounted")
+                elif cmd == "skip":
+                    await self._take_down(m, "skipped")
+                elif cmd == "decision_timeout" and m.state == "needs_credentials":
+                    m.decision_deadline = None
+                    self._set(m, "skipped", {"code": "credentials_missing", "reason": f"no credentials were given within {self.cfg.credentials_wait:g} s"})
+                elif cmd == "worker_exited" and m.worker is not None:
+                    m.worker = None
+                    await unmount_if_mounted(m.mount.mountpath)
+                    m.restarts += 1
+                    self._set(m, "failed", {"code": "mount_died", "reason": f"the mount process exited with status {arg}; mounting again"})
+                    if m.restarts <= MAX_RESTARTS:
+                        await trio.sleep(min(0.5 * 2 ** (m.restarts - 1), 10))
+                        await self._bring_up(m)
+                    else:
+                        self._set(m, "failed", {"code": "mount_died", "reason": f"the mount process died {m.restarts} times; not mounting again"})
+                if m.worker is not None and m.worker is not before:
+                    nursery.start_soon(self._watch_worker, m, m.worker)
+                if m.state in SETTLED:
+                    m.settled.set()  # also when the command changed nothing (mount of a mounted)
+
+    async def _decision_timer(self) -> None:
+        while True:
+            now = trio.current_time()
+            for m in self.mounts.values():
+                if m.state == "needs_credentials" and m.decision_deadline is not None and m.decision_deadline <= now:
+                    m.decision_deadline = float("inf")  # sent once; the supervisor clears it
+                    await m.commands[0].send(("decision_timeout", None))
+            await trio.sleep(0.2)
+
+    async def _poll(self) -> None:
+        """Keeps counters fresh and marks mounts degraded while their backend errors."""
+        last_errors: dict[str, int] = {}
+        while True:
+            await trio.sleep(self.cfg.poll_interval)
+            for m in list(self.mounts.values()):
+                if m.worker is None or m.state not in ("mounted", "degraded"):
+                    continue
+                stats = await m.worker.stats()
+                if stats is None:
+                    continue
+                m.stats = stats
+                errors = stats["store"]["errors"]
+                if errors > last_errors.get(m.name, 0):
+                    self._set(m, "degraded", {"code": "backend_errors", "reason": f"{errors - last_errors.get(m.name, 0)} backend errors in the last {self.cfg.poll_interval:g} s"})
+                elif m.state == "degraded":
+                    self._set(m, "mounted")
+                last_errors[m.name] = errors
+
+    # -- the control socket ------------------------------------------------------------------
+
+    async def status(self) -> dict[str, Any]:
+        for m in self.mounts.values():
+            if m.worker is not None and m.state in ("mounted", "degraded"):
+                m.stats = await m.worker.stats(timeout=1.0) or m.stats
+        return {"ready": self.ready(), "pid": os.getpid(), "started": self.started, "mounts": [m.public() for m in self.mounts.values()]}
+
+    async def handle(self, method: str, target: str, body: bytes) -> tuple[int, Any]:
+        path, params = route(target)
+        expected = "POST" if path.startswith("/mounts/") else "GET"
+        if method != expected:
+            raise HTTPError(405, "method_not_allowed", f"{path} takes {expected}")
+        if path == "/health":
+            return 200, {"status": "ok"}
+        if path == "/ready":
+            ready = self.ready()
+            return (200 if ready else 503), {"ready": ready, "states": {m.name: m.state for m in self.mounts.values()}}
+        if path == "/status":
+            return 200, await self.status()
+        if path == "/metrics":
+            from sidecar.metrics import render
+
+            return 200, render(self)
+        m = self.mounts.get(params["name"])
+        if m is None:
+            raise HTTPError(404, "no_such_mount", f"no mount named {params['name']!r}; mounts: {', '.join(self.mounts)}")
+        action = path.rsplit("/", 1)[1]
+        arg = None
+        if action == "credentials":
+            arg = parse_credentials(body, m.storage.provider)
+        m.settled = trio.Event()
+        await m.commands[0].send((action, arg))
+        with trio.move_on_after(self.cfg.mount_timeout + self.cfg.check_deadline):
+            await m.settled.wait()
+        return 200, m.public()
+
+    # -- main ----------------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             try:
                 async with trio.open_nursery() as nursery:
-                    for w in self.workers.values():
-                        nursery.start_soon(self._start_one, w)
-                task_status.started()
-                log.info("daemon_ready", mounts={n: w.state for n, w in self.workers.items()})
-                async for signum in signals:
-                    log.info("signal_received", signal=signal.Signals(signum).name)
-                    break
+                    await nursery.start(lambda task_status: serve(self.cfg.socket, self.handle, group=self.cfg.socket_group, task_status=task_status))
+                    for m in self.mounts.values():
+                        nursery.start_soon(self.supervise, m)
+                    nursery.start_soon(self._decision_timer)
+                    nursery.start_soon(self._poll)
+                    task_status.started()
+                    async for signum in signals:
+                        log.info("signal_received", signal=signal.Signals(signum).name)
+                        break
+                    self._stopping = True
+                    nursery.cancel_scope.cancel()
             finally:
                 await self.stop()
 
     async def stop(self) -> None:
+        self._stopping = True
         with trio.CancelScope(shield=True):
-            async with trio.open_nursery() as nursery:
-                for w in self.workers.values():
-                    nursery.start_soon(w.stop, self.cfg.grace_period)
+            with trio.move_on_after(self.cfg.grace_period + 5):
+                async with trio.open_nursery() as nursery:
+                    for m in self.mounts.values():
+                        nursery.start_soon(self._take_down, m, "unmounted" if m.state in ("mounted", "degraded") else m.state, m.error)
+            for m in self.mounts.values():  # whatever is still there after the grace period
+                await unmount_if_mounted(m.mount.mountpath)
         log.info("daemon_stopped")
+
+
+def parse_credentials(body: bytes, provider: str) -> dict[str, str]:
+    try:
+        doc = json.loads(body or b"null")
+    except json.JSONDecodeError:
+        raise HTTPError(400, "bad_json", "the body must be a JSON object of credential fields") from None
+    allowed = credential_sources.FIELDS[provider]
+    if not isinstance(doc, dict) or not doc:
+        raise HTTPError(400, "bad_credentials", f"the body must be a JSON object with fields from: {', '.join(allowed)}")
+    unknown = [k for k in doc if k not in allowed]
+    if unknown:
+        raise HTTPError(400, "bad_credentials", f"unknown credential field(s) {', '.join(map(repr, unknown))} for {provider}; allowed: {', '.join(allowed)}")
+    if not all(isinstance(v, str) and v for v in doc.values()):
+        raise HTTPError(400, "bad_credentials", "every credential field must be a non-empty string")
+    for v in doc.values():
+        register_secret(v)
+    return doc

@@ -153,6 +153,16 @@ class FuseOps(pyfuse3.Operations):
         self.fs.node(inode)
         return not (mode & os.W_OK and self.fs.readonly)
 
+    # Writes land with the write path; until then every mutating call is refused explicitly
+    # (EROFS), never with ENOSYS, so tools report "Read-only file system".
+    async def _refuse(self, *args: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    create = mkdir = mknod = unlink = rmdir = rename = symlink = link = write = _refuse
+
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
     @_translated
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)

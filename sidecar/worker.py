@@ -105,7 +105,7 @@ async def serve(cfg: dict[str, Any]) -> int:
         uid=cfg.get("uid"),
         gid=cfg.get("gid"),
         readonly=cfg.get("readonly", True),
-        max_readahead_blocks=int(cfg.get("max_readahead_blocks", 8)),
+        max_readahead_blocks=max(1, int(cfg.get("readahead", 128 << 20)) // int(cfg.get("block_size", 8 << 20))),
     )
     ops = FuseOps(fs, mount_name=cfg["name"], deadline=float(cfg.get("deadline", 30.0)) + 5)
     mountpath = cfg["mountpath"]
@@ -172,6 +172,7 @@ async def serve(cfg: dict[str, Any]) -> int:
 
 
 def main() -> None:
+    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # never query instance metadata
     cfg = read_config_line()
     log.configure(cfg.get("log_level", "info"))
     for value in (cfg.get("credentials") or {}).values():

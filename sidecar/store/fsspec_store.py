@@ -242,7 +242,9 @@ class S3Store(FsspecStore):
         await self._run(f"read {key}", stream, deadline=self.deadline * blocks)
 
 
-def make_s3_filesystem(options: dict[str, Any], credentials: dict[str, str], endpoint: str | None, region: str | None) -> Any:
+def make_s3_filesystem(
+    options: dict[str, Any], credentials: dict[str, str], endpoint: str | None, region: str | None, *, retries: int = 3
+) -> Any:
     os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     import s3fs
 
@@ -255,7 +257,9 @@ def make_s3_filesystem(options: dict[str, Any], credentials: dict[str, str], end
         client_kwargs=client_kwargs,
         skip_instance_cache=True,
         use_listings_cache=False,
-        config_kwargs={"max_pool_connections": 32, "connect_timeout": 5, "read_timeout": 60},
+        # botocore does not retry on its own: s3fs's retry loop (`retries`, with backoff) is the
+        # one place that does, and the mount's deadline bounds it.
+        config_kwargs={"max_pool_connections": 32, "connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 1, "mode": "standard"}},
     )
     if options.get("requester_pays"):
         kwargs["requester_pays"] = True
@@ -266,5 +270,5 @@ def make_s3_filesystem(options: dict[str, Any], credentials: dict[str, str], end
             if credentials.get("session_token"):
                 kwargs["token"] = credentials["session_token"]
     fs = s3fs.S3FileSystem(**kwargs)
-    fs.retries = 3  # s3fs retries transient errors with backoff; the mount's deadline bounds the total
+    fs.retries = retries
     return fs

@@ -50,7 +50,7 @@ def test_run_mounts_all_and_unmounts_on_signal(s3, tmp_path, sig):
     write_credentials(creds, "two", s3)
     log = open(tmp_path / "daemon.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sidecar.cli", "run", "--manifest", str(tmp_path / "m.json"), "--credentials-dir", str(creds), "--cache-dir", str(tmp_path / "cache")],
+        [sys.executable, "-m", "sidecar.cli", "run", "--manifest", str(tmp_path / "m.json"), "--credentials-dir", str(creds), "--cache-dir", str(tmp_path / "cache"), "--socket", str(tmp_path / "s.sock")],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -70,7 +70,7 @@ def test_run_mounts_all_and_unmounts_on_signal(s3, tmp_path, sig):
                 subprocess.run(["fusermount3", "-u", "-z", p], check=False)
     text = (tmp_path / "daemon.log").read_text()
     assert s3.secret not in text
-    assert '"mount_ready"' in text and '"daemon_stopped"' in text
+    assert '"mounted"' in text and '"daemon_stopped"' in text
 
 
 def test_one_bad_mount_does_not_stop_the_others(s3, tmp_path):
@@ -89,11 +89,11 @@ def test_one_bad_mount_does_not_stop_the_others(s3, tmp_path):
     }
     env = dict(os.environ, STORAGE_SIDECAR_MANIFEST=json.dumps(manifest), AWS_ACCESS_KEY_ID=s3.key, AWS_SECRET_ACCESS_KEY=s3.secret)
     log = open(tmp_path / "daemon.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "sidecar.cli", "run"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "sidecar.cli", "run", "--socket", str(tmp_path / "s.sock")], stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         wait_for(lambda: str(root / "fine") in fuse_mounts(), what="the good mount")
         assert open(root / "fine/ok.txt").read() == "ok"
-        wait_for(lambda: '"mount_failed"' in (tmp_path / "daemon.log").read_text(), what="the failure to be logged")
+        wait_for(lambda: '"failed"' in (tmp_path / "daemon.log").read_text(), what="the failure to be logged")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:

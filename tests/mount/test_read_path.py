@@ -239,3 +239,30 @@ def test_file_owner_is_configurable(s3, bucket, mount_worker):
     st = os.stat(os.path.join(w.mnt, "owned.txt"))
     assert (st.st_uid, st.st_gid) == (1000, 100)
     assert shutil.disk_usage(w.mnt).total > 0
+
+
+def test_listing_costs_list_calls_only(s3, bucket, mount_worker):
+    client = s3.client()
+    count = 2500  # three LIST pages of 1000
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: client.put_object(Bucket=bucket, Key=f"many/{i:05d}.txt", Body=b"x" * (i % 7)), range(count)))
+    w = mount_worker(bucket, ttl=30.0)
+    out = subprocess.run(["ls", "-l", os.path.join(w.mnt, "many")], capture_output=True, text=True, check=True).stdout
+    assert len(out.splitlines()) == count + 1  # "total" line
+    sizes = {e.name: e.stat().st_size for e in os.scandir(os.path.join(w.mnt, "many"))}
+    assert sizes["00006.txt"] == 6 and len(sizes) == count
+    st = w.stats()["store"]
+    assert st["head_requests"] <= 1  # the lookup of "many" itself, at most
+    assert st["list_requests"] <= 2  # the root and "many" (each LIST call pages through all keys)
+    assert st["get_requests"] == 0
+
+
+def test_writable_storage_refuses_writes_until_the_write_path_lands(s3, bucket, mount_worker):
+    put(s3, bucket, "w.txt", b"x")
+    w = mount_worker(bucket, readonly=False)
+    with pytest.raises(OSError) as err:
+        open(os.path.join(w.mnt, "new.txt"), "wb")
+    assert err.value.errno == errno.EROFS
+    with pytest.raises(OSError) as err:
+        os.mkdir(os.path.join(w.mnt, "d"))
+    assert err.value.errno == errno.EROFS

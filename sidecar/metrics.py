@@ -1,0 +1,54 @@
+"""Prometheus metrics of the daemon (text format through prometheus-client), built on request
+from the per-mount state and the counters the workers report. Never carries a secret: only
+mount names, providers and numbers."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from sidecar.daemon import Daemon
+
+STATES = ("pending", "checking", "mounted", "degraded", "needs_credentials", "failed", "skipped", "unmounted")
+
+
+class _DaemonCollector:
+    def __init__(self, daemon: "Daemon") -> None:
+        self.daemon = daemon
+
+    def collect(self) -> Any:
+        state = GaugeMetricFamily("storage_sidecar_mount_state", "1 for the current state of each mount", labels=["mount", "state"])
+        restarts = CounterMetricFamily("storage_sidecar_mount_restarts", "Times a mount process died and was mounted again", labels=["mount"])
+        cache = CounterMetricFamily("storage_sidecar_cache_lookups", "Block cache lookups by outcome", labels=["mount", "outcome"])
+        backend = CounterMetricFamily("storage_sidecar_backend_requests", "Requests to the backend by kind", labels=["mount", "kind"])
+        fetched = CounterMetricFamily("storage_sidecar_backend_bytes_fetched", "Bytes read from the backend", labels=["mount"])
+        errors = CounterMetricFamily("storage_sidecar_fuse_errors", "FUSE requests answered with an error, by reason", labels=["mount", "reason"])
+        disk = GaugeMetricFamily("storage_sidecar_disk_cache_bytes", "Bytes in the disk cache", labels=["mount"])
+        memory = GaugeMetricFamily("storage_sidecar_memory_cache_bytes", "Bytes of cached and in-flight blocks", labels=["mount"])
+        for m in self.daemon.mounts.values():
+            for s in STATES:
+                state.add_metric([m.name, s], 1.0 if m.state == s else 0.0)
+            restarts.add_metric([m.name], m.restarts)
+            st = m.stats or {}
+            c = st.get("cache") or {}
+            for outcome, key in (("memory_hit", "memory_hits"), ("disk_hit", "disk_hits"), ("miss", "misses")):
+                cache.add_metric([m.name, outcome], c.get(key, 0))
+            b = st.get("store") or {}
+            for kind in ("get", "list", "head"):
+                backend.add_metric([m.name, kind], b.get(f"{kind}_requests", 0))
+            backend.add_metric([m.name, "error"], b.get("errors", 0))
+            fetched.add_metric([m.name], b.get("bytes_fetched", 0))
+            for reason, n in (st.get("errors") or {}).items():
+                errors.add_metric([m.name, reason], n)
+            disk.add_metric([m.name], (st.get("disk") or {}).get("used", 0))
+            memory.add_metric([m.name], st.get("memory_bytes", 0))
+        yield from (state, restarts, cache, backend, fetched, errors, disk, memory)
+
+
+def render(daemon: "Daemon") -> str:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_DaemonCollector(daemon))  # type: ignore[arg-type]
+    return generate_latest(registry).decode()

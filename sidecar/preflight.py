@@ -1,0 +1,133 @@
+"""The pre-flight check of one storage, run before it is mounted.
+
+It lists one page of the mount's folder and, for writable storages (unless disabled), writes and
+deletes a small probe object named `.storage-sidecar-write-probe-<random>` so users recognise it.
+The outcome is one stable reason code:
+
+  ok, credentials_missing, credentials_invalid, access_denied, bucket_not_found,
+  endpoint_unreachable, timeout, readonly_no_write_permission
+
+Missing or invalid credentials put the mount in `needs_credentials`; the others in `failed`.
+Reasons are sentences for people and never contain secrets or request signatures.
+"""
+
+from __future__ import annotations
+
+import secrets as pysecrets
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from sidecar import urls
+from sidecar.store.fsspec_store import run_on_loop
+
+CREDENTIAL_CODES = {"credentials_missing", "credentials_invalid"}
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    code: str
+    reason: str
+
+    @property
+    def ok(self) -> bool:
+        return self.code == "ok"
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out, seen = [], set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def classify(exc: BaseException, storage: str) -> CheckResult:
+    """Maps an exception raised by a backend call to a reason code."""
+    for e in _chain(exc):
+        name = type(e).__name__
+        resp = getattr(e, "response", None)
+        code = str(resp.get("Error", {}).get("Code")) if isinstance(resp, dict) else ""
+        if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
+            return CheckResult("credentials_missing", f"no credentials for storage {storage!r}")
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "AuthenticationFailed", "InvalidAuthenticationInfo"):
+            return CheckResult("credentials_invalid", f"the credentials for storage {storage!r} were refused ({code})")
+        if code in ("NoSuchBucket", "ContainerNotFound", "BucketNotFound"):
+            return CheckResult("bucket_not_found", f"the bucket of storage {storage!r} does not exist")
+        if code in ("AccessDenied", "AuthorizationFailure", "AuthorizationPermissionMismatch", "Forbidden", "AllAccessDisabled"):
+            return CheckResult("access_denied", f"access to storage {storage!r} was denied")
+        if name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionRefusedError", "ServerDisconnectedError", "ClientOSError", "gaierror"):
+            return CheckResult("endpoint_unreachable", f"the endpoint of storage {storage!r} cannot be reached")
+        if name in ("ReadTimeoutError", "TimeoutError", "ServerTimeoutError"):
+            return CheckResult("timeout", f"storage {storage!r} did not answer in time")
+    for e in _chain(exc):
+        if isinstance(e, FileNotFoundError):
+            return CheckResult("bucket_not_found", f"the bucket of storage {storage!r} does not exist")
+        if isinstance(e, PermissionError):
+            return CheckResult("access_denied", f"access to storage {storage!r} was denied")
+        if isinstance(e, (ConnectionError, OSError)):
+            return CheckResult("endpoint_unreachable", f"the endpoint of storage {storage!r} cannot be reached ({type(e).__name__})")
+    return CheckResult("endpoint_unreachable", f"storage {storage!r} failed its check ({type(exc).__name__})")
+
+
+async def check_s3(fs: Any, bucket: str, prefix: str, *, writable: bool, write_probe: bool) -> None:
+    """Raises what the backend raises; returns when the storage is usable as configured."""
+
+    async def listing() -> None:
+        await fs._call_s3("list_objects_v2", Bucket=bucket, Prefix=f"{prefix}/" if prefix else "", Delimiter="/", MaxKeys=1)
+
+    await run_on_loop(fs.loop, listing)
+    if writable and write_probe:
+        key = f"{prefix + '/' if prefix else ''}.storage-sidecar-write-probe-{pysecrets.token_hex(6)}"
+
+        async def probe() -> None:
+            await fs._call_s3("put_object", Bucket=bucket, Key=key, Body=b"storage-sidecar write probe; safe to delete\n")
+            await fs._call_s3("delete_object", Bucket=bucket, Key=key)
+
+        try:
+            await run_on_loop(fs.loop, probe)
+        except Exception as exc:
+            result = classify(exc, "")
+            if result.code == "access_denied":
+                raise WriteDenied() from exc
+            raise
+
+
+class WriteDenied(Exception):
+    pass
+
+
+async def check(
+    name: str,
+    url: urls.StorageURL,
+    options: dict[str, Any],
+    credentials: dict[str, str],
+    *,
+    source_path: str,
+    writable: bool,
+    write_probe: bool = True,
+    deadline: float = 10.0,
+) -> CheckResult:
+    """Runs the pre-flight of one storage within `deadline` seconds. Never raises."""
+    # No credentials of our own is not yet "missing": ambient ones (a pod's IAM role through the
+    # environment) may work. The backend call decides, and botocore reports when there are none.
+    try:
+        with trio.fail_after(deadline):
+            if url.provider == "s3":
+                from sidecar.store.fsspec_store import make_s3_filesystem
+
+                # One try: the check reports what it finds, it does not insist.
+                fs = await trio.to_thread.run_sync(lambda: make_s3_filesystem(options, credentials, url.endpoint, url.region, retries=1))
+                await check_s3(fs, url.bucket, url.key_prefix(source_path), writable=writable, write_probe=write_probe)
+            else:
+                return CheckResult("ok", f"no pre-flight for provider {url.provider} yet")
+    except trio.TooSlowError:
+        return CheckResult("timeout", f"storage {name!r} did not answer within {deadline:g} s")
+    except WriteDenied:
+        return CheckResult("readonly_no_write_permission", f"storage {name!r} is writable in the manifest but the credentials may not write")
+    except Exception as exc:
+        return classify(exc, name)
+    return CheckResult("ok", "listed and, if writable, wrote a probe object")

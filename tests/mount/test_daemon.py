@@ -1,0 +1,295 @@
+"""The daemon in a session: states, pre-flight, control socket, status, probes, restarts."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import uuid
+
+import pytest
+
+from sidecar.devservers import free_port, fuse_mounts, stop_process
+from sidecar.status import Unreachable, request
+from tests.conftest import needs_fuse, wait_for
+
+pytestmark = [pytest.mark.mount, needs_fuse]
+
+
+class Daemon:
+    def __init__(self, tmp_path, manifest, *, creds=None, args=(), env=None, sock=None):
+        self.tmp = tmp_path
+        self.sock = sock or str(tmp_path / "sidecar.sock")
+        self.root = manifest["root"]
+        self.paths = [os.path.join(self.root, m["mountpath"]) for m in manifest["mounts"]]
+        (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+        self.log_path = tmp_path / "daemon.log"
+        cmd = [sys.executable, "-m", "sidecar.cli", "run", "--manifest", str(tmp_path / "manifest.json"), "--socket", self.sock,
+               "--cache-dir", str(tmp_path / "cache"), "--check-deadline", "5", *args]
+        if creds:
+            cmd += ["--credentials-dir", str(creds)]
+        self.env = dict(os.environ, **(env or {}))
+        self.cmd = cmd
+        self.start()
+
+    def start(self):
+        with open(self.log_path, "a") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        wait_for(self._answers, timeout=30, what="the control socket")
+
+    def _answers(self):
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"daemon exited: {self.log_path.read_text()[-3000:]}")
+        try:
+            return request("/health", sock=self.sock)[0] == 200
+        except Unreachable:
+            return False
+
+    def get(self, path):
+        return request(path, sock=self.sock)
+
+    def post(self, path, body=None):
+        return request(path, "POST", body, sock=self.sock, timeout=60)
+
+    def wait_ready(self):
+        return wait_for(lambda: self.get("/ready")[0] == 200, timeout=60, what="/ready")
+
+    def states(self):
+        return {m["name"]: m["state"] for m in self.get("/status")[1]["mounts"]}
+
+    def status_cli(self, *args):
+        return subprocess.run([sys.executable, "-m", "sidecar.cli", "status", "--socket", self.sock, *args], capture_output=True, text=True)
+
+    def log(self):
+        return self.log_path.read_text()
+
+    def stop(self):
+        stop_process(self.proc, timeout=30)
+        for p in self.paths:
+            if os.path.realpath(p) in fuse_mounts():
+                subprocess.run(["fusermount3", "-u", "-z", p], check=False)
+
+
+@pytest.fixture
+def daemons():
+    started = []
+
+    def start(*a, **kw):
+        d = Daemon(*a, **kw)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+def creds_dir(tmp_path, s3, names, secret=None):
+    base = tmp_path / "creds"
+    for n in names:
+        (base / n).mkdir(parents=True, exist_ok=True)
+        (base / n / "access_key_id").write_text(s3.key)
+        (base / n / "secret_access_key").write_text(secret or s3.secret)
+    return base
+
+
+def new_bucket(s3, files=None):
+    name = f"d-{uuid.uuid4().hex[:10]}"
+    s3.client().create_bucket(Bucket=name)
+    for k, v in (files or {}).items():
+        s3.client().put_object(Bucket=name, Key=k, Body=v)
+    return name
+
+
+def test_three_mounts_valid_missing_bucket_unreachable(s3, tmp_path, daemons):
+    good = new_bucket(s3, {"hello.txt": b"hello"})
+    dead = f"http://127.0.0.1:{free_port()}"
+    manifest = {
+        "root": str(tmp_path / "project"),
+        "storages": [
+            {"name": "good", "provider": "s3", "url": f"s3://{good}", "options": {"endpoint_url": s3.endpoint}},
+            {"name": "nobucket", "provider": "s3", "url": "s3://does-not-exist-bucket", "options": {"endpoint_url": s3.endpoint}},
+            {"name": "unreachable", "provider": "s3", "url": "s3://some-bucket", "options": {"endpoint_url": dead}},
+        ],
+        "mounts": [{"storage": n, "mountpath": n} for n in ("good", "nobucket", "unreachable")],
+    }
+    d = daemons(tmp_path, manifest, creds=creds_dir(tmp_path, s3, ["good", "nobucket", "unreachable"]))
+    d.wait_ready()
+    assert d.states() == {"good": "mounted", "nobucket": "failed", "unreachable": "failed"}
+    status = d.status_cli("--json")
+    assert status.returncode == 1
+    by_name = {m["name"]: m for m in json.loads(status.stdout)["mounts"]}
+    assert by_name["nobucket"]["error"]["code"] == "bucket_not_found"
+    assert by_name["unreachable"]["error"]["code"] == "endpoint_unreachable"
+    assert by_name["good"]["url"] == f"s3://{good}" and by_name["good"]["readonly"] is True
+    assert open(tmp_path / "project/good/hello.txt").read() == "hello"
+    table = d.status_cli()
+    assert table.returncode == 1 and "bucket_not_found" in table.stdout and "good" in table.stdout
+    assert d.status_cli("--probe", "liveness").returncode == 0
+    assert d.status_cli("--probe", "readiness").returncode == 0
+    # the counters moved with the read above
+    fresh = {m["name"]: m for m in d.get("/status")[1]["mounts"]}
+    assert fresh["good"]["counters"]["store"]["get_requests"] >= 1
+
+    # unmount, then mount again, while the daemon runs
+    code, body = d.post("/mounts/good/unmount")
+    assert code == 200 and body["state"] == "unmounted"
+    assert str(tmp_path / "project/good") not in fuse_mounts()
+    code, body = d.post("/mounts/good/mount")
+    assert code == 200 and body["state"] == "mounted"
+    assert open(tmp_path / "project/good/hello.txt").read() == "hello"
+
+    # bad requests get 4xx with a JSON error
+    assert d.post("/mounts/nope/mount")[0] == 404
+    assert d.get("/mounts/good/mount")[0] == 405
+    assert d.get("/nothing")[0] == 404
+    code, body = d.post("/mounts/good/credentials", {"password": "x"})
+    assert code == 400 and body["code"] == "bad_credentials"
+    metrics = d.get("/metrics")[1]
+    assert 'storage_sidecar_mount_state{mount="good",state="mounted"} 1.0' in metrics
+
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(30) == 0
+    assert not [p for p in d.paths if os.path.realpath(p) in fuse_mounts()]
+    assert not os.path.exists(d.sock)
+    assert d.status_cli().returncode == 2
+
+
+def test_sigkill_then_restart_cleans_stale_mounts(s3, tmp_path, daemons):
+    b = new_bucket(s3, {"f.txt": b"data"})
+    manifest = {
+        "root": str(tmp_path / "project"),
+        "storages": [{"name": "one", "provider": "s3", "url": f"s3://{b}", "options": {"endpoint_url": s3.endpoint}}],
+        "mounts": [{"storage": "one", "mountpath": "one"}],
+    }
+    d = daemons(tmp_path, manifest, creds=creds_dir(tmp_path, s3, ["one"]))
+    d.wait_ready()
+    mnt = str(tmp_path / "project/one")
+    assert open(f"{mnt}/f.txt").read() == "data"
+    # kill the worker, then the daemon, hard: the kernel mount stays behind, dead (killing the
+    # daemon first would let the worker see its stdin close and unmount cleanly)
+    worker_pids = subprocess.run(["pgrep", "-P", str(d.proc.pid)], capture_output=True, text=True).stdout.split()
+    os.kill(d.proc.pid, signal.SIGSTOP)  # so that it does not notice and mount again
+    for pid in worker_pids:
+        os.kill(int(pid), signal.SIGKILL)
+    d.proc.kill()
+    d.proc.wait()
+    wait_for(lambda: not any(os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z" for p in worker_pids), what="workers dead")
+    assert mnt in fuse_mounts()
+    with pytest.raises(OSError):
+        os.listdir(mnt)  # Transport endpoint is not connected
+    d.start()
+    d.wait_ready()
+    assert d.states() == {"one": "mounted"}
+    assert open(f"{mnt}/f.txt").read() == "data"
+    assert sum(1 for m in fuse_mounts() if m == mnt) == 1
+
+
+def test_dead_mount_is_noticed_and_mounted_again(s3, tmp_path, daemons):
+    b = new_bucket(s3, {"f.txt": b"again"})
+    manifest = {
+        "root": str(tmp_path / "project"),
+        "storages": [{"name": "one", "provider": "s3", "url": f"s3://{b}", "options": {"endpoint_url": s3.endpoint}}],
+        "mounts": [{"storage": "one", "mountpath": "one"}],
+    }
+    d = daemons(tmp_path, manifest, creds=creds_dir(tmp_path, s3, ["one"]))
+    d.wait_ready()
+    (worker,) = subprocess.run(["pgrep", "-P", str(d.proc.pid)], capture_output=True, text=True).stdout.split()
+    os.kill(int(worker), signal.SIGKILL)
+    wait_for(lambda: d.get("/status")[1]["mounts"][0]["restarts"] == 1 and d.states()["one"] == "mounted", timeout=30, what="remount")
+    assert open(tmp_path / "project/one/f.txt").read() == "again"
+    assert '"mount_died"' in d.log()
+
+
+def test_needs_credentials_then_post_credentials_or_skip(s3, tmp_path, daemons):
+    b1 = new_bucket(s3, {"a.txt": b"one"})
+    b2 = new_bucket(s3, {"b.txt": b"two"})
+    b3 = new_bucket(s3, {"c.txt": b"three"})
+    manifest = {
+        "root": str(tmp_path / "project"),
+        "storages": [
+            {"name": "nocreds", "provider": "s3", "url": f"s3://{b1}", "options": {"endpoint_url": s3.endpoint}},
+            {"name": "wrongcreds", "provider": "s3", "url": f"s3://{b2}", "options": {"endpoint_url": s3.endpoint}},
+            {"name": "fine", "provider": "s3", "url": f"s3://{b3}", "options": {"endpoint_url": s3.endpoint}},
+        ],
+        "mounts": [{"storage": n, "mountpath": n} for n in ("nocreds", "wrongcreds", "fine")],
+    }
+    wrong_secret = "wrong-secret-value-0123456789"
+    creds = creds_dir(tmp_path, s3, ["fine"])
+    creds_dir(tmp_path, s3, ["wrongcreds"], secret=wrong_secret)
+    env = {k: "" for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")}
+    env.update(AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
+    d = daemons(tmp_path, manifest, creds=creds, env=env)
+    d.wait_ready()  # default: /ready does not wait for a credentials decision
+    status = {m["name"]: m for m in d.get("/status")[1]["mounts"]}
+    assert status["nocreds"]["state"] == "needs_credentials" and status["nocreds"]["error"]["code"] == "credentials_missing"
+    assert status["wrongcreds"]["state"] == "needs_credentials" and status["wrongcreds"]["error"]["code"] == "credentials_invalid"
+    assert status["fine"]["state"] == "mounted"
+
+    code, body = d.post("/mounts/nocreds/credentials", {"access_key_id": s3.key, "secret_access_key": s3.secret})
+    assert code == 200 and body["state"] == "mounted", body
+    assert open(tmp_path / "project/nocreds/a.txt").read() == "one"
+    code, body = d.post("/mounts/wrongcreds/skip")
+    assert body["state"] == "skipped"
+    assert d.states() == {"nocreds": "mounted", "wrongcreds": "skipped", "fine": "mounted"}
+    assert d.status_cli().returncode == 0
+
+    # the secrets appear nowhere: logs, status, metrics
+    outputs = [d.log(), json.dumps(d.get("/status")[1]), d.get("/metrics")[1], d.status_cli().stdout, d.status_cli("--json").stdout]
+    for text in outputs:
+        assert s3.secret not in text and wrong_secret not in text
+
+
+def test_credentials_wait_skips_after_the_wait(s3, tmp_path, daemons):
+    b = new_bucket(s3)
+    manifest = {
+        "root": str(tmp_path / "project"),
+        "storages": [{"name": "late", "provider": "s3", "url": f"s3://{b}", "options": {"endpoint_url": s3.endpoint}}],
+        "mounts": [{"storage": "late", "mountpath": "late"}],
+    }
+    env = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}
+    d = daemons(tmp_path, manifest, args=("--credentials-wait", "2"), env=env)
+    wait_for(lambda: d.states()["late"] == "needs_credentials", what="needs_credentials")
+    assert d.get("/ready")[0] == 503  # waiting for the launcher's decision
+    d.wait_ready()
+    st = d.get("/status")[1]["mounts"][0]
+    assert st["state"] == "skipped" and st["error"]["code"] == "credentials_missing"
+
+
+def test_socket_refuses_other_users(s3, tmp_path, daemons, request):
+    b = new_bucket(s3)
+    manifest = {
+        "root": str(tmp_path / "project"),
+        "storages": [{"name": "one", "provider": "s3", "url": f"s3://{b}", "options": {"endpoint_url": s3.endpoint}}],
+        "mounts": [{"storage": "one", "mountpath": "one"}],
+    }
+    sockdir = tempfile.mkdtemp(prefix="sidecar-sock-")  # traversable by the other user, unlike tmp_path
+    os.chmod(sockdir, 0o755)
+    request.addfinalizer(lambda: shutil.rmtree(sockdir, ignore_errors=True))
+    d = daemons(tmp_path, manifest, creds=creds_dir(tmp_path, s3, ["one"]), sock=os.path.join(sockdir, "s.sock"))
+    st = os.stat(d.sock)
+    assert st.st_mode & 0o777 == 0o660
+
+    def as_user(uid, gid):
+        """Connects from a forked child that dropped to uid/gid; returns 0 connected, 13 EACCES."""
+        pid = os.fork()
+        if pid == 0:  # child: no pytest machinery past this point, only os._exit
+            code = 1
+            try:
+                os.setgroups([])
+                os.setgid(gid)
+                os.setuid(uid)
+                s = socket.socket(socket.AF_UNIX)
+                s.connect(d.sock)
+                code = 0
+            except PermissionError:
+                code = 13
+            finally:
+                os._exit(code)
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+    assert as_user(65534, 65534) == 13  # another user: refused (EACCES)
+    assert as_user(65534, st.st_gid) == 0  # a member of the socket's group: allowed
