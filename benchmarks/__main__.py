@@ -220,11 +220,11 @@ class Bench:
                 return
             time.sleep(0.05)
 
-    def fio(self, path: str, rw: str, bs: str, size: int, runtime: int | None = None) -> float:
+    def fio(self, path: str, rw: str, bs: str, size: int, number_ios: int | None = None) -> float:
         cmd = ["fio", "--name=job", f"--filename={path}", "--readonly", f"--rw={rw}", f"--bs={bs}", f"--size={size}",
-               "--ioengine=psync", "--numjobs=1", "--invalidate=1", "--output-format=json"]
-        if runtime:
-            cmd += [f"--runtime={runtime}", "--time_based"]
+               "--ioengine=psync", "--numjobs=1", "--invalidate=1", "--randrepeat=0", "--output-format=json"]
+        if number_ios:
+            cmd += [f"--number_ios={number_ios}"]
         out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
         job = out["jobs"][0]["read"]
         return job["iops"] if rw == "randread" else job["bw_bytes"] / 1e6
@@ -234,16 +234,16 @@ class Bench:
         src = dataset(size, 2)
         self.put("random.bin", src)
         w = "random 4 KiB reads"
-        print(f"\n{w}: {size // MiB} MiB object, {self.args.random_seconds} s per run", flush=True)
+        n = self.args.random_ios
+        print(f"\n{w}: {size // MiB} MiB object, {n} reads per run on a fresh mount", flush=True)
         vals, amp = [], []
         for _ in range(self.args.repeat):
             wk = self.worker(None)
             try:
-                iops = self.fio(f"{wk.mnt}/random.bin", "randread", "4k", size, runtime=self.args.random_seconds)
+                iops = self.fio(f"{wk.mnt}/random.bin", "randread", "4k", size, number_ios=n)
                 st = wk.stats()
-                ops = iops * self.args.random_seconds
                 vals.append(iops)
-                amp.append(st["store"]["bytes_fetched"] / max(ops * 4096, 1))
+                amp.append(st["store"]["bytes_fetched"] / (n * 4096))
             finally:
                 wk.stop()
         self.record(w, "sidecar cold", vals, "IOPS", read_amplification=statistics.median(amp))
@@ -253,7 +253,7 @@ class Bench:
             for _ in range(self.args.repeat):
                 proc, mnt = self.rclone("off", self.work)
                 try:
-                    vals.append(self.fio(f"{mnt}/random.bin", "randread", "4k", size, runtime=self.args.random_seconds))
+                    vals.append(self.fio(f"{mnt}/random.bin", "randread", "4k", size, number_ios=n))
                 finally:
                     self.stop_rclone(proc, mnt)
             self.record(w, "rclone off cold", vals, "IOPS")
@@ -370,6 +370,42 @@ class Bench:
                     self.stop_rclone(proc, mnt)
             self.record(w, "rclone off cold", vals, "s")
 
+    def status_calls(self) -> None:
+        """Wall time of `storage-sidecar status` (a Kubernetes exec probe) against a running daemon."""
+        w = "storage-sidecar status"
+        print(f"\n{w}: wall time per call, daemon with one mount", flush=True)
+        manifest = {
+            "root": str(self.work / "project"),
+            "storages": [{"name": "bench", "provider": "s3", "url": f"s3://{BUCKET}", "options": {"endpoint_url": self.s3.endpoint}}],
+            "mounts": [{"storage": "bench", "mountpath": "bench"}],
+        }
+        (self.work / "status-manifest.json").write_text(json.dumps(manifest))
+        sock = str(self.work / "status.sock")
+        env = dict(os.environ, AWS_ACCESS_KEY_ID=self.s3.key, AWS_SECRET_ACCESS_KEY=self.s3.secret)
+        exe = str(Path(sys.executable).parent / "storage-sidecar")
+        with open(self.work / "status-daemon.log", "w") as log:
+            daemon = subprocess.Popen([exe, "run", "--manifest", str(self.work / "status-manifest.json"), "--socket", sock],
+                                      env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            end = time.monotonic() + 60
+            while subprocess.run([exe, "status", "--probe", "readiness", "--socket", sock], capture_output=True).returncode != 0:
+                if time.monotonic() > end or daemon.poll() is not None:
+                    raise RuntimeError("the daemon did not become ready")
+                time.sleep(0.2)
+            for args, label in ((["--probe", "readiness"], "status --probe readiness"), ([], "status (table)"), (["--json"], "status --json")):
+                vals = []
+                for _ in range(max(10, self.args.repeat)):
+                    t = time.perf_counter()
+                    subprocess.run([exe, "status", "--socket", sock, *args], capture_output=True)
+                    vals.append((time.perf_counter() - t) * 1000)
+                self.record(w, label, vals, "ms")
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            try:
+                daemon.wait(30)
+            except subprocess.TimeoutExpired:
+                stop_process(daemon)
+
     def ratios(self) -> dict[str, float]:
         r: dict[str, float] = {}
         seq = self.results.get("sequential read", {})
@@ -407,11 +443,11 @@ def main() -> int:
     p.add_argument("--window", type=int, default=8, help="parallel ranged GETs of the direct reader (the sidecar's read-ahead window)")
     p.add_argument("--seq-mib", type=int, default=256)
     p.add_argument("--random-mib", type=int, default=256)
-    p.add_argument("--random-seconds", type=int, default=15)
+    p.add_argument("--random-ios", type=int, default=100, help="random reads per run (moto reads the whole object per ranged GET)")
     p.add_argument("--parallel-mib", type=int, default=16)
     p.add_argument("--list-count", type=int, default=10000)
     p.add_argument("--small-count", type=int, default=1000)
-    p.add_argument("--only", nargs="*", default=None, help="sequential random parallel listing small")
+    p.add_argument("--only", nargs="*", default=None, help="sequential random parallel listing small status")
     p.add_argument("--no-rclone", dest="rclone", action="store_false")
     args = p.parse_args()
     if args.rclone and not shutil.which("rclone"):
@@ -423,9 +459,11 @@ def main() -> int:
         with moto_server(work / "moto.log", auth=False) as s3:
             s3.client().create_bucket(Bucket=BUCKET)
             b = Bench(args, s3, work)
-            for name in ("sequential", "random", "parallel", "listing", "small"):
+            workloads = {"sequential": b.sequential, "random": b.random_reads, "parallel": b.parallel,
+                         "listing": b.listing, "small": b.small_files, "status": b.status_calls}
+            for name, workload in workloads.items():
                 if args.only is None or name in args.only:
-                    {"sequential": b.sequential, "random": b.random_reads, "parallel": b.parallel, "listing": b.listing, "small": b.small_files}[name]()
+                    workload()
             ratios = b.ratios()
     finally:
         for m in fuse_mounts():
@@ -437,7 +475,11 @@ def main() -> int:
         print(f"  {k:<55} {v:6.2f}")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"{started:%Y-%m-%d}-{platform.node()}.json"
-    out.write_text(json.dumps({"started": started.isoformat(), "args": vars(args), "server": "moto", "results": b.results, "ratios": ratios}, indent=2))
+    # A partial run (--only) updates the workloads it ran and keeps the others of the day's file.
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    results = {**previous.get("results", {}), **b.results}
+    runs = {**previous.get("runs", {}), **{w: {"started": started.isoformat(), "args": vars(args)} for w in b.results}}
+    out.write_text(json.dumps({"server": "moto", "results": results, "ratios": {**previous.get("ratios", {}), **ratios}, "runs": runs}, indent=2))
     print(f"\nwrote {out}")
     return 0
 

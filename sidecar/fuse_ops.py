@@ -47,7 +47,8 @@ def _translated(fn: F) -> F:
                 raise pyfuse3.FUSEError(errno.EIO) from None
             except SidecarError as exc:
                 code = errno_for(exc)
-                self.errors.bump(exc.code)
+                if code != errno.ENOENT:  # a lookup of a missing name is normal, not an error
+                    self.errors.bump(exc.code)
                 if code in (errno.ENOENT, errno.ESTALE, errno.EROFS):
                     log.debug("request_failed", code=exc.code, detail=str(exc))
                 else:
