@@ -196,7 +196,8 @@ class Mount:
             "restarts": self.restarts,
             "cache_hit_rate": (hits / lookups) if lookups else None,
             "counters": {k: stats.get(k) for k in ("store", "cache", "disk", "errors", "memory_bytes")} if stats else None,
-            "unsynced_writes": 0,
+            "unsynced_writes": len(stats.get("staged") or []),
+            "staged": stats.get("staged") or [],
         }
 
 
@@ -252,6 +253,7 @@ class Daemon:
             "gid": cfg.gid,
             "allow_other": cfg.allow_other,
             "log_level": cfg.log_level,
+            "grace_period": cfg.grace_period,
         }
 
     def credentials_for(self, m: Mount) -> dict[str, str]:

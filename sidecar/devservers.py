@@ -72,9 +72,9 @@ class S3Server:
 
 
 @contextlib.contextmanager
-def moto_server(log_path: str | os.PathLike[str], *, auth: bool = True) -> Iterator[S3Server]:
+def moto_server(log_path: str | os.PathLike[str], *, auth: bool = True, port: int | None = None) -> Iterator[S3Server]:
     """A moto S3 server on 127.0.0.1. With `auth`, requests must be signed with the IAM key it yields."""
-    port = free_port()
+    port = port or free_port()
     ep = f"http://127.0.0.1:{port}"
     env = dict(os.environ)
     if auth:

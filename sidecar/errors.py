@@ -60,6 +60,42 @@ class NotSupported(SidecarError):
     code = "not_supported"
 
 
+class NotEmpty(SidecarError):
+    code = "not_empty"
+
+
+class Exists(SidecarError):
+    code = "exists"
+
+
+class CrossDevice(SidecarError):
+    """A rename the mount does not do in place (too large a directory); `mv` then copies."""
+
+    code = "rename_too_large"
+
+
+class NoSpace(SidecarError):
+    code = "staging_full"
+
+
+class NameTooLong(SidecarError):
+    code = "name_too_long"
+
+
+class NotPermitted(SidecarError):
+    code = "not_permitted"
+
+
+class WriteConflict(SidecarError):
+    """The object changed remotely since this file was staged; the local copy is kept."""
+
+    code = "write_conflict"
+
+
+class UploadFailed(BackendUnavailable):
+    code = "upload_failed"
+
+
 ERRNO_TABLE: dict[type[SidecarError], int] = {
     NotFound: errno.ENOENT,
     AccessDenied: errno.EACCES,
@@ -71,6 +107,13 @@ ERRNO_TABLE: dict[type[SidecarError], int] = {
     NotADirectory: errno.ENOTDIR,
     BadHandle: errno.EBADF,
     NotSupported: errno.ENOTSUP,
+    NotEmpty: errno.ENOTEMPTY,
+    Exists: errno.EEXIST,
+    CrossDevice: errno.EXDEV,
+    NoSpace: errno.ENOSPC,
+    NameTooLong: errno.ENAMETOOLONG,
+    NotPermitted: errno.EPERM,
+    WriteConflict: errno.EIO,
 }
 
 

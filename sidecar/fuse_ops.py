@@ -18,7 +18,7 @@ import pyfuse3
 import structlog
 import trio
 
-from sidecar.errors import SidecarError, errno_for
+from sidecar.errors import NotPermitted, SidecarError, errno_for
 from sidecar.log import get_logger
 from sidecar.vfs.core import Attr, Filesystem
 
@@ -49,7 +49,7 @@ def _translated(fn: F) -> F:
                 code = errno_for(exc)
                 if code != errno.ENOENT:  # a lookup of a missing name is normal, not an error
                     self.errors.bump(exc.code)
-                if code in (errno.ENOENT, errno.ESTALE, errno.EROFS):
+                if code in (errno.ENOENT, errno.ESTALE, errno.EROFS, errno.EEXIST, errno.ENOTEMPTY):
                     log.debug("request_failed", code=exc.code, detail=str(exc))
                 else:
                     log.warning("request_failed", code=exc.code, detail=str(exc))
@@ -154,15 +154,56 @@ class FuseOps(pyfuse3.Operations):
         self.fs.node(inode)
         return not (mode & os.W_OK and self.fs.readonly)
 
-    # Writes land with the write path; until then every mutating call is refused explicitly
-    # (EROFS), never with ENOSYS, so tools report "Read-only file system".
-    async def _refuse(self, *args: Any) -> Any:
-        raise pyfuse3.FUSEError(errno.EROFS)
+    @_translated
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        fh, attr = await self.fs.create(parent_inode, os.fsdecode(name), flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False), self._entry(attr)
 
-    create = mkdir = mknod = unlink = rmdir = rename = symlink = link = write = _refuse
+    @_translated
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return self.fs.write(fh, off, buf)
 
+    @_translated
+    async def flush(self, fh: int) -> None:
+        await self.fs.flush(fh)
+
+    @_translated
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.fs.fsync(fh)
+
+    @_translated
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> pyfuse3.EntryAttributes:
-        raise pyfuse3.FUSEError(errno.EROFS)
+        size = attr.st_size if fields.update_size else None
+        return self._entry(await self.fs.setattr(inode, size=size))
+
+    @_translated
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self.fs.unlink(parent_inode, os.fsdecode(name))
+
+    @_translated
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        return self._entry(await self.fs.mkdir(parent_inode, os.fsdecode(name)))
+
+    @_translated
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self.fs.rmdir(parent_inode, os.fsdecode(name))
+
+    @_translated
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes, flags: int, ctx: Any) -> None:
+        await self.fs.rename(parent_inode_old, os.fsdecode(name_old), parent_inode_new, os.fsdecode(name_new), flags)
+
+    # Object stores have no links or special files: refused explicitly (EPERM), never ENOSYS.
+    @_translated
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        raise NotPermitted("symbolic links are not supported")
+
+    @_translated
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        raise NotPermitted("hard links are not supported")
+
+    @_translated
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        raise NotPermitted("special files are not supported")
 
     @_translated
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:

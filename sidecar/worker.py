@@ -64,6 +64,12 @@ def clear_stale_mount(path: str) -> bool:
     return True
 
 
+def default_cache_dir() -> str:
+    if os.getuid() == 0:
+        return "/var/cache/storage-sidecar"
+    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "storage-sidecar")
+
+
 def mount_options(cfg: dict[str, Any]) -> set[str]:
     import pyfuse3
 
@@ -97,9 +103,20 @@ async def serve(cfg: dict[str, Any]) -> int:
         disk=disk,
         storage_id=cfg["storage_id"],
     )
+    staging = None
+    if not cfg.get("readonly", True):
+        from sidecar.vfs.staging import StagingArea
+
+        base = Path(cfg.get("cache_dir") or default_cache_dir())
+        sub = hashlib.sha256(cfg["storage_id"].encode()).hexdigest()[:16]
+        staging = StagingArea(base / "staging" / f"{sub}-{cfg['name']}", int(cfg.get("staging_limit", 50 << 30)))
+        recovered = await trio.to_thread.run_sync(staging.recover)
+        for f in recovered:
+            logger.warning("staged_file_recovered", key=f.key, size=f.size, state=f.state)
     fs = Filesystem(
         store,
         cache,
+        staging=staging,
         root_prefix=url.key_prefix(cfg.get("source_path", "")),
         ttl=float(cfg.get("ttl", 5.0)),
         uid=cfg.get("uid"),
@@ -122,7 +139,20 @@ async def serve(cfg: dict[str, Any]) -> int:
             else None,
             "errors": dict(ops.errors),
             "inodes": fs.inode_count,
+            "staged": [f.public() for f in staging.pending()] if staging else [],
         }
+
+    async def writeback() -> None:
+        """Uploads what is staged but not stored: files recovered from a previous run, and files
+        whose upload at close failed. Backs off while the backend fails."""
+        delay = 1.0
+        while True:
+            left = await fs.upload_pending()
+            failing = any(f.upload_failures for f in staging.pending()) if staging else False
+            delay = min(delay * 2, 30.0) if failing else 1.0
+            if left:
+                logger.info("writeback_pending", files=left, next_try_s=delay)
+            await trio.sleep(delay)
 
     async def control(nursery: trio.Nursery) -> None:
         stream = trio.lowlevel.FdStream(os.dup(0))
@@ -163,8 +193,17 @@ async def serve(cfg: dict[str, Any]) -> int:
             emit("mounted", mountpath=mountpath)
             nursery.start_soon(control, nursery)
             nursery.start_soon(signals)
+            if staging is not None:
+                nursery.start_soon(writeback)
             await pyfuse3.main()
         finally:
+            if staging is not None:
+                # Before unmounting: store every staged file, bounded by the grace period.
+                # What does not make it stays staged and is stored at the next start.
+                with trio.CancelScope(shield=True), trio.move_on_after(float(cfg.get("grace_period", 20.0)) - 2):
+                    await fs.upload_pending(only_idle=False)
+                for f in staging.pending():
+                    logger.error("left_in_staging", key=f.key, size=f.size, state=f.state, local_path=str(f.data_path))
             pyfuse3.close(unmount=True)
             logger.info("unmounted", mount=cfg["name"], mountpath=mountpath)
             nursery.cancel_scope.cancel()

@@ -37,6 +37,9 @@ class StoreStats:
     bytes_fetched: int = 0
     list_requests: int = 0
     head_requests: int = 0
+    put_requests: int = 0
+    delete_requests: int = 0
+    bytes_stored: int = 0
     errors: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -61,5 +64,15 @@ class ObjectStore(Protocol):
     ) -> None:
         """Streams bytes [start, end) of `key` with one request, calling `on_block(i, data)` (on the
         trio thread) for each consecutive `block_size` piece as soon as it has arrived."""
+
+    async def put_file(self, key: str, path: str, size: int) -> ObjectInfo:
+        """Stores the local file `path` as `key` (multipart when large); returns the new object."""
+
+    async def delete(self, key: str) -> None: ...
+
+    async def copy(self, src: str, dst: str) -> ObjectInfo: ...
+
+    async def put_marker(self, key: str) -> None:
+        """Creates the empty "folder/" marker object of a directory."""
 
     async def close(self) -> None: ...

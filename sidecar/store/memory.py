@@ -25,7 +25,8 @@ class MemoryStore:
         self.objects[key] = (data, info)
         return info
 
-    def delete(self, key: str) -> None:
+    def remove(self, key: str) -> None:
+        """Deletes an object behind the file system's back (a remote change)."""
         del self.objects[key]
 
     async def _call(self) -> None:
@@ -79,6 +80,34 @@ class MemoryStore:
         data = await self.get_range(key, start, end, etag)
         for i, pos in enumerate(range(0, len(data), block_size)):
             on_block(i, data[pos : pos + block_size])
+
+    async def put_file(self, key: str, path: str, size: int) -> ObjectInfo:
+        await self._call()
+        with open(path, "rb") as f:
+            data = f.read(size)
+        self.stats.put_requests += 1
+        self.stats.bytes_stored += len(data)
+        return self.put(key, data)
+
+    async def delete(self, key: str) -> None:
+        await self._call()
+        self.stats.delete_requests += 1
+        self.objects.pop(key, None)
+
+    async def copy(self, src: str, dst: str) -> ObjectInfo:
+        await self._call()
+        if src not in self.objects:
+            raise NotFound(src)
+        return self.put(dst, self.objects[src][0])
+
+    async def list_tree(self, prefix: str) -> list[str]:
+        await self._call()
+        self.stats.list_requests += 1
+        return sorted(k for k in self.objects if k.startswith(prefix + "/"))
+
+    async def put_marker(self, key: str) -> None:
+        await self._call()
+        self.put(key.rstrip("/") + "/", b"")
 
     async def close(self) -> None:
         pass

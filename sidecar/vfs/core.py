@@ -30,14 +30,35 @@ import trio
 
 from sidecar.cache.blocks import BlockCache, ObjectRef
 from sidecar.cache.prefetch import ReadAhead
-from sidecar.errors import BadHandle, IsADirectory, NotADirectory, NotFound, ObjectChanged, ReadOnly
+from sidecar.errors import (
+    BackendUnavailable,
+    BadHandle,
+    CrossDevice,
+    Exists,
+    IsADirectory,
+    NameTooLong,
+    NoSpace,
+    NotADirectory,
+    NotEmpty,
+    NotFound,
+    NotSupported,
+    ObjectChanged,
+    ReadOnly,
+    SidecarError,
+    UploadFailed,
+    WriteConflict,
+)
 from sidecar.log import get_logger
 from sidecar.store.base import DirInfo, Listing, ObjectInfo, ObjectStore
+from sidecar.vfs.staging import StagedFile, StagingArea, StagingFull
 
 log = get_logger(__name__)
 
 ROOT_INO = 1
 NAME_MAX = 255
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+DIR_RENAME_LIMIT = 1000  # objects; a larger directory answers EXDEV and `mv` copies it instead
 
 
 @dataclass
@@ -66,6 +87,7 @@ class Node:
     lookups: int = 0
     checked_at: float = float("-inf")  # trio time of the last listing/HEAD that confirmed it
     last_open_etag: str | None = None
+    staged: StagedFile | None = None  # local bytes being written; the truth for reads meanwhile
 
 
 @dataclass
@@ -85,6 +107,7 @@ class FileHandle:
     node: Node
     ref: ObjectRef
     readahead: ReadAhead
+    writable: bool = False
 
 
 @dataclass
@@ -117,7 +140,11 @@ class Filesystem:
         gid: int | None = None,
         readonly: bool = True,
         max_readahead_blocks: int = 8,
+        staging: StagingArea | None = None,
     ) -> None:
+        if not readonly and staging is None:
+            raise ValueError("a writable file system needs a staging area")
+        self.staging = staging
         self.store = store
         self.cache = cache
         self.root_prefix = root_prefix.strip("/")
@@ -248,10 +275,26 @@ class Filesystem:
             return cached.entries
         listing = await self.store.list_dir(node.key)
         entries = self._entries_of(node.key, listing)
+        self._overlay_staged(node.key, entries)
         now = trio.current_time()
         self._dirs[node.key] = _Dir(entries, now + self.ttl)
         node.checked_at = now
         return entries
+
+    def _overlay_staged(self, prefix: str, entries: dict[str, _Entry]) -> None:
+        """Files being written that the bucket does not have yet are part of the listing."""
+        if self.staging is None:
+            return
+        base = f"{prefix}/" if prefix else ""
+        for key, f in self.staging.by_key.items():
+            if key.startswith(base) and "/" not in key[len(base) :] and f.state != "conflict":
+                entries[key[len(base) :]] = _Entry(False, ObjectInfo(key, f.size, f.base_etag or "", time.time()))
+
+    def _parent_key(self, key: str) -> str:
+        return key.rpartition("/")[0] if "/" in key else ""
+
+    def _forget_listing(self, key: str) -> None:
+        self._dirs.pop(self._parent_key(key), None)
 
     # -- operations --------------------------------------------------------------------------
 
@@ -281,7 +324,12 @@ class Filesystem:
                 return self.attr(known)
             if len(name.encode()) > NAME_MAX:
                 raise NotFound(name)
-            found = await self.store.stat(key)
+            staged = self.staging.by_key.get(key) if self.staging else None
+            found = (
+                ObjectInfo(key, staged.size, staged.base_etag or "", time.time())
+                if staged is not None and staged.state != "conflict"
+                else await self.store.stat(key)
+            )
             if found is None:
                 entry = None
             elif isinstance(found, DirInfo):
@@ -297,7 +345,7 @@ class Filesystem:
         return self.attr(node)
 
     async def _revalidate(self, node: Node) -> None:
-        if node.ino == ROOT_INO or node.checked_at + self.ttl > trio.current_time():
+        if node.ino == ROOT_INO or node.staged is not None or node.checked_at + self.ttl > trio.current_time():
             return
         found = await self.store.stat(node.key)
         now = trio.current_time()
@@ -344,14 +392,18 @@ class Filesystem:
         node = self.node(ino)
         if node.is_dir:
             raise IsADirectory(node.key)
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
-            raise ReadOnly(node.key)
-        await self._revalidate(node)
-        keep_cache = node.last_open_etag == node.etag
-        node.last_open_etag = node.etag
+        writable = bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND))
+        if writable:
+            self._require_writable(node.key)
+            staged = await self._stage(node, truncate=bool(flags & os.O_TRUNC))
+            staged.handles += 1
+        else:
+            await self._revalidate(node)
+        keep_cache = node.staged is None and node.last_open_etag == node.etag
+        node.last_open_etag = node.etag if node.staged is None else None
         fh = next(self._next_fh)
         ra = ReadAhead(self.cache.block_size, self.max_readahead_blocks)
-        self._handles[fh] = FileHandle(node, ObjectRef(node.key, node.etag, node.size), ra)
+        self._handles[fh] = FileHandle(node, ObjectRef(node.key, node.etag, node.size), ra, writable)
         return fh, keep_cache
 
     def _handle(self, fh: int, kind: type) -> FileHandle | DirHandle:
@@ -363,6 +415,8 @@ class Filesystem:
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         h = self._handle(fh, FileHandle)
         assert isinstance(h, FileHandle)
+        if h.node.staged is not None:  # written in this mount: the local bytes are the truth
+            return self.staging.read(h.node.staged, offset, size)  # type: ignore[union-attr]
         ref = h.ref
         if offset >= ref.size or size <= 0:
             return b""
@@ -390,7 +444,346 @@ class Filesystem:
             raise
 
     def release(self, fh: int) -> None:
-        self._handles.pop(fh, None)
+        h = self._handles.pop(fh, None)
+        if isinstance(h, FileHandle) and h.writable and h.node.staged is not None:
+            staged = h.node.staged
+            staged.handles -= 1
+            if staged.handles <= 0 and not staged.dirty and staged.state != "conflict":
+                self._unstage(h.node)
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def _require_writable(self, key: str) -> None:
+        if self.readonly or self.staging is None:
+            raise ReadOnly(key)
+
+    def _unstage(self, node: Node) -> None:
+        if node.staged is not None and self.staging is not None:
+            self.staging.remove(node.staged)
+        node.staged = None
+
+    async def _stage(self, node: Node, *, truncate: bool) -> StagedFile:
+        """The node's staged file, created on first write access: empty when truncating, else a
+        copy of the object fetched through the block cache."""
+        assert self.staging is not None
+        if node.staged is not None:
+            if truncate:
+                self._staging_call(self.staging.truncate, node.staged, 0)
+                node.size = 0
+            return node.staged
+        await self._revalidate(node)
+        staged = self.staging.create(node.key, node.etag or None)
+        try:
+            if truncate:
+                self._staging_call(self.staging.truncate, staged, 0)
+                node.size = 0
+            else:
+                ref = ObjectRef(node.key, node.etag, node.size)
+                self.cache.prefetch(ref, range(0, self.cache.blocks_of(ref)))
+                for index in range(self.cache.blocks_of(ref)):
+                    data = await self.cache.get(ref, index)
+                    os.pwrite(staged.fd, data, index * self.cache.block_size)
+                staged.size = node.size
+        except BaseException:
+            self.staging.remove(staged)
+            raise
+        node.staged = staged
+        return staged
+
+    def _staging_call(self, fn, *args):  # type: ignore[no-untyped-def]
+        try:
+            return fn(*args)
+        except StagingFull:
+            raise NoSpace(f"the staging area is full ({self.staging.limit} bytes)") from None  # type: ignore[union-attr]
+
+    async def create(self, parent_ino: int, name: str, flags: int) -> tuple[int, Attr]:
+        parent = self.node(parent_ino)
+        key = self._child_key(parent, name)
+        self._require_writable(key)
+        if len(name.encode()) > NAME_MAX:
+            raise NameTooLong(name)
+        assert self.staging is not None
+        now = trio.current_time()
+        node = self._node_for(key, _Entry(False, ObjectInfo(key, 0, "", time.time())), now)
+        if node.staged is not None:
+            self._staging_call(self.staging.truncate, node.staged, 0)
+        else:
+            existing = self.staging.by_key.get(key)
+            if existing is not None:  # staged for a previous inode of this key
+                self.staging.remove(existing)
+            node.staged = self.staging.create(key, None)
+            self._staging_call(self.staging.truncate, node.staged, 0)  # dirty: even an empty file is stored
+        node.size, node.etag = 0, ""
+        node.staged.handles += 1
+        node.lookups += 1
+        self._negative.pop(key, None)
+        cached = self._dirs.get(parent.key)
+        if cached is not None:
+            cached.entries[name] = _Entry(False, ObjectInfo(key, 0, "", time.time()))
+        fh = next(self._next_fh)
+        self._handles[fh] = FileHandle(node, ObjectRef(key, "", 0), ReadAhead(self.cache.block_size), True)
+        return fh, self.attr(node)
+
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        h = self._handle(fh, FileHandle)
+        assert isinstance(h, FileHandle)
+        if not h.writable or h.node.staged is None:
+            raise BadHandle(f"handle {fh} is not open for writing")
+        # A pwrite to the staging file lands in the page cache: cheap enough for the trio
+        # thread, and it keeps writes in order without a thread hop per 128 KiB request.
+        n = self._staging_call(self.staging.write, h.node.staged, offset, data)  # type: ignore[union-attr]
+        h.node.size = h.node.staged.size
+        h.node.mtime = time.time()
+        return n
+
+    async def flush(self, fh: int) -> None:
+        """close(): a dirty file is stored before close returns, so an acknowledged close means
+        the bytes are in the bucket."""
+        h = self._handle(fh, FileHandle)
+        assert isinstance(h, FileHandle)
+        if h.writable and h.node.staged is not None and h.node.staged.dirty:
+            await self.upload(h.node.staged)
+
+    async def fsync(self, fh: int) -> None:
+        await self.flush(fh)
+
+    async def upload(self, staged: StagedFile) -> ObjectInfo | None:
+        """Stores a staged file. Raises UploadFailed (EIO; the file stays staged and is retried
+        in the background) or WriteConflict (the object changed remotely since it was staged)."""
+        assert self.staging is not None
+        while staged.uploading is not None:  # one upload of a file at a time
+            await staged.uploading.wait()
+        if not staged.dirty:
+            return None
+        if staged.state == "conflict":
+            raise WriteConflict(staged.key)
+        staged.uploading = trio.Event()
+        generation = staged.generation
+        try:
+            remote = await self.store.stat(staged.key)
+            remote_etag = remote.etag if isinstance(remote, ObjectInfo) else None
+            if remote_etag != staged.base_etag:
+                self.staging.mark(staged, state="conflict")
+                staged.last_error = "the object changed in the bucket since this file was opened for writing; local copy kept"
+                log.error("write_conflict", key=staged.key, local_path=str(staged.data_path))
+                raise WriteConflict(staged.key)
+            info = await self.store.put_file(staged.key, str(staged.data_path), staged.size)
+        except (WriteConflict, trio.Cancelled):
+            raise
+        except SidecarError as exc:
+            staged.upload_failures += 1
+            staged.last_error = f"{exc.code}: {exc}"
+            log.warning("upload_failed", key=staged.key, code=exc.code, failures=staged.upload_failures)
+            raise UploadFailed(f"{staged.key}: {exc}") from None
+        finally:
+            event, staged.uploading = staged.uploading, None
+            event.set()
+        staged.upload_failures, staged.last_error = 0, None
+        self.staging.mark(staged, dirty=staged.generation != generation, base_etag=info.etag)
+        log.info("uploaded", key=staged.key, size=info.size)
+        node = self._nodes.get(self._by_key.get(staged.key, -1))
+        if node is not None:
+            node.etag, node.size, node.checked_at = info.etag, staged.size, trio.current_time()
+            if staged.handles <= 0 and not staged.dirty:
+                self._unstage(node)
+        elif staged.handles <= 0 and not staged.dirty:
+            self.staging.remove(staged)
+        self._forget_listing(staged.key)
+        return info
+
+    async def upload_pending(self, *, only_idle: bool = True) -> int:
+        """Uploads dirty staged files (those no handle has open, unless `only_idle` is false);
+        returns how many are left. Failures stay staged for the next round."""
+        assert self.staging is not None
+        for staged in list(self.staging.pending()):
+            if staged.state == "conflict" or (only_idle and staged.handles > 0):
+                continue
+            try:
+                await self.upload(staged)
+            except (UploadFailed, WriteConflict):
+                pass
+        return len(self.staging.pending())
+
+    async def setattr(self, ino: int, *, size: int | None = None) -> Attr:
+        """Only the size is stored (truncate); mode, owner and times are accepted and not kept."""
+        node = self.node(ino)
+        if size is not None:
+            if node.is_dir:
+                raise IsADirectory(node.key)
+            self._require_writable(node.key)
+            staged = await self._stage(node, truncate=size == 0)
+            self._staging_call(self.staging.truncate, staged, size)  # type: ignore[union-attr]
+            node.size = size
+            if staged.handles <= 0:  # truncate(2) of a closed file: store it now
+                await self.upload(staged)
+        elif not node.is_dir:
+            await self._revalidate(node)
+        return self.attr(node)
+
+    async def _existing(self, parent: Node, name: str) -> Node | None:
+        try:
+            attr = await self.lookup(parent.ino, name)
+        except NotFound:
+            return None
+        node = self._nodes[attr.ino]
+        node.lookups -= 1  # this lookup was ours, not the kernel's
+        return node
+
+    async def unlink(self, parent_ino: int, name: str) -> None:
+        parent = self.node(parent_ino)
+        key = self._child_key(parent, name)
+        self._require_writable(key)
+        node = await self._existing(parent, name)
+        if node is None:
+            raise NotFound(key)
+        if node.is_dir:
+            raise IsADirectory(key)
+        remote = node.staged is None or node.staged.base_etag is not None
+        self._unstage(node)
+        if remote:
+            await self.store.delete(key)
+        self._gone(key)
+
+    def _gone(self, key: str) -> None:
+        now = trio.current_time()
+        self._negative[key] = now + self.ttl
+        cached = self._dirs.get(self._parent_key(key))
+        if cached is not None:
+            cached.entries.pop(key.rpartition("/")[2], None)
+        ino = self._by_key.pop(key, None)
+        if ino is not None and ino in self._nodes:
+            self._nodes[ino].checked_at = float("-inf")
+
+    async def mkdir(self, parent_ino: int, name: str) -> Attr:
+        """A directory is an empty "name/" marker object, as the S3 console makes them."""
+        parent = self.node(parent_ino)
+        key = self._child_key(parent, name)
+        self._require_writable(key)
+        if len(name.encode()) > NAME_MAX:
+            raise NameTooLong(name)
+        if await self._existing(parent, name) is not None:
+            raise Exists(key)
+        await self.store.put_marker(key)
+        self._negative.pop(key, None)
+        cached = self._dirs.get(parent.key)
+        if cached is not None:
+            cached.entries[name] = _Entry(True, None)
+        node = self._node_for(key, _Entry(True, None), trio.current_time())
+        node.lookups += 1
+        return self.attr(node)
+
+    async def rmdir(self, parent_ino: int, name: str) -> None:
+        parent = self.node(parent_ino)
+        key = self._child_key(parent, name)
+        self._require_writable(key)
+        node = await self._existing(parent, name)
+        if node is None:
+            raise NotFound(key)
+        if not node.is_dir:
+            raise NotADirectory(key)
+        self._dirs.pop(key, None)
+        if await self._list(node):
+            raise NotEmpty(key)
+        await self.store.delete(key + "/")
+        self._dirs.pop(key, None)
+        self._gone(key)
+
+    async def rename(self, parent_old: int, name_old: str, parent_new: int, name_new: str, flags: int = 0) -> None:
+        src_parent, dst_parent = self.node(parent_old), self.node(parent_new)
+        src_key, dst_key = self._child_key(src_parent, name_old), self._child_key(dst_parent, name_new)
+        self._require_writable(src_key)
+        if flags & RENAME_EXCHANGE:
+            raise NotSupported("rename with RENAME_EXCHANGE")
+        if len(name_new.encode()) > NAME_MAX:
+            raise NameTooLong(name_new)
+        src = await self._existing(src_parent, name_old)
+        if src is None:
+            raise NotFound(src_key)
+        dst = await self._existing(dst_parent, name_new)
+        if dst is not None:
+            if flags & RENAME_NOREPLACE:
+                raise Exists(dst_key)
+            if dst.is_dir and not src.is_dir:
+                raise IsADirectory(dst_key)
+            if src.is_dir and not dst.is_dir:
+                raise NotADirectory(dst_key)
+            if dst.is_dir:
+                self._dirs.pop(dst.key, None)
+                if await self._list(dst):
+                    raise NotEmpty(dst_key)
+        if src.is_dir:
+            await self._rename_dir(src, dst_key, dst)
+        else:
+            await self._rename_file(src, dst_key, dst)
+        for key in (src_key, dst_key):
+            self._forget_listing(key)
+        self._negative[src_key] = trio.current_time() + self.ttl
+        self._negative.pop(dst_key, None)
+
+    def _move_node(self, node: Node, new_key: str) -> None:
+        old = self._by_key.get(new_key)
+        if old is not None and old != node.ino and old in self._nodes:
+            self._nodes[old].checked_at = float("-inf")
+            del self._by_key[new_key]
+        if self._by_key.get(node.key) == node.ino:
+            del self._by_key[node.key]
+        node.key = new_key
+        self._by_key[new_key] = node.ino
+
+    async def _rename_file(self, src: Node, dst_key: str, dst: Node | None) -> None:
+        """Copy, then delete: from this mount's view the new name appears complete (the copy is
+        one server-side request) and only then the old one goes."""
+        assert self.staging is not None
+        if dst is not None and dst.staged is not None:
+            self._unstage(dst)
+        staged = src.staged
+        if staged is not None and (staged.dirty or staged.base_etag is None):
+            had_remote = staged.base_etag is not None
+            old_key = src.key
+            self.staging.rekey(staged, dst_key)
+            # the destination may exist remotely: base it on what is there, we replace it
+            remote = await self.store.stat(dst_key)
+            self.staging.mark(staged, base_etag=remote.etag if isinstance(remote, ObjectInfo) else None)
+            self._move_node(src, dst_key)
+            if staged.handles <= 0:
+                await self.upload(staged)
+            if had_remote:
+                await self.store.delete(old_key)
+            return
+        info = await self.store.copy(src.key, dst_key)
+        await self.store.delete(src.key)
+        if staged is not None:
+            self.staging.rekey(staged, dst_key)
+            self.staging.mark(staged, base_etag=info.etag)
+        self._move_node(src, dst_key)
+        src.etag, src.size, src.checked_at = info.etag, info.size, trio.current_time()
+
+    async def _rename_dir(self, src: Node, dst_key: str, dst: Node | None) -> None:
+        """Object by object, up to DIR_RENAME_LIMIT objects (else EXDEV, and `mv` copies the tree
+        itself). Every object is copied before any is deleted, so a failure part way leaves the
+        tree complete under the old name (plus a partial copy under the new one), never lost."""
+        assert self.staging is not None
+        prefix = src.key
+        if any(k.startswith(prefix + "/") and f.dirty for k, f in self.staging.by_key.items()):
+            raise CrossDevice(f"{prefix}: files in it are being written")
+        keys = await self.store.list_tree(prefix)
+        if len(keys) > DIR_RENAME_LIMIT:
+            raise CrossDevice(f"{prefix}: more than {DIR_RENAME_LIMIT} objects")
+        for key in keys:
+            if key.endswith("/"):  # a folder marker: make it anew rather than copy it
+                await self.store.put_marker(dst_key + key[len(prefix) :])
+            else:
+                await self.store.copy(key, dst_key + key[len(prefix) :])
+        if not any(k == prefix + "/" for k in keys):
+            await self.store.put_marker(dst_key)
+        for key in keys:
+            await self.store.delete(key)
+        for node in list(self._nodes.values()):  # inodes below move with the directory, as in POSIX
+            if node.key.startswith(prefix + "/"):
+                self._move_node(node, dst_key + node.key[len(prefix) :])
+        for key in [k for k in self._dirs if k == prefix or k.startswith(prefix + "/")]:
+            del self._dirs[key]
+        self._move_node(src, dst_key)
 
     def statfs(self) -> StatFs:
         # Object stores have no capacity; report a large, constant one so tools that check free

@@ -148,7 +148,7 @@ def test_readdir_offsets_stable_while_directory_changes():
         async with mounted(store, ttl=0) as fs:
             fh = await fs.opendir(ROOT_INO)
             first = fs.readdir(fh, 0)[:4]
-            store.delete("f00")
+            store.remove("f00")
             store.put("a-new", b"y")
             rest = fs.readdir(fh, first[-1][2])
             fs.releasedir(fh)
@@ -204,7 +204,7 @@ def test_replaced_object_seen_after_ttl_never_mixed():
             await trio.sleep(2.1)
             assert (await fs.getattr(ino)).size == len(new)
             assert await read_all(fs, "obj") == new
-            store.delete("obj")
+            store.remove("obj")
             await trio.sleep(2.1)
             with pytest.raises(Exception) as err:
                 await fs.getattr(ino)

@@ -255,14 +255,3 @@ def test_listing_costs_list_calls_only(s3, bucket, mount_worker):
     assert st["head_requests"] <= 1  # the lookup of "many" itself, at most
     assert st["list_requests"] <= 2  # the root and "many" (each LIST call pages through all keys)
     assert st["get_requests"] == 0
-
-
-def test_writable_storage_refuses_writes_until_the_write_path_lands(s3, bucket, mount_worker):
-    put(s3, bucket, "w.txt", b"x")
-    w = mount_worker(bucket, readonly=False)
-    with pytest.raises(OSError) as err:
-        open(os.path.join(w.mnt, "new.txt"), "wb")
-    assert err.value.errno == errno.EROFS
-    with pytest.raises(OSError) as err:
-        os.mkdir(os.path.join(w.mnt, "d"))
-    assert err.value.errno == errno.EROFS
