@@ -86,7 +86,7 @@ class Bench:
         cfg.update(overrides)
         return WorkerProcess(cfg)
 
-    def rclone(self, mode: str, cache_dir: Path) -> tuple[subprocess.Popen, str]:
+    def rclone(self, mode: str, cache_dir: Path, writable: bool = False) -> tuple[subprocess.Popen, str]:
         self._n += 1
         mnt = self.work / f"rclone-{self._n}"
         mnt.mkdir()
@@ -100,8 +100,10 @@ class Bench:
             RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY=self.s3.secret,
         )
         cmd = ["rclone", "mount", f"bench:{BUCKET}", str(mnt), "--config", "/dev/null", "--vfs-cache-mode", mode,
-               "--use-server-modtime", "--read-only", "--log-file", str(self.work / "rclone.log")]
-        if mode == "full":
+               "--use-server-modtime", "--log-file", str(self.work / "rclone.log")]
+        if not writable:
+            cmd.append("--read-only")
+        if mode in ("full", "writes"):
             cmd += ["--cache-dir", str(cache_dir)]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         end = time.monotonic() + 30
@@ -370,6 +372,51 @@ class Bench:
                     self.stop_rclone(proc, mnt)
             self.record(w, "rclone off cold", vals, "s")
 
+    def writes(self) -> None:
+        """Sequential write of one file through a writable mount (close returns once stored)
+        against a direct fsspec upload of the same bytes."""
+        size = self.args.write_mib * MiB
+        src = dataset(size, 4)
+        w = "sequential write + close"
+        print(f"\n{w}: {size // MiB} MiB", flush=True)
+        import s3fs
+
+        def direct() -> float:
+            fs = s3fs.S3FileSystem(key=self.s3.key, secret=self.s3.secret, endpoint_url=self.s3.endpoint, skip_instance_cache=True)
+            t = time.perf_counter()
+            fs.put_file(str(src), f"{BUCKET}/direct-write.bin")
+            return time.perf_counter() - t
+
+        def through_mount(root: str) -> float:
+            t = time.perf_counter()
+            subprocess.run(["dd", f"if={src}", f"of={root}/mount-write.bin", "bs=1M", "status=none"], check=True)
+            return time.perf_counter() - t
+
+        self.record(w, "direct fsspec put_file", [self.rate(size, direct()) for _ in range(self.args.repeat)], "MB/s")
+        vals = []
+        for _ in range(self.args.repeat):
+            cache = Path(tempfile.mkdtemp(dir=self.work))
+            wk = self.worker(cache, readonly=False)
+            try:
+                vals.append(self.rate(size, through_mount(wk.mnt)))
+            finally:
+                wk.stop()
+                shutil.rmtree(cache)
+        head = self.s3.client().head_object(Bucket=BUCKET, Key="mount-write.bin")
+        assert head["ContentLength"] == size
+        self.record(w, "sidecar (dd bs=1M)", vals, "MB/s")
+        if self.args.rclone:
+            vals = []
+            for _ in range(self.args.repeat):
+                cache = Path(tempfile.mkdtemp(dir=self.work))
+                proc, mnt = self.rclone("writes", cache, writable=True)
+                try:
+                    vals.append(self.rate(size, through_mount(mnt)))
+                finally:
+                    self.stop_rclone(proc, mnt)
+                    shutil.rmtree(cache, ignore_errors=True)
+            self.record(w, "rclone writes (close before upload)", vals, "MB/s")
+
     def status_calls(self) -> None:
         """Wall time of `storage-sidecar status` (a Kubernetes exec probe) against a running daemon."""
         w = "storage-sidecar status"
@@ -428,6 +475,11 @@ class Bench:
             d = self.results.get(w, {})
             if "sidecar cold" in d and "rclone off cold" in d:
                 r[f"{w} sidecar / rclone off"] = d["sidecar cold"]["median"] / d["rclone off cold"]["median"]
+        wr = self.results.get("sequential write + close", {})
+        if "sidecar (dd bs=1M)" in wr and "direct fsspec put_file" in wr:
+            r["write sidecar / direct fsspec"] = wr["sidecar (dd bs=1M)"]["median"] / wr["direct fsspec put_file"]["median"]
+        if "sidecar (dd bs=1M)" in wr and "rclone writes (close before upload)" in wr:
+            r["write sidecar / rclone writes"] = wr["sidecar (dd bs=1M)"]["median"] / wr["rclone writes (close before upload)"]["median"]
         for w, d in self.results.items():
             if w.startswith(("ls -l", "cat ")) and "rclone off cold" in d:
                 r[f"{w}: rclone time / sidecar time"] = d["rclone off cold"]["median"] / d["sidecar cold"]["median"]
@@ -445,9 +497,10 @@ def main() -> int:
     p.add_argument("--random-mib", type=int, default=256)
     p.add_argument("--random-ios", type=int, default=100, help="random reads per run (moto reads the whole object per ranged GET)")
     p.add_argument("--parallel-mib", type=int, default=16)
+    p.add_argument("--write-mib", type=int, default=256)
     p.add_argument("--list-count", type=int, default=10000)
     p.add_argument("--small-count", type=int, default=1000)
-    p.add_argument("--only", nargs="*", default=None, help="sequential random parallel listing small status")
+    p.add_argument("--only", nargs="*", default=None, help="sequential random parallel listing small write status")
     p.add_argument("--no-rclone", dest="rclone", action="store_false")
     args = p.parse_args()
     if args.rclone and not shutil.which("rclone"):
@@ -460,7 +513,7 @@ def main() -> int:
             s3.client().create_bucket(Bucket=BUCKET)
             b = Bench(args, s3, work)
             workloads = {"sequential": b.sequential, "random": b.random_reads, "parallel": b.parallel,
-                         "listing": b.listing, "small": b.small_files, "status": b.status_calls}
+                         "listing": b.listing, "small": b.small_files, "write": b.writes, "status": b.status_calls}
             for name, workload in workloads.items():
                 if args.only is None or name in args.only:
                     workload()

@@ -246,3 +246,18 @@ def test_sigkill_then_restart_uploads_what_was_staged(s3, bucket, mount_worker, 
     wait_for(lambda: "unclosed.txt" in keys(s3, bucket), timeout=30, what="the recovered upload")
     assert remote(s3, bucket, "unclosed.txt") == b"written, never closed"
     wait_for(lambda: w2.stats()["staged"] == [], what="staging to empty")
+
+
+def test_sigterm_stores_files_still_open_before_unmounting(s3, bucket, mount_worker):
+    w = mount_worker(bucket, readonly=False, grace_period=20)
+    f = open(f"{w.mnt}/open-at-shutdown.txt", "wb")
+    f.write(b"still open when the pod stopped")
+    f.flush()
+    w.proc.send_signal(signal.SIGTERM)
+    assert w.proc.wait(30) == 0
+    assert remote(s3, bucket, "open-at-shutdown.txt") == b"still open when the pod stopped"
+    assert os.path.realpath(w.mnt) not in fuse_mounts()
+    try:
+        f.close()
+    except OSError:
+        pass
