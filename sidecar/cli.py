@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -63,9 +64,10 @@ def _size(text: str) -> int:
 @click.option("--uid", type=int, default=None, help="Owner of the files (default: the daemon's user).")
 @click.option("--gid", type=int, default=None, help="Group of the files.")
 @click.option("--allow-other", is_flag=True, help="Let other users access the mounts (needs user_allow_other).")
+@click.option("--only", default=None, help="Comma-separated mount names to mount at start; the others wait, unmounted.")
 @click.option("--log-level", default="info", show_default=True)
 def run(manifest_path, socket_path, socket_group, cache_dir, credentials_dir, block_size, memory_limit, readahead, disk_limit, grace_period,
-        check_deadline, credentials_wait, write_probe, uid, gid, allow_other, log_level) -> None:
+        check_deadline, credentials_wait, write_probe, uid, gid, allow_other, only, log_level) -> None:
     """Mount every mount of the manifest and serve them until SIGTERM/SIGINT."""
     import os
 
@@ -105,11 +107,297 @@ def run(manifest_path, socket_path, socket_group, cache_dir, credentials_dir, bl
         gid=gid,
         allow_other=allow_other,
         log_level=log_level,
+        only=set(filter(None, only.split(","))) if only is not None else None,
     )
     trio.run(Daemon(manifest, cfg).run)
 
 
 EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_UNREACHABLE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NO_DAEMON = 0, 1, 2, 3
+
+
+def _project(path: str | None):  # type: ignore[no-untyped-def]
+    from sidecar.project import Project, ProjectError, find_root
+
+    try:
+        return Project(find_root(path))
+    except ProjectError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+project_option = click.option("--project", "project_dir", default=None, help="Project folder (default: found from the working directory).")
+
+
+@main.command()
+@click.argument("url")
+@click.argument("target")
+@click.option("--name", default=None, help="Name of the storage (default: the bucket/container).")
+@click.option("--writable", is_flag=True, help="Allow writing (storages are read-only unless asked).")
+@click.option("--source-path", default="", help="Folder inside the storage to mount.")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE", help="Provider option (endpoint_url, region, anonymous, ...).")
+@click.option("--check", is_flag=True, help="Run the pre-flight check of the new storage.")
+@project_option
+def add(url, target, name, writable, source_path, options, check, project_dir) -> None:
+    """Add the storage at URL to the project, mounted at TARGET."""
+    from sidecar.project import ProjectError
+
+    project = _project(project_dir)
+    opts = {}
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep:
+            _fail(f"--option {item!r}: write KEY=VALUE", EXIT_BAD_INPUT)
+        opts[key] = {"true": True, "false": False}.get(value.lower(), value)
+    try:
+        storage, mount = project.add(url, target, name=name, writable=writable, source_path=source_path, options=opts)
+    except ProjectError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    click.echo(f"added {storage['name']} ({storage['url']}, {'read-only' if storage['readonly'] else 'writable'}) at {mount['mountpath']}")
+    click.echo(f"{mount['mountpath']} is listed in .gitignore; configuration in {project.path.relative_to(project.root)}")
+    if check:
+        _run_checks(project, [mount.get("name") or storage["name"]])
+
+
+def _run_checks(project, names: list[str] | None) -> bool:  # type: ignore[no-untyped-def]
+    import trio
+
+    from sidecar import credentials, preflight
+
+    manifest = project.manifest()
+    rows, ok = [], True
+    for m in manifest.mounts:
+        if names and m.name not in names:
+            continue
+        st = manifest.storage_for(m)
+        creds = {} if st.options.get("anonymous") else credentials.lookup(st.name or "", st.provider)
+        result = trio.run(lambda: preflight.check(m.name or "", st.parsed, st.options, creds, source_path=m.source_path, writable=not st.readonly))
+        ok &= result.ok
+        rows.append((m.name, st.parsed.canonical(), result.code, result.reason))
+    _table(("MOUNT", "URL", "RESULT", "DETAIL"), rows)
+    return ok
+
+
+@main.command()
+@click.argument("names", nargs=-1)
+@project_option
+def check(names, project_dir) -> None:
+    """Run the pre-flight check of the project's storages (all, or NAMES)."""
+    project = _project(project_dir)
+    sys.exit(EXIT_OK if _run_checks(project, list(names) or None) else EXIT_FAILED)
+
+
+@main.command(name="ls")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--socket", "socket_path", default=None)
+@project_option
+def ls_(as_json, socket_path, project_dir) -> None:
+    """List the project's storages and mounts, with their state when a sidecar serves them."""
+    from sidecar import local
+    from sidecar.project import ProjectError
+
+    project = _project(project_dir)
+    try:
+        manifest = project.manifest()
+    except ProjectError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    states = {}
+    sidecar = local.find(project, socket_path)
+    if sidecar is not None:
+        code, body = sidecar.request("/status")
+        states = {m["name"]: m["state"] for m in body.get("mounts", [])} if code == 200 else {}
+    mounted = set(devmounts())
+    out = []
+    for m in manifest.mounts:
+        st = manifest.storage_for(m)
+        state = states.get(m.name) or ("mounted" if m.mountpath in mounted else "not mounted")
+        out.append({"name": m.name, "storage": st.name, "provider": st.provider, "url": st.parsed.canonical(),
+                    "source_path": m.source_path, "target": os.path.relpath(m.mountpath, project.root),
+                    "readonly": st.readonly, "state": state})
+    unused = [s.name for s in manifest.storages if not any(m.storage == s.id for m in manifest.mounts)]
+    if as_json:
+        click.echo(json.dumps({"project": str(project.root), "mounts": out, "unmounted_storages": unused}, indent=2))
+        return
+    _table(("NAME", "STORAGE", "PROVIDER", "URL", "SOURCE", "TARGET", "MODE", "STATE"),
+           [(o["name"], o["storage"], o["provider"], o["url"], o["source_path"] or "/", o["target"], "ro" if o["readonly"] else "rw", o["state"]) for o in out])
+    for name in unused:
+        click.echo(f"storage {name} has no mount")
+
+
+def devmounts() -> list[str]:
+    from sidecar.devservers import fuse_mounts
+
+    return fuse_mounts()
+
+
+@main.command(name="rm")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Remove a storage together with its mounts.")
+@project_option
+def rm_(name, force, project_dir) -> None:
+    """Remove a mount, or a storage (one still mounted somewhere needs --force)."""
+    from sidecar.project import ProjectError
+
+    project = _project(project_dir)
+    try:
+        gone = project.remove(name, force=force)
+    except ProjectError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    click.echo("removed " + ", ".join(gone))
+
+
+@main.command()
+@click.argument("names", nargs=-1)
+@click.option("--socket", "socket_path", default=None, help="Ask the sidecar at this socket.")
+@click.option("--foreground", is_flag=True, help="On a laptop: run the sidecar in this terminal until Ctrl-C.")
+@project_option
+def mount(names, socket_path, foreground, project_dir) -> None:
+    """Mount the project's storages (all, or NAMES): through the session's sidecar, or on a
+    laptop through a background sidecar started for the project."""
+    from sidecar import local
+    from sidecar.project import ProjectError
+    from sidecar.status import Unreachable
+
+    project = _project(project_dir)
+    try:
+        manifest = project.manifest()
+    except ProjectError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    known = [m.name for m in manifest.mounts]
+    wanted = list(names) or known
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        _fail(f"no mount named {', '.join(unknown)}; mounts: {', '.join(map(str, known)) or 'none (add one with `storage-sidecar add`)'}", EXIT_BAD_INPUT)
+    if foreground:
+        paths = local.project_paths(project)
+        paths["manifest.json"].write_text(json.dumps(manifest.model_dump()))
+        os.execv(sys.executable, [sys.executable, "-m", "sidecar.cli", "run", "--manifest", str(paths["manifest.json"]),
+                                  "--socket", str(paths["sock"]), "--cache-dir", str(local.cache_dir()), "--only", ",".join(wanted)])
+    try:
+        sidecar = local.find(project, socket_path)
+        if sidecar is None:
+            if socket_path:
+                _fail(f"no sidecar answers at {socket_path}", EXIT_NO_DAEMON)
+            click.echo("starting a background sidecar for this project ...", err=True)
+            sidecar = local.start_background(project, [])
+        failed = 0
+        for name in wanted:
+            click.echo(f"mounting {name} ...", err=True)
+            code, body = sidecar.request(f"/mounts/{name}/mount", "POST")
+            if code != 200:
+                failed += 1
+                click.echo(f"  {name}: {body.get('error') if isinstance(body, dict) else body}", err=True)
+                continue
+            err = body.get("error") or {}
+            click.echo(f"  {name}: {body['state']} at {body['mountpath']}" + (f" ({err.get('code')}: {err.get('reason')})" if err else ""))
+            failed += body["state"] not in ("mounted", "degraded")
+    except Unreachable as exc:
+        _fail(str(exc), EXIT_NO_DAEMON)
+    except RuntimeError as exc:
+        _fail(str(exc), EXIT_FAILED)
+    sys.exit(EXIT_FAILED if failed else EXIT_OK)
+
+
+@main.command()
+@click.argument("names", nargs=-1)
+@click.option("--socket", "socket_path", default=None)
+@click.option("--force", is_flag=True, help="Unmount even while files are open in the mount.")
+@project_option
+def umount(names, socket_path, force, project_dir) -> None:
+    """Unmount the project's storages (all, or NAMES). On a laptop, unmounting the last one stops
+    the background sidecar."""
+    from sidecar import local
+    from sidecar.status import Unreachable
+
+    project = _project(project_dir)
+    sidecar = local.find(project, socket_path)
+    if sidecar is None:
+        _fail("no sidecar serves this project's mounts (nothing is mounted)", EXIT_NO_DAEMON)
+    try:
+        code, body = sidecar.request("/status")
+        mounts = {m["name"]: m for m in body["mounts"]}
+        unknown = [n for n in names if n not in mounts]
+        if unknown:
+            _fail(f"no mount named {', '.join(unknown)}; mounts: {', '.join(mounts)}", EXIT_BAD_INPUT)
+        failed = 0
+        for name in names or [n for n, m in mounts.items() if m["state"] in ("mounted", "degraded")]:
+            code, body = sidecar.request(f"/mounts/{name}/unmount" + ("?force=1" if force else ""), "POST")
+            if code == 200:
+                click.echo(f"  {name}: {body['state']}")
+            else:
+                failed += 1
+                click.echo(f"  {name}: not unmounted: {body.get('error')}", err=True)
+        if sidecar.local:
+            code, body = sidecar.request("/status")
+            if not any(m["state"] in ("mounted", "degraded", "checking") for m in body["mounts"]):
+                local.stop_background(project)
+                click.echo("stopped the background sidecar", err=True)
+    except Unreachable as exc:
+        _fail(str(exc), EXIT_NO_DAEMON)
+    sys.exit(EXIT_FAILED if failed else EXIT_OK)
+
+
+@main.command(name="manifest")
+@click.option("--root", default=None, help="Where the project is in the session (default: the project folder here).")
+@click.option("--output", "-o", default="-", help="File to write (default: standard output).")
+@project_option
+def manifest_cmd(root, output, project_dir) -> None:
+    """Write the daemon's mount manifest from the project's storage configuration."""
+    from sidecar.project import ProjectError
+
+    project = _project(project_dir)
+    try:
+        m = project.manifest(root=root)
+    except ProjectError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    text = json.dumps(m.model_dump(), indent=2) + "\n"
+    if output == "-":
+        click.echo(text, nl=False)
+    else:
+        with open(output, "w") as f:
+            f.write(text)
+
+
+@main.group()
+def metadata() -> None:
+    """The project's storage as JSON-LD (Renku ontology)."""
+
+
+@metadata.command(name="export")
+@click.option("--output", "-o", default="-")
+@project_option
+def metadata_export(output, project_dir) -> None:
+    """Write the project's storages and mounts as JSON-LD."""
+    from sidecar.metadata import export
+
+    project = _project(project_dir)
+    text = json.dumps(export(project.load_doc(), project.root.name), indent=2) + "\n"
+    if output == "-":
+        click.echo(text, nl=False)
+    else:
+        with open(output, "w") as f:
+            f.write(text)
+
+
+@metadata.command(name="import")
+@click.argument("source", type=click.Path(dir_okay=False, allow_dash=True))
+@project_option
+def metadata_import(source, project_dir) -> None:
+    """Read a JSON-LD document (e.g. the knowledge graph's answer) into the project's configuration."""
+    from sidecar.metadata import import_
+    from sidecar.project import ProjectError
+
+    project = _project(project_dir)
+    try:
+        doc = import_(json.load(sys.stdin if source == "-" else open(source)))
+        project.save(doc)
+    except (ValueError, ProjectError) as exc:
+        _fail(f"cannot import {source}: {exc}", EXIT_BAD_INPUT)
+    click.echo(f"imported {len(doc['storages'])} storage(s) and {len(doc['mounts'])} mount(s) into {project.path}")
 
 
 @main.command()

@@ -64,6 +64,32 @@ class DaemonConfig:
     gid: int | None = None
     allow_other: bool = False
     log_level: str = "info"
+    only: set[str] | None = None  # mount only these at start; the others wait, unmounted
+
+
+def busy_pids(path: str) -> list[int]:
+    """Processes with a file open, or their working directory, inside `path`."""
+    real = os.path.realpath(path)
+    prefix = real.rstrip("/") + "/"
+    me = os.getpid()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        links = [f"/proc/{entry}/cwd"]
+        try:
+            links += [f"/proc/{entry}/fd/{fd}" for fd in os.listdir(f"/proc/{entry}/fd")]
+        except OSError:
+            pass
+        for link in links:
+            try:
+                target = os.readlink(link)
+            except OSError:
+                continue
+            if target == real or target.startswith(prefix):
+                found.append(int(entry))
+                break
+    return found
 
 
 class WorkerProcess:
@@ -312,7 +338,10 @@ class Daemon:
     async def supervise(self, m: Mount) -> None:
         send, receive = m.commands
         async with trio.open_nursery() as nursery:
-            await self._bring_up(m)
+            if self.cfg.only is None or m.name in self.cfg.only:
+                await self._bring_up(m)
+            else:
+                self._set(m, "unmounted")
             if m.worker:
                 nursery.start_soon(self._watch_worker, m, m.worker)
             async for cmd, arg in receive:
@@ -405,6 +434,10 @@ class Daemon:
         arg = None
         if action == "credentials":
             arg = parse_credentials(body, m.storage.provider)
+        if action == "unmount" and m.state in ("mounted", "degraded") and "force=1" not in target.partition("?")[2]:
+            pids = await trio.to_thread.run_sync(busy_pids, m.mount.mountpath)
+            if pids:
+                raise HTTPError(409, "busy", f"{m.mount.mountpath} is in use by process(es) {', '.join(map(str, pids))}; close them or unmount with --force")
         m.settled = trio.Event()
         await m.commands[0].send((action, arg))
         with trio.move_on_after(self.cfg.mount_timeout + self.cfg.check_deadline):

@@ -1,0 +1,142 @@
+"""`storage-sidecar add/ls/mount/umount/rm` on a laptop-like project against moto."""
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from sidecar.devservers import fuse_mounts
+from tests.conftest import needs_fuse
+
+pytestmark = [pytest.mark.mount, needs_fuse]
+
+
+@pytest.fixture
+def project(tmp_path, s3):
+    root = tmp_path / "my-project"
+    root.mkdir()
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=s3.key, AWS_SECRET_ACCESS_KEY=s3.secret,
+               STORAGE_SIDECAR_SOCKET=str(tmp_path / "no-session.sock"),
+               STORAGE_SIDECAR_RUNTIME_DIR=str(tmp_path / "run"), STORAGE_SIDECAR_CACHE_DIR=str(tmp_path / "cache"))
+
+    def cli(*args, cwd=root, check=None):
+        r = subprocess.run([sys.executable, "-m", "sidecar.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+        if check is not None:
+            assert r.returncode == check, f"{args}: rc={r.returncode}\n{r.stdout}\n{r.stderr}"
+        return r
+
+    yield root, cli
+    cli("umount", "--force")
+    for m in fuse_mounts():
+        if m.startswith(str(tmp_path)):
+            subprocess.run(["fusermount3", "-u", "-z", m], check=False)
+    pid_files = list((tmp_path / "run").glob("*.pid")) if (tmp_path / "run").exists() else []
+    for p in pid_files:
+        try:
+            os.kill(int(p.read_text()), 15)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+def test_add_ls_mount_read_write_umount_rm(s3, project):
+    root, cli = project
+    c = s3.client()
+    ro, rw = f"p-{uuid.uuid4().hex[:8]}", f"q-{uuid.uuid4().hex[:8]}"
+    c.create_bucket(Bucket=ro)
+    c.create_bucket(Bucket=rw)
+    c.put_object(Bucket=ro, Key="raw/a.csv", Body=b"raw data")
+    c.put_object(Bucket=ro, Key="processed/b.csv", Body=b"processed data")
+    ep = f"endpoint_url={s3.endpoint}"
+
+    r = cli("add", f"s3://{ro}", "data/raw", "--source-path", "raw", "--option", ep, "--name", "giab", check=0)
+    assert "added giab" in r.stdout and "read-only" in r.stdout
+    cli("add", f"s3://{ro}", "data/processed", "--source-path", "processed", "--option", ep, "--name", "giab-processed", check=0)
+    cli("add", f"s3://{rw}", "results", "--writable", "--option", ep, "--check", check=0)
+    config = json.loads((root / ".storage/storage.json").read_text())
+    assert len(config["storages"]) == 2 and len(config["mounts"]) == 3
+    gitignore = (root / ".gitignore").read_text()
+    assert "/data/raw/" in gitignore and "/data/processed/" in gitignore and "/results/" in gitignore
+    assert s3.secret not in json.dumps(config)
+
+    listing = json.loads(cli("ls", "--json", check=0).stdout)
+    assert [(m["name"], m["target"], m["readonly"], m["state"]) for m in listing["mounts"]] == [
+        ("giab", "data/raw", True, "not mounted"),
+        ("giab-processed", "data/processed", True, "not mounted"),
+        (rw, "results", False, "not mounted"),
+    ]
+    table = cli("ls", check=0).stdout
+    assert "giab-processed" in table and "data/processed" in table
+
+    r = cli("mount", check=0)
+    assert r.stdout.count(": mounted at") == 3
+    assert (root / "data/raw/a.csv").read_bytes() == b"raw data"
+    assert (root / "data/processed/b.csv").read_bytes() == b"processed data"
+    (root / "results/out.txt").write_bytes(b"a result")
+    assert c.get_object(Bucket=rw, Key="out.txt")["Body"].read() == b"a result"
+    with pytest.raises(OSError):
+        (root / "data/raw/new.txt").write_bytes(b"x")
+    assert [m["state"] for m in json.loads(cli("ls", "--json", check=0).stdout)["mounts"]] == ["mounted"] * 3
+    assert cli("mount", "giab", check=0).stdout.count("mounted at") == 1  # idempotent
+
+    with open(root / "data/raw/a.csv") as busy:
+        r = cli("umount", "giab", check=1)
+        assert "in use by process" in r.stderr
+        assert str(root / "data/raw") in fuse_mounts()
+        busy.read()
+    r = cli("umount", check=0)
+    assert "stopped the background sidecar" in r.stderr
+    assert not [m for m in fuse_mounts() if m.startswith(str(root))]
+
+    assert cli("rm", "giab", check=0).stdout.strip() == "removed mount giab"  # a mount's name comes first
+    assert "used by mount(s) giab-processed" in cli("rm", "giab", check=2).stderr  # now the storage: still used
+    assert cli("rm", "giab", "--force", check=0).stdout.strip() == "removed storage giab, mount giab-processed"
+    config = json.loads((root / ".storage/storage.json").read_text())
+    assert [s["name"] for s in config["storages"]] == [rw]
+    assert "/data/raw/" not in (root / ".gitignore").read_text()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["add", "ftp://host/x", "data/x"], "unsupported scheme"),
+        (["add", "s3://bucket-a", "../outside"], "must be a folder inside the project"),
+        (["add", "s3://bucket-a", "data/ok/inner"], "nests with"),
+        (["add", "gs://bucket-a", "data/other"], "already used by storages"),
+        (["add", "s3://bucket-b", "data/ok"], "the same path as"),
+        (["add", "s3://bucket-a", "data/full"], "already holds files"),
+        (["rm", "nothing-here"], "no mount or storage named"),
+        (["mount", "nothing-here"], "no mount named"),
+        (["umount", "--socket", "/nonexistent/sock"], "no sidecar"),
+        (["mount", "--socket", "/nonexistent/sock"], "no sidecar answers"),
+    ],
+)
+def test_bad_input_is_refused_and_changes_nothing(project, args, message):
+    root, cli = project
+    cli("add", "s3://bucket-a", "data/ok", check=0)
+    (root / "data/full").mkdir(parents=True)
+    (root / "data/full/file").write_text("x")
+    before = ((root / ".storage/storage.json").read_bytes(), (root / ".gitignore").read_bytes())
+    r = cli(*args)
+    assert r.returncode != 0
+    assert message in r.stderr, r.stderr
+    assert ((root / ".storage/storage.json").read_bytes(), (root / ".gitignore").read_bytes()) == before
+
+
+def test_outside_a_project(tmp_path, project):
+    _, cli = project
+    outside = tmp_path / "not-a-project"
+    outside.mkdir()
+    r = cli("ls", cwd=outside)
+    assert r.returncode == 2 and "no project here" in r.stderr
+
+
+def test_manifest_generation(project):
+    root, cli = project
+    cli("add", "s3://bucket-a/data", "data/a", "--source-path", "raw", check=0)
+    m = json.loads(cli("manifest", "--root", "/home/jovyan/work/p", check=0).stdout)
+    assert m["root"] == "/home/jovyan/work/p"
+    assert m["mounts"][0]["mountpath"] == "/home/jovyan/work/p/data/a" and m["mounts"][0]["source_path"] == "raw"
