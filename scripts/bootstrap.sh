@@ -20,6 +20,19 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# Azurite (the Azure Blob emulator the tests start) from npm, pinned: 3.36+ needs Node >= 21.
+azurite=.tools/azurite/node_modules/.bin/azurite-blob
+if [[ ! -x "$azurite" ]]; then
+    if ! command -v npm >/dev/null; then
+        echo "bootstrap: installing Debian packages: nodejs npm"
+        if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; else SUDO=; fi
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm >/dev/null
+    fi
+    echo "bootstrap: installing azurite@3.35.0 into .tools/azurite"
+    npm install --silent --no-audit --no-fund --prefix .tools/azurite azurite@3.35.0 >/dev/null
+fi
+
 stamp="$VENV/.installed"
 if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
     echo "bootstrap: preparing the virtualenv $VENV"

@@ -108,6 +108,77 @@ def moto_server(log_path: str | os.PathLike[str], *, auth: bool = True, port: in
         stop_process(proc)
 
 
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+AZURITE_ACCOUNT = "devstoreaccount1"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def azurite_binary() -> str | None:
+    local = ROOT / ".tools" / "azurite" / "node_modules" / ".bin" / "azurite-blob"
+    if local.exists():
+        return str(local)
+    import shutil
+
+    return shutil.which("azurite-blob")
+
+
+@dataclass
+class AzureServer:
+    endpoint: str  # the blob endpoint, http://127.0.0.1:<port>/devstoreaccount1
+    account: str
+    key: str
+    proc: subprocess.Popen
+
+    @property
+    def connection_string(self) -> str:
+        return f"DefaultEndpointsProtocol=http;AccountName={self.account};AccountKey={self.key};BlobEndpoint={self.endpoint};"
+
+
+@contextlib.contextmanager
+def azurite_server(directory: str | os.PathLike[str]) -> Iterator[AzureServer]:
+    """Azurite's blob service on 127.0.0.1 (it checks the account key)."""
+    exe = azurite_binary()
+    if exe is None:
+        raise RuntimeError("azurite-blob is not installed: run scripts/bootstrap.sh")
+    port = free_port()
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / "azurite.log", "w") as log:
+        proc = subprocess.Popen(
+            [exe, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(d), "--silent", "--loose",
+             "--skipApiVersionCheck", "--disableTelemetry"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    ep = f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
+    try:
+        wait_http(f"{ep}?comp=list", proc)
+        yield AzureServer(ep, AZURITE_ACCOUNT, AZURITE_KEY, proc)
+    finally:
+        stop_process(proc)
+
+
+@dataclass
+class GCSServer:
+    endpoint: str
+    proc: subprocess.Popen
+
+
+@contextlib.contextmanager
+def gcs_server(log_path: str | os.PathLike[str]) -> Iterator[GCSServer]:
+    """gcp-storage-emulator on 127.0.0.1, in memory (it has no authentication)."""
+    port = free_port()
+    ep = f"http://127.0.0.1:{port}"
+    exe = os.path.join(os.path.dirname(sys.executable), "gcp-storage-emulator")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([exe, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "--quiet"],
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_http(ep + "/storage/v1/b", proc)
+        yield GCSServer(ep, proc)
+    finally:
+        stop_process(proc)
+
+
 def fuse_mounts() -> list[str]:
     """Mount points of FUSE file systems in this mount namespace."""
     out = []

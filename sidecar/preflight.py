@@ -53,13 +53,20 @@ def classify(exc: BaseException, storage: str) -> CheckResult:
         code = str(resp.get("Error", {}).get("Code")) if isinstance(resp, dict) else ""
         if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
             return CheckResult("credentials_missing", f"no credentials for storage {storage!r}")
-        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "AuthenticationFailed", "InvalidAuthenticationInfo"):
+        az = getattr(e, "error_code", None)  # azure-core errors carry a StorageErrorCode
+        code = code or str(getattr(az, "value", az) or "")
+        if code == "AuthorizationFailure" and "failed to authenticate" in str(e):
+            code = "AuthenticationFailed"  # Azurite's answer to a wrong account key
+        if name == "ClientAuthenticationError" or code in (
+            "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "AuthenticationFailed", "InvalidAuthenticationInfo"
+        ):
             return CheckResult("credentials_invalid", f"the credentials for storage {storage!r} were refused ({code})")
         if code in ("NoSuchBucket", "ContainerNotFound", "BucketNotFound"):
             return CheckResult("bucket_not_found", f"the bucket of storage {storage!r} does not exist")
         if code in ("AccessDenied", "AuthorizationFailure", "AuthorizationPermissionMismatch", "Forbidden", "AllAccessDisabled"):
             return CheckResult("access_denied", f"access to storage {storage!r} was denied")
-        if name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionRefusedError", "ServerDisconnectedError", "ClientOSError", "gaierror"):
+        if name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionRefusedError",
+                    "ServerDisconnectedError", "ClientOSError", "gaierror", "ServiceRequestError"):
             return CheckResult("endpoint_unreachable", f"the endpoint of storage {storage!r} cannot be reached")
         if name in ("ReadTimeoutError", "TimeoutError", "ServerTimeoutError"):
             return CheckResult("timeout", f"storage {storage!r} did not answer in time")
@@ -100,6 +107,62 @@ class WriteDenied(Exception):
     pass
 
 
+async def check_fsspec(fs: Any, bucket: str, prefix: str, *, writable: bool, write_probe: bool) -> None:
+    """The same check through any async fsspec file system (Azure, GCS)."""
+    path = f"{bucket}/{prefix}" if prefix else bucket
+
+    async def listing() -> None:
+        if not await fs._exists(bucket):
+            raise FileNotFoundError(bucket)
+        try:
+            await fs._ls(path, detail=False)
+        except FileNotFoundError:
+            if prefix:  # an empty or new folder inside an existing bucket is fine
+                return
+            raise
+
+    await run_on_loop(fs.loop, listing)
+    if writable and write_probe:
+        key = f"{path}/.storage-sidecar-write-probe-{pysecrets.token_hex(6)}"
+
+        async def probe() -> None:
+            await fs._pipe_file(key, b"storage-sidecar write probe; safe to delete\n")
+            await fs._rm_file(key)
+
+        try:
+            await run_on_loop(fs.loop, probe)
+        except Exception as exc:
+            if classify(exc, "").code == "access_denied":
+                raise WriteDenied() from exc
+            raise
+
+
+def _endpoint(url: urls.StorageURL, options: dict[str, Any]) -> tuple[str, int] | None:
+    from urllib.parse import urlsplit
+
+    ep = options.get("endpoint_url") or url.endpoint
+    if not ep:
+        if url.provider == "azure" and url.account:
+            return f"{url.account}.blob.core.windows.net", 443
+        return None
+    parts = urlsplit(ep)
+    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+
+
+async def _reachable(url: urls.StorageURL, options: dict[str, Any]) -> bool:
+    target = _endpoint(url, options)
+    if target is None:
+        return True
+    with trio.move_on_after(2):
+        try:
+            stream = await trio.open_tcp_stream(*target)
+        except OSError:
+            return False
+        await stream.aclose()
+        return True
+    return False
+
+
 async def check(
     name: str,
     url: urls.StorageURL,
@@ -123,8 +186,19 @@ async def check(
                 fs = await trio.to_thread.run_sync(lambda: make_s3_filesystem(options, credentials, url.endpoint, url.region, retries=1))
                 await check_s3(fs, url.bucket, url.key_prefix(source_path), writable=writable, write_probe=write_probe)
             else:
-                return CheckResult("ok", f"no pre-flight for provider {url.provider} yet")
+                from sidecar.store.azure import CredentialsMissing, make_azure_filesystem
+                from sidecar.store.gcs import make_gcs_filesystem
+
+                make = make_azure_filesystem if url.provider == "azure" else make_gcs_filesystem
+                try:
+                    fs = await trio.to_thread.run_sync(make, url, options, credentials)
+                except CredentialsMissing:
+                    return CheckResult("credentials_missing", f"no credentials for storage {name!r}")
+                await check_fsspec(fs, url.bucket, url.key_prefix(source_path), writable=writable, write_probe=write_probe)
     except trio.TooSlowError:
+        # SDKs retry connection errors until the deadline: tell a closed port from a slow server.
+        if not await _reachable(url, options):
+            return CheckResult("endpoint_unreachable", f"the endpoint of storage {name!r} cannot be reached")
         return CheckResult("timeout", f"storage {name!r} did not answer within {deadline:g} s")
     except WriteDenied:
         return CheckResult("readonly_no_write_permission", f"storage {name!r} is writable in the manifest but the credentials may not write")

@@ -4,7 +4,8 @@ import time
 import pytest
 
 from sidecar.devservers import WorkerProcess as Worker
-from sidecar.devservers import fuse_mounts, moto_server
+from sidecar.devservers import azurite_server, fuse_mounts, gcs_server, moto_server
+from tests.backends import AzureBackend, GCSBackend, S3Backend
 
 needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
 
@@ -14,6 +15,32 @@ def s3(tmp_path_factory):
     """A moto S3 server on 127.0.0.1 that checks request signatures."""
     with moto_server(tmp_path_factory.mktemp("moto") / "log") as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def azure(tmp_path_factory):
+    """Azurite (blob) on 127.0.0.1; it checks the account key."""
+    with azurite_server(tmp_path_factory.mktemp("azurite")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """gcp-storage-emulator on 127.0.0.1 (no authentication)."""
+    with gcs_server(tmp_path_factory.mktemp("gcs") / "log") as server:
+        yield server
+
+
+@pytest.fixture(params=["s3", "azure", "gcs"])
+def backend(request):
+    """The same suite against each provider; the servers start on first use."""
+    server = request.getfixturevalue({"s3": "s3", "azure": "azure", "gcs": "gcs"}[request.param])
+    return {"s3": S3Backend, "azure": AzureBackend, "gcs": GCSBackend}[request.param](server)
+
+
+@pytest.fixture
+def bucket(backend):
+    return backend.create_bucket()
 
 
 def wait_for(predicate, timeout=30.0, interval=0.05, what="condition"):
@@ -33,12 +60,14 @@ def mount_worker(s3, tmp_path):
 
     def start(bucket, prefix="", **overrides):
         n = len(started)
+        if isinstance(bucket, str):  # an S3 bucket of the session's moto server
+            where = {"storage_id": f"test-{bucket}", "url": f"s3://{bucket}/{prefix}".rstrip("/"),
+                     "options": {"endpoint_url": s3.endpoint}, "credentials": {"access_key_id": s3.key, "secret_access_key": s3.secret}}
+        else:
+            where = bucket.storage(prefix)
         cfg = {
             "name": f"t{n}",
-            "storage_id": f"test-{bucket}",
-            "url": f"s3://{bucket}/{prefix}".rstrip("/"),
-            "options": {"endpoint_url": s3.endpoint},
-            "credentials": {"access_key_id": s3.key, "secret_access_key": s3.secret},
+            **where,
             "mountpath": str(tmp_path / f"mnt{n}"),
             "cache_dir": str(tmp_path / "cache"),
             "ttl": 1.0,

@@ -242,7 +242,7 @@ class BlockCache:
                         self._complete(ref, first + j, fetches[j], data, None, held)
                         to_disk.append((names[j], data))
 
-                await self.store.get_blocks(ref.key, start, end, ref.etag, self.block_size, on_block)
+                await self.store.get_blocks(ref.key, start, end, ref.etag, self.block_size, on_block, object_size=ref.size)
         except BaseException as exc:
             error = exc if isinstance(exc, Exception) else OSError("fetch cancelled")
             if not isinstance(exc, Exception):

@@ -60,7 +60,8 @@ class ObjectStore(Protocol):
         """Bytes [start, end) of `key`; raises ObjectChanged if its etag is no longer `etag`."""
 
     async def get_blocks(
-        self, key: str, start: int, end: int, etag: str, block_size: int, on_block: "Callable[[int, bytes], None]"
+        self, key: str, start: int, end: int, etag: str, block_size: int, on_block: "Callable[[int, bytes], None]",
+        object_size: int | None = None,
     ) -> None:
         """Streams bytes [start, end) of `key` with one request, calling `on_block(i, data)` (on the
         trio thread) for each consecutive `block_size` piece as soon as it has arrived."""

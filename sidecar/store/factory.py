@@ -15,4 +15,12 @@ def build_store(
     if url.provider == "s3":
         fs = make_s3_filesystem(options, credentials, url.endpoint, url.region)
         return S3Store(fs, url.bucket, storage_id, deadline=deadline)
-    raise NotSupported(f"provider {url.provider!r} is not supported yet")
+    if url.provider == "azure":
+        from sidecar.store.azure import AzureStore, make_azure_filesystem
+
+        return AzureStore(make_azure_filesystem(url, options, credentials), url.bucket, storage_id, deadline=deadline)
+    if url.provider == "gcs":
+        from sidecar.store.gcs import GCSStore, make_gcs_filesystem
+
+        return GCSStore(make_gcs_filesystem(url, options, credentials), url.bucket, storage_id, deadline=deadline)
+    raise NotSupported(f"provider {url.provider!r} is not supported")

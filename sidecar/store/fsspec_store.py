@@ -87,6 +87,9 @@ def _is_client_error(exc: BaseException) -> bool:
 
 def _error_code(exc: BaseException) -> str | None:
     for e in (exc, exc.__cause__, exc.__context__):
+        status = getattr(e, "code", None) if e is not None else None
+        if isinstance(status, int) and status in (403, 404, 412):  # gcsfs HttpError
+            return str(status)
         resp = getattr(e, "response", None)
         if isinstance(resp, dict):
             err = resp.get("Error", {})
@@ -167,11 +170,16 @@ class FsspecStore:
         self.stats.bytes_fetched += len(data)
         return data
 
-    async def get_blocks(self, key: str, start: int, end: int, etag: str, block_size: int, on_block: Callable[[int, bytes], None]) -> None:
+    async def get_blocks(
+        self, key: str, start: int, end: int, etag: str, block_size: int, on_block: Callable[[int, bytes], None], object_size: int | None = None
+    ) -> None:
         # Generic fallback: one ranged read, then split. Stores that can stream override this.
-        data = await self.get_range(key, start, end, etag)
+        data = await self._get_range_sized(key, start, end, etag, object_size)
         for i, pos in enumerate(range(0, len(data), block_size)):
             on_block(i, data[pos : pos + block_size])
+
+    async def _get_range_sized(self, key: str, start: int, end: int, etag: str, object_size: int | None) -> bytes:
+        return await self.get_range(key, start, end, etag)
 
     async def put_file(self, key: str, path: str, size: int) -> ObjectInfo:
         await self._run(f"write {key}", lambda: self.fs._put_file(path, self._path(key)), deadline=self._upload_deadline(size))
@@ -192,13 +200,6 @@ class FsspecStore:
         if not isinstance(info, ObjectInfo):
             raise BackendUnavailable(f"copy {src}: the copy is not there")
         return info
-
-    async def list_tree(self, prefix: str) -> list[str]:
-        """Every object key under `prefix/` (markers included), all pages."""
-        self.stats.list_requests += 1
-        found = await self._run(f"list {prefix}", lambda: self.fs._find(self._path(prefix), withdirs=False, detail=False))
-        keys = [self._key(p) for p in found]
-        return [k for k in keys if k.startswith(prefix + "/")]
 
     async def put_marker(self, key: str) -> None:
         await self._run(f"mkdir {key}", lambda: self.fs._pipe_file(self._path(key.rstrip("/")) + "/", b""))
@@ -310,7 +311,9 @@ class S3Store(_S3Writes, FsspecStore):
         self.stats.bytes_fetched += len(data)
         return data
 
-    async def get_blocks(self, key: str, start: int, end: int, etag: str, block_size: int, on_block: Callable[[int, bytes], None]) -> None:
+    async def get_blocks(
+        self, key: str, start: int, end: int, etag: str, block_size: int, on_block: Callable[[int, bytes], None], object_size: int | None = None
+    ) -> None:
         token = trio.lowlevel.current_trio_token()
         stats = self.stats
 

@@ -76,7 +76,7 @@ class MemoryStore:
         self.stats.bytes_fetched += len(chunk)
         return chunk
 
-    async def get_blocks(self, key, start, end, etag, block_size, on_block) -> None:
+    async def get_blocks(self, key, start, end, etag, block_size, on_block, object_size=None) -> None:
         data = await self.get_range(key, start, end, etag)
         for i, pos in enumerate(range(0, len(data), block_size)):
             on_block(i, data[pos : pos + block_size])
@@ -99,11 +99,6 @@ class MemoryStore:
         if src not in self.objects:
             raise NotFound(src)
         return self.put(dst, self.objects[src][0])
-
-    async def list_tree(self, prefix: str) -> list[str]:
-        await self._call()
-        self.stats.list_requests += 1
-        return sorted(k for k in self.objects if k.startswith(prefix + "/"))
 
     async def put_marker(self, key: str) -> None:
         await self._call()

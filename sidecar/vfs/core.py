@@ -720,6 +720,21 @@ class Filesystem:
         self._negative[src_key] = trio.current_time() + self.ttl
         self._negative.pop(dst_key, None)
 
+    async def _walk(self, prefix: str, limit: int) -> tuple[list[str], list[str]]:
+        """Object keys and folder prefixes under `prefix` (itself included), one LIST per folder;
+        stops early once more than `limit` were found."""
+        files: list[str] = []
+        dirs: list[str] = []
+        todo = [prefix]
+        while todo and len(files) + len(dirs) <= limit:
+            d = todo.pop()
+            dirs.append(d)
+            listing = await self.store.list_dir(d)
+            files += [f.key for f in listing.files]
+            todo += listing.dirs
+            todo += [m.rstrip("/") for m in listing.markers if m.rstrip("/") != d and m.rstrip("/") not in listing.dirs]
+        return files, dirs
+
     def _move_node(self, node: Node, new_key: str) -> None:
         old = self._by_key.get(new_key)
         if old is not None and old != node.ino and old in self._nodes:
@@ -766,18 +781,20 @@ class Filesystem:
         prefix = src.key
         if any(k.startswith(prefix + "/") and f.dirty for k, f in self.staging.by_key.items()):
             raise CrossDevice(f"{prefix}: files in it are being written")
-        keys = await self.store.list_tree(prefix)
-        if len(keys) > DIR_RENAME_LIMIT:
+        files, dirs = await self._walk(prefix, DIR_RENAME_LIMIT)
+        if len(files) + len(dirs) > DIR_RENAME_LIMIT:
             raise CrossDevice(f"{prefix}: more than {DIR_RENAME_LIMIT} objects")
-        for key in keys:
-            if key.endswith("/"):  # a folder marker: make it anew rather than copy it
-                await self.store.put_marker(dst_key + key[len(prefix) :])
-            else:
-                await self.store.copy(key, dst_key + key[len(prefix) :])
-        if not any(k == prefix + "/" for k in keys):
-            await self.store.put_marker(dst_key)
-        for key in keys:
+        for d in dirs:  # every folder becomes an explicit marker under the new name
+            await self.store.put_marker(dst_key + d[len(prefix) :])
+        for key in files:
+            await self.store.copy(key, dst_key + key[len(prefix) :])
+        for key in files:
             await self.store.delete(key)
+        for d in reversed(dirs):
+            try:
+                await self.store.delete(d + "/")
+            except NotFound:
+                pass  # an implicit folder (a prefix without a marker)
         for node in list(self._nodes.values()):  # inodes below move with the directory, as in POSIX
             if node.key.startswith(prefix + "/"):
                 self._move_node(node, dst_key + node.key[len(prefix) :])

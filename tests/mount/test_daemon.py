@@ -293,3 +293,67 @@ def test_socket_refuses_other_users(s3, tmp_path, daemons, request):
 
     assert as_user(65534, 65534) == 13  # another user: refused (EACCES)
     assert as_user(65534, st.st_gid) == 0  # a member of the socket's group: allowed
+
+
+def test_one_daemon_three_providers_cp_between_them(s3, azure, gcs, tmp_path, daemons):
+    import hashlib
+
+    from tests.backends import AzureBackend, GCSBackend, S3Backend
+
+    b_s3, b_az, b_gs = S3Backend(s3).create_bucket(), AzureBackend(azure).create_bucket(), GCSBackend(gcs).create_bucket()
+    data = os.urandom(5 * 1024 * 1024 + 7)
+    b_s3.put("from-s3.bin", data)
+    manifest = {
+        "root": str(tmp_path / "project"),
+        "storages": [
+            {"name": "s3data", "provider": "s3", "url": b_s3.storage()["url"], "readonly": False, "options": {"endpoint_url": s3.endpoint}},
+            {"name": "azdata", "provider": "azure", "url": b_az.storage()["url"], "readonly": False,
+             "options": {"account_name": azure.account, "endpoint_url": azure.endpoint}},
+            {"name": "gsdata", "provider": "gcs", "url": b_gs.storage()["url"], "readonly": False,
+             "options": {"endpoint_url": gcs.endpoint, "anonymous": True}},
+        ],
+        "mounts": [{"storage": n, "mountpath": n} for n in ("s3data", "azdata", "gsdata")],
+    }
+    creds = creds_dir(tmp_path, s3, ["s3data"])
+    (creds / "azdata").mkdir()
+    (creds / "azdata" / "account_key").write_text(azure.key)
+    d = daemons(tmp_path, manifest, creds=creds)
+    d.wait_ready()
+    assert d.states() == {"s3data": "mounted", "azdata": "mounted", "gsdata": "mounted"}
+    root = tmp_path / "project"
+    subprocess.run(["cp", str(root / "s3data/from-s3.bin"), str(root / "azdata/copied.bin")], check=True)
+    subprocess.run(["cp", str(root / "azdata/copied.bin"), str(root / "gsdata/copied.bin")], check=True)
+    subprocess.run(["cp", str(root / "gsdata/copied.bin"), str(root / "s3data/round-trip.bin")], check=True)
+    digest = hashlib.sha256(data).hexdigest()
+    for bucket, key in ((b_az, "copied.bin"), (b_gs, "copied.bin"), (b_s3, "round-trip.bin")):
+        assert hashlib.sha256(bucket.get(key)).hexdigest() == digest, bucket.provider
+    status = json.loads(d.status_cli("--json").stdout)
+    assert {m["provider"]: m["state"] for m in status["mounts"]} == {"s3": "mounted", "azure": "mounted", "gcs": "mounted"}
+    assert azure.key not in d.log() and s3.secret not in d.log()
+
+
+def test_azure_credentials_missing_invalid_then_handed_in(azure, tmp_path, daemons):
+    from tests.backends import AzureBackend
+
+    b = AzureBackend(azure).create_bucket()
+    b.put("x.txt", b"azure data")
+    opts = {"account_name": azure.account, "endpoint_url": azure.endpoint}
+    manifest = {
+        "root": str(tmp_path / "project"),
+        "storages": [
+            {"name": "nokey", "provider": "azure", "url": b.storage()["url"], "options": opts},
+            {"name": "badkey", "provider": "azure", "url": b.storage()["url"] + "/", "options": opts, "id": "https://x/storage/azure/b2/c"},
+        ],
+        "mounts": [{"storage": "nokey", "mountpath": "nokey"}, {"storage": "badkey", "mountpath": "badkey"}],
+    }
+    creds = tmp_path / "creds"
+    (creds / "badkey").mkdir(parents=True)
+    (creds / "badkey" / "account_key").write_text("d3Jvbmcga2V5IHdyb25nIGtleQ==")
+    d = daemons(tmp_path, manifest, creds=creds, env={"AZURE_STORAGE_KEY": "", "AZURE_STORAGE_CONNECTION_STRING": ""})
+    d.wait_ready()
+    st = {m["name"]: m for m in d.get("/status")[1]["mounts"]}
+    assert st["nokey"]["error"]["code"] == "credentials_missing" and st["badkey"]["error"]["code"] == "credentials_invalid"
+    code, body = d.post("/mounts/nokey/credentials", {"account_key": azure.key})
+    assert body["state"] == "mounted", body
+    assert open(tmp_path / "project/nokey/x.txt").read() == "azure data"
+    assert azure.key not in d.log()

@@ -16,6 +16,7 @@ import uuid
 import pytest
 
 from sidecar.devservers import fuse_mounts, moto_server
+from tests.backends import S3Backend
 from tests.conftest import needs_fuse, wait_for
 
 pytestmark = [pytest.mark.mount, needs_fuse]
@@ -27,35 +28,32 @@ def sha(data):
 
 
 @pytest.fixture
-def bucket(s3):
-    name = f"w-{uuid.uuid4().hex[:12]}"
-    s3.client().create_bucket(Bucket=name)
-    return name
+def s3_bucket(s3):
+    return S3Backend(s3).create_bucket()
 
 
-def remote(s3, bucket, key):
-    return s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+def remote(bucket, key):
+    return bucket.get(key)
 
 
-def keys(s3, bucket):
-    pages = s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
-    return sorted(o["Key"] for p in pages for o in p.get("Contents", []))
+def keys(bucket):
+    return bucket.keys()
 
 
 @pytest.fixture
-def writable(s3, bucket, mount_worker):
+def writable(bucket, mount_worker):
     return mount_worker(bucket, readonly=False)
 
 
 @pytest.mark.parametrize("size", [0, 1, 5 * MiB, 64 * MiB])
-def test_python_write_lands_in_bucket_on_close(s3, bucket, writable, size):
+def test_python_write_lands_in_bucket_on_close(bucket, writable, size):
     data = random.Random(size).randbytes(size)
     with open(os.path.join(writable.mnt, "f.bin"), "wb") as f:
         f.write(data)
-    assert sha(remote(s3, bucket, "f.bin")) == sha(data)  # close returned: it is stored
+    assert sha(remote(bucket, "f.bin")) == sha(data)  # close returned: it is stored
 
 
-def test_cp_and_dd_of_a_300_mib_file(s3, bucket, writable, tmp_path):
+def test_cp_and_dd_of_a_300_mib_file(bucket, writable, tmp_path):
     src = tmp_path / "src.bin"
     with open(src, "wb") as f:
         rng = random.Random(9)
@@ -63,16 +61,16 @@ def test_cp_and_dd_of_a_300_mib_file(s3, bucket, writable, tmp_path):
             f.write(rng.randbytes(10 * MiB))
     subprocess.run(["cp", str(src), os.path.join(writable.mnt, "cp.bin")], check=True)
     digest = sha(src.read_bytes())
-    assert sha(remote(s3, bucket, "cp.bin")) == digest
+    assert sha(remote(bucket, "cp.bin")) == digest
     subprocess.run(["dd", f"if={src}", f"of={writable.mnt}/dd.bin", "bs=1M", "count=5", "status=none"], check=True)
-    assert remote(s3, bucket, "dd.bin") == src.read_bytes()[: 5 * MiB]
+    assert remote(bucket, "dd.bin") == src.read_bytes()[: 5 * MiB]
     stats = writable.stats()["store"]
     assert stats["bytes_stored"] >= 305 * MiB
 
 
-def test_random_offset_writes_append_and_overwrite_existing(s3, bucket, writable):
+def test_random_offset_writes_append_and_overwrite_existing(bucket, writable):
     original = random.Random(1).randbytes(3 * MiB)
-    s3.client().put_object(Bucket=bucket, Key="existing.bin", Body=original)
+    bucket.put("existing.bin", original)
     expected = bytearray(original)
     path = os.path.join(writable.mnt, "existing.bin")
     rng = random.Random(2)
@@ -85,41 +83,41 @@ def test_random_offset_writes_append_and_overwrite_existing(s3, bucket, writable
             if off > len(expected):
                 expected.extend(b"\0" * (off - len(expected)))
             expected[off : off + len(chunk)] = chunk
-    assert remote(s3, bucket, "existing.bin") == bytes(expected)
+    assert remote(bucket, "existing.bin") == bytes(expected)
     with open(path, "ab") as f:
         f.write(b"appended")
-    assert remote(s3, bucket, "existing.bin") == bytes(expected) + b"appended"
+    assert remote(bucket, "existing.bin") == bytes(expected) + b"appended"
     assert open(path, "rb").read() == bytes(expected) + b"appended"  # reads see it too
 
 
-def test_reads_see_writes_at_once_and_truncate(s3, bucket, writable):
+def test_reads_see_writes_at_once_and_truncate(bucket, writable):
     path = os.path.join(writable.mnt, "t.txt")
     with open(path, "w+b") as f:
         f.write(b"0123456789")
         f.flush()
         assert open(path, "rb").read() == b"0123456789"  # before close, another reader sees it
         f.truncate(4)
-    assert remote(s3, bucket, "t.txt") == b"0123"
+    assert remote(bucket, "t.txt") == b"0123"
     os.truncate(path, 2)
-    assert remote(s3, bucket, "t.txt") == b"01"
+    assert remote(bucket, "t.txt") == b"01"
     assert os.stat(path).st_size == 2
 
 
-def test_tree_operations(s3, bucket, writable):
+def test_tree_operations(bucket, writable):
     m = writable.mnt
     subprocess.run(f"mkdir -p {m}/a/b/c && touch {m}/a/b/c/f", shell=True, check=True)
-    assert {"a/", "a/b/", "a/b/c/", "a/b/c/f"} <= set(keys(s3, bucket))
+    assert {"a/", "a/b/", "a/b/c/", "a/b/c/f"} <= set(keys(bucket))
     subprocess.run(["mv", f"{m}/a/b/c/f", f"{m}/a/g"], check=True)
-    assert "a/g" in keys(s3, bucket) and "a/b/c/f" not in keys(s3, bucket)
+    assert "a/g" in keys(bucket) and "a/b/c/f" not in keys(bucket)
     with pytest.raises(OSError) as err:
         os.rmdir(f"{m}/a")
     assert err.value.errno == errno.ENOTEMPTY
     subprocess.run(["mv", f"{m}/a", f"{m}/renamed"], check=True)
-    assert sorted(k for k in keys(s3, bucket)) == ["renamed/", "renamed/b/", "renamed/b/c/", "renamed/g"]
+    assert sorted(k for k in keys(bucket)) == ["renamed/", "renamed/b/", "renamed/b/c/", "renamed/g"]
     subprocess.run(["rm", f"{m}/renamed/g"], check=True)
     os.rmdir(f"{m}/renamed/b/c")
     subprocess.run(["rm", "-r", f"{m}/renamed"], check=True)
-    assert keys(s3, bucket) == []
+    assert keys(bucket) == []
     assert os.listdir(m) == []
     for fn, code in ((lambda: os.symlink("x", f"{m}/link"), errno.EPERM), (lambda: os.link(f"{m}", f"{m}/hard"), errno.EPERM)):
         with pytest.raises(OSError) as err:
@@ -127,17 +125,17 @@ def test_tree_operations(s3, bucket, writable):
         assert err.value.errno in (code, errno.EISDIR)
 
 
-def test_rename_replaces_and_is_seen_complete(s3, bucket, writable):
+def test_rename_replaces_and_is_seen_complete(bucket, writable):
     m = writable.mnt
     open(f"{m}/x", "wb").write(b"new contents")
     open(f"{m}/y", "wb").write(b"old")
     os.rename(f"{m}/x", f"{m}/y")
-    assert remote(s3, bucket, "y") == b"new contents" and "x" not in keys(s3, bucket)
+    assert remote(bucket, "y") == b"new contents" and "x" not in keys(bucket)
     assert open(f"{m}/y", "rb").read() == b"new contents"
     assert not os.path.exists(f"{m}/x")
 
 
-def test_tar_extract_into_the_mount(s3, bucket, writable, tmp_path):
+def test_tar_extract_into_the_mount(bucket, writable, tmp_path):
     buf = io.BytesIO()
     files = {f"proj/{d}/{i}.dat": random.Random(i).randbytes(i * 1000) for d in ("raw", "raw/deep", "out") for i in range(1, 4)}
     with tarfile.open(fileobj=buf, mode="w") as tar:
@@ -149,10 +147,10 @@ def test_tar_extract_into_the_mount(s3, bucket, writable, tmp_path):
     r = subprocess.run(["tar", "xf", str(tmp_path / "a.tar"), "-C", writable.mnt], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     for name, data in files.items():
-        assert remote(s3, bucket, name) == data
+        assert remote(bucket, name) == data
 
 
-def test_git_init_and_commit_inside_a_writable_mount(s3, bucket, writable):
+def test_git_init_and_commit_inside_a_writable_mount(bucket, writable):
     repo = os.path.join(writable.mnt, "repo")
     os.mkdir(repo)
     env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.org", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.org")
@@ -163,13 +161,13 @@ def test_git_init_and_commit_inside_a_writable_mount(s3, bucket, writable):
     r = run("commit", "-q", "-m", "first")
     assert r.returncode == 0, r.stderr
     assert run("log", "--oneline").stdout.strip().endswith("first")
-    assert "repo/.git/HEAD" in keys(s3, bucket)
+    assert "repo/.git/HEAD" in keys(bucket)
 
 
-def test_readonly_mount_every_mutation_erofs_bucket_unchanged(s3, bucket, mount_worker):
-    s3.client().put_object(Bucket=bucket, Key="keep.txt", Body=b"keep")
-    s3.client().put_object(Bucket=bucket, Key="dir/", Body=b"")
-    before = keys(s3, bucket)
+def test_readonly_mount_every_mutation_erofs_bucket_unchanged(bucket, mount_worker):
+    bucket.put("keep.txt", b"keep")
+    bucket.put("dir/", b"")
+    before = keys(bucket)
     w = mount_worker(bucket)  # readonly by default
     m = w.mnt
     attempts = [
@@ -183,19 +181,19 @@ def test_readonly_mount_every_mutation_erofs_bucket_unchanged(s3, bucket, mount_
         with pytest.raises(OSError) as err:
             attempt()
         assert err.value.errno == errno.EROFS, i
-    assert keys(s3, bucket) == before and remote(s3, bucket, "keep.txt") == b"keep"
+    assert keys(bucket) == before and remote(bucket, "keep.txt") == b"keep"
 
 
-def test_conflict_keeps_local_copy_and_never_overwrites(s3, bucket, writable):
-    s3.client().put_object(Bucket=bucket, Key="c.txt", Body=b"v1")
+def test_conflict_keeps_local_copy_and_never_overwrites(bucket, writable):
+    bucket.put("c.txt", b"v1")
     path = os.path.join(writable.mnt, "c.txt")
     f = open(path, "r+b")
     f.write(b"mine")
-    s3.client().put_object(Bucket=bucket, Key="c.txt", Body=b"theirs, newer")
+    bucket.put("c.txt", b"theirs, newer")
     with pytest.raises(OSError) as err:
         f.close()
     assert err.value.errno == errno.EIO
-    assert remote(s3, bucket, "c.txt") == b"theirs, newer"
+    assert remote(bucket, "c.txt") == b"theirs, newer"
     (staged,) = writable.stats()["staged"]
     assert staged["key"] == "c.txt" and staged["state"] == "conflict"
     assert open(staged["local_path"], "rb").read() == b"mine"
@@ -221,13 +219,14 @@ def test_upload_failure_then_backend_returns(tmp_path, mount_worker):
     assert [s["key"] for s in staged] == ["after.txt"] and staged[0]["last_error"]
     with moto_server(tmp_path / "m2.log", auth=False, port=port) as s3:
         s3.client().create_bucket(Bucket="flaky")
-        wait_for(lambda: "after.txt" in keys(s3, "flaky"), timeout=60, what="the background upload")
-        assert remote(s3, "flaky", "after.txt") == b"acknowledged only once stored"
+        wait_for(lambda: "after.txt" in S3Backend(s3).keys("flaky"), timeout=60, what="the background upload")
+        assert S3Backend(s3).get("flaky", "after.txt") == b"acknowledged only once stored"
         wait_for(lambda: w.stats()["staged"] == [], what="staging to empty")
         w.stop()
 
 
-def test_sigkill_then_restart_uploads_what_was_staged(s3, bucket, mount_worker, tmp_path):
+def test_sigkill_then_restart_uploads_what_was_staged(s3_bucket, mount_worker, tmp_path):
+    bucket = s3_bucket
     cache = str(tmp_path / "crash-cache")
     w = mount_worker(bucket, readonly=False, cache_dir=cache, name="crash")
     open(f"{w.mnt}/closed.txt", "wb").write(b"closed before the crash")
@@ -236,26 +235,26 @@ def test_sigkill_then_restart_uploads_what_was_staged(s3, bucket, mount_worker, 
     unclosed.flush()
     os.kill(w.proc.pid, signal.SIGKILL)
     w.proc.wait()
-    assert remote(s3, bucket, "closed.txt") == b"closed before the crash"  # acknowledged = stored
+    assert remote(bucket, "closed.txt") == b"closed before the crash"  # acknowledged = stored
     try:
         unclosed.close()
     except OSError:
         pass
     subprocess.run(["fusermount3", "-u", "-z", w.mnt], check=False)
     w2 = mount_worker(bucket, readonly=False, cache_dir=cache, name="crash", mountpath=w.mnt)
-    wait_for(lambda: "unclosed.txt" in keys(s3, bucket), timeout=30, what="the recovered upload")
-    assert remote(s3, bucket, "unclosed.txt") == b"written, never closed"
+    wait_for(lambda: "unclosed.txt" in keys(bucket), timeout=30, what="the recovered upload")
+    assert remote(bucket, "unclosed.txt") == b"written, never closed"
     wait_for(lambda: w2.stats()["staged"] == [], what="staging to empty")
 
 
-def test_sigterm_stores_files_still_open_before_unmounting(s3, bucket, mount_worker):
+def test_sigterm_stores_files_still_open_before_unmounting(bucket, mount_worker):
     w = mount_worker(bucket, readonly=False, grace_period=20)
     f = open(f"{w.mnt}/open-at-shutdown.txt", "wb")
     f.write(b"still open when the pod stopped")
     f.flush()
     w.proc.send_signal(signal.SIGTERM)
     assert w.proc.wait(30) == 0
-    assert remote(s3, bucket, "open-at-shutdown.txt") == b"still open when the pod stopped"
+    assert remote(bucket, "open-at-shutdown.txt") == b"still open when the pod stopped"
     assert os.path.realpath(w.mnt) not in fuse_mounts()
     try:
         f.close()
