@@ -64,7 +64,8 @@ def main() -> int:
         creds.mkdir(parents=True, exist_ok=True)
         (creds / "access_key_id").write_text(s3.key)
         (creds / "secret_access_key").write_text(s3.secret)
-        os.chmod(creds / "secret_access_key", 0o600)
+        for f in ("access_key_id", "secret_access_key"):  # others may not read credential files
+            os.chmod(creds / f, 0o600)
         manifest = {
             "root": str(root),
             "storages": [

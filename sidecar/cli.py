@@ -250,15 +250,38 @@ def rm_(name, force, project_dir) -> None:
     click.echo("removed " + ", ".join(gone))
 
 
+PROMPTS = {  # field, prompt, hidden
+    "s3": [("access_key_id", "Access key id", False), ("secret_access_key", "Secret access key", True)],
+    "azure": [("account_key", "Account key", True)],
+    "gcs": [("service_account.json", "Path of the service-account JSON file", False)],
+}
+
+
+def _ask_credentials(provider: str) -> dict[str, str]:
+    values = {}
+    for field, label, hidden in PROMPTS[provider]:
+        value = click.prompt(f"    {label}", hide_input=hidden)
+        if field == "service_account.json":
+            with open(os.path.expanduser(value)) as f:
+                value = f.read()
+        values[field] = value
+    return values
+
+
 @main.command()
 @click.argument("names", nargs=-1)
 @click.option("--socket", "socket_path", default=None, help="Ask the sidecar at this socket.")
 @click.option("--foreground", is_flag=True, help="On a laptop: run the sidecar in this terminal until Ctrl-C.")
+@click.option("--yes", "-y", is_flag=True, help="Mount without asking first.")
+@click.option("--no-mount", is_flag=True, help="Mount nothing (every storage is skipped).")
+@click.option("--skip", "skips", multiple=True, metavar="NAME", help="Do not mount NAME (repeatable).")
 @project_option
-def mount(names, socket_path, foreground, project_dir) -> None:
+def mount(names, socket_path, foreground, yes, no_mount, skips, project_dir) -> None:
     """Mount the project's storages (all, or NAMES): through the session's sidecar, or on a
-    laptop through a background sidecar started for the project."""
-    from sidecar import local
+    laptop through a background sidecar started for the project. On a terminal it asks before
+    mounting each storage and, when credentials are missing or refused, asks for them (hidden),
+    offers to save them, or to go on without that storage; without a terminal it never waits."""
+    from sidecar import credentials, local
     from sidecar.project import ProjectError
     from sidecar.status import Unreachable
 
@@ -269,32 +292,66 @@ def mount(names, socket_path, foreground, project_dir) -> None:
         _fail(str(exc), EXIT_BAD_INPUT)
     known = [m.name for m in manifest.mounts]
     wanted = list(names) or known
-    unknown = [n for n in wanted if n not in known]
+    unknown = [n for n in (*wanted, *skips) if n not in known]
     if unknown:
         _fail(f"no mount named {', '.join(unknown)}; mounts: {', '.join(map(str, known)) or 'none (add one with `storage-sidecar add`)'}", EXIT_BAD_INPUT)
+    skipped = set(wanted) if no_mount else set(skips)
     if foreground:
         paths = local.project_paths(project)
         paths["manifest.json"].write_text(json.dumps(manifest.model_dump()))
         os.execv(sys.executable, [sys.executable, "-m", "sidecar.cli", "run", "--manifest", str(paths["manifest.json"]),
-                                  "--socket", str(paths["sock"]), "--cache-dir", str(local.cache_dir()), "--only", ",".join(wanted)])
+                                  "--socket", str(paths["sock"]), "--cache-dir", str(local.cache_dir()),
+                                  "--only", ",".join(n for n in wanted if n not in skipped)])
+    interactive = sys.stdin.isatty()
     try:
         sidecar = local.find(project, socket_path)
         if sidecar is None:
             if socket_path:
                 _fail(f"no sidecar answers at {socket_path}", EXIT_NO_DAEMON)
+            if not [n for n in wanted if n not in skipped]:
+                click.echo("nothing to mount")
+                sys.exit(EXIT_OK)
             click.echo("starting a background sidecar for this project ...", err=True)
             sidecar = local.start_background(project, [])
         failed = 0
         for name in wanted:
+            mt = manifest.mount_named(name)
+            st = manifest.storage_for(mt)
+            if name not in skipped and interactive and not yes:
+                target = os.path.relpath(mt.mountpath, project.root)
+                if not click.confirm(f"Mount {name} ({st.parsed.canonical()}) at {target}?", default=True):
+                    skipped.add(name)
+            if name in skipped:
+                code, body = sidecar.request(f"/mounts/{name}/skip", "POST")
+                click.echo(f"  {name}: skipped")
+                continue
             click.echo(f"mounting {name} ...", err=True)
             code, body = sidecar.request(f"/mounts/{name}/mount", "POST")
+            attempts = 0
+            while code == 200 and body["state"] == "needs_credentials" and interactive and attempts < 3:
+                attempts += 1
+                click.echo(f"  {name}: {body['error']['reason']}")
+                choice = click.prompt("  Enter credentials, or go on without this storage?", type=click.Choice(["enter", "skip"]), default="enter")
+                if choice == "skip":
+                    code, body = sidecar.request(f"/mounts/{name}/skip", "POST")
+                    break
+                values = _ask_credentials(st.provider)
+                code, body = sidecar.request(f"/mounts/{name}/credentials", "POST", values)
+                if code == 200 and body["state"] == "mounted" and click.confirm("  Save them in the local credential store?", default=False):
+                    try:
+                        click.echo(f"  saved in {credentials.save_local(st.name or name, values)}")
+                    except credentials.InsecureCredentials as exc:
+                        click.echo(f"  not saved: {exc}", err=True)
             if code != 200:
                 failed += 1
                 click.echo(f"  {name}: {body.get('error') if isinstance(body, dict) else body}", err=True)
                 continue
             err = body.get("error") or {}
             click.echo(f"  {name}: {body['state']} at {body['mountpath']}" + (f" ({err.get('code')}: {err.get('reason')})" if err else ""))
-            failed += body["state"] not in ("mounted", "degraded")
+            if body["state"] == "needs_credentials" and not interactive:
+                click.echo(f"  {name}: give credentials through the environment, {credentials.local_store_path()}, "
+                           "or run `storage-sidecar mount` in a terminal to be asked", err=True)
+            failed += body["state"] not in ("mounted", "degraded", "skipped")
     except Unreachable as exc:
         _fail(str(exc), EXIT_NO_DAEMON)
     except RuntimeError as exc:

@@ -93,7 +93,15 @@ def creds_dir(tmp_path, s3, names, secret=None):
         (base / n).mkdir(parents=True, exist_ok=True)
         (base / n / "access_key_id").write_text(s3.key)
         (base / n / "secret_access_key").write_text(secret or s3.secret)
+    private(base)
     return base
+
+
+def private(directory):
+    """Credential files must not be readable by others (as a Secret mounted with mode 0400)."""
+    for f in directory.rglob("*"):
+        if f.is_file():
+            f.chmod(0o600)
 
 
 def new_bucket(s3, files=None):
@@ -220,10 +228,15 @@ def test_needs_credentials_then_post_credentials_or_skip(s3, tmp_path, daemons):
     wrong_secret = "wrong-secret-value-0123456789"
     creds = creds_dir(tmp_path, s3, ["fine"])
     creds_dir(tmp_path, s3, ["wrongcreds"], secret=wrong_secret)
+    (creds / "nocreds").mkdir()
+    (creds / "nocreds" / "access_key_id").write_text(s3.key)
+    (creds / "nocreds" / "secret_access_key").write_text(s3.secret)  # 0644: refused, so missing
     env = {k: "" for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")}
-    env.update(AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
+    env.update(AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+               XDG_CONFIG_HOME=str(tmp_path / "config"), STORAGE_SIDECAR_NO_KEYRING="1")
     d = daemons(tmp_path, manifest, creds=creds, env=env)
     d.wait_ready()  # default: /ready does not wait for a credentials decision
+    assert '"credential_file_refused"' in d.log()
     status = {m["name"]: m for m in d.get("/status")[1]["mounts"]}
     assert status["nocreds"]["state"] == "needs_credentials" and status["nocreds"]["error"]["code"] == "credentials_missing"
     assert status["wrongcreds"]["state"] == "needs_credentials" and status["wrongcreds"]["error"]["code"] == "credentials_invalid"
@@ -317,6 +330,7 @@ def test_one_daemon_three_providers_cp_between_them(s3, azure, gcs, tmp_path, da
     creds = creds_dir(tmp_path, s3, ["s3data"])
     (creds / "azdata").mkdir()
     (creds / "azdata" / "account_key").write_text(azure.key)
+    private(creds)
     d = daemons(tmp_path, manifest, creds=creds)
     d.wait_ready()
     assert d.states() == {"s3data": "mounted", "azdata": "mounted", "gsdata": "mounted"}
@@ -349,6 +363,7 @@ def test_azure_credentials_missing_invalid_then_handed_in(azure, tmp_path, daemo
     creds = tmp_path / "creds"
     (creds / "badkey").mkdir(parents=True)
     (creds / "badkey" / "account_key").write_text("d3Jvbmcga2V5IHdyb25nIGtleQ==")
+    private(creds)
     d = daemons(tmp_path, manifest, creds=creds, env={"AZURE_STORAGE_KEY": "", "AZURE_STORAGE_CONNECTION_STRING": ""})
     d.wait_ready()
     st = {m["name"]: m for m in d.get("/status")[1]["mounts"]}

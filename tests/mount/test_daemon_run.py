@@ -20,6 +20,8 @@ def write_credentials(directory, name, s3):
     d.mkdir(parents=True)
     (d / "access_key_id").write_text(s3.key)
     (d / "secret_access_key").write_text(s3.secret + "\n")
+    for f in d.iterdir():
+        f.chmod(0o400)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -23,12 +23,14 @@ def project(tmp_path, s3):
                STORAGE_SIDECAR_SOCKET=str(tmp_path / "no-session.sock"),
                STORAGE_SIDECAR_RUNTIME_DIR=str(tmp_path / "run"), STORAGE_SIDECAR_CACHE_DIR=str(tmp_path / "cache"))
 
-    def cli(*args, cwd=root, check=None):
-        r = subprocess.run([sys.executable, "-m", "sidecar.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    def cli(*args, cwd=root, check=None, env_overrides=None, stdin=None):
+        r = subprocess.run([sys.executable, "-m", "sidecar.cli", *args], cwd=cwd, env=dict(env, **(env_overrides or {})),
+                           capture_output=True, text=True, timeout=120, stdin=stdin)
         if check is not None:
             assert r.returncode == check, f"{args}: rc={r.returncode}\n{r.stdout}\n{r.stderr}"
         return r
 
+    cli.env = env
     yield root, cli
     cli("umount", "--force")
     for m in fuse_mounts():
@@ -140,3 +142,65 @@ def test_manifest_generation(project):
     m = json.loads(cli("manifest", "--root", "/home/jovyan/work/p", check=0).stdout)
     assert m["root"] == "/home/jovyan/work/p"
     assert m["mounts"][0]["mountpath"] == "/home/jovyan/work/p/data/a" and m["mounts"][0]["source_path"] == "raw"
+
+
+NO_CREDS = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "STORAGE_SIDECAR_NO_KEYRING": "1"}
+
+
+def test_interactive_mount_asks_for_credentials_and_saves_them(s3, project, tmp_path):
+    import pexpect
+
+    root, cli = project
+    b = f"i-{uuid.uuid4().hex[:8]}"
+    s3.client().create_bucket(Bucket=b)
+    s3.client().put_object(Bucket=b, Key="hello.txt", Body=b"interactive")
+    cli("add", f"s3://{b}", "data", "--option", f"endpoint_url={s3.endpoint}", "--name", "inter", check=0)
+    env = dict(cli.env, **NO_CREDS, XDG_CONFIG_HOME=str(tmp_path / "config"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
+    child = pexpect.spawn(sys.executable, ["-m", "sidecar.cli", "mount"], cwd=str(root), env=env, encoding="utf-8", timeout=60)
+    try:
+        child.expect(r"Mount inter \(s3://.*\) at data\?")
+        child.sendline("y")
+        child.expect("no credentials for storage 'inter'")
+        child.expect("Enter credentials, or go on without this storage")
+        child.sendline("enter")
+        child.expect("Access key id")
+        child.sendline(s3.key)
+        child.expect("Secret access key")
+        child.sendline(s3.secret)
+        child.expect("Save them in the local credential store")
+        child.sendline("y")
+        child.expect("saved in ")
+        child.expect("inter: mounted at")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+    assert s3.secret not in child.before  # hidden input is not echoed
+    assert (root / "data/hello.txt").read_bytes() == b"interactive"
+    store = tmp_path / "config/storage-sidecar/credentials.json"
+    assert store.stat().st_mode & 0o777 == 0o600
+    assert json.loads(store.read_text())["inter"]["access_key_id"] == s3.key
+    cli("umount", check=0)
+    # the saved credentials are used next time, without asking
+    r = cli("mount", "--yes", env_overrides={**NO_CREDS, "XDG_CONFIG_HOME": str(tmp_path / "config")}, stdin=subprocess.DEVNULL, check=0)
+    assert "inter: mounted" in r.stdout
+    # a store others can read is refused
+    store.chmod(0o644)
+    cli("umount", check=0)
+    r = cli("mount", env_overrides={**NO_CREDS, "XDG_CONFIG_HOME": str(tmp_path / "config")}, stdin=subprocess.DEVNULL)
+    assert r.returncode == 1 and "needs_credentials" in r.stdout
+
+
+def test_no_tty_never_blocks_and_skip_options(s3, project, tmp_path):
+    root, cli = project
+    b = f"n-{uuid.uuid4().hex[:8]}"
+    s3.client().create_bucket(Bucket=b)
+    cli("add", f"s3://{b}", "data", "--option", f"endpoint_url={s3.endpoint}", "--name", "notty", check=0)
+    env = {**NO_CREDS, "XDG_CONFIG_HOME": str(tmp_path / "empty-config"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}
+    r = cli("mount", env_overrides=env, stdin=subprocess.DEVNULL)  # would hang here if it prompted
+    assert r.returncode == 1
+    assert "notty: needs_credentials" in r.stdout and "run `storage-sidecar mount` in a terminal" in r.stderr
+    r = cli("mount", "--skip", "notty", env_overrides=env, stdin=subprocess.DEVNULL, check=0)
+    assert "notty: skipped" in r.stdout
+    r = cli("mount", "--no-mount", env_overrides=env, stdin=subprocess.DEVNULL, check=0)
+    assert "notty: skipped" in r.stdout
