@@ -417,6 +417,58 @@ class Bench:
                     shutil.rmtree(cache, ignore_errors=True)
             self.record(w, "rclone writes (close before upload)", vals, "MB/s")
 
+    def providers(self) -> None:
+        """Cold and warm sequential reads through Azure (Azurite) and GCS (the emulator), next to
+        direct fsspec reads (adlfs / gcsfs, parallel ranged reads of the sidecar's block size)."""
+        from sidecar.devservers import azurite_server, gcs_server
+        from sidecar.store.azure import make_azure_filesystem
+        from sidecar.store.gcs import make_gcs_filesystem
+        from sidecar.urls import parse
+
+        size = self.args.provider_mib * MiB
+        src = dataset(size, 5)
+        with azurite_server(self.work / "azurite") as az, gcs_server(self.work / "gcs.log") as gs:
+            setups = {
+                "azure": ("az://bench", {"account_name": az.account, "endpoint_url": az.endpoint}, {"account_key": az.key}, make_azure_filesystem),
+                "gcs": ("gs://bench", {"endpoint_url": gs.endpoint, "anonymous": True}, {}, make_gcs_filesystem),
+            }
+            for provider, (url, options, creds, make) in setups.items():
+                fs = make(parse(url), options, creds)
+                fs.mkdir("bench")
+                fs.put_file(str(src), "bench/seq.bin")
+                w = f"sequential read ({provider})"
+                print(f"\n{w}: {size // MiB} MiB object, block {self.block // MiB} MiB", flush=True)
+
+                def direct() -> float:
+                    f = make(parse(url), options, creds)
+                    starts = list(range(0, size, self.block))
+                    ends = [min(x + self.block, size) for x in starts]
+                    t = time.perf_counter()
+                    parts = f.cat_ranges(["bench/seq.bin"] * len(starts), starts, ends, batch_size=self.args.window)
+                    secs = time.perf_counter() - t
+                    assert sum(len(p) for p in parts) == size
+                    return secs
+
+                self.record(w, "direct fsspec", [self.rate(size, direct()) for _ in range(self.args.repeat)], "MB/s")
+                cold, warm = [], []
+                for _ in range(self.args.repeat):
+                    cache = Path(tempfile.mkdtemp(dir=self.work))
+                    where = {"url": url, "options": options, "credentials": creds, "storage_id": f"bench-{provider}"}
+                    wk = self.worker(cache, **where)
+                    try:
+                        cold.append(self.rate(size, self.read_file(f"{wk.mnt}/seq.bin")))
+                        self.wait_disk_blocks(wk, -(-size // self.block))
+                    finally:
+                        wk.stop()
+                    wk = self.worker(cache, **where)
+                    try:
+                        warm.append(self.rate(size, self.read_file(f"{wk.mnt}/seq.bin")))
+                    finally:
+                        wk.stop()
+                        shutil.rmtree(cache)
+                self.record(w, "sidecar cold", cold, "MB/s")
+                self.record(w, "sidecar warm (disk)", warm, "MB/s")
+
     def status_calls(self) -> None:
         """Wall time of `storage-sidecar status` (a Kubernetes exec probe) against a running daemon."""
         w = "storage-sidecar status"
@@ -475,6 +527,11 @@ class Bench:
             d = self.results.get(w, {})
             if "sidecar cold" in d and "rclone off cold" in d:
                 r[f"{w} sidecar / rclone off"] = d["sidecar cold"]["median"] / d["rclone off cold"]["median"]
+        for provider in ("azure", "gcs"):
+            d = self.results.get(f"sequential read ({provider})", {})
+            if "sidecar cold" in d and "direct fsspec" in d:
+                r[f"{provider}: cold / direct fsspec"] = d["sidecar cold"]["median"] / d["direct fsspec"]["median"]
+                r[f"{provider}: warm / cold"] = d["sidecar warm (disk)"]["median"] / d["sidecar cold"]["median"]
         wr = self.results.get("sequential write + close", {})
         if "sidecar (dd bs=1M)" in wr and "direct fsspec put_file" in wr:
             r["write sidecar / direct fsspec"] = wr["sidecar (dd bs=1M)"]["median"] / wr["direct fsspec put_file"]["median"]
@@ -498,9 +555,10 @@ def main() -> int:
     p.add_argument("--random-ios", type=int, default=100, help="random reads per run (moto reads the whole object per ranged GET)")
     p.add_argument("--parallel-mib", type=int, default=16)
     p.add_argument("--write-mib", type=int, default=256)
+    p.add_argument("--provider-mib", type=int, default=128, help="object size for the Azure and GCS reads")
     p.add_argument("--list-count", type=int, default=10000)
     p.add_argument("--small-count", type=int, default=1000)
-    p.add_argument("--only", nargs="*", default=None, help="sequential random parallel listing small write status")
+    p.add_argument("--only", nargs="*", default=None, help="sequential random parallel listing small write providers status")
     p.add_argument("--no-rclone", dest="rclone", action="store_false")
     args = p.parse_args()
     if args.rclone and not shutil.which("rclone"):
@@ -513,7 +571,8 @@ def main() -> int:
             s3.client().create_bucket(Bucket=BUCKET)
             b = Bench(args, s3, work)
             workloads = {"sequential": b.sequential, "random": b.random_reads, "parallel": b.parallel,
-                         "listing": b.listing, "small": b.small_files, "write": b.writes, "status": b.status_calls}
+                         "listing": b.listing, "small": b.small_files, "write": b.writes, "providers": b.providers,
+                         "status": b.status_calls}
             for name, workload in workloads.items():
                 if args.only is None or name in args.only:
                     workload()

@@ -70,6 +70,25 @@ def default_cache_dir() -> str:
     return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "storage-sidecar")
 
 
+def raise_kernel_readahead(real_mountpath: str, kb: int) -> None:
+    """The kernel reads ahead 128 KiB on a FUSE mount by default; a larger window keeps more
+    requests in flight for sequential readers (measured: +15% warm throughput at 1 MiB). Best
+    effort: needs a writable /sys (root in the pod)."""
+    # Nothing may touch the mount point here (stat, realpath): that would send a FUSE request to
+    # this very process, which does not serve requests yet. The device number comes from
+    # mountinfo, and the caller resolved the path before mounting.
+    real = real_mountpath
+    try:
+        with open("/proc/self/mountinfo") as f:
+            devs = [line.split()[2] for line in f if line.split()[4].replace("\\040", " ") == real]
+        if not devs:
+            return
+        with open(f"/sys/class/bdi/{devs[-1]}/read_ahead_kb", "w") as f:
+            f.write(str(kb))
+    except OSError as exc:
+        logger.debug("kernel_readahead_unchanged", reason=str(exc))
+
+
 def mount_options(cfg: dict[str, Any]) -> set[str]:
     import pyfuse3
 
@@ -92,6 +111,7 @@ async def serve(cfg: dict[str, Any]) -> int:
 
     url = urls.parse(cfg["url"])
     store = build_store(cfg["storage_id"], url, cfg.get("options", {}), cfg.get("credentials", {}), deadline=cfg.get("deadline", 30.0))
+    await store.warm_up()  # the SDK client is built now, not on the first read
     disk = None
     if cfg.get("cache_dir"):
         sub = hashlib.sha256(cfg["storage_id"].encode()).hexdigest()[:16]
@@ -128,6 +148,7 @@ async def serve(cfg: dict[str, Any]) -> int:
     mountpath = cfg["mountpath"]
     clear_stale_mount(mountpath)
     os.makedirs(mountpath, exist_ok=True)
+    real_mountpath = os.path.realpath(mountpath)
 
     def stats() -> dict[str, Any]:
         return {
@@ -188,6 +209,9 @@ async def serve(cfg: dict[str, Any]) -> int:
             emit("error", code="mount_failed", reason=str(exc))
             nursery.cancel_scope.cancel()
             return 1
+        # Only once the kernel has processed FUSE_INIT (which sets the window from the INIT
+        # reply): on the first request.
+        ops.on_first_request = lambda: raise_kernel_readahead(real_mountpath, int(cfg.get("kernel_readahead_kb", 1024)))
         try:
             logger.info("mounted", mount=cfg["name"], mountpath=mountpath, url=url.canonical())
             emit("mounted", mountpath=mountpath)

@@ -16,35 +16,71 @@ from sidecar.errors import NotFound, ObjectChanged
 from sidecar.store.fsspec_store import FsspecStore
 
 
+BLOCK_CONCURRENCY = 8
+
+
 class CredentialsMissing(Exception):
     """No credentials were found for a storage that is not anonymous."""
 
 
 class AzureStore(FsspecStore):
-    async def get_range(self, key: str, start: int, end: int, etag: str) -> bytes:
+    async def _download(self, bc: Any, key: str, start: int, end: int, etag: str) -> bytes:
+        """One conditional ranged download (runs on fsspec's loop)."""
         from azure.core import MatchConditions
         from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 
+        try:
+            stream = await bc.download_blob(
+                offset=start, length=end - start, etag=etag if etag.startswith('"') else f'"{etag}"',
+                match_condition=MatchConditions.IfNotModified,
+            )
+            return await stream.readall()
+        except ResourceModifiedError:
+            raise ObjectChanged(key) from None
+        except ResourceNotFoundError:
+            raise NotFound(key) from None
+
+    async def get_range(self, key: str, start: int, end: int, etag: str) -> bytes:
         if end <= start:
             return b""
 
         async def fetch() -> bytes:
             async with self.fs.service_client.get_blob_client(container=self.bucket, blob=key) as bc:
-                try:
-                    stream = await bc.download_blob(
-                        offset=start, length=end - start, etag=f'"{etag}"' if not etag.startswith('"') else etag,
-                        match_condition=MatchConditions.IfNotModified,
-                    )
-                    return await stream.readall()
-                except ResourceModifiedError:
-                    raise ObjectChanged(key) from None
-                except ResourceNotFoundError:
-                    raise NotFound(key) from None
+                return await self._download(bc, key, start, end, etag)
 
         data = await self._run(f"read {key}", fetch)
         self.stats.get_requests += 1
         self.stats.bytes_fetched += len(data)
         return data
+
+    async def get_blocks(self, key, start, end, etag, block_size, on_block, object_size=None) -> None:  # type: ignore[no-untyped-def]
+        """A run of blocks as parallel ranged downloads (Blob storage serves ranges well), each
+        block handed over as soon as it has arrived."""
+        import asyncio
+
+        import trio
+
+        token = trio.lowlevel.current_trio_token()
+        stats = self.stats
+
+        def deliver(i: int, data: bytes) -> None:
+            stats.get_requests += 1
+            stats.bytes_fetched += len(data)
+            on_block(i, data)
+
+        async def fetch_all() -> None:
+            gate = asyncio.Semaphore(BLOCK_CONCURRENCY)
+            async with self.fs.service_client.get_blob_client(container=self.bucket, blob=key) as bc:
+
+                async def one(i: int, lo: int) -> None:
+                    async with gate:
+                        data = await self._download(bc, key, lo, min(lo + block_size, end), etag)
+                    token.run_sync_soon(deliver, i, data)
+
+                await asyncio.gather(*(one(i, lo) for i, lo in enumerate(range(start, end, block_size))))
+
+        blocks = max(1, -(-(end - start) // block_size))
+        await self._run(f"read {key}", fetch_all, deadline=self.deadline * blocks)
 
 
     async def delete(self, key: str) -> None:

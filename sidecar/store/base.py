@@ -76,4 +76,7 @@ class ObjectStore(Protocol):
     async def put_marker(self, key: str) -> None:
         """Creates the empty "folder/" marker object of a directory."""
 
+    async def warm_up(self) -> None:
+        """Prepares the client before the first request (optional)."""
+
     async def close(self) -> None: ...

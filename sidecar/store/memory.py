@@ -104,5 +104,8 @@ class MemoryStore:
         await self._call()
         self.put(key.rstrip("/") + "/", b"")
 
+    async def warm_up(self) -> None:
+        pass
+
     async def close(self) -> None:
         pass
