@@ -140,11 +140,16 @@ class DiskTier:
 
     def disk_bytes(self) -> int:
         """Bytes actually on disk under the cache directory (for tests and status)."""
-        total = 0
-        for root, _dirs, files in os.walk(self.dir):
-            for f in files:
-                try:
-                    total += os.stat(os.path.join(root, f)).st_size
-                except FileNotFoundError:
-                    pass
-        return total
+        return tree_bytes(self.dir)
+
+
+def tree_bytes(directory: str | os.PathLike[str]) -> int:
+    """Sizes of all files below `directory`; files that vanish meanwhile count as 0."""
+    total = 0
+    for root, _dirs, files in os.walk(directory):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(root, f)).st_size
+            except FileNotFoundError:
+                pass
+    return total

@@ -48,10 +48,7 @@ class AzureStore(FsspecStore):
             async with self.fs.service_client.get_blob_client(container=self.bucket, blob=key) as bc:
                 return await self._download(bc, key, start, end, etag)
 
-        data = await self._run(f"read {key}", fetch)
-        self.stats.get_requests += 1
-        self.stats.bytes_fetched += len(data)
-        return data
+        return self._fetched(await self._run(f"read {key}", fetch))
 
     async def get_blocks(self, key, start, end, etag, block_size, on_block, object_size=None) -> None:  # type: ignore[no-untyped-def]
         """A run of blocks as parallel ranged downloads (Blob storage serves ranges well), each

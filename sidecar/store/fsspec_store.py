@@ -174,11 +174,13 @@ class FsspecStore:
             return DirInfo(key)
         return self._object_info(d)
 
-    async def get_range(self, key: str, start: int, end: int, etag: str) -> bytes:
-        data = await self._run(f"read {key}", lambda: self.fs._cat_file(self._path(key), start=start, end=end))
+    def _fetched(self, data: bytes) -> bytes:
         self.stats.get_requests += 1
         self.stats.bytes_fetched += len(data)
         return data
+
+    async def get_range(self, key: str, start: int, end: int, etag: str) -> bytes:
+        return self._fetched(await self._run(f"read {key}", lambda: self.fs._cat_file(self._path(key), start=start, end=end)))
 
     async def get_blocks(
         self, key: str, start: int, end: int, etag: str, block_size: int, on_block: Callable[[int, bytes], None], object_size: int | None = None
@@ -316,10 +318,7 @@ class S3Store(_S3Writes, FsspecStore):
 
         if end <= start:
             return b""
-        data = await self._run(f"read {key}", fetch)
-        self.stats.get_requests += 1
-        self.stats.bytes_fetched += len(data)
-        return data
+        return self._fetched(await self._run(f"read {key}", fetch))
 
     async def get_blocks(
         self, key: str, start: int, end: int, etag: str, block_size: int, on_block: Callable[[int, bytes], None], object_size: int | None = None

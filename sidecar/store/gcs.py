@@ -51,9 +51,7 @@ class GCSStore(FsspecStore):
             if isinstance(current, ObjectInfo) and current.etag != etag:
                 raise ObjectChanged(key) from None
             raise
-        self.stats.get_requests += 1
-        self.stats.bytes_fetched += len(data)
-        return data
+        return self._fetched(data)
 
 
     async def delete(self, key: str) -> None:

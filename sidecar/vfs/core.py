@@ -629,15 +629,20 @@ class Filesystem:
         node.lookups -= 1  # this lookup was ours, not the kernel's
         return node
 
-    async def unlink(self, parent_ino: int, name: str) -> None:
+    async def _removable(self, parent_ino: int, name: str, *, is_dir: bool) -> tuple[Node, str]:
+        """The node `name` in `parent_ino` for unlink (a file) or rmdir (a directory)."""
         parent = self.node(parent_ino)
         key = self._child_key(parent, name)
         self._require_writable(key)
         node = await self._existing(parent, name)
         if node is None:
             raise NotFound(key)
-        if node.is_dir:
-            raise IsADirectory(key)
+        if node.is_dir != is_dir:
+            raise NotADirectory(key) if is_dir else IsADirectory(key)
+        return node, key
+
+    async def unlink(self, parent_ino: int, name: str) -> None:
+        node, key = await self._removable(parent_ino, name, is_dir=False)
         remote = node.staged is None or node.staged.base_etag is not None
         self._unstage(node)
         if remote:
@@ -673,14 +678,7 @@ class Filesystem:
         return self.attr(node)
 
     async def rmdir(self, parent_ino: int, name: str) -> None:
-        parent = self.node(parent_ino)
-        key = self._child_key(parent, name)
-        self._require_writable(key)
-        node = await self._existing(parent, name)
-        if node is None:
-            raise NotFound(key)
-        if not node.is_dir:
-            raise NotADirectory(key)
+        node, key = await self._removable(parent_ino, name, is_dir=True)
         self._dirs.pop(key, None)
         if await self._list(node):
             raise NotEmpty(key)

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from sidecar.cache.disk import tree_bytes
 from tests.backends import S3Backend
 from tests.conftest import needs_fuse, wait_for
 
@@ -155,20 +156,10 @@ def test_disk_cache_limit_never_exceeded(bucket, mount_worker, tmp_path):
     peak = 0
     done = threading.Event()
 
-    def du():
-        total = 0
-        for root, _, fs in os.walk(cache):
-            for f in fs:
-                try:
-                    total += os.stat(os.path.join(root, f)).st_size
-                except FileNotFoundError:
-                    pass
-        return total
-
     def watch():
         nonlocal peak
         while not done.is_set():
-            peak = max(peak, du())
+            peak = max(peak, tree_bytes(cache))
             done.wait(0.005)
 
     t = threading.Thread(target=watch)
