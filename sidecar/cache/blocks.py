@@ -43,6 +43,7 @@ class CacheStats:
     prefetches: int = 0
     prefetch_skipped: int = 0
     single_flight_joins: int = 0
+    direct_reads: int = 0  # random reads served with an exact ranged GET, not through blocks
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -91,6 +92,10 @@ class BlockCache:
     @property
     def memory_bytes(self) -> int:
         return self._memory_bytes + self._reserved
+
+    def count_direct(self, data: bytes) -> bytes:
+        self.stats.direct_reads += 1
+        return data
 
     def blocks_of(self, ref: ObjectRef) -> int:
         return -(-ref.size // self.block_size)

@@ -138,6 +138,12 @@ def test_three_mounts_valid_missing_bucket_unreachable(s3, tmp_path, daemons):
     assert table.returncode == 1 and "bucket_not_found" in table.stdout and "good" in table.stdout
     assert d.status_cli("--probe", "liveness").returncode == 0
     assert d.status_cli("--probe", "readiness").returncode == 0
+    exe = os.path.join(os.path.dirname(sys.executable), "storage-sidecar")  # the console script: the probes' fast path
+    for kind in ("liveness", "readiness", "startup"):
+        r = subprocess.run([exe, "status", "--probe", kind, "--socket", d.sock], capture_output=True, text=True)
+        assert r.returncode == 0 and r.stdout == r.stderr == ""
+    r = subprocess.run([exe, "status", f"--socket={d.sock}x", "--probe=readiness"], capture_output=True, text=True)
+    assert r.returncode == 1 and "cannot reach" in r.stderr
     # the counters moved with the read above
     fresh = {m["name"]: m for m in d.get("/status")[1]["mounts"]}
     assert fresh["good"]["counters"]["store"]["get_requests"] >= 1

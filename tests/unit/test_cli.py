@@ -32,3 +32,13 @@ def test_validate_bad_manifest_exits_nonzero_with_field_errors(tmp_path):
     r = CliRunner().invoke(main, ["validate", str(f)])
     assert r.exit_code == 2
     assert "storages[0].options.secret_access_key" in r.output and "s3cr3t-value" not in r.output
+
+
+def test_probe_fast_path_only_takes_probe_invocations():
+    from sidecar.entry import _fast_probe
+
+    assert _fast_probe(["status"]) is None
+    assert _fast_probe(["status", "--json"]) is None
+    assert _fast_probe(["status", "--probe", "bogus"]) is None  # click reports the bad choice
+    assert _fast_probe(["ls", "--probe", "readiness"]) is None
+    assert _fast_probe(["status", "--probe", "readiness", "--socket", "/nonexistent/s.sock"]) == 1
