@@ -440,7 +440,7 @@ class Filesystem:
             if first == last:
                 block = await self.cache.get(ref, first)
                 base = first * bs
-                return block[offset - base : end - base]
+                return bytes(memoryview(block)[offset - base : end - base])  # blocks may be bytearrays
             parts = []
             for index in range(first, last + 1):
                 block = await self.cache.get(ref, index)
