@@ -99,7 +99,7 @@ def moto_server(log_path: str | os.PathLike[str], *, auth: bool = True, port: in
                 UserName="sidecar",
                 PolicyName="s3",
                 PolicyDocument=json.dumps(
-                    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+                    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["s3:*", "iam:*"], "Resource": "*"}]}
                 ),
             )
             key, secret = ak["AccessKeyId"], ak["SecretAccessKey"]

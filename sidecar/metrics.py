@@ -27,6 +27,8 @@ class _DaemonCollector:
         fetched = CounterMetricFamily("storage_sidecar_backend_bytes_fetched", "Bytes read from the backend", labels=["mount"])
         errors = CounterMetricFamily("storage_sidecar_fuse_errors", "FUSE requests answered with an error, by reason", labels=["mount", "reason"])
         disk = GaugeMetricFamily("storage_sidecar_disk_cache_bytes", "Bytes in the disk cache", labels=["mount"])
+        latency = CounterMetricFamily("storage_sidecar_backend_seconds", "Time spent in backend calls", labels=["mount"])
+        calls = CounterMetricFamily("storage_sidecar_backend_calls", "Backend calls (latency = seconds / calls)", labels=["mount"])
         memory = GaugeMetricFamily("storage_sidecar_memory_cache_bytes", "Bytes of cached and in-flight blocks", labels=["mount"])
         for m in self.daemon.mounts.values():
             for s in STATES:
@@ -40,12 +42,15 @@ class _DaemonCollector:
             for kind in ("get", "list", "head"):
                 backend.add_metric([m.name, kind], b.get(f"{kind}_requests", 0))
             backend.add_metric([m.name, "error"], b.get("errors", 0))
+            backend.add_metric([m.name, "retry"], b.get("retries", 0))
+            latency.add_metric([m.name], b.get("latency_sum_s", 0.0))
+            calls.add_metric([m.name], b.get("calls", 0))
             fetched.add_metric([m.name], b.get("bytes_fetched", 0))
             for reason, n in (st.get("errors") or {}).items():
                 errors.add_metric([m.name, reason], n)
             disk.add_metric([m.name], (st.get("disk") or {}).get("used", 0))
             memory.add_metric([m.name], st.get("memory_bytes", 0))
-        yield from (state, restarts, cache, backend, fetched, errors, disk, memory)
+        yield from (state, restarts, cache, backend, fetched, errors, latency, calls, disk, memory)
 
 
 def render(daemon: "Daemon") -> str:

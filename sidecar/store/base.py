@@ -41,8 +41,12 @@ class StoreStats:
     delete_requests: int = 0
     bytes_stored: int = 0
     errors: int = 0
+    retries: int = 0  # transient errors the SDK retried (s3fs)
+    calls: int = 0  # backend calls, with their summed and longest duration
+    latency_sum_s: float = 0.0
+    latency_max_s: float = 0.0
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, int | float]:
         return dict(self.__dict__)
 
 

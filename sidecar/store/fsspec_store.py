@@ -13,6 +13,7 @@ domain error here, so nothing above this module sees botocore or aiohttp excepti
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -99,6 +100,25 @@ def _error_code(exc: BaseException) -> str | None:
     return None
 
 
+class _RetryCounter(logging.Filter):
+    """Counts the retries s3fs makes inside one call (it logs each at debug level) and drops
+    those records, so the counter costs no log output."""
+
+    count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg.startswith(("Retryable error", "Client error (maybe retryable)")):
+            _RetryCounter.count += 1
+        return False
+
+
+def _count_s3fs_retries() -> None:
+    s3fs_log = logging.getLogger("s3fs")
+    if not any(isinstance(f, _RetryCounter) for f in s3fs_log.filters):
+        s3fs_log.addFilter(_RetryCounter())
+        s3fs_log.setLevel(logging.DEBUG)
+
+
 class FsspecStore:
     """Generic store over an async fsspec file system; `root` is the bucket (or container)."""
 
@@ -128,6 +148,7 @@ class FsspecStore:
 
     async def _run(self, what: str, coro_fn: Callable[[], Awaitable[T]], deadline: float | None = None) -> T:
         deadline = deadline or self.deadline
+        started = trio.current_time()
         try:
             with trio.fail_after(deadline):
                 return await run_on_loop(self.fs.loop, coro_fn)
@@ -141,6 +162,12 @@ class FsspecStore:
             if not isinstance(err, (NotFound, ObjectChanged)):
                 self.stats.errors += 1
             raise err from None
+        finally:
+            took = trio.current_time() - started
+            self.stats.calls += 1
+            self.stats.latency_sum_s += took
+            self.stats.latency_max_s = max(self.stats.latency_max_s, took)
+            self.stats.retries = _RetryCounter.count
 
     def _object_info(self, d: dict[str, Any]) -> ObjectInfo:
         etag = d.get("ETag") or d.get("etag") or d.get("generation") or d.get("md5Hash") or ""
@@ -389,4 +416,5 @@ def make_s3_filesystem(
                 kwargs["token"] = credentials["session_token"]
     fs = s3fs.S3FileSystem(**kwargs)
     fs.retries = retries
+    _count_s3fs_retries()
     return fs

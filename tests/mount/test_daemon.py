@@ -164,6 +164,8 @@ def test_three_mounts_valid_missing_bucket_unreachable(s3, tmp_path, daemons):
     assert code == 400 and body["code"] == "bad_credentials"
     metrics = d.get("/metrics")[1]
     assert 'storage_sidecar_mount_state{mount="good",state="mounted"} 1.0' in metrics
+    assert 'storage_sidecar_backend_calls_total{mount="good"}' in metrics and 'kind="retry"' in metrics
+    assert fresh["good"]["counters"]["store"]["calls"] >= 1 and fresh["good"]["counters"]["store"]["latency_sum_s"] > 0
 
     d.proc.send_signal(signal.SIGTERM)
     assert d.proc.wait(30) == 0
