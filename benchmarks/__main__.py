@@ -114,6 +114,19 @@ class Bench:
             time.sleep(0.05)
         return proc, str(mnt)
 
+    def rclone_runs(self, mode: str, measure: Callable[[str], float], *, writable: bool = False) -> list[float]:
+        """`measure(mountpoint)` on a fresh rclone mount (and an empty cache dir) per repeat."""
+        vals = []
+        for _ in range(self.args.repeat):
+            cache = Path(tempfile.mkdtemp(dir=self.work))
+            proc, mnt = self.rclone(mode, cache, writable=writable)
+            try:
+                vals.append(measure(mnt))
+            finally:
+                self.stop_rclone(proc, mnt)
+                shutil.rmtree(cache, ignore_errors=True)
+        return vals
+
     @staticmethod
     def stop_rclone(proc: subprocess.Popen, mnt: str) -> None:
         subprocess.run(["fusermount3", "-u", mnt], check=False, capture_output=True)
@@ -176,15 +189,7 @@ class Bench:
 
         if self.args.rclone:
             for mode in ("off", "full"):
-                vals = []
-                for _ in runs:
-                    cache = Path(tempfile.mkdtemp(dir=self.work))
-                    proc, mnt = self.rclone(mode, cache)
-                    try:
-                        vals.append(self.rate(size, self.read_file(f"{mnt}/seq.bin")))
-                    finally:
-                        self.stop_rclone(proc, mnt)
-                        shutil.rmtree(cache, ignore_errors=True)
+                vals = self.rclone_runs(mode, lambda mnt: self.rate(size, self.read_file(f"{mnt}/seq.bin")))
                 self.record(w, f"rclone {mode} cold", vals, "MB/s")
 
         if shutil.which("fio"):
@@ -251,13 +256,7 @@ class Bench:
         self.record(w, "sidecar cold", vals, "IOPS", read_amplification=statistics.median(amp))
         print(f"    read amplification (backend bytes per byte read): {statistics.median(amp):.0f}")
         if self.args.rclone:
-            vals = []
-            for _ in range(self.args.repeat):
-                proc, mnt = self.rclone("off", self.work)
-                try:
-                    vals.append(self.fio(f"{mnt}/random.bin", "randread", "4k", size, number_ios=n))
-                finally:
-                    self.stop_rclone(proc, mnt)
+            vals = self.rclone_runs("off", lambda mnt: self.fio(f"{mnt}/random.bin", "randread", "4k", size, number_ios=n))
             self.record(w, "rclone off cold", vals, "IOPS")
 
     def parallel(self) -> None:
@@ -287,14 +286,7 @@ class Bench:
         self.record(w, "sidecar cold", vals, "MB/s", peak_rss_mib=max(rss), memory_limit_mib=limit)
         print(f"    peak RSS of the mount process: {max(rss):.0f} MiB (memory budget {limit} MiB + interpreter and SDKs)")
         if self.args.rclone:
-            vals = []
-            for _ in range(self.args.repeat):
-                proc, mnt = self.rclone("off", self.work)
-                try:
-                    vals.append(self.rate(total, run(mnt)))
-                finally:
-                    self.stop_rclone(proc, mnt)
-            self.record(w, "rclone off cold", vals, "MB/s")
+            self.record(w, "rclone off cold", self.rclone_runs("off", lambda mnt: self.rate(total, run(mnt))), "MB/s")
 
     def upload_many(self, prefix: str, count: int, size: int) -> None:
         client = self.s3.client()
@@ -336,14 +328,7 @@ class Bench:
         self.record(w, "sidecar cold", cold, "s", list_requests=max(lists), head_requests=max(heads))
         self.record(w, "sidecar cached", hot, "s")
         if self.args.rclone:
-            vals = []
-            for _ in range(self.args.repeat):
-                proc, mnt = self.rclone("off", self.work)
-                try:
-                    vals.append(scan(mnt))
-                finally:
-                    self.stop_rclone(proc, mnt)
-            self.record(w, "rclone off cold", vals, "s")
+            self.record(w, "rclone off cold", self.rclone_runs("off", scan), "s")
 
     def small_files(self) -> None:
         count = self.args.small_count
@@ -366,14 +351,7 @@ class Bench:
                 wk.stop()
         self.record(w, "sidecar cold", vals, "s")
         if self.args.rclone:
-            vals = []
-            for _ in range(self.args.repeat):
-                proc, mnt = self.rclone("off", self.work)
-                try:
-                    vals.append(cat(mnt))
-                finally:
-                    self.stop_rclone(proc, mnt)
-            self.record(w, "rclone off cold", vals, "s")
+            self.record(w, "rclone off cold", self.rclone_runs("off", cat), "s")
 
     def writes(self) -> None:
         """Sequential write of one file through a writable mount (close returns once stored)
@@ -409,15 +387,7 @@ class Bench:
         assert head["ContentLength"] == size
         self.record(w, "sidecar (dd bs=1M)", vals, "MB/s")
         if self.args.rclone:
-            vals = []
-            for _ in range(self.args.repeat):
-                cache = Path(tempfile.mkdtemp(dir=self.work))
-                proc, mnt = self.rclone("writes", cache, writable=True)
-                try:
-                    vals.append(self.rate(size, through_mount(mnt)))
-                finally:
-                    self.stop_rclone(proc, mnt)
-                    shutil.rmtree(cache, ignore_errors=True)
+            vals = self.rclone_runs("writes", lambda mnt: self.rate(size, through_mount(mnt)), writable=True)
             self.record(w, "rclone writes (close before upload)", vals, "MB/s")
 
     def providers(self) -> None:

@@ -104,6 +104,15 @@ def private(directory):
             f.chmod(0o600)
 
 
+def one_mount(tmp_path, s3, bucket):
+    """A manifest of one S3 storage "one" mounted at project/one."""
+    return {
+        "root": str(tmp_path / "project"),
+        "storages": [{"name": "one", "provider": "s3", "url": f"s3://{bucket}", "options": {"endpoint_url": s3.endpoint}}],
+        "mounts": [{"storage": "one", "mountpath": "one"}],
+    }
+
+
 def new_bucket(s3, files=None):
     name = f"d-{uuid.uuid4().hex[:10]}"
     s3.client().create_bucket(Bucket=name)
@@ -176,12 +185,7 @@ def test_three_mounts_valid_missing_bucket_unreachable(s3, tmp_path, daemons):
 
 def test_sigkill_then_restart_cleans_stale_mounts(s3, tmp_path, daemons):
     b = new_bucket(s3, {"f.txt": b"data"})
-    manifest = {
-        "root": str(tmp_path / "project"),
-        "storages": [{"name": "one", "provider": "s3", "url": f"s3://{b}", "options": {"endpoint_url": s3.endpoint}}],
-        "mounts": [{"storage": "one", "mountpath": "one"}],
-    }
-    d = daemons(tmp_path, manifest, creds=creds_dir(tmp_path, s3, ["one"]))
+    d = daemons(tmp_path, one_mount(tmp_path, s3, b), creds=creds_dir(tmp_path, s3, ["one"]))
     d.wait_ready()
     mnt = str(tmp_path / "project/one")
     assert open(f"{mnt}/f.txt").read() == "data"
@@ -206,12 +210,7 @@ def test_sigkill_then_restart_cleans_stale_mounts(s3, tmp_path, daemons):
 
 def test_dead_mount_is_noticed_and_mounted_again(s3, tmp_path, daemons):
     b = new_bucket(s3, {"f.txt": b"again"})
-    manifest = {
-        "root": str(tmp_path / "project"),
-        "storages": [{"name": "one", "provider": "s3", "url": f"s3://{b}", "options": {"endpoint_url": s3.endpoint}}],
-        "mounts": [{"storage": "one", "mountpath": "one"}],
-    }
-    d = daemons(tmp_path, manifest, creds=creds_dir(tmp_path, s3, ["one"]))
+    d = daemons(tmp_path, one_mount(tmp_path, s3, b), creds=creds_dir(tmp_path, s3, ["one"]))
     d.wait_ready()
     (worker,) = subprocess.run(["pgrep", "-P", str(d.proc.pid)], capture_output=True, text=True).stdout.split()
     os.kill(int(worker), signal.SIGKILL)
