@@ -511,7 +511,7 @@ class Bench:
         for label, (a, b) in pairs.items():
             if med(a) and med(b):
                 r[f"sequential {label}"] = med(a) / med(b)
-        for w, better in (("random 4 KiB reads", "high"), ("16 parallel readers", "high")):
+        for w in ("random 4 KiB reads", "16 parallel readers"):
             d = self.results.get(w, {})
             if "sidecar cold" in d and "rclone off cold" in d:
                 r[f"{w} sidecar / rclone off"] = d["sidecar cold"]["median"] / d["rclone off cold"]["median"]

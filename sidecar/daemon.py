@@ -40,7 +40,6 @@ log = get_logger("sidecar.daemon")
 
 STATES = ("pending", "checking", "mounted", "degraded", "needs_credentials", "failed", "skipped", "unmounted")
 SETTLED = {"mounted", "degraded", "needs_credentials", "failed", "skipped", "unmounted"}
-HEALTHY = {"mounted", "skipped"}
 MAX_RESTARTS = 5
 
 

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from sidecar.daemon import STATES
+
 if TYPE_CHECKING:
     from sidecar.daemon import Daemon
-
-STATES = ("pending", "checking", "mounted", "degraded", "needs_credentials", "failed", "skipped", "unmounted")
 
 
 class _DaemonCollector:

@@ -31,7 +31,6 @@ import trio
 from sidecar.cache.blocks import BlockCache, ObjectRef
 from sidecar.cache.prefetch import ReadAhead
 from sidecar.errors import (
-    BackendUnavailable,
     BadHandle,
     CrossDevice,
     Exists,

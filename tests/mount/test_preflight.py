@@ -1,7 +1,6 @@
 """Each pre-flight reason code, produced by a real situation against real local servers."""
 
 import json
-import os
 import socket
 import uuid
 

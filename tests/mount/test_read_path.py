@@ -7,7 +7,6 @@ import random
 import shutil
 import subprocess
 import threading
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest

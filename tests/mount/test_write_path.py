@@ -6,12 +6,10 @@ import hashlib
 import io
 import os
 import random
-import shutil
 import signal
 import subprocess
 import tarfile
 import time
-import uuid
 
 import pytest
 
