@@ -36,6 +36,7 @@ log = get_logger("sidecar.control")
 
 MAX_BODY = 64 * 1024
 REQUEST_DEADLINE = 10.0
+MAX_CONNECTIONS = 64  # served at once; more wait in the accept backlog
 
 
 class HTTPError(Exception):
@@ -54,55 +55,85 @@ async def _send(conn: h11.Connection, stream: trio.SocketStream, status: int, bo
     await stream.send_all(conn.send(h11.EndOfMessage()))
 
 
-async def _serve_one(stream: trio.SocketStream, handler: Handler) -> None:
-    conn = h11.Connection(h11.SERVER)
+def _error_body(status: int, code: str, message: str) -> tuple[int, bytes, str]:
+    return status, json.dumps({"error": message, "code": code}).encode(), "application/json"
+
+
+async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> tuple[str, str, bytes] | None:
+    """The request's method, target and body; None when the client went away before sending one."""
     method = target = ""
-    body = b""
+    body = bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(65536)
+            if not data and conn.their_state is h11.IDLE:
+                return None  # connected and left without a request
+            conn.receive_data(data)
+            continue
+        if isinstance(event, h11.Request):
+            method = event.method.decode("ascii", "replace")
+            target = event.target.decode("ascii", "replace")
+            # h11 accepts any declared length; refuse a large body before reading it.
+            for name, value in event.headers:
+                if name == b"content-length" and int(value) > MAX_BODY:
+                    raise HTTPError(413, "body_too_large", f"request bodies are limited to {MAX_BODY} bytes")
+        elif isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > MAX_BODY:
+                raise HTTPError(413, "body_too_large", f"request bodies are limited to {MAX_BODY} bytes")
+        elif isinstance(event, h11.EndOfMessage):
+            return method, target, bytes(body)
+        elif isinstance(event, h11.ConnectionClosed):
+            return None
+
+
+async def _serve_one(stream: trio.SocketStream, handler: Handler) -> None:
+    """Serves one connection. Whatever the client does (garbage, a wrong method, an oversize
+    body, hanging up before or while the reply is sent, never finishing its request), the damage
+    stays inside this connection: nothing escapes to the listener, so the daemon and its mounts
+    live on."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
+    reply: tuple[int, bytes, str] | None = None
+    method = target = ""
     try:
-        with trio.fail_after(REQUEST_DEADLINE):
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await stream.receive_some(65536)
-                    conn.receive_data(data)
-                    if not data and conn.their_state is not h11.DONE:
-                        return
-                    continue
-                if isinstance(event, h11.Request):
-                    method, target = event.method.decode(), event.target.decode()
-                elif isinstance(event, h11.Data):
-                    body += event.data
-                    if len(body) > MAX_BODY:
-                        raise HTTPError(413, "body_too_large", f"request bodies are limited to {MAX_BODY} bytes")
-                elif isinstance(event, h11.EndOfMessage):
-                    break
-                elif isinstance(event, h11.ConnectionClosed):
+        with trio.move_on_after(REQUEST_DEADLINE) as scope:
+            try:
+                request = await _read_request(conn, stream)
+                if request is None:
                     return
-            try:
-                status, payload = await handler(method, target, body)
-            except HTTPError:
-                raise
-            except Exception:
-                log.exception("control_request_crashed", method=method, target=target)
-                raise HTTPError(500, "internal", "internal error; see the sidecar log") from None
-            if isinstance(payload, str):
-                await _send(conn, stream, status, payload.encode(), "text/plain; version=0.0.4; charset=utf-8")
-            else:
-                await _send(conn, stream, status, json.dumps(payload).encode(), "application/json")
-    except HTTPError as exc:
-        if conn.our_state is h11.SEND_RESPONSE:
-            await _send(conn, stream, exc.status, json.dumps({"error": exc.message, "code": exc.code}).encode(), "application/json")
-    except h11.RemoteProtocolError as exc:
-        if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            err = json.dumps({"error": f"bad HTTP request: {exc}", "code": "bad_request"}).encode()
-            try:
-                await _send(conn, stream, exc.error_status_hint, err, "application/json")
-            except (h11.LocalProtocolError, trio.BrokenResourceError):
-                pass
-    except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
+                method, target, body = request
+                try:
+                    status, payload = await handler(method, target, body)
+                except HTTPError:
+                    raise
+                except Exception:
+                    log.exception("control_request_crashed", method=method, target=target)
+                    raise HTTPError(500, "internal", "internal error; see the sidecar log") from None
+                if isinstance(payload, str):
+                    reply = (status, payload.encode(), "text/plain; version=0.0.4; charset=utf-8")
+                else:
+                    reply = (status, json.dumps(payload).encode(), "application/json")
+            except HTTPError as exc:
+                reply = _error_body(exc.status, exc.code, exc.message)
+            except h11.RemoteProtocolError as exc:
+                reply = _error_body(exc.error_status_hint, "bad_request", f"bad HTTP request: {exc}")
+            except ValueError:  # e.g. a Content-Length that is not a number
+                reply = _error_body(400, "bad_request", "bad HTTP request")
+            if reply is not None and conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                await _send(conn, stream, *reply)
+        if scope.cancelled_caught:
+            log.debug("control_request_timed_out", method=method, target=target, deadline=REQUEST_DEADLINE)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError, OSError):
+        pass  # the client hung up, or its request left h11 unable to answer: nothing to tell it
+    except Exception:
+        log.exception("control_connection_crashed", method=method, target=target)
     finally:
-        await stream.aclose()
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            try:
+                await stream.aclose()
+            except Exception:
+                pass
 
 
 def _bind(path: str, group: str | int | None) -> trio.socket.SocketType:
@@ -133,7 +164,13 @@ async def serve(path: str, handler: Handler, *, group: str | int | None = None, 
         async with trio.open_nursery() as nursery:
             task_status.started()
             log.info("control_socket_ready", socket=path)
-            await trio.serve_listeners(lambda s: _serve_one(s, handler), [listener], handler_nursery=nursery)
+            limit = trio.CapacityLimiter(MAX_CONNECTIONS)
+
+            async def bounded(stream: trio.SocketStream) -> None:
+                async with limit:
+                    await _serve_one(stream, handler)
+
+            await trio.serve_listeners(bounded, [listener], handler_nursery=nursery)
     finally:
         try:
             os.unlink(path)

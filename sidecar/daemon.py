@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -32,7 +33,7 @@ import trio
 
 from sidecar import credentials as credential_sources
 from sidecar import preflight
-from sidecar.control import HTTPError, route, serve
+from sidecar.control import REQUEST_DEADLINE, HTTPError, route, serve
 from sidecar.log import get_logger, register_secret
 from sidecar.manifest import Manifest, RemoteStorage, StorageMount
 
@@ -40,7 +41,11 @@ log = get_logger("sidecar.daemon")
 
 STATES = ("pending", "checking", "mounted", "degraded", "needs_credentials", "failed", "skipped", "unmounted")
 SETTLED = {"mounted", "degraded", "needs_credentials", "failed", "skipped", "unmounted"}
-MAX_RESTARTS = 5
+RETRY_FIRST = 1.0  # s before the first automatic attempt after a failure
+RETRY_FAST_CAP = 8.0  # s between attempts while a failure is recent (< RETRY_FAST_PERIOD)
+RETRY_FAST_PERIOD = 600.0
+RETRY_SLOW = 60.0
+ACTION_WAIT = REQUEST_DEADLINE - 2  # a POST action answers 202 once this has passed
 
 
 @dataclass
@@ -64,6 +69,7 @@ class DaemonConfig:
     allow_other: bool = False
     log_level: str = "info"
     only: set[str] | None = None  # mount only these at start; the others wait, unmounted
+    placeholders: bool = True  # a read-only stand-in at the path of a mount that is not up
 
 
 def busy_pids(path: str) -> list[int]:
@@ -94,9 +100,10 @@ def busy_pids(path: str) -> list[int]:
 class WorkerProcess:
     """The trio side of one worker process (JSON lines over its stdin/stdout)."""
 
-    def __init__(self, name: str, mountpath: str) -> None:
+    def __init__(self, name: str, mountpath: str, module: str = "sidecar.worker") -> None:
         self.name = name
         self.mountpath = mountpath
+        self.module = module
         self.process: trio.Process | None = None
         self._buffer = b""
         self._lock = trio.Lock()
@@ -114,7 +121,7 @@ class WorkerProcess:
     async def start(self, cfg: dict[str, Any], timeout: float) -> dict[str, str] | None:
         """Starts the worker; None once mounted, else an error {code, reason}."""
         self.process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "sidecar.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            [sys.executable, "-m", self.module], stdin=subprocess.PIPE, stdout=subprocess.PIPE
         )
         assert self.process.stdin is not None
         await self.process.stdin.send_all((json.dumps(cfg) + "\n").encode())
@@ -127,6 +134,14 @@ class WorkerProcess:
             return {"code": event.get("code", "mount_failed"), "reason": event.get("reason", "the mount process exited")}
         await self.stop(5)
         return {"code": "timeout", "reason": f"not mounted within {timeout:g} s"}
+
+    async def send_line(self, doc: Any) -> None:
+        if self.alive:
+            assert self.process is not None and self.process.stdin is not None
+            try:
+                await self.process.stdin.send_all((json.dumps(doc) + "\n").encode())
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
 
     @property
     def alive(self) -> bool:
@@ -190,10 +205,14 @@ class Mount:
     worker: WorkerProcess | None = None
     handed_credentials: dict[str, str] | None = None
     restarts: int = 0
+    placeholder: WorkerProcess | None = None  # the read-only stand-in while not mounted
+    failures: int = 0  # consecutive failed attempts, for the retry backoff
+    failing_since: float | None = None  # trio time of the first of them
+    retry_at: float | None = None  # trio time of the next automatic attempt
+    next_try: float | None = None  # the same as wall-clock time, for status
     stats: dict[str, Any] | None = None
     since: float = field(default_factory=time.time)
     commands: tuple[trio.MemorySendChannel, trio.MemoryReceiveChannel] = field(default_factory=lambda: trio.open_memory_channel(16))
-    settled: trio.Event = field(default_factory=trio.Event)
     decision_deadline: float | None = None
 
     @property
@@ -219,6 +238,8 @@ class Mount:
             "since": self.since,
             "error": self.error,
             "restarts": self.restarts,
+            "next_try": self.next_try,
+            "placeholder": self.placeholder is not None,
             "cache_hit_rate": (hits / lookups) if lookups else None,
             "counters": {k: stats.get(k) for k in ("store", "cache", "disk", "errors", "memory_bytes")} if stats else None,
             "unsynced_writes": len(stats.get("staged") or []),
@@ -243,8 +264,6 @@ class Daemon:
             if error:
                 fields.update(code=error.get("code"), reason=error.get("reason"))
             (log.warning if state in ("failed", "needs_credentials", "degraded") else log.info)("mount_state", **fields)
-        if state in SETTLED:
-            m.settled.set()
 
     def ready(self) -> bool:
         for m in self.mounts.values():
@@ -289,7 +308,11 @@ class Daemon:
         return credential_sources.lookup(m.storage.name or "", m.storage.provider, directory=self.cfg.credentials_dir)
 
     async def _bring_up(self, m: Mount) -> None:
-        self._set(m, "checking")
+        """One attempt: pre-flight, then a worker. On failure the mount is `failed` with the
+        next automatic attempt scheduled (or `needs_credentials`, which waits for the launcher)."""
+        m.retry_at = m.next_try = None
+        if m.state != "failed":  # a retry stays `failed` (and ready) until it succeeds
+            self._set(m, "checking")
         creds = self.credentials_for(m)
         result = await preflight.check(
             m.name,
@@ -309,33 +332,85 @@ class Daemon:
                     m.decision_deadline = trio.current_time() + self.cfg.credentials_wait
                 self._set(m, "needs_credentials", error)
             else:
-                self._set(m, "failed", error)
+                self._failed(m, error)
             return
+        await self._drop_placeholder(m)
         await unmount_if_mounted(m.mount.mountpath)  # a stale mount of a killed predecessor
         m.worker = WorkerProcess(m.name, m.mount.mountpath)
         error = await m.worker.start(self.worker_config(m, creds), self.cfg.mount_timeout)
         if error:
             m.worker = None
-            self._set(m, "failed", error)
+            self._failed(m, error)
             return
         m.decision_deadline = None
+        m.failures, m.failing_since = 0, None
         self._set(m, "mounted")
+
+    def _failed(self, m: Mount, error: dict[str, str]) -> None:
+        """`failed`, with the next attempt scheduled: quickly at first (so a backend that comes
+        back is used within RETRY_FAST_CAP seconds), every RETRY_SLOW seconds once the failure
+        has lasted RETRY_FAST_PERIOD. Never given up: a storage may come back at any time."""
+        now = trio.current_time()
+        if m.failing_since is None:
+            m.failing_since = now
+        m.failures += 1
+        if now - m.failing_since < RETRY_FAST_PERIOD:
+            delay = min(RETRY_FIRST * 2 ** (m.failures - 1), RETRY_FAST_CAP)
+        else:
+            delay = RETRY_SLOW
+        delay *= random.uniform(0.85, 1.0)  # jitter: mounts failing together do not retry in step
+        m.retry_at, m.next_try = now + delay, time.time() + delay
+        self._set(m, "failed", error)
 
     async def _take_down(self, m: Mount, state: str, error: dict[str, str] | None = None) -> None:
         worker, m.worker = m.worker, None
+        m.retry_at = m.next_try = None
         if worker is not None:
             await worker.stop(self.cfg.grace_period)
-        else:
-            await unmount_if_mounted(m.mount.mountpath)
+        await self._drop_placeholder(m)
+        await unmount_if_mounted(m.mount.mountpath)
         self._set(m, state, error)
+
+    # -- the placeholder of a mount that is not up -------------------------------------------
+
+    def _placeholder_message(self, m: Mount) -> str:
+        err = m.error or {}
+        text = f"State: {m.state}" + (f" ({err.get('code')}): {err.get('reason')}" if err else "")
+        if m.next_try is not None:
+            text += f"\nNext attempt: {time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(m.next_try))}"
+        return text
+
+    async def _sync_placeholder(self, m: Mount) -> None:
+        """A mount that is not up by nobody's choice (failed, needs credentials) gets the
+        read-only placeholder at its path; any other state removes it."""
+        want = self.cfg.placeholders and not self._stopping and m.state in ("failed", "needs_credentials")
+        if not want:
+            await self._drop_placeholder(m)
+        elif m.placeholder is not None:
+            await m.placeholder.send_line(self._placeholder_message(m))
+        else:
+            await unmount_if_mounted(m.mount.mountpath)  # e.g. the dead mount of a crashed worker
+            placeholder = WorkerProcess(m.name, m.mount.mountpath, module="sidecar.placeholder")
+            cfg = {"name": m.name, "mountpath": m.mount.mountpath, "message": self._placeholder_message(m),
+                   "allow_other": self.cfg.allow_other, "log_level": self.cfg.log_level}
+            error = await placeholder.start(cfg, 15.0)
+            if error:
+                log.error("placeholder_failed", mount=m.name, mountpath=m.mount.mountpath, **error)
+            else:
+                m.placeholder = placeholder
+
+    async def _drop_placeholder(self, m: Mount) -> None:
+        placeholder, m.placeholder = m.placeholder, None
+        if placeholder is not None:
+            await placeholder.stop(5)
 
     async def _watch_worker(self, m: Mount, worker: WorkerProcess) -> None:
         rc = await worker.wait()
         if m.worker is worker and not self._stopping:
-            await m.commands[0].send(("worker_exited", rc))
+            await m.commands[0].send(("worker_exited", rc, None))
 
     async def supervise(self, m: Mount) -> None:
-        send, receive = m.commands
+        _, receive = m.commands
         async with trio.open_nursery() as nursery:
             if self.cfg.only is None or m.name in self.cfg.only:
                 await self._bring_up(m)
@@ -343,10 +418,21 @@ class Daemon:
                 self._set(m, "unmounted")
             if m.worker:
                 nursery.start_soon(self._watch_worker, m, m.worker)
-            async for cmd, arg in receive:
+            while True:
+                await self._sync_placeholder(m)
+                cmd, arg, done = "retry", None, None
+                if m.retry_at is None:
+                    cmd, arg, done = await receive.receive()
+                else:
+                    with trio.move_on_at(m.retry_at):
+                        cmd, arg, done = await receive.receive()
                 before = m.worker
-                if cmd == "mount" and m.state not in ("mounted", "degraded"):
-                    m.restarts = 0
+                if cmd == "retry":
+                    if m.state == "failed":
+                        log.info("mount_retry", mount=m.name, attempt=m.failures + 1)
+                        await self._bring_up(m)
+                elif cmd == "mount" and m.state not in ("mounted", "degraded"):
+                    m.failures, m.failing_since = 0, None
                     await self._bring_up(m)
                 elif cmd == "credentials":
                     m.handed_credentials = arg
@@ -363,16 +449,12 @@ class Daemon:
                     m.worker = None
                     await unmount_if_mounted(m.mount.mountpath)
                     m.restarts += 1
-                    self._set(m, "failed", {"code": "mount_died", "reason": f"the mount process exited with status {arg}; mounting again"})
-                    if m.restarts <= MAX_RESTARTS:
-                        await trio.sleep(min(0.5 * 2 ** (m.restarts - 1), 10))
-                        await self._bring_up(m)
-                    else:
-                        self._set(m, "failed", {"code": "mount_died", "reason": f"the mount process died {m.restarts} times; not mounting again"})
+                    self._failed(m, {"code": "mount_died", "reason": f"the mount process exited with status {arg}; mounting again"})
                 if m.worker is not None and m.worker is not before:
                     nursery.start_soon(self._watch_worker, m, m.worker)
-                if m.state in SETTLED:
-                    m.settled.set()  # also when the command changed nothing (mount of a mounted)
+                if done is not None:  # the caller waits for this command's outcome
+                    await self._sync_placeholder(m)
+                    done.set()
 
     async def _decision_timer(self) -> None:
         while True:
@@ -380,7 +462,7 @@ class Daemon:
             for m in self.mounts.values():
                 if m.state == "needs_credentials" and m.decision_deadline is not None and m.decision_deadline <= now:
                     m.decision_deadline = float("inf")  # sent once; the supervisor clears it
-                    await m.commands[0].send(("decision_timeout", None))
+                    await m.commands[0].send(("decision_timeout", None, None))
             await trio.sleep(0.2)
 
     async def _poll(self) -> None:
@@ -437,11 +519,13 @@ class Daemon:
             pids = await trio.to_thread.run_sync(busy_pids, m.mount.mountpath)
             if pids:
                 raise HTTPError(409, "busy", f"{m.mount.mountpath} is in use by process(es) {', '.join(map(str, pids))}; close them or unmount with --force")
-        m.settled = trio.Event()
-        await m.commands[0].send((action, arg))
-        with trio.move_on_after(self.cfg.mount_timeout + self.cfg.check_deadline):
-            await m.settled.wait()
-        return 200, m.public()
+        done = trio.Event()
+        await m.commands[0].send((action, arg, done))
+        # Answer within the socket's request deadline: a pre-flight or mount that takes longer
+        # goes on, and the client follows it on /status (or /events) after a 202.
+        with trio.move_on_after(ACTION_WAIT):
+            await done.wait()
+        return (200 if done.is_set() else 202), m.public()
 
     # -- main ----------------------------------------------------------------------------------
 
@@ -477,8 +561,10 @@ class Daemon:
 
 def parse_credentials(body: bytes, provider: str) -> dict[str, str]:
     try:
-        doc = json.loads(body or b"null")
-    except json.JSONDecodeError:
+        doc = json.loads((body or b"null").decode("utf-8"))
+    except UnicodeDecodeError:
+        raise HTTPError(400, "bad_json", "the body must be UTF-8 JSON: a JSON object of credential fields") from None
+    except (ValueError, RecursionError):  # bad JSON, a number too long to convert, deep nesting
         raise HTTPError(400, "bad_json", "the body must be a JSON object of credential fields") from None
     allowed = credential_sources.FIELDS[provider]
     if not isinstance(doc, dict) or not doc:

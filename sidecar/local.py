@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sidecar.project import Project
-from sidecar.status import Unreachable, default_socket, request
+from sidecar.status import Unreachable, default_socket, request, request_settled
 
 
 def runtime_dir() -> Path:
@@ -48,7 +48,7 @@ class Sidecar:
     local: bool  # started by us for this project (laptop mode)
 
     def request(self, path: str, method: str = "GET", body: object = None, timeout: float = 120.0) -> tuple[int, object]:
-        return request(path, method, body, sock=self.socket, timeout=timeout)
+        return request_settled(path, method, body, sock=self.socket, timeout=timeout)
 
 
 def answers(sock: str) -> bool:

@@ -8,6 +8,7 @@ import http.client
 import json
 import os
 import socket
+import time
 from typing import Any
 
 DEFAULT_SOCKET = "/run/storage-sidecar/sidecar.sock"
@@ -52,3 +53,18 @@ def request(path: str, method: str = "GET", body: Any = None, *, sock: str | Non
         conn.close()
     ctype = resp.getheader("content-type", "")
     return resp.status, json.loads(raw) if ctype.startswith("application/json") else raw.decode()
+
+
+def request_settled(path: str, method: str = "GET", body: Any = None, *, sock: str | None = None, timeout: float = 120.0) -> tuple[int, Any]:
+    """`request`, and a mount action the daemon accepted but has not finished (202: a slow
+    pre-flight or mount) followed on /status until the mount settles or `timeout` passes."""
+    code, answer = request(path, method, body, sock=sock, timeout=timeout)
+    if code == 202 and method == "POST" and isinstance(answer, dict):
+        end = time.monotonic() + timeout
+        while answer.get("state") in ("pending", "checking") and time.monotonic() < end:
+            time.sleep(0.2)
+            _, status = request("/status", sock=sock, timeout=timeout)
+            answer = next((m for m in status["mounts"] if m["name"] == answer.get("name")), answer)
+        if answer.get("state") not in ("pending", "checking"):
+            code = 200
+    return code, answer

@@ -85,3 +85,20 @@ def mount_worker(s3, tmp_path):
         w.stop()
     leftover = [m for m in fuse_mounts() if m.startswith(str(tmp_path))]
     assert not leftover, f"mounts left behind: {leftover}"
+
+
+@pytest.fixture
+def daemons():
+    """Factory: daemons(tmp_path, manifest, ...) -> tests.daemons.Daemon; all stopped at the end."""
+    from tests.daemons import Daemon
+
+    started = []
+
+    def start(*a, **kw):
+        d = Daemon(*a, **kw)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.stop()

@@ -1,0 +1,164 @@
+"""What stands at a mount path while its storage is not mounted (failed, needs credentials).
+
+Without it, the mount path is a plain folder of the container's disk: programs would see an
+empty directory and their writes would *succeed* there, then be hidden by the next successful
+mount and lost. The placeholder is a read-only FUSE file system holding one file,
+`STORAGE-NOT-MOUNTED.txt`, that says why; every write fails with EROFS and every other name is
+ENOENT. It imports only pyfuse3 and trio (no SDK), so it costs little.
+
+Protocol with the daemon (as `sidecar.worker`): the first stdin line is {"name", "mountpath",
+"message", "allow_other"}; stdout gets {"event": "mounted"} or {"event": "error", ...}; each
+further stdin line is a new message (JSON string); stdin closed, SIGTERM or SIGINT: unmount, exit.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import stat
+import sys
+import time
+from typing import Any
+
+import pyfuse3
+import trio
+
+from sidecar import log
+from sidecar.worker import clear_stale_mount, emit, read_config_line
+
+logger = log.get_logger("sidecar.placeholder")
+
+README = "STORAGE-NOT-MOUNTED.txt"
+README_INO = pyfuse3.ROOT_INODE + 1
+
+
+class PlaceholderOps(pyfuse3.Operations):
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self.message = message
+        self.since = time.time()
+
+    def text(self) -> bytes:
+        return self.message.encode()
+
+    def _attr(self, ino: int) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = ino
+        e.entry_timeout = e.attr_timeout = 0  # the message changes: never cached by the kernel
+        if ino == pyfuse3.ROOT_INODE:
+            e.st_mode, e.st_nlink, e.st_size = stat.S_IFDIR | 0o555, 2, 0
+        else:
+            e.st_mode, e.st_nlink, e.st_size = stat.S_IFREG | 0o444, 1, len(self.text())
+        e.st_uid, e.st_gid = os.getuid(), os.getgid()
+        e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = int(self.since * 1e9)
+        return e
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        if parent_inode == pyfuse3.ROOT_INODE and name == README.encode():
+            return self._attr(README_INO)
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        if inode not in (pyfuse3.ROOT_INODE, README_INO):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(inode)
+
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        if inode != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        if start_id == 0:
+            pyfuse3.readdir_reply(token, README.encode(), self._attr(README_INO), 1)
+
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        if inode != README_INO:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & (os.O_WRONLY | os.O_RDWR):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return pyfuse3.FileInfo(fh=inode, direct_io=True)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return self.text()[off : off + size]
+
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        return not mode & os.W_OK
+
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = out.f_frsize = 4096
+        out.f_namemax = 255
+        return out
+
+
+def message_for(name: str, text: str) -> str:
+    return (
+        f"The storage mount {name!r} is not mounted here.\n\n{text}\n\n"
+        "This folder is read-only until the storage is mounted, so nothing written here can be lost.\n"
+        "`storage-sidecar status` shows the state of every mount.\n"
+    )
+
+
+async def serve(cfg: dict[str, Any]) -> int:
+    ops = PlaceholderOps(message_for(cfg["name"], cfg.get("message", "")))
+    mountpath = cfg["mountpath"]
+    clear_stale_mount(mountpath)
+    os.makedirs(mountpath, exist_ok=True)
+    opts = {"fsname=storage-sidecar-placeholder:" + cfg["name"], "subtype=storage-sidecar", "ro", "default_permissions"}
+    if cfg.get("allow_other"):
+        opts.add("allow_other")
+    try:
+        pyfuse3.init(ops, mountpath, opts)
+    except RuntimeError as exc:
+        emit("error", code="mount_failed", reason=str(exc))
+        return 1
+
+    async def commands() -> None:
+        stream = trio.lowlevel.FdStream(os.dup(0))
+        buf = b""
+        async with stream:
+            while chunk := await stream.receive_some(4096):
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    try:
+                        ops.message = message_for(cfg["name"], str(json.loads(line)))
+                    except ValueError:
+                        pass
+        pyfuse3.terminate()  # the daemon went away: do not outlive it
+
+    async def signals() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+            async for _ in received:
+                pyfuse3.terminate()
+                return
+
+    try:
+        emit("mounted", mountpath=mountpath)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(commands)
+            nursery.start_soon(signals)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+    finally:
+        pyfuse3.close(unmount=True)
+    return 0
+
+
+def main() -> None:
+    cfg = read_config_line()
+    log.configure(cfg.get("log_level", "info"))
+    try:
+        rc = trio.run(serve, cfg)
+    except Exception as exc:
+        logger.exception("placeholder_failed", mount=cfg.get("name"))
+        emit("error", code="internal", reason=str(exc))
+        rc = 1
+    sys.exit(rc)
+
+
+if __name__ == "__main__":
+    main()
