@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-reliability bench clean
 
 install:
 	@bash scripts/bootstrap.sh
@@ -13,6 +13,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Every fault scenario, the long ones included (2 GiB on a slow link, 32 readers x 100 tries).
+test-reliability: install
+	$(PY) -m pytest --reliability tests/mount/test_reliability.py tests/mount/test_faults.py $(PYTEST_ARGS)
 
 bench:
 	@bash scripts/bootstrap.sh --bench

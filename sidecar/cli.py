@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import click
 
@@ -56,7 +57,8 @@ def _size(text: str) -> int:
 @click.option("--block-size", default="8M", show_default=True, help="Block size of the cache.")
 @click.option("--memory-limit", default="256M", show_default=True, help="Memory for cached and prefetched blocks, per mount.")
 @click.option("--readahead", default="128M", show_default=True, help="Most bytes read ahead for one sequential reader.")
-@click.option("--disk-limit", default="10G", show_default=True, help="Hard limit of the disk cache, per storage.")
+@click.option("--disk-limit", default="10G", show_default=True, help="Hard limit of the disk cache, per storage (less if its file system has less free space).")
+@click.option("--staging-limit", default="50G", show_default=True, help="Bytes of files being written that may be staged on local disk, per mount (beyond: ENOSPC).")
 @click.option("--grace-period", default=20.0, show_default=True, help="Seconds to unmount everything after SIGTERM.")
 @click.option("--check-deadline", default=10.0, show_default=True, help="Seconds the pre-flight check of one storage may take.")
 @click.option("--credentials-wait", default=0.0, show_default=True, help="Seconds /ready waits for credentials or a skip before skipping a mount (0: do not wait).")
@@ -66,7 +68,7 @@ def _size(text: str) -> int:
 @click.option("--allow-other", is_flag=True, help="Let other users access the mounts (needs user_allow_other).")
 @click.option("--only", default=None, help="Comma-separated mount names to mount at start; the others wait, unmounted.")
 @click.option("--log-level", default="info", show_default=True)
-def run(manifest_path, socket_path, socket_group, cache_dir, credentials_dir, block_size, memory_limit, readahead, disk_limit, grace_period,
+def run(manifest_path, socket_path, socket_group, cache_dir, credentials_dir, block_size, memory_limit, readahead, disk_limit, staging_limit, grace_period,
         check_deadline, credentials_wait, write_probe, uid, gid, allow_other, only, log_level) -> None:
     """Mount every mount of the manifest and serve them until SIGTERM/SIGINT."""
     import os
@@ -102,6 +104,7 @@ def run(manifest_path, socket_path, socket_group, cache_dir, credentials_dir, bl
         memory_limit=_size(memory_limit),
         readahead=_size(readahead),
         disk_limit=_size(disk_limit),
+        staging_limit=_size(staging_limit),
         grace_period=grace_period,
         uid=uid,
         gid=gid,
@@ -229,7 +232,7 @@ def ls_(as_json, socket_path, project_dir) -> None:
 
 
 def devmounts() -> list[str]:
-    from sidecar.devservers import fuse_mounts
+    from sidecar.mounttable import fuse_mounts
 
     return fuse_mounts()
 
@@ -487,16 +490,47 @@ def status(socket_path: str | None, as_json: bool, probe: str | None) -> None:
             store = c.get("store") or {}
             rate = m.get("cache_hit_rate")
             err = m.get("error") or {}
+            unsynced = m.get("unsynced") or {}
+            problem = f"{err.get('code')}: {err.get('reason')}" if err else ""
+            if m.get("next_try"):
+                problem += f" (next try in {max(0, m['next_try'] - time.time()):.0f} s)"
             rows.append((
                 m["name"], m["state"], m["mountpath"], "ro" if m["readonly"] else "rw",
                 "-" if rate is None else f"{rate:.0%}", _human(store.get("bytes_fetched", 0)), str(sum((c.get("errors") or {}).values())),
-                f"{err.get('code')}: {err.get('reason')}" if err else "",
+                f"{unsynced.get('files', 0)} ({_human(unsynced.get('bytes', 0))})" if unsynced.get("files") else "-",
+                problem,
             ))
-        _table(("NAME", "STATE", "MOUNTPATH", "MODE", "HIT RATE", "READ FROM BACKEND", "ERRORS", "PROBLEM"), rows)
+        _table(("NAME", "STATE", "MOUNTPATH", "MODE", "HIT RATE", "READ FROM BACKEND", "ERRORS", "UNSYNCED", "PROBLEM"), rows)
+        for m in mounts:
+            for f in m.get("staged") or []:
+                if f["state"] in ("incomplete", "conflict"):
+                    click.echo(f"{m['name']}: {f['key']} is {f['state']} ({_human(f['size'])}), local copy {f['local_path']}"
+                               + (f"; publish it with `storage-sidecar publish {m['name']} {f['key']}`" if f["state"] == "incomplete" else ""))
         if unhealthy:
             click.echo(f"\n{len(unhealthy)} mount(s) not healthy. Needs credentials: POST them to /mounts/<name>/credentials "
                        "or skip with /mounts/<name>/skip; failed: see PROBLEM, then `storage-sidecar mount NAME` to retry.", err=True)
     sys.exit(EXIT_UNHEALTHY if unhealthy else EXIT_HEALTHY)
+
+
+@main.command()
+@click.argument("mount_name")
+@click.argument("key")
+@click.option("--socket", "socket_path", default=None, help="Control socket of the daemon.")
+def publish(mount_name: str, key: str, socket_path: str | None) -> None:
+    """Upload an `incomplete` staged file (one whose writer never closed it, e.g. the sidecar died
+    while it was being written) under its key, as it is. Nothing is ever published without this."""
+    from sidecar.status import Unreachable, request
+
+    try:
+        code, body = request(f"/mounts/{mount_name}/publish", "POST", {"key": key}, sock=socket_path, timeout=30)
+    except Unreachable as exc:
+        _fail(str(exc), EXIT_NO_DAEMON)
+    if code == 200:
+        click.echo(f"published {key}")
+    elif code == 202:
+        click.echo(f"{key}: still uploading; `storage-sidecar status` shows when it is done")
+    else:
+        _fail(f"{key}: not published: {body.get('error') if isinstance(body, dict) else body}", EXIT_FAILED)
 
 
 def _human(n: int) -> str:

@@ -32,15 +32,16 @@ from typing import Any
 import trio
 
 from sidecar import credentials as credential_sources
-from sidecar import preflight
+from sidecar import preflight, protocol
+from sidecar.protocol import WorkerConfig
 from sidecar.control import REQUEST_DEADLINE, HTTPError, route, serve
 from sidecar.log import get_logger, register_secret
 from sidecar.manifest import Manifest, RemoteStorage, StorageMount
+from sidecar.mounttable import is_mounted
+from sidecar.states import UP
 
 log = get_logger("sidecar.daemon")
 
-STATES = ("pending", "checking", "mounted", "degraded", "needs_credentials", "failed", "skipped", "unmounted")
-SETTLED = {"mounted", "degraded", "needs_credentials", "failed", "skipped", "unmounted"}
 RETRY_FIRST = 1.0  # s before the first automatic attempt after a failure
 RETRY_FAST_CAP = 8.0  # s between attempts while a failure is recent (< RETRY_FAST_PERIOD)
 RETRY_FAST_PERIOD = 600.0
@@ -54,15 +55,16 @@ class DaemonConfig:
     socket_group: str | int | None = None
     cache_dir: str | None = None
     credentials_dir: str | None = None
-    block_size: int = 8 << 20
-    memory_limit: int = 256 << 20
-    readahead: int = 128 << 20
-    disk_limit: int = 10 << 30
+    block_size: int = protocol.BLOCK_SIZE
+    memory_limit: int = protocol.MEMORY_LIMIT
+    readahead: int = protocol.READAHEAD
+    disk_limit: int = protocol.DISK_LIMIT
+    staging_limit: int = protocol.STAGING_LIMIT
     mount_timeout: float = 60.0
     check_deadline: float = 10.0
     credentials_wait: float = 0.0
     write_probe: bool = True
-    grace_period: float = 20.0
+    grace_period: float = protocol.GRACE_PERIOD
     poll_interval: float = 5.0
     uid: int | None = None
     gid: int | None = None
@@ -118,13 +120,16 @@ class WorkerProcess:
         line, self._buffer = self._buffer.split(b"\n", 1)
         return json.loads(line)
 
-    async def start(self, cfg: dict[str, Any], timeout: float) -> dict[str, str] | None:
+    async def start(self, cfg: WorkerConfig | dict[str, Any], timeout: float) -> dict[str, str] | None:
         """Starts the worker; None once mounted, else an error {code, reason}."""
+        # The worker's environment holds no secret: its own credentials come over the pipe, and
+        # other storages' (prefixed variables) are none of its business.
+        env = {k: v for k, v in os.environ.items() if k not in credential_sources.secret_variables()}
         self.process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", self.module], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            [sys.executable, "-m", self.module], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
         )
         assert self.process.stdin is not None
-        await self.process.stdin.send_all((json.dumps(cfg) + "\n").encode())
+        await self.process.stdin.send_all(cfg.to_line() if isinstance(cfg, WorkerConfig) else (json.dumps(cfg) + "\n").encode())
         with trio.move_on_after(timeout):
             event = await self._read_event()
             if event and event.get("event") == "mounted":
@@ -151,19 +156,25 @@ class WorkerProcess:
         assert self.process is not None
         return await self.process.wait()
 
-    async def stats(self, timeout: float = 2.0) -> dict[str, Any] | None:
+    async def call(self, line: bytes, expect: str, timeout: float) -> dict[str, Any] | None:
+        """Sends a command line and returns the worker's `expect` event (None if the worker is
+        gone or did not answer in time). Answers to earlier calls that timed out are skipped."""
         if not self.alive:
             return None
         async with self._lock:
             with trio.move_on_after(timeout):
                 assert self.process is not None and self.process.stdin is not None
                 try:
-                    await self.process.stdin.send_all(b"stats\n")
-                    event = await self._read_event()
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self.process.stdin.send_all(line)
+                    while (event := await self._read_event()) is not None:
+                        if event.get("event") == expect:
+                            return event
+                except (trio.BrokenResourceError, trio.ClosedResourceError, ValueError):
                     return None
-                return event if event and event.get("event") == "stats" else None
         return None
+
+    async def stats(self, timeout: float = 2.0) -> dict[str, Any] | None:
+        return await self.call(b"stats\n", "stats", timeout)
 
     async def stop(self, grace: float) -> None:
         proc = self.process
@@ -179,12 +190,6 @@ class WorkerProcess:
                     proc.kill()
                     await proc.wait()
             await unmount_if_mounted(self.mountpath)
-
-
-def is_mounted(path: str) -> bool:
-    real = os.path.realpath(path)
-    with open("/proc/mounts") as f:
-        return any(len(p) > 1 and p[1].replace("\\040", " ") == real for p in (line.split() for line in f))
 
 
 async def unmount_if_mounted(path: str) -> bool:
@@ -243,6 +248,8 @@ class Mount:
             "cache_hit_rate": (hits / lookups) if lookups else None,
             "counters": {k: stats.get(k) for k in ("store", "cache", "disk", "errors", "memory_bytes")} if stats else None,
             "unsynced_writes": len(stats.get("staged") or []),
+            "unsynced": stats.get("unsynced"),
+            "write_mode": self.mount.write_mode if not st.readonly else None,
             "staged": stats.get("staged") or [],
         }
 
@@ -275,30 +282,33 @@ class Daemon:
 
     # -- the supervisor of one mount ---------------------------------------------------------
 
-    def worker_config(self, m: Mount, creds: dict[str, str]) -> dict[str, Any]:
+    def worker_config(self, m: Mount, creds: dict[str, str]) -> WorkerConfig:
         st, mt, cfg = m.storage, m.mount, self.cfg
-        return {
-            "name": mt.name,
-            "storage_id": st.id,
-            "url": st.url,
-            "options": st.options,
-            "source_path": mt.source_path,
-            "mountpath": mt.mountpath,
-            "readonly": st.readonly,
-            "ttl": mt.metadata_ttl,
-            "deadline": mt.deadline,
-            "credentials": creds,
-            "cache_dir": cfg.cache_dir,
-            "block_size": cfg.block_size,
-            "memory_limit": cfg.memory_limit,
-            "readahead": cfg.readahead,
-            "disk_limit": cfg.disk_limit,
-            "uid": cfg.uid,
-            "gid": cfg.gid,
-            "allow_other": cfg.allow_other,
-            "log_level": cfg.log_level,
-            "grace_period": cfg.grace_period,
-        }
+        return WorkerConfig(
+            name=mt.name or "",
+            storage_id=st.id or "",
+            url=st.url,
+            options=st.options,
+            source_path=mt.source_path,
+            mountpath=mt.mountpath,
+            root=self.manifest.root,
+            readonly=st.readonly,
+            write_mode=mt.write_mode,
+            ttl=mt.metadata_ttl,
+            deadline=mt.deadline,
+            credentials=creds,
+            cache_dir=cfg.cache_dir,
+            block_size=cfg.block_size,
+            memory_limit=cfg.memory_limit,
+            readahead=cfg.readahead,
+            disk_limit=cfg.disk_limit,
+            staging_limit=cfg.staging_limit,
+            uid=cfg.uid,
+            gid=cfg.gid,
+            allow_other=cfg.allow_other,
+            log_level=cfg.log_level,
+            grace_period=cfg.grace_period,
+        )
 
     def credentials_for(self, m: Mount) -> dict[str, str]:
         if m.storage.options.get("anonymous"):
@@ -313,7 +323,16 @@ class Daemon:
         m.retry_at = m.next_try = None
         if m.state != "failed":  # a retry stays `failed` (and ready) until it succeeds
             self._set(m, "checking")
-        creds = self.credentials_for(m)
+        # Credential sources are files, a keyring, a local store: read off the event loop, under
+        # the check's deadline, so a FIFO or a huge file never freezes the daemon.
+        try:
+            with trio.fail_after(self.cfg.check_deadline):
+                creds = await trio.to_thread.run_sync(self.credentials_for, m, abandon_on_cancel=True)
+        except (credential_sources.CredentialProblem, trio.TooSlowError) as exc:
+            reason = str(exc) if str(exc) else f"reading the credentials took longer than {self.cfg.check_deadline:g} s"
+            log.error("credentials_unusable", mount=m.name, reason=reason)
+            self._set(m, "needs_credentials", {"code": "credentials_invalid", "reason": reason})
+            return
         result = await preflight.check(
             m.name,
             m.storage.parsed,
@@ -391,7 +410,7 @@ class Daemon:
         else:
             await unmount_if_mounted(m.mount.mountpath)  # e.g. the dead mount of a crashed worker
             placeholder = WorkerProcess(m.name, m.mount.mountpath, module="sidecar.placeholder")
-            cfg = {"name": m.name, "mountpath": m.mount.mountpath, "message": self._placeholder_message(m),
+            cfg = {"name": m.name, "mountpath": m.mount.mountpath, "root": self.manifest.root, "message": self._placeholder_message(m),
                    "allow_other": self.cfg.allow_other, "log_level": self.cfg.log_level}
             error = await placeholder.start(cfg, 15.0)
             if error:
@@ -431,12 +450,12 @@ class Daemon:
                     if m.state == "failed":
                         log.info("mount_retry", mount=m.name, attempt=m.failures + 1)
                         await self._bring_up(m)
-                elif cmd == "mount" and m.state not in ("mounted", "degraded"):
+                elif cmd == "mount" and m.state not in UP:
                     m.failures, m.failing_since = 0, None
                     await self._bring_up(m)
                 elif cmd == "credentials":
                     m.handed_credentials = arg
-                    if m.state not in ("mounted", "degraded"):
+                    if m.state not in UP:
                         await self._bring_up(m)
                 elif cmd == "unmount":
                     await self._take_down(m, "unmounted")
@@ -471,15 +490,18 @@ class Daemon:
         while True:
             await trio.sleep(self.cfg.poll_interval)
             for m in list(self.mounts.values()):
-                if m.worker is None or m.state not in ("mounted", "degraded"):
+                if m.worker is None or m.state not in UP:
                     continue
                 stats = await m.worker.stats()
                 if stats is None:
                     continue
                 m.stats = stats
                 errors = stats["store"]["errors"]
+                stalled = stats["store"].get("stalled_calls", 0)
                 if errors > last_errors.get(m.name, 0):
                     self._set(m, "degraded", {"code": "backend_errors", "reason": f"{errors - last_errors.get(m.name, 0)} backend errors in the last {self.cfg.poll_interval:g} s"})
+                elif stalled:
+                    self._set(m, "degraded", {"code": "backend_stalled", "reason": f"{stalled} backend call(s) without progress for 5 s or more"})
                 elif m.state == "degraded":
                     self._set(m, "mounted")
                 last_errors[m.name] = errors
@@ -488,7 +510,7 @@ class Daemon:
 
     async def status(self) -> dict[str, Any]:
         for m in self.mounts.values():
-            if m.worker is not None and m.state in ("mounted", "degraded"):
+            if m.worker is not None and m.state in UP:
                 m.stats = await m.worker.stats(timeout=1.0) or m.stats
         return {"ready": self.ready(), "pid": os.getpid(), "started": self.started, "mounts": [m.public() for m in self.mounts.values()]}
 
@@ -512,10 +534,12 @@ class Daemon:
         if m is None:
             raise HTTPError(404, "no_such_mount", f"no mount named {params['name']!r}; mounts: {', '.join(self.mounts)}")
         action = path.rsplit("/", 1)[1]
+        if action == "publish":
+            return await self._publish(m, body)
         arg = None
         if action == "credentials":
             arg = parse_credentials(body, m.storage.provider)
-        if action == "unmount" and m.state in ("mounted", "degraded") and "force=1" not in target.partition("?")[2]:
+        if action == "unmount" and m.state in UP and "force=1" not in target.partition("?")[2]:
             pids = await trio.to_thread.run_sync(busy_pids, m.mount.mountpath)
             if pids:
                 raise HTTPError(409, "busy", f"{m.mount.mountpath} is in use by process(es) {', '.join(map(str, pids))}; close them or unmount with --force")
@@ -526,6 +550,23 @@ class Daemon:
         with trio.move_on_after(ACTION_WAIT):
             await done.wait()
         return (200 if done.is_set() else 202), m.public()
+
+    async def _publish(self, m: Mount, body: bytes) -> tuple[int, Any]:
+        """Uploads an `incomplete` staged file of a mount on a person's explicit request."""
+        try:
+            key = json.loads(body.decode("utf-8"))["key"]
+            if not isinstance(key, str) or not key:
+                raise ValueError
+        except (ValueError, KeyError, TypeError, RecursionError, UnicodeDecodeError):
+            raise HTTPError(400, "bad_request", 'the body must be {"key": "<object key of an incomplete file>"}') from None
+        if m.worker is None or m.state not in UP:
+            raise HTTPError(409, "not_mounted", f"{m.name} is {m.state}; publish needs it mounted")
+        answer = await m.worker.call((json.dumps({"cmd": "publish", "key": key}) + "\n").encode(), "published", ACTION_WAIT)
+        if answer is None:
+            return 202, {"key": key, "published": None, "reason": "still uploading; see status"}
+        if not answer.get("ok"):
+            raise HTTPError(409, "not_published", answer.get("reason") or "not published")
+        return 200, {"key": key, "published": True}
 
     # -- main ----------------------------------------------------------------------------------
 
@@ -553,7 +594,7 @@ class Daemon:
             with trio.move_on_after(self.cfg.grace_period + 5):
                 async with trio.open_nursery() as nursery:
                     for m in self.mounts.values():
-                        nursery.start_soon(self._take_down, m, "unmounted" if m.state in ("mounted", "degraded") else m.state, m.error)
+                        nursery.start_soon(self._take_down, m, "unmounted" if m.state in UP else m.state, m.error)
             for m in self.mounts.values():  # whatever is still there after the grace period
                 await unmount_if_mounted(m.mount.mountpath)
         log.info("daemon_stopped")

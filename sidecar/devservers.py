@@ -19,6 +19,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from sidecar.mounttable import fuse_mounts
+
+__all__ = ["fuse_mounts", "free_port", "moto_server", "azurite_server", "gcs_server", "stop_process", "WorkerProcess"]
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -179,16 +183,6 @@ def gcs_server(log_path: str | os.PathLike[str]) -> Iterator[GCSServer]:
         stop_process(proc)
 
 
-def fuse_mounts() -> list[str]:
-    """Mount points of FUSE file systems in this mount namespace."""
-    out = []
-    for line in Path("/proc/mounts").read_text().splitlines():
-        parts = line.split()
-        if len(parts) > 2 and parts[2].startswith("fuse"):
-            out.append(parts[1].replace("\\040", " "))
-    return out
-
-
 class WorkerProcess:
     """A sidecar.worker process serving one mount, driven over its stdin/stdout protocol."""
 
@@ -206,6 +200,12 @@ class WorkerProcess:
 
     def stats(self):
         self.proc.stdin.write(b"stats\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def publish(self, key):
+        """Asks the worker to upload an incomplete staged file (a person's explicit decision)."""
+        self.proc.stdin.write((json.dumps({"cmd": "publish", "key": key}) + "\n").encode())
         self.proc.stdin.flush()
         return json.loads(self.proc.stdout.readline())
 

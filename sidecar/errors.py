@@ -96,6 +96,12 @@ class UploadFailed(BackendUnavailable):
     code = "upload_failed"
 
 
+class InvalidName(SidecarError):
+    """A name that cannot be stored as an object key (control characters, not UTF-8)."""
+
+    code = "invalid_name"
+
+
 ERRNO_TABLE: dict[type[SidecarError], int] = {
     NotFound: errno.ENOENT,
     AccessDenied: errno.EACCES,
@@ -114,6 +120,7 @@ ERRNO_TABLE: dict[type[SidecarError], int] = {
     NameTooLong: errno.ENAMETOOLONG,
     NotPermitted: errno.EPERM,
     WriteConflict: errno.EIO,
+    InvalidName: errno.EINVAL,
 }
 
 

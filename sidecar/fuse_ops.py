@@ -1,9 +1,15 @@
 """A thin pyfuse3.Operations adapter over the filesystem core.
 
-Each handler binds per-request log context, bounds the call by the mount's deadline, calls the
-core and translates every error through the one errno table (`sidecar.errors`). pyfuse3 catches
-only FUSEError, so nothing else may escape a handler: anything unexpected is logged with its
-traceback and answered EIO.
+Each handler binds per-request log context, calls the core and translates every error through
+the one errno table (`sidecar.errors`). pyfuse3 catches only FUSEError, so nothing else may
+escape a handler: anything unexpected is logged with its traceback and answered EIO.
+
+The adapter imposes no timeout of its own: deadlines live where the work is (the store bounds
+every backend call, a transfer by its progress), so closing a large file on a slow link is not
+cut short while it moves, and a stalled backend still fails the call within its deadline.
+
+Names arrive as bytes. One that is not UTF-8 cannot be an object key: a lookup answers ENOENT,
+a create/mkdir/rename to it EINVAL (never a traceback per lookup).
 """
 
 from __future__ import annotations
@@ -16,9 +22,8 @@ from typing import Any, TypeVar
 
 import pyfuse3
 import structlog
-import trio
 
-from sidecar.errors import NotPermitted, SidecarError, errno_for
+from sidecar.errors import InvalidName, NotFound, NotPermitted, SidecarError, errno_for
 from sidecar.log import get_logger
 from sidecar.vfs.core import Attr, Filesystem
 
@@ -40,14 +45,9 @@ def _translated(fn: F) -> F:
             hook()
         with structlog.contextvars.bound_contextvars(op=op, mount=self.mount_name):
             try:
-                with trio.fail_after(self.deadline):
-                    return await fn(self, *args)
+                return await fn(self, *args)
             except pyfuse3.FUSEError:
                 raise
-            except trio.TooSlowError:
-                self.errors.bump("timeout")
-                log.warning("request_timed_out", deadline=self.deadline)
-                raise pyfuse3.FUSEError(errno.EIO) from None
             except SidecarError as exc:
                 code = errno_for(exc)
                 if code != errno.ENOENT:  # a lookup of a missing name is normal, not an error
@@ -65,16 +65,31 @@ def _translated(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _existing_name(name: bytes) -> str:
+    """A name to look up: not UTF-8 means no such object."""
+    try:
+        return name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise NotFound(repr(name)) from None
+
+
+def _new_name(name: bytes) -> str:
+    """A name to create: not UTF-8 cannot be stored as a key."""
+    try:
+        return name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidName(f"{name!r}: not UTF-8") from None
+
+
 class FuseOps(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, fs: Filesystem, *, mount_name: str, deadline: float = 30.0) -> None:
+    def __init__(self, fs: Filesystem, *, mount_name: str) -> None:
         super().__init__()
         self.fs = fs
         self.mount_name = mount_name
-        self.deadline = deadline
         self.errors = ErrorCounts()
         self.on_first_request: Callable[[], None] | None = None
 
@@ -82,8 +97,8 @@ class FuseOps(pyfuse3.Operations):
         e = pyfuse3.EntryAttributes()
         e.st_ino = a.ino
         e.generation = 0
-        e.entry_timeout = self.fs.ttl
-        e.attr_timeout = self.fs.ttl
+        e.entry_timeout = a.ttl
+        e.attr_timeout = a.ttl
         e.st_mode = a.mode
         e.st_nlink = a.nlink
         e.st_uid = a.uid
@@ -98,7 +113,7 @@ class FuseOps(pyfuse3.Operations):
 
     @_translated
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        return self._entry(await self.fs.lookup(parent_inode, os.fsdecode(name)))
+        return self._entry(await self.fs.lookup(parent_inode, _existing_name(name)))
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         try:
@@ -117,7 +132,7 @@ class FuseOps(pyfuse3.Operations):
     @_translated
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         for name, attr, next_id in self.fs.readdir(fh, start_id):
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(attr), next_id):
+            if not pyfuse3.readdir_reply(token, name.encode("utf-8"), self._entry(attr), next_id):
                 break
             self.fs.remember(attr.ino)  # readdirplus: the kernel took a reference
 
@@ -160,7 +175,7 @@ class FuseOps(pyfuse3.Operations):
 
     @_translated
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        fh, attr = await self.fs.create(parent_inode, os.fsdecode(name), flags)
+        fh, attr = await self.fs.create(parent_inode, _new_name(name), flags)
         return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False), self._entry(attr)
 
     @_translated
@@ -182,19 +197,19 @@ class FuseOps(pyfuse3.Operations):
 
     @_translated
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        await self.fs.unlink(parent_inode, os.fsdecode(name))
+        await self.fs.unlink(parent_inode, _existing_name(name))
 
     @_translated
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
-        return self._entry(await self.fs.mkdir(parent_inode, os.fsdecode(name)))
+        return self._entry(await self.fs.mkdir(parent_inode, _new_name(name)))
 
     @_translated
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        await self.fs.rmdir(parent_inode, os.fsdecode(name))
+        await self.fs.rmdir(parent_inode, _existing_name(name))
 
     @_translated
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes, flags: int, ctx: Any) -> None:
-        await self.fs.rename(parent_inode_old, os.fsdecode(name_old), parent_inode_new, os.fsdecode(name_new), flags)
+        await self.fs.rename(parent_inode_old, _existing_name(name_old), parent_inode_new, _new_name(name_new), flags)
 
     # Object stores have no links or special files: refused explicitly (EPERM), never ENOSYS.
     @_translated

@@ -19,19 +19,35 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sidecar.project import Project
+from sidecar.private import UnsafeFolder, private_folder
+from sidecar.project import Project, ProjectError
 from sidecar.status import Unreachable, default_socket, request, request_settled
+
+
+class UnsafeRuntimeDir(ProjectError):
+    """The folder for the socket, pid and log is not ours alone."""
+
+
+def private_dir(path: Path) -> Path:
+    """A runtime folder only this user can use. In a shared location (/tmp) another user could
+    have created it first to watch or replace our socket: then it is refused, never used."""
+    try:
+        return private_folder(path, fix_mode=False)
+    except UnsafeFolder as exc:
+        raise UnsafeRuntimeDir(f"{exc}; remove it or set XDG_RUNTIME_DIR") from None
 
 
 def runtime_dir() -> Path:
     if os.environ.get("STORAGE_SIDECAR_RUNTIME_DIR"):
-        base = Path(os.environ["STORAGE_SIDECAR_RUNTIME_DIR"])
-    elif os.getuid() == 0:
+        return private_dir(Path(os.environ["STORAGE_SIDECAR_RUNTIME_DIR"]))
+    if os.getuid() == 0:  # /run is root's alone
         base = Path("/run/storage-sidecar")
-    else:
-        base = Path(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/storage-sidecar-{os.getuid()}") / "storage-sidecar"
-    base.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return base
+        base.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return base
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return private_dir(Path(os.environ["XDG_RUNTIME_DIR"]) / "storage-sidecar")
+    # No per-user runtime folder: one of our own in /tmp, checked, never one someone else made.
+    return private_dir(private_dir(Path(f"/tmp/storage-sidecar-{os.getuid()}")) / "storage-sidecar")
 
 
 def cache_dir() -> Path:

@@ -37,6 +37,15 @@ _SECRET_WORDS = {"key", "sas", "pwd"}
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_DEPTH = 32
+
+
+def _no_control_characters(v: str) -> None:
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in v):
+        raise ValueError("must not contain control characters (NUL, newline, tab, ...)")
+
+
 class ManifestError(ValueError):
     """A manifest that cannot be used; `errors` holds (field path, message) pairs."""
 
@@ -116,8 +125,9 @@ class RemoteStorage(_Model):
                 )
             if not isinstance(value, allowed[key]):
                 raise ValueError(f"options.{key}: must be a {allowed[key].__name__}")
-            if key == "endpoint_url" and not re.match(r"^https?://[^/\s@]+/?[^\s@]*$", value):
-                raise ValueError("options.endpoint_url: must be an http:// or https:// URL without user info")
+            if key == "endpoint_url" and not re.match(r"^https?://[^/\s@?#]+(/[^\s@?#]*)?$", value):
+                # no user info, query or fragment: a signature or SAS token could hide there
+                raise ValueError("options.endpoint_url: must be an http:// or https:// URL without user info, query string or fragment")
         return self
 
     @property
@@ -132,7 +142,10 @@ class StorageMount(_Model):
     mountpath: str
     source_path: str = ""
     metadata_ttl: float = Field(default=5.0, ge=0, le=3600, description="seconds listings and attributes are cached")
-    deadline: float = Field(default=30.0, gt=0, le=600, description="seconds before a backend call fails with EIO")
+    deadline: float = Field(default=30.0, gt=0, le=600, description="seconds before a backend call fails with EIO (transfers: seconds without progress)")
+    write_mode: Literal["durable", "writeback"] = Field(
+        default="durable", description="durable: close returns once stored; writeback: once staged on local disk, uploaded in the background"
+    )
 
     @field_validator("name")
     @classmethod
@@ -142,6 +155,7 @@ class StorageMount(_Model):
     @field_validator("source_path")
     @classmethod
     def _source_path(cls, v: str) -> str:
+        _no_control_characters(v)
         segments = [s for s in v.split("/") if s]
         if any(s in (".", "..") for s in segments):
             raise ValueError("must be a folder inside the storage, without '.' or '..'")
@@ -152,6 +166,7 @@ class StorageMount(_Model):
     def _mountpath(cls, v: str) -> str:
         if not v:
             raise ValueError("must not be empty")
+        _no_control_characters(v)
         return v
 
 
@@ -164,6 +179,7 @@ class Manifest(_Model):
     @field_validator("root")
     @classmethod
     def _root_absolute(cls, v: str) -> str:
+        _no_control_characters(v)
         if not os.path.isabs(v):
             raise ValueError("must be an absolute path")
         return os.path.normpath(v)
@@ -262,20 +278,36 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
             out += f"[{part}]"
         else:
             out += f".{part}" if out else str(part)
-    return out
+    return out or "(document)"
+
+
+def _depth(doc: Any) -> int:
+    """Nesting depth of a decoded document, without recursion."""
+    deepest, todo = 0, [(doc, 1)]
+    while todo:
+        node, d = todo.pop()
+        deepest = max(deepest, d)
+        if d > MAX_DEPTH:
+            break
+        if isinstance(node, dict):
+            todo.extend((v, d + 1) for v in node.values())
+        elif isinstance(node, list):
+            todo.extend((v, d + 1) for v in node)
+    return deepest
 
 
 def parse_manifest(doc: Any) -> Manifest:
     """Validates a decoded manifest document. Raises `ManifestError` with field-level errors."""
     if not isinstance(doc, dict):
         raise ManifestError([("(document)", "must be a JSON object with root, storages and mounts")])
-    secret_errors = find_secret_fields(doc)
-    if secret_errors:
-        raise ManifestError(secret_errors)
+    if _depth(doc) > MAX_DEPTH:
+        raise ManifestError([("(document)", f"nested more than {MAX_DEPTH} levels deep")])
+    # Every independent error at once: fields that look secret, then the schema's.
+    errors = find_secret_fields(doc)
+    secret_locs = {loc for loc, _ in errors}
     try:
         manifest = Manifest.model_validate(doc)
     except ValidationError as exc:
-        errors = []
         for e in exc.errors(include_input=False, include_url=False):
             msg = e["msg"].removeprefix("Value error, ")
             loc = _format_loc(e["loc"])
@@ -283,9 +315,10 @@ def parse_manifest(doc: Any) -> Manifest:
             m = re.match(r"^(url|options\.\w+): (.*)$", msg, re.S)
             if m:
                 loc, msg = f"{loc}.{m.group(1)}", m.group(2)
-            errors.append((loc, msg))
+            if loc not in secret_locs:  # "looks like a secret" says more than "unknown option"
+                errors.append((loc, msg))
         raise ManifestError(errors) from None
-    errors = _resolve(manifest)
+    errors += _resolve(manifest)
     if errors:
         raise ManifestError(errors)
     return manifest
@@ -293,17 +326,32 @@ def parse_manifest(doc: Any) -> Manifest:
 
 def load(path: str | os.PathLike[str]) -> Manifest:
     try:
-        text = Path(path).read_text()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
     except OSError as exc:
-        raise ManifestError([("(file)", f"cannot read {os.fspath(path)!r}: {exc.strerror}")]) from None
-    return loads(text)
+        raise ManifestError([("(document)", f"cannot read {path}: {exc.strerror}")]) from None
+    return loads(raw)
 
 
-def loads(text: str) -> Manifest:
+def loads(text: str | bytes) -> Manifest:
+    """Parses a manifest from JSON text or bytes. Never raises anything but ManifestError."""
+    if len(text) > MAX_MANIFEST_BYTES:
+        raise ManifestError([("(document)", f"larger than {MAX_MANIFEST_BYTES} bytes")])
+    if isinstance(text, bytes):
+        if text.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(text) > 1 and (text[0] == 0 or text[1] == 0)):
+            raise ManifestError([("(document)", "must be UTF-8 (this looks like UTF-16)")])
+        try:
+            text = text.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise ManifestError([("(document)", f"must be UTF-8: invalid byte at offset {exc.start}")]) from None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ManifestError([("(document)", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")]) from None
+    except RecursionError:
+        raise ManifestError([("(document)", f"nested more than {MAX_DEPTH} levels deep")]) from None
+    except ValueError as exc:  # e.g. an integer of thousands of digits
+        raise ManifestError([("(document)", f"not usable JSON: {str(exc).split(';')[0]}")]) from None
     return parse_manifest(doc)
 
 

@@ -4,19 +4,16 @@ mount names, providers and numbers."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from sidecar.daemon import STATES
-
-if TYPE_CHECKING:
-    from sidecar.daemon import Daemon
+from sidecar.states import STATES
 
 
 class _DaemonCollector:
-    def __init__(self, daemon: "Daemon") -> None:
+    def __init__(self, daemon: Any) -> None:  # a sidecar.daemon.Daemon (not imported: no cycle)
         self.daemon = daemon
 
     def collect(self) -> Any:
@@ -42,7 +39,7 @@ class _DaemonCollector:
             for kind in ("get", "list", "head"):
                 backend.add_metric([m.name, kind], b.get(f"{kind}_requests", 0))
             backend.add_metric([m.name, "error"], b.get("errors", 0))
-            backend.add_metric([m.name, "retry"], b.get("retries", 0))
+            backend.add_metric([m.name, "retry"], b.get("retries", 0) + b.get("sdk_retries", 0))
             latency.add_metric([m.name], b.get("latency_sum_s", 0.0))
             calls.add_metric([m.name], b.get("calls", 0))
             fetched.add_metric([m.name], b.get("bytes_fetched", 0))
@@ -53,7 +50,7 @@ class _DaemonCollector:
         yield from (state, restarts, cache, backend, fetched, errors, latency, calls, disk, memory)
 
 
-def render(daemon: "Daemon") -> str:
+def render(daemon: Any) -> str:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_DaemonCollector(daemon))  # type: ignore[arg-type]
     return generate_latest(registry).decode()

@@ -26,7 +26,8 @@ import pyfuse3
 import trio
 
 from sidecar import log
-from sidecar.worker import clear_stale_mount, emit, read_config_line
+from sidecar.mounttable import UnsafeMountPath
+from sidecar.worker import clear_stale_mount, emit, prepare_mountpoint, read_config_line
 
 logger = log.get_logger("sidecar.placeholder")
 
@@ -104,9 +105,12 @@ def message_for(name: str, text: str) -> str:
 
 async def serve(cfg: dict[str, Any]) -> int:
     ops = PlaceholderOps(message_for(cfg["name"], cfg.get("message", "")))
-    mountpath = cfg["mountpath"]
-    clear_stale_mount(mountpath)
-    os.makedirs(mountpath, exist_ok=True)
+    clear_stale_mount(cfg["mountpath"])
+    try:
+        mountpath = prepare_mountpoint(cfg.get("root"), cfg["mountpath"])
+    except UnsafeMountPath as exc:
+        emit("error", code="mount_path_unsafe", reason=str(exc))
+        return 1
     opts = {"fsname=storage-sidecar-placeholder:" + cfg["name"], "subtype=storage-sidecar", "ro", "default_permissions"}
     if cfg.get("allow_other"):
         opts.add("allow_other")

@@ -30,6 +30,11 @@ class ProjectError(Exception):
     """A refused project operation; the message says what and why."""
 
 
+def _gitignore_escape(path: str) -> str:
+    """A literal path as a .gitignore pattern: wildcards and backslashes escaped."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in path)
+
+
 def find_root(start: str | os.PathLike[str] | None = None) -> Path:
     """The project root: the nearest directory (from `start` up) with `.storage/storage.json`,
     else the nearest with `.git`."""
@@ -86,7 +91,7 @@ class Project:
             del lines[start:end]
             while lines and not lines[-1].strip():
                 lines.pop()
-        entries = [f"/{m['mountpath'].strip('/')}/" for m in doc["mounts"]]
+        entries = [f"/{_gitignore_escape(m['mountpath'].strip('/'))}/" for m in doc["mounts"]]
         if entries:
             lines += (["", IGNORE_MARK] if lines else [IGNORE_MARK]) + entries
         if lines or path.exists():
@@ -95,6 +100,9 @@ class Project:
     def relative(self, target: str) -> str:
         """A target given on the command line (relative to the working directory, or absolute)
         as a path relative to the project root; refuses one outside the project."""
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in target):
+            # a newline would write extra lines (patterns, negations) into .gitignore
+            raise ProjectError(f"target {target!r} must not contain control characters (newline, tab, ...)")
         p = Path(target)
         absolute = (p if p.is_absolute() else Path.cwd() / p).resolve()
         if absolute == self.root or self.root not in absolute.parents:

@@ -29,14 +29,21 @@ import trio
 from sidecar import log, urls
 from sidecar.cache.blocks import BlockCache
 from sidecar.cache.disk import DiskTier
+from sidecar.mounttable import UnsafeMountPath, safe_mountpoint
+from sidecar.private import private_folder
+from sidecar.protocol import WorkerConfig
 from sidecar.vfs.core import Filesystem
+from sidecar.vfs.staging import StagingArea
 
 logger = log.get_logger("sidecar.worker")
 
 
 def emit(event: str, **fields: Any) -> None:
     data = (json.dumps({"event": event, **fields}) + "\n").encode()
-    os.write(1, data)
+    try:
+        os.write(1, data)
+    except BrokenPipeError:
+        pass  # the daemon is gone; there is nobody to tell
 
 
 def read_config_line() -> dict[str, Any]:
@@ -89,91 +96,103 @@ def raise_kernel_readahead(real_mountpath: str, kb: int) -> None:
         logger.debug("kernel_readahead_unchanged", reason=str(exc))
 
 
-def mount_options(cfg: dict[str, Any]) -> set[str]:
+def prepare_mountpoint(root: str | None, mountpath: str) -> str:
+    """The folder to mount on: checked against the project root at mount time when there is
+    one (`safe_mountpoint`), else created as given (tests, laptop one-offs)."""
+    if root:
+        return safe_mountpoint(root, mountpath)
+    os.makedirs(mountpath, exist_ok=True)
+    return os.path.realpath(mountpath)
+
+
+def mount_options(cfg: WorkerConfig) -> set[str]:
     import pyfuse3
 
     opts = set(pyfuse3.default_options)
-    opts.add(f"fsname=storage-sidecar:{cfg['name']}")
+    opts.add(f"fsname=storage-sidecar:{cfg.name}")
     opts.add("subtype=storage-sidecar")
     opts.add("noatime")
-    if cfg.get("readonly", True):
+    if cfg.readonly:
         opts.add("ro")
-    if cfg.get("allow_other"):
+    if cfg.allow_other:
         opts.add("allow_other")
     return opts
 
 
-async def serve(cfg: dict[str, Any]) -> int:
+def storage_dir_name(cfg: WorkerConfig) -> str:
+    return hashlib.sha256(cfg.storage_id.encode()).hexdigest()[:16]
+
+
+async def serve(cfg: WorkerConfig) -> int:
     import pyfuse3
 
     from sidecar.fuse_ops import FuseOps
     from sidecar.store.factory import build_store
 
-    url = urls.parse(cfg["url"])
-    store = build_store(cfg["storage_id"], url, cfg.get("options", {}), cfg.get("credentials", {}), deadline=cfg.get("deadline", 30.0))
+    url = urls.parse(cfg.url)
+    store = build_store(cfg.storage_id, url, cfg.options, cfg.credentials, deadline=cfg.deadline)
     await store.warm_up()  # the SDK client is built now, not on the first read
     disk = None
-    if cfg.get("cache_dir"):
-        sub = hashlib.sha256(cfg["storage_id"].encode()).hexdigest()[:16]
-        disk = await trio.to_thread.run_sync(DiskTier, Path(cfg["cache_dir"]) / sub, int(cfg.get("disk_limit", 10 << 30)))
-    cache = BlockCache(
-        store,
-        block_size=int(cfg.get("block_size", 8 << 20)),
-        memory_limit=int(cfg.get("memory_limit", 256 << 20)),
-        disk=disk,
-        storage_id=cfg["storage_id"],
-    )
+    if cfg.cache_dir:
+        private_folder(cfg.cache_dir)  # ours alone: cached blocks and staged files are bucket data
+        disk = await trio.to_thread.run_sync(DiskTier, Path(cfg.cache_dir) / storage_dir_name(cfg), cfg.disk_limit)
+        if disk.limit < disk.configured_limit:
+            logger.warning("disk_cache_limited", configured=disk.configured_limit, effective=disk.limit,
+                           reason="the cache's file system has less free space than --disk-limit")
+    cache = BlockCache(store, block_size=cfg.block_size, memory_limit=cfg.memory_limit, disk=disk, storage_id=cfg.storage_id)
     staging = None
-    if not cfg.get("readonly", True):
-        from sidecar.vfs.staging import StagingArea
-
-        base = Path(cfg.get("cache_dir") or default_cache_dir())
-        sub = hashlib.sha256(cfg["storage_id"].encode()).hexdigest()[:16]
-        staging = StagingArea(base / "staging" / f"{sub}-{cfg['name']}", int(cfg.get("staging_limit", 50 << 30)))
-        recovered = await trio.to_thread.run_sync(staging.recover)
+    if not cfg.readonly:
+        base = Path(cfg.cache_dir or default_cache_dir())
+        private_folder(base / "staging")
+        staging = StagingArea(base / "staging" / f"{storage_dir_name(cfg)}-{cfg.name}", cfg.staging_limit)
+        recovered = await trio.to_thread.run_sync(lambda: staging.recover(keep_incomplete_s=cfg.incomplete_keep_days * 86400))
         for f in recovered:
-            logger.warning("staged_file_recovered", key=f.key, size=f.size, state=f.state)
+            (logger.error if f.state == "incomplete" else logger.warning)("staged_file_recovered", key=f.key, size=f.size, state=f.state)
     fs = Filesystem(
         store,
         cache,
         staging=staging,
-        root_prefix=url.key_prefix(cfg.get("source_path", "")),
-        ttl=float(cfg.get("ttl", 5.0)),
-        uid=cfg.get("uid"),
-        gid=cfg.get("gid"),
-        readonly=cfg.get("readonly", True),
-        max_readahead_blocks=max(1, int(cfg.get("readahead", 128 << 20)) // int(cfg.get("block_size", 8 << 20))),
+        root_prefix=url.key_prefix(cfg.source_path),
+        ttl=cfg.ttl,
+        uid=cfg.uid,
+        gid=cfg.gid,
+        readonly=cfg.readonly,
+        max_readahead_blocks=max(1, cfg.readahead // cfg.block_size),
+        write_mode=cfg.write_mode,
     )
-    ops = FuseOps(fs, mount_name=cfg["name"], deadline=float(cfg.get("deadline", 30.0)) + 5)
-    mountpath = cfg["mountpath"]
-    clear_stale_mount(mountpath)
-    os.makedirs(mountpath, exist_ok=True)
-    real_mountpath = os.path.realpath(mountpath)
+    ops = FuseOps(fs, mount_name=cfg.name)
+    clear_stale_mount(cfg.mountpath)
+    try:
+        mountpath = prepare_mountpoint(cfg.root, cfg.mountpath)
+    except UnsafeMountPath as exc:
+        emit("error", code="mount_path_unsafe", reason=str(exc))
+        return 1
+    real_mountpath = mountpath
 
     def stats() -> dict[str, Any]:
         return {
-            "store": store.stats.as_dict(),
+            "store": {**store.stats.as_dict(), "stalled_calls": store.stalled_calls()},
             "cache": cache.stats.as_dict(),
             "memory_bytes": cache.memory_bytes,
-            "disk": {"used": disk.used, "limit": disk.limit, "blocks": len(disk), "corrupt": disk.corrupt, "evictions": disk.evictions}
+            "disk": {"used": disk.used, "limit": disk.limit, "configured_limit": disk.configured_limit, "blocks": len(disk),
+                     "corrupt": disk.corrupt, "evictions": disk.evictions, "errors": disk.errors}
             if disk
             else None,
             "errors": dict(ops.errors),
             "inodes": fs.inode_count,
+            "write_mode": cfg.write_mode if staging else None,
+            "unsynced": fs.writer.unsynced() if fs.writer else None,
             "staged": [f.public() for f in staging.pending()] if staging else [],
         }
 
-    async def writeback() -> None:
-        """Uploads what is staged but not stored: files recovered from a previous run, and files
-        whose upload at close failed. Backs off while the backend fails."""
-        delay = 1.0
-        while True:
-            left = await fs.upload_pending()
-            failing = any(f.upload_failures for f in staging.pending()) if staging else False
-            delay = min(delay * 2, 30.0) if failing else 1.0
-            if left:
-                logger.info("writeback_pending", files=left, next_try_s=delay)
-            await trio.sleep(delay)
+    async def publish(key: str) -> None:
+        try:
+            if fs.writer is None:
+                raise ValueError("this mount is read-only")
+            await fs.writer.publish(key)
+            emit("published", key=key, ok=True)
+        except Exception as exc:
+            emit("published", key=key, ok=False, reason=log.redact_text(str(exc)))
 
     async def control(nursery: trio.Nursery) -> None:
         stream = trio.lowlevel.FdStream(os.dup(0))
@@ -186,12 +205,16 @@ async def serve(cfg: dict[str, Any]) -> int:
                 buf += chunk
                 while b"\n" in buf:
                     line, buf = buf.split(b"\n", 1)
-                    cmd = line.strip().decode()
+                    cmd = line.strip().decode(errors="replace")
                     if cmd == "stats":
                         emit("stats", **stats())
                     elif cmd == "stop":
                         pyfuse3.terminate()
                         return
+                    elif cmd.startswith("{"):
+                        doc = json.loads(cmd)
+                        if doc.get("cmd") == "publish":
+                            await publish(str(doc.get("key", "")))
         pyfuse3.terminate()
 
     async def signals() -> None:
@@ -211,39 +234,46 @@ async def serve(cfg: dict[str, Any]) -> int:
             return 1
         # Only once the kernel has processed FUSE_INIT (which sets the window from the INIT
         # reply): on the first request.
-        ops.on_first_request = lambda: raise_kernel_readahead(real_mountpath, int(cfg.get("kernel_readahead_kb", 1024)))
+        ops.on_first_request = lambda: raise_kernel_readahead(real_mountpath, cfg.kernel_readahead_kb)
         try:
-            logger.info("mounted", mount=cfg["name"], mountpath=mountpath, url=url.canonical())
+            logger.info("mounted", mount=cfg.name, mountpath=mountpath, url=url.canonical(), write_mode=cfg.write_mode if staging else None)
             emit("mounted", mountpath=mountpath)
             nursery.start_soon(control, nursery)
             nursery.start_soon(signals)
-            if staging is not None:
-                nursery.start_soon(writeback)
+            if fs.writer is not None:
+                await nursery.start(fs.writer.run)
             await pyfuse3.main()
         finally:
-            if staging is not None:
-                # Before unmounting: store every staged file, bounded by the grace period.
-                # What does not make it stays staged and is stored at the next start.
-                with trio.CancelScope(shield=True), trio.move_on_after(float(cfg.get("grace_period", 20.0)) - 2):
-                    await fs.upload_pending(only_idle=False)
+            if fs.writer is not None and staging is not None:
+                # Before unmounting: store every committed file, bounded by the grace period.
+                # What does not make it stays staged and is stored at the next start; files
+                # still open with uncommitted changes are kept as incomplete, never published.
+                with trio.CancelScope(shield=True), trio.move_on_after(cfg.grace_period - 2):
+                    await fs.writer.upload_pending(only_idle=False)
+                fs.writer.abandon_uncommitted()
                 for f in staging.pending():
                     logger.error("left_in_staging", key=f.key, size=f.size, state=f.state, local_path=str(f.data_path))
             pyfuse3.close(unmount=True)
-            logger.info("unmounted", mount=cfg["name"], mountpath=mountpath)
+            logger.info("unmounted", mount=cfg.name, mountpath=mountpath)
             nursery.cancel_scope.cancel()
     return 0
 
 
 def main() -> None:
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # never query instance metadata
-    cfg = read_config_line()
-    log.configure(cfg.get("log_level", "info"))
-    for value in (cfg.get("credentials") or {}).values():
+    doc = read_config_line()
+    for value in (doc.get("credentials") or {}).values():
         log.register_secret(value)
+    try:
+        cfg = WorkerConfig.from_dict(doc)
+    except (TypeError, ValueError) as exc:
+        emit("error", code="bad_config", reason=str(exc))
+        sys.exit(2)
+    log.configure(cfg.log_level)
     try:
         rc = trio.run(serve, cfg)
     except Exception as exc:
-        logger.exception("worker_failed", mount=cfg.get("name"))
+        logger.exception("worker_failed", mount=cfg.name)
         emit("error", code=getattr(exc, "code", "internal"), reason=log.redact_text(str(exc)))
         rc = 1
     sys.exit(rc)

@@ -10,6 +10,19 @@ from tests.backends import AzureBackend, GCSBackend, S3Backend
 needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--reliability", action="store_true", help="also run the long `reliability` scenarios")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--reliability"):
+        return
+    skip = pytest.mark.skip(reason="long scenario: run with `make test-reliability`")
+    for item in items:
+        if "reliability" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory):
     """A moto S3 server on 127.0.0.1 that checks request signatures."""

@@ -25,7 +25,10 @@ from dataclasses import dataclass, field
 import trio
 
 from sidecar.cache.disk import DiskTier, block_name
+from sidecar.log import get_logger
 from sidecar.store.base import ObjectStore
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -226,9 +229,7 @@ class BlockCache:
             # Blocks already on disk are served from there; the rest are fetched in one stream.
             missing: list[int] = []
             for i, fetch in enumerate(fetches):
-                data = None
-                if self.disk is not None:
-                    data = await trio.to_thread.run_sync(self.disk.get, names[i], limiter=self._disk_limiter)
+                data = await self._disk_get(names[i])
                 if data is not None and len(data) == self._block_len(ref, first + i):
                     self.stats.disk_hits += 1
                     self._complete(ref, first + i, fetch, data, None, held)
@@ -256,9 +257,33 @@ class BlockCache:
             # Whatever did not arrive fails, so no waiter is left hanging.
             for i, fetch in enumerate(fetches):
                 self._complete(ref, first + i, fetch, None, error, held)
-        if self.disk is not None:
-            for name, data in to_disk:
-                await trio.to_thread.run_sync(self.disk.put, name, data, limiter=self._disk_limiter)
+        for name, data in to_disk:
+            await self._disk_put(name, data)
+
+    # The disk tier is a cache: any error of it (a full or failing disk, a bug) costs a refetch,
+    # never a reader's request or the mount. Each is logged and counted.
+
+    async def _disk_get(self, name: str) -> bytes | None:
+        if self.disk is None:
+            return None
+        try:
+            return await trio.to_thread.run_sync(self.disk.get, name, limiter=self._disk_limiter)
+        except Exception as exc:
+            self._disk_failed("disk_cache_read_failed", exc)
+            return None
+
+    async def _disk_put(self, name: str, data: bytes) -> None:
+        if self.disk is None:
+            return
+        try:
+            await trio.to_thread.run_sync(self.disk.put, name, data, limiter=self._disk_limiter)
+        except Exception as exc:
+            self._disk_failed("disk_cache_write_failed", exc)
+
+    def _disk_failed(self, event: str, exc: Exception) -> None:
+        assert self.disk is not None
+        self.disk.errors += 1
+        log.warning(event, error=type(exc).__name__, detail=str(exc)[:200], errors=self.disk.errors)
 
     def invalidate(self, key: str) -> None:
         """Drops every memory block of `key` (any etag); disk blocks of old etags age out by LRU."""

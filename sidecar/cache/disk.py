@@ -36,21 +36,30 @@ def block_name(storage: str, key: str, etag: str, index: int, block_size: int) -
 class DiskTier:
     def __init__(self, directory: str | os.PathLike[str], limit: int) -> None:
         self.dir = Path(directory)
-        self.limit = limit
+        self.configured_limit = limit
         self.used = 0
         self.corrupt = 0
         self.evictions = 0
+        self.errors = 0  # blocks that could not be read or written (the reader refetched them)
         self._index: OrderedDict[str, int] = OrderedDict()
         self._pending: set[str] = set()  # reserved, still being written
         self._lock = threading.Lock()
-        self.dir.mkdir(parents=True, exist_ok=True)
+        # Cached blocks are the bucket's data: readable by the daemon's user only.
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.dir, 0o700)
         self._load()
+        # The effective limit: the flag, or what the file system can hold (free space plus what
+        # the cache already uses), whichever is smaller, so a small disk is never filled.
+        st = os.statvfs(self.dir)
+        self.limit = min(limit, st.f_bavail * st.f_frsize + self.used)
+        self._evict_locked(0)
 
     def _path(self, name: str) -> Path:
         return self.dir / name[:2] / name
 
     def _load(self) -> None:
         found: list[tuple[float, str, int]] = []
+        self.limit = self.configured_limit
         for sub in self.dir.iterdir():
             if not sub.is_dir():
                 continue
@@ -123,8 +132,8 @@ class DiskTier:
         path = self._path(name)
         tmp = path.parent / f".tmp{threading.get_ident()}-{name}"
         try:
-            path.parent.mkdir(exist_ok=True)
-            with open(tmp, "wb") as f:
+            path.parent.mkdir(exist_ok=True, mode=0o700)
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
                 f.write(_HEADER.pack(MAGIC, zlib.crc32(data), len(data)))
                 f.write(data)
             os.replace(tmp, path)

@@ -13,7 +13,7 @@ from typing import Any
 
 from sidecar import urls
 from sidecar.errors import NotFound, ObjectChanged
-from sidecar.store.fsspec_store import FsspecStore
+from sidecar.store.fsspec_store import Progress, FsspecStore
 
 
 BLOCK_CONCURRENCY = 8
@@ -72,12 +72,14 @@ class AzureStore(FsspecStore):
                 async def one(i: int, lo: int) -> None:
                     async with gate:
                         data = await self._download(bc, key, lo, min(lo + block_size, end), etag)
+                    progress.tick()
                     token.run_sync_soon(deliver, i, data)
 
                 await asyncio.gather(*(one(i, lo) for i, lo in enumerate(range(start, end, block_size))))
 
-        blocks = max(1, -(-(end - start) // block_size))
-        await self._run(f"read {key}", fetch_all, deadline=self.deadline * blocks)
+        # Each block is its own download: the run fails when no block arrives for a deadline.
+        progress = Progress()
+        await self._run(f"read {key}", fetch_all, progress=progress)
 
 
     async def delete(self, key: str) -> None:

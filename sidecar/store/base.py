@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from types import EllipsisType
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -39,9 +40,11 @@ class StoreStats:
     head_requests: int = 0
     put_requests: int = 0
     delete_requests: int = 0
-    bytes_stored: int = 0
+    bytes_stored: int = 0  # bytes sent in uploads
+    bytes_copied: int = 0  # bytes of uploads copied server-side from the previous version
     errors: int = 0
-    retries: int = 0  # transient errors the SDK retried (s3fs)
+    retries: int = 0  # our own retries: bodies cut off mid-way, read again
+    sdk_retries: int = 0  # retries inside the SDK (s3fs: transient errors, throttling, 5xx)
     calls: int = 0  # backend calls, with their summed and longest duration
     latency_sum_s: float = 0.0
     latency_max_s: float = 0.0
@@ -70,8 +73,15 @@ class ObjectStore(Protocol):
         """Streams bytes [start, end) of `key` with one request, calling `on_block(i, data)` (on the
         trio thread) for each consecutive `block_size` piece as soon as it has arrived."""
 
-    async def put_file(self, key: str, path: str, size: int) -> ObjectInfo:
-        """Stores the local file `path` as `key` (multipart when large); returns the new object."""
+    async def put_file(
+        self, key: str, path: str, size: int, *, expected: "str | None | EllipsisType" = ..., reuse: "Sequence[tuple[int, int]]" = ()
+    ) -> ObjectInfo:
+        """Stores the local file `path` as `key` (multipart when large); returns the new object.
+
+        `expected`: the etag the object must still have (None: it must not exist; `...`: no
+        condition); otherwise ObjectChanged and nothing is stored. `reuse`: ranges of the file
+        that hold the same bytes as the object `expected` names at the same offsets; a store
+        that can copy them server-side (S3 UploadPartCopy) does not send them again."""
 
     async def delete(self, key: str) -> None: ...
 

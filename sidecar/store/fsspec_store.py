@@ -13,6 +13,7 @@ domain error here, so nothing above this module sees botocore or aiohttp excepti
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import time
@@ -30,8 +31,34 @@ T = TypeVar("T")
 log = get_logger(__name__)
 
 
-async def run_on_loop(loop: asyncio.AbstractEventLoop, coro_fn: Callable[[], Awaitable[T]]) -> T:
-    """Runs `coro_fn()` on an asyncio loop in another thread and waits for it from trio."""
+class Progress:
+    """When a backend call last moved (a response arrived, a chunk of a body, a part of an
+    upload). Ticked from the asyncio thread, read from trio: a float store is atomic. `grace`
+    counts as movement at the start (for calls that can only report at their end)."""
+
+    def __init__(self, grace: float = 0.0) -> None:
+        self.last = time.monotonic() + grace
+
+    def tick(self, *_: Any) -> None:
+        self.last = max(self.last, time.monotonic())
+
+    def grant(self, seconds: float) -> None:
+        """The next step cannot report progress (a server assembling an object): it counts as
+        moving for `seconds` more."""
+        self.last = max(self.last, time.monotonic() + seconds)
+
+
+COMPLETE_RATE = 32 << 20  # bytes/s a server is granted to assemble a multipart object
+FAIL_FAST_S = 1.0  # after a timeout, the same call fails at once for this long
+MIN_RATE = 1 << 20  # bytes/s: an upload that cannot report progress is given size / MIN_RATE
+
+
+async def run_on_loop(
+    loop: asyncio.AbstractEventLoop, coro_fn: Callable[[], Awaitable[T]], *, stall: float | None = None, progress: Progress | None = None
+) -> T:
+    """Runs `coro_fn()` on an asyncio loop in another thread and waits for it from trio. With
+    `stall`, raises trio.TooSlowError (and cancels the call) once `progress` has not moved for
+    `stall` seconds: a transfer may take as long as it needs while it moves."""
     token = trio.lowlevel.current_trio_token()
     done = trio.Event()
 
@@ -41,11 +68,53 @@ async def run_on_loop(loop: asyncio.AbstractEventLoop, coro_fn: Callable[[], Awa
     fut = asyncio.run_coroutine_threadsafe(wrapper(), loop)
     fut.add_done_callback(lambda _f: token.run_sync_soon(done.set))
     try:
-        await done.wait()
+        if stall is None or progress is None:
+            await done.wait()
+        else:
+            while not done.is_set():
+                left = progress.last + stall - time.monotonic()
+                if left <= 0:
+                    raise trio.TooSlowError
+                with trio.move_on_after(left):
+                    await done.wait()
     except BaseException:
         fut.cancel()
         raise
     return fut.result()
+
+
+# Errors of a body that broke off mid-way (a reset connection): the read is tried again.
+def _body_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError]
+    try:
+        import aiohttp
+
+        errors += [aiohttp.ClientPayloadError, aiohttp.ClientConnectionError]
+    except ImportError:
+        pass
+    try:
+        from botocore.exceptions import ResponseStreamingError
+
+        errors.append(ResponseStreamingError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+BODY_RETRIES = 3  # per call, for bodies cut off mid-way
+
+
+class _ProgressCallback:
+    """An fsspec callback that ticks a Progress on every update of a transfer."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+
+    def __getattr__(self, name: str) -> Any:
+        return self.progress.tick  # set_size, relative_update, absolute_update, call, ...
+
+    def branched(self, *args: Any, **kwargs: Any) -> "_ProgressCallback":
+        return self
 
 
 def _mtime(value: Any) -> float:
@@ -101,15 +170,31 @@ def _error_code(exc: BaseException) -> str | None:
 
 
 class _RetryCounter(logging.Filter):
-    """Counts the retries s3fs makes inside one call (it logs each at debug level) and drops
-    those records, so the counter costs no log output."""
+    """Counts the retries s3fs really makes inside one call and drops its debug records, so the
+    counter costs no log output. s3fs logs every ClientError as "maybe retryable" (404s too):
+    only those it retries count, i.e. its retryable errors, throttling, and the 5xx answers our
+    error handler asks it to retry."""
 
     count = 0
+    THROTTLED = ("SlowDown", "reduce your request rate", "XAmzContentSHA256Mismatch")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg.startswith(("Retryable error", "Client error (maybe retryable)")):
+        if record.msg.startswith("Retryable error"):
+            _RetryCounter.count += 1
+        elif record.msg.startswith("Client error") and any(p in str(record.args) for p in self.THROTTLED):
             _RetryCounter.count += 1
         return False
+
+
+def _retry_server_errors(exc: BaseException) -> bool:
+    """s3fs's hook for errors it does not retry by itself: 500/502/503/504 are transient (the
+    S3 guidance is to retry them)."""
+    status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode") if hasattr(exc, "response") else None
+    code = getattr(exc, "response", {}).get("Error", {}).get("Code") if hasattr(exc, "response") else None
+    if status in (500, 502, 503, 504) and code not in _RetryCounter.THROTTLED:
+        _RetryCounter.count += 1
+        return True
+    return False
 
 
 def _count_s3fs_retries() -> None:
@@ -117,6 +202,9 @@ def _count_s3fs_retries() -> None:
     if not any(isinstance(f, _RetryCounter) for f in s3fs_log.filters):
         s3fs_log.addFilter(_RetryCounter())
         s3fs_log.setLevel(logging.DEBUG)
+        import s3fs.core
+
+        s3fs.core.set_custom_error_handler(_retry_server_errors)
 
 
 class FsspecStore:
@@ -128,6 +216,14 @@ class FsspecStore:
         self.name = name
         self.deadline = deadline
         self.stats = StoreStats()
+        self._inflight: set[Progress] = set()
+        self._timed_out: dict[str, float] = {}  # call -> when it last timed out
+
+    def stalled_calls(self, after: float = 5.0) -> int:
+        """Backend calls in flight that have not moved for `after` seconds (a stalling backend
+        shows here long before the calls time out)."""
+        now = time.monotonic()
+        return sum(1 for p in list(self._inflight) if now - p.last > after)
 
     async def warm_up(self) -> None:
         """Builds the SDK client ahead of the first request (botocore loads its models then:
@@ -146,15 +242,32 @@ class FsspecStore:
         path = path.split("://", 1)[-1]
         return path[len(self.bucket) + 1 :] if path.startswith(self.bucket + "/") else ""
 
-    async def _run(self, what: str, coro_fn: Callable[[], Awaitable[T]], deadline: float | None = None) -> T:
-        deadline = deadline or self.deadline
+    async def _run(self, what: str, coro_fn: Callable[[], Awaitable[T]], *, progress: Progress | None = None) -> T:
+        """One backend call. Without `progress` it must finish within the mount's deadline; with
+        it (transfers, which tick it as they move) it fails only after making no progress for
+        that long, however large it is."""
+        deadline = self.deadline
+        failed_at = self._timed_out.get(what)
+        if failed_at is not None and time.monotonic() - failed_at < FAIL_FAST_S:
+            # The kernel retries a failed read-ahead at once with a synchronous read of the same
+            # pages: the same call again right after a timeout fails at once, not a second
+            # deadline later.
+            self.stats.errors += 1
+            raise BackendTimeout(f"{what}: timed out {time.monotonic() - failed_at:.1f} s ago")
         started = trio.current_time()
+        watched = progress or Progress()
+        self._inflight.add(watched)
         try:
-            with trio.fail_after(deadline):
-                return await run_on_loop(self.fs.loop, coro_fn)
+            if progress is None:
+                with trio.fail_after(deadline):
+                    return await run_on_loop(self.fs.loop, coro_fn)
+            return await run_on_loop(self.fs.loop, coro_fn, stall=deadline, progress=progress)
         except trio.TooSlowError:
             self.stats.errors += 1
-            raise BackendTimeout(f"{what}: no answer within {deadline:g} s") from None
+            self._timed_out[what] = time.monotonic()
+            if len(self._timed_out) > 1024:
+                self._timed_out.clear()
+            raise BackendTimeout(f"{what}: no answer within {deadline:g} s" if progress is None else f"{what}: no progress for {deadline:g} s") from None
         except (trio.Cancelled, KeyboardInterrupt):
             raise
         except Exception as exc:
@@ -163,11 +276,12 @@ class FsspecStore:
                 self.stats.errors += 1
             raise err from None
         finally:
+            self._inflight.discard(watched)
             took = trio.current_time() - started
             self.stats.calls += 1
             self.stats.latency_sum_s += took
             self.stats.latency_max_s = max(self.stats.latency_max_s, took)
-            self.stats.retries = _RetryCounter.count
+            self.stats.sdk_retries = _RetryCounter.count
 
     def _object_info(self, d: dict[str, Any]) -> ObjectInfo:
         etag = d.get("ETag") or d.get("etag") or d.get("generation") or d.get("md5Hash") or ""
@@ -220,8 +334,19 @@ class FsspecStore:
     async def _get_range_sized(self, key: str, start: int, end: int, etag: str, object_size: int | None) -> bytes:
         return await self.get_range(key, start, end, etag)
 
-    async def put_file(self, key: str, path: str, size: int) -> ObjectInfo:
-        await self._run(f"write {key}", lambda: self.fs._put_file(path, self._path(key)), deadline=self._upload_deadline(size))
+    async def put_file(self, key: str, path: str, size: int, *, expected: Any = ..., reuse: Any = ()) -> ObjectInfo:
+        # The generic store checks the precondition with a HEAD just before the upload (a small
+        # window remains) and sends the whole file: S3 overrides both.
+        if expected is not ...:
+            current = await self.stat(key)
+            if (current.etag if isinstance(current, ObjectInfo) else None) != expected:
+                raise ObjectChanged(f"write {key}")
+        progress = Progress(grace=size / MIN_RATE)
+
+        async def put() -> None:
+            await self.fs._put_file(path, self._path(key), callback=_ProgressCallback(progress))
+
+        await self._run(f"write {key}", put, progress=progress)
         self.stats.put_requests += 1
         self.stats.bytes_stored += size
         info = await self.stat(key)
@@ -243,16 +368,13 @@ class FsspecStore:
     async def put_marker(self, key: str) -> None:
         await self._run(f"mkdir {key}", lambda: self.fs._pipe_file(self._path(key.rstrip("/")) + "/", b""))
 
-    def _upload_deadline(self, size: int) -> float:
-        # The deadline bounds each part's worth of time, not the whole of a large upload.
-        return self.deadline * max(1, -(-size // (64 << 20)))
-
     async def close(self) -> None:
         pass
 
 
 MULTIPART_THRESHOLD = 16 << 20
 PART_SIZE = 16 << 20
+REUSE_PART_SIZE = 8 << 20  # finer parts when unchanged ranges can be copied: less is sent again
 UPLOAD_CONCURRENCY = 8
 
 
@@ -262,6 +384,20 @@ def _read_part(path: str, offset: int, size: int) -> bytes:
         return f.read(size)
 
 
+class _ProgressBody(io.BytesIO):
+    """An upload body that ticks a Progress each time the HTTP client reads a chunk of it to
+    send (aiohttp reads 64 KiB at a time as the socket drains): a stall shows within seconds,
+    while a slow link that still moves never counts as one."""
+
+    def __init__(self, data: bytes, progress: Progress) -> None:
+        super().__init__(data)
+        self.progress = progress
+
+    def read(self, size: int | None = -1) -> bytes:
+        self.progress.tick()
+        return super().read(size)
+
+
 class _S3Writes:
     """Uploads, deletes and copies of the S3 store (mixed into S3Store)."""
 
@@ -269,31 +405,73 @@ class _S3Writes:
     bucket: str
     stats: StoreStats
 
-    async def put_file(self, key: str, path: str, size: int) -> ObjectInfo:
+    async def put_file(self, key: str, path: str, size: int, *, expected: Any = ..., reuse: Any = ()) -> ObjectInfo:
+        """One PUT up to MULTIPART_THRESHOLD, else a multipart upload (UPLOAD_CONCURRENCY parts in
+        flight). The precondition travels with the write: `If-None-Match: *` for a new object,
+        `If-Match` for a replacement (412 -> ObjectChanged). Parts that lie inside `reuse` are
+        copied server-side from the expected version (UploadPartCopy with x-amz-copy-source-
+        if-match), so an append or an edit in place sends only the parts it touched."""
+        cond: dict[str, str] = {}
+        if expected is None:
+            cond["IfNoneMatch"] = "*"
+        elif expected is not ...:
+            cond["IfMatch"] = f'"{expected}"'
+        progress = Progress(grace=0.0)
+        copied = 0
+
         async def single() -> str:
             data = await asyncio.get_running_loop().run_in_executor(None, _read_part, path, 0, size)
-            resp = await self.fs._call_s3("put_object", Bucket=self.bucket, Key=key, Body=data)
+            resp = await self.fs._call_s3("put_object", Bucket=self.bucket, Key=key, Body=_ProgressBody(data, progress), **cond)
             return resp["ETag"]
 
         async def multipart() -> str:
+            nonlocal copied
             loop = asyncio.get_running_loop()
-            part_size = max(PART_SIZE, -(-size // 9000))
+            if reuse:
+                part_size = max(REUSE_PART_SIZE, -(-size // 9000))
+            else:
+                part_size = max(PART_SIZE, -(-size // 9000))
+            if "IfMatch" in cond:
+                # Some servers (moto) ignore If-Match on CompleteMultipartUpload: check first too.
+                head = await self.fs._call_s3("head_object", Bucket=self.bucket, Key=key)
+                if head["ETag"].strip('"') != expected:
+                    raise ObjectChanged(f"write {key}")
             mpu = await self.fs._call_s3("create_multipart_upload", Bucket=self.bucket, Key=key)
             upload_id = mpu["UploadId"]
             gate = asyncio.Semaphore(UPLOAD_CONCURRENCY)
 
+            def reusable(lo: int, hi: int) -> bool:
+                return any(a <= lo and hi <= b for a, b in reuse)
+
             async def part(number: int, offset: int) -> dict[str, Any]:
+                nonlocal copied
+                length = min(part_size, size - offset)
                 async with gate:
-                    data = await loop.run_in_executor(None, _read_part, path, offset, min(part_size, size - offset))
-                    resp = await self.fs._call_s3(
-                        "upload_part", Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data
-                    )
-                    return {"PartNumber": number, "ETag": resp["ETag"]}
+                    if reusable(offset, offset + length):
+                        resp = await self.fs._call_s3(
+                            "upload_part_copy", Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                            CopySource={"Bucket": self.bucket, "Key": key}, CopySourceRange=f"bytes={offset}-{offset + length - 1}",
+                            CopySourceIfMatch=f'"{expected}"',
+                        )
+                        copied += length
+                        etag = resp["CopyPartResult"]["ETag"]
+                    else:
+                        data = await loop.run_in_executor(None, _read_part, path, offset, length)
+                        resp = await self.fs._call_s3(
+                            "upload_part", Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                            Body=_ProgressBody(data, progress),
+                        )
+                        etag = resp["ETag"]
+                    progress.tick()
+                    return {"PartNumber": number, "ETag": etag}
 
             try:
                 parts = await asyncio.gather(*(part(i + 1, off) for i, off in enumerate(range(0, size, part_size))))
+                # The server assembles the object before it answers (S3: up to minutes for a
+                # large one; moto: ~1 s per 100 MiB), with nothing to report meanwhile.
+                progress.grant(size / COMPLETE_RATE)
                 resp = await self.fs._call_s3(
-                    "complete_multipart_upload", Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+                    "complete_multipart_upload", Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}, **cond
                 )
                 return resp["ETag"]
             except BaseException:
@@ -304,9 +482,10 @@ class _S3Writes:
                 raise
 
         fn = multipart if size > MULTIPART_THRESHOLD else single
-        etag = await self._run(f"write {key}", fn, deadline=self._upload_deadline(size))  # type: ignore[attr-defined]
+        etag = await self._run(f"write {key}", fn, progress=progress)  # type: ignore[attr-defined]
         self.stats.put_requests += 1
-        self.stats.bytes_stored += size
+        self.stats.bytes_stored += size - copied
+        self.stats.bytes_copied += copied
         return ObjectInfo(key, size, str(etag).strip('"'), time.time())
 
     async def delete(self, key: str) -> None:
@@ -333,15 +512,26 @@ class S3Store(_S3Writes, FsspecStore):
         entries = await self._run(f"list {prefix or '/'}", collect)
         return self._to_listing(key_prefix, entries)
 
+    async def _open_body(self, key: str, start: int, end: int, etag: str) -> Any:
+        resp = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}", IfMatch=f'"{etag}"')
+        return resp["Body"]
+
     async def get_range(self, key: str, start: int, end: int, etag: str) -> bytes:
+        body_errors = _body_errors()
+
         async def fetch() -> bytes:
-            resp = await self.fs._call_s3(
-                "get_object", Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}", IfMatch=f'"{etag}"'
-            )
-            try:
-                return await resp["Body"].read()
-            finally:
-                resp["Body"].close()
+            for attempt in range(BODY_RETRIES + 1):
+                body = await self._open_body(key, start, end, etag)
+                try:
+                    return await body.read()
+                except body_errors:
+                    if attempt == BODY_RETRIES:
+                        raise
+                    self.stats.retries += 1  # the body broke off: read the range again
+                    await asyncio.sleep(0.05 * 2**attempt)
+                finally:
+                    body.close()
+            raise AssertionError("unreachable")
 
         if end <= start:
             return b""
@@ -352,39 +542,49 @@ class S3Store(_S3Writes, FsspecStore):
     ) -> None:
         token = trio.lowlevel.current_trio_token()
         stats = self.stats
+        progress = Progress()
+        body_errors = _body_errors()
 
         def deliver(i: int, data: bytes) -> None:
             stats.bytes_fetched += len(data)
             on_block(i, data)
 
         async def stream() -> None:
-            resp = await self.fs._call_s3(
-                "get_object", Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}", IfMatch=f'"{etag}"'
-            )
-            body = resp["Body"]
-            try:
-                # Each block is filled in place in a buffer of its exact size and handed over
-                # as it is: no growing buffer, no second copy of 8 MiB per block.
-                for index, pos in enumerate(range(start, end, block_size)):
-                    buf = bytearray(min(block_size, end - pos))
-                    with memoryview(buf) as view:
-                        filled = 0
-                        while filled < len(buf):
-                            chunk = await body.read(len(buf) - filled)
-                            if not chunk:
-                                break
-                            view[filled : filled + len(chunk)] = chunk
-                            filled += len(chunk)
-                    if filled < len(buf):  # the stream ended early: the cache fails what is missing
-                        return
-                    token.run_sync_soon(deliver, index, buf)
-            finally:
-                body.close()
+            # Each block is filled in place in a buffer of its exact size and handed over as it
+            # is: no growing buffer, no second copy. A body that breaks off is requested again
+            # from the block it broke in (blocks already handed over are not fetched again).
+            index, pos, retries = 0, start, 0
+            while pos < end:
+                body = await self._open_body(key, pos, end, etag)
+                progress.tick()
+                try:
+                    while pos < end:
+                        buf = bytearray(min(block_size, end - pos))
+                        with memoryview(buf) as view:
+                            filled = 0
+                            while filled < len(buf):
+                                chunk = await body.read(min(len(buf) - filled, 1 << 20))
+                                if not chunk:
+                                    break
+                                view[filled : filled + len(chunk)] = chunk
+                                filled += len(chunk)
+                                progress.tick()
+                        if filled < len(buf):  # the stream ended early: the cache fails what is missing
+                            return
+                        token.run_sync_soon(deliver, index, buf)
+                        index, pos = index + 1, pos + len(buf)
+                except body_errors:
+                    retries += 1
+                    if retries > BODY_RETRIES:
+                        raise
+                    stats.retries += 1
+                    await asyncio.sleep(0.05 * 2**retries)
+                finally:
+                    body.close()
 
         self.stats.get_requests += 1
-        # The deadline covers the whole stream: the mount's deadline per block, at least one.
-        blocks = max(1, -(-(end - start) // block_size))
-        await self._run(f"read {key}", stream, deadline=self.deadline * blocks)
+        # No fixed total: the stream may take as long as it needs while bytes keep arriving.
+        await self._run(f"read {key}", stream, progress=progress)
 
 
 def make_s3_filesystem(

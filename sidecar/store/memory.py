@@ -81,12 +81,20 @@ class MemoryStore:
         for i, pos in enumerate(range(0, len(data), block_size)):
             on_block(i, data[pos : pos + block_size])
 
-    async def put_file(self, key: str, path: str, size: int) -> ObjectInfo:
+    async def put_file(self, key: str, path: str, size: int, *, expected=..., reuse=()) -> ObjectInfo:
         await self._call()
+        current = self.objects.get(key)
+        if expected is not ... and (current[1].etag if current else None) != expected:
+            raise ObjectChanged(key)
         with open(path, "rb") as f:
             data = f.read(size)
         self.stats.put_requests += 1
-        self.stats.bytes_stored += len(data)
+        # Reused ranges are "copied server-side": checked against the old bytes, not sent.
+        reused = 0
+        for lo, hi in reuse:
+            assert current is not None and current[0][lo:hi] == data[lo:hi], "a reused range differs from the base"
+            reused += hi - lo
+        self.stats.bytes_stored += len(data) - reused
         return self.put(key, data)
 
     async def delete(self, key: str) -> None:

@@ -2,11 +2,18 @@
 
 Each staged file is two files in the staging directory:
   <id>.data   the file's bytes, written in place (pwrite) by the FUSE write handler;
-  <id>.json   its metadata: object key, the etag it was based on (None for a new file), state.
+  <id>.json   its metadata: object key, the etag (and size) it was based on (None for a new file),
+            state, whether its writer committed it, the ranges changed since it was staged.
 The metadata is written to a temp file and renamed, so a crash leaves either the old or the new
 version. States: `dirty` (has bytes the bucket does not), `conflict` (the object changed remotely
 since the file was staged; the local copy is kept and reported, never uploaded over the newer
-object). A file whose upload succeeded is removed from staging.
+object), `incomplete` (its writer never closed or fsynced it after its last change, e.g. the
+sidecar died while it was being written: kept and reported, never published by itself). A file
+whose upload succeeded is removed from staging.
+
+`committed` is the one rule of publishing: it is set when a writer closes or fsyncs the file and
+cleared by the next change, and it is written to the metadata on every flip, so a crash can
+never turn a half-written file into a published object.
 
 Invariants:
 - a key has at most one StagedFile at a time (`by_key`), shared by every handle writing it;
@@ -18,10 +25,12 @@ Invariants:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +38,24 @@ from typing import Any
 
 class StagingFull(Exception):
     pass
+
+
+MAX_RANGES = 1024  # changed ranges tracked per file; beyond, the whole file counts as changed
+
+
+def _add_range(ranges: list[list[int]] | None, start: int, end: int) -> list[list[int]] | None:
+    """`ranges` (sorted, disjoint) with [start, end) merged in; None stays None (all changed)."""
+    if ranges is None or end <= start:
+        return ranges
+    out: list[list[int]] = []
+    for lo, hi in ranges:
+        if hi < start or lo > end:
+            out.append([lo, hi])
+        else:
+            start, end = min(lo, start), max(hi, end)
+    out.append([start, end])
+    out.sort()
+    return out if len(out) <= MAX_RANGES else None
 
 
 @dataclass
@@ -43,14 +70,20 @@ class StagedFile:
     dirty: bool = False
     state: str = "dirty"
     generation: int = 0  # bumped by every change; an upload records the generation it stored
+    committed: bool = False  # closed or fsynced by its writer since its last change
+    base_size: int | None = None  # size of the object `base_etag` names
+    changed: list[list[int]] | None = None  # ranges changed since the base; None: unknown, all
+    created: float = field(default_factory=time.time)
     handles: int = 0
     last_error: str | None = None
     upload_failures: int = 0
+    next_try: float = 0.0  # trio time before which the background writer does not retry it
     uploading: Any = None  # a trio.Event while an upload runs
 
     def public(self) -> dict[str, Any]:
-        return {"key": self.key, "size": self.size, "state": self.state if self.dirty or self.state == "conflict" else "clean",
-                "last_error": self.last_error, "local_path": str(self.data_path)}
+        state = self.state if self.dirty or self.state in ("conflict", "incomplete") else "clean"
+        return {"key": self.key, "size": self.size, "state": state, "last_error": self.last_error,
+                "local_path": str(self.data_path), "since": self.created}
 
 
 @dataclass
@@ -62,7 +95,8 @@ class StagingArea:
 
     def __post_init__(self) -> None:
         self.directory = Path(self.directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.directory, 0o700)  # staged bytes are the user's data: nobody else reads them
 
     @property
     def used(self) -> int:
@@ -70,32 +104,45 @@ class StagingArea:
 
     def _write_meta(self, f: StagedFile) -> None:
         tmp = f.meta_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": f.key, "base_etag": f.base_etag, "state": f.state, "dirty": f.dirty}))
+        doc = {"key": f.key, "base_etag": f.base_etag, "base_size": f.base_size, "state": f.state, "dirty": f.dirty,
+               "committed": f.committed, "changed": f.changed, "created": f.created}
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(doc, out)
         os.replace(tmp, f.meta_path)
 
-    def create(self, key: str, base_etag: str | None) -> StagedFile:
+    def create(self, key: str, base_etag: str | None, base_size: int | None = None) -> StagedFile:
         sid = secrets.token_hex(8)
         data = self.directory / f"{sid}.data"
         fd = os.open(data, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        f = StagedFile(sid, key, base_etag, data, self.directory / f"{sid}.json", fd)
+        f = StagedFile(sid, key, base_etag, data, self.directory / f"{sid}.json", fd, base_size=base_size,
+                       changed=[] if base_etag is not None else None)
         self._write_meta(f)
         self.by_key[key] = f
         return f
 
-    def mark(self, f: StagedFile, *, dirty: bool | None = None, state: str | None = None, base_etag: Any = ...) -> None:
+    def mark(self, f: StagedFile, *, dirty: bool | None = None, state: str | None = None, base_etag: Any = ...,
+             committed: bool | None = None, base_size: Any = ..., changed: Any = ...) -> None:
         if dirty is not None:
             f.dirty = dirty
         if state is not None:
             f.state = state
         if base_etag is not ...:
             f.base_etag = base_etag
+        if base_size is not ...:
+            f.base_size = base_size
+        if changed is not ...:
+            f.changed = changed
+        if committed is not None:
+            f.committed = committed
         self._write_meta(f)
 
     def write(self, f: StagedFile, offset: int, data: bytes) -> int:
         end = offset + len(data)
         if end > f.size and self.used + (end - f.size) > self.limit:
             raise StagingFull(f.key)
-        n = os.pwrite(f.fd, data, offset)
+        n = _disk_call(os.pwrite, f.fd, data, offset)
+        f.changed = _add_range(f.changed, offset, offset + n)
         f.size = max(f.size, offset + n)
         self._changed(f)
         return n
@@ -103,14 +150,16 @@ class StagingArea:
     def truncate(self, f: StagedFile, size: int) -> None:
         if size > f.size and self.used + (size - f.size) > self.limit:
             raise StagingFull(f.key)
-        os.ftruncate(f.fd, size)
+        _disk_call(os.ftruncate, f.fd, size)
+        if size > f.size:  # the new tail reads as zeros: changed
+            f.changed = _add_range(f.changed, f.size, size)
         f.size = size
         self._changed(f)
 
     def _changed(self, f: StagedFile) -> None:
         f.generation += 1
-        if not f.dirty or f.state != "dirty":
-            f.dirty, f.state = True, "dirty"
+        if not f.dirty or f.state != "dirty" or f.committed:
+            f.dirty, f.state, f.committed = True, "dirty", False
             self._write_meta(f)
 
     def read(self, f: StagedFile, offset: int, size: int) -> bytes:
@@ -120,7 +169,7 @@ class StagingArea:
         """The file was renamed in the mount: it will be stored under `new_key`."""
         self.by_key.pop(f.key, None)
         f.key = new_key
-        f.base_etag = None
+        f.base_etag = f.base_size = f.changed = None  # based on another object: stored whole
         self.by_key[new_key] = f
         self._write_meta(f)
 
@@ -134,29 +183,55 @@ class StagingArea:
         f.data_path.unlink(missing_ok=True)
         f.meta_path.unlink(missing_ok=True)
 
-    def recover(self) -> list[StagedFile]:
-        """Staged files left by a previous run (a crash, or a shutdown that ran out of time)."""
+    def recover(self, *, keep_incomplete_s: float = 7 * 86400) -> list[StagedFile]:
+        """Staged files left by a previous run (a crash, or a shutdown that ran out of time).
+        A file its writer had committed is `dirty` (uploaded by the writer); one it had not is
+        `incomplete` (kept `keep_incomplete_s` seconds for a person to decide, never published
+        by itself)."""
         found = []
         for meta in sorted(self.directory.glob("*.json")):
             data = meta.with_suffix(".data")
             try:
                 doc = json.loads(meta.read_text())
-            except (OSError, ValueError):
+                key = doc["key"]
+            except (OSError, ValueError, KeyError, TypeError):
                 continue
             if not data.exists():
                 meta.unlink(missing_ok=True)
                 continue
             fd = os.open(data, os.O_RDWR)
-            f = StagedFile(meta.stem, doc["key"], doc.get("base_etag"), data, meta, fd, size=os.fstat(fd).st_size,
-                           dirty=doc.get("dirty", True), state=doc.get("state", "dirty"))
-            if not f.dirty and f.state != "conflict":
+            f = StagedFile(meta.stem, key, doc.get("base_etag"), data, meta, fd, size=os.fstat(fd).st_size,
+                           dirty=doc.get("dirty", True), state=doc.get("state", "dirty"), committed=bool(doc.get("committed")),
+                           base_size=doc.get("base_size"), changed=doc.get("changed"), created=float(doc.get("created") or time.time()))
+            if not f.dirty and f.state not in ("conflict", "incomplete"):
                 self.remove(f)
                 continue
-            self.by_key[f.key] = f
+            if f.state == "dirty" and not f.committed:
+                f.state = "incomplete"
+                self._write_meta(f)
+            if f.state == "incomplete" and time.time() - f.created > keep_incomplete_s:
+                self.remove(f)
+                continue
+            if key in self.by_key:  # two copies of one key: keep the newer
+                other = self.by_key[key]
+                older, f = (f, other) if f.created <= other.created else (other, f)
+                self.remove(older)
+                found = [x for x in found if x is not older]
+            self.by_key[key] = f
             found.append(f)
         for tmp in self.directory.glob("*.tmp"):
             tmp.unlink(missing_ok=True)
         return found
 
     def pending(self) -> list[StagedFile]:
-        return [f for f in self.by_key.values() if f.dirty or f.state == "conflict"]
+        return [f for f in self.by_key.values() if f.dirty or f.state in ("conflict", "incomplete")]
+
+
+def _disk_call(fn, *args):  # type: ignore[no-untyped-def]
+    """A write to the staging disk; a full disk is StagingFull (ENOSPC), like the byte limit."""
+    try:
+        return fn(*args)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StagingFull(str(exc)) from None
+        raise

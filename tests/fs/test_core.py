@@ -84,10 +84,10 @@ def test_directories_from_prefixes_and_markers_with_sizes_from_listing():
 
 
 def test_unrepresentable_names_are_skipped_with_one_warning(monkeypatch):
-    from sidecar.vfs import core
+    from sidecar.vfs import listings
 
     warnings = []
-    monkeypatch.setattr(core.log, "warning", lambda event, **kw: warnings.append((event, kw["key"], kw["reason"])))
+    monkeypatch.setattr(listings.log, "warning", lambda event, **kw: warnings.append((event, kw["key"], kw["reason"])))
 
     store = MemoryStore()
     store.put("ok", b"1")
@@ -135,6 +135,67 @@ def test_lookup_counts_and_forget_drop_inodes():
             (name, attr, _), = fs.readdir(fh, 0)
             fs.releasedir(fh)
             assert fs.inode_count == 1
+
+    run(main)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_two_directory_handles_and_lookups_forgets_never_answer_an_unknown_inode(seed):
+    """A randomized kernel: opendir/readdir/releasedir on two handles of one folder, lookups,
+    forgets of what it was given, and remote changes; every inode answered must be in the table
+    until the kernel forgets it (the bug: releasedir dropped nodes another handle still listed)."""
+    rng = random.Random(seed)
+    store = MemoryStore()
+    for i in range(8):
+        store.put(f"d/f{i}", b"x" * i)
+
+    async def main():
+        async with mounted(store, ttl=0.5) as fs:
+            d = await path_ino(fs, "d")
+            kernel: dict[int, int] = {d: 1}  # what the "kernel" holds: ino -> lookup count
+            handles: list[int] = []
+            for step in range(300):
+                op = rng.random()
+                if op < 0.2 or not handles:
+                    handles.append(await fs.opendir(d))
+                elif op < 0.45:
+                    fh = rng.choice(handles)
+                    start = rng.randrange(0, 9)
+                    for name, attr, _ in fs.readdir(fh, start):
+                        assert attr.ino in fs.inodes, f"step {step}: readdir answered unknown inode {attr.ino}"
+                        if rng.random() < 0.5:  # the kernel accepted the readdirplus entry
+                            fs.remember(attr.ino)
+                            kernel[attr.ino] = kernel.get(attr.ino, 0) + 1
+                elif op < 0.6:
+                    fs.releasedir(handles.pop(rng.randrange(len(handles))))
+                elif op < 0.75:
+                    try:
+                        attr = await fs.lookup(d, f"f{rng.randrange(10)}")
+                    except Exception:
+                        continue
+                    kernel[attr.ino] = kernel.get(attr.ino, 0) + 1
+                elif op < 0.9 and kernel:
+                    ino = rng.choice(list(kernel))
+                    if ino == d:
+                        continue
+                    n = kernel.pop(ino)
+                    fs.forget([(ino, n)])
+                else:
+                    i = rng.randrange(10)
+                    if rng.random() < 0.5:
+                        store.put(f"d/f{i}", rng.randbytes(3))
+                    elif f"d/f{i}" in store.objects:
+                        store.remove(f"d/f{i}")
+                    await trio.sleep(0.3)
+                for ino in kernel:  # everything the kernel holds is known to the table
+                    assert ino in fs.inodes, f"step {step}: the kernel holds {ino}, the table lost it"
+            for fh in handles:
+                fs.releasedir(fh)
+            for ino, n in kernel.items():
+                if ino != d:
+                    fs.forget([(ino, n)])
+            fs.forget([(d, 1)])
+            assert fs.inode_count == 1  # nothing leaks once every reference is given back
 
     run(main)
 
@@ -202,13 +263,54 @@ def test_replaced_object_seen_after_ttl_never_mixed():
             assert errno_for(err.value) == errno.ESTALE
             fs.release(fh)
             await trio.sleep(2.1)
-            assert (await fs.getattr(ino)).size == len(new)
+            # An inode is one version: the old one is stale (the kernel then looks the name up
+            # again), and the name now leads to a new inode with the new size.
+            with pytest.raises(ObjectChanged):
+                await fs.getattr(ino)
+            new_ino = await path_ino(fs, "obj")
+            assert new_ino != ino and (await fs.getattr(new_ino)).size == len(new)
             assert await read_all(fs, "obj") == new
             store.remove("obj")
             await trio.sleep(2.1)
             with pytest.raises(Exception) as err:
-                await fs.getattr(ino)
+                await fs.getattr(new_ino)
             assert errno_for(err.value) == errno.ENOENT
+
+    run(main)
+
+
+def test_a_new_version_gets_a_new_inode_and_open_handles_keep_theirs():
+    """The kernel caches pages per inode: a reader of the old version must never share an inode
+    with a reader of the new one (DESIGN: versions and the page cache)."""
+    store = MemoryStore()
+    old, new_small = random.Random(3).randbytes(BS * 3), random.Random(4).randbytes(BS + 7)
+    store.put("obj", old)
+
+    async def main():
+        async with mounted(store, ttl=1) as fs:
+            ino = await path_ino(fs, "obj")
+            fh_old, _ = await fs.open(ino, os.O_RDONLY)
+            assert await fs.read(fh_old, 0, 10) == old[:10]
+            store.put("obj", new_small)  # replaced by a smaller object
+            await trio.sleep(1.1)
+            # a second reader opening through the kernel's cached dentry gets ESTALE (the kernel
+            # retries with a fresh lookup), never the old inode with the new bytes
+            with pytest.raises(ObjectChanged):
+                await fs.open(ino, os.O_RDONLY)
+            ino_new = await path_ino(fs, "obj")
+            assert ino_new != ino
+            fh_new, keep = await fs.open(ino_new, os.O_RDONLY)
+            assert keep is False
+            assert await fs.read(fh_new, 0, BS + 7) == new_small
+            # the old handle's inode still has the old size (no silent EOF at the new size),
+            # and bytes it has not read yet are an error, never the new version's
+            assert (await fs.getattr(ino)).size == len(old)
+            with pytest.raises(ObjectChanged):
+                await fs.read(fh_old, BS * 2, 100)
+            fs.release(fh_old)
+            fs.release(fh_new)
+            fs.forget([(ino, 1)])
+            assert ino not in fs.inodes  # dropped once no handle and no kernel reference holds it
 
     run(main)
 
@@ -226,7 +328,9 @@ def test_keep_cache_only_when_etag_unchanged():
             fs.release(fh)
             store.put("k", b"two!")
             await trio.sleep(1.1)
-            fh, keep3 = await fs.open(ino, os.O_RDONLY)
+            with pytest.raises(ObjectChanged):  # that inode is the old version
+                await fs.open(ino, os.O_RDONLY)
+            fh, keep3 = await fs.open(await path_ino(fs, "k"), os.O_RDONLY)
             fs.release(fh)
             assert (keep, keep2, keep3) == (False, True, False)
 
@@ -455,3 +559,56 @@ def test_object_ref_blocks():
     assert cache.blocks_of(ObjectRef("k", "e", 0)) == 0
     assert cache.blocks_of(ObjectRef("k", "e", 10)) == 1
     assert cache.blocks_of(ObjectRef("k", "e", 11)) == 2
+
+
+@pytest.mark.parametrize("ttl", [0.0, 5.0])
+def test_deep_walk_costs_one_call_per_folder(ttl):
+    """A walk down 50 nested folders, resolving each path from the root as the kernel does
+    when its entries have expired: at most one backend call per folder, never one per ancestor
+    per step (before: 1,275 HEADs at depth 50 with metadata_ttl 0)."""
+    depth = 50
+    store = MemoryStore()
+    store.put("/".join(f"d{i}" for i in range(depth)) + "/leaf.txt", b"x")
+
+    async def main():
+        async with mounted(store, ttl=ttl) as fs:
+            for d in range(1, depth + 1):
+                await path_ino(fs, "/".join(f"d{i}" for i in range(d)))
+                await trio.sleep(0.2)  # a 10 s walk: the 5 s TTL expires part way (0 s: at once)
+            return store.stats.head_requests + store.stats.list_requests
+
+    calls = run(main)
+    assert calls <= depth, calls
+
+
+def test_disk_tier_error_that_is_not_oserror_costs_a_refetch(tmp_path):
+    store = MemoryStore()
+    data = random.Random(9).randbytes(BS * 4)
+    store.put("obj", data)
+    disk = DiskTier(tmp_path / "cache", BS * 64)
+
+    def broken(*args):
+        raise ValueError("a bug in the disk tier")
+
+    disk.get = broken
+    disk.put = broken
+
+    async def main():
+        async with mounted(store, disk=disk) as fs:
+            assert await read_all(fs, "obj") == data  # served from the backend
+            await trio.sleep(0.5)  # the disk writes after the fetch fail too, quietly
+            return disk.errors
+
+    assert run(main) >= 2
+
+
+def test_disk_limit_is_capped_by_free_space(tmp_path, monkeypatch):
+    real = os.statvfs
+
+    class Small:
+        f_bavail, f_frsize = 100, 4096  # 400 KiB free
+
+    monkeypatch.setattr(os, "statvfs", lambda p: Small if str(p).startswith(str(tmp_path)) else real(p))
+    disk = DiskTier(tmp_path / "cache", 10 << 30)
+    assert disk.configured_limit == 10 << 30 and disk.limit == 400 * 1024
+    assert oct(os.stat(tmp_path / "cache").st_mode & 0o777) == "0o700"

@@ -2,6 +2,7 @@
 
 import errno
 import os
+import random
 from contextlib import asynccontextmanager
 
 import pytest
@@ -129,22 +130,97 @@ def test_staging_limit_gives_enospc(tmp_path):
     trio.run(main)
 
 
-def test_recovery_after_a_crash(tmp_path):
+def test_recovery_publishes_committed_files_and_keeps_uncommitted_ones_incomplete(tmp_path):
     store = MemoryStore()
     staging = StagingArea(tmp_path)
-    f = staging.create("recovered.txt", None)
-    staging.write(f, 0, b"left behind")
-    os.close(f.fd)  # the process "dies" here
+    closed = staging.create("closed.txt", None)
+    staging.write(closed, 0, b"closed by its writer, upload pending")
+    staging.mark(closed, committed=True)
+    half = staging.create("half.txt", None)
+    staging.write(half, 0, b"25 of 70 MiB")  # the sidecar dies while this is being written
+    os.close(closed.fd)
+    os.close(half.fd)
 
     async def main():
         async with writable(store, tmp_path) as fs:
-            found = fs.staging.recover()
-            assert [x.key for x in found] == ["recovered.txt"]
-            assert "recovered.txt" in await names(fs)  # visible before it is stored
-            assert await fs.upload_pending() == 0
-            assert store.objects["recovered.txt"][0] == b"left behind"
+            found = {x.key: x.state for x in fs.staging.recover()}
+            assert found == {"closed.txt": "dirty", "half.txt": "incomplete"}
+            assert "closed.txt" in await names(fs)  # visible before it is stored
+            assert await fs.upload_pending() == 1  # the incomplete one stays
+            assert store.objects["closed.txt"][0] == b"closed by its writer, upload pending"
+            assert "half.txt" not in store.objects  # never published by itself
+            assert fs.writer.unsynced()["incomplete"] == 1
+            await fs.writer.publish("half.txt")  # a person's explicit decision
+            assert store.objects["half.txt"][0] == b"25 of 70 MiB"
+            assert fs.staging.pending() == []
 
     trio.run(main)
+
+
+def test_incomplete_files_are_dropped_after_the_keep_period(tmp_path):
+    staging = StagingArea(tmp_path)
+    f = staging.create("old.txt", None)
+    staging.write(f, 0, b"x")
+    f.created = 1.0  # staged in 1970
+    staging._write_meta(f)
+    os.close(f.fd)
+    assert StagingArea(tmp_path).recover(keep_incomplete_s=86400) == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_full_staging_disk_is_enospc_not_a_traceback(tmp_path, monkeypatch):
+    async def main():
+        async with writable(MemoryStore(), tmp_path) as fs:
+            fh, _ = await fs.create(ROOT_INO, "f", os.O_WRONLY)
+
+            def full(*args):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            monkeypatch.setattr(os, "pwrite", full)
+            with pytest.raises(Exception) as err:
+                fs.write(fh, 0, b"data")
+            assert errno_of(err) == errno.ENOSPC
+
+    trio.run(main)
+
+
+def _partial(store, tmp_path, edit):
+    big = bytes(random.Random(5).randbytes(40 << 20))
+    store.put("big.bin", big)
+
+    async def main():
+        async with writable(store, tmp_path) as fs:
+            ino = (await fs.lookup(ROOT_INO, "big.bin")).ino
+            fh, _ = await fs.open(ino, os.O_RDWR)
+            expected = edit(fs, fh, big)
+            before = store.stats.bytes_stored
+            await fs.flush(fh)
+            fs.release(fh)
+            return expected, store.stats.bytes_stored - before
+
+    expected, sent = trio.run(main)
+    assert store.objects["big.bin"][0] == expected
+    return sent
+
+
+def test_append_and_in_place_edit_send_only_what_changed(tmp_path):
+    import sidecar.vfs.writer as writer_mod
+
+    def append(fs, fh, big):
+        fs.write(fh, len(big), b"y" * 1024)
+        return big + b"y" * 1024
+
+    def edit(fs, fh, big):
+        fs.write(fh, 20 << 20, b"0123456789abcdef")
+        return big[: 20 << 20] + b"0123456789abcdef" + big[(20 << 20) + 16 :]
+
+    assert writer_mod.REUSE_MIN <= 40 << 20
+    for change, changed_bytes in ((append, 1024), (edit, 16)):
+        store = MemoryStore()
+        sent = _partial(store, tmp_path / change.__name__, change)
+        # the memory store checks every reused range against the old bytes and counts only
+        # what was sent: exactly the changed bytes (S3 sends the 8 MiB parts holding them)
+        assert sent == changed_bytes, (change.__name__, sent)
 
 
 async def names(fs, ino=ROOT_INO):

@@ -110,6 +110,7 @@ def test_add_ls_mount_read_write_umount_rm(s3, project):
         (["add", "gs://bucket-a", "data/other"], "already used by storages"),
         (["add", "s3://bucket-b", "data/ok"], "the same path as"),
         (["add", "s3://bucket-a", "data/full"], "already holds files"),
+        (["add", "s3://bucket-c", "data\n!important.txt\n*.key"], "must not contain control characters"),
         (["rm", "nothing-here"], "no mount or storage named"),
         (["mount", "nothing-here"], "no mount named"),
         (["umount", "--socket", "/nonexistent/sock"], "no sidecar"),

@@ -223,7 +223,7 @@ def test_upload_failure_then_backend_returns(tmp_path, mount_worker):
         w.stop()
 
 
-def test_sigkill_then_restart_uploads_what_was_staged(s3_bucket, mount_worker, tmp_path):
+def test_sigkill_keeps_an_unclosed_file_incomplete_never_published(s3_bucket, mount_worker, tmp_path):
     bucket = s3_bucket
     cache = str(tmp_path / "crash-cache")
     w = mount_worker(bucket, readonly=False, cache_dir=cache, name="crash")
@@ -240,19 +240,30 @@ def test_sigkill_then_restart_uploads_what_was_staged(s3_bucket, mount_worker, t
         pass
     subprocess.run(["fusermount3", "-u", "-z", w.mnt], check=False)
     w2 = mount_worker(bucket, readonly=False, cache_dir=cache, name="crash", mountpath=w.mnt)
-    wait_for(lambda: "unclosed.txt" in keys(bucket), timeout=30, what="the recovered upload")
+    (staged,) = w2.stats()["staged"]
+    assert staged["key"] == "unclosed.txt" and staged["state"] == "incomplete"
+    assert w2.stats()["unsynced"]["incomplete"] == 1
+    assert "unclosed.txt" not in keys(bucket)  # a prefix of a file is never published by itself
+    assert open(staged["local_path"], "rb").read() == b"written, never closed"
+    # an explicit decision publishes it
+    assert w2.publish("unclosed.txt")["ok"] is True
     assert remote(bucket, "unclosed.txt") == b"written, never closed"
-    wait_for(lambda: w2.stats()["staged"] == [], what="staging to empty")
+    assert w2.stats()["staged"] == []
 
 
-def test_sigterm_stores_files_still_open_before_unmounting(bucket, mount_worker):
-    w = mount_worker(bucket, readonly=False, grace_period=20)
+def test_sigterm_stores_closed_files_and_keeps_open_ones_incomplete(bucket, mount_worker):
+    w = mount_worker(bucket, readonly=False, grace_period=20, write_mode="writeback")
+    for i in range(5):  # write-back: closed, not yet stored when SIGTERM comes
+        with open(f"{w.mnt}/closed-{i}.txt", "wb") as f:
+            f.write(b"closed %d" % i)
     f = open(f"{w.mnt}/open-at-shutdown.txt", "wb")
     f.write(b"still open when the pod stopped")
     f.flush()
     w.proc.send_signal(signal.SIGTERM)
     assert w.proc.wait(30) == 0
-    assert remote(bucket, "open-at-shutdown.txt") == b"still open when the pod stopped"
+    for i in range(5):
+        assert remote(bucket, f"closed-{i}.txt") == b"closed %d" % i
+    assert "open-at-shutdown.txt" not in keys(bucket)  # its writer never closed it
     assert os.path.realpath(w.mnt) not in fuse_mounts()
     try:
         f.close()

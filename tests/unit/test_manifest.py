@@ -195,3 +195,36 @@ def test_non_secret_words_are_not_mistaken_for_secrets():
     m = parse_manifest(json.loads(json.dumps(BASE)))
     assert m.storages[0].options["anonymous"] is False
     assert os.path.isabs(m.root)
+
+
+@pytest.mark.parametrize(
+    "raw, where, says",
+    [
+        (b"\xff\xfe{\x00}\x00", "(document)", "UTF-16"),
+        ('{"root": "/p"}'.encode("utf-16"), "(document)", "UTF-16"),
+        (b'{"root": "/p", "x": \x80}', "(document)", "must be UTF-8"),
+        (b'{"root": "/p", "storages": [], "mounts": [], "n": ' + b"7" * 5000 + b"}", "(document)", "not usable JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, "(document)", "nested more than"),
+        (json.dumps({"root": "/p", "storages": [], "mounts": [], "a": json.loads("[" * 40 + "1" + "]" * 40)}).encode(), "(document)", "nested more than"),
+        (json.dumps({"root": "/p\u0000x", "storages": [], "mounts": []}).encode(), "root", "control characters"),
+        (b"{" * 10 + b"x" * (2 << 20), "(document)", "larger than"),
+    ],
+)
+def test_hostile_manifest_bytes_give_a_clear_error_not_a_traceback(raw, where, says):
+    with pytest.raises(ManifestError) as exc:
+        loads(raw)
+    assert any(loc == where and says in msg for loc, msg in exc.value.errors), exc.value.errors
+
+
+def test_every_independent_error_is_reported_with_its_field_path():
+    doc = copy.deepcopy(BASE)
+    doc["storages"][0]["options"]["endpoint_url"] = "http://127.0.0.1:5000/?X-Amz-Signature=0123456789abcdef"
+    doc["mounts"][0]["mountpath"] = "data/\nsecret"
+    doc["unknown"] = 1
+    doc["secret_key"] = "abc"
+    with pytest.raises(ManifestError) as exc:
+        parse_manifest(doc)
+    locs = [loc for loc, _ in exc.value.errors]
+    assert {"storages[0].options.endpoint_url", "mounts[0].mountpath", "unknown", "secret_key"} <= set(locs), locs
+    assert all(loc for loc in locs)  # every error has a field path
+    assert "0123456789abcdef" not in str(exc.value)  # the query string's secret is not echoed

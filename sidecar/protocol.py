@@ -1,0 +1,70 @@
+"""What the daemon and a mount's worker process say to each other, typed.
+
+The daemon writes one `WorkerConfig` as the first JSON line of the worker's stdin (credentials
+included: they never appear on a command line or in an environment). Later stdin lines are
+commands: `stats`, `stop`, or a JSON object {"cmd": "publish", "key": ...}. The worker answers on
+stdout with JSON events: `mounted`, `error` {code, reason}, `stats` (see `sidecar.worker`),
+`published` {key, ok, reason}.
+
+Defaults live here once (the block size, the staging limit, ...): the daemon's flags, the
+manifest and the worker all read them from this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+BLOCK_SIZE = 8 << 20
+MEMORY_LIMIT = 256 << 20
+READAHEAD = 128 << 20
+DISK_LIMIT = 10 << 30
+STAGING_LIMIT = 50 << 30
+DEADLINE = 30.0
+METADATA_TTL = 5.0
+GRACE_PERIOD = 20.0
+KERNEL_READAHEAD_KB = 1024
+INCOMPLETE_KEEP_DAYS = 7.0
+
+
+@dataclass
+class WorkerConfig:
+    name: str
+    storage_id: str
+    url: str
+    mountpath: str
+    root: str | None = None  # the project root: the mount path is checked against it at mount time
+    options: dict[str, Any] = field(default_factory=dict)
+    credentials: dict[str, str] = field(default_factory=dict)
+    source_path: str = ""
+    readonly: bool = True
+    write_mode: str = "durable"
+    ttl: float = METADATA_TTL
+    deadline: float = DEADLINE
+    cache_dir: str | None = None
+    block_size: int = BLOCK_SIZE
+    memory_limit: int = MEMORY_LIMIT
+    readahead: int = READAHEAD
+    disk_limit: int = DISK_LIMIT
+    staging_limit: int = STAGING_LIMIT
+    incomplete_keep_days: float = INCOMPLETE_KEEP_DAYS
+    kernel_readahead_kb: int = KERNEL_READAHEAD_KB
+    uid: int | None = None
+    gid: int | None = None
+    allow_other: bool = False
+    log_level: str = "info"
+    log: str | None = None  # tests: where the test harness sends the worker's stderr
+    grace_period: float = GRACE_PERIOD
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> "WorkerConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(doc) - known
+        if unknown:
+            raise ValueError(f"unknown worker option(s): {', '.join(sorted(unknown))}")
+        return cls(**doc)
+
+    def to_line(self) -> bytes:
+        return (json.dumps(dataclasses.asdict(self)) + "\n").encode()

@@ -1,0 +1,26 @@
+"""The states of a mount, one set for the daemon, its metrics, status and the CLI.
+
+    pending -> checking -> mounted | needs_credentials | failed | skipped
+    mounted <-> degraded       (backend errors or stalled calls since the last poll)
+    mounted -> unmounted       (POST unmount, shutdown)
+    failed -> (retried with backoff, staying `failed` until it works) -> mounted
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class MountState(StrEnum):
+    PENDING = "pending"
+    CHECKING = "checking"
+    MOUNTED = "mounted"
+    DEGRADED = "degraded"
+    NEEDS_CREDENTIALS = "needs_credentials"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    UNMOUNTED = "unmounted"
+
+
+STATES = tuple(s.value for s in MountState)
+UP = frozenset({"mounted", "degraded"})

@@ -1,0 +1,134 @@
+"""Folder listings and "does not exist" answers, cached for the mount's metadata TTL.
+
+A folder's listing is the names directly in it, each a folder or an object (size, etag, mtime),
+after skipping the names no program could use: empty segments ("a//b"), "." and "..", names over
+255 bytes, and names with control characters (a newline or a NUL byte in a key: listed, they
+would be ENOENT or a duplicate of a truncated name). Each skipped key is logged once.
+
+All times are `trio.current_time()`; used from the trio thread only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sidecar.log import get_logger
+from sidecar.store.base import Listing, ObjectInfo
+
+log = get_logger(__name__)
+
+NAME_MAX = 255
+
+
+@dataclass
+class Entry:
+    is_dir: bool
+    info: ObjectInfo | None  # None for folders
+
+
+@dataclass
+class _Dir:
+    entries: dict[str, Entry]
+    expires: float
+
+
+def unusable_name(name: str) -> str | None:
+    """Why `name` cannot be a file name in the mount, or None if it can."""
+    if name == "" or "/" in name:
+        return "empty path segment ('//' in the key)"
+    if name in (".", ".."):
+        return "'.' or '..' as a path segment"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        return "a control character (newline, tab, NUL, ...) in the name"
+    if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
+        return f"name longer than {NAME_MAX} bytes"
+    return None
+
+
+class Listings:
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._dirs: dict[str, _Dir] = {}
+        self._negative: dict[str, float] = {}  # key -> expiry of a cached "does not exist"
+        self._warned: set[str] = set()
+
+    # -- folders ------------------------------------------------------------------------------
+
+    def fresh(self, prefix: str, now: float) -> dict[str, Entry] | None:
+        cached = self._dirs.get(prefix)
+        return cached.entries if cached is not None and cached.expires > now else None
+
+    def store(self, prefix: str, entries: dict[str, Entry], now: float) -> None:
+        self._dirs[prefix] = _Dir(entries, now + self.ttl)
+
+    def forget(self, prefix: str) -> None:
+        self._dirs.pop(prefix, None)
+
+    def forget_parent(self, key: str) -> None:
+        self._dirs.pop(parent_key(key), None)
+
+    def forget_tree(self, prefix: str) -> None:
+        for key in [k for k in self._dirs if k == prefix or k.startswith(prefix + "/")]:
+            del self._dirs[key]
+
+    def add(self, key: str, entry: Entry) -> None:
+        """A name this mount just created, visible at once in a cached listing of its folder."""
+        cached = self._dirs.get(parent_key(key))
+        if cached is not None:
+            cached.entries[key.rpartition("/")[2]] = entry
+        self._negative.pop(key, None)
+
+    def remove(self, key: str, now: float) -> None:
+        """A name this mount just removed: gone from its folder's listing, and known absent."""
+        cached = self._dirs.get(parent_key(key))
+        if cached is not None:
+            cached.entries.pop(key.rpartition("/")[2], None)
+        self._negative[key] = now + self.ttl
+
+    # -- names known not to exist -------------------------------------------------------------
+
+    def absent(self, key: str, now: float) -> bool:
+        return self._negative.get(key, float("-inf")) > now
+
+    def set_absent(self, key: str, now: float) -> None:
+        self._negative[key] = now + self.ttl
+
+    def clear_absent(self, key: str) -> None:
+        self._negative.pop(key, None)
+
+    # -- listing -> entries -------------------------------------------------------------------
+
+    def _usable(self, name: str, key: str) -> bool:
+        reason = unusable_name(name)
+        if reason is not None and key not in self._warned:
+            self._warned.add(key)
+            log.warning("object_skipped", key=key, reason=reason)
+        return reason is None
+
+    def entries_of(self, prefix: str, listing: Listing) -> dict[str, Entry]:
+        base = f"{prefix}/" if prefix else ""
+        entries: dict[str, Entry] = {}
+        for d in listing.dirs:
+            name = d[len(base) :]
+            if self._usable(name, d + "/"):
+                entries[name] = Entry(True, None)
+        for marker in listing.markers:
+            # "folder/sub/" listed inside "folder/" is a folder that may hold nothing else.
+            name = marker[len(base) :].rstrip("/")
+            if name and self._usable(name, marker):
+                entries.setdefault(name, Entry(True, None))
+        for info in listing.files:
+            name = info.key[len(base) :]
+            if not self._usable(name, info.key):
+                continue
+            if name in entries:
+                if info.key not in self._warned:
+                    self._warned.add(info.key)
+                    log.warning("object_skipped", key=info.key, reason="an object with the same name as a folder (the folder is shown)")
+                continue
+            entries[name] = Entry(False, info)
+        return entries
+
+
+def parent_key(key: str) -> str:
+    return key.rpartition("/")[0] if "/" in key else ""

@@ -1,0 +1,297 @@
+"""Real mounts under real conditions: a link that behaves like S3, a backend that stalls, resets
+or changes objects under readers (tests/netproxy.py between the mount and moto). Quoted by
+docs/RELIABILITY.md. The long variants (`reliability` marker) run in `make test-reliability`.
+"""
+
+import errno
+import hashlib
+import os
+import random
+import threading
+import time
+import uuid
+
+import pytest
+
+from tests.conftest import needs_fuse, wait_for
+from tests.netproxy import LinkProxy
+
+pytestmark = [pytest.mark.mount, needs_fuse]
+MiB = 1 << 20
+
+
+@pytest.fixture
+def proxied(s3):
+    """A LinkProxy in front of the session's moto server, and a bucket on it."""
+    port = int(s3.endpoint.rsplit(":", 1)[1])
+    with LinkProxy(port) as proxy:
+        bucket = f"r-{uuid.uuid4().hex[:12]}"
+        s3.client().create_bucket(Bucket=bucket)
+        yield proxy, bucket
+
+
+def _mount(mount_worker, s3, proxy, bucket, **cfg):
+    return mount_worker(bucket, options={"endpoint_url": proxy.endpoint}, **cfg)
+
+
+def _sha(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+# -- versions: no reader ever gets bytes of two versions ------------------------------------
+
+
+def _replace_while_open(s3, bucket, mnt, size_old, size_new, rng):
+    """Reader A opens v1 and reads its start; the object is replaced; reader B opens the name
+    after the TTL and reads; A reads on. Returns (A's bytes or the error, B's bytes, v1, v2)."""
+    key = f"obj-{rng.getrandbits(32):08x}"
+    v1, v2 = rng.randbytes(size_old), rng.randbytes(size_new)
+    s3.client().put_object(Bucket=bucket, Key=key, Body=v1)
+    a = open(f"{mnt}/{key}", "rb", buffering=0)
+    got_a = a.read(2 * MiB)
+    s3.client().put_object(Bucket=bucket, Key=key, Body=v2)
+    time.sleep(1.1)  # the mount's TTL (1 s): the next open by name must see v2
+    with open(f"{mnt}/{key}", "rb") as b:
+        got_b = b.read()
+    try:
+        while chunk := a.read(4 * MiB):
+            got_a += chunk
+        result_a = got_a
+    except OSError as exc:
+        result_a = exc
+    finally:
+        a.close()
+    return result_a, got_b, v1, v2
+
+
+@pytest.mark.parametrize("size_new", [24 * MiB, 12 * MiB, 40 * MiB], ids=["same", "smaller", "larger"])
+def test_replaced_while_open_readers_never_mix_versions(s3, proxied, mount_worker, size_new):
+    proxy, bucket = proxied
+    w = _mount(mount_worker, s3, proxy, bucket, ttl=1.0, block_size=4 * MiB)
+    rng = random.Random(size_new)
+    for _ in range(3):
+        result_a, got_b, v1, v2 = _replace_while_open(s3, bucket, w.mnt, 24 * MiB, size_new, rng)
+        assert got_b == v2, "a reader opening after the TTL reads the new version whole"
+        if isinstance(result_a, OSError):
+            assert result_a.errno in (errno.ESTALE, errno.EIO), result_a
+        else:  # the old version whole (served from what was fetched before the change)
+            assert _sha(result_a) == _sha(v1), f"reader A got {len(result_a)} bytes that are not v1"
+
+
+# -- deadlines: a stall is an error within the deadline, a slow transfer is not -------------
+
+
+def test_stalled_backend_fails_read_and_close_within_the_deadline(s3, proxied, mount_worker):
+    proxy, bucket = proxied
+    s3.client().put_object(Bucket=bucket, Key="data.bin", Body=os.urandom(8 * MiB))
+    w = _mount(mount_worker, s3, proxy, bucket, readonly=False, deadline=3.0, ttl=30.0)
+    f = open(f"{w.mnt}/data.bin", "rb", buffering=0)  # looked up and opened before the stall
+    out = open(f"{w.mnt}/result.txt", "wb")
+    out.write(b"computed while the backend stalls")
+    out.flush()
+    proxy.set(stall=True)
+    try:
+        started = time.monotonic()
+        with pytest.raises(OSError) as err:
+            f.read(1 * MiB)
+        assert err.value.errno == errno.EIO
+        assert time.monotonic() - started < 3.0 + 2.0  # the deadline + 2 s, not a minute
+        started = time.monotonic()
+        with pytest.raises(OSError) as err:
+            out.close()
+        assert err.value.errno == errno.EIO
+        assert time.monotonic() - started < 3.0 + 2.0
+        stats = w.stats()
+        assert [s["key"] for s in stats["staged"]] == ["result.txt"]
+        assert stats["store"]["errors"] >= 2
+    finally:
+        proxy.set(stall=False)
+    # the backend is back: the committed file is uploaded by the background writer
+    wait_for(lambda: "result.txt" in _keys(s3, bucket), timeout=60, what="the retried upload")
+    assert s3.client().get_object(Bucket=bucket, Key="result.txt")["Body"].read() == b"computed while the backend stalls"
+    f.close()
+
+
+def _keys(s3, bucket):
+    return [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
+
+
+def _close_on_slow_link(s3, proxy, bucket, mount_worker, size, bandwidth, deadline):
+    proxy.set(bandwidth=bandwidth, first_byte_delay=0.03)
+    w = _mount(mount_worker, s3, proxy, bucket, readonly=False, deadline=deadline)
+    chunk = random.Random(size).randbytes(4 * MiB)
+    digest = hashlib.sha256()
+    started = time.monotonic()
+    with open(f"{w.mnt}/big.bin", "wb") as f:
+        for _ in range(size // len(chunk)):
+            f.write(chunk)
+            digest.update(chunk)
+        written = time.monotonic()
+    closed = time.monotonic() - written
+    proxy.set(bandwidth=None, first_byte_delay=0.0)
+    body = s3.client().get_object(Bucket=bucket, Key="big.bin")["Body"]
+    remote = hashlib.sha256()
+    while data := body.read(8 * MiB):
+        remote.update(data)
+    assert remote.hexdigest() == digest.hexdigest()
+    return closed, written - started
+
+
+def test_close_of_a_large_file_on_a_slow_link(s3, proxied, mount_worker):
+    # 512 MiB through a link of 4 MB/s per connection, deadline 5 s: the upload takes far
+    # longer than the deadline (8 parts in flight: ~17 s) yet moves all along, so close succeeds.
+    proxy, bucket = proxied
+    closed, _ = _close_on_slow_link(s3, proxy, bucket, mount_worker, 512 * MiB, 4e6, 5.0)
+    assert closed > 5.0  # it really took longer than the deadline (else the test proves nothing)
+    assert proxy.counts["PUT"] >= 512 // 16
+
+
+@pytest.mark.reliability
+def test_close_of_a_2_gib_file_at_25_mb_s_per_connection(s3, proxied, mount_worker):
+    proxy, bucket = proxied
+    closed, write = _close_on_slow_link(s3, proxy, bucket, mount_worker, 2048 * MiB, 25e6, 30.0)
+    print(f"\n2 GiB close at 25 MB/s per connection: write {write:.1f} s, close {closed:.1f} s")
+
+
+# -- partial re-uploads ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size_mib", [40, pytest.param(200, marks=pytest.mark.reliability)])
+def test_partial_reupload_of_a_large_object_on_s3(s3, proxied, mount_worker, size_mib):
+    proxy, bucket = proxied
+    base = random.Random(size_mib).randbytes(size_mib * MiB)
+    s3.client().put_object(Bucket=bucket, Key="log.bin", Body=base)
+    w = _mount(mount_worker, s3, proxy, bucket, readonly=False)
+    proxy.reset_counts()
+    with open(f"{w.mnt}/log.bin", "ab") as f:
+        f.write(b"L" * 1024)
+    appended = proxy.bytes_up
+    expected = base + b"L" * 1024
+    assert s3.client().get_object(Bucket=bucket, Key="log.bin")["Body"].read() == expected
+    proxy.reset_counts()
+    with open(f"{w.mnt}/log.bin", "r+b") as f:
+        f.seek(17 * MiB + 3)
+        f.write(b"0123456789abcdef")
+    edited = proxy.bytes_up
+    expected = expected[: 17 * MiB + 3] + b"0123456789abcdef" + expected[17 * MiB + 19 :]
+    assert s3.client().get_object(Bucket=bucket, Key="log.bin")["Body"].read() == expected
+    print(f"\n{size_mib} MiB object: append 1 KiB sent {appended / MiB:.2f} MiB, 16-byte edit sent {edited / MiB:.2f} MiB")
+    assert appended < 16 * MiB and edited < 16 * MiB
+    assert proxy.counts["COPY"] >= 2  # the unchanged parts were copied server-side
+
+
+# -- resets mid-body ---------------------------------------------------------------------
+
+
+def test_resets_mid_body_are_retried_and_counted(s3, proxied, mount_worker):
+    proxy, bucket = proxied
+    files = {f"f{i:03d}": random.Random(i).randbytes(300 * 1024) for i in range(100)}
+    for k, v in files.items():
+        s3.client().put_object(Bucket=bucket, Key=k, Body=v)
+    w = _mount(mount_worker, s3, proxy, bucket, ttl=60.0, cache_dir=None)
+    os.listdir(w.mnt)
+    proxy.set(reset_fraction=0.1)
+    failed = 0
+    for k, v in files.items():
+        try:
+            with open(f"{w.mnt}/{k}", "rb") as f:
+                failed += f.read() != v
+        except OSError:
+            failed += 1
+    proxy.set(reset_fraction=0.0)
+    assert proxy.resets >= 3  # the faults were really injected
+    assert failed == 0
+    store = w.stats()["store"]
+    assert store["retries"] + store["sdk_retries"] >= proxy.resets // 2, (store, proxy.resets)
+
+
+# -- names -------------------------------------------------------------------------------
+
+
+def test_unstorable_names_are_einval_and_unlistable_keys_skipped(s3, proxied, mount_worker, tmp_path):
+    proxy, bucket = proxied
+    s3.client().put_object(Bucket=bucket, Key="good.txt", Body=b"ok")
+    # moto refuses a newline in a key (its router 404s it); a tab and a control byte it stores
+    s3.client().put_object(Bucket=bucket, Key="bad\tname.txt", Body=b"tab")
+    s3.client().put_object(Bucket=bucket, Key="bad\x01name.txt", Body=b"control")
+    w = _mount(mount_worker, s3, proxy, bucket, readonly=False)
+    assert os.listdir(w.mnt) == ["good.txt"]  # such keys are skipped, not ghost entries
+    for name in ("new\nline.txt", "tab\there", b"\xff\xfe-not-utf8"):
+        path = os.path.join(os.fsencode(w.mnt), name if isinstance(name, bytes) else name.encode())
+        with pytest.raises(OSError) as err:
+            open(path, "wb").close()
+        assert err.value.errno == errno.EINVAL, name
+        with pytest.raises(OSError) as err:
+            os.mkdir(path)
+        assert err.value.errno == errno.EINVAL, name
+    with pytest.raises(FileNotFoundError):
+        os.stat(os.path.join(os.fsencode(w.mnt), b"\xff\xfe-not-utf8"))
+    assert w.stats()["staged"] == []  # nothing stuck unsynced
+    os.listdir(w.mnt)
+    log = open(w.cfg["log"]).read()
+    assert log.count("object_skipped") == 2 and "request_crashed" not in log  # one warning per key
+
+
+def test_many_readers_while_objects_are_replaced(s3, proxied, mount_worker):
+    """Several readers of objects replaced while they read: each read is one whole version or
+    an error (the acceptance's 32 readers x 100 tries run in `make test-reliability`)."""
+    _readers_and_replacements(s3, proxied, mount_worker, readers=4, tries=3)
+
+
+@pytest.mark.reliability
+def test_32_readers_of_replaced_objects_100_tries(s3, proxied, mount_worker):
+    _readers_and_replacements(s3, proxied, mount_worker, readers=32, tries=100)
+
+
+def _readers_and_replacements(s3, proxied, mount_worker, *, readers, tries):
+    proxy, bucket = proxied
+    w = _mount(mount_worker, s3, proxy, bucket, ttl=0.5, block_size=1 * MiB)
+    versions: dict[str, set[str]] = {}
+    lock = threading.Lock()
+    sizes = [3 * MiB, 2 * MiB, 5 * MiB]  # same, smaller, larger
+    keys = [f"k{i}" for i in range(4)]
+    for k in keys:
+        data = os.urandom(sizes[0])
+        versions[k] = {_sha(data)}
+        s3.client().put_object(Bucket=bucket, Key=k, Body=data)
+    outcomes = {"whole": 0, "error": 0, "mixed": 0}
+    stop = threading.Event()
+
+    def writer():
+        rng = random.Random(7)
+        while not stop.is_set():
+            k = rng.choice(keys)
+            data = os.urandom(rng.choice(sizes))
+            with lock:
+                versions[k].add(_sha(data))
+            s3.client().put_object(Bucket=bucket, Key=k, Body=data)
+            time.sleep(0.05)
+
+    def reader(n):
+        rng = random.Random(n)
+        for _ in range(tries):
+            k = rng.choice(keys)
+            try:
+                with open(f"{w.mnt}/{k}", "rb") as f:
+                    data = f.read()
+            except OSError:
+                with lock:
+                    outcomes["error"] += 1
+                continue
+            with lock:
+                outcomes["whole" if _sha(data) in versions[k] else "mixed"] += 1
+
+    t = threading.Thread(target=writer)
+    t.start()
+    threads = [threading.Thread(target=reader, args=(n,)) for n in range(readers)]
+    try:
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(600)
+    finally:
+        stop.set()
+        t.join(30)
+    print(f"\n{readers} readers x {tries} tries: {outcomes}")
+    assert outcomes["mixed"] == 0, outcomes
+    assert outcomes["whole"] > 0
