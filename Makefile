@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-reliability bench clean
+.PHONY: install demo test test-reliability test-fuzz bench clean
 
 install:
 	@bash scripts/bootstrap.sh
@@ -17,6 +17,10 @@ test: install
 # Every fault scenario, the long ones included (2 GiB on a slow link, 32 readers x 100 tries).
 test-reliability: install
 	$(PY) -m pytest --reliability tests/mount/test_reliability.py tests/mount/test_faults.py $(PYTEST_ARGS)
+
+# The fuzz suite's long profile: >= 100,000 generated inputs across the five front doors.
+test-fuzz: install
+	FUZZ_PROFILE=long $(PY) -m pytest -s tests/fuzz $(PYTEST_ARGS)
 
 bench:
 	@bash scripts/bootstrap.sh --bench

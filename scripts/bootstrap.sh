@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
-apt_pkgs=(fuse3 libfuse3-dev pkg-config gcc)
-[[ "${1:-}" == "--bench" ]] && apt_pkgs+=(rclone fio)
+apt_pkgs=(fuse3 libfuse3-dev pkg-config gcc rsync rclone)  # rsync, rclone: the small-file tests use them
+[[ "${1:-}" == "--bench" ]] && apt_pkgs+=(fio)
 
 missing=()
 for p in "${apt_pkgs[@]}"; do

@@ -514,6 +514,24 @@ def status(socket_path: str | None, as_json: bool, probe: str | None) -> None:
 
 @main.command()
 @click.argument("mount_name")
+@click.argument("path", default="")
+@click.option("--socket", "socket_path", default=None, help="Control socket of the daemon.")
+def refresh(mount_name: str, path: str, socket_path: str | None) -> None:
+    """See the bucket as it is now: forget the cached listings and attributes of PATH (a folder
+    in the mount; default: all of it), whatever the mount's metadata TTL."""
+    from sidecar.status import Unreachable, request
+
+    try:
+        code, body = request(f"/mounts/{mount_name}/refresh", "POST", {"path": path}, sock=socket_path, timeout=15)
+    except Unreachable as exc:
+        _fail(str(exc), EXIT_NO_DAEMON)
+    if code != 200:
+        _fail(f"not refreshed: {body.get('error') if isinstance(body, dict) else body}", EXIT_FAILED)
+    click.echo(f"{mount_name}: refreshed {path or '/'}")
+
+
+@main.command()
+@click.argument("mount_name")
 @click.argument("key")
 @click.option("--socket", "socket_path", default=None, help="Control socket of the daemon.")
 def publish(mount_name: str, key: str, socket_path: str | None) -> None:

@@ -294,7 +294,8 @@ class Daemon:
             root=self.manifest.root,
             readonly=st.readonly,
             write_mode=mt.write_mode,
-            ttl=mt.metadata_ttl,
+            mtime_source=mt.mtime_source,
+            ttl=mt.metadata_ttl if mt.metadata_ttl is not None else (protocol.METADATA_TTL_READONLY if st.readonly else protocol.METADATA_TTL),
             deadline=mt.deadline,
             credentials=creds,
             cache_dir=cfg.cache_dir,
@@ -536,6 +537,8 @@ class Daemon:
         action = path.rsplit("/", 1)[1]
         if action == "publish":
             return await self._publish(m, body)
+        if action == "refresh":
+            return await self._refresh(m, body)
         arg = None
         if action == "credentials":
             arg = parse_credentials(body, m.storage.provider)
@@ -550,6 +553,23 @@ class Daemon:
         with trio.move_on_after(ACTION_WAIT):
             await done.wait()
         return (200 if done.is_set() else 202), m.public()
+
+    async def _refresh(self, m: Mount, body: bytes) -> tuple[int, Any]:
+        """Forgets the mount's cached metadata of a folder (or all of it) in the worker and the
+        kernel: the next access sees the bucket as it is now, whatever the metadata TTL."""
+        try:
+            doc = json.loads(body.decode("utf-8")) if body else {}
+            path = doc.get("path", "") if isinstance(doc, dict) else None
+            if not isinstance(path, str):
+                raise ValueError
+        except (ValueError, RecursionError, UnicodeDecodeError):
+            raise HTTPError(400, "bad_request", 'the body must be empty or {"path": "<folder in the mount>"}') from None
+        if m.worker is None or m.state not in UP:
+            raise HTTPError(409, "not_mounted", f"{m.name} is {m.state}; nothing is cached")
+        answer = await m.worker.call((json.dumps({"cmd": "refresh", "path": path}) + "\n").encode(), "refreshed", ACTION_WAIT)
+        if answer is None:
+            raise HTTPError(503, "no_answer", f"the mount process of {m.name} did not answer")
+        return 200, {"path": path, "entries": answer.get("entries", 0)}
 
     async def _publish(self, m: Mount, body: bytes) -> tuple[int, Any]:
         """Uploads an `incomplete` staged file of a mount on a person's explicit request."""

@@ -203,6 +203,12 @@ class WorkerProcess:
         self.proc.stdin.flush()
         return json.loads(self.proc.stdout.readline())
 
+    def refresh(self, path=""):
+        """Asks the worker to forget cached metadata of `path` (as `storage-sidecar refresh`)."""
+        self.proc.stdin.write((json.dumps({"cmd": "refresh", "path": path}) + "\n").encode())
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
     def publish(self, key):
         """Asks the worker to upload an incomplete staged file (a person's explicit decision)."""
         self.proc.stdin.write((json.dumps({"cmd": "publish", "key": key}) + "\n").encode())

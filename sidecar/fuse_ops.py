@@ -193,7 +193,8 @@ class FuseOps(pyfuse3.Operations):
     @_translated
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> pyfuse3.EntryAttributes:
         size = attr.st_size if fields.update_size else None
-        return self._entry(await self.fs.setattr(inode, size=size))
+        mtime = attr.st_mtime_ns / 1e9 if fields.update_mtime else None
+        return self._entry(await self.fs.setattr(inode, size=size, mtime=mtime))
 
     @_translated
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:

@@ -141,8 +141,16 @@ class StorageMount(_Model):
     storage: str
     mountpath: str
     source_path: str = ""
-    metadata_ttl: float = Field(default=5.0, ge=0, le=3600, description="seconds listings and attributes are cached")
+    metadata_ttl: float | None = Field(
+        default=None, ge=0, le=86400,
+        description="seconds listings and attributes are cached (default: 300 for read-only storages, 5 for writable ones)",
+    )
     deadline: float = Field(default=30.0, gt=0, le=600, description="seconds before a backend call fails with EIO (transfers: seconds without progress)")
+    mtime_source: Literal["listing", "metadata"] = Field(
+        default="listing",
+        description="listing: mtimes from the listing (Last-Modified, or a time set through this mount); "
+        "metadata: also each object's `mtime` metadata (rclone's), one HEAD per new object version",
+    )
     write_mode: Literal["durable", "writeback"] = Field(
         default="durable", description="durable: close returns once stored; writeback: once staged on local disk, uploaded in the background"
     )

@@ -23,7 +23,8 @@ READAHEAD = 128 << 20
 DISK_LIMIT = 10 << 30
 STAGING_LIMIT = 50 << 30
 DEADLINE = 30.0
-METADATA_TTL = 5.0
+METADATA_TTL = 5.0  # writable mounts: another writer's change is seen within seconds
+METADATA_TTL_READONLY = 300.0  # read-only mounts: data that rarely changes, cached long
 GRACE_PERIOD = 20.0
 KERNEL_READAHEAD_KB = 1024
 INCOMPLETE_KEEP_DAYS = 7.0
@@ -41,6 +42,7 @@ class WorkerConfig:
     source_path: str = ""
     readonly: bool = True
     write_mode: str = "durable"
+    mtime_source: str = "listing"
     ttl: float = METADATA_TTL
     deadline: float = DEADLINE
     cache_dir: str | None = None

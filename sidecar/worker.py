@@ -33,6 +33,7 @@ from sidecar.mounttable import UnsafeMountPath, safe_mountpoint
 from sidecar.private import private_folder
 from sidecar.protocol import WorkerConfig
 from sidecar.vfs.core import Filesystem
+from sidecar.vfs.mtimes import MtimeIndex
 from sidecar.vfs.staging import StagingArea
 
 logger = log.get_logger("sidecar.worker")
@@ -148,10 +149,13 @@ async def serve(cfg: WorkerConfig) -> int:
         recovered = await trio.to_thread.run_sync(lambda: staging.recover(keep_incomplete_s=cfg.incomplete_keep_days * 86400))
         for f in recovered:
             (logger.error if f.state == "incomplete" else logger.warning)("staged_file_recovered", key=f.key, size=f.size, state=f.state)
+    mtimes = MtimeIndex(Path(cfg.cache_dir) / storage_dir_name(cfg) / "mtimes.db" if cfg.cache_dir else None)
     fs = Filesystem(
         store,
         cache,
         staging=staging,
+        mtimes=mtimes,
+        mtime_from_metadata=cfg.mtime_source == "metadata",
         root_prefix=url.key_prefix(cfg.source_path),
         ttl=cfg.ttl,
         uid=cfg.uid,
@@ -194,6 +198,26 @@ async def serve(cfg: WorkerConfig) -> int:
         except Exception as exc:
             emit("published", key=key, ok=False, reason=log.redact_text(str(exc)))
 
+    async def refresh(path: str) -> None:
+        """Forgets what is cached about `path` (a folder, "" for the whole mount), in this process
+        and in the kernel, so the next access asks the bucket."""
+        entries, inodes = fs.refresh(path)
+        for parent_ino, name in entries:
+            try:
+                pyfuse3.invalidate_entry_async(parent_ino, name.encode("utf-8"), ignore_enoent=True)
+            except Exception as exc:  # the kernel may have forgotten it already
+                logger.debug("invalidate_failed", error=str(exc))
+        def invalidate_inodes() -> None:  # blocking, and the kernel may need us meanwhile: a thread
+            for ino in inodes:
+                try:
+                    pyfuse3.invalidate_inode(ino, attr_only=False)
+                except Exception as exc:
+                    logger.debug("invalidate_failed", error=str(exc))
+
+        await trio.to_thread.run_sync(invalidate_inodes)
+        logger.info("refreshed", path=path or "/", entries=len(entries))
+        emit("refreshed", path=path, entries=len(entries))
+
     async def control(nursery: trio.Nursery) -> None:
         stream = trio.lowlevel.FdStream(os.dup(0))
         buf = b""
@@ -215,6 +239,8 @@ async def serve(cfg: WorkerConfig) -> int:
                         doc = json.loads(cmd)
                         if doc.get("cmd") == "publish":
                             await publish(str(doc.get("key", "")))
+                        elif doc.get("cmd") == "refresh":
+                            await refresh(str(doc.get("path", "")))
         pyfuse3.terminate()
 
     async def signals() -> None:

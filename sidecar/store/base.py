@@ -28,6 +28,7 @@ class Listing:
     files: list[ObjectInfo] = field(default_factory=list)
     dirs: list[str] = field(default_factory=list)  # full prefixes, no trailing slash
     markers: list[str] = field(default_factory=list)  # keys of empty "folder/" marker objects
+    complete: bool = True  # False: the listing stopped at `max_entries` (more pages exist)
 
 
 @dataclass
@@ -57,8 +58,9 @@ class ObjectStore(Protocol):
     stats: StoreStats
     name: str  # identifies the storage in cache keys
 
-    async def list_dir(self, prefix: str) -> Listing:
-        """Everything directly under `prefix` ("" for the bucket root), all pages."""
+    async def list_dir(self, prefix: str, *, max_entries: int | None = None) -> Listing:
+        """Everything directly under `prefix` ("" for the bucket root), all pages; with
+        `max_entries`, at most about that many (`complete` says whether that was all)."""
 
     async def stat(self, key: str) -> ObjectInfo | DirInfo | None:
         """The object `key`, else the directory `key/` if any object lies under it, else None."""
@@ -89,6 +91,10 @@ class ObjectStore(Protocol):
 
     async def put_marker(self, key: str) -> None:
         """Creates the empty "folder/" marker object of a directory."""
+
+    async def set_mtime(self, key: str, etag: str, mtime: float) -> ObjectInfo | None:
+        """Stores `mtime` as the object's `mtime` metadata (rclone's convention), if the store
+        can without sending the bytes again; returns the object after the change, or None."""
 
     async def warm_up(self) -> None:
         """Prepares the client before the first request (optional)."""

@@ -130,6 +130,22 @@ def _mtime(value: Any) -> float:
     return 0.0
 
 
+def _mtime_text(mtime: float) -> str:
+    """rclone's `mtime` metadata: seconds since the epoch with a fraction."""
+    return f"{mtime:.9f}"
+
+
+def _user_mtime(metadata: Any) -> float | None:
+    """The `mtime` user metadata (rclone's convention) if it holds a number."""
+    if isinstance(metadata, dict):
+        value = metadata.get("mtime") or metadata.get("Mtime")
+        try:
+            return float(value) if value is not None else None
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
 def translate(exc: BaseException, what: str) -> SidecarError:
     """Maps fsspec/botocore/aiohttp errors to domain errors. Messages carry no request details."""
     if isinstance(exc, SidecarError):
@@ -288,10 +304,13 @@ class FsspecStore:
         mtime = d.get("LastModified") or d.get("last_modified") or d.get("mtime") or d.get("updated")
         return ObjectInfo(self._key(d["name"]), int(d.get("size") or 0), str(etag).strip('"'), _mtime(mtime))
 
-    async def list_dir(self, prefix: str) -> Listing:
+    async def list_dir(self, prefix: str, *, max_entries: int | None = None) -> Listing:
         self.stats.list_requests += 1
         entries = await self._run(f"list {prefix or '/'}", lambda: self.fs._ls(self._path(prefix), detail=True, refresh=True))
         return self._to_listing(prefix, entries)
+
+    async def set_mtime(self, key: str, etag: str, mtime: float) -> ObjectInfo | None:
+        return None  # kept in the mount's own mtime index only
 
     def _to_listing(self, prefix: str, entries: list[dict[str, Any]]) -> Listing:
         out = Listing()
@@ -334,7 +353,7 @@ class FsspecStore:
     async def _get_range_sized(self, key: str, start: int, end: int, etag: str, object_size: int | None) -> bytes:
         return await self.get_range(key, start, end, etag)
 
-    async def put_file(self, key: str, path: str, size: int, *, expected: Any = ..., reuse: Any = ()) -> ObjectInfo:
+    async def put_file(self, key: str, path: str, size: int, *, expected: Any = ..., reuse: Any = (), mtime: float | None = None) -> ObjectInfo:
         # The generic store checks the precondition with a HEAD just before the upload (a small
         # window remains) and sends the whole file: S3 overrides both.
         if expected is not ...:
@@ -405,13 +424,14 @@ class _S3Writes:
     bucket: str
     stats: StoreStats
 
-    async def put_file(self, key: str, path: str, size: int, *, expected: Any = ..., reuse: Any = ()) -> ObjectInfo:
+    async def put_file(self, key: str, path: str, size: int, *, expected: Any = ..., reuse: Any = (), mtime: float | None = None) -> ObjectInfo:
         """One PUT up to MULTIPART_THRESHOLD, else a multipart upload (UPLOAD_CONCURRENCY parts in
         flight). The precondition travels with the write: `If-None-Match: *` for a new object,
         `If-Match` for a replacement (412 -> ObjectChanged). Parts that lie inside `reuse` are
         copied server-side from the expected version (UploadPartCopy with x-amz-copy-source-
         if-match), so an append or an edit in place sends only the parts it touched."""
         cond: dict[str, str] = {}
+        meta: dict[str, Any] = {"Metadata": {"mtime": _mtime_text(mtime)}} if mtime is not None else {}
         if expected is None:
             cond["IfNoneMatch"] = "*"
         elif expected is not ...:
@@ -421,7 +441,7 @@ class _S3Writes:
 
         async def single() -> str:
             data = await asyncio.get_running_loop().run_in_executor(None, _read_part, path, 0, size)
-            resp = await self.fs._call_s3("put_object", Bucket=self.bucket, Key=key, Body=_ProgressBody(data, progress), **cond)
+            resp = await self.fs._call_s3("put_object", Bucket=self.bucket, Key=key, Body=_ProgressBody(data, progress), **cond, **meta)
             return resp["ETag"]
 
         async def multipart() -> str:
@@ -436,7 +456,7 @@ class _S3Writes:
                 head = await self.fs._call_s3("head_object", Bucket=self.bucket, Key=key)
                 if head["ETag"].strip('"') != expected:
                     raise ObjectChanged(f"write {key}")
-            mpu = await self.fs._call_s3("create_multipart_upload", Bucket=self.bucket, Key=key)
+            mpu = await self.fs._call_s3("create_multipart_upload", Bucket=self.bucket, Key=key, **meta)
             upload_id = mpu["UploadId"]
             gate = asyncio.Semaphore(UPLOAD_CONCURRENCY)
 
@@ -486,7 +506,7 @@ class _S3Writes:
         self.stats.put_requests += 1
         self.stats.bytes_stored += size - copied
         self.stats.bytes_copied += copied
-        return ObjectInfo(key, size, str(etag).strip('"'), time.time())
+        return ObjectInfo(key, size, str(etag).strip('"'), mtime if mtime is not None else time.time())
 
     async def delete(self, key: str) -> None:
         self.stats.delete_requests += 1
@@ -502,15 +522,62 @@ class S3Store(_S3Writes, FsspecStore):
     (`If-Match`), so a block fetched after the object changed fails with ObjectChanged instead of
     mixing old and new bytes."""
 
-    async def list_dir(self, prefix: str) -> Listing:
-        self.stats.list_requests += 1
+    async def list_dir(self, prefix: str, *, max_entries: int | None = None) -> Listing:
         key_prefix = f"{prefix}/" if prefix else ""
+        complete = True
 
         async def collect() -> list[dict[str, Any]]:
-            return [d async for d in self.fs._iterdir(self.bucket, prefix=key_prefix)]
+            nonlocal complete
+            out = []
+            async for d in self.fs._iterdir(self.bucket, prefix=key_prefix):
+                out.append(d)
+                if max_entries is not None and len(out) > max_entries:
+                    complete = False
+                    break
+            return out
 
         entries = await self._run(f"list {prefix or '/'}", collect)
-        return self._to_listing(key_prefix, entries)
+        self.stats.list_requests += max(1, -(-len(entries) // 1000))  # pages of 1,000
+        listing = self._to_listing(key_prefix, entries)
+        listing.complete = complete
+        return listing
+
+    async def stat(self, key: str) -> ObjectInfo | DirInfo | None:
+        """A HEAD (its `mtime` metadata wins over Last-Modified: rclone's convention), and only
+        if there is no such object, one LIST of `key/` to tell a folder from nothing."""
+
+        async def head() -> Any:
+            try:
+                return await self.fs._call_s3("head_object", Bucket=self.bucket, Key=key)
+            except FileNotFoundError:
+                return None
+
+        self.stats.head_requests += 1
+        resp = await self._run(f"stat {key}", head) if key else None
+        if resp is not None:
+            return ObjectInfo(key, int(resp.get("ContentLength", 0)), str(resp.get("ETag", "")).strip('"'),
+                              _user_mtime(resp.get("Metadata")) or _mtime(resp.get("LastModified")))
+        self.stats.list_requests += 1
+        page = await self._run(f"stat {key}/", lambda: self.fs._call_s3("list_objects_v2", Bucket=self.bucket, Prefix=key + "/", MaxKeys=1))
+        return DirInfo(key) if page.get("KeyCount", 0) or page.get("Contents") else None
+
+    async def set_mtime(self, key: str, etag: str, mtime: float) -> ObjectInfo | None:
+        """A server-side copy of the object onto itself with the new `mtime` metadata (the bytes
+        are not sent again; conditional on the etag)."""
+
+        async def copy() -> Any:
+            return await self.fs._call_s3(
+                "copy_object", Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": key},
+                CopySourceIfMatch=f'"{etag}"', MetadataDirective="REPLACE", Metadata={"mtime": _mtime_text(mtime)},
+            )
+
+        resp = await self._run(f"set mtime {key}", copy)
+        self.stats.put_requests += 1
+        result = resp.get("CopyObjectResult", {})
+        info = await self.stat(key) if not result.get("ETag") else None
+        if isinstance(info, ObjectInfo):
+            return info
+        return ObjectInfo(key, -1, str(result.get("ETag", "")).strip('"'), mtime)
 
     async def _open_body(self, key: str, start: int, end: int, etag: str) -> Any:
         resp = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}", IfMatch=f'"{etag}"')

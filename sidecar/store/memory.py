@@ -36,7 +36,7 @@ class MemoryStore:
             self.stats.errors += 1
             raise BackendUnavailable("memory store is down")
 
-    async def list_dir(self, prefix: str) -> Listing:
+    async def list_dir(self, prefix: str, *, max_entries: int | None = None) -> Listing:
         await self._call()
         self.stats.list_requests += 1
         base = f"{prefix}/" if prefix else ""
@@ -53,6 +53,8 @@ class MemoryStore:
             else:
                 out.files.append(info)
         out.dirs = sorted(dirs)
+        if max_entries is not None and len(out.files) + len(out.dirs) + len(out.markers) > max_entries:
+            out.files, out.complete = out.files[:max_entries], False
         return out
 
     async def stat(self, key: str) -> ObjectInfo | DirInfo | None:
@@ -81,7 +83,14 @@ class MemoryStore:
         for i, pos in enumerate(range(0, len(data), block_size)):
             on_block(i, data[pos : pos + block_size])
 
-    async def put_file(self, key: str, path: str, size: int, *, expected=..., reuse=()) -> ObjectInfo:
+    async def set_mtime(self, key: str, etag: str, mtime: float) -> ObjectInfo | None:
+        await self._call()
+        if key not in self.objects or self.objects[key][1].etag != etag:
+            raise ObjectChanged(key)
+        self.stats.put_requests += 1  # a server-side copy onto itself
+        return self.put(key, self.objects[key][0], mtime=mtime)
+
+    async def put_file(self, key: str, path: str, size: int, *, expected=..., reuse=(), mtime=None) -> ObjectInfo:
         await self._call()
         current = self.objects.get(key)
         if expected is not ... and (current[1].etag if current else None) != expected:
@@ -95,7 +104,7 @@ class MemoryStore:
             assert current is not None and current[0][lo:hi] == data[lo:hi], "a reused range differs from the base"
             reused += hi - lo
         self.stats.bytes_stored += len(data) - reused
-        return self.put(key, data)
+        return self.put(key, data, mtime=mtime)
 
     async def delete(self, key: str) -> None:
         await self._call()

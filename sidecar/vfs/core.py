@@ -22,6 +22,7 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import stat as stat_mod
@@ -49,7 +50,8 @@ from sidecar.errors import (
 )
 from sidecar.store.base import DirInfo, ObjectInfo, ObjectStore
 from sidecar.vfs.inodes import ROOT_INO, InodeTable, Node
-from sidecar.vfs.listings import NAME_MAX, Entry, Listings, unusable_name
+from sidecar.vfs.listings import NAME_MAX, Entry, Listings, parent_key, unusable_name
+from sidecar.vfs.mtimes import MtimeIndex
 from sidecar.vfs.staging import StagedFile, StagingArea, StagingFull
 from sidecar.vfs.writer import Writer
 
@@ -59,6 +61,7 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 DIR_RENAME_LIMIT = 1000  # objects; a larger directory answers EXDEV and `mv` copies it instead
 DIR_TTL_MIN = 30.0  # s a known folder is trusted, whatever the metadata TTL
+LOOKUP_LIST_MAX = 1000  # a lookup in an unlisted folder lists it if it fits in one page
 
 
 @dataclass
@@ -117,6 +120,8 @@ class Filesystem:
         max_readahead_blocks: int = 8,
         staging: StagingArea | None = None,
         write_mode: str = "durable",
+        mtimes: MtimeIndex | None = None,
+        mtime_from_metadata: bool = False,
     ) -> None:
         if not readonly and staging is None:
             raise ValueError("a writable file system needs a staging area")
@@ -131,6 +136,10 @@ class Filesystem:
         self.max_readahead_blocks = max_readahead_blocks
         self.inodes = InodeTable(self.root_prefix)
         self.listings = Listings(ttl)
+        self.mtimes = mtimes or MtimeIndex()
+        self.mtime_from_metadata = mtime_from_metadata
+        self._listing_flights: dict[str, trio.Event] = {}
+        self._big: dict[str, float] = {}  # folders too large to list for one lookup -> until
         self.staging = staging
         self.writer = Writer(store, staging, mode=write_mode, on_stored=self._stored) if staging is not None else None
         self._handles: dict[int, FileHandle | DirHandle] = {}
@@ -161,6 +170,25 @@ class Filesystem:
     def _fresh(self, node: Node, now: float) -> bool:
         return node.checked_at + (self.dir_ttl if node.is_dir else self.ttl) > now
 
+    def refresh(self, path: str) -> tuple[list[tuple[int, str]], list[int]]:
+        """Forgets cached listings, negative answers and attributes at and below the folder
+        `path` (relative to the mount; "" is the whole mount). Returns the kernel entries
+        (parent inode, name) and inodes to invalidate, so the kernel forgets them too."""
+        base = self._child_key(self.inodes.root, path.strip("/")) if path.strip("/") else self.root_prefix
+        self.listings.forget_tree(base)
+        self.listings.forget_absent_under(base)
+        self._big.clear()
+        entries: list[tuple[int, str]] = []
+        inodes: list[int] = []
+        for node in self.inodes.nodes():
+            if node.key == base or node.key.startswith(base + "/" if base else ""):
+                node.checked_at = float("-inf")
+                inodes.append(node.ino)
+                parent = self.inodes.current(parent_key(node.key)) if node.ino != ROOT_INO else None
+                if parent is not None and node.key != base:
+                    entries.append((parent.ino, node.key.rpartition("/")[2]))
+        return entries, inodes
+
     # -- attributes --------------------------------------------------------------------------
 
     def attr(self, node: Node) -> Attr:
@@ -172,18 +200,62 @@ class Filesystem:
 
     # -- listings ----------------------------------------------------------------------------
 
-    async def _list(self, node: Node) -> dict[str, Entry]:
-        now = trio.current_time()
-        cached = self.listings.fresh(node.key, now)
-        if cached is not None:
-            return cached
-        listing = await self.store.list_dir(node.key)
-        entries = self.listings.entries_of(node.key, listing)
-        self._overlay_staged(node.key, entries)
-        now = trio.current_time()
-        self.listings.store(node.key, entries, now)
-        node.checked_at = now
-        return entries
+    async def _list(self, node: Node, *, one_page: bool = False) -> dict[str, Entry] | None:
+        """The folder's entries, from the cache while fresh, else one LIST shared by everyone
+        who asks meanwhile (single flight). With `one_page`, returns None (and remembers the
+        folder as big) when it does not fit in LOOKUP_LIST_MAX entries."""
+        while True:
+            cached = self.listings.fresh(node.key, trio.current_time())
+            if cached is not None:
+                return cached
+            flight = self._listing_flights.get(node.key)
+            if flight is None:
+                break
+            await flight.wait()  # someone is listing it: share their answer
+            if one_page and self._big.get(node.key, float("-inf")) > trio.current_time():
+                return None
+        flight = self._listing_flights[node.key] = trio.Event()
+        try:
+            listing = await self.store.list_dir(node.key, max_entries=LOOKUP_LIST_MAX if one_page else None)
+            now = trio.current_time()
+            if not listing.complete:
+                self._big[node.key] = now + self.dir_ttl
+                return None
+            entries = self.listings.entries_of(node.key, listing)
+            if self.mtime_from_metadata:
+                await self._learn_mtimes([e.info for e in entries.values() if e.info is not None])
+            for name, e in entries.items():
+                if e.info is not None:
+                    entries[name] = Entry(False, self._with_mtime(e.info))
+            self._overlay_staged(node.key, entries)
+            self.listings.store(node.key, entries, now)
+            node.checked_at = now
+            return entries
+        finally:
+            del self._listing_flights[node.key]
+            flight.set()
+
+    async def _learn_mtimes(self, infos: list[ObjectInfo]) -> None:
+        """`mtime_source: metadata`: the `mtime` metadata of listed versions the index does not
+        know yet, one HEAD each (16 at a time), as rclone does without --use-server-modtime.
+        Each version is asked once: the index keeps the answer, also across remounts."""
+        unknown = [i for i in infos if i.etag and self.mtimes.get(i.key, i.etag) is None]
+        limiter = trio.CapacityLimiter(16)
+
+        async def head(info: ObjectInfo) -> None:
+            async with limiter:
+                found = await self.store.stat(info.key)
+            if isinstance(found, ObjectInfo) and found.etag == info.etag:
+                self.mtimes.set(info.key, info.etag, found.mtime)
+
+        async with trio.open_nursery() as nursery:
+            for info in unknown:
+                nursery.start_soon(head, info)
+
+    def _with_mtime(self, info: ObjectInfo) -> ObjectInfo:
+        """`info` with the mtime a user set through the mount, if the index knows this version."""
+        mtime = self.mtimes.get(info.key, info.etag)
+        return info if mtime is None or mtime == info.mtime else dataclasses.replace(info, mtime=mtime)
 
     def _staged_info(self, f: StagedFile) -> ObjectInfo:
         return ObjectInfo(f.key, f.size, f.base_etag or "", time.time())
@@ -215,17 +287,25 @@ class Filesystem:
         now = trio.current_time()
         cached = self.listings.fresh(parent.key, now)
         entry: Entry | None
+        if cached is None and not self.listings.absent(key, now):
+            known = self.inodes.current(key)
+            if known is not None and self._fresh(known, now):
+                known.lookups += 1
+                return self.attr(known)
+            if self._big.get(parent.key, float("-inf")) <= now:
+                # One LIST answers this lookup and every other in the folder while it is fresh
+                # (rsync, zarr, `cat *`): no HEAD per name. A folder too big for one page is
+                # remembered, and its names are looked up one by one.
+                cached = await self._list(parent, one_page=True)
         if cached is not None:
             entry = cached.get(name)
         elif self.listings.absent(key, now):
             entry = None
         else:
-            known = self.inodes.current(key)
-            if known is not None and self._fresh(known, now):
-                known.lookups += 1
-                return self.attr(known)
             staged = self.staging.by_key.get(key) if self.staging else None
             found = self._staged_info(staged) if staged is not None and staged.state != "conflict" else await self.store.stat(key)
+            if isinstance(found, ObjectInfo):
+                found = self._with_mtime(found)
             if found is None:
                 entry = None
             elif isinstance(found, DirInfo):
@@ -252,8 +332,10 @@ class Filesystem:
             self.inodes.supersede(node)
             raise NotFound(node.key)
         if isinstance(found, ObjectInfo) and found.etag != node.etag:
-            self.inodes.for_entry(node.key, False, found, now)  # supersedes `node`
+            self.inodes.for_entry(node.key, False, self._with_mtime(found), now)  # supersedes `node`
             return
+        if isinstance(found, ObjectInfo):
+            node.mtime = self._with_mtime(found).mtime
         node.checked_at = now
 
     async def getattr(self, ino: int) -> Attr:
@@ -401,14 +483,19 @@ class Filesystem:
 
     def _stored(self, staged: StagedFile, info: ObjectInfo) -> None:
         """The writer stored `staged` as `info`: the inode writing it now stands for `info`."""
+        if staged.mtime is not None:
+            self.mtimes.set(staged.key, info.etag, staged.mtime)
+        info = self._with_mtime(info)
         node = self.inodes.current(staged.key)
         if node is not None and node.staged is staged:
-            node.etag, node.size, node.checked_at = info.etag, staged.size, trio.current_time()
+            node.etag, node.size, node.mtime, node.checked_at = info.etag, staged.size, info.mtime, trio.current_time()
             if staged.handles <= 0 and not staged.dirty:
                 self._unstage(node)
         elif staged.handles <= 0 and not staged.dirty and self.staging is not None:
             self.staging.remove(staged)
-        self.listings.forget_parent(staged.key)
+        # The folder's cached listing learns the new object: the next lookups in it (cp -r,
+        # rsync) are answered without a request.
+        self.listings.add(staged.key, Entry(False, info))
 
     async def _stage(self, node: Node, *, truncate: bool) -> StagedFile:
         """The node's staged file, created on first write access: empty when truncating, else a
@@ -509,9 +596,14 @@ class Filesystem:
         assert self.writer is not None
         return await self.writer.upload_pending(only_idle=only_idle)
 
-    async def setattr(self, ino: int, *, size: int | None = None) -> Attr:
-        """Only the size is stored (truncate); mode, owner and times are accepted and not kept."""
+    async def setattr(self, ino: int, *, size: int | None = None, mtime: float | None = None) -> Attr:
+        """The size (truncate) and the mtime are stored; mode and owner are accepted and not kept.
+        An mtime goes into the object's `mtime` metadata: with the upload of a file being
+        written, else by a server-side copy of the object onto itself."""
         node = self.node(ino)
+        if mtime is not None and not node.is_dir:
+            self._require_writable(node.key)
+            await self._set_mtime(node, mtime)
         if size is not None:
             if node.is_dir:
                 raise IsADirectory(node.key)
@@ -524,6 +616,24 @@ class Filesystem:
         elif not node.is_dir:
             await self._revalidate(node)
         return self.attr(node)
+
+    async def _set_mtime(self, node: Node, mtime: float) -> None:
+        if node.staged is not None:
+            node.staged.mtime = mtime  # sent with its upload (a close follows, or has queued it)
+            if not node.staged.dirty:
+                await self._store_mtime(node, mtime)
+        elif node.etag:
+            await self._store_mtime(node, mtime)
+        node.mtime = mtime
+
+    async def _store_mtime(self, node: Node, mtime: float) -> None:
+        info = await self.store.set_mtime(node.key, node.etag, mtime)
+        if info is not None and info.etag and info.etag != node.etag:
+            node.etag = info.etag
+            if node.staged is not None and self.staging is not None:
+                self.staging.mark(node.staged, base_etag=info.etag)
+        self.mtimes.set(node.key, node.etag, mtime)
+        self.listings.add(node.key, Entry(False, ObjectInfo(node.key, node.size, node.etag, mtime)))
 
     async def _existing(self, parent: Node, name: str) -> Node | None:
         try:
@@ -651,6 +761,9 @@ class Filesystem:
                 await self.store.delete(old_key)
             return
         info = await self.store.copy(src.key, dst_key)
+        set_mtime = self.mtimes.get(src.key, src.etag)
+        if set_mtime is not None:  # the copy keeps the metadata; the index follows the name
+            self.mtimes.set(dst_key, info.etag, set_mtime)
         await self.store.delete(src.key)
         if staged is not None:
             self.staging.rekey(staged, dst_key)

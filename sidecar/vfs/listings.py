@@ -96,6 +96,10 @@ class Listings:
     def clear_absent(self, key: str) -> None:
         self._negative.pop(key, None)
 
+    def forget_absent_under(self, prefix: str) -> None:
+        for key in [k for k in self._negative if not prefix or k == prefix or k.startswith(prefix + "/")]:
+            del self._negative[key]
+
     # -- listing -> entries -------------------------------------------------------------------
 
     def _usable(self, name: str, key: str) -> bool:

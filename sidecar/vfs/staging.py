@@ -74,6 +74,7 @@ class StagedFile:
     base_size: int | None = None  # size of the object `base_etag` names
     changed: list[list[int]] | None = None  # ranges changed since the base; None: unknown, all
     created: float = field(default_factory=time.time)
+    mtime: float | None = None  # set by utime/touch -d: stored as the object's `mtime` metadata
     handles: int = 0
     last_error: str | None = None
     upload_failures: int = 0
@@ -105,7 +106,7 @@ class StagingArea:
     def _write_meta(self, f: StagedFile) -> None:
         tmp = f.meta_path.with_suffix(".tmp")
         doc = {"key": f.key, "base_etag": f.base_etag, "base_size": f.base_size, "state": f.state, "dirty": f.dirty,
-               "committed": f.committed, "changed": f.changed, "created": f.created}
+               "committed": f.committed, "changed": f.changed, "created": f.created, "mtime": f.mtime}
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:
             json.dump(doc, out)
@@ -202,7 +203,8 @@ class StagingArea:
             fd = os.open(data, os.O_RDWR)
             f = StagedFile(meta.stem, key, doc.get("base_etag"), data, meta, fd, size=os.fstat(fd).st_size,
                            dirty=doc.get("dirty", True), state=doc.get("state", "dirty"), committed=bool(doc.get("committed")),
-                           base_size=doc.get("base_size"), changed=doc.get("changed"), created=float(doc.get("created") or time.time()))
+                           base_size=doc.get("base_size"), changed=doc.get("changed"), created=float(doc.get("created") or time.time()),
+                           mtime=doc.get("mtime"))
             if not f.dirty and f.state not in ("conflict", "incomplete"):
                 self.remove(f)
                 continue

@@ -142,7 +142,7 @@ class Writer:
         reuse = unchanged_ranges(f) if f.size >= REUSE_MIN else []
         f.changed = [] if changed is not None else None  # writes during the upload land here
         try:
-            info = await self.store.put_file(f.key, str(f.data_path), f.size, expected=f.base_etag, reuse=reuse)
+            info = await self.store.put_file(f.key, str(f.data_path), f.size, expected=f.base_etag, reuse=reuse, mtime=f.mtime)
         except ObjectChanged:
             f.changed = changed
             self.staging.mark(f, state="conflict")

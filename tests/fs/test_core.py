@@ -1,5 +1,6 @@
 """Filesystem core and block cache against the in-memory store: no kernel, no server."""
 
+import dataclasses
 import errno
 import os
 import random
@@ -15,6 +16,7 @@ from sidecar.cache.prefetch import ReadAhead
 from sidecar.errors import ObjectChanged, errno_for
 from sidecar.store.memory import MemoryStore
 from sidecar.vfs.core import ROOT_INO, Filesystem
+from sidecar.vfs.staging import StagingArea
 
 BS = 64 * 1024
 
@@ -235,11 +237,13 @@ def test_metadata_ttl_and_negative_cache():
                 await fs.lookup(ROOT_INO, "missing")  # negative entry still fresh
             assert store.stats.head_requests == heads
             await trio.sleep(5.1)
-            assert (await fs.lookup(ROOT_INO, "missing")).size == 8
             lists = store.stats.list_requests
+            assert (await fs.lookup(ROOT_INO, "missing")).size == 8
+            # the lookup listed the folder (one LIST, no HEAD): the listings after it are cached
+            assert store.stats.list_requests == lists + 1 and store.stats.head_requests == heads
             await names(fs)
             await names(fs)
-            assert store.stats.list_requests == lists + 1  # second listing from the cache
+            assert store.stats.list_requests == lists + 1
 
     run(main)
 
@@ -612,3 +616,62 @@ def test_disk_limit_is_capped_by_free_space(tmp_path, monkeypatch):
     disk = DiskTier(tmp_path / "cache", 10 << 30)
     assert disk.configured_limit == 10 << 30 and disk.limit == 400 * 1024
     assert oct(os.stat(tmp_path / "cache").st_mode & 0o777) == "0o700"
+
+
+def test_lookups_are_answered_from_one_listing_single_flight():
+    store = MemoryStore()
+    for i in range(300):
+        store.put(f"d/f{i:03d}", b"x")
+    for i in range(1200):
+        store.put(f"big/f{i:04d}", b"y")
+
+    async def main():
+        async with mounted(store, ttl=60) as fs:
+            d = await path_ino(fs, "d")
+            big = await path_ino(fs, "big")
+            store.stats.list_requests = store.stats.head_requests = 0
+            store.delay = 0.05  # every call takes a while: concurrent lookups overlap
+
+            async def look(parent, name):
+                await fs.lookup(parent, name)
+
+            async with trio.open_nursery() as n:
+                for i in range(300):
+                    n.start_soon(look, d, f"f{i:03d}")
+            # 300 concurrent lookups in an unlisted folder: one LIST between them, no HEAD
+            assert (store.stats.list_requests, store.stats.head_requests) == (1, 0)
+            with pytest.raises(Exception):
+                await fs.lookup(d, "absent")  # answered by the listing too
+            assert (store.stats.list_requests, store.stats.head_requests) == (1, 0)
+            # a folder too big for one page: one partial LIST, then a HEAD per name
+            for i in range(5):
+                await fs.lookup(big, f"f{i:04d}")
+            assert (store.stats.list_requests, store.stats.head_requests) == (2, 5)
+
+    run(main)
+
+
+def test_mtime_set_through_the_mount_is_stored_and_shown_after_a_remount(tmp_path):
+    from sidecar.vfs.mtimes import MtimeIndex
+
+    store = MemoryStore()
+    store.put("f.txt", b"data", mtime=1_000_000.0)
+
+    async def main():
+        cache = BlockCache(store, block_size=BS, memory_limit=BS * 4)
+        async with trio.open_nursery() as n:
+            await n.start(cache.run)
+            fs = Filesystem(store, cache, readonly=False, staging=StagingArea(tmp_path / "staging"),
+                            mtimes=MtimeIndex(tmp_path / "mtimes.db"))
+            ino = (await fs.lookup(ROOT_INO, "f.txt")).ino
+            assert (await fs.getattr(ino)).mtime == 1_000_000.0
+            await fs.setattr(ino, mtime=1_234_567_890.5)  # touch -d / rsync -t
+            assert store.objects["f.txt"][1].mtime == 1_234_567_890.5  # stored with the object
+            fs.mtimes.close()
+            # a new mount with the same cache folder: the listing shows the time that was set
+            store.objects["f.txt"] = (store.objects["f.txt"][0], dataclasses.replace(store.objects["f.txt"][1], mtime=2_000_000.0))
+            fs2 = Filesystem(store, cache, readonly=True, mtimes=MtimeIndex(tmp_path / "mtimes.db"))
+            assert (await fs2.lookup(ROOT_INO, "f.txt")).mtime == 1_234_567_890.5
+            n.cancel_scope.cancel()
+
+    run(main)
