@@ -54,7 +54,9 @@ def _size(text: str) -> int:
 @click.option("--socket-group", default=None, help="Group that may use the control socket (the session user's group).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Disk cache directory (none: memory only).")
 @click.option("--credentials-dir", type=click.Path(file_okay=False), default=None, help="<dir>/<storage-name>/<field> credential files.")
-@click.option("--block-size", default="8M", show_default=True, help="Block size of the cache.")
+@click.option("--block-size", default="1M", show_default=True, help="Block size of the cache.")
+@click.option("--fetch-size", default="8M", show_default=True, help="Bytes per ranged GET of a sequential reader.")
+@click.option("--max-fetches", default=16, show_default=True, help="Ranged GETs in flight per mount.")
 @click.option("--memory-limit", default="256M", show_default=True, help="Memory for cached and prefetched blocks, per mount.")
 @click.option("--readahead", default="128M", show_default=True, help="Most bytes read ahead for one sequential reader.")
 @click.option("--disk-limit", default="10G", show_default=True, help="Hard limit of the disk cache, per storage (less if its file system has less free space).")
@@ -68,7 +70,7 @@ def _size(text: str) -> int:
 @click.option("--allow-other", is_flag=True, help="Let other users access the mounts (needs user_allow_other).")
 @click.option("--only", default=None, help="Comma-separated mount names to mount at start; the others wait, unmounted.")
 @click.option("--log-level", default="info", show_default=True)
-def run(manifest_path, socket_path, socket_group, cache_dir, credentials_dir, block_size, memory_limit, readahead, disk_limit, staging_limit, grace_period,
+def run(manifest_path, socket_path, socket_group, cache_dir, credentials_dir, block_size, fetch_size, max_fetches, memory_limit, readahead, disk_limit, staging_limit, grace_period,
         check_deadline, credentials_wait, write_probe, uid, gid, allow_other, only, log_level) -> None:
     """Mount every mount of the manifest and serve them until SIGTERM/SIGINT."""
     import os
@@ -101,6 +103,8 @@ def run(manifest_path, socket_path, socket_group, cache_dir, credentials_dir, bl
         cache_dir=cache_dir,
         credentials_dir=credentials_dir,
         block_size=_size(block_size),
+        fetch_size=_size(fetch_size),
+        max_fetches=max_fetches,
         memory_limit=_size(memory_limit),
         readahead=_size(readahead),
         disk_limit=_size(disk_limit),

@@ -56,6 +56,8 @@ class DaemonConfig:
     cache_dir: str | None = None
     credentials_dir: str | None = None
     block_size: int = protocol.BLOCK_SIZE
+    fetch_size: int = protocol.FETCH_SIZE
+    max_fetches: int = protocol.MAX_FETCHES
     memory_limit: int = protocol.MEMORY_LIMIT
     readahead: int = protocol.READAHEAD
     disk_limit: int = protocol.DISK_LIMIT
@@ -300,6 +302,8 @@ class Daemon:
             credentials=creds,
             cache_dir=cfg.cache_dir,
             block_size=cfg.block_size,
+            fetch_size=cfg.fetch_size,
+            max_fetches=cfg.max_fetches,
             memory_limit=cfg.memory_limit,
             readahead=cfg.readahead,
             disk_limit=cfg.disk_limit,

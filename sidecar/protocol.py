@@ -17,7 +17,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-BLOCK_SIZE = 8 << 20
+BLOCK_SIZE = 1 << 20  # the cache's unit: small, so a short read never pulls megabytes
+FETCH_SIZE = 8 << 20  # bytes per ranged GET of a sequential reader
+MAX_FETCHES = 16  # ranged GETs in flight per mount
 MEMORY_LIMIT = 256 << 20
 READAHEAD = 128 << 20
 DISK_LIMIT = 10 << 30
@@ -47,6 +49,8 @@ class WorkerConfig:
     deadline: float = DEADLINE
     cache_dir: str | None = None
     block_size: int = BLOCK_SIZE
+    fetch_size: int = FETCH_SIZE
+    max_fetches: int = MAX_FETCHES
     memory_limit: int = MEMORY_LIMIT
     readahead: int = READAHEAD
     disk_limit: int = DISK_LIMIT

@@ -140,7 +140,8 @@ async def serve(cfg: WorkerConfig) -> int:
         if disk.limit < disk.configured_limit:
             logger.warning("disk_cache_limited", configured=disk.configured_limit, effective=disk.limit,
                            reason="the cache's file system has less free space than --disk-limit")
-    cache = BlockCache(store, block_size=cfg.block_size, memory_limit=cfg.memory_limit, disk=disk, storage_id=cfg.storage_id)
+    cache = BlockCache(store, block_size=cfg.block_size, memory_limit=cfg.memory_limit, disk=disk, storage_id=cfg.storage_id,
+                       fetch_size=cfg.fetch_size, max_fetches=cfg.max_fetches)
     staging = None
     if not cfg.readonly:
         base = Path(cfg.cache_dir or default_cache_dir())

@@ -12,8 +12,9 @@ Concurrency protocol (all on the trio thread unless noted):
 - One memory budget (`memory_limit`) covers the memory tier *and* the blocks being fetched:
   a fetch reserves its block size first, evicting least-recently-used blocks to make room. A
   demand read waits for room; a prefetch that finds no room is simply not started.
-- A run of contiguous blocks is fetched with one streamed request; each block completes (wakes
-  its waiters) as soon as its bytes have arrived, not when the whole run has.
+- A run of contiguous blocks is fetched as parallel streamed ranged GETs of `fetch_size` each (at
+  most `max_fetches` in flight per mount); each block completes (wakes its waiters) as soon as
+  its bytes have arrived, not when the whole GET has.
 - Disk reads and writes run in worker threads (`trio.to_thread`, bounded by `_disk_limiter`).
 """
 
@@ -64,10 +65,12 @@ class BlockCache:
         self,
         store: ObjectStore,
         *,
-        block_size: int = 8 * 1024 * 1024,
+        block_size: int = 1024 * 1024,
         memory_limit: int = 256 * 1024 * 1024,
         disk: DiskTier | None = None,
         storage_id: str | None = None,
+        fetch_size: int = 8 * 1024 * 1024,
+        max_fetches: int = 16,
     ) -> None:
         if memory_limit < block_size:
             raise ValueError("memory_limit must hold at least one block")
@@ -84,6 +87,10 @@ class BlockCache:
         self._inflight: dict[tuple[str, str, int], _Fetch] = {}
         self._nursery: trio.Nursery | None = None
         self._disk_limiter = trio.CapacityLimiter(4)
+        # Object stores scale by connections: a run of blocks is fetched as several ranged GETs
+        # of `fetch_size` in flight at once, at most `max_fetches` per mount.
+        self.fetch_blocks = max(1, fetch_size // block_size)
+        self._fetch_limiter = trio.CapacityLimiter(max_fetches)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The cache's fetch service; start with `await nursery.start(cache.run)`."""
@@ -158,17 +165,20 @@ class BlockCache:
         return end - start
 
     def _start_run(self, ref: ObjectRef, run: list[int], *, reserved: bool = True) -> int:
-        """Registers fetches for the contiguous blocks `run` and starts one task for them."""
+        """Registers fetches for the contiguous blocks `run` and starts them as parallel ranged
+        GETs of at most `fetch_blocks` blocks each."""
         if not run:
             return 0
         if self._nursery is None:
             raise RuntimeError("BlockCache.run is not started")
-        fetches = []
-        for index in run:
-            fetch = _Fetch()
-            self._inflight[(ref.key, ref.etag, index)] = fetch
-            fetches.append(fetch)
-        self._nursery.start_soon(self._fetch_run, ref, run[0], fetches, reserved)
+        for lo in range(0, len(run), self.fetch_blocks):
+            part = run[lo : lo + self.fetch_blocks]
+            fetches = []
+            for index in part:
+                fetch = _Fetch()
+                self._inflight[(ref.key, ref.etag, index)] = fetch
+                fetches.append(fetch)
+            self._nursery.start_soon(self._fetch_run, ref, part[0], fetches, reserved)
         return len(run)
 
     def _start(self, ref: ObjectRef, index: int) -> _Fetch:
@@ -248,7 +258,8 @@ class BlockCache:
                         self._complete(ref, first + j, fetches[j], data, None, held)
                         to_disk.append((names[j], data))
 
-                await self.store.get_blocks(ref.key, start, end, ref.etag, self.block_size, on_block, object_size=ref.size)
+                async with self._fetch_limiter:
+                    await self.store.get_blocks(ref.key, start, end, ref.etag, self.block_size, on_block, object_size=ref.size)
         except BaseException as exc:
             error = exc if isinstance(exc, Exception) else OSError("fetch cancelled")
             if not isinstance(exc, Exception):

@@ -20,7 +20,11 @@ import hashlib
 import os
 import struct
 import threading
-import zlib
+
+try:  # the same CRC-32 values as zlib's, at tens of GiB/s instead of ~1-2 (checked by a test)
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover - isal is a dependency; zlib is the fallback
+    from zlib import crc32
 from collections import OrderedDict
 from pathlib import Path
 
@@ -96,16 +100,20 @@ class DiskTier:
                 return None
             self._index.move_to_end(name)
         try:
-            with open(self._path(name), "rb") as f:
-                raw = f.read()
+            with open(self._path(name), "rb", buffering=0) as f:
+                header = f.read(_HEADER.size)
+                data = None
+                if len(header) == _HEADER.size:
+                    magic, crc, length = _HEADER.unpack(header)
+                    if magic == MAGIC and length <= self.limit:
+                        data = f.read(length)  # one read into a new object: no slice copy
+                        if len(data) != length or f.read(1) or crc32(data) != crc:
+                            data = None
         except FileNotFoundError:
             self._drop(name)
             return None
-        if len(raw) >= _HEADER.size:
-            magic, crc, length = _HEADER.unpack_from(raw)
-            data = raw[_HEADER.size :]
-            if magic == MAGIC and length == len(data) and zlib.crc32(data) == crc:
-                return data
+        if data is not None:
+            return data
         self.corrupt += 1
         self._drop(name)
         return None
@@ -134,7 +142,7 @@ class DiskTier:
         try:
             path.parent.mkdir(exist_ok=True, mode=0o700)
             with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-                f.write(_HEADER.pack(MAGIC, zlib.crc32(data), len(data)))
+                f.write(_HEADER.pack(MAGIC, crc32(data), len(data)))
                 f.write(data)
             os.replace(tmp, path)
         except OSError:

@@ -1,45 +1,85 @@
-"""Read-ahead policy for one open file handle.
+"""Read-ahead policy for one open file handle: how many blocks to fetch ahead of a reader.
 
-The window (in blocks) starts at zero, becomes one block when a handle reads from its start or
-continues where it left off, doubles each time the reader enters a new block sequentially, up to
-`max_blocks` (so the bytes prefetched per handle are bounded by max_blocks * block_size), and
-shrinks to a quarter on every non-sequential read, so random readers fetch only what they read.
-Reads that arrive slightly out of order (the kernel issues several at once) within `slack` bytes
-of the expected offset (default: a quarter block, at most 1 MiB) still count as sequential.
+Evidence, not proximity: a read is *sequential* when it starts where one of the handle's recent
+reads ended (the kernel sends several read-ahead requests at once, so they may arrive out of
+order: the last RECENT reads are remembered, and a read that fills a gap between them counts
+too). A read that merely lands near the previous one does not. The window opens only after
+STREAK_TO_OPEN sequential reads in a row; any other read closes it (window 0), and the caller
+then fetches exactly the bytes asked for.
 
-Blocks are requested in batches: only when what is already requested ahead of the reader falls
-to half the window or less is the window topped up, so each request covers about half a window
-(several blocks in one streamed GET) rather than one block per step.
+Window size, in blocks:
+- a reader that started at offset 0 and reads in kernel-sized requests (a stream: `cat`, `cp`,
+  `read_csv`) gets INITIAL_STREAM blocks at once, doubling per block it enters, up to
+  `max_blocks`, so the link's parallel ranged GETs are used from the start;
+- any other sequential run (a column chunk of a Parquet file, an HDF5 dataset) gets a window
+  proportional to what it has read so far (a quarter of it, at least one block), so what is
+  fetched beyond the end of the run stays a fraction of the run itself.
+
+Blocks are requested in batches: only when what is requested ahead of the reader falls to half
+the window is it topped up.
 """
 
 from __future__ import annotations
 
+from collections import deque
+
+RECENT = 16  # read ends remembered per handle
+STREAK_TO_OPEN = 2  # sequential reads in a row before anything is read ahead
+INITIAL_STREAM = 4  # blocks ahead of a reader streaming from offset 0
+STREAM_REQUEST = 64 * 1024  # reads at least this large are kernel read-ahead sized
+
 
 class ReadAhead:
-    def __init__(self, block_size: int, max_blocks: int = 8, slack: int | None = None) -> None:
+    def __init__(self, block_size: int, max_blocks: int = 8) -> None:
         self.block_size = block_size
-        self.max_blocks = max_blocks
-        self.slack = min(1024 * 1024, block_size // 4) if slack is None else slack
+        self.max_blocks = max(1, max_blocks)
         self.window = 0
-        self._next = 0
+        self._ends: deque[int] = deque(maxlen=RECENT)
+        self._starts: deque[int] = deque(maxlen=RECENT)
+        self._streak = 0
+        self._run_start = 0  # offset where the current sequential run began
+        self._run_bytes = 0  # bytes read in it
+        self._stream = False  # the run began at offset 0 with kernel-sized reads
         self._block = -1
         self._requested_end = 0  # first block index not yet requested ahead of the reader
 
+    def _sequential(self, offset: int, end: int) -> bool:
+        if offset in self._ends:
+            return True
+        # Out of order: this read fills a gap between recent reads, or continues a read that
+        # arrived before it (the kernel's read-ahead requests overtake each other).
+        if any(start <= offset <= e for start, e in zip(self._starts, self._ends)) or end in self._starts:
+            return True
+        # ... or it overtook the request before it: a kernel-sized read starting at most two of
+        # its own sizes past a recent end. A small read with a gap (a random reader) never is.
+        size = end - offset
+        return size >= STREAM_REQUEST and any(e < offset <= e + 2 * size for e in self._ends)
+
     def on_read(self, offset: int, size: int) -> range:
         """Records a read and returns the block indices to prefetch (possibly empty)."""
+        end = offset + max(size, 1)
         block = offset // self.block_size
-        last = (offset + max(size, 1) - 1) // self.block_size
-        sequential = abs(offset - self._next) <= self.slack
-        if sequential:
-            if self.window == 0:
-                self.window = 1
-            elif block != self._block:
-                self.window = min(self.window * 2, self.max_blocks)
-            self._next = max(self._next, offset + size)
+        last = (end - 1) // self.block_size
+        if self._ends and self._sequential(offset, end):
+            self._streak += 1
+            self._run_bytes += size
         else:
-            self.window //= 4
-            self._next = offset + size
+            self._streak = 0 if self._ends or offset != 0 else 1
+            self._run_start, self._run_bytes = offset, size
+            self._stream = offset == 0 and size >= STREAM_REQUEST
+            self.window = 0
             self._requested_end = 0
+        self._starts.append(offset)
+        self._ends.append(end)
+        if self._streak >= STREAK_TO_OPEN or (self._stream and self._streak >= 1):
+            if self._stream:
+                if self.window == 0:
+                    self.window = min(INITIAL_STREAM, self.max_blocks)
+                elif block != self._block:
+                    self.window = min(self.window * 2, self.max_blocks)
+            else:
+                proportional = self._run_bytes // (4 * self.block_size)
+                self.window = min(max(1, proportional), self.max_blocks)
         self._block = block
         if self.window == 0:
             return range(0)

@@ -617,8 +617,8 @@ class S3Store(_S3Writes, FsspecStore):
             on_block(i, data)
 
         async def stream() -> None:
-            # Each block is filled in place in a buffer of its exact size and handed over as it
-            # is: no growing buffer, no second copy. A body that breaks off is requested again
+            # Each block's chunks are joined once (no zero-filled buffer, one copy) and handed
+            # over as soon as the block is complete. A body that breaks off is requested again
             # from the block it broke in (blocks already handed over are not fetched again).
             index, pos, retries = 0, start, 0
             while pos < end:
@@ -626,20 +626,19 @@ class S3Store(_S3Writes, FsspecStore):
                 progress.tick()
                 try:
                     while pos < end:
-                        buf = bytearray(min(block_size, end - pos))
-                        with memoryview(buf) as view:
-                            filled = 0
-                            while filled < len(buf):
-                                chunk = await body.read(min(len(buf) - filled, 1 << 20))
-                                if not chunk:
-                                    break
-                                view[filled : filled + len(chunk)] = chunk
-                                filled += len(chunk)
-                                progress.tick()
-                        if filled < len(buf):  # the stream ended early: the cache fails what is missing
+                        want = min(block_size, end - pos)
+                        chunks, filled = [], 0
+                        while filled < want:
+                            chunk = await body.read(min(want - filled, 1 << 20))
+                            if not chunk:
+                                break
+                            chunks.append(chunk)
+                            filled += len(chunk)
+                            progress.tick()
+                        if filled < want:  # the stream ended early: the cache fails what is missing
                             return
-                        token.run_sync_soon(deliver, index, buf)
-                        index, pos = index + 1, pos + len(buf)
+                        token.run_sync_soon(deliver, index, chunks[0] if len(chunks) == 1 else b"".join(chunks))
+                        index, pos = index + 1, pos + want
                 except body_errors:
                     retries += 1
                     if retries > BODY_RETRIES:

@@ -438,7 +438,8 @@ class Filesystem:
             if first == last:
                 block = await self.cache.get(ref, first)
                 base = first * bs
-                return bytes(memoryview(block)[offset - base : end - base])  # blocks may be bytearrays
+                # A view, not a copy: the reply is written from the cached block itself.
+                return memoryview(block)[offset - base : end - base]  # type: ignore[return-value]
             parts = []
             for index in range(first, last + 1):
                 block = await self.cache.get(ref, index)

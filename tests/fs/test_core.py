@@ -374,16 +374,17 @@ def test_single_flight_concurrent_readers_one_fetch_per_block():
 
             async def reader(i):
                 fh, _ = await fs.open(ino, os.O_RDONLY)
-                results[i] = await fs.read(fh, 10, 1000)  # from the start: a block read, not a direct one
+                # a stream from the start (a kernel-sized read at 0): block reads, not direct ones
+                results[i] = bytes(await fs.read(fh, 0, BS))
 
             async with trio.open_nursery() as n:
                 for i in range(16):
                     n.start_soon(reader, i)
-            assert all(r == data[10:1010] for r in results.values())
+            assert all(r == data[:BS] for r in results.values())
             assert fs.cache.stats.single_flight_joins >= 15
 
     run(main)
-    assert store.stats.get_requests <= 3  # the block itself, plus at most its read-ahead
+    assert store.stats.get_requests <= 2  # the block and its read-ahead (one ranged GET), at most two
 
 
 def test_sequential_reader_prefetches_random_reader_does_not():
@@ -398,6 +399,7 @@ def test_sequential_reader_prefetches_random_reader_does_not():
             store.stats.bytes_fetched = 0
             fs.cache._memory.clear()
             fs.cache._memory_bytes = 0
+            fs.cache.stats.direct_reads = 0
             ino = await path_ino(fs, "big")
             fh, _ = await fs.open(ino, os.O_RDONLY)
             rng = random.Random(5)
@@ -411,18 +413,54 @@ def test_sequential_reader_prefetches_random_reader_does_not():
     run(main)
 
 
-def test_readahead_window_grows_and_shrinks():
-    ra = ReadAhead(block_size=100, max_blocks=8)
+KiB, MiB = 1024, 1024 * 1024
+
+
+def test_window_opens_at_once_for_a_stream_from_offset_0_and_doubles():
+    ra = ReadAhead(block_size=MiB, max_blocks=128)
     windows = []
-    for off in range(0, 2000, 50):
-        ra.on_read(off, 50)
+    for off in range(0, 64 * MiB, 128 * KiB):  # `cat`: kernel-sized reads from the start
+        ra.on_read(off, 128 * KiB)
         windows.append(ra.window)
-    assert windows[0] == 1 and max(windows) == 8 and windows == sorted(windows)
-    ra.on_read(10_000_000, 50)
-    assert ra.window == 2
-    ra.on_read(50, 50)
-    assert ra.window == 0
-    assert list(ra.on_read(90_000_000, 10)) == []
+    assert windows[0] == 4  # several blocks at once: parallel ranged GETs from the first read
+    assert windows == sorted(windows) and max(windows) >= 64
+
+
+def test_random_reads_never_open_the_window_even_when_close_together():
+    ra = ReadAhead(block_size=MiB, max_blocks=128)
+    rng = random.Random(1)
+    for _ in range(2000):
+        assert list(ra.on_read(rng.randrange(0, 1 << 30), 4 * KiB)) == []
+        assert ra.window == 0
+    # near misses: each read starts a little after the previous one ended (a gap), as a random
+    # reader of a small object does; the old rule (within 1 MiB = sequential) opened the window
+    off = 10 * MiB
+    for _ in range(50):
+        assert list(ra.on_read(off, 4 * KiB)) == [] and ra.window == 0
+        off += 4 * KiB + 8 * KiB
+
+
+def test_kernel_read_ahead_requests_out_of_order_still_count_as_sequential():
+    ra = ReadAhead(block_size=MiB, max_blocks=128)
+    order = [0, 2, 1, 3, 5, 4, 6, 8, 7, 9]  # 128 KiB requests overtaking each other
+    for i in order:
+        ra.on_read(i * 128 * KiB, 128 * KiB)
+    assert ra.window >= 4
+
+
+def test_a_run_elsewhere_gets_a_window_proportional_to_what_it_read():
+    """A column chunk of a Parquet file: what is fetched beyond its end stays a fraction of it."""
+    ra = ReadAhead(block_size=MiB, max_blocks=128)
+    start = 300 * MiB
+    ra.on_read(start, MiB)
+    assert ra.window == 0  # one read is no evidence
+    ra.on_read(start + MiB, MiB)
+    ra.on_read(start + 2 * MiB, MiB)
+    assert ra.window == 1
+    for i in range(3, 16):
+        ra.on_read(start + i * MiB, MiB)
+    assert ra.window == 4  # a quarter of the 16 MiB read in this run
+    assert list(ra.on_read(7 * MiB, 4 * KiB)) == [] and ra.window == 0  # a jump closes it
 
 
 def test_memory_budget_holds_with_many_readers():
@@ -464,7 +502,7 @@ def test_disk_tier_survives_restart_and_detects_corruption(tmp_path):
 
     async def main():
         async with mounted(store, disk=first_disk) as fs:
-            assert await read_all(fs, "f") == data
+            assert await read_all(fs, "f", chunk=BS) == data  # a stream: block reads
             with trio.fail_after(10):  # the disk writes happen after the readers were served
                 while len(first_disk) < 5:
                     await trio.sleep(0.01)
@@ -482,7 +520,7 @@ def test_disk_tier_survives_restart_and_detects_corruption(tmp_path):
 
     async def again():
         async with mounted(store, disk=disk) as fs:
-            assert await read_all(fs, "f") == data
+            assert await read_all(fs, "f", chunk=BS) == data  # a stream: block reads
 
     run(again)
     assert store.stats.get_requests == gets + 1  # only the corrupt block was fetched again
