@@ -25,6 +25,7 @@ test-fuzz: install
 bench:
 	@bash scripts/bootstrap.sh --bench
 	$(PY) -m benchmarks $(BENCH_ARGS)
+	$(PY) -m benchmarks.link $(LINK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .demo

@@ -23,7 +23,17 @@ fi
 "$PYTHON" - "$SOCKET" "$WAIT" <<'PY'
 import json, socket, sys, time
 path, wait = sys.argv[1], float(sys.argv[2])
-deadline, last = time.monotonic() + wait, "no answer yet"
+deadline, last, shown = time.monotonic() + wait, "no answer yet", {}
+
+
+def show(states):
+    # each mount's state as it changes, so the session log says why the launch waits
+    for name, state in states.items():
+        if shown.get(name) != state:
+            print(f"storage-sidecar: {name}: {state}", file=sys.stderr, flush=True)
+            shown[name] = state
+
+
 while True:
     try:
         s = socket.socket(socket.AF_UNIX)
@@ -36,8 +46,9 @@ while True:
         s.close()
         head, _, body = raw.partition(b"\r\n\r\n")
         status = int(head.split()[1])
+        states = json.loads(body).get("states", {})
+        show(states)
         if status == 200:
-            states = json.loads(body).get("states", {})
             print("storage-sidecar ready: " + (", ".join(f"{k}={v}" for k, v in states.items()) or "no mounts"), file=sys.stderr)
             sys.exit(0)
         last = f"not ready yet: {body.decode(errors='replace')}"

@@ -33,12 +33,14 @@ if [[ ! -x "$azurite" ]]; then
     npm install --silent --no-audit --no-fund --prefix .tools/azurite azurite@3.35.0 >/dev/null
 fi
 
-stamp="$VENV/.installed"
+extras=test
+[[ "${1:-}" == "--bench" ]] && extras=test,bench
+stamp="$VENV/.installed-$extras"
 if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
-    echo "bootstrap: preparing the virtualenv $VENV"
+    echo "bootstrap: preparing the virtualenv $VENV ($extras)"
     [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip
-    "$VENV/bin/python" -m pip install -q -e '.[test]'
+    "$VENV/bin/python" -m pip install -q -e ".[$extras]"
     "$VENV/bin/python" -m pip check
     touch "$stamp"
 fi

@@ -468,10 +468,27 @@ def metadata_import(source, project_dir) -> None:
 @click.option("--socket", "socket_path", default=None, help="Control socket of the daemon.")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @click.option("--probe", type=click.Choice(["liveness", "readiness", "startup"]), default=None, help="Kubernetes exec probe: exit 0 healthy, 1 not; silent unless failing.")
-def status(socket_path: str | None, as_json: bool, probe: str | None) -> None:
+@click.option("--watch", is_flag=True, help="Follow the mounts live (each state change as it happens) until every one has settled.")
+def status(socket_path: str | None, as_json: bool, probe: str | None, watch: bool) -> None:
     """Show every mount's state (exit 0 all mounted or skipped, 1 some not healthy, 2 no daemon)."""
-    from sidecar.status import Unreachable, request
+    from sidecar.status import Unreachable, events, request
 
+    if watch:
+        try:
+            names = {m["name"] for m in request("/status", sock=socket_path)[1]["mounts"]}
+            seen: set[str] = set()
+            for event in events(sock=socket_path):
+                if event.get("type") == "mount_state":
+                    seen.add(event["mount"])
+                    problem = f" ({event['code']}: {event['reason']})" if event.get("code") else ""
+                    click.echo(f"{time.strftime('%H:%M:%S', time.localtime(event['time']))} {event['mount']}: {event['state']}{problem}", err=True)
+                    if event.get("ready") and seen >= names:
+                        break
+                elif event.get("type") == "dropped":
+                    break
+        except Unreachable as exc:
+            click.echo(f"{exc}. Is the sidecar running?", err=True)
+            sys.exit(EXIT_UNREACHABLE)
     try:
         if probe:
             code, body = request("/health" if probe == "liveness" else "/ready", sock=socket_path, timeout=3.0)

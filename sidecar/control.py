@@ -6,6 +6,7 @@ GET  /health                      liveness: the event loop answers
 GET  /ready                       readiness: no mount is pending or checking (503 until then)
 GET  /status                      every mount: state, last error, counters (never a secret)
 GET  /metrics                     Prometheus text format
+GET  /events                      newline-delimited JSON: every mount's state now, then each change
 POST /mounts/{name}/mount         mount (again) a mount that is unmounted, failed or skipped
 POST /mounts/{name}/unmount       unmount it
 POST /mounts/{name}/skip          the session goes on without it
@@ -97,6 +98,7 @@ async def _serve_one(stream: trio.SocketStream, handler: Handler) -> None:
     live on."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
     reply: tuple[int, bytes, str] | None = None
+    stream_of: EventStream | None = None
     method = target = ""
     try:
         with trio.move_on_after(REQUEST_DEADLINE) as scope:
@@ -112,7 +114,9 @@ async def _serve_one(stream: trio.SocketStream, handler: Handler) -> None:
                 except Exception:
                     log.exception("control_request_crashed", method=method, target=target)
                     raise HTTPError(500, "internal", "internal error; see the sidecar log") from None
-                if isinstance(payload, str):
+                if isinstance(payload, EventStream):
+                    stream_of = payload
+                elif isinstance(payload, str):
                     reply = (status, payload.encode(), "text/plain; version=0.0.4; charset=utf-8")
                 else:
                     reply = (status, json.dumps(payload).encode(), "application/json")
@@ -126,7 +130,9 @@ async def _serve_one(stream: trio.SocketStream, handler: Handler) -> None:
                 await _send(conn, stream, *reply)
         if scope.cancelled_caught:
             log.debug("control_request_timed_out", method=method, target=target, deadline=REQUEST_DEADLINE)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError, OSError):
+        elif stream_of is not None:
+            await _stream(conn, stream, stream_of)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError, OSError, trio.TooSlowError):
         pass  # the client hung up, or its request left h11 unable to answer: nothing to tell it
     except Exception:
         log.exception("control_connection_crashed", method=method, target=target)
@@ -136,6 +142,26 @@ async def _serve_one(stream: trio.SocketStream, handler: Handler) -> None:
                 await stream.aclose()
             except Exception:
                 pass
+
+
+class EventStream:
+    """A handler's answer that is a stream of newline-delimited JSON documents (GET /events):
+    `lines` yields them; the response lasts until it ends or the client goes away. Each line
+    must be taken by the client within REQUEST_DEADLINE, else the client is dropped."""
+
+    def __init__(self, lines: Any) -> None:
+        self.lines = lines
+
+
+async def _stream(conn: h11.Connection, stream: trio.SocketStream, events: EventStream) -> None:
+    headers = [("content-type", "application/x-ndjson"), ("transfer-encoding", "chunked"), ("connection", "close")]
+    with trio.fail_after(REQUEST_DEADLINE):
+        await stream.send_all(conn.send(h11.Response(status_code=200, headers=headers)))
+    async for doc in events.lines:
+        with trio.fail_after(REQUEST_DEADLINE):  # a client that takes nothing is dropped
+            await stream.send_all(conn.send(h11.Data(data=(json.dumps(doc) + "\n").encode())))
+    with trio.move_on_after(1):
+        await stream.send_all(conn.send(h11.EndOfMessage()))
 
 
 def _bind(path: str, group: str | int | None) -> trio.socket.SocketType:
@@ -185,7 +211,7 @@ _MOUNT_ACTION = re.compile(r"^/mounts/(?P<name>[a-z0-9][a-z0-9_-]{0,62})/(?P<act
 
 def route(target: str) -> tuple[str, dict[str, str]]:
     path = target.split("?", 1)[0]
-    if path in ("/health", "/ready", "/status", "/metrics"):
+    if path in ("/health", "/ready", "/status", "/metrics", "/events"):
         return path, {}
     m = _MOUNT_ACTION.match(path)
     if m:

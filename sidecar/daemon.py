@@ -34,7 +34,7 @@ import trio
 from sidecar import credentials as credential_sources
 from sidecar import preflight, protocol
 from sidecar.protocol import WorkerConfig
-from sidecar.control import REQUEST_DEADLINE, HTTPError, route, serve
+from sidecar.control import REQUEST_DEADLINE, EventStream, HTTPError, route, serve
 from sidecar.log import get_logger, register_secret
 from sidecar.manifest import Manifest, RemoteStorage, StorageMount
 from sidecar.mounttable import is_mounted
@@ -42,6 +42,7 @@ from sidecar.states import UP
 
 log = get_logger("sidecar.daemon")
 
+EVENT_BUFFER = 256  # events a /events client may fall behind before it is dropped
 RETRY_FIRST = 1.0  # s before the first automatic attempt after a failure
 RETRY_FAST_CAP = 8.0  # s between attempts while a failure is recent (< RETRY_FAST_PERIOD)
 RETRY_FAST_PERIOD = 600.0
@@ -256,6 +257,36 @@ class Mount:
         }
 
 
+class EventBus:
+    """Live progress for launchers (`GET /events`): each subscriber has a bounded buffer, and
+    publishing never waits. A subscriber that falls EVENT_BUFFER events behind is dropped, with a
+    last event saying so: a slow or stuck client never slows the daemon."""
+
+    def __init__(self) -> None:
+        self._subscribers: dict[trio.MemorySendChannel, trio.MemoryReceiveChannel] = {}
+
+    def publish(self, event: dict[str, Any]) -> None:
+        for send in list(self._subscribers):
+            try:
+                send.send_nowait(event)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                del self._subscribers[send]
+                send.close()  # the reader sees the end, then learns why
+
+    async def subscribe(self, snapshot: list[dict[str, Any]]) -> Any:
+        send, receive = trio.open_memory_channel(EVENT_BUFFER)
+        for event in snapshot:
+            send.send_nowait(event)
+        self._subscribers[send] = receive
+        try:
+            async for event in receive:
+                yield event
+            yield {"type": "dropped", "reason": f"this client fell {EVENT_BUFFER} events behind; reconnect to get the current state"}
+        finally:
+            self._subscribers.pop(send, None)
+            send.close()
+
+
 class Daemon:
     def __init__(self, manifest: Manifest, cfg: DaemonConfig) -> None:
         self.manifest = manifest
@@ -263,8 +294,18 @@ class Daemon:
         self.mounts = {mt.name: Mount(mt, manifest.storage_for(mt)) for mt in manifest.mounts}
         self.started = time.time()
         self._stopping = False
+        self.events = EventBus()
 
     # -- state -------------------------------------------------------------------------------
+
+    def _state_event(self, m: Mount) -> dict[str, Any]:
+        event = {"type": "mount_state", "mount": m.name, "mountpath": m.mount.mountpath, "state": m.state, "time": m.since,
+                 "ready": self.ready()}
+        if m.error:
+            event.update(code=m.error.get("code"), reason=m.error.get("reason"))
+        if m.next_try is not None:
+            event["next_try"] = m.next_try
+        return event
 
     def _set(self, m: Mount, state: str, error: dict[str, str] | None = None) -> None:
         if m.state != state or m.error != error:
@@ -273,6 +314,7 @@ class Daemon:
             if error:
                 fields.update(code=error.get("code"), reason=error.get("reason"))
             (log.warning if state in ("failed", "needs_credentials", "degraded") else log.info)("mount_state", **fields)
+            self.events.publish(self._state_event(m))
 
     def ready(self) -> bool:
         for m in self.mounts.values():
@@ -531,6 +573,8 @@ class Daemon:
             return (200 if ready else 503), {"ready": ready, "states": {m.name: m.state for m in self.mounts.values()}}
         if path == "/status":
             return 200, await self.status()
+        if path == "/events":
+            return 200, EventStream(self.events.subscribe([self._state_event(m) for m in self.mounts.values()]))
         if path == "/metrics":
             from sidecar.metrics import render
 

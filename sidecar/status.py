@@ -68,3 +68,22 @@ def request_settled(path: str, method: str = "GET", body: Any = None, *, sock: s
         if answer.get("state") not in ("pending", "checking"):
             code = 200
     return code, answer
+
+
+def events(*, sock: str | None = None, timeout: float = 300.0) -> Any:
+    """Yields the daemon's events (GET /events): every mount's state, then each change."""
+    conn = _UnixConnection(sock or default_socket(), timeout)
+    try:
+        conn.request("GET", "/events")
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise Unreachable(f"the storage-sidecar at {sock or default_socket()} answered {resp.status} to /events")
+        while line := resp.readline():
+            if line.strip():
+                yield json.loads(line)
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        raise Unreachable(f"no storage-sidecar answers at {sock or default_socket()} ({exc.strerror})") from None
+    except (TimeoutError, OSError, http.client.HTTPException) as exc:
+        raise Unreachable(f"the storage-sidecar at {sock or default_socket()} stopped answering ({exc})") from None
+    finally:
+        conn.close()

@@ -236,10 +236,12 @@ class BlockCache:
             if not held:
                 await self._reserve(self._block_len(ref, first))  # a run of one demand block
                 held = True
-            # Blocks already on disk are served from there; the rest are fetched in one stream.
+            # Blocks already on disk are served from there (read in one thread hop for the whole
+            # run); the rest are fetched in one stream.
             missing: list[int] = []
+            on_disk = await self._disk_get_many(names)
             for i, fetch in enumerate(fetches):
-                data = await self._disk_get(names[i])
+                data = on_disk[i]
                 if data is not None and len(data) == self._block_len(ref, first + i):
                     self.stats.disk_hits += 1
                     self._complete(ref, first + i, fetch, data, None, held)
@@ -268,30 +270,45 @@ class BlockCache:
             # Whatever did not arrive fails, so no waiter is left hanging.
             for i, fetch in enumerate(fetches):
                 self._complete(ref, first + i, fetch, None, error, held)
-        for name, data in to_disk:
-            await self._disk_put(name, data)
+        if to_disk:
+            await self._disk_put_many(to_disk)
 
     # The disk tier is a cache: any error of it (a full or failing disk, a bug) costs a refetch,
     # never a reader's request or the mount. Each is logged and counted.
 
-    async def _disk_get(self, name: str) -> bytes | None:
+    async def _disk_get_many(self, names: list[str]) -> list[bytes | None]:
         if self.disk is None:
-            return None
-        try:
-            return await trio.to_thread.run_sync(self.disk.get, name, limiter=self._disk_limiter)
-        except Exception as exc:
-            self._disk_failed("disk_cache_read_failed", exc)
-            return None
+            return [None] * len(names)
+        disk = self.disk
 
-    async def _disk_put(self, name: str, data: bytes) -> None:
+        def read_all() -> list[bytes | None]:
+            out: list[bytes | None] = []
+            for name in names:
+                try:
+                    out.append(disk.get(name))
+                except Exception as exc:  # one bad block costs that block only
+                    out.append(None)
+                    self._disk_failed("disk_cache_read_failed", exc)
+            return out
+
+        return await trio.to_thread.run_sync(read_all, limiter=self._disk_limiter)
+
+    async def _disk_put_many(self, items: list[tuple[str, bytes]]) -> None:
         if self.disk is None:
             return
-        try:
-            await trio.to_thread.run_sync(self.disk.put, name, data, limiter=self._disk_limiter)
-        except Exception as exc:
-            self._disk_failed("disk_cache_write_failed", exc)
+        disk = self.disk
+
+        def write_all() -> None:
+            for name, data in items:
+                try:
+                    disk.put(name, data)
+                except Exception as exc:
+                    self._disk_failed("disk_cache_write_failed", exc)
+
+        await trio.to_thread.run_sync(write_all, limiter=self._disk_limiter)
 
     def _disk_failed(self, event: str, exc: Exception) -> None:
+        """Called from a disk thread: a counter and a log line, nothing that needs trio."""
         assert self.disk is not None
         self.disk.errors += 1
         log.warning(event, error=type(exc).__name__, detail=str(exc)[:200], errors=self.disk.errors)

