@@ -69,9 +69,11 @@ def _size(text: str) -> int:
 @click.option("--gid", type=int, default=None, help="Group of the files.")
 @click.option("--allow-other", is_flag=True, help="Let other users access the mounts (needs user_allow_other).")
 @click.option("--only", default=None, help="Comma-separated mount names to mount at start; the others wait, unmounted.")
+@click.option("--wait-copies", is_flag=True, help="/ready waits for copy-mode mounts to finish downloading.")
+@click.option("--copy-limit", default="10G", show_default=True, help="Largest folder a copy-mode mount downloads (larger: refused).")
 @click.option("--log-level", default="info", show_default=True)
 def run(manifest_path, socket_path, socket_group, cache_dir, credentials_dir, block_size, fetch_size, max_fetches, memory_limit, readahead, disk_limit, staging_limit, grace_period,
-        check_deadline, credentials_wait, write_probe, uid, gid, allow_other, only, log_level) -> None:
+        check_deadline, credentials_wait, write_probe, uid, gid, allow_other, only, wait_copies, copy_limit, log_level) -> None:
     """Mount every mount of the manifest and serve them until SIGTERM/SIGINT."""
     import os
 
@@ -115,6 +117,8 @@ def run(manifest_path, socket_path, socket_group, cache_dir, credentials_dir, bl
         allow_other=allow_other,
         log_level=log_level,
         only=set(filter(None, only.split(","))) if only is not None else None,
+        wait_copies=wait_copies,
+        copy_limit=_size(copy_limit),
     )
     trio.run(Daemon(manifest, cfg).run)
 
@@ -148,8 +152,9 @@ project_option = click.option("--project", "project_dir", default=None, help="Pr
 @click.option("--source-path", default="", help="Folder inside the storage to mount.")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE", help="Provider option (endpoint_url, region, anonymous, ...).")
 @click.option("--check", is_flag=True, help="Run the pre-flight check of the new storage.")
+@click.option("--copy", is_flag=True, help="Download the data into TARGET as ordinary files instead of mounting it.")
 @project_option
-def add(url, target, name, writable, source_path, options, check, project_dir) -> None:
+def add(url, target, name, writable, source_path, options, check, copy, project_dir) -> None:
     """Add the storage at URL to the project, mounted at TARGET."""
     from sidecar.project import ProjectError
 
@@ -161,7 +166,7 @@ def add(url, target, name, writable, source_path, options, check, project_dir) -
             _fail(f"--option {item!r}: write KEY=VALUE", EXIT_BAD_INPUT)
         opts[key] = {"true": True, "false": False}.get(value.lower(), value)
     try:
-        storage, mount = project.add(url, target, name=name, writable=writable, source_path=source_path, options=opts)
+        storage, mount = project.add(url, target, name=name, writable=writable, source_path=source_path, options=opts, copy=copy)
     except ProjectError as exc:
         _fail(str(exc), EXIT_BAD_INPUT)
     click.echo(f"added {storage['name']} ({storage['url']}, {'read-only' if storage['readonly'] else 'writable'}) at {mount['mountpath']}")
@@ -531,6 +536,84 @@ def status(socket_path: str | None, as_json: bool, probe: str | None, watch: boo
             click.echo(f"\n{len(unhealthy)} mount(s) not healthy. Needs credentials: POST them to /mounts/<name>/credentials "
                        "or skip with /mounts/<name>/skip; failed: see PROBLEM, then `storage-sidecar mount NAME` to retry.", err=True)
     sys.exit(EXIT_UNHEALTHY if unhealthy else EXIT_HEALTHY)
+
+
+@main.command()
+@click.argument("mount_name")
+@click.option("--socket", "socket_path", default=None, help="Control socket of the daemon.")
+def push(mount_name: str, socket_path: str | None) -> None:
+    """Copy mode: upload the files of a copied folder that are new or changed since the copy
+    (conditionally: a file changed in the bucket meanwhile is not overwritten)."""
+    from sidecar.status import Unreachable, request
+
+    try:
+        code, body = request(f"/mounts/{mount_name}/push", "POST", sock=socket_path, timeout=600)
+    except Unreachable as exc:
+        _fail(str(exc), EXIT_NO_DAEMON)
+    if code != 200:
+        _fail(f"not pushed: {body.get('error') if isinstance(body, dict) else body}", EXIT_FAILED)
+    for path in body.get("pushed") or []:
+        click.echo(f"  pushed {path}")
+    for f in body.get("failed") or []:
+        click.echo(f"  not pushed {f['path']}: {f['code']}: {f['reason']}", err=True)
+    sys.exit(EXIT_FAILED if body.get("failed") else EXIT_OK)
+
+
+@main.command()
+@click.argument("mount_name")
+@click.argument("paths", nargs=-1)
+@click.option("--socket", "socket_path", default=None, help="Control socket of the daemon.")
+@click.option("--no-wait", is_flag=True, help="Start it and return; `storage-sidecar status` shows the progress.")
+def prefetch(mount_name: str, paths: tuple[str, ...], socket_path: str | None, no_wait: bool) -> None:
+    """Warm the disk cache of a mounted storage with folders or files (PATHS in the mount; none:
+    all of it), so that reading them later never touches the backend. Refused, with the sizes,
+    when they do not fit the disk cache. Shows progress until done."""
+    from sidecar.status import Unreachable, request
+
+    try:
+        code, body = request(f"/mounts/{mount_name}/prefetch", "POST", {"paths": list(paths)}, sock=socket_path, timeout=30)
+        if code not in (200, 202):
+            _fail(f"prefetch refused: {body.get('error') if isinstance(body, dict) else body}", EXIT_FAILED)
+        if no_wait:
+            click.echo(f"{mount_name}: prefetching {body.get('files')} files ({_human(body.get('bytes') or 0)}) in the background")
+            return
+        _follow_progress(mount_name, "prefetch", socket_path)
+    except Unreachable as exc:
+        _fail(str(exc), EXIT_NO_DAEMON)
+
+
+def _follow_progress(mount_name: str, what: str, socket_path: str | None) -> None:
+    """A live progress bar (bytes, files, rate, time left) on a terminal, plain lines otherwise,
+    from the mount's `what` progress in /status, until it is done or failed."""
+    from sidecar.status import request
+
+    bar = None
+    last_line = 0.0
+    while True:
+        _, status = request("/status", sock=socket_path)
+        mount = next((m for m in status["mounts"] if m["name"] == mount_name), None)
+        p = (mount or {}).get(what) or {}
+        if p and sys.stderr.isatty() and bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=p["bytes_total"], unit="B", unit_scale=True, unit_divisor=1024, desc=f"{what} {mount_name}")
+        if bar is not None:
+            bar.update(p.get("bytes_done", 0) - bar.n)
+            bar.set_postfix(files=f"{p.get('files_done', 0)}/{p.get('files_total', 0)}")
+        elif p and time.monotonic() - last_line >= 2:
+            last_line = time.monotonic()
+            click.echo(f"{what} {mount_name}: {p.get('files_done', 0)}/{p.get('files_total', 0)} files, "
+                       f"{_human(p.get('bytes_done', 0))} of {_human(p.get('bytes_total', 0))}", err=True)
+        if p.get("state") in ("done", "failed") or not p:
+            break
+        time.sleep(0.5)
+    if bar is not None:
+        bar.close()
+    errors = p.get("errors") or []
+    summary = f"{what} {mount_name}: {p.get('state', 'unknown')}, {p.get('files_done', 0)} files, {_human(p.get('bytes_done', 0))}"
+    click.echo(summary + (f", {len(errors)} errors (see `storage-sidecar status --json`)" if errors else ""))
+    if p.get("state") != "done" or errors:
+        sys.exit(EXIT_FAILED)
 
 
 @main.command()

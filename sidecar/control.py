@@ -13,6 +13,8 @@ POST /mounts/{name}/skip          the session goes on without it
 POST /mounts/{name}/credentials   JSON object of credential fields; the check runs again
 POST /mounts/{name}/publish       {"key": ...}: upload an `incomplete` staged file (explicitly)
 POST /mounts/{name}/refresh       {"path": ...} or empty: forget cached metadata of a folder / all
+POST /mounts/{name}/prefetch      {"paths": [...]}: warm the disk cache with folders/files (background)
+POST /mounts/{name}/push          copy mode: upload files new or changed since the copy
 
 The socket is created with mode 0660 (owner and group only; `--socket-group` sets the group),
 so other users cannot connect. Every request is answered with JSON (or metrics text); a bad
@@ -206,7 +208,7 @@ async def serve(path: str, handler: Handler, *, group: str | int | None = None, 
             pass
 
 
-_MOUNT_ACTION = re.compile(r"^/mounts/(?P<name>[a-z0-9][a-z0-9_-]{0,62})/(?P<action>mount|unmount|skip|credentials|publish|refresh)$")
+_MOUNT_ACTION = re.compile(r"^/mounts/(?P<name>[a-z0-9][a-z0-9_-]{0,62})/(?P<action>mount|unmount|skip|credentials|publish|refresh|prefetch|push)$")
 
 
 def route(target: str) -> tuple[str, dict[str, str]]:

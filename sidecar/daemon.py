@@ -75,6 +75,8 @@ class DaemonConfig:
     log_level: str = "info"
     only: set[str] | None = None  # mount only these at start; the others wait, unmounted
     placeholders: bool = True  # a read-only stand-in at the path of a mount that is not up
+    wait_copies: bool = False  # /ready waits for copy-mode mounts to finish
+    copy_limit: int = protocol.COPY_LIMIT
 
 
 def busy_pids(path: str) -> list[int]:
@@ -135,7 +137,7 @@ class WorkerProcess:
         await self.process.stdin.send_all(cfg.to_line() if isinstance(cfg, WorkerConfig) else (json.dumps(cfg) + "\n").encode())
         with trio.move_on_after(timeout):
             event = await self._read_event()
-            if event and event.get("event") == "mounted":
+            if event and event.get("event") in ("mounted", "copying"):
                 return None
             await self.stop(5)
             event = event or {}
@@ -252,6 +254,9 @@ class Mount:
             "counters": {k: stats.get(k) for k in ("store", "cache", "disk", "errors", "memory_bytes")} if stats else None,
             "unsynced_writes": len(stats.get("staged") or []),
             "unsynced": stats.get("unsynced"),
+            "prefetch": stats.get("prefetch"),
+            "mode": self.mount.mode,
+            "copy": stats.get("copy"),
             "write_mode": self.mount.write_mode if not st.readonly else None,
             "staged": stats.get("staged") or [],
         }
@@ -322,6 +327,8 @@ class Daemon:
                 return False
             if m.state == "needs_credentials" and m.decision_deadline is not None:
                 return False  # the launcher may still hand in credentials or skip it
+            if m.state == "copying" and self.cfg.wait_copies:
+                return False  # a large copy never blocks a launch, unless asked
         return True
 
     # -- the supervisor of one mount ---------------------------------------------------------
@@ -339,6 +346,9 @@ class Daemon:
             readonly=st.readonly,
             write_mode=mt.write_mode,
             mtime_source=mt.mtime_source,
+            mode=mt.mode,
+            copy_limit=mt.copy_limit or cfg.copy_limit,
+            prefetch=list(mt.prefetch),
             ttl=mt.metadata_ttl if mt.metadata_ttl is not None else (protocol.METADATA_TTL_READONLY if st.readonly else protocol.METADATA_TTL),
             deadline=mt.deadline,
             credentials=creds,
@@ -410,7 +420,7 @@ class Daemon:
             return
         m.decision_deadline = None
         m.failures, m.failing_since = 0, None
-        self._set(m, "mounted")
+        self._set(m, "copying" if m.mount.mode == "copy" else "mounted")
 
     def _failed(self, m: Mount, error: dict[str, str]) -> None:
         """`failed`, with the next attempt scheduled: quickly at first (so a backend that comes
@@ -537,6 +547,9 @@ class Daemon:
         while True:
             await trio.sleep(self.cfg.poll_interval)
             for m in list(self.mounts.values()):
+                if m.worker is not None and m.state == "copying":
+                    await self._follow_copy(m)
+                    continue
                 if m.worker is None or m.state not in UP:
                     continue
                 stats = await m.worker.stats()
@@ -553,9 +566,24 @@ class Daemon:
                     self._set(m, "mounted")
                 last_errors[m.name] = errors
 
+    async def _follow_copy(self, m: Mount) -> None:
+        stats = await m.worker.stats() if m.worker else None
+        if stats is None:
+            return
+        m.stats = stats
+        copy = stats.get("copy") or {}
+        if copy.get("refused"):
+            self._set(m, "failed", {"code": "copy_refused", "reason": copy["refused"]})
+        elif copy.get("state") in ("copied", "copied_with_errors"):
+            errors = copy.get("errors") or []
+            self._set(m, "copied", {"code": "copy_errors", "reason": f"{len(errors)} file(s) not copied; see status --json"} if errors else None)
+
     # -- the control socket ------------------------------------------------------------------
 
     async def status(self) -> dict[str, Any]:
+        for m in list(self.mounts.values()):
+            if m.worker is not None and m.state == "copying":
+                await self._follow_copy(m)
         for m in self.mounts.values():
             if m.worker is not None and m.state in UP:
                 m.stats = await m.worker.stats(timeout=1.0) or m.stats
@@ -587,6 +615,17 @@ class Daemon:
             return await self._publish(m, body)
         if action == "refresh":
             return await self._refresh(m, body)
+        if action == "prefetch":
+            return await self._prefetch(m, body)
+        if action == "push":
+            if m.mount.mode != "copy" or m.worker is None or m.state not in ("copying", "copied"):
+                raise HTTPError(409, "not_a_copy", f"{m.name} is not a copied folder ({m.mount.mode}, {m.state})")
+            answer = await m.worker.call(b'{"cmd": "push"}\n', "pushed", ACTION_WAIT)
+            if answer is None:
+                return 202, {"pushed": None, "reason": "still uploading"}
+            if not answer.get("ok"):
+                raise HTTPError(409, "not_pushed", answer.get("reason") or "not pushed")
+            return 200, {"pushed": answer.get("pushed"), "failed": answer.get("failed")}
         arg = None
         if action == "credentials":
             arg = parse_credentials(body, m.storage.provider)
@@ -618,6 +657,25 @@ class Daemon:
         if answer is None:
             raise HTTPError(503, "no_answer", f"the mount process of {m.name} did not answer")
         return 200, {"path": path, "entries": answer.get("entries", 0)}
+
+    async def _prefetch(self, m: Mount, body: bytes) -> tuple[int, Any]:
+        """Warms the mount's disk cache with folders or files, in the background (progress in
+        /status); refused when it cannot fit the disk cache."""
+        try:
+            doc = json.loads(body.decode("utf-8")) if body else {}
+            paths = doc.get("paths", []) if isinstance(doc, dict) else None
+            if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+                raise ValueError
+        except (ValueError, RecursionError, UnicodeDecodeError):
+            raise HTTPError(400, "bad_request", 'the body must be {"paths": ["<folder or file in the mount>", ...]}') from None
+        if m.worker is None or m.state not in UP:
+            raise HTTPError(409, "not_mounted", f"{m.name} is {m.state}; prefetch needs it mounted")
+        answer = await m.worker.call((json.dumps({"cmd": "prefetch", "paths": paths}) + "\n").encode(), "prefetch", ACTION_WAIT)
+        if answer is None:
+            return 202, {"paths": paths, "started": None, "reason": "still planning; see status"}
+        if not answer.get("ok"):
+            raise HTTPError(409, "prefetch_refused", answer.get("reason") or "refused")
+        return 200, {"paths": paths, "started": True, "files": answer.get("files"), "bytes": answer.get("bytes")}
 
     async def _publish(self, m: Mount, body: bytes) -> tuple[int, Any]:
         """Uploads an `incomplete` staged file of a mount on a person's explicit request."""

@@ -194,7 +194,7 @@ class WorkerProcess:
         self.proc.stdin.write((json.dumps(cfg) + "\n").encode())
         self.proc.stdin.flush()
         event = json.loads(self.proc.stdout.readline() or b'{"event": "exited"}')
-        if event["event"] != "mounted":
+        if event["event"] not in ("mounted", "copying"):
             self.stop()
             raise RuntimeError(f"worker did not mount: {event}; log: {Path(cfg['log']).read_text()[-3000:]}")
 
@@ -206,6 +206,12 @@ class WorkerProcess:
     def refresh(self, path=""):
         """Asks the worker to forget cached metadata of `path` (as `storage-sidecar refresh`)."""
         self.proc.stdin.write((json.dumps({"cmd": "refresh", "path": path}) + "\n").encode())
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def prefetch(self, *paths):
+        """Asks the worker to warm its disk cache with `paths` (as `storage-sidecar prefetch`)."""
+        self.proc.stdin.write((json.dumps({"cmd": "prefetch", "paths": list(paths)}) + "\n").encode())
         self.proc.stdin.flush()
         return json.loads(self.proc.stdout.readline())
 

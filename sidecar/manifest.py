@@ -146,6 +146,9 @@ class StorageMount(_Model):
         description="seconds listings and attributes are cached (default: 300 for read-only storages, 5 for writable ones)",
     )
     deadline: float = Field(default=30.0, gt=0, le=600, description="seconds before a backend call fails with EIO (transfers: seconds without progress)")
+    mode: Literal["mount", "copy"] = Field(default="mount", description="mount: a FUSE mount; copy: downloaded into the mount path as ordinary files")
+    copy_limit: int | None = Field(default=None, gt=0, description="bytes a copy may hold (default: the daemon's --copy-limit)")
+    prefetch: list[str] = Field(default_factory=list, description="folders or files (in the mount) to warm the disk cache with at start")
     mtime_source: Literal["listing", "metadata"] = Field(
         default="listing",
         description="listing: mtimes from the listing (Last-Modified, or a time set through this mount); "

@@ -118,6 +118,7 @@ class Project:
         writable: bool = False,
         source_path: str = "",
         options: dict[str, Any] | None = None,
+        copy: bool = False,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Adds a mount of `url` at `target` (and the storage, unless one with the same id exists)."""
         try:
@@ -144,6 +145,8 @@ class Project:
             # Another mount of a known storage: its own name, so the existing ones keep theirs.
             mount_name = name or slugify(f"{storage['name']}-{Path(rel).name}")
         mount = {"name": mount_name, "storage": sid, "mountpath": rel, "source_path": source_path.strip("/")}
+        if copy:
+            mount["mode"] = "copy"  # downloaded into the folder, not mounted
         doc["mounts"].append(mount)
         self.save(doc)
         return storage, mount

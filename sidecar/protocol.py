@@ -30,6 +30,7 @@ METADATA_TTL_READONLY = 300.0  # read-only mounts: data that rarely changes, cac
 GRACE_PERIOD = 20.0
 KERNEL_READAHEAD_KB = 1024
 INCOMPLETE_KEEP_DAYS = 7.0
+COPY_LIMIT = 10 << 30
 
 
 @dataclass
@@ -45,6 +46,9 @@ class WorkerConfig:
     readonly: bool = True
     write_mode: str = "durable"
     mtime_source: str = "listing"
+    mode: str = "mount"  # or "copy": downloaded into the mount path as ordinary files
+    copy_limit: int = COPY_LIMIT
+    prefetch: list[str] = field(default_factory=list)  # folders/files to warm the disk cache with at start
     ttl: float = METADATA_TTL
     deadline: float = DEADLINE
     cache_dir: str | None = None

@@ -20,6 +20,8 @@ class MountState(StrEnum):
     FAILED = "failed"
     SKIPPED = "skipped"
     UNMOUNTED = "unmounted"
+    COPYING = "copying"  # copy mode: downloading into the mount path
+    COPIED = "copied"  # copy mode: the folder is there, as ordinary local files
 
 
 STATES = tuple(s.value for s in MountState)

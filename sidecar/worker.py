@@ -29,6 +29,8 @@ import trio
 from sidecar import log, urls
 from sidecar.cache.blocks import BlockCache
 from sidecar.cache.disk import DiskTier
+from sidecar.cache.warmup import Prefetcher, PrefetchRefused
+from sidecar.errors import SidecarError
 from sidecar.mounttable import UnsafeMountPath, safe_mountpoint
 from sidecar.private import private_folder
 from sidecar.protocol import WorkerConfig
@@ -124,8 +126,74 @@ def storage_dir_name(cfg: WorkerConfig) -> str:
     return hashlib.sha256(cfg.storage_id.encode()).hexdigest()[:16]
 
 
+async def serve_copy(cfg: WorkerConfig) -> int:
+    """Copy mode: download the storage's folder into the mount path, report progress, then stay
+    (for `stats` and `push`) until told to stop."""
+    from sidecar.copier import Copier, CopyRefused
+    from sidecar.store.factory import build_store
+
+    url = urls.parse(cfg.url)
+    store = build_store(cfg.storage_id, url, cfg.options, cfg.credentials, deadline=cfg.deadline)
+    await store.warm_up()
+    try:
+        dest = prepare_mountpoint(cfg.root, cfg.mountpath)
+    except UnsafeMountPath as exc:
+        emit("error", code="mount_path_unsafe", reason=str(exc))
+        return 1
+    copier = Copier(store, url.key_prefix(cfg.source_path), dest, limit=cfg.copy_limit, fetch_size=cfg.fetch_size)
+    refused: list[str] = []
+
+    async def copy() -> None:
+        try:
+            await copier.run()
+        except CopyRefused as exc:
+            refused.append(str(exc))
+            logger.error("copy_refused", mount=cfg.name, reason=str(exc))
+        except SidecarError as exc:
+            copier.progress.state = "failed"
+            refused.append(f"{exc.code}: {exc}")
+
+    async def commands() -> None:
+        stream = trio.lowlevel.FdStream(os.dup(0))
+        buf = b""
+        async with stream:
+            while chunk := await stream.receive_some(4096):
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    cmd = line.strip().decode(errors="replace")
+                    if cmd == "stats":
+                        emit("stats", store={**store.stats.as_dict(), "stalled_calls": store.stalled_calls()},
+                             copy={**copier.progress.public(), "refused": refused[0] if refused else None})
+                    elif cmd == "stop":
+                        return
+                    elif cmd.startswith("{") and json.loads(cmd).get("cmd") == "push":
+                        if cfg.readonly:
+                            emit("pushed", ok=False, reason="the storage is read-only")
+                        else:
+                            emit("pushed", ok=True, **await copier.push())
+
+    emit("copying", mountpath=dest)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(copy)
+
+        async def stop_on_signal() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+                async for _ in received:
+                    nursery.cancel_scope.cancel()
+                    return
+
+        nursery.start_soon(stop_on_signal)
+        await commands()
+        nursery.cancel_scope.cancel()
+    return 0
+
+
 async def serve(cfg: WorkerConfig) -> int:
     import pyfuse3
+
+    if cfg.mode == "copy":
+        return await serve_copy(cfg)
 
     from sidecar.fuse_ops import FuseOps
     from sidecar.store.factory import build_store
@@ -187,6 +255,7 @@ async def serve(cfg: WorkerConfig) -> int:
             "inodes": fs.inode_count,
             "write_mode": cfg.write_mode if staging else None,
             "unsynced": fs.writer.unsynced() if fs.writer else None,
+            "prefetch": prefetcher.progress.public() if prefetcher.progress.state != "idle" else None,
             "staged": [f.public() for f in staging.pending()] if staging else [],
         }
 
@@ -198,6 +267,16 @@ async def serve(cfg: WorkerConfig) -> int:
             emit("published", key=key, ok=True)
         except Exception as exc:
             emit("published", key=key, ok=False, reason=log.redact_text(str(exc)))
+
+    prefetcher = Prefetcher(store, cache, url.key_prefix(cfg.source_path))
+
+    async def prefetch(paths: list[str], nursery: trio.Nursery) -> None:
+        try:
+            progress = await prefetcher.start(paths, nursery)
+            emit("prefetch", ok=True, files=progress.files_total, bytes=progress.bytes_total)
+        except (PrefetchRefused, SidecarError) as exc:
+            logger.warning("prefetch_refused", paths=paths, reason=str(exc))
+            emit("prefetch", ok=False, reason=str(exc))
 
     async def refresh(path: str) -> None:
         """Forgets what is cached about `path` (a folder, "" for the whole mount), in this process
@@ -242,6 +321,8 @@ async def serve(cfg: WorkerConfig) -> int:
                             await publish(str(doc.get("key", "")))
                         elif doc.get("cmd") == "refresh":
                             await refresh(str(doc.get("path", "")))
+                        elif doc.get("cmd") == "prefetch":
+                            await prefetch([str(p) for p in doc.get("paths") or []], nursery)
         pyfuse3.terminate()
 
     async def signals() -> None:
@@ -269,6 +350,8 @@ async def serve(cfg: WorkerConfig) -> int:
             nursery.start_soon(signals)
             if fs.writer is not None:
                 await nursery.start(fs.writer.run)
+            if cfg.prefetch:
+                nursery.start_soon(prefetch, list(cfg.prefetch), nursery)
             await pyfuse3.main()
         finally:
             if fs.writer is not None and staging is not None:

@@ -115,8 +115,11 @@ class BlockCache:
         return start, min(start + self.block_size, ref.size)
 
     def has(self, ref: ObjectRef, index: int) -> bool:
+        """In memory, being fetched, or on disk: reading it through the cache costs no request."""
         bid = (ref.key, ref.etag, index)
-        return bid in self._memory or bid in self._inflight
+        if bid in self._memory or bid in self._inflight:
+            return True
+        return self.disk is not None and block_name(self.storage_id, ref.key, ref.etag, index, self.block_size) in self.disk
 
     async def get(self, ref: ObjectRef, index: int) -> bytes:
         """The bytes of block `index` of `ref` (shorter than block_size for the last block)."""

@@ -82,6 +82,11 @@ class DiskTier:
     def __len__(self) -> int:
         return len(self._index)
 
+    def __contains__(self, name: str) -> bool:
+        """Whether the block is on disk (written and not being written). A cheap index lookup."""
+        with self._lock:
+            return name in self._index and name not in self._pending
+
     def _evict_locked(self, need: int) -> bool:
         for name in list(self._index):
             if self.used + need <= self.limit:

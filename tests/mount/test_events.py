@@ -1,6 +1,5 @@
 """Live progress for the launcher: GET /events and `storage-sidecar status --watch`."""
 
-import json
 import socket
 import subprocess
 import sys

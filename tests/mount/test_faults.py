@@ -4,6 +4,7 @@ import errno
 import os
 import random
 import socket
+import time
 import uuid
 
 import pytest
@@ -158,5 +159,65 @@ def test_a_slow_mount_request_is_answered_202_and_followed(tmp_path, daemons):
         assert code == 202 and body["state"] == "checking", (code, body)  # answered, not dropped
         code, body = d.post("/mounts/hung/mount")  # follows the 202 on /status
         assert code == 200 and body["state"] == "failed" and body["error"]["code"] == "timeout", body
+    finally:
+        hung.close()
+
+
+@pytest.mark.reliability
+def test_backend_down_for_60_s_at_start(tmp_path, daemons):
+    port = free_port()
+    bucket = f"late-{uuid.uuid4().hex[:8]}"
+    manifest = {
+        "root": str(tmp_path / "project"),
+        "storages": [{"name": "one", "provider": "s3", "url": f"s3://{bucket}", "readonly": False,
+                      "options": {"endpoint_url": f"http://127.0.0.1:{port}"}}],
+        "mounts": [{"storage": "one", "mountpath": "one"}],
+    }
+
+    class NoAuth:
+        key, secret = "testing", "testing"
+
+    d = daemons(tmp_path, manifest, creds=creds_dir(tmp_path, NoAuth, ["one"]), args=["--no-write-probe"])
+    d.wait_ready()
+    mnt = tmp_path / "project/one"
+    end = time.monotonic() + 60
+    while time.monotonic() < end:  # the whole outage: writes at the mount path always fail
+        with pytest.raises(OSError) as exc:
+            open(mnt / f"w-{int(time.monotonic())}.txt", "w").close()
+        assert exc.value.errno in (errno.EROFS, errno.ENOENT, errno.EIO), exc.value
+        time.sleep(2)
+    with moto_server(tmp_path / "moto.log", auth=False, port=port) as server:
+        server.client().create_bucket(Bucket=bucket)
+        back = time.monotonic()
+        wait_for(lambda: d.states()["one"] == "mounted", timeout=15, what="the mount after the backend returned")
+        print(f"\nmounted {time.monotonic() - back:.1f} s after the backend returned (60 s outage)")
+        assert time.monotonic() - back < 10
+        assert os.listdir(mnt) == []  # nothing written during the outage reached any disk
+        d.stop()
+
+
+def test_ten_hung_endpoints_cost_one_check_deadline_not_ten(tmp_path, daemons):
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(64)
+    try:
+        names = [f"h{i}" for i in range(10)]
+        manifest = {
+            "root": str(tmp_path / "project"),
+            "storages": [{"name": n, "provider": "s3", "url": f"s3://bucket-{n}",
+                          "options": {"endpoint_url": f"http://127.0.0.1:{hung.getsockname()[1]}"}} for n in names],
+            "mounts": [{"storage": n, "mountpath": n} for n in names],
+        }
+
+        class Keys:
+            key, secret = "testing", "testing"
+
+        started = time.monotonic()
+        d = daemons(tmp_path, manifest, creds=creds_dir(tmp_path, Keys, names), args=["--check-deadline", "4"])
+        d.wait_ready()
+        took = time.monotonic() - started
+        states = d.get("/status")[1]["mounts"]
+        assert {m["state"] for m in states} == {"failed"} and {m["error"]["code"] for m in states} == {"timeout"}
+        assert took < 2 * 4 + 3, took  # checked in parallel: one deadline (plus start-up), not ten
     finally:
         hung.close()

@@ -295,3 +295,60 @@ def _readers_and_replacements(s3, proxied, mount_worker, *, readers, tries):
     print(f"\n{readers} readers x {tries} tries: {outcomes}")
     assert outcomes["mixed"] == 0, outcomes
     assert outcomes["whole"] > 0
+
+
+# -- a writer's sidecar killed mid-write: nothing partial is ever visible ------------------
+
+
+def _sigkill_during_writes(s3, mount_worker, tmp_path, tries):
+    import signal
+    import subprocess
+
+    bucket = f"k-{uuid.uuid4().hex[:10]}"
+    s3.client().create_bucket(Bucket=bucket)
+    seen_partial = []
+    stop = threading.Event()
+
+    def poll():  # every 100 ms, as the acceptance asks: any object under a key being written is partial
+        while not stop.is_set():
+            for o in s3.client().list_objects_v2(Bucket=bucket).get("Contents", []):
+                if o["Key"].startswith("partial-"):
+                    seen_partial.append((o["Key"], o["Size"]))
+            time.sleep(0.1)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        for i in range(tries):
+            cache = str(tmp_path / f"cache{i}")
+            w = mount_worker(bucket, readonly=False, cache_dir=cache, name=f"k{i}")
+            f = open(f"{w.mnt}/partial-{i}.bin", "wb")
+            chunk = os.urandom(MiB)
+            for _ in range(25):  # 25 of 70 MiB written, never closed
+                f.write(chunk)
+            f.flush()
+            os.kill(w.proc.pid, signal.SIGKILL)
+            w.proc.wait()
+            try:
+                f.close()
+            except OSError:
+                pass
+            subprocess.run(["fusermount3", "-u", "-z", w.mnt], check=False, capture_output=True)
+            # the next start finds it staged and keeps it incomplete
+            w2 = mount_worker(bucket, readonly=False, cache_dir=cache, name=f"k{i}", mountpath=w.mnt)
+            assert [s["state"] for s in w2.stats()["staged"]] == ["incomplete"]
+            w2.stop()
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        poller.join(5)
+    assert seen_partial == []
+
+
+def test_sigkill_during_a_write_never_shows_a_partial_object(s3, mount_worker, tmp_path):
+    _sigkill_during_writes(s3, mount_worker, tmp_path, tries=2)
+
+
+@pytest.mark.reliability
+def test_sigkill_during_a_write_20_tries(s3, mount_worker, tmp_path):
+    _sigkill_during_writes(s3, mount_worker, tmp_path, tries=20)

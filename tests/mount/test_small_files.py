@@ -137,3 +137,112 @@ def test_refresh_shows_a_remote_change_before_the_ttl(s3, proxied, mount_worker)
         time.sleep(0.05)  # the kernel's invalidation is asynchronous
     assert sorted(os.listdir(f"{w.mnt}/data")) == ["a.txt", "b.txt"]
     assert open(f"{w.mnt}/data/b.txt").read() == "two"
+
+
+def test_prefetch_warms_the_disk_cache_then_reads_make_no_request(s3, proxied, mount_worker, tmp_path):
+    proxy, bucket = proxied
+    files = {f"ref/{i:02d}.bin": os.urandom(2 * 1024 * 1024 + i) for i in range(16)}  # 32 MiB
+    _put_many(s3, bucket, files)
+    w = mount_worker(bucket, options={"endpoint_url": proxy.endpoint}, ttl=300.0, cache_dir=str(tmp_path / "cache"),
+                     disk_limit=512 * 1024 * 1024)
+    answer = w.prefetch("ref")
+    assert answer["ok"] and answer["files"] == 16 and answer["bytes"] == sum(map(len, files.values()))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        st = w.stats()
+        if st["prefetch"]["state"] == "done" and st["disk"]["blocks"] >= 16 * 3:
+            break
+        time.sleep(0.1)
+    assert st["prefetch"]["state"] == "done" and st["prefetch"]["bytes_done"] == answer["bytes"], st["prefetch"]
+    proxy.reset_counts()
+    for key, data in files.items():  # sequential readers, and a random one
+        with open(f"{w.mnt}/{key}", "rb") as f:
+            assert f.read() == data
+    with open(f"{w.mnt}/ref/07.bin", "rb", buffering=0) as f:
+        assert f.read(4096) and f.seek(1_500_000) and f.read(4096) == files["ref/07.bin"][1_500_000:1_504_096]
+    assert proxy.counts["GET"] == 0, dict(proxy.counts)
+    # more than the disk cache holds: refused, with the sizes
+    small = mount_worker(bucket, options={"endpoint_url": proxy.endpoint}, cache_dir=str(tmp_path / "small"), disk_limit=16 * 1024 * 1024)
+    refused = small.prefetch("ref")
+    assert not refused["ok"] and str(answer["bytes"]) in refused["reason"] and str(16 * 1024 * 1024) in refused["reason"]
+
+
+def _copy_worker(mount_worker, proxy, bucket, tmp_path, name, **cfg):
+    return mount_worker(bucket, options={"endpoint_url": proxy.endpoint}, mode="copy", name=name,
+                        mountpath=str(tmp_path / "copied"), readonly=False, **cfg)
+
+
+def _wait_copied(w, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        copy = w.stats()["copy"]
+        if copy["state"] in ("copied", "copied_with_errors", "failed") or copy.get("refused"):
+            return copy
+        time.sleep(0.1)
+    raise TimeoutError(w.stats()["copy"])
+
+
+def test_copy_mode_downloads_exact_files_resumes_and_pushes(s3, proxied, mount_worker, tmp_path):
+    proxy, bucket = proxied
+    files = {f"ref/f{i:02d}.bin": os.urandom(10_000 + i) for i in range(40)}
+    files["ref/big/genome.fa"] = os.urandom(20 * 1024 * 1024 + 5)  # parallel ranged GETs
+    _put_many(s3, bucket, files)
+    w = _copy_worker(mount_worker, proxy, bucket, tmp_path, "cp1", source_path="ref")
+    copy = _wait_copied(w)
+    assert copy["state"] == "copied" and copy["files_done"] == 41 and copy["bytes_done"] == sum(map(len, files.values()))
+    dest = tmp_path / "copied"
+    assert not os.path.ismount(dest)  # ordinary local files
+    for key, data in files.items():
+        assert (dest / key.removeprefix("ref/")).read_bytes() == data
+    w.stop()
+    # a restart after losing some files (as a copy killed halfway): only what is missing comes
+    for i in range(5):
+        (dest / f"f{i:02d}.bin").unlink()
+    proxy.reset_counts()
+    w = _copy_worker(mount_worker, proxy, bucket, tmp_path, "cp1", source_path="ref")
+    copy = _wait_copied(w)
+    assert copy["files_skipped"] == 36 and copy["bytes_downloaded"] == sum(10_000 + i for i in range(5))
+    assert proxy.bytes_down < 200_000  # the listing and five small files, not 20 MiB again
+    # writes stay local until pushed
+    (dest / "results.csv").write_text("a,b\n1,2\n")
+    (dest / "f07.bin").write_bytes(b"changed")
+    assert "ref/results.csv" not in _keys(s3, bucket)
+    w.proc.stdin.write(b'{"cmd": "push"}\n')
+    w.proc.stdin.flush()
+    import json as _json
+
+    pushed = _json.loads(w.proc.stdout.readline())
+    assert sorted(pushed["pushed"]) == ["f07.bin", "results.csv"] and pushed["failed"] == []
+    assert s3.client().get_object(Bucket=bucket, Key="ref/results.csv")["Body"].read() == b"a,b\n1,2\n"
+    assert s3.client().get_object(Bucket=bucket, Key="ref/f07.bin")["Body"].read() == b"changed"
+
+
+def test_a_copy_larger_than_its_limit_is_refused_before_downloading(s3, proxied, mount_worker, tmp_path):
+    proxy, bucket = proxied
+    _put_many(s3, bucket, {f"d/{i}": os.urandom(100_000) for i in range(10)})
+    proxy.reset_counts()
+    w = _copy_worker(mount_worker, proxy, bucket, tmp_path, "cp2", source_path="d", copy_limit=500_000)
+    copy = _wait_copied(w)
+    assert copy["refused"] and "1000000" in copy["refused"] and "500000" in copy["refused"]
+    assert proxy.counts["GET"] == 0
+
+
+def _keys(s3, bucket):
+    return [o["Key"] for p in s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in p.get("Contents", [])]
+
+
+def test_the_daemon_reports_a_copy_and_ready_does_not_wait_for_it(s3, tmp_path, daemons):
+    from tests.conftest import wait_for
+    from tests.daemons import creds_dir, new_bucket
+
+    b = new_bucket(s3, {f"x/{i}.txt": b"copy me %d" % i for i in range(20)})
+    manifest = {"root": str(tmp_path / "project"),
+                "storages": [{"name": "one", "provider": "s3", "url": f"s3://{b}", "options": {"endpoint_url": s3.endpoint}}],
+                "mounts": [{"storage": "one", "mountpath": "data", "mode": "copy"}]}
+    d = daemons(tmp_path, manifest, creds=creds_dir(tmp_path, s3, ["one"]))
+    d.wait_ready()
+    assert d.states()["one"] in ("copying", "copied")
+    wait_for(lambda: d.states()["one"] == "copied", timeout=60, what="the copy")
+    (st,) = d.get("/status")[1]["mounts"]
+    assert st["mode"] == "copy" and st["copy"]["files_done"] == 20 and "stay local" in st["copy"]["note"]
+    assert (tmp_path / "project/data/x/7.txt").read_bytes() == b"copy me 7"

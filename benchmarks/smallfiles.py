@@ -1,0 +1,228 @@
+"""`python -m benchmarks.smallfiles`: many small files and session start, side by side in one run.
+
+Against moto behind tests/netproxy.LinkProxy (no shaping: it only counts requests by kind), the
+sidecar and `rclone mount --vfs-cache-mode full` (rclone returns from close before uploading;
+the sidecar in durable mode after) do:
+- a zarr-like store of 2,500 chunk files in 50 folders: cold pass, then warm pass (within the TTL)
+- `cp -r` of 500 small files into the mount: durable, write-back, rclone
+- `rsync -a` of 300 files into the mount, twice (the second must send nothing)
+- `git init && git add && git commit` of 300 files inside the mount
+each with the seconds and the requests by method. Then the daemon's start to /ready with 1, 3
+and 20 mounts, quiet and beside two CPU-bound processes, and the proportional set size (PSS)
+of the whole sidecar per mount.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sidecar.devservers import WorkerProcess, moto_server, stop_process
+from sidecar.status import Unreachable, request
+from benchmarks.link import rclone_binary, wait_mounted
+from tests.netproxy import LinkProxy
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def timed(fn) -> float:  # type: ignore[no-untyped-def]
+    started = time.monotonic()
+    fn()
+    return time.monotonic() - started
+
+
+class SmallFiles:
+    def __init__(self, s3, proxy: LinkProxy, work: Path) -> None:
+        self.s3, self.proxy, self.work = s3, proxy, work
+        self.n = 0
+        self.results: dict[str, dict] = {}
+
+    def bucket(self) -> str:
+        self.n += 1
+        name = f"small-{self.n}"
+        self.s3.client().create_bucket(Bucket=name)
+        return name
+
+    def worker(self, bucket: str, **cfg) -> WorkerProcess:
+        self.n += 1
+        base = {"name": f"s{self.n}", "storage_id": f"bench-{bucket}", "url": f"s3://{bucket}", "options": {"endpoint_url": self.proxy.endpoint},
+                "credentials": {"access_key_id": self.s3.key, "secret_access_key": self.s3.secret}, "mountpath": str(self.work / f"m{self.n}"),
+                "cache_dir": str(self.work / f"cache{self.n}"), "log": str(self.work / "worker.log"), "log_level": "warning"}
+        base.update(cfg)
+        return WorkerProcess(base)
+
+    def rclone(self, bucket: str) -> tuple[subprocess.Popen, str]:
+        self.n += 1
+        mnt = str(self.work / f"rc{self.n}")
+        os.makedirs(mnt)
+        env = dict(os.environ, RCLONE_CONFIG_M_TYPE="s3", RCLONE_CONFIG_M_PROVIDER="Other", RCLONE_CONFIG_M_ENDPOINT=self.proxy.endpoint,
+                   RCLONE_CONFIG_M_ACCESS_KEY_ID=self.s3.key, RCLONE_CONFIG_M_SECRET_ACCESS_KEY=self.s3.secret, RCLONE_CONFIG_M_REGION="us-east-1")
+        env.pop("AWS_CA_BUNDLE", None)
+        proc = subprocess.Popen([rclone_binary(), "mount", f"m:{bucket}", mnt, "--config", "/dev/null", "--vfs-cache-mode", "full",
+                                 "--cache-dir", str(self.work / f"rcc{self.n}"), "--log-file", str(self.work / "rclone.log")], env=env)
+        wait_mounted(mnt, proc)
+        return proc, mnt
+
+    @staticmethod
+    def unmount(proc: subprocess.Popen, mnt: str) -> None:
+        subprocess.run(["fusermount3", "-u", mnt], check=False, capture_output=True)
+        stop_process(proc, timeout=60)
+
+    def measure(self, name: str, who: str, fn) -> None:  # type: ignore[no-untyped-def]
+        self.proxy.reset_counts()
+        secs = timed(fn)
+        self.results.setdefault(name, {})[who] = {"seconds": round(secs, 2), "requests": dict(self.proxy.counts)}
+        print(f"  {name:<24} {who:<12} {secs:7.2f} s  {dict(self.proxy.counts)}", flush=True)
+
+    # -- workloads ------------------------------------------------------------------------
+
+    def zarr(self) -> None:
+        bucket = self.bucket()
+        client = self.s3.client()
+        keys = [f"store.zarr/c{a}/{b}" for a in range(50) for b in range(50)]
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda k: client.put_object(Bucket=bucket, Key=k, Body=os.urandom(1024)), keys))
+
+        def read_all(root: str) -> None:
+            for k in keys:
+                with open(f"{root}/{k}", "rb") as f:
+                    f.read()
+
+        w = self.worker(bucket, ttl=300.0)
+        self.measure("zarr_2500_cold", "sidecar", lambda: read_all(w.mnt))
+        self.measure("zarr_2500_warm", "sidecar", lambda: read_all(w.mnt))
+        w.stop()
+        proc, mnt = self.rclone(bucket)
+        self.measure("zarr_2500_cold", "rclone_full", lambda: read_all(mnt))
+        self.measure("zarr_2500_warm", "rclone_full", lambda: read_all(mnt))
+        self.unmount(proc, mnt)
+
+    def copy_in(self) -> None:
+        src = self.work / "src500"
+        src.mkdir()
+        for i in range(500):
+            (src / f"f{i:03d}.txt").write_bytes(os.urandom(2048))
+        for who, cfg in (("durable", {}), ("writeback", {"write_mode": "writeback"})):
+            bucket = self.bucket()
+            w = self.worker(bucket, readonly=False, ttl=5.0, **cfg)
+            self.measure("cp_r_500", who, lambda: subprocess.run(["cp", "-r", str(src), f"{w.mnt}/dst"], check=True))
+            w.stop()  # write-back: the queue is flushed here (not counted in cp's time)
+        bucket = self.bucket()
+        proc, mnt = self.rclone(bucket)
+        self.measure("cp_r_500", "rclone_full", lambda: subprocess.run(["cp", "-r", str(src), f"{mnt}/dst"], check=True))
+        self.unmount(proc, mnt)
+        rsrc = self.work / "src300"
+        rsrc.mkdir()
+        for i in range(300):
+            p = rsrc / f"r{i:03d}.dat"
+            p.write_bytes(os.urandom(4096))
+            os.utime(p, (1_600_000_000 + i, 1_600_000_000 + i))
+        bucket = self.bucket()
+        w = self.worker(bucket, readonly=False, ttl=5.0)
+        for run in ("rsync_in_first", "rsync_in_second"):
+            self.measure(run, "sidecar", lambda: subprocess.run(["rsync", "-a", f"{rsrc}/", f"{w.mnt}/r/"], check=True))
+        self.measure("rsync_out", "sidecar", lambda: subprocess.run(["rsync", "-a", f"{w.mnt}/r/", str(self.work / "back")], check=True))
+        gitdir = f"{w.mnt}/repo"
+
+        def git() -> None:
+            os.makedirs(gitdir)
+            for i in range(300):
+                Path(f"{gitdir}/g{i:03d}.txt").write_text(f"line {i}\n")
+            env = dict(os.environ, GIT_AUTHOR_NAME="b", GIT_AUTHOR_EMAIL="b@x", GIT_COMMITTER_NAME="b", GIT_COMMITTER_EMAIL="b@x")
+            for cmd in (["git", "init", "-q"], ["git", "add", "."], ["git", "commit", "-q", "-m", "x"]):
+                subprocess.run(cmd, cwd=gitdir, check=True, env=env)
+
+        self.measure("git_300", "sidecar", git)
+        w.stop()
+
+    def start_to_ready(self) -> None:
+        out: dict[str, dict] = {}
+        for n in (1, 3, 20):
+            bucket = self.bucket()
+            for load in ("quiet", "2_cpu_burners"):
+                burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 if load != "quiet" else 0)]
+                try:
+                    secs, pss = self._start(bucket, n)
+                finally:
+                    for b in burners:
+                        b.kill()
+                        b.wait()
+                out.setdefault(f"{n}_mounts", {})[load] = {"seconds_to_ready": round(secs, 2), "pss_MiB": round(pss, 1)}
+                print(f"  start {n:2d} mounts {load:<14} {secs:6.2f} s to /ready, PSS {pss:7.1f} MiB", flush=True)
+        one, twenty = out["1_mounts"]["quiet"]["pss_MiB"], out["20_mounts"]["quiet"]["pss_MiB"]
+        out["pss_per_additional_mount_MiB"] = round((twenty - one) / 19, 1)  # type: ignore[assignment]
+        self.results["start_to_ready"] = out
+
+    def _start(self, bucket: str, n: int) -> tuple[float, float]:
+        root = self.work / f"proj{self.n}"
+        self.n += 1
+        names = [f"m{i}" for i in range(n)]
+        manifest = {"root": str(root), "storages": [{"name": k, "provider": "s3", "url": f"s3://{bucket}/{k}",
+                                                     "options": {"endpoint_url": self.proxy.endpoint}} for k in names],
+                    "mounts": [{"storage": k, "mountpath": k} for k in names]}
+        creds = self.work / f"creds{self.n}"
+        for k in names:
+            (creds / k).mkdir(parents=True)
+            (creds / k / "access_key_id").write_text(self.s3.key)
+            (creds / k / "secret_access_key").write_text(self.s3.secret)
+            for f in (creds / k).iterdir():
+                f.chmod(0o600)
+        (self.work / "m.json").write_text(json.dumps(manifest))
+        sock = str(self.work / f"d{self.n}.sock")
+        started = time.monotonic()
+        proc = subprocess.Popen([sys.executable, "-m", "sidecar.cli", "run", "--manifest", str(self.work / "m.json"), "--socket", sock,
+                                 "--credentials-dir", str(creds), "--no-write-probe", "--log-level", "warning"],
+                                stdout=subprocess.DEVNULL, stderr=open(self.work / "daemon.log", "a"))
+        try:
+            while True:
+                try:
+                    if request("/ready", sock=sock, timeout=2)[0] == 200:
+                        break
+                except Unreachable:
+                    pass
+                time.sleep(0.02)
+            secs = time.monotonic() - started
+            pss = 0
+            for pid in [proc.pid] + [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()]:
+                for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                    if line.startswith("Pss:"):
+                        pss += int(line.split()[1])
+            return secs, pss / 1024
+        finally:
+            stop_process(proc, timeout=60)
+
+
+def main() -> int:
+    work = Path(tempfile.mkdtemp(prefix="sidecar-small-"))
+    with moto_server(work / "moto.log") as s3:
+        port = int(s3.endpoint.rsplit(":", 1)[1])
+        with LinkProxy(port) as proxy:
+            bench = SmallFiles(s3, proxy, work)
+            try:
+                for step in (bench.zarr, bench.copy_in, bench.start_to_ready):
+                    step()
+            finally:
+                from sidecar.mounttable import fuse_mounts
+
+                for m in fuse_mounts():
+                    if m.startswith(str(work)):
+                        subprocess.run(["fusermount3", "-u", "-z", m], check=False)
+    shutil.rmtree(work, ignore_errors=True)
+    RESULTS.mkdir(exist_ok=True)
+    bench.results["conditions"] = {"server": "moto behind LinkProxy (counting only)", "load": os.getloadavg()}
+    out = RESULTS / f"{datetime.now(timezone.utc):%Y-%m-%d-%H%M}-smallfiles.json"
+    out.write_text(json.dumps(bench.results, indent=1))
+    print(f"results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

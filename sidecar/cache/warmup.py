@@ -1,0 +1,126 @@
+"""Prefetch: warm the disk cache of a mounted storage with folders or files, in the background.
+
+`storage-sidecar prefetch MOUNT [PATH ...]` (or `POST /mounts/{name}/prefetch`, or a mount's
+`prefetch` list in the manifest) plans first: every object under the paths is listed and their
+sizes added; a plan larger than the disk cache's effective limit is refused with both sizes in
+the message (a prefetch that evicts itself would only cost traffic). Then the objects are read
+block by block through the block cache (parallel ranged GETs, the memory budget honoured), which
+writes each block to the disk tier. Reads of prefetched data then come from disk: random readers
+too, since a read whose blocks are all on disk is served from them instead of a ranged GET.
+Progress (files and bytes done of total, errors) is in the worker's stats and so in `status`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from sidecar.cache.blocks import BlockCache, ObjectRef
+from sidecar.errors import SidecarError
+from sidecar.log import get_logger
+from sidecar.store.base import DirInfo, ObjectInfo, ObjectStore
+
+log = get_logger(__name__)
+
+MAX_OBJECTS = 1_000_000
+
+
+class PrefetchRefused(Exception):
+    pass
+
+
+@dataclass
+class PrefetchProgress:
+    state: str = "idle"  # planning, running, done, failed
+    paths: list[str] = field(default_factory=list)
+    files_total: int = 0
+    files_done: int = 0
+    bytes_total: int = 0
+    bytes_done: int = 0
+    errors: list[dict[str, str]] = field(default_factory=list)
+    started: float = 0.0
+    finished: float | None = None
+
+    def public(self) -> dict[str, Any]:
+        return dict(self.__dict__, errors=self.errors[-20:])
+
+
+class Prefetcher:
+    def __init__(self, store: ObjectStore, cache: BlockCache, root_prefix: str) -> None:
+        self.store = store
+        self.cache = cache
+        self.root = root_prefix.strip("/")
+        self.progress = PrefetchProgress()
+
+    def _key(self, path: str) -> str:
+        path = path.strip("/")
+        return f"{self.root}/{path}".strip("/") if path else self.root
+
+    async def plan(self, paths: list[str]) -> list[ObjectInfo]:
+        """Every object under `paths` (folders walked, one LIST per folder)."""
+        found: dict[str, ObjectInfo] = {}
+        for path in paths or [""]:
+            key = self._key(path)
+            st = await self.store.stat(key) if key else DirInfo("")
+            if isinstance(st, ObjectInfo):
+                found[st.key] = st
+                continue
+            if st is None:
+                raise PrefetchRefused(f"{path or '/'}: no such file or folder in the storage")
+            todo = [key]
+            while todo:
+                folder = todo.pop()
+                listing = await self.store.list_dir(folder)
+                for info in listing.files:
+                    found[info.key] = info
+                todo += listing.dirs
+                if len(found) > MAX_OBJECTS:
+                    raise PrefetchRefused(f"more than {MAX_OBJECTS} objects")
+        return sorted(found.values(), key=lambda i: i.key)
+
+    async def start(self, paths: list[str], nursery: trio.Nursery) -> PrefetchProgress:
+        """Plans now (PrefetchRefused when it cannot be done), then fetches in `nursery`."""
+        if self.progress.state in ("planning", "running"):
+            raise PrefetchRefused("a prefetch is already running on this mount")
+        p = self.progress = PrefetchProgress(state="planning", paths=list(paths), started=trio.current_time())
+        try:
+            objects = await self.plan(paths)
+        except (PrefetchRefused, SidecarError):
+            p.state = "failed"
+            raise
+        p.files_total, p.bytes_total = len(objects), sum(o.size for o in objects)
+        disk = self.cache.disk
+        if disk is None:
+            p.state = "failed"
+            raise PrefetchRefused("this mount has no disk cache (--cache-dir): there is nowhere to prefetch to")
+        if p.bytes_total > disk.limit:
+            p.state = "failed"
+            raise PrefetchRefused(f"{p.bytes_total} bytes to prefetch do not fit the disk cache's limit of {disk.limit} bytes")
+        p.state = "running"
+        log.info("prefetch_started", paths=paths, files=p.files_total, bytes=p.bytes_total)
+        nursery.start_soon(self._fetch_all, objects)
+        return p
+
+    async def _fetch_all(self, objects: list[ObjectInfo]) -> None:
+        p = self.progress
+        for info in objects:
+            await self._one(info)
+            p.files_done += 1
+        p.state, p.finished = "done", trio.current_time()
+        log.info("prefetch_done", files=p.files_done, bytes=p.bytes_done, errors=len(p.errors))
+
+    async def _one(self, info: ObjectInfo) -> None:
+        ref = ObjectRef(info.key, info.etag, info.size)
+        window = self.cache.fetch_blocks * 4
+        try:
+            for lo in range(0, self.cache.blocks_of(ref), window):
+                blocks = range(lo, min(lo + window, self.cache.blocks_of(ref)))
+                self.cache.prefetch(ref, blocks, readahead=False)
+                for index in blocks:
+                    data = await self.cache.get(ref, index)
+                    self.progress.bytes_done += len(data)
+        except SidecarError as exc:
+            self.progress.errors.append({"key": info.key, "code": exc.code, "reason": str(exc)})
+            log.warning("prefetch_failed", key=info.key, code=exc.code)
