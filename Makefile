@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-reliability test-fuzz bench clean
+.PHONY: install demo test test-reliability test-fuzz test-container bench clean
 
 install:
 	@bash scripts/bootstrap.sh
@@ -17,6 +17,13 @@ test: install
 # Every fault scenario, the long ones included (2 GiB on a slow link, 32 readers x 100 tries).
 test-reliability: install
 	$(PY) -m pytest --reliability tests/mount/test_reliability.py tests/mount/test_faults.py $(PYTEST_ARGS)
+
+# The image built (podman; a Debian base made with mmdebstrap when no registry answers) and run
+# as a session pod of two containers, then the unprivileged (fd passing) mode.
+test-container: install
+	@command -v podman >/dev/null && command -v mmdebstrap >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc mmdebstrap >/dev/null; }
+	bash container/build.sh
+	$(PY) -m pytest tests/container tests/mount/test_mount_helper.py $(PYTEST_ARGS)
 
 # The fuzz suite's long profile: >= 100,000 generated inputs across the five front doors.
 test-fuzz: install

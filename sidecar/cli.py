@@ -70,10 +70,11 @@ def _size(text: str) -> int:
 @click.option("--allow-other", is_flag=True, help="Let other users access the mounts (needs user_allow_other).")
 @click.option("--only", default=None, help="Comma-separated mount names to mount at start; the others wait, unmounted.")
 @click.option("--wait-copies", is_flag=True, help="/ready waits for copy-mode mounts to finish downloading.")
+@click.option("--mount-helper", default=None, help="Socket of a privileged `storage-sidecar mount-helper`: mount through it (no SYS_ADMIN needed here).")
 @click.option("--copy-limit", default="10G", show_default=True, help="Largest folder a copy-mode mount downloads (larger: refused).")
 @click.option("--log-level", default="info", show_default=True)
 def run(manifest_path, socket_path, socket_group, cache_dir, credentials_dir, block_size, fetch_size, max_fetches, memory_limit, readahead, disk_limit, staging_limit, grace_period,
-        check_deadline, credentials_wait, write_probe, uid, gid, allow_other, only, wait_copies, copy_limit, log_level) -> None:
+        check_deadline, credentials_wait, write_probe, uid, gid, allow_other, only, wait_copies, mount_helper, copy_limit, log_level) -> None:
     """Mount every mount of the manifest and serve them until SIGTERM/SIGINT."""
     import os
 
@@ -118,9 +119,26 @@ def run(manifest_path, socket_path, socket_group, cache_dir, credentials_dir, bl
         log_level=log_level,
         only=set(filter(None, only.split(","))) if only is not None else None,
         wait_copies=wait_copies,
+        mount_helper=mount_helper,
         copy_limit=_size(copy_limit),
     )
     trio.run(Daemon(manifest, cfg).run)
+
+
+@main.command(name="mount-helper")
+@click.option("--socket", "socket_path", required=True, help="Unix socket to listen on.")
+@click.option("--allowed-root", "roots", multiple=True, required=True, type=click.Path(file_okay=False), help="Mounts may only be made below these folders.")
+@click.option("--allow-uid", "uids", multiple=True, type=int, help="Only these callers' uids may mount (default: any).")
+@click.option("--log-level", default="info", show_default=True)
+def mount_helper(socket_path: str, roots: tuple[str, ...], uids: tuple[int, ...], log_level: str) -> None:
+    """The privileged side of unprivileged mounting: opens /dev/fuse, mounts it at a requested
+    folder inside an allowed root, and hands the fd to the caller (a node DaemonSet in
+    Kubernetes; see container/k8s/mount-helper.yaml). Unmounts when the caller goes away."""
+    from sidecar import log
+    from sidecar.mounthelper import MountHelper
+
+    log.configure(log_level)
+    MountHelper(socket_path, list(roots), set(uids) or None).serve()
 
 
 EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_UNREACHABLE = 0, 1, 2

@@ -76,6 +76,7 @@ class DaemonConfig:
     only: set[str] | None = None  # mount only these at start; the others wait, unmounted
     placeholders: bool = True  # a read-only stand-in at the path of a mount that is not up
     wait_copies: bool = False  # /ready waits for copy-mode mounts to finish
+    mount_helper: str | None = None  # mount through a privileged helper (fd passing)
     copy_limit: int = protocol.COPY_LIMIT
 
 
@@ -343,6 +344,7 @@ class Daemon:
             source_path=mt.source_path,
             mountpath=mt.mountpath,
             root=self.manifest.root,
+            mount_helper=cfg.mount_helper,
             readonly=st.readonly,
             write_mode=mt.write_mode,
             mtime_source=mt.mtime_source,
@@ -467,7 +469,8 @@ class Daemon:
         else:
             await unmount_if_mounted(m.mount.mountpath)  # e.g. the dead mount of a crashed worker
             placeholder = WorkerProcess(m.name, m.mount.mountpath, module="sidecar.placeholder")
-            cfg = {"name": m.name, "mountpath": m.mount.mountpath, "root": self.manifest.root, "message": self._placeholder_message(m),
+            cfg = {"name": m.name, "mountpath": m.mount.mountpath, "root": self.manifest.root, "mount_helper": self.cfg.mount_helper,
+                   "message": self._placeholder_message(m),
                    "allow_other": self.cfg.allow_other, "log_level": self.cfg.log_level}
             error = await placeholder.start(cfg, 15.0)
             if error:

@@ -27,7 +27,8 @@ import trio
 
 from sidecar import log
 from sidecar.mounttable import UnsafeMountPath
-from sidecar.worker import clear_stale_mount, emit, prepare_mountpoint, read_config_line
+from sidecar.mounthelper import HelperError
+from sidecar.worker import clear_stale_mount, emit, fuse_init, prepare_mountpoint, read_config_line
 
 logger = log.get_logger("sidecar.placeholder")
 
@@ -105,18 +106,22 @@ def message_for(name: str, text: str) -> str:
 
 async def serve(cfg: dict[str, Any]) -> int:
     ops = PlaceholderOps(message_for(cfg["name"], cfg.get("message", "")))
-    clear_stale_mount(cfg["mountpath"])
-    try:
-        mountpath = prepare_mountpoint(cfg.get("root"), cfg["mountpath"])
-    except UnsafeMountPath as exc:
-        emit("error", code="mount_path_unsafe", reason=str(exc))
-        return 1
+    helper = cfg.get("mount_helper")
+    if helper:
+        mountpath = cfg["mountpath"]
+    else:
+        clear_stale_mount(cfg["mountpath"])
+        try:
+            mountpath = prepare_mountpoint(cfg.get("root"), cfg["mountpath"])
+        except UnsafeMountPath as exc:
+            emit("error", code="mount_path_unsafe", reason=str(exc))
+            return 1
     opts = {"fsname=storage-sidecar-placeholder:" + cfg["name"], "subtype=storage-sidecar", "ro", "default_permissions"}
     if cfg.get("allow_other"):
         opts.add("allow_other")
     try:
-        pyfuse3.init(ops, mountpath, opts)
-    except RuntimeError as exc:
+        _helper_conn = fuse_init(ops, mountpath, opts, helper, name=cfg["name"], readonly=True, allow_other=bool(cfg.get("allow_other")))
+    except (RuntimeError, OSError, HelperError) as exc:
         emit("error", code="mount_failed", reason=str(exc))
         return 1
 

@@ -40,6 +40,7 @@ class WorkerConfig:
     url: str
     mountpath: str
     root: str | None = None  # the project root: the mount path is checked against it at mount time
+    mount_helper: str | None = None  # socket of a privileged mount helper (fd passing): no privilege here
     options: dict[str, Any] = field(default_factory=dict)
     credentials: dict[str, str] = field(default_factory=dict)
     source_path: str = ""

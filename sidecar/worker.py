@@ -31,6 +31,7 @@ from sidecar.cache.blocks import BlockCache
 from sidecar.cache.disk import DiskTier
 from sidecar.cache.warmup import Prefetcher, PrefetchRefused
 from sidecar.errors import SidecarError
+from sidecar.mounthelper import HelperError, request_fuse_fd
 from sidecar.mounttable import UnsafeMountPath, safe_mountpoint
 from sidecar.private import private_folder
 from sidecar.protocol import WorkerConfig
@@ -106,6 +107,21 @@ def prepare_mountpoint(root: str | None, mountpath: str) -> str:
         return safe_mountpoint(root, mountpath)
     os.makedirs(mountpath, exist_ok=True)
     return os.path.realpath(mountpath)
+
+
+def fuse_init(ops: Any, mountpath: str, opts: set[str], helper: str | None, *, name: str, readonly: bool, allow_other: bool) -> Any:
+    """pyfuse3.init at `mountpath`; with a mount helper, the helper mounts /dev/fuse there and
+    this process serves the fd it hands over (`/dev/fd/N`), with no privilege of its own.
+    Returns the helper connection to keep open (the mount lives as long as it does)."""
+    import pyfuse3
+
+    if not helper:
+        pyfuse3.init(ops, mountpath, opts)
+        return None
+    # Always allow_other: the session's user is not the sidecar's (the point of the helper).
+    fd, conn = request_fuse_fd(helper, mountpath, fsname=name, readonly=readonly, allow_other=True)
+    pyfuse3.init(ops, f"/dev/fd/{fd}", opts)
+    return conn
 
 
 def mount_options(cfg: WorkerConfig) -> set[str]:
@@ -234,12 +250,15 @@ async def serve(cfg: WorkerConfig) -> int:
         write_mode=cfg.write_mode,
     )
     ops = FuseOps(fs, mount_name=cfg.name)
-    clear_stale_mount(cfg.mountpath)
-    try:
-        mountpath = prepare_mountpoint(cfg.root, cfg.mountpath)
-    except UnsafeMountPath as exc:
-        emit("error", code="mount_path_unsafe", reason=str(exc))
-        return 1
+    if cfg.mount_helper:
+        mountpath = cfg.mountpath  # the privileged helper checks and prepares it
+    else:
+        clear_stale_mount(cfg.mountpath)
+        try:
+            mountpath = prepare_mountpoint(cfg.root, cfg.mountpath)
+        except UnsafeMountPath as exc:
+            emit("error", code="mount_path_unsafe", reason=str(exc))
+            return 1
     real_mountpath = mountpath
 
     def stats() -> dict[str, Any]:
@@ -335,8 +354,9 @@ async def serve(cfg: WorkerConfig) -> int:
     async with trio.open_nursery() as nursery:
         await nursery.start(cache.run)
         try:
-            pyfuse3.init(ops, mountpath, mount_options(cfg))
-        except RuntimeError as exc:
+            _helper_conn = fuse_init(ops, mountpath, mount_options(cfg), cfg.mount_helper, name=cfg.name,
+                                    readonly=cfg.readonly, allow_other=cfg.allow_other)
+        except (RuntimeError, OSError, HelperError) as exc:
             emit("error", code="mount_failed", reason=str(exc))
             nursery.cancel_scope.cancel()
             return 1

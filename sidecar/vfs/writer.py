@@ -166,8 +166,9 @@ class Writer:
             self._wake.set()  # the queue looks again (a failure schedules a retry)
         f.upload_failures, f.last_error, f.next_try = 0, None, 0.0
         raced = f.generation != generation
-        self.staging.mark(f, dirty=raced, base_etag=info.etag, base_size=info.size,
-                          changed=f.changed if raced else [], committed=f.committed and not raced)
+        # `committed` is left as it is: a write during the upload cleared it, and a close after
+        # that write set it again (the shell's `>` closes once before writing, once after).
+        self.staging.mark(f, dirty=raced, base_etag=info.etag, base_size=info.size, changed=f.changed if raced else [])
         log.info("uploaded", key=f.key, size=info.size, reused=sum(hi - lo for lo, hi in reuse))
         self.on_stored(f, info)
         return info

@@ -287,3 +287,31 @@ def test_readonly_core_refuses_every_mutation(tmp_path):
         assert list(store.objects) == ["f"]
 
     trio.run(main)
+
+
+def test_writeback_close_before_and_after_the_write_stores_the_last_bytes(tmp_path):
+    """`echo x > f` in a shell: the file is closed once right after it is created (dup2, then
+    close), written, and closed again. The empty upload the first close starts must not hide the
+    second close: the object ends up with the written bytes."""
+    store = MemoryStore()
+
+    async def main():
+        cache = BlockCache(store, block_size=BS, memory_limit=BS * 8)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            fs = Filesystem(store, cache, readonly=False, staging=StagingArea(tmp_path), ttl=5, write_mode="writeback")
+            await nursery.start(fs.writer.run)
+            store.delay = 0.2  # the first (empty) upload is still running when the write comes
+            fh, _ = await fs.create(ROOT_INO, "out.txt", os.O_WRONLY)
+            await fs.flush(fh)  # close of the first descriptor: a commit of 0 bytes
+            await trio.sleep(0.05)
+            fs.write(fh, 0, b"result\n")
+            await fs.flush(fh)  # the last close
+            fs.release(fh)
+            with trio.fail_after(10):
+                while fs.staging.pending():
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        assert store.objects["out.txt"][0] == b"result\n"
+
+    trio.run(main)

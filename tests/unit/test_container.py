@@ -90,3 +90,26 @@ def test_entrypoint_fails_clearly_if_never_ready(tmp_path):
 
 def test_entrypoint_needs_a_command():
     assert subprocess.run(["sh", str(ENTRYPOINT)], capture_output=True).returncode == 64
+
+
+HELPER = ROOT / "container/k8s/mount-helper.yaml"
+UNPRIVILEGED = ROOT / "container/k8s/pod-unprivileged.yaml"
+
+
+@pytest.mark.parametrize("version", ["1.29.0", "1.33.0"])
+def test_helper_daemonset_and_unprivileged_pod_validate(version):
+    for path in (HELPER, UNPRIVILEGED):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_the_unprivileged_pod_needs_neither_privileged_nor_sys_admin():
+    (pod,) = [d for d in yaml.safe_load_all(UNPRIVILEGED.read_text()) if d]
+    for c in pod["spec"]["initContainers"] + pod["spec"]["containers"]:
+        sc = c.get("securityContext", {})
+        assert not sc.get("privileged") and "SYS_ADMIN" not in sc.get("capabilities", {}).get("add", [])
+        assert sc["capabilities"]["drop"] == ["ALL"] and sc["allowPrivilegeEscalation"] is False
+    (sidecar,) = pod["spec"]["initContainers"]
+    assert any(a.startswith("--mount-helper=") for a in sidecar["args"])
+    assert not any(m["mountPath"] == "/dev/fuse" for m in sidecar["volumeMounts"])
