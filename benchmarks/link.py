@@ -90,13 +90,14 @@ class LinkBench:
             "load_before": os.getloadavg(),
         }}
         self._n = 0
+        self._dirty = False
 
     # -- servers ----------------------------------------------------------------------------
 
     def start(self) -> None:
         port = free_port()
         self.server = subprocess.Popen(
-            [rclone_binary(), "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key", f"{KEY},{SECRET}", "--dir-cache-time", "0s", str(self.served)],
+            [rclone_binary(), "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key", f"{KEY},{SECRET}", str(self.served)],
             stdout=open(self.work / "rclone-serve.log", "w"), stderr=subprocess.STDOUT)
         wait_http(f"http://127.0.0.1:{port}/", self.server)
         self.proxy = LinkProxy(port, bandwidth=self.args.bandwidth, first_byte_delay=self.args.first_byte)
@@ -105,9 +106,16 @@ class LinkBench:
         self.proxy.close()
         stop_process(self.server)
 
+    def restart(self) -> None:
+        """rclone serve s3 caches listings and each object's MD5 (its ETag) for minutes: new
+        files are served by a new server (a cache that stays makes every request cheap)."""
+        self.stop()
+        self.start()
+
     def put(self, name: str, size: int) -> Path:
         path = self.served / BUCKET / name
         if not path.exists():
+            self._dirty = True
             with open(path, "wb") as f:
                 for _ in range(size // (16 * MiB)):
                     f.write(os.urandom(16 * MiB))
@@ -163,6 +171,21 @@ class LinkBench:
         return size / (time.monotonic() - started) / 1e6
 
     # -- workloads --------------------------------------------------------------------------
+
+    def prepare(self, workload: str) -> None:
+        """Makes the workload's files, then restarts the server if any is new."""
+        if workload == "sequential":
+            self.put("seq.bin", self.args.size_mib * MiB)
+        elif workload == "random":
+            self.put("random.bin", 1 << 30)
+        elif workload == "parquet":
+            self.make_parquet()
+        elif workload == "readers16":
+            for i in range(16):
+                self.put(f"r{i}.bin", 64 * MiB)
+        if self._dirty:
+            self.restart()
+            self._dirty = False
 
     def sequential(self) -> None:
         size = self.args.size_mib * MiB
@@ -231,16 +254,23 @@ class LinkBench:
         self.results["random_4k"] = {"reads": self.args.random_reads, "bytes_read": read, "backend_bytes": fetched,
                                      "amplification": fetched / read}
 
-    def parquet(self) -> None:
+    def make_parquet(self) -> Path:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         path = self.served / BUCKET / "table.parquet"
         if not path.exists():
+            self._dirty = True
             rows = 3_900_000  # ~310 MB of float64 in 10 columns
             rng = random.Random(3)
             table = pa.table({f"c{i}": pa.array([rng.random() for _ in range(rows)]) for i in range(10)})
             pq.write_table(table, path, compression="none", row_group_size=rows // 4)
+        return path
+
+    def parquet(self) -> None:
+        import pyarrow.parquet as pq
+
+        path = self.make_parquet()
         meta = pq.ParquetFile(path).metadata
         cols = ["c2", "c7"]
         idx = {meta.schema.column(i).name: i for i in range(meta.num_columns)}
@@ -300,6 +330,7 @@ def main() -> int:
     try:
         for name in args.only.split(","):
             print(f"== {name}", flush=True)
+            bench.prepare(name)
             {"sequential": bench.sequential, "random": bench.random_reads, "parquet": bench.parquet, "readers16": bench.readers16}[name]()
             print(json.dumps(bench.results.get(name) or bench.results.get({"random": "random_4k"}.get(name, name)), indent=1), flush=True)
     finally:

@@ -145,23 +145,24 @@ class SmallFiles:
 
     def start_to_ready(self) -> None:
         out: dict[str, dict] = {}
-        for n in (1, 3, 20):
-            bucket = self.bucket()
-            for load in ("quiet", "2_cpu_burners"):
-                burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 if load != "quiet" else 0)]
-                try:
-                    secs, pss = self._start(bucket, n)
-                finally:
-                    for b in burners:
-                        b.kill()
-                        b.wait()
-                out.setdefault(f"{n}_mounts", {})[load] = {"seconds_to_ready": round(secs, 2), "pss_MiB": round(pss, 1)}
-                print(f"  start {n:2d} mounts {load:<14} {secs:6.2f} s to /ready, PSS {pss:7.1f} MiB", flush=True)
-        one, twenty = out["1_mounts"]["quiet"]["pss_MiB"], out["20_mounts"]["quiet"]["pss_MiB"]
-        out["pss_per_additional_mount_MiB"] = round((twenty - one) / 19, 1)  # type: ignore[assignment]
+        for template in ("forked", "spawned"):
+            for n in (1, 3, 20):
+                bucket = self.bucket()
+                for load in ("quiet", "2_cpu_burners"):
+                    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 if load != "quiet" else 0)]
+                    try:
+                        secs, pss = self._start(bucket, n, fork=template == "forked")
+                    finally:
+                        for b in burners:
+                            b.kill()
+                            b.wait()
+                    out.setdefault(template, {}).setdefault(f"{n}_mounts", {})[load] = {"seconds_to_ready": round(secs, 2), "pss_MiB": round(pss, 1)}
+                    print(f"  start {template:<8} {n:2d} mounts {load:<14} {secs:6.2f} s to /ready, PSS {pss:7.1f} MiB", flush=True)
+            one, twenty = out[template]["1_mounts"]["quiet"]["pss_MiB"], out[template]["20_mounts"]["quiet"]["pss_MiB"]
+            out[template]["pss_per_additional_mount_MiB"] = round((twenty - one) / 19, 1)  # type: ignore[index]
         self.results["start_to_ready"] = out
 
-    def _start(self, bucket: str, n: int) -> tuple[float, float]:
+    def _start(self, bucket: str, n: int, *, fork: bool = True) -> tuple[float, float]:
         root = self.work / f"proj{self.n}"
         self.n += 1
         names = [f"m{i}" for i in range(n)]
@@ -179,7 +180,8 @@ class SmallFiles:
         sock = str(self.work / f"d{self.n}.sock")
         started = time.monotonic()
         proc = subprocess.Popen([sys.executable, "-m", "sidecar.cli", "run", "--manifest", str(self.work / "m.json"), "--socket", sock,
-                                 "--credentials-dir", str(creds), "--no-write-probe", "--log-level", "warning"],
+                                 "--credentials-dir", str(creds), "--no-write-probe", "--log-level", "warning",
+                                 "--fork-template" if fork else "--no-fork-template"],
                                 stdout=subprocess.DEVNULL, stderr=open(self.work / "daemon.log", "a"))
         try:
             while True:
@@ -191,7 +193,9 @@ class SmallFiles:
                 time.sleep(0.02)
             secs = time.monotonic() - started
             pss = 0
-            for pid in [proc.pid] + [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()]:
+            pids = [str(proc.pid)] + [str(m["worker_pid"]) for m in request("/status", sock=sock)[1]["mounts"] if m.get("worker_pid")]
+            pids += subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            for pid in set(pids):
                 for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                     if line.startswith("Pss:"):
                         pss += int(line.split()[1])

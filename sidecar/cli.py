@@ -69,12 +69,13 @@ def _size(text: str) -> int:
 @click.option("--gid", type=int, default=None, help="Group of the files.")
 @click.option("--allow-other", is_flag=True, help="Let other users access the mounts (needs user_allow_other).")
 @click.option("--only", default=None, help="Comma-separated mount names to mount at start; the others wait, unmounted.")
+@click.option("--fork-template/--no-fork-template", default=True, show_default=True, help="Fork mount workers from a warm template process (fast start, shared memory).")
 @click.option("--wait-copies", is_flag=True, help="/ready waits for copy-mode mounts to finish downloading.")
 @click.option("--mount-helper", default=None, help="Socket of a privileged `storage-sidecar mount-helper`: mount through it (no SYS_ADMIN needed here).")
 @click.option("--copy-limit", default="10G", show_default=True, help="Largest folder a copy-mode mount downloads (larger: refused).")
 @click.option("--log-level", default="info", show_default=True)
 def run(manifest_path, socket_path, socket_group, cache_dir, credentials_dir, block_size, fetch_size, max_fetches, memory_limit, readahead, disk_limit, staging_limit, grace_period,
-        check_deadline, credentials_wait, write_probe, uid, gid, allow_other, only, wait_copies, mount_helper, copy_limit, log_level) -> None:
+        check_deadline, credentials_wait, write_probe, uid, gid, allow_other, only, fork_template, wait_copies, mount_helper, copy_limit, log_level) -> None:
     """Mount every mount of the manifest and serve them until SIGTERM/SIGINT."""
     import os
 
@@ -119,6 +120,7 @@ def run(manifest_path, socket_path, socket_group, cache_dir, credentials_dir, bl
         log_level=log_level,
         only=set(filter(None, only.split(","))) if only is not None else None,
         wait_copies=wait_copies,
+        fork_workers=fork_template,
         mount_helper=mount_helper,
         copy_limit=_size(copy_limit),
     )

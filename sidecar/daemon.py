@@ -23,6 +23,8 @@ import json
 import os
 import random
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -77,6 +79,7 @@ class DaemonConfig:
     placeholders: bool = True  # a read-only stand-in at the path of a mount that is not up
     wait_copies: bool = False  # /ready waits for copy-mode mounts to finish
     mount_helper: str | None = None  # mount through a privileged helper (fd passing)
+    fork_workers: bool = True  # workers forked from a warm template process
     copy_limit: int = protocol.COPY_LIMIT
 
 
@@ -105,8 +108,121 @@ def busy_pids(path: str) -> list[int]:
     return found
 
 
+def worker_environment() -> dict[str, str]:
+    """A worker's environment holds no secret: its own credentials come over the pipe, and other
+    storages' (prefixed variables) are none of its business."""
+    return {k: v for k, v in os.environ.items() if k not in credential_sources.secret_variables()}
+
+
+class ForkedWorker:
+    """A worker forked by the template (sidecar.template), with the part of trio.Process's
+    interface that WorkerProcess uses. Not our child: its end is seen through a pidfd, and its
+    exit status is not known (-1)."""
+
+    def __init__(self, pid: int, stdin_fd: int, stdout_fd: int) -> None:
+        self.pid = pid
+        self.stdin = trio.lowlevel.FdStream(stdin_fd)
+        self.stdout = trio.lowlevel.FdStream(stdout_fd)
+        self.returncode: int | None = None
+        self._pidfd = os.pidfd_open(pid)
+        self._exited = trio.Event()
+        self._watching = False
+
+    async def wait(self) -> int:
+        """Several tasks may wait (the supervisor's watcher and a stop): one of them watches the
+        pidfd (trio allows one waiter per fd), the others wait for it to say so."""
+        if not self._watching:
+            self._watching = True
+            try:
+                await trio.lowlevel.wait_readable(self._pidfd)
+            finally:
+                if not self._exited.is_set():
+                    self._watching = False
+            self.returncode = -1
+            os.close(self._pidfd)
+            self._exited.set()
+        await self._exited.wait()
+        return -1
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class WorkerTemplate:
+    """The warm template process that forks workers (see sidecar.template)."""
+
+    def __init__(self) -> None:
+        self.process: trio.Process | None = None
+        self.sock: socket.socket | None = None
+        self._lock = trio.Lock()
+
+    async def start(self, env: dict[str, str], timeout: float = 60.0) -> bool:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "sidecar.template", str(theirs.fileno())], pass_fds=(theirs.fileno(),), env=env
+            )
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self.sock = ours
+        with trio.move_on_after(timeout):
+            await trio.lowlevel.wait_readable(ours)
+            return ours.recv(1) == b"R"
+        return False
+
+    async def fork(self) -> ForkedWorker | None:
+        """A new worker with pipes on its stdin and stdout; None if the template cannot."""
+        if self.sock is None or self.process is None or self.process.returncode is not None:
+            return None
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        try:
+            async with self._lock:
+                with trio.move_on_after(10):
+                    socket.send_fds(self.sock, [b"F"], [in_r, out_w])
+                    await trio.lowlevel.wait_readable(self.sock)
+                    raw = self.sock.recv(8)
+                    pid = struct.unpack("q", raw)[0] if len(raw) == 8 else -1
+                    if pid > 0:
+                        os.set_blocking(in_w, False)
+                        os.set_blocking(out_r, False)
+                        return ForkedWorker(pid, in_w, out_r)
+        except OSError as exc:
+            log.warning("template_fork_failed", error=str(exc))
+        finally:
+            os.close(in_r)
+            os.close(out_w)
+        for fd in (in_w, out_r):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        return None
+
+    async def stop(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.process is not None and self.process.returncode is None:
+            self.process.terminate()
+            with trio.move_on_after(5):
+                await self.process.wait()
+            if self.process.returncode is None:
+                self.process.kill()
+
+
 class WorkerProcess:
     """The trio side of one worker process (JSON lines over its stdin/stdout)."""
+
+    template: WorkerTemplate | None = None  # set by the daemon: workers are forked from it
 
     def __init__(self, name: str, mountpath: str, module: str = "sidecar.worker") -> None:
         self.name = name
@@ -127,13 +243,15 @@ class WorkerProcess:
         return json.loads(line)
 
     async def start(self, cfg: WorkerConfig | dict[str, Any], timeout: float) -> dict[str, str] | None:
-        """Starts the worker; None once mounted, else an error {code, reason}."""
-        # The worker's environment holds no secret: its own credentials come over the pipe, and
-        # other storages' (prefixed variables) are none of its business.
-        env = {k: v for k, v in os.environ.items() if k not in credential_sources.secret_variables()}
-        self.process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", self.module], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
-        )
+        """Starts the worker (forked from the warm template when there is one); None once
+        mounted, else an error {code, reason}."""
+        forked = await self.template.fork() if self.template is not None and self.module == "sidecar.worker" else None
+        if forked is not None:
+            self.process = forked  # type: ignore[assignment]
+        else:
+            self.process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", self.module], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=worker_environment()
+            )
         assert self.process.stdin is not None
         await self.process.stdin.send_all(cfg.to_line() if isinstance(cfg, WorkerConfig) else (json.dumps(cfg) + "\n").encode())
         with trio.move_on_after(timeout):
@@ -249,6 +367,7 @@ class Mount:
             "since": self.since,
             "error": self.error,
             "restarts": self.restarts,
+            "worker_pid": self.worker.process.pid if self.worker is not None and self.worker.process is not None else None,
             "next_try": self.next_try,
             "placeholder": self.placeholder is not None,
             "cache_hit_rate": (hits / lookups) if lookups else None,
@@ -301,6 +420,8 @@ class Daemon:
         self.started = time.time()
         self._stopping = False
         self.events = EventBus()
+        self._template: WorkerTemplate | None = None
+        self._template_ready = trio.Event()
 
     # -- state -------------------------------------------------------------------------------
 
@@ -414,6 +535,8 @@ class Daemon:
             return
         await self._drop_placeholder(m)
         await unmount_if_mounted(m.mount.mountpath)  # a stale mount of a killed predecessor
+        with trio.move_on_after(30):
+            await self._template_ready.wait()
         m.worker = WorkerProcess(m.name, m.mount.mountpath)
         error = await m.worker.start(self.worker_config(m, creds), self.cfg.mount_timeout)
         if error:
@@ -704,6 +827,10 @@ class Daemon:
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(lambda task_status: serve(self.cfg.socket, self.handle, group=self.cfg.socket_group, task_status=task_status))
+                    if self.cfg.fork_workers:
+                        nursery.start_soon(self._start_template)
+                    else:
+                        self._template_ready.set()
                     for m in self.mounts.values():
                         nursery.start_soon(self.supervise, m)
                     nursery.start_soon(self._decision_timer)
@@ -717,6 +844,21 @@ class Daemon:
             finally:
                 await self.stop()
 
+    async def _start_template(self) -> None:
+        """The warm template forks the workers (sidecar.template). It imports while the
+        pre-flight checks run; a worker that is due before it is ready waits for it rather than
+        importing the same modules once more beside it."""
+        template = WorkerTemplate()
+        try:
+            if await template.start(worker_environment()):
+                WorkerProcess.template = self._template = template
+                log.info("worker_template_ready")
+            else:
+                log.warning("worker_template_failed", reason="it did not get ready; workers are spawned")
+                await template.stop()
+        finally:
+            self._template_ready.set()
+
     async def stop(self) -> None:
         self._stopping = True
         with trio.CancelScope(shield=True):
@@ -726,6 +868,9 @@ class Daemon:
                         nursery.start_soon(self._take_down, m, "unmounted" if m.state in UP else m.state, m.error)
             for m in self.mounts.values():  # whatever is still there after the grace period
                 await unmount_if_mounted(m.mount.mountpath)
+            if self._template is not None:
+                await self._template.stop()
+                WorkerProcess.template = self._template = None
         log.info("daemon_stopped")
 
 

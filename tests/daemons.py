@@ -50,6 +50,10 @@ class Daemon:
     def wait_ready(self):
         return wait_for(lambda: self.get("/ready")[0] == 200, timeout=60, what="/ready")
 
+    def worker_pids(self):
+        """The pids of the mounts' worker processes (forked from the template: not our children)."""
+        return [str(m["worker_pid"]) for m in self.get("/status")[1]["mounts"] if m.get("worker_pid")]
+
     def states(self):
         return {m["name"]: m["state"] for m in self.get("/status")[1]["mounts"]}
 

@@ -88,7 +88,7 @@ def test_sigkill_then_restart_cleans_stale_mounts(s3, tmp_path, daemons):
     assert open(f"{mnt}/f.txt").read() == "data"
     # kill the worker, then the daemon, hard: the kernel mount stays behind, dead (killing the
     # daemon first would let the worker see its stdin close and unmount cleanly)
-    worker_pids = subprocess.run(["pgrep", "-P", str(d.proc.pid)], capture_output=True, text=True).stdout.split()
+    worker_pids = d.worker_pids()
     os.kill(d.proc.pid, signal.SIGSTOP)  # so that it does not notice and mount again
     for pid in worker_pids:
         os.kill(int(pid), signal.SIGKILL)
@@ -109,7 +109,7 @@ def test_dead_mount_is_noticed_and_mounted_again(s3, tmp_path, daemons):
     b = new_bucket(s3, {"f.txt": b"again"})
     d = daemons(tmp_path, one_mount(tmp_path, s3, b), creds=creds_dir(tmp_path, s3, ["one"]))
     d.wait_ready()
-    (worker,) = subprocess.run(["pgrep", "-P", str(d.proc.pid)], capture_output=True, text=True).stdout.split()
+    (worker,) = d.worker_pids()
     os.kill(int(worker), signal.SIGKILL)
     wait_for(lambda: d.get("/status")[1]["mounts"][0]["restarts"] == 1 and d.states()["one"] == "mounted", timeout=30, what="remount")
     assert open(tmp_path / "project/one/f.txt").read() == "again"

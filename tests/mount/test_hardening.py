@@ -145,8 +145,9 @@ def test_a_worker_environment_holds_no_secret(s3, tmp_path, daemons):
     d = daemons(tmp_path, m, env=env)
     d.wait_ready()
     assert d.states()["one"] == "mounted"
-    workers = subprocess.run(["pgrep", "-P", str(d.proc.pid)], capture_output=True, text=True).stdout.split()
-    assert workers
+    workers = d.worker_pids()
+    workers += subprocess.run(["pgrep", "-P", str(d.proc.pid)], capture_output=True, text=True).stdout.split()  # the template
+    assert len(workers) >= 3
     for pid in workers:
         environ = open(f"/proc/{pid}/environ", "rb").read()
         for secret in (s3.secret, "other-storage-secret-0123", "azure-secret-0123"):
