@@ -116,6 +116,7 @@ class LinkBench:
         path = self.served / BUCKET / name
         if not path.exists():
             self._dirty = True
+            path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "wb") as f:
                 for _ in range(size // (16 * MiB)):
                     f.write(os.urandom(16 * MiB))
@@ -183,6 +184,9 @@ class LinkBench:
         elif workload == "readers16":
             for i in range(16):
                 self.put(f"r{i}.bin", 64 * MiB)
+        elif workload == "copy":
+            for i in range(self.args.copy_files):
+                self.put(f"copy/{i:04d}.bin", self.args.copy_bytes // self.args.copy_files)
         if self._dirty:
             self.restart()
             self._dirty = False
@@ -297,6 +301,51 @@ class LinkBench:
                                                    "bytes_ratio": fetched / need}
         self.results["parquet"] = out
 
+    def copy(self) -> None:
+        """Copy mode vs a direct parallel download of the same objects (16 at a time)."""
+        import s3fs
+
+        total = (self.args.copy_bytes // self.args.copy_files) * self.args.copy_files
+        dest = self.work / "copied"
+        w = self.worker(None, mode="copy", mountpath=str(dest), source_path="copy")
+        started = time.monotonic()
+        while (c := w.stats()["copy"])["state"] not in ("copied", "copied_with_errors", "failed"):
+            time.sleep(0.1)
+        copy_secs = time.monotonic() - started
+        assert c["files_done"] == self.args.copy_files and not c["errors"], c
+        w.stop()
+        # killed halfway: half the files gone, the rest complete; a restart downloads what is missing
+        for i in range(0, self.args.copy_files, 2):
+            (dest / f"{i:04d}.bin").unlink()
+        w = self.worker(None, mode="copy", mountpath=str(dest), source_path="copy")
+        while (c2 := w.stats()["copy"])["state"] not in ("copied", "copied_with_errors", "failed"):
+            time.sleep(0.1)
+        w.stop()
+        shutil.rmtree(dest, ignore_errors=True)
+        fs = s3fs.S3FileSystem(key=KEY, secret=SECRET, endpoint_url=self.proxy.endpoint, skip_instance_cache=True)
+        out = self.work / "direct"
+        out.mkdir()
+
+        async def run() -> None:
+            await fs.set_session()
+            gate = asyncio.Semaphore(16)
+
+            async def one(i: int) -> None:
+                async with gate:
+                    data = await fs._cat_file(f"{BUCKET}/copy/{i:04d}.bin")
+                    (out / f"{i:04d}.bin").write_bytes(data)
+
+            await asyncio.gather(*(one(i) for i in range(self.args.copy_files)))
+
+        started = time.monotonic()
+        asyncio.run_coroutine_threadsafe(run(), fs.loop).result()
+        direct_secs = time.monotonic() - started
+        shutil.rmtree(out, ignore_errors=True)
+        self.results["copy"] = {"files": self.args.copy_files, "bytes": total, "copy_MBps": total / copy_secs / 1e6,
+                                "direct_MBps": total / direct_secs / 1e6, "ratio": direct_secs / copy_secs,
+                                "restart_after_half_lost": {"files_skipped": c2["files_skipped"], "bytes_downloaded": c2["bytes_downloaded"],
+                                                            "bytes_missing": total // 2}}
+
     def readers16(self) -> None:
         for i in range(16):
             self.put(f"r{i}.bin", 64 * MiB)
@@ -322,7 +371,9 @@ def main() -> int:
     p.add_argument("--size-mib", type=int, default=256)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--random-reads", type=int, default=10_000)
-    p.add_argument("--only", default="sequential,random,parquet,readers16")
+    p.add_argument("--copy-files", type=int, default=1000)
+    p.add_argument("--copy-bytes", type=int, default=2 << 30)
+    p.add_argument("--only", default="sequential,random,parquet,readers16,copy")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sidecar-link-"))
     bench = LinkBench(args, work)
@@ -331,7 +382,8 @@ def main() -> int:
         for name in args.only.split(","):
             print(f"== {name}", flush=True)
             bench.prepare(name)
-            {"sequential": bench.sequential, "random": bench.random_reads, "parquet": bench.parquet, "readers16": bench.readers16}[name]()
+            {"sequential": bench.sequential, "random": bench.random_reads, "parquet": bench.parquet, "readers16": bench.readers16,
+             "copy": bench.copy}[name]()
             print(json.dumps(bench.results.get(name) or bench.results.get({"random": "random_4k"}.get(name, name)), indent=1), flush=True)
     finally:
         bench.stop()

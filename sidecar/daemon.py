@@ -35,7 +35,7 @@ import trio
 
 from sidecar import credentials as credential_sources
 from sidecar import preflight, protocol
-from sidecar.protocol import WorkerConfig
+from sidecar.protocol import WorkerConfig, WorkerStats
 from sidecar.control import REQUEST_DEADLINE, EventStream, HTTPError, route, serve
 from sidecar.log import get_logger, register_secret
 from sidecar.manifest import Manifest, RemoteStorage, StorageMount
@@ -297,8 +297,8 @@ class WorkerProcess:
                     return None
         return None
 
-    async def stats(self, timeout: float = 2.0) -> dict[str, Any] | None:
-        return await self.call(b"stats\n", "stats", timeout)
+    async def stats(self, timeout: float = 2.0) -> WorkerStats | None:
+        return await self.call(b"stats\n", "stats", timeout)  # type: ignore[return-value]
 
     async def stop(self, grace: float) -> None:
         proc = self.process
@@ -339,7 +339,7 @@ class Mount:
     failing_since: float | None = None  # trio time of the first of them
     retry_at: float | None = None  # trio time of the next automatic attempt
     next_try: float | None = None  # the same as wall-clock time, for status
-    stats: dict[str, Any] | None = None
+    stats: WorkerStats | None = None
     since: float = field(default_factory=time.time)
     commands: tuple[trio.MemorySendChannel, trio.MemoryReceiveChannel] = field(default_factory=lambda: trio.open_memory_channel(16))
     decision_deadline: float | None = None

@@ -51,6 +51,8 @@ def classify(exc: BaseException, storage: str) -> CheckResult:
         name = type(e).__name__
         resp = getattr(e, "response", None)
         code = str(resp.get("Error", {}).get("Code")) if isinstance(resp, dict) else ""
+        if name == "RefreshError":  # google-auth: the token endpoint refused the service account's key
+            return CheckResult("credentials_invalid", f"the credentials for storage {storage!r} were refused (token exchange)")
         if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
             return CheckResult("credentials_missing", f"no credentials for storage {storage!r}")
         az = getattr(e, "error_code", None)  # azure-core errors carry a StorageErrorCode
@@ -194,6 +196,12 @@ async def check(
                     fs = await trio.to_thread.run_sync(make, url, options, credentials)
                 except CredentialsMissing:
                     return CheckResult("credentials_missing", f"no credentials for storage {name!r}")
+                if url.provider == "gcs" and credentials.get("service_account.json"):
+                    # The token exchange first, once: gcsfs would retry a refused key until the
+                    # deadline (a timeout) instead of saying it was refused.
+                    refresh = getattr(getattr(fs, "credentials", None), "maybe_refresh", None)
+                    if refresh is not None:
+                        await trio.to_thread.run_sync(refresh)
                 await check_fsspec(fs, url.bucket, url.key_prefix(source_path), writable=writable, write_probe=write_probe)
     except trio.TooSlowError:
         # SDKs retry connection errors until the deadline: tell a closed port from a slow server.

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 BLOCK_SIZE = 1 << 20  # the cache's unit: small, so a short read never pulls megabytes
 FETCH_SIZE = 8 << 20  # bytes per ranged GET of a sequential reader
@@ -79,3 +79,19 @@ class WorkerConfig:
 
     def to_line(self) -> bytes:
         return (json.dumps(dataclasses.asdict(self)) + "\n").encode()
+
+
+class WorkerStats(TypedDict, total=False):
+    """The `stats` event a worker answers (JSON): what status, metrics and the CLI read."""
+
+    store: dict[str, int | float]  # StoreStats fields, plus stalled_calls
+    cache: dict[str, int]  # CacheStats fields
+    memory_bytes: int
+    disk: dict[str, int] | None  # used, limit, configured_limit, blocks, corrupt, evictions, errors
+    errors: dict[str, int]  # FUSE requests answered with an error, by reason
+    inodes: int
+    write_mode: str | None
+    unsynced: dict[str, int] | None  # files, bytes, queued, incomplete, conflicts
+    staged: list[dict[str, Any]]  # StagedFile.public() of each pending file
+    prefetch: dict[str, Any] | None  # PrefetchProgress.public()
+    copy: dict[str, Any] | None  # copy mode: CopyProgress.public() and `refused`

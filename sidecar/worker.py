@@ -34,7 +34,7 @@ from sidecar.errors import SidecarError
 from sidecar.mounthelper import HelperError, request_fuse_fd
 from sidecar.mounttable import UnsafeMountPath, safe_mountpoint
 from sidecar.private import private_folder
-from sidecar.protocol import WorkerConfig
+from sidecar.protocol import WorkerConfig, WorkerStats
 from sidecar.vfs.core import Filesystem
 from sidecar.vfs.mtimes import MtimeIndex
 from sidecar.vfs.staging import StagingArea
@@ -261,7 +261,7 @@ async def serve(cfg: WorkerConfig) -> int:
             return 1
     real_mountpath = mountpath
 
-    def stats() -> dict[str, Any]:
+    def stats() -> WorkerStats:
         return {
             "store": {**store.stats.as_dict(), "stalled_calls": store.stalled_calls()},
             "cache": cache.stats.as_dict(),
