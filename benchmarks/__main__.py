@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sidecar.devservers import WorkerProcess, fuse_mounts, moto_server, stop_process
+from tests.devservers import WorkerProcess, fuse_mounts, moto_server, stop_process
 
 MiB = 1024 * 1024
 HERE = Path(__file__).resolve().parent
@@ -393,7 +393,7 @@ class Bench:
     def providers(self) -> None:
         """Cold and warm sequential reads through Azure (Azurite) and GCS (the emulator), next to
         direct fsspec reads (adlfs / gcsfs, parallel ranged reads of the sidecar's block size)."""
-        from sidecar.devservers import azurite_server, gcs_server
+        from tests.devservers import azurite_server, gcs_server
         from sidecar.store.azure import make_azure_filesystem
         from sidecar.store.gcs import make_gcs_filesystem
         from sidecar.urls import parse

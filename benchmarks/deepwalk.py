@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sidecar.devservers import WorkerProcess, moto_server
+from tests.devservers import WorkerProcess, moto_server
 
 
 def main() -> int:

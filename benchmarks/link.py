@@ -32,7 +32,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sidecar.devservers import WorkerProcess, free_port, stop_process, wait_http
+from tests.devservers import WorkerProcess, free_port, stop_process, wait_http
 from sidecar.mounttable import fuse_mounts
 from tests.netproxy import LinkProxy
 

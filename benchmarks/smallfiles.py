@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sidecar.devservers import WorkerProcess, moto_server, stop_process
+from tests.devservers import WorkerProcess, moto_server, stop_process
 from sidecar.status import Unreachable, request
 from benchmarks.link import rclone_binary, wait_mounted
 from tests.netproxy import LinkProxy

@@ -17,7 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from sidecar.devservers import fuse_mounts, moto_server, stop_process
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: its dev servers
+from tests.devservers import fuse_mounts, moto_server, stop_process  # noqa: E402
 
 HERE = Path(__file__).resolve().parent.parent
 DEMO = HERE / ".demo"

@@ -3,8 +3,8 @@ import time
 
 import pytest
 
-from sidecar.devservers import WorkerProcess as Worker
-from sidecar.devservers import azurite_server, fuse_mounts, gcs_server, moto_server
+from tests.devservers import WorkerProcess as Worker
+from tests.devservers import azurite_server, fuse_mounts, gcs_server, moto_server
 from tests.backends import AzureBackend, GCSBackend, S3Backend
 
 needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")

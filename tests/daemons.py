@@ -7,7 +7,7 @@ import subprocess
 import sys
 import uuid
 
-from sidecar.devservers import fuse_mounts, stop_process
+from tests.devservers import fuse_mounts, stop_process
 from sidecar.status import Unreachable, request, request_settled
 from tests.conftest import wait_for
 

@@ -11,7 +11,7 @@ import tempfile
 
 import pytest
 
-from sidecar.devservers import free_port, fuse_mounts
+from tests.devservers import free_port, fuse_mounts
 from tests.conftest import needs_fuse, wait_for
 from tests.daemons import creds_dir, new_bucket, one_mount, private
 

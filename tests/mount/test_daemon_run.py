@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from sidecar.devservers import fuse_mounts, stop_process
+from tests.devservers import fuse_mounts, stop_process
 from tests.conftest import needs_fuse, wait_for
 
 pytestmark = [pytest.mark.mount, needs_fuse]

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from sidecar.devservers import free_port, moto_server
+from tests.devservers import free_port, moto_server
 from sidecar.status import request
 from tests.conftest import needs_fuse, wait_for
 from tests.daemons import creds_dir, new_bucket, one_mount

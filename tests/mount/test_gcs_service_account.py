@@ -6,7 +6,6 @@ endpoint does not know is `credentials_invalid`."""
 import base64
 import json
 import threading
-import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs

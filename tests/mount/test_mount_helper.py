@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from sidecar.devservers import stop_process
+from tests.devservers import stop_process
 from sidecar.mounthelper import HelperError, request_fuse_fd
 from sidecar.mounttable import fuse_mounts
 from sidecar.status import Unreachable, request

@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from sidecar import preflight, urls
-from sidecar.devservers import free_port
+from tests.devservers import free_port
 
 
 def check(url, options, creds, *, writable=False, deadline=8.0):

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from sidecar.devservers import fuse_mounts
+from tests.devservers import fuse_mounts
 from tests.conftest import needs_fuse
 
 pytestmark = [pytest.mark.mount, needs_fuse]

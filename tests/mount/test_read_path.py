@@ -207,7 +207,7 @@ def test_readonly_mount_refuses_writes(bucket, mount_worker):
 
 
 def test_unreachable_backend_gives_eio_within_deadline(tmp_path, mount_worker):
-    from sidecar.devservers import free_port
+    from tests.devservers import free_port
 
     dead = f"http://127.0.0.1:{free_port()}"
     w = mount_worker("nobucket", options={"endpoint_url": dead}, deadline=2.0)

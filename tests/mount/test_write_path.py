@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from sidecar.devservers import fuse_mounts, moto_server
+from tests.devservers import fuse_mounts, moto_server
 from tests.backends import S3Backend
 from tests.conftest import needs_fuse, wait_for
 
@@ -198,7 +198,7 @@ def test_conflict_keeps_local_copy_and_never_overwrites(bucket, writable):
 
 
 def test_upload_failure_then_backend_returns(tmp_path, mount_worker):
-    from sidecar.devservers import free_port
+    from tests.devservers import free_port
 
     port = free_port()
     with moto_server(tmp_path / "m1.log", auth=False, port=port) as s3:

@@ -1,7 +1,8 @@
 """Local object-store servers on 127.0.0.1 for the demo, the tests and the benchmarks.
 
 Each server is a child process started on a free port, polled until it answers (with a
-deadline) and stopped by PID. Nothing here is used by the daemon itself.
+deadline) and stopped by PID. Nothing here is used by the daemon itself, and it is not part of
+the installed package.
 """
 
 from __future__ import annotations
