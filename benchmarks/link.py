@@ -390,6 +390,9 @@ def main() -> int:
         for m in fuse_mounts():
             if m.startswith(str(work)):
                 subprocess.run(["fusermount3", "-u", "-z", m], check=False)
+        for log in ("worker.log", "rclone-mount.log"):
+            if (work / log).exists():
+                shutil.copy(work / log, Path(tempfile.gettempdir()) / f"link-{log}")  # for a look after the run
         shutil.rmtree(work, ignore_errors=True)
     RESULTS.mkdir(exist_ok=True)
     bench.results["conditions"]["load_after"] = os.getloadavg()  # type: ignore[index]

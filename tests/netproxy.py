@@ -230,9 +230,7 @@ class LinkProxy:
                     client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
                 started, sent = time.monotonic(), [0]
                 upstream.sendall(head)
-                n = self._pipe_body(creader, upstream, fields, started, sent, up=True)
-                with self._lock:
-                    self.bytes_up += n
+                self._pipe_body(creader, upstream, fields, started, sent, up=True)
                 rhead = ureader.head()
                 status_line, rfields = _headers(rhead)
                 if self.first_byte_delay:
@@ -250,9 +248,7 @@ class LinkProxy:
                 cut = self.reset_fraction and self._rng.random() < self.reset_fraction
                 client.sendall(rhead)
                 started, sent = time.monotonic(), [0]
-                n = self._pipe_body(ureader, client, rfields, started, sent, up=False, method=method, status_line=status_line, cut=bool(cut))
-                with self._lock:
-                    self.bytes_down += n
+                self._pipe_body(ureader, client, rfields, started, sent, up=False, method=method, status_line=status_line, cut=bool(cut))
                 if rfields.get("connection", "").lower() == "close":
                     break
         except (_Closed, OSError):
@@ -283,6 +279,11 @@ class LinkProxy:
         def out(data: bytes) -> None:
             if dst is not None:
                 self._send(dst, data, started, sent)
+            with self._lock:  # counted as it goes: a client may hang up mid-body (open-ended ranges)
+                if up:
+                    self.bytes_up += len(data)
+                elif dst is not None:
+                    self.bytes_down += len(data)
 
         if "content-length" in fields:
             left = int(fields["content-length"])

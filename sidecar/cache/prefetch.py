@@ -12,7 +12,7 @@ Window size, in blocks:
   `read_csv`) gets INITIAL_STREAM blocks at once, doubling per block it enters, up to
   `max_blocks`, so the link's parallel ranged GETs are used from the start;
 - any other sequential run (a column chunk of a Parquet file, an HDF5 dataset) gets a window
-  proportional to what it has read so far (a quarter of it, at least one block), so what is
+  proportional to what it has read so far (an eighth of it, at least one block), so what is
   fetched beyond the end of the run stays a fraction of the run itself.
 
 Blocks are requested in batches: only when what is requested ahead of the reader falls to half
@@ -27,6 +27,7 @@ RECENT = 16  # read ends remembered per handle
 STREAK_TO_OPEN = 2  # sequential reads in a row before anything is read ahead
 INITIAL_STREAM = 4  # blocks ahead of a reader streaming from offset 0
 STREAM_REQUEST = 64 * 1024  # reads at least this large are kernel read-ahead sized
+PROPORTION = 8  # a run that did not start at 0 reads ahead 1/PROPORTION of what it has read
 
 
 class ReadAhead:
@@ -78,7 +79,7 @@ class ReadAhead:
                 elif block != self._block:
                     self.window = min(self.window * 2, self.max_blocks)
             else:
-                proportional = self._run_bytes // (4 * self.block_size)
+                proportional = self._run_bytes // (PROPORTION * self.block_size)
                 self.window = min(max(1, proportional), self.max_blocks)
         self._block = block
         if self.window == 0:

@@ -87,7 +87,8 @@ class ObjectStore(Protocol):
 
     async def delete(self, key: str) -> None: ...
 
-    async def copy(self, src: str, dst: str) -> ObjectInfo: ...
+    async def copy(self, src: str, dst: str, size: int | None = None) -> ObjectInfo:
+        """A server-side copy of `src` (of `size` bytes, when known) to `dst`."""
 
     async def put_marker(self, key: str) -> None:
         """Creates the empty "folder/" marker object of a directory."""

@@ -111,7 +111,7 @@ class MemoryStore:
         self.stats.delete_requests += 1
         self.objects.pop(key, None)
 
-    async def copy(self, src: str, dst: str) -> ObjectInfo:
+    async def copy(self, src: str, dst: str, size: int | None = None) -> ObjectInfo:
         await self._call()
         if src not in self.objects:
             raise NotFound(src)

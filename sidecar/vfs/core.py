@@ -720,11 +720,14 @@ class Filesystem:
             await self._rename_dir(src, dst_key)
         else:
             await self._rename_file(src, dst_key, dst)
-        for key in (src_key, dst_key):
-            self.listings.forget_parent(key)
         now = trio.current_time()
-        self.listings.set_absent(src_key, now)
-        self.listings.clear_absent(dst_key)
+        # The cached listings learn the move (rsync renames every file it writes: forgetting
+        # the folder's listing would cost a LIST per file).
+        self.listings.remove(src_key, now)
+        if src.is_dir:
+            self.listings.add(dst_key, Entry(True, None))
+        else:
+            self.listings.add(dst_key, Entry(False, ObjectInfo(dst_key, src.size, src.etag, src.mtime)))
 
     async def _walk(self, prefix: str, limit: int) -> tuple[list[str], list[str]]:
         """Object keys and folder prefixes under `prefix` (itself included), one LIST per folder;
@@ -761,7 +764,7 @@ class Filesystem:
             if had_remote:
                 await self.store.delete(old_key)
             return
-        info = await self.store.copy(src.key, dst_key)
+        info = await self.store.copy(src.key, dst_key, src.size)
         set_mtime = self.mtimes.get(src.key, src.etag)
         if set_mtime is not None:  # the copy keeps the metadata; the index follows the name
             self.mtimes.set(dst_key, info.etag, set_mtime)

@@ -457,9 +457,9 @@ def test_a_run_elsewhere_gets_a_window_proportional_to_what_it_read():
     ra.on_read(start + MiB, MiB)
     ra.on_read(start + 2 * MiB, MiB)
     assert ra.window == 1
-    for i in range(3, 16):
+    for i in range(3, 32):
         ra.on_read(start + i * MiB, MiB)
-    assert ra.window == 4  # a quarter of the 16 MiB read in this run
+    assert ra.window == 4  # an eighth of the 32 MiB read in this run
     assert list(ra.on_read(7 * MiB, 4 * KiB)) == [] and ra.window == 0  # a jump closes it
 
 
