@@ -168,7 +168,7 @@ class SmallFiles:
         root = self.work / f"proj{self.n}"
         self.n += 1
         names = [f"m{i}" for i in range(n)]
-        manifest = {"root": str(root), "storages": [{"name": k, "provider": "s3", "url": f"s3://{bucket}/{k}",
+        manifest = {"root": str(root), "storages": [{"name": k, "id": f"https://bench/storage/{bucket}/{k}", "provider": "s3", "url": f"s3://{bucket}/{k}",
                                                      "options": {"endpoint_url": self.proxy.endpoint}} for k in names],
                     "mounts": [{"storage": k, "mountpath": k} for k in names]}
         creds = self.work / f"creds{self.n}"
@@ -188,7 +188,10 @@ class SmallFiles:
                                  "--fork-template" if fork else "--no-fork-template"],
                                 stdout=subprocess.DEVNULL, stderr=open(self.work / "daemon.log", "a"))
         try:
+            deadline = time.monotonic() + 120
             while True:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the daemon did not get ready: {(self.work / 'daemon.log').read_text()[-2000:]}")
                 try:
                     if request("/ready", sock=sock, timeout=2)[0] == 200:
                         break
@@ -220,9 +223,10 @@ def main() -> int:
         port = int(s3.endpoint.rsplit(":", 1)[1])
         with LinkProxy(port) as proxy:
             bench = SmallFiles(s3, proxy, work)
+            steps = {"zarr": bench.zarr, "copy_in": bench.copy_in, "start": bench.start_to_ready}
             try:
-                for step in (bench.zarr, bench.copy_in, bench.start_to_ready):
-                    step()
+                for name in (sys.argv[1].split(",") if len(sys.argv) > 1 else steps):
+                    steps[name]()
             finally:
                 from sidecar.mounttable import fuse_mounts
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-from sidecar.errors import SidecarError
+from sidecar.errors import BackendUnavailable, SidecarError
 from sidecar.log import get_logger
 from sidecar.store.base import ObjectInfo, ObjectStore
 from sidecar.vfs.listings import unusable_name
@@ -37,6 +37,7 @@ log = get_logger(__name__)
 STATE_FILE = ".storage-sidecar-copy.json"
 COPY_FILES = 8
 FETCH_PARALLEL = 8
+FILE_ATTEMPTS = 3  # per file, for transient backend errors
 
 
 class CopyRefused(Exception):
@@ -52,6 +53,7 @@ class CopyProgress:
     bytes_total: int = 0
     bytes_done: int = 0
     bytes_downloaded: int = 0
+    retries: int = 0
     errors: list[dict[str, str]] = field(default_factory=list)
     note: str = "writes to this folder stay local; `storage-sidecar push` uploads them"
 
@@ -153,7 +155,17 @@ class Copier:
         async with limiter:
             try:
                 final.parent.mkdir(parents=True, exist_ok=True)
-                md5 = await self._download(info, partial)
+                done, downloaded = self.progress.bytes_done, self.progress.bytes_downloaded
+                for attempt in range(FILE_ATTEMPTS):
+                    try:
+                        md5 = await self._download(info, partial)
+                        break
+                    except BackendUnavailable:  # a timeout or a broken connection: try the file again
+                        self.progress.bytes_done, self.progress.bytes_downloaded = done, downloaded
+                        if attempt == FILE_ATTEMPTS - 1:
+                            raise
+                        self.progress.retries += 1
+                        await trio.sleep(0.5 * 2**attempt)
                 if os.path.getsize(partial) != info.size:
                     raise OSError(f"got {os.path.getsize(partial)} of {info.size} bytes")
                 if md5 is not None and len(info.etag) == 32 and "-" not in info.etag and md5 != info.etag:
