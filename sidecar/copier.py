@@ -35,7 +35,7 @@ from sidecar.vfs.listings import unusable_name
 log = get_logger(__name__)
 
 STATE_FILE = ".storage-sidecar-copy.json"
-COPY_FILES = 8
+COPY_FILES = 16  # files downloaded at once (each a connection of its own: object stores scale so)
 FETCH_PARALLEL = 8
 FILE_ATTEMPTS = 3  # per file, for transient backend errors
 
@@ -155,13 +155,14 @@ class Copier:
         async with limiter:
             try:
                 final.parent.mkdir(parents=True, exist_ok=True)
-                done, downloaded = self.progress.bytes_done, self.progress.bytes_downloaded
                 for attempt in range(FILE_ATTEMPTS):
+                    got = [0]  # this attempt's bytes, taken back from the progress if it fails
                     try:
-                        md5 = await self._download(info, partial)
+                        md5 = await self._download(info, partial, got)
                         break
                     except BackendUnavailable:  # a timeout or a broken connection: try the file again
-                        self.progress.bytes_done, self.progress.bytes_downloaded = done, downloaded
+                        self.progress.bytes_done -= got[0]
+                        self.progress.bytes_downloaded -= got[0]
                         if attempt == FILE_ATTEMPTS - 1:
                             raise
                         self.progress.retries += 1
@@ -186,15 +187,14 @@ class Copier:
                 except OSError:
                     pass
 
-    async def _download(self, info: ObjectInfo, path: Path) -> str | None:
+    async def _download(self, info: ObjectInfo, path: Path, got: list[int]) -> str | None:
         """Parallel ranged GETs into `path`; the MD5 of the bytes (small objects only)."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             if info.size <= self.fetch_size:
                 data = await self.store.get_range(info.key, 0, info.size, info.etag) if info.size else b""
                 os.pwrite(fd, data, 0)
-                self.progress.bytes_done += len(data)
-                self.progress.bytes_downloaded += len(data)
+                self._count(len(data), got)
                 return hashlib.md5(data).hexdigest()
             gate = trio.CapacityLimiter(FETCH_PARALLEL)
 
@@ -202,8 +202,7 @@ class Copier:
                 async with gate:
                     data = await self.store.get_range(info.key, lo, min(lo + self.fetch_size, info.size), info.etag)
                 await trio.to_thread.run_sync(os.pwrite, fd, data, lo)
-                self.progress.bytes_done += len(data)
-                self.progress.bytes_downloaded += len(data)
+                self._count(len(data), got)
 
             async with trio.open_nursery() as nursery:
                 for lo in range(0, info.size, self.fetch_size):
@@ -211,6 +210,11 @@ class Copier:
             return None
         finally:
             os.close(fd)
+
+    def _count(self, n: int, got: list[int]) -> None:
+        got[0] += n
+        self.progress.bytes_done += n
+        self.progress.bytes_downloaded += n
 
     # -- push ------------------------------------------------------------------------------------
 
