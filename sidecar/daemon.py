@@ -767,19 +767,30 @@ class Daemon:
             await done.wait()
         return (200 if done.is_set() else 202), m.public()
 
+    @staticmethod
+    def _body_field(body: bytes, name: str, kind: type, default: Any, example: str) -> Any:
+        """One field of a JSON object body (`default` when the body is empty), or a 400."""
+        try:
+            doc = json.loads(body.decode("utf-8")) if body else {name: default}
+            value = doc.get(name, default) if isinstance(doc, dict) else None
+            if not isinstance(value, kind) or (kind is list and not all(isinstance(v, str) for v in value)):
+                raise ValueError
+        except (ValueError, RecursionError, UnicodeDecodeError):
+            raise HTTPError(400, "bad_request", f"the body must be {example}") from None
+        return value
+
+    async def _ask_worker(self, m: Mount, action: str, command: dict[str, Any], answer: str) -> dict[str, Any] | None:
+        """Sends a command to a mounted mount's worker; its answer, or None if it takes longer
+        than a request may wait (the work goes on)."""
+        if m.worker is None or m.state not in UP:
+            raise HTTPError(409, "not_mounted", f"{m.name} is {m.state}; {action} needs it mounted")
+        return await m.worker.call((json.dumps(command) + "\n").encode(), answer, ACTION_WAIT)
+
     async def _refresh(self, m: Mount, body: bytes) -> tuple[int, Any]:
         """Forgets the mount's cached metadata of a folder (or all of it) in the worker and the
         kernel: the next access sees the bucket as it is now, whatever the metadata TTL."""
-        try:
-            doc = json.loads(body.decode("utf-8")) if body else {}
-            path = doc.get("path", "") if isinstance(doc, dict) else None
-            if not isinstance(path, str):
-                raise ValueError
-        except (ValueError, RecursionError, UnicodeDecodeError):
-            raise HTTPError(400, "bad_request", 'the body must be empty or {"path": "<folder in the mount>"}') from None
-        if m.worker is None or m.state not in UP:
-            raise HTTPError(409, "not_mounted", f"{m.name} is {m.state}; nothing is cached")
-        answer = await m.worker.call((json.dumps({"cmd": "refresh", "path": path}) + "\n").encode(), "refreshed", ACTION_WAIT)
+        path = self._body_field(body, "path", str, "", 'empty or {"path": "<folder in the mount>"}')
+        answer = await self._ask_worker(m, "refresh", {"cmd": "refresh", "path": path}, "refreshed")
         if answer is None:
             raise HTTPError(503, "no_answer", f"the mount process of {m.name} did not answer")
         return 200, {"path": path, "entries": answer.get("entries", 0)}
@@ -787,16 +798,8 @@ class Daemon:
     async def _prefetch(self, m: Mount, body: bytes) -> tuple[int, Any]:
         """Warms the mount's disk cache with folders or files, in the background (progress in
         /status); refused when it cannot fit the disk cache."""
-        try:
-            doc = json.loads(body.decode("utf-8")) if body else {}
-            paths = doc.get("paths", []) if isinstance(doc, dict) else None
-            if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
-                raise ValueError
-        except (ValueError, RecursionError, UnicodeDecodeError):
-            raise HTTPError(400, "bad_request", 'the body must be {"paths": ["<folder or file in the mount>", ...]}') from None
-        if m.worker is None or m.state not in UP:
-            raise HTTPError(409, "not_mounted", f"{m.name} is {m.state}; prefetch needs it mounted")
-        answer = await m.worker.call((json.dumps({"cmd": "prefetch", "paths": paths}) + "\n").encode(), "prefetch", ACTION_WAIT)
+        paths = self._body_field(body, "paths", list, [], '{"paths": ["<folder or file in the mount>", ...]}')
+        answer = await self._ask_worker(m, "prefetch", {"cmd": "prefetch", "paths": paths}, "prefetch")
         if answer is None:
             return 202, {"paths": paths, "started": None, "reason": "still planning; see status"}
         if not answer.get("ok"):
@@ -805,15 +808,10 @@ class Daemon:
 
     async def _publish(self, m: Mount, body: bytes) -> tuple[int, Any]:
         """Uploads an `incomplete` staged file of a mount on a person's explicit request."""
-        try:
-            key = json.loads(body.decode("utf-8"))["key"]
-            if not isinstance(key, str) or not key:
-                raise ValueError
-        except (ValueError, KeyError, TypeError, RecursionError, UnicodeDecodeError):
-            raise HTTPError(400, "bad_request", 'the body must be {"key": "<object key of an incomplete file>"}') from None
-        if m.worker is None or m.state not in UP:
-            raise HTTPError(409, "not_mounted", f"{m.name} is {m.state}; publish needs it mounted")
-        answer = await m.worker.call((json.dumps({"cmd": "publish", "key": key}) + "\n").encode(), "published", ACTION_WAIT)
+        key = self._body_field(body, "key", str, "", '{"key": "<object key of an incomplete file>"}')
+        if not key:
+            raise HTTPError(400, "bad_request", 'the body must be {"key": "<object key of an incomplete file>"}')
+        answer = await self._ask_worker(m, "publish", {"cmd": "publish", "key": key}, "published")
         if answer is None:
             return 202, {"key": key, "published": None, "reason": "still uploading; see status"}
         if not answer.get("ok"):

@@ -28,7 +28,7 @@ import trio
 from sidecar import log
 from sidecar.mounttable import UnsafeMountPath
 from sidecar.mounthelper import HelperError
-from sidecar.worker import clear_stale_mount, emit, fuse_init, prepare_mountpoint, read_config_line
+from sidecar.worker import clear_stale_mount, command_lines, emit, fuse_init, prepare_mountpoint, read_config_line
 
 logger = log.get_logger("sidecar.placeholder")
 
@@ -126,17 +126,11 @@ async def serve(cfg: dict[str, Any]) -> int:
         return 1
 
     async def commands() -> None:
-        stream = trio.lowlevel.FdStream(os.dup(0))
-        buf = b""
-        async with stream:
-            while chunk := await stream.receive_some(4096):
-                buf += chunk
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    try:
-                        ops.message = message_for(cfg["name"], str(json.loads(line)))
-                    except ValueError:
-                        pass
+        async for line in command_lines():
+            try:
+                ops.message = message_for(cfg["name"], str(json.loads(line)))
+            except ValueError:
+                pass
         pyfuse3.terminate()  # the daemon went away: do not outlive it
 
     async def signals() -> None:

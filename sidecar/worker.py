@@ -50,6 +50,28 @@ def emit(event: str, **fields: Any) -> None:
         pass  # the daemon is gone; there is nobody to tell
 
 
+async def command_lines() -> Any:
+    """The daemon's commands after the config, one stripped line each, until stdin closes (the
+    daemon went away: the caller must not outlive it). A malformed JSON command is skipped."""
+    stream = trio.lowlevel.FdStream(os.dup(0))
+    buf = b""
+    async with stream:
+        while chunk := await stream.receive_some(4096):
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                yield line.strip().decode(errors="replace")
+
+
+def json_command(line: str) -> dict[str, Any]:
+    """A JSON command line as a dict ({} when it is not one)."""
+    try:
+        doc = json.loads(line) if line.startswith("{") else {}
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
 def read_config_line() -> dict[str, Any]:
     # Byte by byte, so no later command is swallowed by a read buffer.
     buf = bytearray()
@@ -170,24 +192,17 @@ async def serve_copy(cfg: WorkerConfig) -> int:
             refused.append(f"{exc.code}: {exc}")
 
     async def commands() -> None:
-        stream = trio.lowlevel.FdStream(os.dup(0))
-        buf = b""
-        async with stream:
-            while chunk := await stream.receive_some(4096):
-                buf += chunk
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    cmd = line.strip().decode(errors="replace")
-                    if cmd == "stats":
-                        emit("stats", store={**store.stats.as_dict(), "stalled_calls": store.stalled_calls()},
-                             copy={**copier.progress.public(), "refused": refused[0] if refused else None})
-                    elif cmd == "stop":
-                        return
-                    elif cmd.startswith("{") and json.loads(cmd).get("cmd") == "push":
-                        if cfg.readonly:
-                            emit("pushed", ok=False, reason="the storage is read-only")
-                        else:
-                            emit("pushed", ok=True, **await copier.push())
+        async for cmd in command_lines():
+            if cmd == "stats":
+                emit("stats", store={**store.stats.as_dict(), "stalled_calls": store.stalled_calls()},
+                     copy={**copier.progress.public(), "refused": refused[0] if refused else None})
+            elif cmd == "stop":
+                return
+            elif json_command(cmd).get("cmd") == "push":
+                if cfg.readonly:
+                    emit("pushed", ok=False, reason="the storage is read-only")
+                else:
+                    emit("pushed", ok=True, **await copier.push())
 
     emit("copying", mountpath=dest)
     async with trio.open_nursery() as nursery:
@@ -318,31 +333,19 @@ async def serve(cfg: WorkerConfig) -> int:
         emit("refreshed", path=path, entries=len(entries))
 
     async def control(nursery: trio.Nursery) -> None:
-        stream = trio.lowlevel.FdStream(os.dup(0))
-        buf = b""
-        async with stream:
-            while True:
-                chunk = await stream.receive_some(4096)
-                if not chunk:
-                    break  # the parent went away: do not outlive it
-                buf += chunk
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    cmd = line.strip().decode(errors="replace")
-                    if cmd == "stats":
-                        emit("stats", **stats())
-                    elif cmd == "stop":
-                        pyfuse3.terminate()
-                        return
-                    elif cmd.startswith("{"):
-                        doc = json.loads(cmd)
-                        if doc.get("cmd") == "publish":
-                            await publish(str(doc.get("key", "")))
-                        elif doc.get("cmd") == "refresh":
-                            await refresh(str(doc.get("path", "")))
-                        elif doc.get("cmd") == "prefetch":
-                            await prefetch([str(p) for p in doc.get("paths") or []], nursery)
-        pyfuse3.terminate()
+        async for cmd in command_lines():
+            doc = json_command(cmd)
+            if cmd == "stats":
+                emit("stats", **stats())
+            elif cmd == "stop":
+                break
+            elif doc.get("cmd") == "publish":
+                await publish(str(doc.get("key", "")))
+            elif doc.get("cmd") == "refresh":
+                await refresh(str(doc.get("path", "")))
+            elif doc.get("cmd") == "prefetch":
+                await prefetch([str(p) for p in doc.get("paths") or []], nursery)
+        pyfuse3.terminate()  # told to stop, or the daemon went away: do not outlive it
 
     async def signals() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
