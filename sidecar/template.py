@@ -44,7 +44,48 @@ def warm_up() -> None:
             __import__(name)
         except ImportError:
             pass
-    try:  # botocore's S3 model: parsed once here instead of in every worker's first request
+    share_botocore_data()
+
+
+def share_botocore_data() -> None:
+    """botocore parses its JSON data (the S3 model, endpoints, partitions: tens of MiB of Python
+    objects) once per loader instance, and every SDK client has its own loader. Cached per
+    process instead, and loaded here, the parsed data is made once in the template and shared by
+    every forked worker (copy-on-write), instead of parsed again, privately, by each."""
+    try:
+        import botocore.loaders
+    except ImportError:
+        return
+    loader_cls = botocore.loaders.Loader
+    if getattr(loader_cls, "_sidecar_shared", False):
+        return
+    load_service_model, load_data = loader_cls.load_service_model, loader_cls.load_data
+    models: dict[tuple, object] = {}
+    data: dict[str, object] = {}
+
+    def shared_service_model(self, service_name, type_name, api_version=None):  # type: ignore[no-untyped-def]
+        key = (tuple(self.search_paths), service_name, type_name, api_version)
+        if key not in models:
+            models[key] = load_service_model(self, service_name, type_name, api_version)
+        return models[key]
+
+    def shared_data(self, name):  # type: ignore[no-untyped-def]
+        key = "\0".join([*self.search_paths, name])
+        if key not in data:
+            data[key] = load_data(self, name)
+        return data[key]
+
+    loader_cls.load_service_model = shared_service_model
+    loader_cls.load_data = shared_data
+    loader_cls._sidecar_shared = True
+    try:
+        loader = botocore.loaders.create_loader()
+        loader.load_service_model("s3", "service-2")
+        for name in ("endpoints", "partitions", "sdk-default-configuration", "_retry"):
+            try:
+                loader.load_data(name)
+            except Exception:
+                pass
         import botocore.session
 
         botocore.session.get_session().get_service_model("s3")
