@@ -88,6 +88,7 @@ def pod_env(s3, tmp_path):
 
 
 def _start_sidecar(env, name="sidecar"):
+    name = f"{env['pod']}-{name}"  # unique: another run's leftovers never collide
     podman("run", "-d", "--pod", env["pod"], "--network", "host", "--name", name, "--device", "/dev/fuse", "--cap-add", "SYS_ADMIN",
            "--security-opt", "apparmor=unconfined", "--security-opt", "seccomp=unconfined",
            "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096",
@@ -99,7 +100,7 @@ def _start_sidecar(env, name="sidecar"):
 
 
 def _session(env, script, name):
-    return podman("run", "--pod", env["pod"], "--network", "host", "--name", name, "--rm", "--user", "1000:100", "--cap-drop", "ALL",
+    return podman("run", "--pod", env["pod"], "--network", "host", "--name", f"{env['pod']}-{name}", "--rm", "--user", "1000:100", "--cap-drop", "ALL",
                   "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024",
                   "-v", f"{env['work']}:/home/jovyan/work:rslave", "-v", f"{env['control']}:/run/storage-sidecar",
                   "-e", "STORAGE_SIDECAR_SOCKET=/run/storage-sidecar/sidecar.sock", "--entrypoint", "sh",
@@ -119,25 +120,25 @@ def test_session_pod_reads_writes_stops_cleanly_and_survives_a_killed_sidecar(s3
     assert "storage-sidecar ready" in r.stderr and "mounted" in r.stdout
     print(f"\npod: start to the session command done {ready_s:.1f} s")
     # the pod stops: the sidecar uploads pending writes (write-back) and unmounts in its grace period
-    podman("stop", "-t", "30", "sidecar", timeout=60)
+    podman("stop", "-t", "30", f"{env['pod']}-sidecar", timeout=60)
     assert s3.client().get_object(Bucket=env["rw"], Key="out.txt")["Body"].read() == b"result of the session\n"
     assert not [m for m in fuse_mounts() if m.startswith(env["work"] + "/")], fuse_mounts()
-    logs = podman("logs", "sidecar").stdout + podman("logs", "sidecar").stderr
+    logs = podman("logs", f"{env['pod']}-sidecar").stdout + podman("logs", f"{env['pod']}-sidecar").stderr
     assert "daemon_stopped" in logs
 
     # second run: the sidecar is killed hard; the session sees a dead mount, a restart recovers
-    podman("rm", "-f", "sidecar")
+    podman("rm", "-f", f"{env['pod']}-sidecar")
     _start_sidecar(env, "sidecar2")
     r = _session(env, "cat /home/jovyan/work/project/data/hello.txt", "session2")
     assert r.returncode == 0 and "hello from the bucket" in r.stdout, r.stderr
-    podman("kill", "-s", "KILL", "sidecar2")
-    wait_for(lambda: podman("inspect", "-f", "{{.State.Running}}", "sidecar2").stdout.strip() == "false", timeout=30, what="the kill")
+    podman("kill", "-s", "KILL", f"{env['pod']}-sidecar2")
+    wait_for(lambda: podman("inspect", "-f", "{{.State.Running}}", f"{env['pod']}-sidecar2").stdout.strip() == "false", timeout=30, what="the kill")
     r = _session(env, "ls /home/jovyan/work/project/data 2>&1; exit 0", "session3")
     print(f"what the session sees after SIGKILL: {r.stdout.strip()!r}")
     assert "Transport endpoint is not connected" in r.stdout or "No such file" in r.stdout or r.stdout.strip() == ""
-    podman("rm", "-f", "sidecar2")
+    podman("rm", "-f", f"{env['pod']}-sidecar2")
     _start_sidecar(env, "sidecar3")  # a restarted sidecar clears the stale mount and mounts again
     r = _session(env, "cat /home/jovyan/work/project/data/hello.txt", "session4")
     assert r.returncode == 0 and "hello from the bucket" in r.stdout, r.stderr
-    podman("stop", "-t", "30", "sidecar3", timeout=60)
+    podman("stop", "-t", "30", f"{env['pod']}-sidecar3", timeout=60)
     assert not [m for m in fuse_mounts() if m.startswith(env["work"] + "/")]
