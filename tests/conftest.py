@@ -115,3 +115,18 @@ def daemons():
     yield start
     for d in started:
         d.stop()
+
+
+@pytest.fixture
+def proxied(s3):
+    """(LinkProxy, bucket): tests/netproxy.py's link emulator and fault proxy in front of the
+    session's moto server, counting requests by kind and bytes, and a new bucket on it."""
+    import uuid
+
+    from tests.netproxy import LinkProxy
+
+    port = int(s3.endpoint.rsplit(":", 1)[1])
+    with LinkProxy(port) as proxy:
+        bucket = f"p-{uuid.uuid4().hex[:12]}"
+        s3.client().create_bucket(Bucket=bucket)
+        yield proxy, bucket

@@ -14,20 +14,10 @@ import uuid
 import pytest
 
 from tests.conftest import needs_fuse, wait_for
-from tests.netproxy import LinkProxy
 
 pytestmark = [pytest.mark.mount, needs_fuse]
 MiB = 1 << 20
 
-
-@pytest.fixture
-def proxied(s3):
-    """A LinkProxy in front of the session's moto server, and a bucket on it."""
-    port = int(s3.endpoint.rsplit(":", 1)[1])
-    with LinkProxy(port) as proxy:
-        bucket = f"r-{uuid.uuid4().hex[:12]}"
-        s3.client().create_bucket(Bucket=bucket)
-        yield proxy, bucket
 
 
 def _mount(mount_worker, s3, proxy, bucket, **cfg):

@@ -5,24 +5,14 @@ import os
 import shutil
 import subprocess
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from tests.conftest import needs_fuse
-from tests.netproxy import LinkProxy
 
 pytestmark = [pytest.mark.mount, needs_fuse]
 
-
-@pytest.fixture
-def proxied(s3):
-    port = int(s3.endpoint.rsplit(":", 1)[1])
-    with LinkProxy(port) as proxy:
-        bucket = f"sf-{uuid.uuid4().hex[:12]}"
-        s3.client().create_bucket(Bucket=bucket)
-        yield proxy, bucket
 
 
 def _put_many(s3, bucket, files):
