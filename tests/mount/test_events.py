@@ -46,7 +46,9 @@ def test_events_follow_a_launch_in_order_and_a_late_client_gets_the_state_first(
                 states = seen[event["mount"]]
                 if not states or states[-1] != event["state"]:
                     states.append(event["state"])
-                if seen["nocreds"][-2:] == ["checking", "mounted"]:
+                # until every mount reached its last state (they settle in any order)
+                if (seen["nocreds"][-2:] == ["checking", "mounted"] and seen["good"][-1:] == ["mounted"]
+                        and seen["nobucket"][-1:] == ["failed"]):
                     break
         done.set()
 
