@@ -42,6 +42,15 @@ BUCKET = "bench"
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def save_results(results: dict, name: str) -> Path:
+    """Writes a benchmark's results to results/<date-time>-<name>.json and says where."""
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"{datetime.now(timezone.utc):%Y-%m-%d-%H%M}-{name}.json"
+    out.write_text(json.dumps(results, indent=1))
+    print(f"results: {out}")
+    return out
+
+
 def rclone_binary() -> str:
     venv = Path(sys.executable).parent / "rclone"
     return str(venv) if venv.exists() else (shutil.which("rclone") or "rclone")
@@ -394,11 +403,8 @@ def main() -> int:
             if (work / log).exists():
                 shutil.copy(work / log, Path(tempfile.gettempdir()) / f"link-{log}")  # for a look after the run
         shutil.rmtree(work, ignore_errors=True)
-    RESULTS.mkdir(exist_ok=True)
     bench.results["conditions"]["load_after"] = os.getloadavg()  # type: ignore[index]
-    out = RESULTS / f"{datetime.now(timezone.utc):%Y-%m-%d-%H%M}-link.json"
-    out.write_text(json.dumps(bench.results, indent=1))
-    print(f"results: {out}")
+    save_results(bench.results, "link")
     return 0
 
 

@@ -22,12 +22,11 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
 from pathlib import Path
 
 from tests.devservers import WorkerProcess, moto_server, stop_process
 from sidecar.status import Unreachable, request
-from benchmarks.link import rclone_binary, wait_mounted
+from benchmarks.link import rclone_binary, save_results, wait_mounted
 from tests.netproxy import LinkProxy
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -234,11 +233,8 @@ def main() -> int:
                     if m.startswith(str(work)):
                         subprocess.run(["fusermount3", "-u", "-z", m], check=False)
     shutil.rmtree(work, ignore_errors=True)
-    RESULTS.mkdir(exist_ok=True)
     bench.results["conditions"] = {"server": "moto behind LinkProxy (counting only)", "load": os.getloadavg()}
-    out = RESULTS / f"{datetime.now(timezone.utc):%Y-%m-%d-%H%M}-smallfiles.json"
-    out.write_text(json.dumps(bench.results, indent=1))
-    print(f"results: {out}")
+    save_results(bench.results, "smallfiles")
     return 0
 
 

@@ -111,7 +111,8 @@ def busy_pids(path: str) -> list[int]:
 def worker_environment() -> dict[str, str]:
     """A worker's environment holds no secret: its own credentials come over the pipe, and other
     storages' (prefixed variables) are none of its business."""
-    return {k: v for k, v in os.environ.items() if k not in credential_sources.secret_variables()}
+    secrets = set(credential_sources.secret_variables())
+    return {k: v for k, v in os.environ.items() if k not in secrets}
 
 
 class ForkedWorker:

@@ -120,7 +120,7 @@ async def serve(cfg: dict[str, Any]) -> int:
     if cfg.get("allow_other"):
         opts.add("allow_other")
     try:
-        _helper_conn = fuse_init(ops, mountpath, opts, helper, name=cfg["name"], readonly=True, allow_other=bool(cfg.get("allow_other")))
+        _helper_conn = fuse_init(ops, mountpath, opts, helper, name=cfg["name"], readonly=True)
     except (RuntimeError, OSError, HelperError) as exc:
         emit("error", code="mount_failed", reason=str(exc))
         return 1

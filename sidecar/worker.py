@@ -131,7 +131,7 @@ def prepare_mountpoint(root: str | None, mountpath: str) -> str:
     return os.path.realpath(mountpath)
 
 
-def fuse_init(ops: Any, mountpath: str, opts: set[str], helper: str | None, *, name: str, readonly: bool, allow_other: bool) -> Any:
+def fuse_init(ops: Any, mountpath: str, opts: set[str], helper: str | None, *, name: str, readonly: bool) -> Any:
     """pyfuse3.init at `mountpath`; with a mount helper, the helper mounts /dev/fuse there and
     this process serves the fd it hands over (`/dev/fd/N`), with no privilege of its own.
     Returns the helper connection to keep open (the mount lives as long as it does)."""
@@ -358,7 +358,7 @@ async def serve(cfg: WorkerConfig) -> int:
         await nursery.start(cache.run)
         try:
             _helper_conn = fuse_init(ops, mountpath, mount_options(cfg), cfg.mount_helper, name=cfg.name,
-                                    readonly=cfg.readonly, allow_other=cfg.allow_other)
+                                    readonly=cfg.readonly)
         except (RuntimeError, OSError, HelperError) as exc:
             emit("error", code="mount_failed", reason=str(exc))
             nursery.cancel_scope.cancel()

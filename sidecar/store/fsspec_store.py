@@ -436,7 +436,7 @@ class _S3Writes:
             cond["IfNoneMatch"] = "*"
         elif expected is not ...:
             cond["IfMatch"] = f'"{expected}"'
-        progress = Progress(grace=0.0)
+        progress = Progress()
         copied = 0
 
         async def single() -> str:
