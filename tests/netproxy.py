@@ -146,9 +146,10 @@ class LinkProxy:
         self._stop.set()
         self.set(stall=False)
         try:
-            self._listener.close()
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (a close alone does not)
         except OSError:
             pass
+        self._listener.close()
         with self._lock:
             conns = list(self._conns)
         for c in conns:
@@ -306,17 +307,17 @@ class LinkProxy:
                 size_line = reader.line()
                 size = int(size_line.split(b";")[0], 16)
                 out(size_line)
-                left = size + 2
+                if size == 0:  # the last chunk: trailer lines up to an empty one, no chunk data
+                    while (trailer := reader.line()) != b"\r\n":
+                        out(trailer)
+                    out(b"\r\n")
+                    return total
+                left = size + 2  # the data and its CRLF
                 while left:
                     data = reader.some(left)
                     out(data)
                     left -= len(data)
                 total += size
-                if size == 0:
-                    while (trailer := reader.line()) != b"\r\n":
-                        out(trailer)
-                    out(b"\r\n")
-                    return total
         if up:
             return 0  # a request without a body
         while True:  # a response delimited by the end of the connection
