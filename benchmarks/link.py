@@ -196,6 +196,9 @@ class LinkBench:
         elif workload == "copy":
             for i in range(self.args.copy_files):
                 self.put(f"copy/{i:04d}.bin", self.args.copy_bytes // self.args.copy_files)
+        elif workload == "prefetch":
+            for i in range(self.args.prefetch_files):
+                self.put(f"warm/{i:03d}.bin", self.args.prefetch_bytes // self.args.prefetch_files)
         if self._dirty:
             self.restart()
             self._dirty = False
@@ -355,6 +358,30 @@ class LinkBench:
                                 "restart_after_half_lost": {"files_skipped": c2["files_skipped"], "bytes_downloaded": c2["bytes_downloaded"],
                                                             "bytes_missing": total // 2}}
 
+    def prefetch(self) -> None:
+        """Prefetch of a folder into a mount's disk cache, then a full read: backend requests
+        during the read are counted by the proxy; a prefetch larger than the disk limit is refused."""
+        files = self.args.prefetch_files
+        each = self.args.prefetch_bytes // files
+        cache = self.work / "prefetch-cache"
+        w = self.worker(cache, disk_limit=2 * self.args.prefetch_bytes)
+        started = time.monotonic()
+        answer = w.prefetch("warm")
+        assert answer["ok"], answer
+        while (st := w.stats())["prefetch"]["state"] not in ("done", "failed"):
+            time.sleep(0.1)
+        secs = time.monotonic() - started
+        self.proxy.reset_counts()
+        read = sum(read_through(f"{w.mnt}/warm/{i:03d}.bin")[0] for i in range(files))
+        during_read = dict(self.proxy.counts)
+        w.stop()
+        small = self.worker(self.work / "small-cache", disk_limit=self.args.prefetch_bytes // 2)
+        refused = small.prefetch("warm")
+        small.stop()
+        self.results["prefetch"] = {"files": files, "bytes": each * files, "prefetch_MBps": each * files / secs / 1e6,
+                                    "state": st["prefetch"]["state"], "bytes_read_after": read, "requests_during_read": during_read,
+                                    "over_limit_refused": not refused["ok"], "over_limit_reason": refused.get("reason")}
+
     def readers16(self) -> None:
         for i in range(16):
             self.put(f"r{i}.bin", 64 * MiB)
@@ -382,7 +409,9 @@ def main() -> int:
     p.add_argument("--random-reads", type=int, default=10_000)
     p.add_argument("--copy-files", type=int, default=1000)
     p.add_argument("--copy-bytes", type=int, default=2 << 30)
-    p.add_argument("--only", default="sequential,random,parquet,readers16,copy")
+    p.add_argument("--prefetch-files", type=int, default=64)
+    p.add_argument("--prefetch-bytes", type=int, default=1 << 30)
+    p.add_argument("--only", default="sequential,random,parquet,readers16,copy,prefetch")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sidecar-link-"))
     bench = LinkBench(args, work)
@@ -392,7 +421,7 @@ def main() -> int:
             print(f"== {name}", flush=True)
             bench.prepare(name)
             {"sequential": bench.sequential, "random": bench.random_reads, "parquet": bench.parquet, "readers16": bench.readers16,
-             "copy": bench.copy}[name]()
+             "copy": bench.copy, "prefetch": bench.prefetch}[name]()
             print(json.dumps(bench.results.get(name) or bench.results.get({"random": "random_4k"}.get(name, name)), indent=1), flush=True)
     finally:
         bench.stop()

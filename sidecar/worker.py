@@ -302,7 +302,7 @@ async def serve(cfg: WorkerConfig) -> int:
         except Exception as exc:
             emit("published", key=key, ok=False, reason=log.redact_text(str(exc)))
 
-    prefetcher = Prefetcher(store, cache, url.key_prefix(cfg.source_path))
+    prefetcher = Prefetcher(store, cache, url.key_prefix(cfg.source_path), adopt=fs.adopt_listing)
 
     async def prefetch(paths: list[str], nursery: trio.Nursery) -> None:
         try:

@@ -3,28 +3,31 @@
 `storage-sidecar prefetch MOUNT [PATH ...]` (or `POST /mounts/{name}/prefetch`, or a mount's
 `prefetch` list in the manifest) plans first: every object under the paths is listed and their
 sizes added; a plan larger than the disk cache's effective limit is refused with both sizes in
-the message (a prefetch that evicts itself would only cost traffic). Then the objects are read
-block by block through the block cache (parallel ranged GETs, the memory budget honoured), which
-writes each block to the disk tier. Reads of prefetched data then come from disk: random readers
-too, since a read whose blocks are all on disk is served from them instead of a ranged GET.
+the message (a prefetch that evicts itself would only cost traffic). The plan's listings are
+handed to the file system, so later lookups of the prefetched names need no LIST while fresh.
+Then the objects are read block by block through the block cache (PARALLEL_FILES at once, each
+with parallel ranged GETs, the memory budget honoured), which writes each block to the disk
+tier. Reads of prefetched data then come from disk: random readers too, since a read whose
+blocks are all on disk is served from them instead of a ranged GET.
 Progress (files and bytes done of total, errors) is in the worker's stats and so in `status`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import trio
 
 from sidecar.cache.blocks import BlockCache, ObjectRef
 from sidecar.errors import SidecarError
 from sidecar.log import get_logger
-from sidecar.store.base import DirInfo, ObjectInfo, ObjectStore
+from sidecar.store.base import Listing, ObjectInfo, ObjectStore
 
 log = get_logger(__name__)
 
 MAX_OBJECTS = 1_000_000
+PARALLEL_FILES = 4  # files fetched at once (each with its parallel ranged GETs, within the memory budget)
 
 
 class PrefetchRefused(Exception):
@@ -48,31 +51,57 @@ class PrefetchProgress:
 
 
 class Prefetcher:
-    def __init__(self, store: ObjectStore, cache: BlockCache, root_prefix: str) -> None:
+    def __init__(self, store: ObjectStore, cache: BlockCache, root_prefix: str,
+                 adopt: Callable[[str, Listing], Awaitable[Any]] | None = None) -> None:
         self.store = store
         self.cache = cache
         self.root = root_prefix.strip("/")
+        self.adopt = adopt  # hands each listing to the file system: reads of the data then need no LIST either
         self.progress = PrefetchProgress()
 
     def _key(self, path: str) -> str:
         path = path.strip("/")
         return f"{self.root}/{path}".strip("/") if path else self.root
 
+    async def _list(self, folder: str) -> Listing:
+        listing = await self.store.list_dir(folder)
+        if self.adopt is not None:
+            await self.adopt(folder, listing)
+        return listing
+
     async def plan(self, paths: list[str]) -> list[ObjectInfo]:
-        """Every object under `paths` (folders walked, one LIST per folder)."""
+        """Every object under `paths`: the folders from the mount's root down to each path are
+        listed (which tells a file from a folder, and lets the file system answer the lookups
+        of a later read from these listings), then each folder below, one LIST each."""
         found: dict[str, ObjectInfo] = {}
+        listed: dict[str, Listing] = {}
         for path in paths or [""]:
-            key = self._key(path)
-            st = await self.store.stat(key) if key else DirInfo("")
-            if isinstance(st, ObjectInfo):
-                found[st.key] = st
-                continue
-            if st is None:
-                raise PrefetchRefused(f"{path or '/'}: no such file or folder in the storage")
-            todo = [key]
+            parts = [p for p in path.strip("/").split("/") if p]
+            todo: list[str] = []
+            if not parts:
+                todo.append(self.root)
+            else:
+                folder = self.root
+                for depth, part in enumerate(parts):
+                    if folder not in listed:
+                        listed[folder] = await self._list(folder)
+                    key = f"{folder}/{part}".strip("/")
+                    listing = listed[folder]
+                    if depth == len(parts) - 1:
+                        match = next((i for i in listing.files if i.key == key), None)
+                        if match is not None:
+                            found[match.key] = match
+                        elif key in listing.dirs:
+                            todo.append(key)
+                        else:
+                            raise PrefetchRefused(f"{path}: no such file or folder in the storage")
+                    elif key not in listing.dirs:
+                        raise PrefetchRefused(f"{path}: no such file or folder in the storage")
+                    folder = key
             while todo:
                 folder = todo.pop()
-                listing = await self.store.list_dir(folder)
+                listing = listed.get(folder) or await self._list(folder)
+                listed[folder] = listing
                 for info in listing.files:
                     found[info.key] = info
                 todo += listing.dirs
@@ -105,9 +134,16 @@ class Prefetcher:
 
     async def _fetch_all(self, objects: list[ObjectInfo]) -> None:
         p = self.progress
-        for info in objects:
-            await self._one(info)
-            p.files_done += 1
+        gate = trio.CapacityLimiter(PARALLEL_FILES)
+
+        async def one(info: ObjectInfo) -> None:
+            async with gate:
+                await self._one(info)
+                p.files_done += 1
+
+        async with trio.open_nursery() as nursery:
+            for info in objects:
+                nursery.start_soon(one, info)
         p.state, p.finished = "done", trio.current_time()
         log.info("prefetch_done", files=p.files_done, bytes=p.bytes_done, errors=len(p.errors))
 

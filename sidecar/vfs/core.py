@@ -48,7 +48,7 @@ from sidecar.errors import (
     ObjectChanged,
     ReadOnly,
 )
-from sidecar.store.base import DirInfo, ObjectInfo, ObjectStore
+from sidecar.store.base import DirInfo, Listing, ObjectInfo, ObjectStore
 from sidecar.vfs.inodes import ROOT_INO, InodeTable, Node
 from sidecar.vfs.listings import NAME_MAX, Entry, Listings, parent_key, unusable_name
 from sidecar.vfs.mtimes import MtimeIndex
@@ -217,23 +217,30 @@ class Filesystem:
         flight = self._listing_flights[node.key] = trio.Event()
         try:
             listing = await self.store.list_dir(node.key, max_entries=LOOKUP_LIST_MAX if one_page else None)
-            now = trio.current_time()
             if not listing.complete:
-                self._big[node.key] = now + self.dir_ttl
+                self._big[node.key] = trio.current_time() + self.dir_ttl
                 return None
-            entries = self.listings.entries_of(node.key, listing)
-            if self.mtime_from_metadata:
-                await self._learn_mtimes([e.info for e in entries.values() if e.info is not None])
-            for name, e in entries.items():
-                if e.info is not None:
-                    entries[name] = Entry(False, self._with_mtime(e.info))
-            self._overlay_staged(node.key, entries)
-            self.listings.store(node.key, entries, now)
-            node.checked_at = now
-            return entries
+            return await self.adopt_listing(node.key, listing)
         finally:
             del self._listing_flights[node.key]
             flight.set()
+
+    async def adopt_listing(self, prefix: str, listing: Listing) -> dict[str, Entry]:
+        """A complete listing of folder `prefix` answers lookups, getattrs and opens of its
+        names while it is fresh, whoever made it (a lookup, readdir, or a prefetch's plan)."""
+        entries = self.listings.entries_of(prefix, listing)
+        if self.mtime_from_metadata:
+            await self._learn_mtimes([e.info for e in entries.values() if e.info is not None])
+        for name, e in entries.items():
+            if e.info is not None:
+                entries[name] = Entry(False, self._with_mtime(e.info))
+        self._overlay_staged(prefix, entries)
+        now = trio.current_time()
+        self.listings.store(prefix, entries, now)
+        node = self.inodes.current(prefix)
+        if node is not None and node.is_dir:
+            node.checked_at = now
+        return entries
 
     async def _learn_mtimes(self, infos: list[ObjectInfo]) -> None:
         """`mtime_source: metadata`: the `mtime` metadata of listed versions the index does not

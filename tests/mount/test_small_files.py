@@ -135,12 +135,13 @@ def test_prefetch_warms_the_disk_cache_then_reads_make_no_request(s3, proxied, m
     _put_many(s3, bucket, files)
     w = mount_worker(bucket, options={"endpoint_url": proxy.endpoint}, ttl=300.0, cache_dir=str(tmp_path / "cache"),
                      disk_limit=512 * 1024 * 1024)
+    blocks = sum(-(-len(d) // (1 << 20)) for d in files.values())  # 1 MiB blocks
     answer = w.prefetch("ref")
     assert answer["ok"] and answer["files"] == 16 and answer["bytes"] == sum(map(len, files.values()))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         st = w.stats()
-        if st["prefetch"]["state"] == "done" and st["disk"]["blocks"] >= 16 * 3:
+        if st["prefetch"]["state"] == "done" and st["disk"]["blocks"] >= blocks:
             break
         time.sleep(0.1)
     assert st["prefetch"]["state"] == "done" and st["prefetch"]["bytes_done"] == answer["bytes"], st["prefetch"]
@@ -150,7 +151,7 @@ def test_prefetch_warms_the_disk_cache_then_reads_make_no_request(s3, proxied, m
             assert f.read() == data
     with open(f"{w.mnt}/ref/07.bin", "rb", buffering=0) as f:
         assert f.read(4096) and f.seek(1_500_000) and f.read(4096) == files["ref/07.bin"][1_500_000:1_504_096]
-    assert proxy.counts["GET"] == 0, dict(proxy.counts)
+    assert sum(proxy.counts.values()) == 0, dict(proxy.counts)  # no GET, and no LIST: the plan's listings answer the lookups
     # more than the disk cache holds: refused, with the sizes
     small = mount_worker(bucket, options={"endpoint_url": proxy.endpoint}, cache_dir=str(tmp_path / "small"), disk_limit=16 * 1024 * 1024)
     refused = small.prefetch("ref")
