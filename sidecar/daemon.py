@@ -469,6 +469,7 @@ class Daemon:
             mount_helper=cfg.mount_helper,
             readonly=st.readonly,
             write_mode=mt.write_mode,
+            writeback_delay=mt.writeback_delay,
             mtime_source=mt.mtime_source,
             mode=mt.mode,
             copy_limit=mt.copy_limit or cfg.copy_limit,

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sidecar import urls
+from sidecar.protocol import WRITEBACK_DELAY
 
 DEFAULT_INSTANCE = "renkulab.io"
 
@@ -156,6 +157,10 @@ class StorageMount(_Model):
     )
     write_mode: Literal["durable", "writeback"] = Field(
         default="durable", description="durable: close returns once stored; writeback: once staged on local disk, uploaded in the background"
+    )
+    writeback_delay: float = Field(
+        default=WRITEBACK_DELAY, ge=0, le=3600,
+        description="writeback: seconds a closed file waits before its upload (a file written again meanwhile waits again, and is sent once)",
     )
 
     @field_validator("name")

@@ -31,6 +31,7 @@ GRACE_PERIOD = 20.0
 KERNEL_READAHEAD_KB = 1024
 INCOMPLETE_KEEP_DAYS = 7.0
 COPY_LIMIT = 10 << 30
+WRITEBACK_DELAY = 2.0  # s a closed file rests before its write-back upload
 
 
 @dataclass
@@ -46,6 +47,7 @@ class WorkerConfig:
     source_path: str = ""
     readonly: bool = True
     write_mode: str = "durable"
+    writeback_delay: float = WRITEBACK_DELAY
     mtime_source: str = "listing"
     mode: str = "mount"  # or "copy": downloaded into the mount path as ordinary files
     copy_limit: int = COPY_LIMIT

@@ -263,6 +263,7 @@ async def serve(cfg: WorkerConfig) -> int:
         readonly=cfg.readonly,
         max_readahead_blocks=max(1, cfg.readahead // cfg.block_size),
         write_mode=cfg.write_mode,
+        writeback_delay=cfg.writeback_delay,
     )
     ops = FuseOps(fs, mount_name=cfg.name)
     if cfg.mount_helper:

@@ -146,19 +146,29 @@ class BlockCache:
         the number of blocks started. `readahead=False` marks blocks a reader is about to wait
         for (not counted as prefetches)."""
         run: list[int] = []
+        run_on_disk = False
         started = 0
         for index in indices:
             if index >= self.blocks_of(ref):
                 break
-            if self.has(ref, index):
-                started += self._start_run(ref, run)
+            bid = (ref.key, ref.etag, index)
+            if bid in self._memory or bid in self._inflight:
+                started += self._start_run(ref, run, part_blocks=1 if run_on_disk else None)
                 run = []
                 continue
+            # Blocks on disk are read ahead too (into memory, by a disk thread, while the reader
+            # is being answered): a warm sequential reader never waits for the disk. A run is
+            # all disk or all backend, so a disk read never waits behind a network stream.
+            on_disk = self.disk is not None and block_name(self.storage_id, ref.key, ref.etag, index, self.block_size) in self.disk
+            if run and on_disk != run_on_disk:
+                started += self._start_run(ref, run, part_blocks=1 if run_on_disk else None)
+                run = []
             if not self._try_reserve(self._block_len(ref, index)):
                 self.stats.prefetch_skipped += readahead
                 break
             run.append(index)
-        started += self._start_run(ref, run)
+            run_on_disk = on_disk
+        started += self._start_run(ref, run, part_blocks=1 if run_on_disk else None)
         if readahead:
             self.stats.prefetches += started
         return started
@@ -167,15 +177,17 @@ class BlockCache:
         start, end = self.block_range(ref, index)
         return end - start
 
-    def _start_run(self, ref: ObjectRef, run: list[int], *, reserved: bool = True) -> int:
+    def _start_run(self, ref: ObjectRef, run: list[int], *, reserved: bool = True, part_blocks: int | None = None) -> int:
         """Registers fetches for the contiguous blocks `run` and starts them as parallel ranged
-        GETs of at most `fetch_blocks` blocks each."""
+        GETs of at most `fetch_blocks` blocks each (`part_blocks`: disk reads, a block each, so
+        every block is ready as soon as its own read is done)."""
         if not run:
             return 0
         if self._nursery is None:
             raise RuntimeError("BlockCache.run is not started")
-        for lo in range(0, len(run), self.fetch_blocks):
-            part = run[lo : lo + self.fetch_blocks]
+        step = part_blocks or self.fetch_blocks
+        for lo in range(0, len(run), step):
+            part = run[lo : lo + step]
             fetches = []
             for index in part:
                 fetch = _Fetch()

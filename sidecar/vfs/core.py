@@ -120,6 +120,7 @@ class Filesystem:
         max_readahead_blocks: int = 8,
         staging: StagingArea | None = None,
         write_mode: str = "durable",
+        writeback_delay: float = 0.0,
         mtimes: MtimeIndex | None = None,
         mtime_from_metadata: bool = False,
     ) -> None:
@@ -141,7 +142,7 @@ class Filesystem:
         self._listing_flights: dict[str, trio.Event] = {}
         self._big: dict[str, float] = {}  # folders too large to list for one lookup -> until
         self.staging = staging
-        self.writer = Writer(store, staging, mode=write_mode, on_stored=self._stored) if staging is not None else None
+        self.writer = Writer(store, staging, mode=write_mode, delay=writeback_delay, on_stored=self._stored) if staging is not None else None
         self._handles: dict[int, FileHandle | DirHandle] = {}
         self._next_fh = itertools.count(1)
         self.mounted_at = time.time()  # mtime of directories, which object stores do not have
@@ -566,8 +567,7 @@ class Filesystem:
             existing = self.staging.by_key.get(key)
             if existing is not None:  # staged for a previous inode of this key
                 self.staging.remove(existing)
-            node.staged = self.staging.create(key, None)
-            self._staging_call(self.staging.truncate, node.staged, 0)  # dirty: even an empty file is stored
+            node.staged = self.staging.create(key, None, dirty=True)  # even an empty file is stored
         node.size, node.etag = 0, ""
         node.staged.handles += 1
         node.lookups += 1

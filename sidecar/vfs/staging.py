@@ -108,16 +108,22 @@ class StagingArea:
         doc = {"key": f.key, "base_etag": f.base_etag, "base_size": f.base_size, "state": f.state, "dirty": f.dirty,
                "committed": f.committed, "changed": f.changed, "created": f.created, "mtime": f.mtime}
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            json.dump(doc, out)
+        try:
+            os.write(fd, json.dumps(doc).encode())  # small: one write
+        finally:
+            os.close(fd)
         os.replace(tmp, f.meta_path)
 
-    def create(self, key: str, base_etag: str | None, base_size: int | None = None) -> StagedFile:
+    def create(self, key: str, base_etag: str | None, base_size: int | None = None, *, dirty: bool = False) -> StagedFile:
+        """A new staged file for `key`, empty. `dirty`: a new file, to be stored even if nothing
+        is written to it (recorded with the file, one metadata write)."""
         sid = secrets.token_hex(8)
         data = self.directory / f"{sid}.data"
         fd = os.open(data, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         f = StagedFile(sid, key, base_etag, data, self.directory / f"{sid}.json", fd, base_size=base_size,
-                       changed=[] if base_etag is not None else None)
+                       changed=[] if base_etag is not None else None, dirty=dirty)
+        if dirty:
+            f.generation += 1
         self._write_meta(f)
         self.by_key[key] = f
         return f

@@ -15,7 +15,9 @@ Modes (`write_mode`):
 - `durable` (default): close/fsync returns once the object is stored (`commit` awaits the
   upload; a failure is EIO and the file stays queued for retry);
 - `writeback`: close returns once the bytes are staged on disk; the queue uploads them in commit
-  order. SIGTERM flushes the queue within the grace period; after a crash the next start does.
+  order, each once it has rested `delay` seconds since its last commit (as rclone's
+  --vfs-write-back). SIGTERM flushes the queue within the grace period, without waiting out the
+  delay; after a crash the next start does.
 
 Deadlines are the store's: metadata calls have the mount's deadline, transfers fail when they
 make no progress for that long (a stall), whatever their size. Nothing here adds a timeout.
@@ -66,6 +68,7 @@ class Writer:
         staging: StagingArea,
         *,
         mode: str = "durable",
+        delay: float = 0.0,
         on_stored: Callable[[StagedFile, ObjectInfo], None] | None = None,
     ) -> None:
         if mode not in WRITE_MODES:
@@ -73,6 +76,7 @@ class Writer:
         self.store = store
         self.staging = staging
         self.mode = mode
+        self.delay = delay  # write-back: seconds from a file's last commit to its upload
         self.on_stored = on_stored or (lambda f, info: None)
         self._wake = trio.Event()
 
@@ -105,6 +109,11 @@ class Writer:
         if not f.committed:
             self.staging.mark(f, committed=True, state="dirty")
         if self.mode == "writeback":
+            # Uploaded once it has rested `delay` seconds since its last commit: a file closed
+            # again meanwhile (an editor's saves, a log reopened) is sent once, a temporary file
+            # renamed or deleted meanwhile never, and a burst of closes (`cp -r`, `git`) does not
+            # compete with its own uploads.
+            f.next_try = max(f.next_try, trio.current_time() + self.delay)
             self._wake.set()
             return
         await self.upload(f)

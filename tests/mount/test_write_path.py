@@ -251,6 +251,55 @@ def test_sigkill_keeps_an_unclosed_file_incomplete_never_published(s3_bucket, mo
     assert w2.stats()["staged"] == []
 
 
+def test_writeback_sigkill_then_restart_uploads_every_closed_file(s3, proxied, mount_worker, tmp_path):
+    """Write-back: close returns before the upload (the backend is stalled, nothing can be
+    stored), the worker is killed, and the next start uploads every closed file; `unsynced`
+    goes to 0."""
+    proxy, bucket = proxied
+    cache = str(tmp_path / "wb-cache")
+    cfg = dict(options={"endpoint_url": proxy.endpoint}, readonly=False, cache_dir=cache, name="wb", write_mode="writeback", deadline=3.0, ttl=60.0)
+    w = mount_worker(bucket, **cfg)
+    os.mkdir(f"{w.mnt}/dir")
+    assert os.listdir(f"{w.mnt}/dir") == []  # listed before the stall: new names need no request
+    proxy.set(stall=True)
+    files = {f"dir/f{i:02d}.txt": b"closed before the kill %d" % i for i in range(20)}
+    for key, data in files.items():
+        with open(f"{w.mnt}/{key}", "wb") as f:
+            f.write(data)
+    unsynced = w.stats()["unsynced"]
+    assert unsynced["files"] == len(files), unsynced  # all acknowledged, none stored
+    os.kill(w.proc.pid, signal.SIGKILL)
+    w.proc.wait()
+    subprocess.run(["fusermount3", "-u", "-z", w.mnt], check=False)
+    proxy.set(stall=False)
+    assert not [k for k in s3.client().list_objects_v2(Bucket=bucket).get("Contents", []) if k["Key"] in files]
+    w2 = mount_worker(bucket, mountpath=w.mnt, **cfg)
+    wait_for(lambda: w2.stats()["unsynced"]["files"] == 0, timeout=60, what="the uploads after the restart")
+    for key, data in files.items():
+        assert s3.client().get_object(Bucket=bucket, Key=key)["Body"].read() == data
+
+
+def test_writeback_delay_sends_a_file_closed_twice_once(proxied, mount_worker, s3):
+    """A file closed, reopened and closed again within the write-back delay is uploaded once,
+    with its last bytes; a temporary file deleted within the delay is never uploaded."""
+    proxy, bucket = proxied
+    w = mount_worker(bucket, options={"endpoint_url": proxy.endpoint}, readonly=False, write_mode="writeback",
+                     writeback_delay=1.0, ttl=60.0)
+    os.listdir(w.mnt)
+    proxy.reset_counts()
+    with open(f"{w.mnt}/log.txt", "wb") as f:
+        f.write(b"first line\n")
+    with open(f"{w.mnt}/log.txt", "ab") as f:
+        f.write(b"second line\n")
+    with open(f"{w.mnt}/scratch.tmp", "wb") as f:
+        f.write(b"gone before the delay")
+    os.unlink(f"{w.mnt}/scratch.tmp")
+    wait_for(lambda: w.stats()["unsynced"]["files"] == 0, timeout=30, what="the delayed upload")
+    assert s3.client().get_object(Bucket=bucket, Key="log.txt")["Body"].read() == b"first line\nsecond line\n"
+    assert proxy.counts["PUT"] == 1, dict(proxy.counts)
+    assert "scratch.tmp" not in [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
+
+
 def test_sigterm_stores_closed_files_and_keeps_open_ones_incomplete(bucket, mount_worker):
     w = mount_worker(bucket, readonly=False, grace_period=20, write_mode="writeback")
     for i in range(5):  # write-back: closed, not yet stored when SIGTERM comes
