@@ -1,11 +1,16 @@
 """The staging area: local copies of files being written, until their object is stored.
 
-Each staged file is two files in the staging directory:
-  <id>.data   the file's bytes, written in place (pwrite) by the FUSE write handler;
-  <id>.json   its metadata: object key, the etag (and size) it was based on (None for a new file),
-            state, whether its writer committed it, the ranges changed since it was staged.
-The metadata is written to a temp file and renamed, so a crash leaves either the old or the new
-version. States: `dirty` (has bytes the bucket does not), `conflict` (the object changed remotely
+Each staged file is one file in the staging directory, and lines in one journal:
+  <id>.data      the file's bytes, written in place (pwrite) by the FUSE write handler;
+  journal.jsonl  its metadata, one line per change (appended with a single write): object key,
+               the etag (and size) it was based on (None for a new file), state, whether its
+               writer committed it, the ranges changed since it was staged; a removal line when
+               it is gone. The last line of an id wins; a torn last line (a crash mid-append) is
+               ignored, so a crash leaves the previous version. The journal is rewritten with
+               only the live files at recovery and when it has grown to many times their number.
+Creating a file costs a file system much more than appending a line (0.56 ms against ~10 us on
+the ext4 this was measured on): a staged file costs one creation, not three.
+(`<id>.json` files of earlier versions are still read at recovery.) States: `dirty` (has bytes the bucket does not), `conflict` (the object changed remotely
 since the file was staged; the local copy is kept and reported, never uploaded over the newer
 object), `incomplete` (its writer never closed or fsynced it after its last change, e.g. the
 sidecar died while it was being written: kept and reported, never published by itself). A file
@@ -40,6 +45,8 @@ class StagingFull(Exception):
     pass
 
 
+JOURNAL = "journal.jsonl"
+COMPACT_FACTOR, COMPACT_MIN = 4, 1000  # the journal is rewritten past FACTOR lines per live file + MIN
 MAX_RANGES = 1024  # changed ranges tracked per file; beyond, the whole file counts as changed
 
 
@@ -93,6 +100,8 @@ class StagingArea:
     limit: int = 50 << 30
     by_key: dict[str, StagedFile] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _journal_fd: int | None = None
+    _journal_lines: int = 0
 
     def __post_init__(self) -> None:
         self.directory = Path(self.directory)
@@ -103,16 +112,50 @@ class StagingArea:
     def used(self) -> int:
         return sum(f.size for f in self.by_key.values())
 
+    @property
+    def journal_path(self) -> Path:
+        return self.directory / JOURNAL
+
+    @staticmethod
+    def _doc(f: StagedFile) -> dict[str, Any]:
+        return {"id": f.id, "key": f.key, "base_etag": f.base_etag, "base_size": f.base_size, "state": f.state, "dirty": f.dirty,
+                "committed": f.committed, "changed": f.changed, "created": f.created, "mtime": f.mtime}
+
+    def _append(self, doc: dict[str, Any]) -> None:
+        # A line starts with a newline too: a line torn by a full disk ends there, and never
+        # swallows the next one.
+        line = ("\n" + json.dumps(doc) + "\n").encode()
+        with self._lock:
+            if self._journal_fd is None:
+                self._journal_fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            _disk_call(os.write, self._journal_fd, line)  # one write: a line is whole or torn, never mixed
+            self._journal_lines += 1
+            grown = self._journal_lines > COMPACT_FACTOR * len(self.by_key) + COMPACT_MIN
+        if grown:
+            self.compact()
+
     def _write_meta(self, f: StagedFile) -> None:
-        tmp = f.meta_path.with_suffix(".tmp")
-        doc = {"key": f.key, "base_etag": f.base_etag, "base_size": f.base_size, "state": f.state, "dirty": f.dirty,
-               "committed": f.committed, "changed": f.changed, "created": f.created, "mtime": f.mtime}
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, json.dumps(doc).encode())  # small: one write
-        finally:
-            os.close(fd)
-        os.replace(tmp, f.meta_path)
+        self._append(self._doc(f))
+
+    def compact(self) -> None:
+        """Rewrites the journal with one line per live staged file (temp file, then rename)."""
+        with self._lock:
+            live = [self._doc(f) for f in self.by_key.values()]
+            if self._journal_fd is not None:
+                os.close(self._journal_fd)
+                self._journal_fd = None
+            if not live:
+                self.journal_path.unlink(missing_ok=True)
+                self._journal_lines = 0
+                return
+            tmp = self.journal_path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                _disk_call(os.write, fd, "".join(json.dumps(d) + "\n" for d in live).encode())
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.journal_path)
+            self._journal_lines = len(live)
 
     def create(self, key: str, base_etag: str | None, base_size: int | None = None, *, dirty: bool = False) -> StagedFile:
         """A new staged file for `key`, empty. `dirty`: a new file, to be stored even if nothing
@@ -188,26 +231,49 @@ class StagingArea:
         except OSError:
             pass
         f.data_path.unlink(missing_ok=True)
-        f.meta_path.unlink(missing_ok=True)
+        f.meta_path.unlink(missing_ok=True)  # an earlier version's metadata file
+        self._append({"id": f.id, "removed": True})
 
     def recover(self, *, keep_incomplete_s: float = 7 * 86400) -> list[StagedFile]:
         """Staged files left by a previous run (a crash, or a shutdown that ran out of time).
         A file its writer had committed is `dirty` (uploaded by the writer); one it had not is
         `incomplete` (kept `keep_incomplete_s` seconds for a person to decide, never published
         by itself)."""
-        found = []
-        for meta in sorted(self.directory.glob("*.json")):
-            data = meta.with_suffix(".data")
+        docs: dict[str, dict[str, Any]] = {}
+        for meta in sorted(self.directory.glob("*.json")):  # an earlier version's metadata files
             try:
-                doc = json.loads(meta.read_text())
-                key = doc["key"]
-            except (OSError, ValueError, KeyError, TypeError):
+                docs[meta.stem] = json.loads(meta.read_text())
+            except (OSError, ValueError):
                 continue
-            if not data.exists():
+        try:
+            with open(self.journal_path, "rb") as j:
+                for line in j:
+                    if not line.strip():
+                        continue
+                    try:
+                        doc = json.loads(line)
+                        sid = doc["id"]
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a torn last line
+                    if doc.get("removed"):
+                        docs.pop(sid, None)
+                    else:
+                        docs[sid] = doc
+        except FileNotFoundError:
+            pass
+        found = []
+        for sid, doc in docs.items():
+            data = self.directory / f"{sid}.data"
+            meta = self.directory / f"{sid}.json"
+            try:
+                key = doc["key"]
+            except (KeyError, TypeError):
+                continue
+            if not isinstance(key, str) or not data.exists():
                 meta.unlink(missing_ok=True)
                 continue
             fd = os.open(data, os.O_RDWR)
-            f = StagedFile(meta.stem, key, doc.get("base_etag"), data, meta, fd, size=os.fstat(fd).st_size,
+            f = StagedFile(sid, key, doc.get("base_etag"), data, meta, fd, size=os.fstat(fd).st_size,
                            dirty=doc.get("dirty", True), state=doc.get("state", "dirty"), committed=bool(doc.get("committed")),
                            base_size=doc.get("base_size"), changed=doc.get("changed"), created=float(doc.get("created") or time.time()),
                            mtime=doc.get("mtime"))
@@ -216,7 +282,6 @@ class StagingArea:
                 continue
             if f.state == "dirty" and not f.committed:
                 f.state = "incomplete"
-                self._write_meta(f)
             if f.state == "incomplete" and time.time() - f.created > keep_incomplete_s:
                 self.remove(f)
                 continue
@@ -227,6 +292,9 @@ class StagingArea:
                 found = [x for x in found if x is not older]
             self.by_key[key] = f
             found.append(f)
+        self.compact()  # the journal is now what by_key holds (incomplete states included)
+        for meta in self.directory.glob("*.json"):
+            meta.unlink(missing_ok=True)  # folded into the journal
         for tmp in self.directory.glob("*.tmp"):
             tmp.unlink(missing_ok=True)
         return found

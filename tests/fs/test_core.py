@@ -527,6 +527,43 @@ def test_disk_tier_survives_restart_and_detects_corruption(tmp_path):
     assert disk.corrupt == 1
 
 
+def test_warm_sequential_reader_gets_blocks_read_ahead_from_disk(tmp_path):
+    """On a kept disk cache, a sequential reader's next blocks are read from disk into memory
+    ahead of it (disk threads, no request): most of its reads are memory hits."""
+    store = MemoryStore()
+    data = random.Random(5).randbytes(BS * 12)
+    store.put("f", data)
+    disk = DiskTier(tmp_path, limit=BS * 100)
+
+    async def fill():
+        async with mounted(store, disk=disk) as fs:
+            assert await read_all(fs, "f", chunk=BS) == data
+            with trio.fail_after(10):
+                while len(disk) < 12:
+                    await trio.sleep(0.01)
+
+    run(fill, mock_clock=False)
+    gets = store.stats.get_requests
+    kept = DiskTier(tmp_path, limit=BS * 100)
+
+    async def warm():
+        async with mounted(store, disk=kept, memory_limit=BS * 16) as fs:
+            ino = await path_ino(fs, "f")
+            fh, _ = await fs.open(ino, os.O_RDONLY)
+            out = []
+            for off in range(0, len(data), BS):
+                out.append(bytes(await fs.read(fh, off, BS)))
+                await trio.sleep(0.01)  # the reader consumes its data; the read-ahead runs meanwhile
+            fs.release(fh)
+            assert b"".join(out) == data
+            return fs.cache.stats
+
+    stats = run(warm, mock_clock=False)
+    assert store.stats.get_requests == gets  # all from disk
+    assert stats.disk_hits == 12
+    assert stats.memory_hits >= 8, stats  # read ahead: in memory before the reader asked
+
+
 def test_disk_limit_never_exceeded(tmp_path):
     store = MemoryStore()
     for i in range(6):

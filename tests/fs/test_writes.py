@@ -1,8 +1,10 @@
 """The write path of the filesystem core against the in-memory store (no kernel)."""
 
 import errno
+import json
 import os
 import random
+import time
 from contextlib import asynccontextmanager
 
 import pytest
@@ -51,7 +53,8 @@ def test_close_stores_and_staging_empties(tmp_path):
             await fs.flush(fh)
             assert store.objects["a.txt"][0] == b"hello\0\0\0\0\0world"
             fs.release(fh)
-            assert fs.staging.by_key == {} and list(tmp_path.iterdir()) == []
+            assert fs.staging.by_key == {} and [p.name for p in tmp_path.iterdir()] in ([], ["journal.jsonl"])
+            assert StagingArea(tmp_path).recover() == []  # the journal says nothing is left
             assert (await fs.getattr(attr.ino)).size == 15
 
     trio.run(main)
@@ -315,3 +318,29 @@ def test_writeback_close_before_and_after_the_write_stores_the_last_bytes(tmp_pa
         assert store.objects["out.txt"][0] == b"result\n"
 
     trio.run(main)
+
+
+def test_staging_journal_survives_a_torn_line_reads_old_metadata_files_and_compacts(tmp_path):
+    staging = StagingArea(tmp_path)
+    a = staging.create("a.txt", None, dirty=True)
+    staging.write(a, 0, b"committed")
+    staging.mark(a, committed=True)
+    with open(staging.journal_path, "ab") as j:  # a crash in the middle of the next append
+        j.write(b'\n{"id": "' + a.id.encode() + b'", "key": "a.txt", "state": "confl')
+    # an earlier version's metadata file, beside its data
+    (tmp_path / "0123456789abcdef.data").write_bytes(b"from before the journal")
+    (tmp_path / "0123456789abcdef.json").write_text(json.dumps({"key": "old.txt", "base_etag": None, "state": "dirty", "dirty": True,
+                                                              "committed": True, "created": time.time()}))
+    os.close(a.fd)
+    again = StagingArea(tmp_path)
+    found = {f.key: (f.state, f.committed) for f in again.recover()}
+    assert found == {"a.txt": ("dirty", True), "old.txt": ("dirty", True)}
+    assert not list(tmp_path.glob("*.json"))  # folded into the journal
+    lines = [json.loads(x) for x in again.journal_path.read_text().split("\n") if x.strip()]
+    assert sorted(d["key"] for d in lines) == ["a.txt", "old.txt"]
+    # many changes of one file: the journal is rewritten, never grows without bound
+    f = again.by_key["a.txt"]
+    for i in range(3000):
+        again.mark(f, committed=bool(i % 2))
+    assert len([x for x in again.journal_path.read_text().split("\n") if x.strip()]) <= 1010  # 4 per live file + 1000
+    assert {x.key for x in StagingArea(tmp_path).recover()} == {"a.txt", "old.txt"}

@@ -35,7 +35,7 @@ def test_cache_staging_and_files_are_private_to_the_daemon_user(s3, tmp_path, da
     try:
         cache = tmp_path / "cache"
         files = [p for p in cache.rglob("*") if p.is_file()]
-        assert any(p.suffix == ".data" for p in files) and any(p.suffix == ".json" for p in files)
+        assert any(p.suffix == ".data" for p in files) and any(p.name == "journal.jsonl" for p in files)
         assert len(files) >= 3  # a cached block, the staged data and its metadata
         for p in [*files, *[q for q in cache.rglob("*") if q.is_dir()]]:
             assert p.stat().st_mode & 0o077 == 0, f"{p} is {oct(p.stat().st_mode)}"
