@@ -40,6 +40,7 @@ from sidecar.vfs.mtimes import MtimeIndex
 from sidecar.vfs.staging import StagingArea
 
 logger = log.get_logger("sidecar.worker")
+WARM_UP_S = 3.0  # at most this long for the warm-up listing before the mount is announced
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -357,6 +358,10 @@ async def serve(cfg: WorkerConfig) -> int:
 
     async with trio.open_nursery() as nursery:
         await nursery.start(cache.run)
+        with trio.move_on_after(min(cfg.deadline, WARM_UP_S)):
+            failed = await fs.warm_up()
+            if failed:
+                logger.info("warm_up_failed", code=failed)
         try:
             _helper_conn = fuse_init(ops, mountpath, mount_options(cfg), cfg.mount_helper, name=cfg.name,
                                     readonly=cfg.readonly)

@@ -47,6 +47,7 @@ from sidecar.errors import (
     NotSupported,
     ObjectChanged,
     ReadOnly,
+    SidecarError,
 )
 from sidecar.store.base import DirInfo, Listing, ObjectInfo, ObjectStore
 from sidecar.vfs.inodes import ROOT_INO, InodeTable, Node
@@ -200,6 +201,17 @@ class Filesystem:
         return Attr(node.ino, False, node.size, node.mtime, mode, self.uid, self.gid, self.ttl)
 
     # -- listings ----------------------------------------------------------------------------
+
+    async def warm_up(self) -> str | None:
+        """Lists the root once, before the mount is announced: the SDK client's lazy set-up
+        (its HTTP session, connection pool, TLS context) then happens at start, not on the
+        first read of a session, and the root's listing is cached. Returns the error code if
+        the listing failed (the mount goes on: a failing backend is the health checks' news)."""
+        try:
+            await self._list(self.node(ROOT_INO), one_page=True)
+        except SidecarError as exc:
+            return exc.code
+        return None
 
     async def _list(self, node: Node, *, one_page: bool = False) -> dict[str, Entry] | None:
         """The folder's entries, from the cache while fresh, else one LIST shared by everyone
