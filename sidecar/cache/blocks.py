@@ -22,10 +22,11 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
-from sidecar.cache.disk import DiskTier, block_name
+from sidecar.cache.disk import DiskTier, block_name, range_name
 from sidecar.log import get_logger
 from sidecar.store.base import ObjectStore
 
@@ -48,6 +49,7 @@ class CacheStats:
     prefetch_skipped: int = 0
     single_flight_joins: int = 0
     direct_reads: int = 0  # random reads served with an exact ranged GET, not through blocks
+    range_hits: int = 0  # random reads answered from a range fetched before (memory or disk)
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -80,7 +82,8 @@ class BlockCache:
         self.disk = disk
         self.storage_id = storage_id or store.name
         self.stats = CacheStats()
-        self._memory: OrderedDict[tuple[str, str, int], bytes] = OrderedDict()
+        # blocks: (key, etag, index); exact ranges of random readers: (key, etag, ("range", start, end))
+        self._memory: OrderedDict[tuple[str, str, Any], bytes] = OrderedDict()
         self._memory_bytes = 0
         self._reserved = 0  # bytes reserved by fetches in flight
         self._room = trio.Event()  # set (and replaced) whenever reserved bytes are released
@@ -327,6 +330,46 @@ class BlockCache:
         assert self.disk is not None
         self.disk.errors += 1
         log.warning(event, error=type(exc).__name__, detail=str(exc)[:200], errors=self.disk.errors)
+
+    # -- exact ranges of random readers ---------------------------------------------------------
+    #
+    # A random read is fetched as exactly the bytes asked for (not whole blocks). The range is
+    # kept too, in the memory tier (under the same budget and LRU as blocks) and on disk, so a
+    # second pass over the same reads (a new handle, a new mount on the kept cache) fetches
+    # nothing. A range is found again by its exact offsets: random readers repeat theirs.
+
+    async def cached_range(self, ref: ObjectRef, start: int, end: int) -> bytes | None:
+        rid = (ref.key, ref.etag, ("range", start, end))
+        data = self._memory.get(rid)
+        if data is not None:
+            self._memory.move_to_end(rid)
+            self.stats.range_hits += 1
+            return data
+        if self.disk is None:
+            return None
+        name = range_name(self.storage_id, ref.key, ref.etag, start, end)
+        if name not in self.disk:
+            return None
+        (data,) = await self._disk_get_many([name])
+        if data is None or len(data) != end - start:
+            return None
+        self.stats.range_hits += 1
+        self._keep_in_memory(rid, data)
+        return data
+
+    def keep_range(self, ref: ObjectRef, start: int, data: bytes) -> None:
+        """Keeps a range a random reader fetched (memory now, disk in the background)."""
+        if not data or len(data) > self.block_size:
+            return
+        end = start + len(data)
+        self._keep_in_memory((ref.key, ref.etag, ("range", start, end)), data)
+        if self.disk is not None and self._nursery is not None:
+            self._nursery.start_soon(self._disk_put_many, [(range_name(self.storage_id, ref.key, ref.etag, start, end), data)])
+
+    def _keep_in_memory(self, rid: tuple, data: bytes) -> None:
+        if rid not in self._memory and self._evict_for(len(data)):
+            self._memory[rid] = data
+            self._memory_bytes += len(data)
 
     def invalidate(self, key: str) -> None:
         """Drops every memory block of `key` (any etag); disk blocks of old etags age out by LRU."""

@@ -37,6 +37,12 @@ def block_name(storage: str, key: str, etag: str, index: int, block_size: int) -
     return hashlib.sha256(raw).hexdigest()
 
 
+def range_name(storage: str, key: str, etag: str, start: int, end: int) -> str:
+    """The name of an exact byte range kept for a random reader (never a block's name)."""
+    raw = f"{storage}\0{key}\0{etag}\0range\0{start}\0{end}".encode()
+    return hashlib.sha256(raw).hexdigest()
+
+
 class DiskTier:
     def __init__(self, directory: str | os.PathLike[str], limit: int) -> None:
         self.dir = Path(directory)

@@ -449,8 +449,14 @@ class Filesystem:
         try:
             if h.readahead.window == 0 and not all(self.cache.has(ref, i) for i in range(first, last + 1)):
                 # A random reader: fetch just the bytes asked for, not whole blocks, so a 4 KiB
-                # read of a 5 GiB object costs a 4 KiB GET (the kernel page cache keeps it).
-                return self.cache.count_direct(await self.store.get_range(ref.key, offset, end, ref.etag))
+                # read of a 5 GiB object costs a 4 KiB GET; the range is kept (memory, disk) so
+                # the same read again costs nothing.
+                kept = await self.cache.cached_range(ref, offset, end)
+                if kept is not None:
+                    return kept
+                data = await self.store.get_range(ref.key, offset, end, ref.etag)
+                self.cache.keep_range(ref, offset, data)
+                return self.cache.count_direct(data)
             # Start the blocks this read needs first, then the read-ahead, so that read-ahead
             # never takes the memory the demand blocks need; `get` waits for room if need be.
             self.cache.prefetch(ref, range(first, last + 1), readahead=False)

@@ -413,6 +413,46 @@ def test_sequential_reader_prefetches_random_reader_does_not():
     run(main)
 
 
+def test_random_reads_are_kept_so_a_second_pass_fetches_nothing(tmp_path):
+    """Exact ranges of a random reader are kept in memory and on disk: the same reads again, by
+    a new handle or a new mount on the kept disk cache, make no request."""
+    store = MemoryStore()
+    data = random.Random(6).randbytes(BS * 64)
+    store.put("big", data)
+    rng = random.Random(7)
+    offsets = [rng.randrange(0, BS * 63) for _ in range(30)]
+
+    async def one_pass(fs):
+        ino = await path_ino(fs, "big")
+        fh, _ = await fs.open(ino, os.O_RDONLY)
+        for off in offsets:
+            assert bytes(await fs.read(fh, off, 4096)) == data[off : off + 4096]
+        fs.release(fh)
+
+    async def first():
+        async with mounted(store, disk=DiskTier(tmp_path, limit=BS * 100)) as fs:
+            await one_pass(fs)
+            gets = store.stats.get_requests
+            await one_pass(fs)  # a new handle: from memory
+            assert store.stats.get_requests == gets
+            assert fs.cache.stats.range_hits == len(offsets)
+            with trio.fail_after(10):
+                while len(fs.cache.disk) < len(offsets):
+                    await trio.sleep(0.01)
+
+    run(first, mock_clock=False)
+    assert store.stats.get_requests == len(offsets)
+    assert store.stats.bytes_fetched == len(offsets) * 4096  # still exactly what was read
+
+    async def again():
+        async with mounted(store, disk=DiskTier(tmp_path, limit=BS * 100)) as fs:
+            await one_pass(fs)  # a new mount: from disk
+            assert fs.cache.stats.range_hits == len(offsets)
+
+    run(again, mock_clock=False)
+    assert store.stats.get_requests == len(offsets)
+
+
 KiB, MiB = 1024, 1024 * 1024
 
 
