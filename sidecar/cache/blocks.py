@@ -62,6 +62,9 @@ class _Fetch:
     error: BaseException | None = None
 
 
+COALESCE_S = 0.002  # backend runs started this close together are merged into one request
+
+
 class BlockCache:
     def __init__(
         self,
@@ -94,6 +97,11 @@ class BlockCache:
         # of `fetch_size` in flight at once, at most `max_fetches` per mount.
         self.fetch_blocks = max(1, fetch_size // block_size)
         self._fetch_limiter = trio.CapacityLimiter(max_fetches)
+        # Backend runs wait COALESCE_S before they start, merged with the runs started meanwhile:
+        # the kernel splits one large read (a Parquet column chunk read at once) into 1 MiB
+        # requests that arrive together, each a run of its own; merged, they are one GET.
+        self._pending: list[tuple[ObjectRef, int, _Fetch, bool]] = []
+        self._flush_scheduled = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The cache's fetch service; start with `await nursery.start(cache.run)`."""
@@ -188,6 +196,15 @@ class BlockCache:
             return 0
         if self._nursery is None:
             raise RuntimeError("BlockCache.run is not started")
+        if part_blocks is None and reserved and COALESCE_S > 0:
+            for index in run:  # backend blocks: merged with other runs of the next COALESCE_S
+                fetch = _Fetch()
+                self._inflight[(ref.key, ref.etag, index)] = fetch
+                self._pending.append((ref, index, fetch, reserved))
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._nursery.start_soon(self._flush_pending)
+            return len(run)
         step = part_blocks or self.fetch_blocks
         for lo in range(0, len(run), step):
             part = run[lo : lo + step]
@@ -198,6 +215,24 @@ class BlockCache:
                 fetches.append(fetch)
             self._nursery.start_soon(self._fetch_run, ref, part[0], fetches, reserved)
         return len(run)
+
+    async def _flush_pending(self) -> None:
+        """Starts the pending backend blocks as contiguous runs of at most `fetch_blocks`."""
+        await trio.sleep(COALESCE_S)
+        pending, self._pending, self._flush_scheduled = self._pending, [], False
+        by_object: dict[tuple[str, str], list[tuple[ObjectRef, int, _Fetch, bool]]] = {}
+        for item in pending:
+            by_object.setdefault((item[0].key, item[0].etag), []).append(item)
+        assert self._nursery is not None
+        for items in by_object.values():
+            items.sort(key=lambda item: item[1])
+            part: list[tuple[ObjectRef, int, _Fetch, bool]] = []
+            for item in items + [None]:  # type: ignore[list-item]
+                if part and (item is None or item[1] != part[-1][1] + 1 or len(part) >= self.fetch_blocks):
+                    self._nursery.start_soon(self._fetch_run, part[0][0], part[0][1], [p[2] for p in part], True)
+                    part = []
+                if item is not None:
+                    part.append(item)
 
     def _start(self, ref: ObjectRef, index: int) -> _Fetch:
         self._start_run(ref, [index], reserved=False)

@@ -453,6 +453,30 @@ def test_random_reads_are_kept_so_a_second_pass_fetches_nothing(tmp_path):
     assert store.stats.get_requests == len(offsets)
 
 
+def test_blocks_asked_for_together_are_one_request():
+    """The kernel splits one large read into block-sized requests that arrive together: blocks
+    started within the coalescing delay are fetched as one ranged GET per contiguous run."""
+    from sidecar.cache.blocks import ObjectRef
+
+    store = MemoryStore()
+    data = random.Random(8).randbytes(BS * 12)
+    info = store.put("chunked", data)
+
+    async def main():
+        cache = BlockCache(store, block_size=BS, memory_limit=BS * 16)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            ref = ObjectRef("chunked", info.etag, len(data))
+            for index in (2, 0, 1, 3, 7, 8):  # out of order, in two contiguous runs
+                cache.prefetch(ref, range(index, index + 1), readahead=False)
+            got = [await cache.get(ref, i) for i in (0, 1, 2, 3, 7, 8)]
+            nursery.cancel_scope.cancel()
+        assert b"".join(got[:4]) == data[: 4 * BS] and b"".join(got[4:]) == data[7 * BS : 9 * BS]
+
+    run(main, mock_clock=False)
+    assert store.stats.get_requests == 2  # blocks 0-3 and 7-8
+
+
 KiB, MiB = 1024, 1024 * 1024
 
 
