@@ -12,8 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from sidecar import urls
-from sidecar.errors import NotFound, ObjectChanged
-from sidecar.store.fsspec_store import Progress, FsspecStore
+from sidecar.errors import BackendUnavailable, NotFound, ObjectChanged
+from sidecar.store.base import ObjectInfo
+from sidecar.store.fsspec_store import MIN_RATE, FsspecStore, Progress, _mtime, _rfc3339, _user_mtime
 
 
 BLOCK_CONCURRENCY = 8
@@ -23,7 +24,72 @@ class CredentialsMissing(Exception):
     """No credentials were found for a storage that is not anonymous."""
 
 
+def _quoted(etag: str) -> str:
+    return etag if etag.startswith('"') else f'"{etag}"'
+
+
 class AzureStore(FsspecStore):
+    def _object_info(self, d: dict[str, Any]) -> ObjectInfo:
+        info = super()._object_info(d)
+        mtime = _user_mtime(d.get("metadata"))  # rclone's `mtime` (RFC 3339), listed with the blob
+        return ObjectInfo(info.key, info.size, info.etag, mtime) if mtime else info
+
+    async def put_file(self, key: str, path: str, size: int, *, expected: Any = ..., reuse: Any = (), mtime: float | None = None) -> ObjectInfo:
+        """One upload with the precondition in the request (If-None-Match: * for a new blob,
+        If-Match for a replacement: a 412 is ObjectChanged) and the mtime as metadata."""
+        from azure.core import MatchConditions
+        from azure.core.exceptions import ResourceExistsError, ResourceModifiedError
+
+        cond: dict[str, Any] = {}
+        if expected is None:
+            cond = {"overwrite": False}  # If-None-Match: *
+        elif expected is not ...:
+            cond = {"overwrite": True, "etag": _quoted(expected), "match_condition": MatchConditions.IfNotModified}
+        else:
+            cond = {"overwrite": True}
+        metadata = {"is_directory": "false"}  # as adlfs writes it
+        if mtime is not None:
+            metadata["mtime"] = _rfc3339(mtime)
+        progress = Progress(grace=size / MIN_RATE)
+
+        async def tick(current: int, total: int | None) -> None:
+            progress.tick()
+
+        async def put() -> Any:
+            async with self.fs.service_client.get_blob_client(container=self.bucket, blob=key) as bc:
+                with open(path, "rb") as f:
+                    try:
+                        return await bc.upload_blob(f, length=size, metadata=metadata, max_concurrency=BLOCK_CONCURRENCY, progress_hook=tick, **cond)
+                    except (ResourceExistsError, ResourceModifiedError):
+                        raise ObjectChanged(f"write {key}") from None
+
+        resp = await self._run(f"write {key}", put, progress=progress)
+        self.stats.put_requests += 1
+        self.stats.bytes_stored += size
+        etag = str(resp.get("etag") or "").strip('"')
+        if not etag:
+            raise BackendUnavailable(f"write {key}: no etag in the answer")
+        return ObjectInfo(key, size, etag, mtime if mtime is not None else _mtime(resp.get("last_modified")))
+
+    async def set_mtime(self, key: str, etag: str, mtime: float) -> ObjectInfo | None:
+        """The blob's metadata with `mtime` set, conditional on its etag (the bytes are not sent
+        again; Azure gives the blob a new etag)."""
+        from azure.core import MatchConditions
+        from azure.core.exceptions import ResourceModifiedError
+
+        async def patch() -> Any:
+            async with self.fs.service_client.get_blob_client(container=self.bucket, blob=key) as bc:
+                try:
+                    props = await bc.get_blob_properties(etag=_quoted(etag), match_condition=MatchConditions.IfNotModified)
+                    metadata = dict(props.metadata or {}, mtime=_rfc3339(mtime))
+                    return await bc.set_blob_metadata(metadata, etag=_quoted(etag), match_condition=MatchConditions.IfNotModified)
+                except ResourceModifiedError:
+                    raise ObjectChanged(f"set mtime {key}") from None
+
+        resp = await self._run(f"set mtime {key}", patch)
+        self.stats.put_requests += 1
+        return ObjectInfo(key, -1, str(resp.get("etag") or "").strip('"'), mtime)
+
     async def _download(self, bc: Any, key: str, start: int, end: int, etag: str) -> bytes:
         """One conditional ranged download (runs on fsspec's loop)."""
         from azure.core import MatchConditions

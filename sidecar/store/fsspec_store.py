@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 import trio
@@ -135,15 +135,32 @@ def _mtime_text(mtime: float) -> str:
     return f"{mtime:.9f}"
 
 
+def _rfc3339(mtime: float) -> str:
+    """rclone's `mtime` metadata on Azure and GCS: RFC 3339 with a fraction, UTC."""
+    return datetime.fromtimestamp(mtime, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def _user_mtime(metadata: Any) -> float | None:
-    """The `mtime` user metadata (rclone's convention) if it holds a number."""
-    if isinstance(metadata, dict):
-        value = metadata.get("mtime") or metadata.get("Mtime")
+    """The `mtime` user metadata (rclone's convention: seconds with a fraction on S3, RFC 3339
+    on Azure and GCS; gsutil's `goog-reserved-file-mtime`, whole seconds, after it)."""
+    if not isinstance(metadata, dict):
+        return None
+    value = metadata.get("mtime") or metadata.get("Mtime")
+    if value is not None:
         try:
-            return float(value) if value is not None else None
+            return float(value)
         except (TypeError, ValueError):
-            return None
-    return None
+            pass
+        if isinstance(value, str):
+            try:
+                return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                pass
+    gsutil = metadata.get("goog-reserved-file-mtime")
+    try:
+        return float(int(gsutil)) if gsutil is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 def translate(exc: BaseException, what: str) -> SidecarError:
@@ -363,7 +380,7 @@ class FsspecStore:
         progress = Progress(grace=size / MIN_RATE)
 
         async def put() -> None:
-            await self.fs._put_file(path, self._path(key), callback=_ProgressCallback(progress))
+            await self.fs._put_file(path, self._path(key), callback=_ProgressCallback(progress), **self._upload_options(mtime))
 
         await self._run(f"write {key}", put, progress=progress)
         self.stats.put_requests += 1
@@ -372,6 +389,10 @@ class FsspecStore:
         if not isinstance(info, ObjectInfo):
             raise BackendUnavailable(f"write {key}: the object is not there after the upload")
         return info
+
+    def _upload_options(self, mtime: float | None) -> dict[str, Any]:
+        """Extra arguments of the fsspec upload (the mtime metadata, where the store keeps it)."""
+        return {}
 
     async def delete(self, key: str) -> None:
         self.stats.delete_requests += 1

@@ -15,13 +15,32 @@ from sidecar import urls
 from sidecar.errors import NotFound, ObjectChanged
 from sidecar.store.azure import CredentialsMissing
 from sidecar.store.base import ObjectInfo
-from sidecar.store.fsspec_store import FsspecStore, _mtime
+from sidecar.store.fsspec_store import FsspecStore, _mtime, _rfc3339, _user_mtime
 
 
 class GCSStore(FsspecStore):
     def _object_info(self, d: dict[str, Any]) -> ObjectInfo:
         ident = d.get("generation") or d.get("etag") or d.get("md5Hash") or ""
-        return ObjectInfo(self._key(d["name"]), int(d.get("size") or 0), str(ident), _mtime(d.get("updated") or d.get("mtime")))
+        mtime = _user_mtime(d.get("metadata")) or _mtime(d.get("updated") or d.get("mtime"))
+        return ObjectInfo(self._key(d["name"]), int(d.get("size") or 0), str(ident), mtime)
+
+    def _upload_options(self, mtime: float | None) -> dict[str, Any]:
+        # rclone's convention on GCS: `mtime` (RFC 3339) and gsutil's `goog-reserved-file-mtime`
+        return {"metadata": {"mtime": _rfc3339(mtime), "goog-reserved-file-mtime": str(int(mtime))}} if mtime is not None else {}
+
+    async def set_mtime(self, key: str, etag: str, mtime: float) -> ObjectInfo | None:
+        """A metadata PATCH of generation `etag` (the bytes and the generation stay)."""
+        metadata = self._upload_options(mtime)["metadata"]
+
+        async def patch() -> Any:
+            return await self.fs._call("PATCH", "b/{}/o/{}", self.bucket, key, json_out=True, json={"metadata": metadata},
+                                       ifGenerationMatch=etag or None)
+
+        self.stats.put_requests += 1
+        doc = await self._run(f"set mtime {key}", patch)
+        if isinstance(doc, dict) and doc.get("name"):
+            return self._object_info(doc)
+        return ObjectInfo(key, -1, etag, mtime)
 
     async def _get_range_sized(self, key: str, start: int, end: int, etag: str, object_size: int | None) -> bytes:
         return await self.get_range(key, start, end, etag, object_size)

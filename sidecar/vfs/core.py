@@ -203,12 +203,13 @@ class Filesystem:
     # -- listings ----------------------------------------------------------------------------
 
     async def warm_up(self) -> str | None:
-        """Lists the root once, before the mount is announced: the SDK client's lazy set-up
-        (its HTTP session, connection pool, TLS context) then happens at start, not on the
-        first read of a session, and the root's listing is cached. Returns the error code if
-        the listing failed (the mount goes on: a failing backend is the health checks' news)."""
+        """One small listing of the root (one entry), before the mount is announced: the SDK
+        client's lazy set-up (its HTTP session, connection pool, TLS context) then happens at
+        start, not on the first read of a session. Its answer is not cached: what is created
+        in the bucket between the start and the first look is seen. Returns the error code if
+        it failed (the mount goes on: a failing backend is the health checks' news)."""
         try:
-            await self._list(self.node(ROOT_INO), one_page=True)
+            await self.store.list_dir(self.node(ROOT_INO).key, max_entries=1)
         except SidecarError as exc:
             return exc.code
         return None
