@@ -184,23 +184,31 @@ class SmallFiles:
             p = rsrc / f"r{i:03d}.dat"
             p.write_bytes(os.urandom(4096))
             os.utime(p, (1_600_000_000 + i, 1_600_000_000 + i))
-        bucket = self.bucket()
-        w = self.worker(bucket, readonly=False, ttl=5.0)
-        for run in ("rsync_in_first", "rsync_in_second"):
-            self.measure(run, "sidecar", lambda: subprocess.run(["rsync", "-a", f"{rsrc}/", f"{w.mnt}/r/"], check=True))
-        self.measure("rsync_out", "sidecar", lambda: subprocess.run(["rsync", "-a", f"{w.mnt}/r/", str(self.work / "back")], check=True))
-        gitdir = f"{w.mnt}/repo"
+        env = dict(os.environ, GIT_AUTHOR_NAME="b", GIT_AUTHOR_EMAIL="b@x", GIT_COMMITTER_NAME="b", GIT_COMMITTER_EMAIL="b@x")
 
-        def git() -> None:
+        def git(gitdir: str) -> None:
             os.makedirs(gitdir)
             for i in range(300):
                 Path(f"{gitdir}/g{i:03d}.txt").write_text(f"line {i}\n")
-            env = dict(os.environ, GIT_AUTHOR_NAME="b", GIT_AUTHOR_EMAIL="b@x", GIT_COMMITTER_NAME="b", GIT_COMMITTER_EMAIL="b@x")
             for cmd in (["git", "init", "-q"], ["git", "add", "."], ["git", "commit", "-q", "-m", "x"]):
                 subprocess.run(cmd, cwd=gitdir, check=True, env=env)
 
-        self.measure("git_300", "sidecar", git)
-        w.stop()
+        for who in ("sidecar", "sidecar_writeback", "rclone_full"):
+            bucket = self.bucket()
+            if who == "rclone_full":
+                proc, mnt = self.rclone(bucket)
+            else:
+                w = self.worker(bucket, readonly=False, ttl=5.0, **({"write_mode": "writeback"} if who.endswith("writeback") else {}))
+                mnt = w.mnt
+            for run in ("rsync_in_first", "rsync_in_second"):
+                self.measure(run, who, lambda: subprocess.run(["rsync", "-a", f"{rsrc}/", f"{mnt}/r/"], check=True))
+            back = self.work / f"back-{who}"
+            self.measure("rsync_out", who, lambda: subprocess.run(["rsync", "-a", f"{mnt}/r/", str(back)], check=True))
+            self.measure("git_300", who, lambda: git(f"{mnt}/repo"))
+            if who == "rclone_full":
+                self.unmount(proc, mnt)
+            else:
+                w.stop()
 
     def start_to_ready(self) -> None:
         out: dict[str, dict] = {}

@@ -781,9 +781,10 @@ class Filesystem:
             had_remote = staged.base_etag is not None
             old_key = src.key
             self.staging.rekey(staged, dst_key)
-            # the destination may exist remotely: base it on what is there, we replace it
-            remote = await self.store.stat(dst_key)
-            self.staging.mark(staged, base_etag=remote.etag if isinstance(remote, ObjectInfo) else None)
+            # The destination may exist remotely: the upload replaces the version the lookup
+            # above saw (from the folder's listing: no request), or requires the name to be free.
+            # Either precondition travels with the upload, so a change meanwhile is a conflict.
+            self.staging.mark(staged, base_etag=(dst.etag or None) if dst is not None and not dst.is_dir else None)
             self.inodes.move(src, dst_key)
             if staged.handles <= 0:
                 await self.writer.commit(staged)

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import needs_fuse
+from tests.conftest import needs_fuse, wait_for
 
 pytestmark = [pytest.mark.mount, needs_fuse]
 
@@ -70,6 +70,29 @@ def test_cp_r_of_500_files_costs_at_most_one_request_per_file_besides_its_put(s3
     keys = {o["Key"] for p in s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in p.get("Contents", [])}
     assert {f"dst/f{i:03d}.txt" for i in range(500)} <= keys
     print(f"\ncp -r 500 files: {puts} PUT, other requests {counts}")
+
+
+def test_writeback_rsync_in_sends_each_file_once_and_asks_nothing_per_file(s3, proxied, mount_worker, tmp_path):
+    """rsync writes a temporary file and renames it: in write-back mode the rename happens
+    before the upload, so each file is one PUT under its final name, and the rename asks the
+    backend nothing (the folder's listing says whether the name is taken)."""
+    proxy, bucket = proxied
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(50):
+        (src / f"f{i:02d}.dat").write_bytes(os.urandom(500 + i))
+    w = mount_worker(bucket, options={"endpoint_url": proxy.endpoint}, readonly=False, ttl=30.0, write_mode="writeback",
+                     writeback_delay=1.0)
+    os.mkdir(f"{w.mnt}/out")
+    os.listdir(f"{w.mnt}/out")
+    proxy.reset_counts()
+    subprocess.run(["rsync", "-a", f"{src}/", f"{w.mnt}/out/"], check=True)
+    wait_for(lambda: w.stats()["unsynced"]["files"] == 0, timeout=60, what="the write-back uploads")
+    counts = dict(proxy.counts)
+    assert counts.pop("PUT", 0) == 50, counts
+    assert counts.get("HEAD", 0) == 0 and counts.get("LIST", 0) <= 1, counts
+    for i in (0, 49):
+        assert s3.client().get_object(Bucket=bucket, Key=f"out/f{i:02d}.dat")["Body"].read() == (src / f"f{i:02d}.dat").read_bytes()
 
 
 def test_rsync_a_twice_sends_nothing_the_second_time_and_mtimes_survive_a_remount(s3, proxied, mount_worker, tmp_path):
