@@ -100,7 +100,7 @@ class BlockCache:
         # Backend runs wait COALESCE_S before they start, merged with the runs started meanwhile:
         # the kernel splits one large read (a Parquet column chunk read at once) into 1 MiB
         # requests that arrive together, each a run of its own; merged, they are one GET.
-        self._pending: list[tuple[ObjectRef, int, _Fetch, bool]] = []
+        self._pending: list[tuple[ObjectRef, int, _Fetch]] = []  # reserved backend blocks not started yet
         self._flush_scheduled = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -191,7 +191,8 @@ class BlockCache:
     def _start_run(self, ref: ObjectRef, run: list[int], *, reserved: bool = True, part_blocks: int | None = None) -> int:
         """Registers fetches for the contiguous blocks `run` and starts them as parallel ranged
         GETs of at most `fetch_blocks` blocks each (`part_blocks`: disk reads, a block each, so
-        every block is ready as soon as its own read is done)."""
+        every block is ready as soon as its own read is done). Reserved backend runs start after
+        COALESCE_S, merged with the runs registered meanwhile (`_flush_pending`)."""
         if not run:
             return 0
         if self._nursery is None:
@@ -200,7 +201,7 @@ class BlockCache:
             for index in run:  # backend blocks: merged with other runs of the next COALESCE_S
                 fetch = _Fetch()
                 self._inflight[(ref.key, ref.etag, index)] = fetch
-                self._pending.append((ref, index, fetch, reserved))
+                self._pending.append((ref, index, fetch))
             if not self._flush_scheduled:
                 self._flush_scheduled = True
                 self._nursery.start_soon(self._flush_pending)
@@ -220,13 +221,13 @@ class BlockCache:
         """Starts the pending backend blocks as contiguous runs of at most `fetch_blocks`."""
         await trio.sleep(COALESCE_S)
         pending, self._pending, self._flush_scheduled = self._pending, [], False
-        by_object: dict[tuple[str, str], list[tuple[ObjectRef, int, _Fetch, bool]]] = {}
+        by_object: dict[tuple[str, str], list[tuple[ObjectRef, int, _Fetch]]] = {}
         for item in pending:
             by_object.setdefault((item[0].key, item[0].etag), []).append(item)
         assert self._nursery is not None
         for items in by_object.values():
             items.sort(key=lambda item: item[1])
-            part: list[tuple[ObjectRef, int, _Fetch, bool]] = []
+            part: list[tuple[ObjectRef, int, _Fetch]] = []
             for item in items + [None]:  # type: ignore[list-item]
                 if part and (item is None or item[1] != part[-1][1] + 1 or len(part) >= self.fetch_blocks):
                     self._nursery.start_soon(self._fetch_run, part[0][0], part[0][1], [p[2] for p in part], True)
