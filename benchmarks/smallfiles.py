@@ -224,9 +224,14 @@ class SmallFiles:
                             b.kill()
                             b.wait()
                     out.setdefault(template, {}).setdefault(f"{n}_mounts", {})[load] = {"seconds_to_ready": round(secs, 2), "pss_MiB": round(pss, 1),
-                                                                                       "first_read_s": self._first_read[0], "later_cold_read_s": self._first_read[1]}
+                                                                                       "first_read_s": self._first_read[0], "later_cold_read_s": self._first_read[1],
+                                                                                       "first_read_requests": self._first_requests[0],
+                                                                                       "later_cold_read_requests": self._first_requests[1],
+                                                                                       "later_cold_read_unlisted_folder_s": self._first_read[2],
+                                                                                       "later_cold_read_unlisted_folder_requests": self._first_requests[2]}
                     print(f"  start {template:<8} {n:2d} mounts {load:<14} {secs:6.2f} s to /ready, PSS {pss:7.1f} MiB, "
-                          f"first read {self._first_read[0]:.3f} s, a later cold read {self._first_read[1]:.3f} s", flush=True)
+                          f"first read {self._first_read[0]:.3f} s {self._first_requests[0]}, later cold reads {self._first_read[1]:.3f} s "
+                          f"{self._first_requests[1]} and {self._first_read[2]:.3f} s {self._first_requests[2]}", flush=True)
             one, twenty = out[template]["1_mounts"]["quiet"]["pss_MiB"], out[template]["20_mounts"]["quiet"]["pss_MiB"]
             out[template]["pss_per_additional_mount_MiB"] = round((twenty - one) / 19, 1)  # type: ignore[index]
         self.results["start_to_ready"] = out
@@ -246,7 +251,10 @@ class SmallFiles:
             for f in (creds / k).iterdir():
                 f.chmod(0o600)
         (self.work / "m.json").write_text(json.dumps(manifest))
-        for k in ("first.bin", "second.bin"):  # the first read after /ready vs a later cold one
+        # The first read after /ready (it lists the mount's root, then GETs) against later cold
+        # reads: one in the listed root (a GET only), one in a folder not listed yet (a LIST and
+        # a GET, the first read's shape).
+        for k in ("first.bin", "second.bin", "sub/third.bin"):
             self.s3.client().put_object(Bucket=bucket, Key=f"m0/{k}", Body=os.urandom(4 << 20))
         sock = str(self.work / f"d{self.n}.sock")
         started = time.monotonic()
@@ -266,12 +274,15 @@ class SmallFiles:
                     pass
                 time.sleep(0.02)
             secs = time.monotonic() - started
-            times = []
-            for k in ("first.bin", "second.bin"):
+            times, asked = [], []
+            for k in ("first.bin", "second.bin", "sub/third.bin"):
+                self.proxy.reset_counts()
                 t = time.monotonic()
                 Path(root / "m0" / k).read_bytes()
                 times.append(round(time.monotonic() - t, 3))
+                asked.append(dict(self.proxy.counts))  # the first also lists the folder; the second finds it listed
             self._first_read = times
+            self._first_requests = asked
             pss = 0
             pids = [str(proc.pid)] + [str(m["worker_pid"]) for m in request("/status", sock=sock)[1]["mounts"] if m.get("worker_pid")]
             pids += subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
