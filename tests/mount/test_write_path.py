@@ -219,6 +219,23 @@ def test_conflict_keeps_local_copy_and_never_overwrites(bucket, writable):
     assert open(staged["local_path"], "rb").read() == b"mine"
 
 
+def test_a_new_file_whose_name_appears_in_the_bucket_meanwhile_is_a_conflict(bucket, writable):
+    """A file created in the mount must still be new when it is stored (S3 and Azure send
+    If-None-Match: * with the upload; GCS checks just before): another writer's object of the
+    same name, stored while ours was being written, is never overwritten."""
+    path = os.path.join(writable.mnt, "race.txt")
+    f = open(path, "wb")
+    f.write(b"mine")
+    bucket.put("race.txt", b"theirs, stored first")
+    with pytest.raises(OSError) as err:
+        f.close()
+    assert err.value.errno == errno.EIO
+    assert remote(bucket, "race.txt") == b"theirs, stored first"
+    (staged,) = writable.stats()["staged"]
+    assert staged["key"] == "race.txt" and staged["state"] == "conflict"
+    assert open(staged["local_path"], "rb").read() == b"mine"
+
+
 def test_upload_failure_then_backend_returns(tmp_path, mount_worker):
     from tests.devservers import free_port
 
