@@ -87,6 +87,13 @@ def wait_mounted(path: str, proc: subprocess.Popen, timeout: float = 30) -> None
         time.sleep(0.05)
 
 
+def copy_finished(w: WorkerProcess) -> dict:
+    """The copy-mode worker's copy progress once it has ended."""
+    while (c := w.stats()["copy"])["state"] not in ("copied", "copied_with_errors", "failed"):
+        time.sleep(0.1)
+    return c
+
+
 class LinkBench:
     def __init__(self, args: argparse.Namespace, work: Path) -> None:
         self.args = args
@@ -321,8 +328,7 @@ class LinkBench:
         dest = self.work / "copied"
         w = self.worker(None, mode="copy", mountpath=str(dest), source_path="copy")
         started = time.monotonic()
-        while (c := w.stats()["copy"])["state"] not in ("copied", "copied_with_errors", "failed"):
-            time.sleep(0.1)
+        c = copy_finished(w)
         copy_secs = time.monotonic() - started
         assert c["files_done"] == self.args.copy_files and not c["errors"], c
         w.stop()
@@ -330,8 +336,7 @@ class LinkBench:
         for i in range(0, self.args.copy_files, 2):
             (dest / f"{i:04d}.bin").unlink()
         w = self.worker(None, mode="copy", mountpath=str(dest), source_path="copy")
-        while (c2 := w.stats()["copy"])["state"] not in ("copied", "copied_with_errors", "failed"):
-            time.sleep(0.1)
+        c2 = copy_finished(w)
         w.stop()
         shutil.rmtree(dest, ignore_errors=True)
         fs = s3fs.S3FileSystem(key=KEY, secret=SECRET, endpoint_url=self.proxy.endpoint, skip_instance_cache=True)

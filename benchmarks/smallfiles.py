@@ -139,9 +139,6 @@ class SmallFiles:
     def copy_fast(self) -> None:
         """`cp -r` of 500 files against a fast S3 server (rclone serve s3: a PUT of 2 KiB takes
         ~1.7 ms here, against moto's ~7.5 ms): what a durable close costs the sidecar itself."""
-        # Into the mount's root: rclone serve s3 refuses keys under a "folder/" marker object
-        # ("file already exists"), which a mkdir in the mount creates.
-        src = self._src500()
         served = self.work / "served"
         served.mkdir(exist_ok=True)
         fast = RcloneS3(served, self.work)
@@ -149,35 +146,34 @@ class SmallFiles:
         try:
             self.s3 = fast
             self.proxy = LinkProxy(fast.port)
-            self.measure("cp_r_500_fast_server", "local", lambda: subprocess.run(["cp", "-r", str(src), str(self.work / "local-fast")], check=True))
-            for who, cfg in (("durable", {}), ("writeback", {"write_mode": "writeback"})):
-                bucket = self.bucket()
-                w = self.worker(bucket, readonly=False, ttl=5.0, **cfg)
-                self.measure("cp_r_500_fast_server", who, lambda: subprocess.run(["cp", "-r", f"{src}/.", w.mnt], check=True))
-                w.stop()
-            bucket = self.bucket()
-            proc, mnt = self.rclone(bucket)
-            self.measure("cp_r_500_fast_server", "rclone_full", lambda: subprocess.run(["cp", "-r", f"{src}/.", mnt], check=True))
-            self.unmount(proc, mnt)
+            self._cp_r_500("cp_r_500_fast_server", into_root=True)
         finally:
             self.proxy.close()
             fast.stop()
             self.s3, self.proxy = saved
 
-    def copy_in(self) -> None:
+    def _cp_r_500(self, name: str, *, into_root: bool = False) -> None:
+        """`cp -r` of 500 small files: onto the local disk that holds the staging area (file
+        creation is what both pay for; on this machine's ext4 it costs up to ~0.5 ms a file),
+        into the mount durable and write-back, and into rclone full. `into_root`: the files go
+        into the mount's root, not a new folder (rclone serve s3 refuses keys under a "folder/"
+        marker object, "file already exists", which a mkdir in the mount creates)."""
         src = self._src500()
-        # local: the same copy onto the disk that holds the staging area (file creation is what
-        # both pay for; on this machine's ext4 it costs ~0.5 ms a file)
-        self.measure("cp_r_500", "local", lambda: subprocess.run(["cp", "-r", str(src), str(self.work / "local-dst")], check=True))
+        self.measure(name, "local", lambda: subprocess.run(["cp", "-r", str(src), str(self.work / f"local-{name}")], check=True))
+
+        def cp_into(mnt: str) -> None:
+            subprocess.run(["cp", "-r", f"{src}/.", mnt] if into_root else ["cp", "-r", str(src), f"{mnt}/dst"], check=True)
+
         for who, cfg in (("durable", {}), ("writeback", {"write_mode": "writeback"})):
-            bucket = self.bucket()
-            w = self.worker(bucket, readonly=False, ttl=5.0, **cfg)
-            self.measure("cp_r_500", who, lambda: subprocess.run(["cp", "-r", str(src), f"{w.mnt}/dst"], check=True))
+            w = self.worker(self.bucket(), readonly=False, ttl=5.0, **cfg)
+            self.measure(name, who, lambda: cp_into(w.mnt))
             w.stop()  # write-back: the queue is flushed here (not counted in cp's time)
-        bucket = self.bucket()
-        proc, mnt = self.rclone(bucket)
-        self.measure("cp_r_500", "rclone_full", lambda: subprocess.run(["cp", "-r", str(src), f"{mnt}/dst"], check=True))
+        proc, mnt = self.rclone(self.bucket())
+        self.measure(name, "rclone_full", lambda: cp_into(mnt))
         self.unmount(proc, mnt)
+
+    def copy_in(self) -> None:
+        self._cp_r_500("cp_r_500")
         rsrc = self.work / "src300"
         rsrc.mkdir()
         for i in range(300):

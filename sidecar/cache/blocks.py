@@ -159,12 +159,16 @@ class BlockCache:
         run: list[int] = []
         run_on_disk = False
         started = 0
+
+        def start_run() -> int:  # disk runs are read a block per thread hop
+            return self._start_run(ref, run, part_blocks=1 if run_on_disk else None)
+
         for index in indices:
             if index >= self.blocks_of(ref):
                 break
             bid = (ref.key, ref.etag, index)
             if bid in self._memory or bid in self._inflight:
-                started += self._start_run(ref, run, part_blocks=1 if run_on_disk else None)
+                started += start_run()
                 run = []
                 continue
             # Blocks on disk are read ahead too (into memory, by a disk thread, while the reader
@@ -172,14 +176,14 @@ class BlockCache:
             # all disk or all backend, so a disk read never waits behind a network stream.
             on_disk = self.disk is not None and block_name(self.storage_id, ref.key, ref.etag, index, self.block_size) in self.disk
             if run and on_disk != run_on_disk:
-                started += self._start_run(ref, run, part_blocks=1 if run_on_disk else None)
+                started += start_run()
                 run = []
             if not self._try_reserve(self._block_len(ref, index)):
                 self.stats.prefetch_skipped += readahead
                 break
             run.append(index)
             run_on_disk = on_disk
-        started += self._start_run(ref, run, part_blocks=1 if run_on_disk else None)
+        started += start_run()
         if readahead:
             self.stats.prefetches += started
         return started

@@ -75,38 +75,34 @@ class Prefetcher:
         of a later read from these listings), then each folder below, one LIST each."""
         found: dict[str, ObjectInfo] = {}
         listed: dict[str, Listing] = {}
+
+        async def listing_of(folder: str) -> Listing:  # each folder listed once per plan
+            if folder not in listed:
+                listed[folder] = await self._list(folder)
+            return listed[folder]
+
         for path in paths or [""]:
             parts = [p for p in path.strip("/").split("/") if p]
-            todo: list[str] = []
-            if not parts:
-                todo.append(self.root)
-            else:
-                folder = self.root
-                for depth, part in enumerate(parts):
-                    if folder not in listed:
-                        listed[folder] = await self._list(folder)
-                    key = f"{folder}/{part}".strip("/")
-                    listing = listed[folder]
-                    if depth == len(parts) - 1:
-                        match = next((i for i in listing.files if i.key == key), None)
-                        if match is not None:
-                            found[match.key] = match
-                        elif key in listing.dirs:
-                            todo.append(key)
-                        else:
-                            raise PrefetchRefused(f"{path}: no such file or folder in the storage")
-                    elif key not in listing.dirs:
-                        raise PrefetchRefused(f"{path}: no such file or folder in the storage")
-                    folder = key
-            while todo:
-                folder = todo.pop()
-                listing = listed.get(folder) or await self._list(folder)
-                listed[folder] = listing
-                for info in listing.files:
-                    found[info.key] = info
-                todo += listing.dirs
-                if len(found) > MAX_OBJECTS:
-                    raise PrefetchRefused(f"more than {MAX_OBJECTS} objects")
+            folder = self.root
+            for depth, part in enumerate(parts):
+                listing = await listing_of(folder)
+                key = f"{folder}/{part}".strip("/")
+                match = next((i for i in listing.files if i.key == key), None) if depth == len(parts) - 1 else None
+                if match is not None:
+                    found[match.key] = match
+                    break
+                if key not in listing.dirs:
+                    raise PrefetchRefused(f"{path}: no such file or folder in the storage")
+                folder = key
+            else:  # a folder (the root when no path was given): walked
+                todo = [folder]
+                while todo:
+                    listing = await listing_of(todo.pop())
+                    for info in listing.files:
+                        found[info.key] = info
+                    todo += listing.dirs
+                    if len(found) > MAX_OBJECTS:
+                        raise PrefetchRefused(f"more than {MAX_OBJECTS} objects")
         return sorted(found.values(), key=lambda i: i.key)
 
     async def start(self, paths: list[str], nursery: trio.Nursery) -> PrefetchProgress:

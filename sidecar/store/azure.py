@@ -40,7 +40,7 @@ class AzureStore(FsspecStore):
         from azure.core import MatchConditions
         from azure.core.exceptions import ResourceExistsError, ResourceModifiedError
 
-        cond: dict[str, Any] = {}
+        cond: dict[str, Any]
         if expected is None:
             cond = {"overwrite": False}  # If-None-Match: *
         elif expected is not ...:
@@ -97,7 +97,7 @@ class AzureStore(FsspecStore):
 
         try:
             stream = await bc.download_blob(
-                offset=start, length=end - start, etag=etag if etag.startswith('"') else f'"{etag}"',
+                offset=start, length=end - start, etag=_quoted(etag),
                 match_condition=MatchConditions.IfNotModified,
             )
             return await stream.readall()

@@ -151,11 +151,8 @@ def _user_mtime(metadata: Any) -> float | None:
             return float(value)
         except (TypeError, ValueError):
             pass
-        if isinstance(value, str):
-            try:
-                return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-            except ValueError:
-                pass
+        if isinstance(value, str) and (parsed := _mtime(value)):  # RFC 3339
+            return parsed
     gsutil = metadata.get("goog-reserved-file-mtime")
     try:
         return float(int(gsutil)) if gsutil is not None else None

@@ -780,11 +780,10 @@ class Filesystem:
         if staged is not None and (staged.dirty or staged.base_etag is None):
             had_remote = staged.base_etag is not None
             old_key = src.key
-            self.staging.rekey(staged, dst_key)
             # The destination may exist remotely: the upload replaces the version the lookup
             # above saw (from the folder's listing: no request), or requires the name to be free.
             # Either precondition travels with the upload, so a change meanwhile is a conflict.
-            self.staging.mark(staged, base_etag=(dst.etag or None) if dst is not None and not dst.is_dir else None)
+            self.staging.rekey(staged, dst_key, base_etag=(dst.etag or None) if dst is not None and not dst.is_dir else None)
             self.inodes.move(src, dst_key)
             if staged.handles <= 0:
                 await self.writer.commit(staged)
@@ -797,8 +796,7 @@ class Filesystem:
             self.mtimes.set(dst_key, info.etag, set_mtime)
         await self.store.delete(src.key)
         if staged is not None:
-            self.staging.rekey(staged, dst_key)
-            self.staging.mark(staged, base_etag=info.etag, base_size=info.size, changed=[])
+            self.staging.rekey(staged, dst_key, base_etag=info.etag, base_size=info.size, changed=[])
         self.inodes.move(src, dst_key)
         src.etag, src.size, src.checked_at = info.etag, info.size, trio.current_time()
 

@@ -217,11 +217,13 @@ class StagingArea:
     def read(self, f: StagedFile, offset: int, size: int) -> bytes:
         return os.pread(f.fd, size, offset)
 
-    def rekey(self, f: StagedFile, new_key: str) -> None:
-        """The file was renamed in the mount: it will be stored under `new_key`."""
+    def rekey(self, f: StagedFile, new_key: str, *, base_etag: str | None = None, base_size: int | None = None,
+              changed: list[list[int]] | None = None) -> None:
+        """The file was renamed in the mount: it will be stored under `new_key`, based on the
+        version of `new_key` given (by default none: stored whole, the name must be free)."""
         self.by_key.pop(f.key, None)
         f.key = new_key
-        f.base_etag = f.base_size = f.changed = None  # based on another object: stored whole
+        f.base_etag, f.base_size, f.changed = base_etag, base_size, changed
         self.by_key[new_key] = f
         self._write_meta(f)
 

@@ -204,36 +204,31 @@ def test_mtimes_are_stored_as_object_metadata_and_read_back_by_a_new_mount(bucke
     assert open(f"{w2.mnt}/after-close.txt", "rb").read() == b"time set after the upload"
 
 
-def test_conflict_keeps_local_copy_and_never_overwrites(bucket, writable):
-    bucket.put("c.txt", b"v1")
-    path = os.path.join(writable.mnt, "c.txt")
-    f = open(path, "r+b")
+def _write_while_another_writer_stores(bucket, writable, key, mode, theirs):
+    """Writes "mine" to `key` through the mount while `theirs` is stored in the bucket, then
+    checks the close: EIO, their object untouched, our bytes kept in staging as a conflict."""
+    f = open(os.path.join(writable.mnt, key), mode)
     f.write(b"mine")
-    bucket.put("c.txt", b"theirs, newer")
+    bucket.put(key, theirs)
     with pytest.raises(OSError) as err:
         f.close()
     assert err.value.errno == errno.EIO
-    assert remote(bucket, "c.txt") == b"theirs, newer"
+    assert remote(bucket, key) == theirs
     (staged,) = writable.stats()["staged"]
-    assert staged["key"] == "c.txt" and staged["state"] == "conflict"
+    assert staged["key"] == key and staged["state"] == "conflict"
     assert open(staged["local_path"], "rb").read() == b"mine"
+
+
+def test_conflict_keeps_local_copy_and_never_overwrites(bucket, writable):
+    bucket.put("c.txt", b"v1")
+    _write_while_another_writer_stores(bucket, writable, "c.txt", "r+b", b"theirs, newer")
 
 
 def test_a_new_file_whose_name_appears_in_the_bucket_meanwhile_is_a_conflict(bucket, writable):
     """A file created in the mount must still be new when it is stored (S3 and Azure send
     If-None-Match: * with the upload; GCS checks just before): another writer's object of the
     same name, stored while ours was being written, is never overwritten."""
-    path = os.path.join(writable.mnt, "race.txt")
-    f = open(path, "wb")
-    f.write(b"mine")
-    bucket.put("race.txt", b"theirs, stored first")
-    with pytest.raises(OSError) as err:
-        f.close()
-    assert err.value.errno == errno.EIO
-    assert remote(bucket, "race.txt") == b"theirs, stored first"
-    (staged,) = writable.stats()["staged"]
-    assert staged["key"] == "race.txt" and staged["state"] == "conflict"
-    assert open(staged["local_path"], "rb").read() == b"mine"
+    _write_while_another_writer_stores(bucket, writable, "race.txt", "wb", b"theirs, stored first")
 
 
 def test_upload_failure_then_backend_returns(tmp_path, mount_worker):
