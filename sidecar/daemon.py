@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -232,6 +233,7 @@ class WorkerProcess:
         self.process: trio.Process | None = None
         self._buffer = b""
         self._lock = trio.Lock()
+        self._may_have_mounted = False  # stop() unmounts the path only if this process may own it
 
     async def _read_event(self) -> dict[str, Any] | None:
         assert self.process is not None and self.process.stdout is not None
@@ -243,9 +245,14 @@ class WorkerProcess:
         line, self._buffer = self._buffer.split(b"\n", 1)
         return json.loads(line)
 
-    async def start(self, cfg: WorkerConfig | dict[str, Any], timeout: float) -> dict[str, str] | None:
+    async def start(self, cfg: WorkerConfig | dict[str, Any], timeout: float,
+                    before_mount: Callable[[], Awaitable[None]] | None = None) -> dict[str, str] | None:
         """Starts the worker (forked from the warm template when there is one); None once
-        mounted, else an error {code, reason}."""
+        mounted, else an error {code, reason}. A worker that runs the pre-flight check first
+        (`cfg.preflight`) reports `checked`; then `before_mount` runs (it clears the mount path)
+        and the worker is told to mount. `timeout` is the mount's; the check has its own deadline."""
+        preflight = isinstance(cfg, WorkerConfig) and cfg.preflight
+        self._may_have_mounted = not preflight
         forked = await self.template.fork() if self.template is not None and self.module == "sidecar.worker" else None
         if forked is not None:
             self.process = forked  # type: ignore[assignment]
@@ -255,8 +262,14 @@ class WorkerProcess:
             )
         assert self.process.stdin is not None
         await self.process.stdin.send_all(cfg.to_line() if isinstance(cfg, WorkerConfig) else (json.dumps(cfg) + "\n").encode())
-        with trio.move_on_after(timeout):
+        with trio.move_on_after(timeout + (cfg.check_deadline if preflight else 0)):  # type: ignore[union-attr]
             event = await self._read_event()
+            if event and event.get("event") == "checked":
+                if before_mount is not None:
+                    await before_mount()
+                self._may_have_mounted = True
+                await self.process.stdin.send_all(b"mount\n")
+                event = await self._read_event()
             if event and event.get("event") in ("mounted", "copying"):
                 return None
             await self.stop(5)
@@ -314,7 +327,8 @@ class WorkerProcess:
                     log.warning("worker_killed", mount=self.name, grace_period=grace)
                     proc.kill()
                     await proc.wait()
-            await unmount_if_mounted(self.mountpath)
+            if self._may_have_mounted:
+                await unmount_if_mounted(self.mountpath)
 
 
 async def unmount_if_mounted(path: str) -> bool:
@@ -490,6 +504,9 @@ class Daemon:
             allow_other=cfg.allow_other,
             log_level=cfg.log_level,
             grace_period=cfg.grace_period,
+            preflight=True,
+            write_probe=cfg.write_probe,
+            check_deadline=cfg.check_deadline,
         )
 
     def credentials_for(self, m: Mount) -> dict[str, str]:
@@ -515,35 +532,26 @@ class Daemon:
             log.error("credentials_unusable", mount=m.name, reason=reason)
             self._set(m, "needs_credentials", {"code": "credentials_invalid", "reason": reason})
             return
-        result = await preflight.check(
-            m.name,
-            m.storage.parsed,
-            m.storage.options,
-            creds,
-            source_path=m.mount.source_path,
-            writable=not m.storage.readonly,
-            write_probe=self.cfg.write_probe,
-            deadline=self.cfg.check_deadline,
-        )
-        log.info("preflight", mount=m.name, code=result.code)
-        if not result.ok:
-            error = {"code": result.code, "reason": result.reason}
-            if result.code in preflight.CREDENTIAL_CODES:
+        # The worker checks the storage with the client it then mounts with (sidecar.worker.
+        # open_store), and mounts once the path is cleared of a placeholder or a stale mount.
+        with trio.move_on_after(30):
+            await self._template_ready.wait()
+        m.worker = WorkerProcess(m.name, m.mount.mountpath)
+
+        async def clear_path() -> None:
+            await self._drop_placeholder(m)
+            await unmount_if_mounted(m.mount.mountpath)  # a stale mount of a killed predecessor
+
+        error = await m.worker.start(self.worker_config(m, creds), self.cfg.mount_timeout, before_mount=clear_path)
+        log.info("preflight", mount=m.name, code=error["code"] if error else "ok")
+        if error:
+            m.worker = None
+            if error["code"] in preflight.CREDENTIAL_CODES:
                 if self.cfg.credentials_wait > 0 and m.decision_deadline is None:
                     m.decision_deadline = trio.current_time() + self.cfg.credentials_wait
                 self._set(m, "needs_credentials", error)
             else:
                 self._failed(m, error)
-            return
-        await self._drop_placeholder(m)
-        await unmount_if_mounted(m.mount.mountpath)  # a stale mount of a killed predecessor
-        with trio.move_on_after(30):
-            await self._template_ready.wait()
-        m.worker = WorkerProcess(m.name, m.mount.mountpath)
-        error = await m.worker.start(self.worker_config(m, creds), self.cfg.mount_timeout)
-        if error:
-            m.worker = None
-            self._failed(m, error)
             return
         m.decision_deadline = None
         m.failures, m.failing_since = 0, None

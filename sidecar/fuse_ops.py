@@ -40,9 +40,6 @@ def _translated(fn: F) -> F:
     @functools.wraps(fn)
     async def wrapper(self: "FuseOps", *args: Any) -> Any:
         op = fn.__name__
-        if self.on_first_request is not None:  # the kernel has finished FUSE_INIT by now
-            hook, self.on_first_request = self.on_first_request, None
-            hook()
         with structlog.contextvars.bound_contextvars(op=op, mount=self.mount_name):
             try:
                 return await fn(self, *args)
@@ -91,7 +88,6 @@ class FuseOps(pyfuse3.Operations):
         self.fs = fs
         self.mount_name = mount_name
         self.errors = ErrorCounts()
-        self.on_first_request: Callable[[], None] | None = None
 
     def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()

@@ -175,8 +175,11 @@ async def check(
     writable: bool,
     write_probe: bool = True,
     deadline: float = 10.0,
+    fs: Any = None,
 ) -> CheckResult:
-    """Runs the pre-flight of one storage within `deadline` seconds. Never raises."""
+    """Runs the pre-flight of one storage within `deadline` seconds. Never raises. `fs` is the
+    file system (SDK client) to check with, e.g. the one a worker mounts with; else one is
+    built for the check."""
     # No credentials of our own is not yet "missing": ambient ones (a pod's IAM role through the
     # environment) may work. The backend call decides, and botocore reports when there are none.
     try:
@@ -184,16 +187,22 @@ async def check(
             if url.provider == "s3":
                 from sidecar.store.fsspec_store import make_s3_filesystem
 
+                if fs is None:
+                    fs = await trio.to_thread.run_sync(lambda: make_s3_filesystem(options, credentials, url.endpoint, url.region))
                 # One try: the check reports what it finds, it does not insist.
-                fs = await trio.to_thread.run_sync(lambda: make_s3_filesystem(options, credentials, url.endpoint, url.region, retries=1))
-                await check_s3(fs, url.bucket, url.key_prefix(source_path), writable=writable, write_probe=write_probe)
+                retries, fs.retries = fs.retries, 1
+                try:
+                    await check_s3(fs, url.bucket, url.key_prefix(source_path), writable=writable, write_probe=write_probe)
+                finally:
+                    fs.retries = retries
             else:
                 from sidecar.store.azure import CredentialsMissing, make_azure_filesystem
                 from sidecar.store.gcs import make_gcs_filesystem
 
                 make = make_azure_filesystem if url.provider == "azure" else make_gcs_filesystem
                 try:
-                    fs = await trio.to_thread.run_sync(make, url, options, credentials)
+                    if fs is None:
+                        fs = await trio.to_thread.run_sync(make, url, options, credentials)
                 except CredentialsMissing:
                     return CheckResult("credentials_missing", f"no credentials for storage {name!r}")
                 if url.provider == "gcs" and credentials.get("service_account.json"):

@@ -70,6 +70,11 @@ class WorkerConfig:
     log_level: str = "info"
     log: str | None = None  # tests: where the test harness sends the worker's stderr
     grace_period: float = GRACE_PERIOD
+    # The pre-flight check, in the worker with the client it mounts with: it reports `checked`
+    # (or an error with the check's code) and mounts once the daemon answers `mount`.
+    preflight: bool = False
+    write_probe: bool = True
+    check_deadline: float = 10.0
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> "WorkerConfig":

@@ -59,28 +59,35 @@ def share_botocore_data() -> None:
     loader_cls = botocore.loaders.Loader
     if getattr(loader_cls, "_sidecar_shared", False):
         return
-    load_service_model, load_data = loader_cls.load_service_model, loader_cls.load_data
-    models: dict[tuple, object] = {}
-    data: dict[str, object] = {}
+    load_service_model, load_data_with_path = loader_cls.load_service_model, loader_cls.load_data_with_path
+    list_available_services = loader_cls.list_available_services
+    cache: dict[tuple, object] = {}
+
+    def shared(key: tuple, make):  # type: ignore[no-untyped-def]
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
 
     def shared_service_model(self, service_name, type_name, api_version=None):  # type: ignore[no-untyped-def]
-        key = (tuple(self.search_paths), service_name, type_name, api_version)
-        if key not in models:
-            models[key] = load_service_model(self, service_name, type_name, api_version)
-        return models[key]
+        return shared(("model", tuple(self.search_paths), service_name, type_name, api_version),
+                      lambda: load_service_model(self, service_name, type_name, api_version))
 
-    def shared_data(self, name):  # type: ignore[no-untyped-def]
-        key = "\0".join([*self.search_paths, name])
-        if key not in data:
-            data[key] = load_data(self, name)
-        return data[key]
+    def shared_data_with_path(self, name):  # type: ignore[no-untyped-def]
+        return shared(("data", tuple(self.search_paths), name), lambda: load_data_with_path(self, name))
+
+    def shared_services(self, type_name="service-2"):  # type: ignore[no-untyped-def]
+        return shared(("services", tuple(self.search_paths), type_name), lambda: list_available_services(self, type_name))
 
     loader_cls.load_service_model = shared_service_model
-    loader_cls.load_data = shared_data
+    loader_cls.load_data_with_path = shared_data_with_path
+    loader_cls.list_available_services = shared_services
     loader_cls._sidecar_shared = True
+    share_endpoint_providers()
+    share_service_models()
     try:
         loader = botocore.loaders.create_loader()
-        loader.load_service_model("s3", "service-2")
+        for type_name in ("service-2", "endpoint-rule-set-1", "paginators-1"):
+            loader.load_service_model("s3", type_name)
         for name in ("endpoints", "partitions", "sdk-default-configuration", "_retry"):
             try:
                 loader.load_data(name)
@@ -88,9 +95,79 @@ def share_botocore_data() -> None:
                 pass
         import botocore.session
 
-        botocore.session.get_session().get_service_model("s3")
+        session = botocore.session.get_session()
+        # A client built here leaves the shared parts (the rule tree, the service model with
+        # the operations a mount calls and their shapes) for the workers' clients.
+        client = session.create_client("s3", region_name="us-east-1", aws_access_key_id="template", aws_secret_access_key="template")
+        model = client.meta.service_model
+        for name in S3_OPERATIONS:
+            operation = model.operation_model(name)
+            for shape in (operation.input_shape, operation.output_shape):
+                _resolve_shapes(shape, set())
     except Exception:
         pass
+
+
+# What a mount asks of S3 (sidecar.store.fsspec_store, sidecar.preflight, the writer).
+S3_OPERATIONS = ("ListObjectsV2", "GetObject", "HeadObject", "PutObject", "DeleteObject", "DeleteObjects", "CopyObject",
+                 "CreateMultipartUpload", "UploadPart", "UploadPartCopy", "CompleteMultipartUpload", "AbortMultipartUpload")
+
+
+def _resolve_shapes(shape, seen: set[int]) -> None:  # type: ignore[no-untyped-def]
+    """Builds a shape's members (botocore resolves them lazily, on first use, per model)."""
+    if shape is None or id(shape) in seen:
+        return
+    seen.add(id(shape))
+    for name in ("members", "member", "key", "value"):
+        part = getattr(shape, name, None)
+        if isinstance(part, dict):
+            for member in part.values():
+                _resolve_shapes(member, seen)
+        elif part is not None:
+            _resolve_shapes(part, seen)
+
+
+def share_service_models() -> None:
+    """One service model per service and version for every client of the process: botocore
+    builds a new one per client and resolves its operations and shapes again on their first
+    call (a session's first read would pay for it). The model is read-only once built."""
+    try:
+        import botocore.client
+    except ImportError:
+        return
+    creator = botocore.client.ClientCreator
+    load = creator._load_service_model
+    models: dict[tuple, object] = {}
+
+    def shared_model(self, service_name, api_version=None):  # type: ignore[no-untyped-def]
+        key = (tuple(self._loader.search_paths), service_name, api_version)
+        if key not in models:
+            models[key] = load(self, service_name, api_version)
+        return models[key]
+
+    creator._load_service_model = shared_model
+
+
+def share_endpoint_providers() -> None:
+    """Every SDK client parses its service's endpoint rule set (S3's is thousands of nodes) into
+    a rule tree of its own, and walking the shared JSON to do so writes to every page holding it
+    (reference counts), so each forked worker would end up with a private copy of both. The
+    provider is stateless (a pure function of its rule set and of the request's parameters, with
+    a cache of resolved endpoints), so one per rule set is built in the template and shared."""
+    try:
+        import botocore.regions
+    except ImportError:
+        return
+    make = botocore.regions.EndpointProvider
+    providers: dict[tuple, object] = {}
+
+    def shared_provider(ruleset_data, partition_data, excluded_params=None):  # type: ignore[no-untyped-def]
+        key = (id(ruleset_data), id(partition_data), frozenset(excluded_params or ()))
+        if key not in providers:
+            providers[key] = (make(ruleset_data, partition_data, excluded_params), ruleset_data, partition_data)
+        return providers[key][0]  # the data is kept alive with it, so its id is never reused
+
+    botocore.regions.EndpointProvider = shared_provider
 
 
 def _reap(*_: object) -> None:

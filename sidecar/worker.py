@@ -73,15 +73,51 @@ def json_command(line: str) -> dict[str, Any]:
     return doc if isinstance(doc, dict) else {}
 
 
-def read_config_line() -> dict[str, Any]:
-    # Byte by byte, so no later command is swallowed by a read buffer.
+def read_line() -> bytes:
+    """One line of stdin, byte by byte, so no later command is swallowed by a read buffer."""
     buf = bytearray()
     while not buf.endswith(b"\n"):
         chunk = os.read(0, 1)
         if not chunk:
             break
         buf += chunk
-    return json.loads(buf)
+    return bytes(buf)
+
+
+def read_config_line() -> dict[str, Any]:
+    return json.loads(read_line())
+
+
+async def open_store(cfg: WorkerConfig, url: urls.StorageURL) -> Any:
+    """The storage's store, its SDK client built now (not on the first read). With
+    `cfg.preflight`, the storage is checked first with that client (so one client per storage,
+    not one for the check and one for the mount): the worker reports `checked` and waits for the
+    daemon's `mount` (the daemon first clears the mount path), or reports the check's error code
+    and returns None."""
+    from sidecar import preflight
+    from sidecar.store.azure import CredentialsMissing
+    from sidecar.store.factory import build_store
+
+    try:
+        store = build_store(cfg.storage_id, url, cfg.options, cfg.credentials, deadline=cfg.deadline)
+    except CredentialsMissing:
+        if not cfg.preflight:
+            raise
+        emit("error", code="credentials_missing", reason=f"no credentials for storage {cfg.name!r}")
+        return None
+    await store.warm_up()
+    if not cfg.preflight:
+        return store
+    result = await preflight.check(cfg.name, url, cfg.options, cfg.credentials, source_path=cfg.source_path, writable=not cfg.readonly,
+                                   write_probe=cfg.write_probe, deadline=cfg.check_deadline, fs=store.fs)
+    logger.info("preflight", mount=cfg.name, code=result.code)
+    if not result.ok:
+        emit("error", code=result.code, reason=result.reason)
+        return None
+    emit("checked")
+    if (await trio.to_thread.run_sync(read_line, abandon_on_cancel=True)).strip() != b"mount":
+        return None  # the daemon went away, or changed its mind
+    return store
 
 
 def clear_stale_mount(path: str) -> bool:
@@ -108,8 +144,8 @@ def raise_kernel_readahead(real_mountpath: str, kb: int) -> None:
     """The kernel reads ahead 128 KiB on a FUSE mount by default; a larger window keeps more
     requests in flight for sequential readers (measured: +15% warm throughput at 1 MiB). Best
     effort: needs a writable /sys (root in the pod)."""
-    # Nothing may touch the mount point here (stat, realpath): that would send a FUSE request to
-    # this very process, which does not serve requests yet. The device number comes from
+    # Runs on the event loop, which serves the mount: nothing here may touch the mount point
+    # (stat, realpath would wait for this very process). The device number comes from
     # mountinfo, and the caller resolved the path before mounting.
     real = real_mountpath
     try:
@@ -169,11 +205,11 @@ async def serve_copy(cfg: WorkerConfig) -> int:
     """Copy mode: download the storage's folder into the mount path, report progress, then stay
     (for `stats` and `push`) until told to stop."""
     from sidecar.copier import Copier, CopyRefused
-    from sidecar.store.factory import build_store
 
     url = urls.parse(cfg.url)
-    store = build_store(cfg.storage_id, url, cfg.options, cfg.credentials, deadline=cfg.deadline)
-    await store.warm_up()
+    store = await open_store(cfg, url)
+    if store is None:
+        return 1
     try:
         dest = prepare_mountpoint(cfg.root, cfg.mountpath)
     except UnsafeMountPath as exc:
@@ -228,11 +264,11 @@ async def serve(cfg: WorkerConfig) -> int:
         return await serve_copy(cfg)
 
     from sidecar.fuse_ops import FuseOps
-    from sidecar.store.factory import build_store
 
     url = urls.parse(cfg.url)
-    store = build_store(cfg.storage_id, url, cfg.options, cfg.credentials, deadline=cfg.deadline)
-    await store.warm_up()  # the SDK client is built now, not on the first read
+    store = await open_store(cfg, url)
+    if store is None:
+        return 1
     disk = None
     if cfg.cache_dir:
         private_folder(cfg.cache_dir)  # ours alone: cached blocks and staged files are bucket data
@@ -358,10 +394,11 @@ async def serve(cfg: WorkerConfig) -> int:
 
     async with trio.open_nursery() as nursery:
         await nursery.start(cache.run)
-        with trio.move_on_after(min(cfg.deadline, WARM_UP_S)):
-            failed = await fs.warm_up()
-            if failed:
-                logger.info("warm_up_failed", code=failed)
+        if not cfg.preflight:  # the check has listed the mount's folder with this client already
+            with trio.move_on_after(min(cfg.deadline, WARM_UP_S)):
+                failed = await fs.warm_up()
+                if failed:
+                    logger.info("warm_up_failed", code=failed)
         try:
             _helper_conn = fuse_init(ops, mountpath, mount_options(cfg), cfg.mount_helper, name=cfg.name,
                                     readonly=cfg.readonly)
@@ -369,12 +406,22 @@ async def serve(cfg: WorkerConfig) -> int:
             emit("error", code="mount_failed", reason=str(exc))
             nursery.cancel_scope.cancel()
             return 1
-        # Only once the kernel has processed FUSE_INIT (which sets the window from the INIT
-        # reply): on the first request.
-        ops.on_first_request = lambda: raise_kernel_readahead(real_mountpath, cfg.kernel_readahead_kb)
-        try:
+
+        async def announce() -> None:
+            """`mounted` once the mount has answered a first request (a stat of its root, from a
+            thread: the loop serves it). The kernel has then finished FUSE_INIT, whose reply
+            sets the read-ahead window (raised after it), and no start-up work is left for the
+            session's first read."""
+            try:
+                await trio.to_thread.run_sync(os.stat, real_mountpath)
+            except OSError as exc:
+                logger.debug("first_stat_failed", error=str(exc))
+            raise_kernel_readahead(real_mountpath, cfg.kernel_readahead_kb)
             logger.info("mounted", mount=cfg.name, mountpath=mountpath, url=url.canonical(), write_mode=cfg.write_mode if staging else None)
             emit("mounted", mountpath=mountpath)
+
+        try:
+            nursery.start_soon(announce)
             nursery.start_soon(control, nursery)
             nursery.start_soon(signals)
             if fs.writer is not None:

@@ -276,3 +276,21 @@ def test_azure_credentials_missing_invalid_then_handed_in(azure, tmp_path, daemo
     assert body["state"] == "mounted", body
     assert open(tmp_path / "project/nokey/x.txt").read() == "azure data"
     assert azure.key not in d.log()
+
+
+def test_the_check_runs_in_the_worker_with_the_client_it_mounts_with(s3, proxied, tmp_path, daemons):
+    """One SDK client per storage: the pre-flight (a LIST of a read-only storage) and the mount
+    share the worker's client (the check's listing warmed it up: no second listing), and the
+    daemon itself never loads an SDK (its memory is not a client per storage)."""
+    proxy, bucket = proxied
+    s3.client().put_object(Bucket=bucket, Key="f.txt", Body=b"data")
+    manifest = {"root": str(tmp_path / "project"),
+                "storages": [{"name": "one", "provider": "s3", "url": f"s3://{bucket}", "options": {"endpoint_url": proxy.endpoint}}],
+                "mounts": [{"storage": "one", "mountpath": "one"}]}
+    d = daemons(tmp_path, manifest, creds=creds_dir(tmp_path, s3, ["one"]))
+    d.wait_ready()
+    assert d.states() == {"one": "mounted"}
+    assert dict(proxy.counts) == {"LIST": 1}  # the check; no second listing to warm up
+    assert (tmp_path / "project/one/f.txt").read_bytes() == b"data"
+    maps = open(f"/proc/{d.proc.pid}/maps").read()
+    assert "_http_parser" not in maps and "multidict" not in maps  # aiohttp (the SDK's HTTP) is not in the daemon

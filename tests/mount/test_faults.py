@@ -122,6 +122,8 @@ def test_backend_down_at_start_gives_a_read_only_placeholder_then_mounts_by_itse
     # the daemon keeps trying: a second failed attempt is scheduled after the first
     first_try = status["next_try"]
     wait_for(lambda: (d.get("/status")[1]["mounts"][0]["next_try"] or 0) > first_try, timeout=20, what="a second attempt")
+    # That attempt's check failed in its worker before the path was cleared: the placeholder stayed.
+    assert os.path.ismount(mnt) and os.listdir(mnt) == ["STORAGE-NOT-MOUNTED.txt"]
 
     with moto_server(tmp_path / "moto.log", auth=False, port=port) as server:
         server.client().create_bucket(Bucket=bucket)

@@ -239,3 +239,15 @@ def test_listing_costs_list_calls_only(s3_bucket, mount_worker):
     assert st["head_requests"] <= 1  # the lookup of "many" itself, at most
     assert st["list_requests"] <= 5  # the warm-up at start (1), the root (1) and "many" (3 pages of 1,000)
     assert st["get_requests"] == 0
+
+
+def test_mounted_means_served_with_the_kernel_read_ahead_raised(s3_bucket, mount_worker):
+    """`mounted` comes once the mount has answered a request, with the kernel's read-ahead
+    window of the mount already raised (it can only be set after FUSE_INIT): nothing of the
+    start-up is left for the first read."""
+    w = mount_worker(s3_bucket, kernel_readahead_kb=768)
+    real = os.path.realpath(w.mnt)
+    with open("/proc/self/mountinfo") as f:
+        dev = [line.split()[2] for line in f if line.split()[4] == real][-1]
+    with open(f"/sys/class/bdi/{dev}/read_ahead_kb") as f:
+        assert int(f.read()) == 768  # read before anything of ours touched the mount
