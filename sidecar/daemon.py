@@ -165,11 +165,12 @@ class WorkerTemplate:
         self.sock: socket.socket | None = None
         self._lock = trio.Lock()
 
-    async def start(self, env: dict[str, str], timeout: float = 60.0) -> bool:
+    async def start(self, env: dict[str, str], providers: list[str], timeout: float = 60.0) -> bool:
+        """Starts the template, warmed for `providers` (the manifest's)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "sidecar.template", str(theirs.fileno())], pass_fds=(theirs.fileno(),), env=env
+                [sys.executable, "-m", "sidecar.template", str(theirs.fileno()), ",".join(providers)], pass_fds=(theirs.fileno(),), env=env
             )
         finally:
             theirs.close()
@@ -858,7 +859,7 @@ class Daemon:
         importing the same modules once more beside it."""
         template = WorkerTemplate()
         try:
-            if await template.start(worker_environment()):
+            if await template.start(worker_environment(), sorted({m.storage.provider for m in self.mounts.values()})):
                 WorkerProcess.template = self._template = template
                 log.info("worker_template_ready")
             else:

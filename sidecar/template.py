@@ -28,8 +28,12 @@ import sys
 import threading
 
 
-def warm_up() -> None:
-    """Imports what a worker imports, and what its first requests would load."""
+PROVIDER_MODULES = {"s3": ("s3fs", "aiobotocore.session", "aiohttp", "botocore.session"), "azure": ("adlfs",), "gcs": ("gcsfs",)}
+
+
+def warm_up(providers: list[str] | None = None) -> None:
+    """Imports what a worker imports, and what its first requests would load: for the given
+    providers (the manifest's), or all. A worker of another provider imports its SDK itself."""
     os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     import pyfuse3  # noqa: F401
     import trio  # noqa: F401
@@ -39,11 +43,14 @@ def warm_up() -> None:
     import sidecar.store.factory  # noqa: F401
     import sidecar.worker  # noqa: F401
 
-    for name in ("s3fs", "aiobotocore.session", "aiohttp", "botocore.session", "adlfs", "gcsfs"):
-        try:
-            __import__(name)
-        except ImportError:
-            pass
+    for provider, modules in PROVIDER_MODULES.items():
+        if providers is not None and provider not in providers:
+            continue
+        for name in modules:
+            try:
+                __import__(name)
+            except ImportError:
+                pass
     share_botocore_data()
 
 
@@ -227,7 +234,7 @@ def serve(sock: socket.socket) -> None:
 
 def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
-    warm_up()
+    warm_up(sys.argv[2].split(",") if len(sys.argv) > 2 else None)
     gc.collect()
     gc.freeze()  # the imported world moves to a generation collections never touch
     sock.sendall(b"R")  # ready
