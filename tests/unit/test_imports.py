@@ -61,3 +61,25 @@ def test_the_filesystem_core_imports_no_fuse_and_no_sdk():
             "print(','.join(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"sidecar.vfs.core pulls in {out}"
+
+
+def test_the_worker_template_warms_the_manifests_providers_only():
+    """The template imports the SDKs of the manifest's providers (an S3-only session does not
+    wait for gcsfs and adlfs), and shares botocore's parsed S3 data and rule tree with the
+    workers it forks: a client built after the warm-up parses no JSON of its own."""
+    code = (
+        "import sys, json\n"
+        "from sidecar import template\n"
+        "template.warm_up(['s3'])\n"
+        "loaded = [m for m in ('s3fs', 'gcsfs', 'adlfs') if m in sys.modules]\n"
+        "import botocore.loaders, botocore.session\n"
+        "parsed = []\n"
+        "real = botocore.loaders.JSONFileLoader.load_file\n"
+        "botocore.loaders.JSONFileLoader.load_file = lambda self, p: parsed.append(p) or real(self, p)\n"
+        "botocore.session.get_session().create_client('s3', region_name='us-east-1', aws_access_key_id='a', aws_secret_access_key='b')\n"
+        "print(json.dumps([loaded, parsed]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PACKAGE.parent).stdout
+    loaded, parsed = __import__("json").loads(out)
+    assert loaded == ["s3fs"]
+    assert parsed == []
