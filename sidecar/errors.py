@@ -19,6 +19,10 @@ class SidecarError(Exception):
 class NotFound(SidecarError):
     code = "not_found"
 
+    def __init__(self, *args: object, cacheable_for: float = 0.0) -> None:
+        super().__init__(*args)
+        self.cacheable_for = cacheable_for  # s the kernel may keep the answer (a negative dentry)
+
 
 class AccessDenied(SidecarError):
     code = "access_denied"

@@ -31,7 +31,7 @@ log = get_logger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
-class ErrorCounts(dict):
+class ErrorCounts(dict):  # also the requests by operation
     def bump(self, name: str) -> None:
         self[name] = self.get(name, 0) + 1
 
@@ -40,6 +40,7 @@ def _translated(fn: F) -> F:
     @functools.wraps(fn)
     async def wrapper(self: "FuseOps", *args: Any) -> Any:
         op = fn.__name__
+        self.requests.bump(op)
         with structlog.contextvars.bound_contextvars(op=op, mount=self.mount_name):
             try:
                 return await fn(self, *args)
@@ -88,6 +89,7 @@ class FuseOps(pyfuse3.Operations):
         self.fs = fs
         self.mount_name = mount_name
         self.errors = ErrorCounts()
+        self.requests = ErrorCounts()  # FUSE requests served, by operation
 
     def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -109,7 +111,15 @@ class FuseOps(pyfuse3.Operations):
 
     @_translated
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        return self._entry(await self.fs.lookup(parent_inode, _existing_name(name)))
+        try:
+            return self._entry(await self.fs.lookup(parent_inode, _existing_name(name)))
+        except NotFound as exc:
+            if not exc.cacheable_for:
+                raise
+            missing = pyfuse3.EntryAttributes()  # inode 0: "does not exist", kept for entry_timeout
+            missing.st_ino = 0
+            missing.entry_timeout = exc.cacheable_for
+            return missing
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         try:
@@ -221,10 +231,13 @@ class FuseOps(pyfuse3.Operations):
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> pyfuse3.EntryAttributes:
         raise NotPermitted("special files are not supported")
 
+    # Extended attributes are not stored. ENOSYS (not ENODATA) tells the kernel once for all: it
+    # stops asking (it asked for `security.capability` before every write: a round trip per
+    # written file) and answers "not supported" itself, as for rclone and mountpoint-s3.
     @_translated
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @_translated
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
-        return []
+        raise pyfuse3.FUSEError(errno.ENOSYS)

@@ -96,6 +96,7 @@ class WorkerStats(TypedDict, total=False):
     memory_bytes: int
     disk: dict[str, int] | None  # used, limit, configured_limit, blocks, corrupt, evictions, errors
     errors: dict[str, int]  # FUSE requests answered with an error, by reason
+    requests: dict[str, int]  # FUSE requests served, by operation
     inodes: int
     write_mode: str | None
     unsynced: dict[str, int] | None  # files, bytes, queued, incomplete, conflicts

@@ -37,7 +37,7 @@ from sidecar.private import private_folder
 from sidecar.protocol import WorkerConfig, WorkerStats
 from sidecar.vfs.core import Filesystem
 from sidecar.vfs.mtimes import MtimeIndex
-from sidecar.vfs.staging import StagingArea
+from sidecar.vfs.staging import SPARES, StagingArea
 
 logger = log.get_logger("sidecar.worker")
 WARM_UP_S = 3.0  # at most this long for the warm-up listing before the mount is announced
@@ -282,7 +282,7 @@ async def serve(cfg: WorkerConfig) -> int:
     if not cfg.readonly:
         base = Path(cfg.cache_dir or default_cache_dir())
         private_folder(base / "staging")
-        staging = StagingArea(base / "staging" / f"{storage_dir_name(cfg)}-{cfg.name}", cfg.staging_limit)
+        staging = StagingArea(base / "staging" / f"{storage_dir_name(cfg)}-{cfg.name}", cfg.staging_limit, spares=SPARES)
         recovered = await trio.to_thread.run_sync(lambda: staging.recover(keep_incomplete_s=cfg.incomplete_keep_days * 86400))
         for f in recovered:
             (logger.error if f.state == "incomplete" else logger.warning)("staged_file_recovered", key=f.key, size=f.size, state=f.state)
@@ -324,6 +324,7 @@ async def serve(cfg: WorkerConfig) -> int:
             if disk
             else None,
             "errors": dict(ops.errors),
+            "requests": dict(ops.requests),
             "inodes": fs.inode_count,
             "write_mode": cfg.write_mode if staging else None,
             "unsynced": fs.writer.unsynced() if fs.writer else None,

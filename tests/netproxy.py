@@ -108,6 +108,7 @@ class LinkProxy:
         self.error_fraction = 0.0
         self.refuse = False
         self.counts: Counter[str] = Counter()
+        self.continues = 0  # requests that asked for `100 Continue` (a round trip before the body)
         self.bytes_up = 0  # request bodies (client -> server)
         self.bytes_down = 0  # response bodies (server -> client)
         self.resets = 0
@@ -131,7 +132,7 @@ class LinkProxy:
 
     def set(self, **settings: Any) -> None:
         for name, value in settings.items():
-            if not hasattr(self, name) or name.startswith("_") or name in ("counts", "upstream", "port"):
+            if not hasattr(self, name) or name.startswith("_") or name in ("counts", "continues", "upstream", "port"):
                 raise AttributeError(f"no proxy setting {name!r}")
             setattr(self, name, value)
         with self._unstalled:
@@ -140,7 +141,7 @@ class LinkProxy:
     def reset_counts(self) -> None:
         with self._lock:
             self.counts.clear()
-            self.bytes_up = self.bytes_down = self.resets = self.errors_injected = 0
+            self.bytes_up = self.bytes_down = self.resets = self.errors_injected = self.continues = 0
 
     def close(self) -> None:
         self._stop.set()
@@ -213,6 +214,7 @@ class LinkProxy:
                 kind = _kind(method, target, fields)
                 with self._lock:
                     self.counts[kind] += 1
+                    self.continues += fields.get("expect", "").lower() == "100-continue"
                 if self.stall:
                     self._wait_unstalled()
                     raise _Closed()  # a stalled request never gets an answer
@@ -226,8 +228,11 @@ class LinkProxy:
                 self._track(upstream, True)
                 ureader = _Reader(upstream)
                 if fields.get("expect", "").lower() == "100-continue":
-                    # Answered here, and the header dropped: the server then needs no 100 round trip.
+                    # Answered here, after the link's first-byte delay (it is a round trip on a
+                    # real link too), and the header dropped: the server needs no 100 round trip.
                     head = b"\r\n".join(h for h in head.split(b"\r\n") if not h.lower().startswith(b"expect:"))
+                    if self.first_byte_delay:
+                        time.sleep(self.first_byte_delay)
                     client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
                 started, sent = time.monotonic(), [0]
                 upstream.sendall(head)

@@ -411,6 +411,7 @@ class FsspecStore:
 
 MULTIPART_THRESHOLD = 16 << 20
 PART_SIZE = 16 << 20
+INLINE_READ = 256 << 10  # a staged file up to this size is read on the event loop, not in a thread
 REUSE_PART_SIZE = 8 << 20  # finer parts when unchanged ranges can be copied: less is sent again
 UPLOAD_CONCURRENCY = 8
 
@@ -458,7 +459,10 @@ class _S3Writes:
         copied = 0
 
         async def single() -> str:
-            data = await asyncio.get_running_loop().run_in_executor(None, _read_part, path, 0, size)
+            if size <= INLINE_READ:  # from the page cache: cheaper than a hop to a thread and back
+                data = _read_part(path, 0, size)
+            else:
+                data = await asyncio.get_running_loop().run_in_executor(None, _read_part, path, 0, size)
             resp = await self.fs._call_s3("put_object", Bucket=self.bucket, Key=key, Body=_ProgressBody(data, progress), **cond, **meta)
             return resp["ETag"]
 
@@ -713,7 +717,25 @@ def make_s3_filesystem(
             kwargs["secret"] = credentials.get("secret_access_key")
             if credentials.get("session_token"):
                 kwargs["token"] = credentials["session_token"]
-    fs = s3fs.S3FileSystem(**kwargs)
+    import aiobotocore.session
+
+    session = aiobotocore.session.AioSession()
+    session.get_component("event_emitter").register_last("before-call.s3", _small_bodies_at_once)
+    fs = s3fs.S3FileSystem(session=session, **kwargs)
     fs.retries = retries
     _count_s3fs_retries()
     return fs
+
+
+def _small_bodies_at_once(params: dict[str, Any], **_: Any) -> None:
+    """botocore asks for `100 Continue` before sending any body (it turns bytes into a file
+    object first): a round trip more per PUT, which for a small body costs more than sending
+    it. A body up to INLINE_READ goes at once; a larger one still waits for the go-ahead (a
+    refusal, e.g. a failed precondition, then costs no body)."""
+    headers = params.get("headers") or {}
+    if "Expect" in headers:
+        from botocore.utils import determine_content_length
+
+        size = determine_content_length(params.get("body"))
+        if size is not None and size <= INLINE_READ:
+            del headers["Expect"]

@@ -63,6 +63,10 @@ RENAME_EXCHANGE = 2
 DIR_RENAME_LIMIT = 1000  # objects; a larger directory answers EXDEV and `mv` copies it instead
 DIR_TTL_MIN = 30.0  # s a known folder is trusted, whatever the metadata TTL
 LOOKUP_LIST_MAX = 1000  # a lookup in an unlisted folder lists it if it fits in one page
+# s the kernel may keep a "does not exist" answer (a negative dentry): `cp` and `git` ask twice
+# for each new name (stat, then open with O_CREAT); the second answer comes from the kernel.
+NEGATIVE_TTL = 1.0
+NEGATIVE_MAX = 4096  # negative answers remembered for a refresh to withdraw
 
 
 @dataclass
@@ -138,6 +142,8 @@ class Filesystem:
         self.max_readahead_blocks = max_readahead_blocks
         self.inodes = InodeTable(self.root_prefix)
         self.listings = Listings(ttl)
+        self.negative_ttl = min(ttl, NEGATIVE_TTL)
+        self._negatives: dict[str, tuple[int, str, float]] = {}  # key -> (parent ino, name, expiry) held by the kernel
         self.mtimes = mtimes or MtimeIndex()
         self.mtime_from_metadata = mtime_from_metadata
         self._listing_flights: dict[str, trio.Event] = {}
@@ -182,6 +188,13 @@ class Filesystem:
         self._big.clear()
         entries: list[tuple[int, str]] = []
         inodes: list[int] = []
+        now = trio.current_time()
+        for key, (parent_ino, name, expires) in list(self._negatives.items()):
+            if expires <= now:
+                del self._negatives[key]
+            elif key.startswith(base + "/" if base else ""):
+                entries.append((parent_ino, name))  # a "does not exist" the kernel still holds
+                del self._negatives[key]
         for node in self.inodes.nodes():
             if node.key == base or node.key.startswith(base + "/" if base else ""):
                 node.checked_at = float("-inf")
@@ -334,7 +347,13 @@ class Filesystem:
             else:
                 entry = Entry(False, found)
         if entry is None:
-            self.listings.set_absent(key, trio.current_time())
+            now = trio.current_time()
+            self.listings.set_absent(key, now)
+            if len(self._negatives) >= NEGATIVE_MAX:
+                self._negatives = {k: v for k, v in self._negatives.items() if v[2] > now}
+            if len(self._negatives) < NEGATIVE_MAX:  # else not cacheable: a refresh could not withdraw it
+                self._negatives[key] = (parent.ino, name, now + self.negative_ttl)
+                raise NotFound(key, cacheable_for=self.negative_ttl)
             raise NotFound(key)
         self.listings.clear_absent(key)
         node = self.inodes.for_entry(key, entry.is_dir, entry.info, trio.current_time())

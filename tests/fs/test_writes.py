@@ -12,6 +12,7 @@ import trio
 
 from sidecar.cache.blocks import BlockCache
 from sidecar.errors import errno_for
+from tests.conftest import wait_for
 from sidecar.store.memory import MemoryStore
 from sidecar.vfs import core
 from sidecar.vfs.core import ROOT_INO, Filesystem
@@ -344,3 +345,26 @@ def test_staging_journal_survives_a_torn_line_reads_old_metadata_files_and_compa
         again.mark(f, committed=bool(i % 2))
     assert len([x for x in again.journal_path.read_text().split("\n") if x.strip()]) <= 1010  # 4 per live file + 1000
     assert {x.key for x in StagingArea(tmp_path).recover()} == {"a.txt", "old.txt"}
+
+
+def test_spare_data_files_are_taken_by_create_and_never_outlive_a_restart(tmp_path):
+    """The worker's staging area keeps empty data files ready (created by a thread, off the
+    request path). A spare is what `create` takes; one never taken is in no journal line and
+    `recover` deletes it; one deleted meanwhile (another instance's recover) is not used."""
+    staging = StagingArea(tmp_path, spares=2)
+    first = staging.create("a.txt", None, dirty=True)  # no spare yet: made on the spot; the thread starts
+    wait_for(lambda: len(staging._spares) == 2, timeout=10, what="two spares")
+    spare_ids = {sid for sid, _ in staging._spares}
+    second = staging.create("b.txt", None)
+    assert second.id in spare_ids and second.data_path.exists()
+    staging.write(second, 0, b"kept")
+    staging.mark(second, committed=True)
+    wait_for(lambda: len(staging._spares) == 2, timeout=10, what="the spare taken is replaced")
+    assert {p.stem for p in tmp_path.glob("*.data")} == {first.id, second.id} | {sid for sid, _ in staging._spares}
+    # a restart: the spares are gone, the staged files are kept
+    found = {f.key: f for f in StagingArea(tmp_path).recover()}
+    assert set(found) == {"a.txt", "b.txt"} and os.pread(found["b.txt"].fd, 10, 0) == b"kept"
+    assert {p.stem for p in tmp_path.glob("*.data")} == {first.id, second.id}
+    # the first instance's spares were deleted by that recover: it does not write into them
+    third = staging.create("c.txt", None)
+    assert third.data_path.exists() and os.fstat(third.fd).st_nlink == 1

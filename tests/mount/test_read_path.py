@@ -251,3 +251,19 @@ def test_mounted_means_served_with_the_kernel_read_ahead_raised(s3_bucket, mount
         dev = [line.split()[2] for line in f if line.split()[4] == real][-1]
     with open(f"/sys/class/bdi/{dev}/read_ahead_kb") as f:
         assert int(f.read()) == 768  # read before anything of ours touched the mount
+
+
+def test_extended_attributes_are_not_supported_and_asked_once(s3_bucket, mount_worker):
+    """No xattrs are stored: the first getxattr answers ENOSYS, so the kernel answers every
+    later one itself ("not supported"), instead of asking before each write of every file."""
+    s3_bucket.put("x.txt", b"x")
+    w = mount_worker(s3_bucket)
+    path = os.path.join(w.mnt, "x.txt")
+    for _ in range(3):
+        with pytest.raises(OSError) as exc:
+            os.getxattr(path, "user.note")
+        assert exc.value.errno == errno.EOPNOTSUPP
+    with pytest.raises(OSError) as exc:
+        os.listxattr(path)
+    assert exc.value.errno == errno.EOPNOTSUPP
+    assert w.stats()["requests"].get("getxattr", 0) == 1

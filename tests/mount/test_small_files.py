@@ -65,6 +65,7 @@ def test_cp_r_of_500_files_costs_at_most_one_request_per_file_besides_its_put(s3
     counts = dict(proxy.counts)
     puts = counts.pop("PUT", 0)
     assert puts == 501, counts  # 500 files + the folder marker
+    assert proxy.continues == 0  # a small body is sent at once, without waiting for `100 Continue`
     others = sum(counts.values())
     assert others <= 500, (others, counts)
     keys = {o["Key"] for p in s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in p.get("Contents", [])}
@@ -150,6 +151,27 @@ def test_refresh_shows_a_remote_change_before_the_ttl(s3, proxied, mount_worker)
         time.sleep(0.05)  # the kernel's invalidation is asynchronous
     assert sorted(os.listdir(f"{w.mnt}/data")) == ["a.txt", "b.txt"]
     assert open(f"{w.mnt}/data/b.txt").read() == "two"
+
+
+def test_a_missing_name_is_answered_by_the_kernel_a_moment_and_a_refresh_withdraws_it(s3, proxied, mount_worker):
+    """`cp`, `git` and `rsync` ask for a new name twice (stat, then open with O_CREAT): the
+    "does not exist" is kept by the kernel for NEGATIVE_TTL (1 s), and the second question never
+    reaches the mount. A refresh withdraws it from the kernel too."""
+    proxy, bucket = proxied
+    s3.client().put_object(Bucket=bucket, Key="data/a.txt", Body=b"one")
+    w = mount_worker(bucket, options={"endpoint_url": proxy.endpoint}, ttl=300.0)
+    missing = f"{w.mnt}/data/new.txt"
+    assert not os.path.exists(missing)
+    answered = time.monotonic()
+    asked = w.stats()["requests"]["lookup"]
+    assert not os.path.exists(missing) and not os.path.exists(missing)
+    assert w.stats()["requests"]["lookup"] == asked  # answered by the kernel
+    s3.client().put_object(Bucket=bucket, Key="data/new.txt", Body=b"new")
+    assert w.refresh("data")["event"] == "refreshed"
+    while not os.path.exists(missing) and time.monotonic() < answered + 0.9:
+        time.sleep(0.02)  # the kernel's invalidation is asynchronous
+    assert time.monotonic() < answered + 1.0, "too slow to tell the refresh from the negative answer's expiry"
+    assert open(missing).read() == "new"
 
 
 def test_prefetch_warms_the_disk_cache_then_reads_make_no_request(s3, proxied, mount_worker, tmp_path):
