@@ -854,9 +854,10 @@ class Daemon:
                 await self.stop()
 
     async def _start_template(self) -> None:
-        """The warm template forks the workers (sidecar.template). It imports while the
-        pre-flight checks run; a worker that is due before it is ready waits for it rather than
-        importing the same modules once more beside it."""
+        """The warm template forks the workers (sidecar.template), which run the pre-flight
+        checks; it imports the SDKs of the manifest's providers while the daemon reads the
+        credentials. A worker due before it is ready waits for it rather than importing the
+        same modules once more beside it."""
         template = WorkerTemplate()
         try:
             if await template.start(worker_environment(), sorted({m.storage.provider for m in self.mounts.values()})):

@@ -1,4 +1,5 @@
-"""The pre-flight check of one storage, run before it is mounted.
+"""The pre-flight check of one storage, run before it is mounted (by its worker, with the client
+it mounts with; by `storage-sidecar check` on its own).
 
 It lists one page of the mount's folder and, for writable storages (unless disabled), writes and
 deletes a small probe object named `.storage-sidecar-write-probe-<random>` so users recognise it.

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import trio
+
 from sidecar.log import get_logger
 from sidecar.store.base import Listing, ObjectInfo
 
 log = get_logger(__name__)
 
 NAME_MAX = 255
+OWN_MAX = 10_000  # own changes remembered before the expired ones are dropped
 
 
 @dataclass
@@ -51,6 +54,11 @@ class Listings:
         self._dirs: dict[str, _Dir] = {}
         self._negative: dict[str, float] = {}  # key -> expiry of a cached "does not exist"
         self._warned: set[str] = set()
+        # This mount's own changes (a name created, stored, removed) of the last `ttl` seconds:
+        # a listing asked for before one of them completed may come back without it, and must
+        # not undo it while it is cached (git in write-back mode lost sight of objects it had
+        # just renamed into place). Key -> (when, entry, None if removed).
+        self._own: dict[str, tuple[float, Entry | None]] = {}
 
     # -- folders ------------------------------------------------------------------------------
 
@@ -59,6 +67,18 @@ class Listings:
         return cached.entries if cached is not None and cached.expires > now else None
 
     def store(self, prefix: str, entries: dict[str, Entry], now: float) -> None:
+        """Caches a folder's listing, with this mount's own recent changes in it replayed."""
+        if len(self._own) > OWN_MAX:
+            self._own = {k: v for k, v in self._own.items() if v[0] > now - self.ttl}
+        base = f"{prefix}/" if prefix else ""
+        for key, (when, entry) in self._own.items():
+            if when <= now - self.ttl or not key.startswith(base) or "/" in key[len(base) :]:
+                continue
+            name = key[len(base) :]
+            if entry is None:
+                entries.pop(name, None)
+            else:
+                entries[name] = entry
         self._dirs[prefix] = _Dir(entries, now + self.ttl)
 
     def forget(self, prefix: str) -> None:
@@ -77,6 +97,7 @@ class Listings:
         if cached is not None:
             cached.entries[key.rpartition("/")[2]] = entry
         self._negative.pop(key, None)
+        self._own[key] = (trio.current_time(), entry)
 
     def remove(self, key: str, now: float) -> None:
         """A name this mount just removed: gone from its folder's listing, and known absent."""
@@ -84,6 +105,7 @@ class Listings:
         if cached is not None:
             cached.entries.pop(key.rpartition("/")[2], None)
         self._negative[key] = now + self.ttl
+        self._own[key] = (now, None)
 
     # -- names known not to exist -------------------------------------------------------------
 
@@ -97,8 +119,11 @@ class Listings:
         self._negative.pop(key, None)
 
     def forget_absent_under(self, prefix: str) -> None:
-        for key in [k for k in self._negative if not prefix or k == prefix or k.startswith(prefix + "/")]:
-            del self._negative[key]
+        """A refresh: the "does not exist" answers and own recent changes at and below `prefix`
+        are forgotten, and the next listing is the bucket's word."""
+        for known in (self._negative, self._own):
+            for key in [k for k in known if not prefix or k == prefix or k.startswith(prefix + "/")]:
+                del known[key]
 
     # -- listing -> entries -------------------------------------------------------------------
 

@@ -9,9 +9,10 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
+import trio.testing
 
 from sidecar.cache.blocks import BlockCache
-from sidecar.errors import errno_for
+from sidecar.errors import NotFound, errno_for
 from tests.conftest import wait_for
 from sidecar.store.memory import MemoryStore
 from sidecar.vfs import core
@@ -368,3 +369,50 @@ def test_spare_data_files_are_taken_by_create_and_never_outlive_a_restart(tmp_pa
     # the first instance's spares were deleted by that recover: it does not write into them
     third = staging.create("c.txt", None)
     assert third.data_path.exists() and os.fstat(third.fd).st_nlink == 1
+
+
+class _ListSnapshotFirst(MemoryStore):
+    """A store whose LIST answers what the bucket held when it was asked, after `gate` opens:
+    a slow LIST on a real backend, during which this mount's own writes complete."""
+
+    gate: trio.Event | None = None
+
+    async def list_dir(self, prefix, *, max_entries=None):
+        listing = await super().list_dir(prefix, max_entries=max_entries)
+        if self.gate is not None:
+            await self.gate.wait()
+        return listing
+
+
+def test_the_mounts_own_changes_during_a_listing_are_not_lost_by_it(tmp_path):
+    """A file stored, and another deleted, by this mount while a LIST of their folder is in flight:
+    the listing that comes back predates both, and must not hide the new file nor bring back the
+    deleted one while it is cached (seen with git in write-back mode: "invalid object")."""
+    store = _ListSnapshotFirst()
+    store.put("d/old.txt", b"old")
+    store.put("d/gone.txt", b"gone")
+
+    async def main():
+        async with writable(store, tmp_path) as fs:
+            d = (await fs.lookup(ROOT_INO, "d")).ino
+            await fs.lookup(d, "gone.txt")
+            fs.listings.forget("d")  # its listing expired (the TTL)
+            store.gate = trio.Event()
+            async with trio.open_nursery() as nursery:
+                async def look_up_another_name():
+                    with pytest.raises(NotFound):
+                        await fs.lookup(d, "other.txt")  # lists d: the LIST waits at the gate
+
+                nursery.start_soon(look_up_another_name)
+                await trio.testing.wait_all_tasks_blocked()
+                await write_file(fs, d, "new.txt", b"new")  # stored and closed meanwhile
+                await fs.unlink(d, "gone.txt")
+                assert "d/new.txt" in store.objects and "d/gone.txt" not in store.objects
+                store.gate.set()
+            store.gate = None
+            assert (await fs.lookup(d, "new.txt")).size == 3  # from the cached listing: no request
+            with pytest.raises(NotFound):
+                await fs.lookup(d, "gone.txt")
+            assert sorted(name for name, _, _ in fs.readdir(await fs.opendir(d), 0)) == ["new.txt", "old.txt"]
+
+    trio.run(main)
