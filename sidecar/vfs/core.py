@@ -726,7 +726,11 @@ class Filesystem:
             raise Exists(key)
         await self.store.put_marker(key)
         self.listings.add(key, Entry(True, None))
-        node = self.inodes.for_entry(key, True, None, trio.current_time())
+        now = trio.current_time()
+        # Empty, as far as this mount knows (the name was free): its listing is that, and
+        # the names a program then looks up in it (git's object folders) cost no LIST.
+        self.listings.store(key, {}, now)
+        node = self.inodes.for_entry(key, True, None, now)
         node.lookups += 1
         return self.attr(node)
 

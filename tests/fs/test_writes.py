@@ -416,3 +416,23 @@ def test_the_mounts_own_changes_during_a_listing_are_not_lost_by_it(tmp_path):
             assert sorted(name for name, _, _ in fs.readdir(await fs.opendir(d), 0)) == ["new.txt", "old.txt"]
 
     trio.run(main)
+
+
+def test_a_new_folder_is_known_empty_and_costs_no_listing(tmp_path):
+    """A folder this mount just made holds nothing: looking names up in it (git checks its new
+    object folders) and writing into it costs no LIST."""
+    store = MemoryStore()
+
+    async def main():
+        async with writable(store, tmp_path) as fs:
+            d = (await fs.mkdir(ROOT_INO, "objects")).ino
+            before = store.stats.list_requests
+            with pytest.raises(NotFound):
+                await fs.lookup(d, "ab")
+            await write_file(fs, d, "f.txt", b"x")
+            assert (await fs.lookup(d, "f.txt")).size == 1
+            assert [name for name, _, _ in fs.readdir(await fs.opendir(d), 0)] == ["f.txt"]
+            assert store.stats.list_requests == before
+            assert "objects/" in store.objects and store.objects["objects/f.txt"][0] == b"x"
+
+    trio.run(main)
