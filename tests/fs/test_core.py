@@ -477,6 +477,27 @@ def test_blocks_asked_for_together_are_one_request():
     assert store.stats.get_requests == 2  # blocks 0-3 and 7-8
 
 
+def test_a_whole_small_object_is_fetched_at_once_and_larger_runs_wait_to_be_merged():
+    """Blocks of a larger object wait the coalescing delay to be merged with requests arriving
+    together; a run that is the whole object (a small file) has nothing to merge with and is
+    fetched at once (`cat` of 1,000 small files paid 2 ms each). No clock moves here."""
+    store = MemoryStore()
+    small = store.put("small", b"s" * 4096)
+    large = store.put("large", b"l" * (3 * BS))
+
+    async def main():
+        cache = BlockCache(store, block_size=BS, memory_limit=BS * 8)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            cache.prefetch(ObjectRef("small", small.etag, 4096), range(0, 1), readahead=False)
+            cache.prefetch(ObjectRef("large", large.etag, 3 * BS), range(0, 1), readahead=False)
+            await trio.testing.wait_all_tasks_blocked()
+            assert store.stats.get_requests == 1  # the small one, before any time passed
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock())
+
+
 KiB, MiB = 1024, 1024 * 1024
 
 
