@@ -67,7 +67,7 @@ class DaemonConfig:
     disk_limit: int = protocol.DISK_LIMIT
     staging_limit: int = protocol.STAGING_LIMIT
     mount_timeout: float = 60.0
-    check_deadline: float = 10.0
+    check_deadline: float = protocol.CHECK_DEADLINE
     credentials_wait: float = 0.0
     write_probe: bool = True
     grace_period: float = protocol.GRACE_PERIOD
@@ -544,8 +544,7 @@ class Daemon:
             await unmount_if_mounted(m.mount.mountpath)  # a stale mount of a killed predecessor
 
         error = await m.worker.start(self.worker_config(m, creds), self.cfg.mount_timeout, before_mount=clear_path)
-        log.info("preflight", mount=m.name, code=error["code"] if error else "ok")
-        if error:
+        if error:  # the worker logged its check; the state change below logs the code
             m.worker = None
             if error["code"] in preflight.CREDENTIAL_CODES:
                 if self.cfg.credentials_wait > 0 and m.decision_deadline is None:

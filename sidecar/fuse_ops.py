@@ -31,7 +31,7 @@ log = get_logger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
-class ErrorCounts(dict):  # also the requests by operation
+class Counts(dict):
     def bump(self, name: str) -> None:
         self[name] = self.get(name, 0) + 1
 
@@ -88,8 +88,8 @@ class FuseOps(pyfuse3.Operations):
         super().__init__()
         self.fs = fs
         self.mount_name = mount_name
-        self.errors = ErrorCounts()
-        self.requests = ErrorCounts()  # FUSE requests served, by operation
+        self.errors = Counts()  # FUSE requests answered with an error, by reason
+        self.requests = Counts()  # FUSE requests served, by operation
 
     def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()

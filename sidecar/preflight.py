@@ -21,6 +21,7 @@ from typing import Any
 import trio
 
 from sidecar import urls
+from sidecar.protocol import CHECK_DEADLINE
 from sidecar.store.fsspec_store import run_on_loop
 
 CREDENTIAL_CODES = {"credentials_missing", "credentials_invalid"}
@@ -175,7 +176,7 @@ async def check(
     source_path: str,
     writable: bool,
     write_probe: bool = True,
-    deadline: float = 10.0,
+    deadline: float = CHECK_DEADLINE,
     fs: Any = None,
 ) -> CheckResult:
     """Runs the pre-flight of one storage within `deadline` seconds. Never raises. `fs` is the

@@ -32,6 +32,7 @@ KERNEL_READAHEAD_KB = 1024
 INCOMPLETE_KEEP_DAYS = 7.0
 COPY_LIMIT = 10 << 30
 WRITEBACK_DELAY = 2.0  # s a closed file rests before its write-back upload
+CHECK_DEADLINE = 10.0  # s for the pre-flight check of one storage
 
 
 @dataclass
@@ -74,7 +75,7 @@ class WorkerConfig:
     # (or an error with the check's code) and mounts once the daemon answers `mount`.
     preflight: bool = False
     write_probe: bool = True
-    check_deadline: float = 10.0
+    check_deadline: float = CHECK_DEADLINE
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> "WorkerConfig":

@@ -54,6 +54,16 @@ def warm_up(providers: list[str] | None = None) -> None:
     share_botocore_data()
 
 
+_SHARED: dict[tuple, object] = {}  # what the template built once for every worker it forks
+
+
+def shared(key: tuple, make):  # type: ignore[no-untyped-def]
+    """`make()`, built once per `key` in this process (made in the template: shared by forks)."""
+    if key not in _SHARED:
+        _SHARED[key] = make()
+    return _SHARED[key]
+
+
 def share_botocore_data() -> None:
     """botocore parses its JSON data (the S3 model, endpoints, partitions: tens of MiB of Python
     objects) once per loader instance, and every SDK client has its own loader. Cached per
@@ -68,12 +78,6 @@ def share_botocore_data() -> None:
         return
     load_service_model, load_data_with_path = loader_cls.load_service_model, loader_cls.load_data_with_path
     list_available_services = loader_cls.list_available_services
-    cache: dict[tuple, object] = {}
-
-    def shared(key: tuple, make):  # type: ignore[no-untyped-def]
-        if key not in cache:
-            cache[key] = make()
-        return cache[key]
 
     def shared_service_model(self, service_name, type_name, api_version=None):  # type: ignore[no-untyped-def]
         return shared(("model", tuple(self.search_paths), service_name, type_name, api_version),
@@ -144,13 +148,10 @@ def share_service_models() -> None:
         return
     creator = botocore.client.ClientCreator
     load = creator._load_service_model
-    models: dict[tuple, object] = {}
 
     def shared_model(self, service_name, api_version=None):  # type: ignore[no-untyped-def]
-        key = (tuple(self._loader.search_paths), service_name, api_version)
-        if key not in models:
-            models[key] = load(self, service_name, api_version)
-        return models[key]
+        return shared(("client model", tuple(self._loader.search_paths), service_name, api_version),
+                      lambda: load(self, service_name, api_version))
 
     creator._load_service_model = shared_model
 
@@ -166,13 +167,11 @@ def share_endpoint_providers() -> None:
     except ImportError:
         return
     make = botocore.regions.EndpointProvider
-    providers: dict[tuple, object] = {}
 
     def shared_provider(ruleset_data, partition_data, excluded_params=None):  # type: ignore[no-untyped-def]
-        key = (id(ruleset_data), id(partition_data), frozenset(excluded_params or ()))
-        if key not in providers:
-            providers[key] = (make(ruleset_data, partition_data, excluded_params), ruleset_data, partition_data)
-        return providers[key][0]  # the data is kept alive with it, so its id is never reused
+        key = ("endpoint provider", id(ruleset_data), id(partition_data), frozenset(excluded_params or ()))
+        # the data is kept alive with the provider, so its id is never reused
+        return shared(key, lambda: (make(ruleset_data, partition_data, excluded_params), ruleset_data, partition_data))[0]
 
     botocore.regions.EndpointProvider = shared_provider
 

@@ -66,7 +66,6 @@ LOOKUP_LIST_MAX = 1000  # a lookup in an unlisted folder lists it if it fits in 
 # s the kernel may keep a "does not exist" answer (a negative dentry): `cp` and `git` ask twice
 # for each new name (stat, then open with O_CREAT); the second answer comes from the kernel.
 NEGATIVE_TTL = 1.0
-NEGATIVE_MAX = 4096  # negative answers remembered for a refresh to withdraw
 
 
 @dataclass
@@ -143,7 +142,6 @@ class Filesystem:
         self.inodes = InodeTable(self.root_prefix)
         self.listings = Listings(ttl)
         self.negative_ttl = min(ttl, NEGATIVE_TTL)
-        self._negatives: dict[str, tuple[int, str, float]] = {}  # key -> (parent ino, name, expiry) held by the kernel
         self.mtimes = mtimes or MtimeIndex()
         self.mtime_from_metadata = mtime_from_metadata
         self._listing_flights: dict[str, trio.Event] = {}
@@ -184,17 +182,14 @@ class Filesystem:
         (parent inode, name) and inodes to invalidate, so the kernel forgets them too."""
         base = self._child_key(self.inodes.root, path.strip("/")) if path.strip("/") else self.root_prefix
         self.listings.forget_tree(base)
-        self.listings.forget_absent_under(base)
         self._big.clear()
         entries: list[tuple[int, str]] = []
         inodes: list[int] = []
-        now = trio.current_time()
-        for key, (parent_ino, name, expires) in list(self._negatives.items()):
-            if expires <= now:
-                del self._negatives[key]
-            elif key.startswith(base + "/" if base else ""):
-                entries.append((parent_ino, name))  # a "does not exist" the kernel still holds
-                del self._negatives[key]
+        # A "does not exist" answer still in force may be held by the kernel too (NEGATIVE_TTL).
+        for key in self.listings.forget_absent_under(base, trio.current_time()):
+            parent = self.inodes.current(parent_key(key))
+            if parent is not None:
+                entries.append((parent.ino, key.rpartition("/")[2]))
         for node in self.inodes.nodes():
             if node.key == base or node.key.startswith(base + "/" if base else ""):
                 node.checked_at = float("-inf")
@@ -347,14 +342,10 @@ class Filesystem:
             else:
                 entry = Entry(False, found)
         if entry is None:
-            now = trio.current_time()
-            self.listings.set_absent(key, now)
-            if len(self._negatives) >= NEGATIVE_MAX:
-                self._negatives = {k: v for k, v in self._negatives.items() if v[2] > now}
-            if len(self._negatives) < NEGATIVE_MAX:  # else not cacheable: a refresh could not withdraw it
-                self._negatives[key] = (parent.ino, name, now + self.negative_ttl)
-                raise NotFound(key, cacheable_for=self.negative_ttl)
-            raise NotFound(key)
+            # Remembered as absent for the TTL (longer than the kernel keeps it): a refresh
+            # finds it there to withdraw from the kernel.
+            self.listings.set_absent(key, trio.current_time())
+            raise NotFound(key, cacheable_for=self.negative_ttl)
         self.listings.clear_absent(key)
         node = self.inodes.for_entry(key, entry.is_dir, entry.info, trio.current_time())
         node.lookups += 1

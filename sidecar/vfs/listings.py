@@ -57,8 +57,9 @@ class Listings:
         # This mount's own changes (a name created, stored, removed) of the last `ttl` seconds:
         # a listing asked for before one of them completed may come back without it, and must
         # not undo it while it is cached (git in write-back mode lost sight of objects it had
-        # just renamed into place). Key -> (when, entry, None if removed).
-        self._own: dict[str, tuple[float, Entry | None]] = {}
+        # just renamed into place). Folder -> name -> (when, entry; None if removed).
+        self._own: dict[str, dict[str, tuple[float, Entry | None]]] = {}
+        self._own_count = 0
 
     # -- folders ------------------------------------------------------------------------------
 
@@ -68,18 +69,24 @@ class Listings:
 
     def store(self, prefix: str, entries: dict[str, Entry], now: float) -> None:
         """Caches a folder's listing, with this mount's own recent changes in it replayed."""
-        if len(self._own) > OWN_MAX:
-            self._own = {k: v for k, v in self._own.items() if v[0] > now - self.ttl}
-        base = f"{prefix}/" if prefix else ""
-        for key, (when, entry) in self._own.items():
-            if when <= now - self.ttl or not key.startswith(base) or "/" in key[len(base) :]:
+        for name, (when, entry) in self._own.get(prefix, {}).items():
+            if when <= now - self.ttl:
                 continue
-            name = key[len(base) :]
             if entry is None:
                 entries.pop(name, None)
             else:
                 entries[name] = entry
         self._dirs[prefix] = _Dir(entries, now + self.ttl)
+
+    def _note_own(self, key: str, when: float, entry: Entry | None) -> None:
+        names = self._own.setdefault(parent_key(key), {})
+        name = key.rpartition("/")[2]
+        self._own_count += name not in names
+        names[name] = (when, entry)
+        if self._own_count > OWN_MAX:  # the expired ones go
+            self._own = {folder: kept for folder, names in self._own.items()
+                         if (kept := {n: v for n, v in names.items() if v[0] > when - self.ttl})}
+            self._own_count = sum(map(len, self._own.values()))
 
     def forget(self, prefix: str) -> None:
         self._dirs.pop(prefix, None)
@@ -97,7 +104,7 @@ class Listings:
         if cached is not None:
             cached.entries[key.rpartition("/")[2]] = entry
         self._negative.pop(key, None)
-        self._own[key] = (trio.current_time(), entry)
+        self._note_own(key, trio.current_time(), entry)
 
     def remove(self, key: str, now: float) -> None:
         """A name this mount just removed: gone from its folder's listing, and known absent."""
@@ -105,7 +112,7 @@ class Listings:
         if cached is not None:
             cached.entries.pop(key.rpartition("/")[2], None)
         self._negative[key] = now + self.ttl
-        self._own[key] = (now, None)
+        self._note_own(key, now, None)
 
     # -- names known not to exist -------------------------------------------------------------
 
@@ -118,12 +125,22 @@ class Listings:
     def clear_absent(self, key: str) -> None:
         self._negative.pop(key, None)
 
-    def forget_absent_under(self, prefix: str) -> None:
+    def forget_absent_under(self, prefix: str, now: float) -> list[str]:
         """A refresh: the "does not exist" answers and own recent changes at and below `prefix`
-        are forgotten, and the next listing is the bucket's word."""
-        for known in (self._negative, self._own):
-            for key in [k for k in known if not prefix or k == prefix or k.startswith(prefix + "/")]:
-                del known[key]
+        are forgotten, and the next listing is the bucket's word. Returns the keys of the
+        answers still in force (the kernel may hold them too)."""
+
+        def under(key: str) -> bool:
+            return not prefix or key == prefix or key.startswith(prefix + "/")
+
+        in_force = [k for k, expires in self._negative.items() if under(k) and expires > now]
+        for key in [k for k in self._negative if under(k)]:
+            del self._negative[key]
+        for folder in [f for f in self._own if under(f)]:
+            self._own_count -= len(self._own.pop(folder))
+        if prefix and (names := self._own.get(parent_key(prefix))):
+            self._own_count -= names.pop(prefix.rpartition("/")[2], None) is not None
+        return in_force
 
     # -- listing -> entries -------------------------------------------------------------------
 
