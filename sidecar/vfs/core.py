@@ -565,7 +565,7 @@ class Filesystem:
                 for index in range(self.cache.blocks_of(ref)):
                     data = await self.cache.get(ref, index)
                     self._staging_call(os.pwrite, staged.fd, data, index * self.cache.block_size)
-                staged.size = node.size
+                self.staging.resize(staged, node.size)
         except BaseException:
             self.staging.remove(staged)
             raise

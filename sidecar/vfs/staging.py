@@ -49,7 +49,7 @@ class StagingFull(Exception):
 
 
 JOURNAL = "journal.jsonl"
-SPARES = 8  # the worker's: empty data files created ahead, off the request path (a creation costs up to 0.5 ms)
+SPARES = 64  # the worker's: empty data files created ahead, off the request path (a creation costs up to 0.5 ms)
 COMPACT_FACTOR, COMPACT_MIN = 4, 1000  # the journal is rewritten past FACTOR lines per live file + MIN
 MAX_RANGES = 1024  # changed ranges tracked per file; beyond, the whole file counts as changed
 
@@ -98,12 +98,38 @@ class StagedFile:
                 "local_path": str(self.data_path), "since": self.created}
 
 
+class _Files(dict):
+    """`by_key`: the staged files by key, with the sum of their sizes kept up to date (the limit
+    is checked on every write that grows a file: no walk over thousands of staged files)."""
+
+    total = 0
+
+    def __setitem__(self, key: str, f: StagedFile) -> None:
+        old = self.get(key)
+        self.total += f.size - (old.size if old is not None else 0)
+        super().__setitem__(key, f)
+
+    def __delitem__(self, key: str) -> None:
+        self.total -= self[key].size
+        super().__delitem__(key)
+
+    def pop(self, key: str, *default: Any) -> Any:
+        if key in self:
+            self.total -= self[key].size
+        return super().pop(key, *default)
+
+    def resize(self, f: StagedFile, size: int) -> None:
+        if self.get(f.key) is f:
+            self.total += size - f.size
+        f.size = size
+
+
 @dataclass
 class StagingArea:
     directory: Path
     limit: int = 50 << 30
     spares: int = 0  # empty data files kept ready by a thread of their own (0: none, created on demand)
-    by_key: dict[str, StagedFile] = field(default_factory=dict)
+    by_key: _Files = field(default_factory=_Files)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _journal_fd: int | None = None
     _journal_lines: int = 0
@@ -118,7 +144,11 @@ class StagingArea:
 
     @property
     def used(self) -> int:
-        return sum(f.size for f in self.by_key.values())
+        return self.by_key.total
+
+    def resize(self, f: StagedFile, size: int) -> None:
+        """Records the size of `f`'s data file after it was written outside `write`."""
+        self.by_key.resize(f, size)
 
     @property
     def journal_path(self) -> Path:
@@ -181,13 +211,19 @@ class StagingArea:
                 continue
             self._spares.append((sid, fd))
 
+    def start_spares(self) -> None:
+        """Starts the spare-maker thread (once; `recover` calls it, after deleting the last
+        instance's spares, so a burst of creates finds spares ready)."""
+        with self._spare_wanted:
+            if self.spares and self._spare_thread is None:
+                self._spare_thread = threading.Thread(target=self._make_spares, name="staging-spares", daemon=True)
+                self._spare_thread.start()
+
     def _take_spare(self) -> tuple[str, int] | None:
         if not self.spares:
             return None
+        self.start_spares()
         with self._spare_wanted:
-            if self._spare_thread is None:
-                self._spare_thread = threading.Thread(target=self._make_spares, name="staging-spares", daemon=True)
-                self._spare_thread.start()
             self._spare_wanted.notify()
             while self._spares:
                 sid, fd = self._spares.popleft()
@@ -237,7 +273,7 @@ class StagingArea:
             raise StagingFull(f.key)
         n = _disk_call(os.pwrite, f.fd, data, offset)
         f.changed = _add_range(f.changed, offset, offset + n)
-        f.size = max(f.size, offset + n)
+        self.by_key.resize(f, max(f.size, offset + n))
         self._changed(f)
         return n
 
@@ -247,7 +283,7 @@ class StagingArea:
         _disk_call(os.ftruncate, f.fd, size)
         if size > f.size:  # the new tail reads as zeros: changed
             f.changed = _add_range(f.changed, f.size, size)
-        f.size = size
+        self.by_key.resize(f, size)
         self._changed(f)
 
     def _changed(self, f: StagedFile) -> None:
@@ -347,6 +383,7 @@ class StagingArea:
         for data in self.directory.glob("*.data"):
             if data.stem not in live:
                 data.unlink(missing_ok=True)  # a spare never taken, or the data of a removed file
+        self.start_spares()
         return found
 
     def pending(self) -> list[StagedFile]:

@@ -43,6 +43,7 @@ log = get_logger(__name__)
 WRITE_MODES = ("durable", "writeback")
 RETRY_FIRST = 1.0
 RETRY_CAP = 30.0
+BATCH_SLACK = 0.1  # s: a queued file due this soon is uploaded with the files due now
 REUSE_MIN = 16 << 20  # files below this are sent whole: a partial re-upload saves little
 
 
@@ -79,6 +80,7 @@ class Writer:
         self.delay = delay  # write-back: seconds from a file's last commit to its upload
         self.on_stored = on_stored or (lambda f, info: None)
         self._wake = trio.Event()
+        self._asleep_until = float("-inf")  # when the background queue looks next by itself
 
     # -- what is waiting ----------------------------------------------------------------------
 
@@ -114,7 +116,8 @@ class Writer:
             # renamed or deleted meanwhile never, and a burst of closes (`cp -r`, `git`) does not
             # compete with its own uploads.
             f.next_try = max(f.next_try, trio.current_time() + self.delay)
-            self._wake.set()
+            if f.next_try < self._asleep_until:  # else the queue wakes in time for it anyway
+                self._wake.set()
             return
         await self.upload(f)
 
@@ -202,8 +205,10 @@ class Writer:
         jittered exponential backoff (capped at RETRY_CAP) while the backend fails."""
         task_status.started()
         while True:
+            # Files due within BATCH_SLACK go with this round: a burst of closes is one walk
+            # over the queue, not one per file.
             now = trio.current_time()
-            due = [f for f in self.queued() if f.next_try <= now and f.uploading is None]
+            due = [f for f in self.queued() if f.next_try <= now + BATCH_SLACK and f.uploading is None]
             for f in due:
                 try:
                     await self.upload(f)
@@ -211,5 +216,7 @@ class Writer:
                     pass
             waiting = [f.next_try for f in self.queued() if f.uploading is None]
             self._wake = trio.Event()
-            with trio.move_on_at(min(waiting) if waiting else float("inf")):
+            self._asleep_until = min(waiting) if waiting else float("inf")
+            with trio.move_on_at(self._asleep_until):
                 await self._wake.wait()
+            self._asleep_until = float("-inf")

@@ -436,3 +436,27 @@ def test_a_new_folder_is_known_empty_and_costs_no_listing(tmp_path):
             assert "objects/" in store.objects and store.objects["objects/f.txt"][0] == b"x"
 
     trio.run(main)
+
+
+def test_the_staging_areas_used_bytes_follow_every_change(tmp_path):
+    """`used` (checked against the limit on every growing write) is kept as a running sum: it
+    must equal the sum of the staged files' sizes after any mix of creates, writes, truncates,
+    renames (onto a staged key too) and removals."""
+    rnd = random.Random(7)
+    staging = StagingArea(tmp_path)
+    keys = [f"k{i}" for i in range(6)]
+    for _ in range(400):
+        op, key = rnd.choice(["create", "write", "truncate", "rekey", "remove"]), rnd.choice(keys)
+        f = staging.by_key.get(key)
+        if op == "create" and f is None:
+            staging.create(key, None, dirty=True)
+        elif f is not None and op == "write":
+            staging.write(f, rnd.randrange(0, 5000), os.urandom(rnd.randrange(1, 3000)))
+        elif f is not None and op == "truncate":
+            staging.truncate(f, rnd.randrange(0, 9000))
+        elif f is not None and op == "rekey":
+            staging.rekey(f, rnd.choice(keys))
+        elif f is not None and op == "remove":
+            staging.remove(f)
+        assert staging.used == sum(x.size for x in staging.by_key.values())
+    assert staging.used > 0
