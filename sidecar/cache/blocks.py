@@ -62,6 +62,7 @@ class _Fetch:
     error: BaseException | None = None
 
 
+DISK_RUN_BLOCKS = 4  # blocks read from disk per thread hop: a hop per 1 MiB block cost more than the read (mapped)
 COALESCE_S = 0.002  # backend runs started this close together are merged into one request
 
 
@@ -160,8 +161,8 @@ class BlockCache:
         run_on_disk = False
         started = 0
 
-        def start_run() -> int:  # disk runs are read a block per thread hop
-            return self._start_run(ref, run, part_blocks=1 if run_on_disk else None)
+        def start_run() -> int:  # disk runs are read DISK_RUN_BLOCKS per thread hop
+            return self._start_run(ref, run, part_blocks=DISK_RUN_BLOCKS if run_on_disk else None)
 
         for index in indices:
             if index >= self.blocks_of(ref):
@@ -194,8 +195,8 @@ class BlockCache:
 
     def _start_run(self, ref: ObjectRef, run: list[int], *, reserved: bool = True, part_blocks: int | None = None) -> int:
         """Registers fetches for the contiguous blocks `run` and starts them as parallel ranged
-        GETs of at most `fetch_blocks` blocks each (`part_blocks`: disk reads, a block each, so
-        every block is ready as soon as its own read is done). Reserved backend runs start after
+        GETs of at most `fetch_blocks` blocks each (`part_blocks`: disk reads, DISK_RUN_BLOCKS
+        per thread hop). Reserved backend runs start after
         COALESCE_S, merged with the runs registered meanwhile (`_flush_pending`)."""
         if not run:
             return 0

@@ -16,7 +16,9 @@ daemon restart and a block is reused while its object's etag still matches.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import mmap
 import os
 import struct
 import threading
@@ -29,7 +31,35 @@ from collections import OrderedDict
 from pathlib import Path
 
 MAGIC = b"SSCB"
+_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14; Python 3.12 names it
+MAP_MIN = 256 << 10  # blocks (and kept ranges) from this size are mapped; smaller ones are read
 _HEADER = struct.Struct("<4sIQ")  # magic, crc32, length
+
+
+def _mapped(fd: int, size: int) -> memoryview | None:
+    """The block in file `fd`, mapped rather than read: the block is the page cache's pages
+    themselves. A read copied it into fresh anonymous memory, which cost a page fault and a
+    zeroed page per 4 KiB besides the copy (warm reads: 1.3-1.5 CPU-s per GiB before, 0.6-0.8
+    after); the FUSE reply is written from the mapping. Safe because a block file is never
+    written in place (a new block is a new file renamed over the name, eviction unlinks it),
+    so a mapping holds its bytes while a view of it lives. The pages are populated here, in
+    the disk thread, with MADV_POPULATE_READ: a disk read error is an OSError (the block is
+    refetched), not a SIGBUS on the event loop. A page the kernel reclaims later and cannot
+    read back would still be a SIGBUS; the daemon then restarts the mount."""
+    m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+    try:
+        m.madvise(_POPULATE_READ)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # EINVAL: a kernel before 5.14, the pages fault in on use
+            m.close()
+            raise
+    view = memoryview(m)
+    magic, crc, length = _HEADER.unpack(view[: _HEADER.size])
+    if magic == MAGIC and length == size - _HEADER.size and crc32(view[_HEADER.size :]) == crc:
+        return view[_HEADER.size :]
+    view.release()
+    m.close()
+    return None
 
 
 def block_name(storage: str, key: str, etag: str, index: int, block_size: int) -> str:
@@ -105,24 +135,30 @@ class DiskTier:
             self.evictions += 1
         return self.used + need <= self.limit
 
-    def get(self, name: str) -> bytes | None:
+    def get(self, name: str) -> bytes | memoryview | None:
         with self._lock:
             if name not in self._index or name in self._pending:
                 return None
             self._index.move_to_end(name)
+        data: bytes | memoryview | None = None
         try:
-            with open(self._path(name), "rb", buffering=0) as f:
-                header = f.read(_HEADER.size)
-                data = None
-                if len(header) == _HEADER.size:
-                    magic, crc, length = _HEADER.unpack(header)
-                    if magic == MAGIC and length <= self.limit:
-                        data = f.read(length)  # one read into a new object: no slice copy
-                        if len(data) != length or f.read(1) or crc32(data) != crc:
-                            data = None
+            fd = os.open(self._path(name), os.O_RDONLY)
         except FileNotFoundError:
             self._drop(name)
             return None
+        try:
+            size = os.fstat(fd).st_size
+            if not _HEADER.size <= size <= _HEADER.size + self.limit:
+                pass
+            elif size < MAP_MIN:
+                raw = os.pread(fd, size, 0)
+                magic, crc, length = _HEADER.unpack_from(raw)
+                if magic == MAGIC and length == size - _HEADER.size and crc32(memoryview(raw)[_HEADER.size :]) == crc:
+                    data = raw[_HEADER.size :]
+            else:
+                data = _mapped(fd, size)
+        finally:
+            os.close(fd)
         if data is not None:
             return data
         self.corrupt += 1

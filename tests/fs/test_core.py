@@ -612,6 +612,29 @@ def test_disk_tier_survives_restart_and_detects_corruption(tmp_path):
     assert disk.corrupt == 1
 
 
+def test_a_big_block_on_disk_is_served_mapped_and_a_view_outlives_its_files_replacement(tmp_path):
+    """Blocks from MAP_MIN up are served as a mapping of their file (no copy into new memory).
+    A reader holding one keeps its bytes when the block is evicted and a new version is written
+    under the same name (files are replaced, never written in place); corruption is still found."""
+    disk = DiskTier(tmp_path, limit=64 << 20)
+    rnd = random.Random(3)
+    old, new = rnd.randbytes(1 << 20), rnd.randbytes(1 << 20)
+    assert disk.put("b", old)
+    held = disk.get("b")
+    assert isinstance(held, memoryview) and held == old
+    disk._drop("b")  # evicted (unlinked) while the view lives...
+    assert disk.put("b", new)  # ...and written again with other bytes
+    assert held == old and disk.get("b") == new
+    small = rnd.randbytes(1000)
+    assert disk.put("s", small) and disk.get("s") == small
+    path = next(p for p in tmp_path.rglob("*") if p.is_file() and p.stat().st_size > (1 << 20))
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    assert disk.get("b") is None and disk.corrupt == 1
+    assert held == old
+
+
 def test_warm_sequential_reader_gets_blocks_read_ahead_from_disk(tmp_path):
     """On a kept disk cache, a sequential reader's next blocks are read from disk into memory
     ahead of it (disk threads, no request): most of its reads are memory hits."""
