@@ -15,6 +15,7 @@ Reasons are sentences for people and never contain secrets or request signatures
 from __future__ import annotations
 
 import secrets as pysecrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,8 @@ import trio
 from sidecar import urls
 from sidecar.protocol import CHECK_DEADLINE
 from sidecar.store.fsspec_store import run_on_loop
+
+CHECK_LIST_MAX = 1000  # entries the check's LIST asks for: a folder that fits is the mount's first listing
 
 CREDENTIAL_CODES = {"credentials_missing", "credentials_invalid"}
 
@@ -84,13 +87,15 @@ def classify(exc: BaseException, storage: str) -> CheckResult:
     return CheckResult("endpoint_unreachable", f"storage {storage!r} failed its check ({type(exc).__name__})")
 
 
-async def check_s3(fs: Any, bucket: str, prefix: str, *, writable: bool, write_probe: bool) -> None:
-    """Raises what the backend raises; returns when the storage is usable as configured."""
+async def check_s3(fs: Any, bucket: str, prefix: str, *, writable: bool, write_probe: bool) -> list[dict[str, Any]] | None:
+    """Raises what the backend raises; returns when the storage is usable as configured, with
+    the folder's entries (as s3fs lists them) when its listing fitted in the one page asked."""
 
-    async def listing() -> None:
-        await fs._call_s3("list_objects_v2", Bucket=bucket, Prefix=f"{prefix}/" if prefix else "", Delimiter="/", MaxKeys=1)
+    async def listing() -> Any:
+        return await fs._call_s3("list_objects_v2", Bucket=bucket, Prefix=f"{prefix}/" if prefix else "", Delimiter="/",
+                                 MaxKeys=CHECK_LIST_MAX)
 
-    await run_on_loop(fs.loop, listing)
+    page = await run_on_loop(fs.loop, listing)
     if writable and write_probe:
         key = f"{prefix + '/' if prefix else ''}.storage-sidecar-write-probe-{pysecrets.token_hex(6)}"
 
@@ -105,27 +110,36 @@ async def check_s3(fs: Any, bucket: str, prefix: str, *, writable: bool, write_p
             if result.code == "access_denied":
                 raise WriteDenied() from exc
             raise
+    if page.get("IsTruncated"):
+        return None
+    entries: list[dict[str, Any]] = []
+    for p in page.get("CommonPrefixes", []):
+        entries.append({"name": f"{bucket}/{p['Prefix'][:-1]}", "Size": 0, "size": 0, "type": "directory"})
+    for c in page.get("Contents", []):
+        entries.append({**c, "name": f"{bucket}/{c['Key']}", "size": c["Size"], "type": "file"})
+    return entries
 
 
 class WriteDenied(Exception):
     pass
 
 
-async def check_fsspec(fs: Any, bucket: str, prefix: str, *, writable: bool, write_probe: bool) -> None:
-    """The same check through any async fsspec file system (Azure, GCS)."""
+async def check_fsspec(fs: Any, bucket: str, prefix: str, *, writable: bool, write_probe: bool) -> list[dict[str, Any]] | None:
+    """The same check through any async fsspec file system (Azure, GCS); returns the folder's
+    entries as the file system lists them."""
     path = f"{bucket}/{prefix}" if prefix else bucket
 
-    async def listing() -> None:
+    async def listing() -> list[dict[str, Any]]:
         if not await fs._exists(bucket):
             raise FileNotFoundError(bucket)
         try:
-            await fs._ls(path, detail=False)
+            return list(await fs._ls(path, detail=True))
         except FileNotFoundError:
             if prefix:  # an empty or new folder inside an existing bucket is fine
-                return
+                return []
             raise
 
-    await run_on_loop(fs.loop, listing)
+    entries = await run_on_loop(fs.loop, listing)
     if writable and write_probe:
         key = f"{path}/.storage-sidecar-write-probe-{pysecrets.token_hex(6)}"
 
@@ -139,6 +153,7 @@ async def check_fsspec(fs: Any, bucket: str, prefix: str, *, writable: bool, wri
             if classify(exc, "").code == "access_denied":
                 raise WriteDenied() from exc
             raise
+    return entries
 
 
 def _endpoint(url: urls.StorageURL, options: dict[str, Any]) -> tuple[str, int] | None:
@@ -178,10 +193,12 @@ async def check(
     write_probe: bool = True,
     deadline: float = CHECK_DEADLINE,
     fs: Any = None,
+    listed: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> CheckResult:
     """Runs the pre-flight of one storage within `deadline` seconds. Never raises. `fs` is the
     file system (SDK client) to check with, e.g. the one a worker mounts with; else one is
-    built for the check."""
+    built for the check. `listed` receives the entries of the storage's folder when the
+    check's listing holds all of them (the mount then answers its root from it)."""
     # No credentials of our own is not yet "missing": ambient ones (a pod's IAM role through the
     # environment) may work. The backend call decides, and botocore reports when there are none.
     try:
@@ -194,7 +211,7 @@ async def check(
                 # One try: the check reports what it finds, it does not insist.
                 retries, fs.retries = fs.retries, 1
                 try:
-                    await check_s3(fs, url.bucket, url.key_prefix(source_path), writable=writable, write_probe=write_probe)
+                    entries = await check_s3(fs, url.bucket, url.key_prefix(source_path), writable=writable, write_probe=write_probe)
                 finally:
                     fs.retries = retries
             else:
@@ -213,7 +230,7 @@ async def check(
                     refresh = getattr(getattr(fs, "credentials", None), "maybe_refresh", None)
                     if refresh is not None:
                         await trio.to_thread.run_sync(refresh)
-                await check_fsspec(fs, url.bucket, url.key_prefix(source_path), writable=writable, write_probe=write_probe)
+                entries = await check_fsspec(fs, url.bucket, url.key_prefix(source_path), writable=writable, write_probe=write_probe)
     except trio.TooSlowError:
         # SDKs retry connection errors until the deadline: tell a closed port from a slow server.
         if not await _reachable(url, options):
@@ -223,4 +240,6 @@ async def check(
         return CheckResult("readonly_no_write_permission", f"storage {name!r} is writable in the manifest but the credentials may not write")
     except Exception as exc:
         return classify(exc, name)
+    if listed is not None and entries is not None and len(entries) <= CHECK_LIST_MAX:
+        listed(entries)  # (Azure and GCS list the whole folder: a big one is not handed over)
     return CheckResult("ok", "listed and, if writable, wrote a probe object")

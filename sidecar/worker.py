@@ -88,12 +88,13 @@ def read_config_line() -> dict[str, Any]:
     return json.loads(read_line())
 
 
-async def open_store(cfg: WorkerConfig, url: urls.StorageURL) -> Any:
-    """The storage's store, its SDK client built now (not on the first read). With
-    `cfg.preflight`, the storage is checked first with that client (so one client per storage,
-    not one for the check and one for the mount): the worker reports `checked` and waits for the
-    daemon's `mount` (the daemon first clears the mount path), or reports the check's error code
-    and returns None."""
+async def open_store(cfg: WorkerConfig, url: urls.StorageURL) -> tuple[Any, Any]:
+    """The storage's store, its SDK client built now (not on the first read), and the listing of
+    its folder when the check's LIST held all of it (else None). With `cfg.preflight`, the
+    storage is checked first with that client (so one client per storage, not one for the
+    check and one for the mount): the worker reports `checked` and waits for the daemon's
+    `mount` (the daemon first clears the mount path), or reports the check's error code and
+    returns no store."""
     from sidecar import preflight
     from sidecar.store.azure import CredentialsMissing
     from sidecar.store.factory import build_store
@@ -104,20 +105,21 @@ async def open_store(cfg: WorkerConfig, url: urls.StorageURL) -> Any:
         if not cfg.preflight:
             raise
         emit("error", code="credentials_missing", reason=f"no credentials for storage {cfg.name!r}")
-        return None
+        return None, None
     await store.warm_up()
     if not cfg.preflight:
-        return store
+        return store, None
+    listed: list[Any] = []
     result = await preflight.check(cfg.name, url, cfg.options, cfg.credentials, source_path=cfg.source_path, writable=not cfg.readonly,
-                                   write_probe=cfg.write_probe, deadline=cfg.check_deadline, fs=store.fs)
+                                   write_probe=cfg.write_probe, deadline=cfg.check_deadline, fs=store.fs, listed=listed.append)
     logger.info("preflight", mount=cfg.name, code=result.code)
     if not result.ok:
         emit("error", code=result.code, reason=result.reason)
-        return None
+        return None, None
     emit("checked")
     if (await trio.to_thread.run_sync(read_line, abandon_on_cancel=True)).strip() != b"mount":
-        return None  # the daemon went away, or changed its mind
-    return store
+        return None, None  # the daemon went away, or changed its mind
+    return store, (store.listing_of(url.key_prefix(cfg.source_path), listed[0]) if listed else None)
 
 
 def clear_stale_mount(path: str) -> bool:
@@ -207,7 +209,7 @@ async def serve_copy(cfg: WorkerConfig) -> int:
     from sidecar.copier import Copier, CopyRefused
 
     url = urls.parse(cfg.url)
-    store = await open_store(cfg, url)
+    store, _ = await open_store(cfg, url)
     if store is None:
         return 1
     try:
@@ -266,7 +268,7 @@ async def serve(cfg: WorkerConfig) -> int:
     from sidecar.fuse_ops import FuseOps
 
     url = urls.parse(cfg.url)
-    store = await open_store(cfg, url)
+    store, checked_listing = await open_store(cfg, url)
     if store is None:
         return 1
     disk = None
@@ -302,6 +304,10 @@ async def serve(cfg: WorkerConfig) -> int:
         write_mode=cfg.write_mode,
         writeback_delay=cfg.writeback_delay,
     )
+    if checked_listing is not None and not fs.mtime_from_metadata:
+        # The check's LIST held the whole folder: the mount's root is listed from the start, so
+        # the session's first `ls` or open there costs no request (on S3: one round trip less).
+        await fs.adopt_listing(fs.root_prefix, checked_listing)
     ops = FuseOps(fs, mount_name=cfg.name)
     if cfg.mount_helper:
         mountpath = cfg.mountpath  # the privileged helper checks and prepares it

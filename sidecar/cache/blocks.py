@@ -62,7 +62,7 @@ class _Fetch:
     error: BaseException | None = None
 
 
-DISK_RUN_BLOCKS = 4  # blocks read from disk per thread hop: a hop per 1 MiB block cost more than the read (mapped)
+DISK_RUN_BLOCKS = 16  # blocks read from disk per thread hop: a hop per 1 MiB block cost more than the read (mapped)
 COALESCE_S = 0.002  # backend runs started this close together are merged into one request
 
 

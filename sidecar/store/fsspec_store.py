@@ -326,6 +326,11 @@ class FsspecStore:
     async def set_mtime(self, key: str, etag: str, mtime: float) -> ObjectInfo | None:
         return None  # kept in the mount's own mtime index only
 
+    def listing_of(self, prefix: str, entries: list[dict[str, Any]]) -> Listing:
+        """Folder `prefix`'s listing from the entries the pre-flight check listed with this
+        store's client (all of them)."""
+        return self._to_listing(prefix, entries)
+
     def _to_listing(self, prefix: str, entries: list[dict[str, Any]]) -> Listing:
         out = Listing()
         for d in entries:
@@ -558,6 +563,9 @@ class S3Store(_S3Writes, FsspecStore):
     """S3 through s3fs: LIST with delimiter page by page, and ranged GETs conditional on the etag
     (`If-Match`), so a block fetched after the object changed fails with ObjectChanged instead of
     mixing old and new bytes."""
+
+    def listing_of(self, prefix: str, entries: list[dict[str, Any]]) -> Listing:
+        return self._to_listing(f"{prefix}/" if prefix else "", entries)
 
     async def list_dir(self, prefix: str, *, max_entries: int | None = None) -> Listing:
         key_prefix = f"{prefix}/" if prefix else ""

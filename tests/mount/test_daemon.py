@@ -291,6 +291,11 @@ def test_the_check_runs_in_the_worker_with_the_client_it_mounts_with(s3, proxied
     d.wait_ready()
     assert d.states() == {"one": "mounted"}
     assert dict(proxy.counts) == {"LIST": 1}  # the check; no second listing to warm up
+    # The check's listing held the whole root: the first `ls` and lookup there cost nothing,
+    # the first read its GET only.
+    assert os.listdir(tmp_path / "project/one") == ["f.txt"] and (tmp_path / "project/one/f.txt").stat().st_size == 4
+    assert dict(proxy.counts) == {"LIST": 1}
     assert (tmp_path / "project/one/f.txt").read_bytes() == b"data"
+    assert dict(proxy.counts) == {"LIST": 1, "GET": 1}
     maps = open(f"/proc/{d.proc.pid}/maps").read()
     assert "_http_parser" not in maps and "multidict" not in maps  # aiohttp (the SDK's HTTP) is not in the daemon

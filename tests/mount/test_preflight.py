@@ -101,3 +101,33 @@ def test_azure_key_sas_connection_string_and_anonymous(azure):
     # anonymous on a private container is refused (Azure: 404/409; Azurite: an authentication error)
     assert check(f"az://{private}", {**opts, "anonymous": True}, {}).code in ("access_denied", "bucket_not_found", "credentials_invalid")
     assert check(f"az://{private}", opts, {}).code == "credentials_missing"
+
+
+@pytest.mark.parametrize("prefix", ["", "sub"])
+def test_the_checks_listing_is_the_mounts_first_listing_on_every_provider(bucket, prefix, monkeypatch):
+    """The check lists the storage's folder anyway: when that one LIST holds all of it, the
+    worker gets the entries, and they make the same listing as the store's own LIST."""
+    from sidecar.store.factory import build_store
+
+    base = f"{prefix}/" if prefix else ""
+    for key in ("a.txt", "d/b.txt", "e.bin"):
+        bucket.put(base + key, b"x" * 3)
+    where = bucket.storage(prefix)
+    url = urls.parse(where["url"])
+
+    async def main(limit):
+        monkeypatch.setattr(preflight, "CHECK_LIST_MAX", limit)
+        store = build_store(where["storage_id"], url, where["options"], where["credentials"])
+        got = []
+        result = await preflight.check("st", url, where["options"], where["credentials"], source_path="", writable=False, fs=store.fs,
+                                       listed=got.append)
+        assert result.code == "ok"
+        own = await store.list_dir(url.key_prefix(""))
+        return [store.listing_of(url.key_prefix(""), e) for e in got], own
+
+    (handed,), own = trio.run(main, 1000)
+    assert sorted(f.key for f in handed.files) == sorted(f.key for f in own.files) == [base + "a.txt", base + "e.bin"]
+    assert [f.size for f in handed.files] == [3, 3] and all(f.etag for f in handed.files)
+    assert handed.dirs == own.dirs == [base + "d"]
+    handed, _ = trio.run(main, 2)  # more entries than the check may hand over: none (the mount lists)
+    assert handed == []
