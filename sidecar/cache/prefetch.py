@@ -21,7 +21,8 @@ the window is it topped up.
 
 from __future__ import annotations
 
-from collections import deque
+import bisect
+from collections import OrderedDict, deque
 
 RECENT = 16  # read ends remembered per handle
 STREAK_TO_OPEN = 2  # sequential reads in a row before anything is read ahead
@@ -91,3 +92,55 @@ class ReadAhead:
         todo = range(self._requested_end, target)
         self._requested_end = target
         return todo
+
+
+FOLDER_STREAK = 3  # files opened one after another in name order before the next are fetched
+FOLDER_AHEAD = 8  # files fetched ahead of such a reader
+FOLDER_SKIP = 2  # a reader that skips a name or two (a filter, a glob) still walks the folder
+FOLDERS = 64  # folders whose walk is remembered
+
+
+class FolderWalk:
+    """Read-ahead across files: a reader that opens a folder's files one after another in name
+    order (`cat *`, `grep -r`, a data loader over an image folder, zarr chunks) gets the next
+    FOLDER_AHEAD names fetched ahead once it has opened FOLDER_STREAK of them in a row, and
+    stays that far ahead while it walks on. One file per request is otherwise a round trip per
+    file, paid one after another. Opens in any other order fetch nothing ahead.
+
+    `on_open` gets the folder's fresh listing (a dict; the sorted names are kept while the same
+    listing is handed in) and returns the names to fetch now. The caller decides what is worth
+    fetching (small files) and where from."""
+
+    def __init__(self, ahead: int = FOLDER_AHEAD, streak: int = FOLDER_STREAK) -> None:
+        self.ahead = ahead
+        self.streak = streak
+        self._walks: OrderedDict[str, _Walk] = OrderedDict()
+
+    def on_open(self, folder: str, listing: dict[str, object], name: str) -> list[str]:
+        walk = self._walks.get(folder)
+        if walk is None or walk.listing is not listing:
+            walk = _Walk(listing, sorted(listing))
+            self._walks[folder] = walk
+            while len(self._walks) > FOLDERS:
+                self._walks.popitem(last=False)
+        self._walks.move_to_end(folder)
+        i = bisect.bisect_left(walk.names, name)
+        if i >= len(walk.names) or walk.names[i] != name:
+            return []
+        walk.run = walk.run + 1 if 0 < i - walk.last <= FOLDER_SKIP else 1
+        walk.last = i
+        if walk.run < self.streak:
+            return []
+        start, end = max(i + 1, walk.fetched), min(i + 1 + self.ahead, len(walk.names))
+        if end - start < self.ahead // 2 and end < len(walk.names):
+            return []  # topped up in batches, like a handle's window
+        walk.fetched = max(walk.fetched, end)
+        return walk.names[start:end]
+
+
+class _Walk:
+    __slots__ = ("listing", "names", "last", "run", "fetched")
+
+    def __init__(self, listing: dict[str, object], names: list[str]) -> None:
+        self.listing, self.names = listing, names
+        self.last, self.run, self.fetched = -FOLDER_SKIP - 2, 0, 0

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import trio
 
 from sidecar.cache.blocks import BlockCache, ObjectRef
-from sidecar.cache.prefetch import ReadAhead
+from sidecar.cache.prefetch import FolderWalk, ReadAhead
 from sidecar.errors import (
     BadHandle,
     CrossDevice,
@@ -145,6 +145,7 @@ class Filesystem:
         self.mtimes = mtimes or MtimeIndex()
         self.mtime_from_metadata = mtime_from_metadata
         self._listing_flights: dict[str, trio.Event] = {}
+        self._walks = FolderWalk()
         self._big: dict[str, float] = {}  # folders too large to list for one lookup -> until
         self.staging = staging
         self.writer = Writer(store, staging, mode=write_mode, delay=writeback_delay, on_stored=self._stored) if staging is not None else None
@@ -429,10 +430,27 @@ class Filesystem:
         keep_cache = node.staged is None and node.last_open_etag == node.etag
         node.last_open_etag = node.etag if node.staged is None else None
         self.inodes.pin(node)
+        if not writable and node.staged is None:
+            self._walk_on(node)
         fh = next(self._next_fh)
         ra = ReadAhead(self.cache.block_size, self.max_readahead_blocks)
         self._handles[fh] = FileHandle(node, ObjectRef(node.key, node.etag, node.size), ra, writable)
         return fh, keep_cache
+
+    def _walk_on(self, node: Node) -> None:
+        """A reader going through a folder's files in name order: its next small files (a block
+        or less, fetched whole) are fetched ahead from the folder's fresh listing."""
+        folder, _, name = node.key.rpartition("/")
+        entries = self.listings.fresh(folder, trio.current_time())
+        if entries is None:
+            return
+        for ahead in self._walks.on_open(folder, entries, name):
+            info = entries[ahead].info
+            if info is None or not 0 < info.size <= self.cache.block_size or (self.staging and info.key in self.staging.by_key):
+                continue
+            ref = ObjectRef(info.key, info.etag, info.size)
+            if not self.cache.has(ref, 0) and not self.cache.prefetch(ref, range(1)):
+                break  # no room in the memory budget: the reader fetches its own
 
     def _handle(self, fh: int, kind: type) -> FileHandle | DirHandle:
         h = self._handles.get(fh)

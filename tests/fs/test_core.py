@@ -883,3 +883,63 @@ def test_prefetch_plan_walks_folders_takes_files_and_refuses_missing_paths():
 
     run(main)
     assert "data" in adopted and "data/a" in adopted and "data/a/deep" in adopted  # the file system gets every listing
+
+
+def test_a_reader_going_through_a_folder_in_name_order_gets_the_next_files_fetched_ahead():
+    """`cat *`, a data loader, zarr: files opened one after another in name order. From the
+    third in a row the next FOLDER_AHEAD small files are fetched ahead (each once); a reader
+    opening them in any other order fetches only what it reads."""
+    from sidecar.cache.prefetch import FOLDER_AHEAD
+
+    store = MemoryStore()
+    files = {f"d/f{i:03d}": random.Random(i).randbytes(3000 + i) for i in range(40)}
+    for key, data in files.items():
+        store.put(key, data)
+    store.put("d/big", b"x" * (BS * 3))  # more than a block: never fetched ahead
+
+    async def in_order():
+        async with mounted(store) as fs:
+            await names(fs, "d")
+            listed = store.stats.list_requests
+            for i in range(3):
+                assert await read_all(fs, f"d/f{i:03d}") == files[f"d/f{i:03d}"]
+            await trio.sleep(1)  # the fetches ahead land
+            assert store.stats.get_requests == 3 + FOLDER_AHEAD  # f000..f002, then f003.. ahead
+            for i in range(3, 40):
+                assert await read_all(fs, f"d/f{i:03d}") == files[f"d/f{i:03d}"]
+            assert await read_all(fs, "d/big") == b"x" * (BS * 3)
+            assert store.stats.list_requests == listed
+            return store.stats.get_requests
+
+    gets = run(in_order)
+    big_gets = gets - 40
+    assert 1 <= big_gets <= 3  # each small file fetched once, `big` by its own reads
+
+    store.stats.get_requests = 0
+
+    async def shuffled():
+        order = list(range(40))
+        random.Random(5).shuffle(order)
+        async with mounted(store) as fs:
+            await names(fs, "d")
+            for n, i in enumerate(order[:12], 1):
+                assert await read_all(fs, f"d/f{i:03d}") == files[f"d/f{i:03d}"]
+                await trio.sleep(1)
+                assert store.stats.get_requests == n  # nothing ahead
+
+    run(shuffled)
+
+
+def test_the_folder_walk_policy():
+    from sidecar.cache.prefetch import FolderWalk
+
+    w = FolderWalk(ahead=4, streak=2)
+    listing = {f"n{i:02d}": None for i in range(12)}
+    assert w.on_open("d", listing, "n00") == []
+    assert w.on_open("d", listing, "n01") == ["n02", "n03", "n04", "n05"]  # the second in a row
+    assert w.on_open("d", listing, "n02") == []  # still 3 ahead: topped up in batches
+    assert w.on_open("d", listing, "n04") == ["n06", "n07", "n08"]  # one name skipped: still a walk
+    assert w.on_open("d", listing, "n09") == []  # a jump: the walk starts again
+    assert w.on_open("d", listing, "n10") == ["n11"]  # the end of the folder
+    assert w.on_open("d", listing, "zz") == []  # not in the listing
+    assert w.on_open("e", {"a": None, "b": None}, "a") == [] and w.on_open("e", {"a": None, "b": None}, "b") == []
