@@ -1,6 +1,9 @@
 """The FUSE ceiling of this machine: a trivial pyfuse3 + trio file system serving one file from
 memory, replying memoryviews. `python -m benchmarks.ramfs MOUNTPOINT SIZE` mounts it until
-SIGTERM; the warm read benchmark compares the sidecar's warm path with it, in the same run."""
+SIGTERM; the warm read benchmark compares the sidecar's warm path with it, in the same run.
+`python -m benchmarks.ramfs MOUNTPOINT 0 --writable` mounts an empty writable one instead
+(folders and files in memory, nothing else): the floor of creating files through pyfuse3 + trio
+here, which `benchmarks.smallfiles` measures `cp -r` against."""
 
 from __future__ import annotations
 
@@ -54,8 +57,79 @@ class RamFS(pyfuse3.Operations):
         return self.data[off : off + size]
 
 
-async def serve(mountpoint: str, size: int) -> None:
-    pyfuse3.init(RamFS(size), mountpoint, {"fsname=ramfs", "ro"})
+class WritableRamFS(pyfuse3.Operations):
+    """Folders and files in memory: lookup, create, write, mkdir and what `cp -r` asks besides."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.modes: dict[int, int] = {pyfuse3.ROOT_INODE: stat.S_IFDIR | 0o755}
+        self.children: dict[int, dict[bytes, int]] = {pyfuse3.ROOT_INODE: {}}
+        self.data: dict[int, bytearray] = {}
+        self.next_ino = pyfuse3.ROOT_INODE + 1
+
+    def _attr(self, ino: int) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino, e.st_mode = ino, self.modes[ino]
+        e.st_nlink = 2 if ino in self.children else 1
+        e.st_size = len(self.data.get(ino, b""))
+        e.entry_timeout = e.attr_timeout = 300
+        e.st_uid, e.st_gid = os.getuid(), os.getgid()
+        return e
+
+    def _new(self, parent: int, name: bytes, mode: int) -> int:
+        ino, self.next_ino = self.next_ino, self.next_ino + 1
+        self.modes[ino] = mode
+        self.children[parent][name] = ino
+        return ino
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        ino = self.children.get(parent_inode, {}).get(name)
+        if ino is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(ino)
+
+    async def getattr(self, inode, ctx=None):
+        return self._attr(inode)
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        if fields.update_size:
+            del self.data[inode][attr.st_size :]
+        return self._attr(inode)
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        ino = self._new(parent_inode, name, stat.S_IFDIR | 0o755)
+        self.children[ino] = {}
+        return self._attr(ino)
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        ino = self._new(parent_inode, name, stat.S_IFREG | 0o644)
+        self.data[ino] = bytearray()
+        return pyfuse3.FileInfo(fh=ino), self._attr(ino)
+
+    async def open(self, inode, flags, ctx):
+        return pyfuse3.FileInfo(fh=inode)
+
+    async def read(self, fh, off, size):
+        return bytes(self.data[fh][off : off + size])
+
+    async def write(self, fh, off, buf):
+        self.data[fh][off : off + len(buf)] = buf
+        return len(buf)
+
+    async def opendir(self, inode, ctx):
+        return inode
+
+    async def readdir(self, fh, start_id, token):
+        for i, (name, ino) in enumerate(list(self.children[fh].items())[start_id:], start_id):
+            if not pyfuse3.readdir_reply(token, name, self._attr(ino), i + 1):
+                break
+
+
+async def serve(mountpoint: str, size: int, writable: bool = False) -> None:
+    if writable:
+        pyfuse3.init(WritableRamFS(), mountpoint, {"fsname=ramfs"})
+    else:
+        pyfuse3.init(RamFS(size), mountpoint, {"fsname=ramfs", "ro"})
     print("mounted", flush=True)
     try:
         async with trio.open_nursery() as nursery:
@@ -74,4 +148,4 @@ async def serve(mountpoint: str, size: int) -> None:
 
 
 if __name__ == "__main__":
-    trio.run(serve, sys.argv[1], int(sys.argv[2]))
+    trio.run(serve, sys.argv[1], int(sys.argv[2]), "--writable" in sys.argv[3:])

@@ -155,7 +155,8 @@ class SmallFiles:
     def _cp_r_500(self, name: str, *, into_root: bool = False) -> None:
         """`cp -r` of 500 small files: onto the local disk that holds the staging area (file
         creation is what both pay for; on this machine's ext4 it costs up to ~0.5 ms a file),
-        into the mount durable and write-back, and into rclone full. `into_root`: the files go
+        into the mount durable and write-back, into rclone full, and into a trivial in-memory
+        pyfuse3 + trio file system (the floor of the FUSE layer itself). `into_root`: the files go
         into the mount's root, not a new folder (rclone serve s3 refuses keys under a "folder/"
         marker object, "file already exists", which a mkdir in the mount creates)."""
         src = self._src500()
@@ -171,6 +172,17 @@ class SmallFiles:
         proc, mnt = self.rclone(self.bucket())
         self.measure(name, "rclone_full", lambda: cp_into(mnt))
         self.unmount(proc, mnt)
+        # The floor of any pyfuse3 + trio file system here: files created in memory, nothing else.
+        floor = self.work / f"floor-{name}"
+        floor.mkdir()
+        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.ramfs", str(floor), "0", "--writable"], stdout=subprocess.PIPE)
+        try:
+            proc.stdout.readline()  # type: ignore[union-attr]
+            wait_mounted(str(floor), proc)
+            self.measure(name, "pyfuse3_floor", lambda: cp_into(str(floor)))
+        finally:
+            subprocess.run(["fusermount3", "-u", str(floor)], check=False, capture_output=True)
+            stop_process(proc)
 
     def copy_in(self) -> None:
         self._cp_r_500("cp_r_500")
