@@ -10,7 +10,10 @@ All times are `trio.current_time()`; used from the trio thread only.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -21,6 +24,10 @@ log = get_logger(__name__)
 
 NAME_MAX = 255
 OWN_MAX = 10_000  # own changes remembered before the expired ones are dropped
+# Kept at most (a long session looks up millions of names, walks thousands of folders): beyond,
+# the expired ones go, then the oldest. Forgetting one costs a request when it is asked again.
+NEGATIVE_MAX = 100_000  # "does not exist" answers
+FOLDERS_MAX = 20_000  # folder listings
 
 
 @dataclass
@@ -76,7 +83,9 @@ class Listings:
                 entries.pop(name, None)
             else:
                 entries[name] = entry
+        self._dirs.pop(prefix, None)  # (re)inserted last: the dict is oldest first
         self._dirs[prefix] = _Dir(entries, now + self.ttl)
+        _bounded(self._dirs, FOLDERS_MAX, lambda d: d.expires <= now)
 
     def _note_own(self, key: str, when: float, entry: Entry | None) -> None:
         names = self._own.setdefault(parent_key(key), {})
@@ -111,7 +120,7 @@ class Listings:
         cached = self._dirs.get(parent_key(key))
         if cached is not None:
             cached.entries.pop(key.rpartition("/")[2], None)
-        self._negative[key] = now + self.ttl
+        self.set_absent(key, now)
         self._note_own(key, now, None)
 
     # -- names known not to exist -------------------------------------------------------------
@@ -120,7 +129,9 @@ class Listings:
         return self._negative.get(key, float("-inf")) > now
 
     def set_absent(self, key: str, now: float) -> None:
+        self._negative.pop(key, None)
         self._negative[key] = now + self.ttl
+        _bounded(self._negative, NEGATIVE_MAX, lambda expires: expires <= now)
 
     def clear_absent(self, key: str) -> None:
         self._negative.pop(key, None)
@@ -174,6 +185,17 @@ class Listings:
                 continue
             entries[name] = Entry(False, info)
         return entries
+
+
+def _bounded(d: dict[str, Any], limit: int, expired: Callable[[Any], bool]) -> None:
+    """Keeps `d` (oldest first) within `limit`: the expired entries go, then the oldest, down to
+    9/10 of the limit, so a walk over it comes once per limit/10 insertions at most."""
+    if len(d) <= limit:
+        return
+    for k in [k for k, v in d.items() if expired(v)]:
+        del d[k]
+    for k in list(itertools.islice(d, max(0, len(d) - limit * 9 // 10))):
+        del d[k]
 
 
 def parent_key(key: str) -> str:

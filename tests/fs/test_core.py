@@ -943,3 +943,26 @@ def test_the_folder_walk_policy():
     assert w.on_open("d", listing, "n10") == ["n11"]  # the end of the folder
     assert w.on_open("d", listing, "zz") == []  # not in the listing
     assert w.on_open("e", {"a": None, "b": None}, "a") == [] and w.on_open("e", {"a": None, "b": None}, "b") == []
+
+
+def test_the_listing_caches_stay_bounded_over_a_long_session(monkeypatch):
+    """Millions of missing names looked up and thousands of folders walked in one session: the
+    "does not exist" answers and the cached listings stay within their bounds (the expired
+    ones go first, then the oldest) and the newest answers are still served."""
+    from sidecar.vfs import listings as lmod
+
+    monkeypatch.setattr(lmod, "NEGATIVE_MAX", 100)
+    monkeypatch.setattr(lmod, "FOLDERS_MAX", 50)
+    ls = lmod.Listings(ttl=5.0)
+    now = 0.0
+    for i in range(1000):
+        now += 0.01  # all still in force: the oldest go
+        ls.set_absent(f"k{i}", now)
+        ls.store(f"d{i}", {}, now)
+        assert len(ls._negative) <= 100 and len(ls._dirs) <= 50
+    assert ls.absent("k999", now) and ls.fresh("d999", now) == {}
+    assert not ls.absent("k0", now) and ls.fresh("d0", now) is None  # forgotten: asked again
+    now += 10  # all expired: the next insertion beyond the bound clears them
+    for i in range(101):
+        ls.set_absent(f"late{i}", now)
+    assert len(ls._negative) <= 100 and all(k.startswith("late") for k in ls._negative)
