@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -309,10 +310,16 @@ def main() -> int:
         port = int(s3.endpoint.rsplit(":", 1)[1])
         with LinkProxy(port) as proxy:
             bench = SmallFiles(s3, proxy, work)
+            failed = False
             steps = {"zarr": bench.zarr, "copy_in": bench.copy_in, "copy_fast": bench.copy_fast, "start": bench.start_to_ready}
             try:
                 for name in (sys.argv[1].split(",") if len(sys.argv) > 1 else steps):
-                    steps[name]()
+                    try:
+                        steps[name]()
+                    except Exception as exc:  # one failing workload is reported; the others still run
+                        traceback.print_exc()
+                        bench.results.setdefault("failed", {})[name] = f"{type(exc).__name__}: {exc}"
+                        failed = True
             finally:
                 from sidecar.mounttable import fuse_mounts
 
@@ -322,7 +329,7 @@ def main() -> int:
     shutil.rmtree(work, ignore_errors=True)
     bench.results["conditions"] = {"server": "moto behind LinkProxy (counting only)", "load": os.getloadavg()}
     save_results(bench.results, "smallfiles")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
