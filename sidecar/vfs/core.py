@@ -533,7 +533,7 @@ class Filesystem:
 
     def _unstage(self, node: Node) -> None:
         if node.staged is not None and self.staging is not None:
-            self.staging.remove(node.staged)
+            self.staging.remove(node.staged, recycle=node.staged.handles <= 0)
         node.staged = None
         self.inodes.release_unused(node)
 
@@ -548,7 +548,7 @@ class Filesystem:
             if staged.handles <= 0 and not staged.dirty:
                 self._unstage(node)
         elif staged.handles <= 0 and not staged.dirty and self.staging is not None:
-            self.staging.remove(staged)
+            self.staging.remove(staged, recycle=True)
         # The folder's cached listing learns the new object: the next lookups in it (cp -r,
         # rsync) are answered without a request.
         self.listings.add(staged.key, Entry(False, info))

@@ -460,3 +460,32 @@ def test_the_staging_areas_used_bytes_follow_every_change(tmp_path):
             staging.remove(f)
         assert staging.used == sum(x.size for x in staging.by_key.values())
     assert staging.used > 0
+
+
+def test_a_stored_files_data_file_is_recycled_as_a_spare_and_never_outlives_a_restart(tmp_path):
+    """A staged file no handle has open any more, once stored, gives its emptied data file to
+    the spares (no unlink now, no inode allocation at the next create). Whoever still holds the
+    removed file gets EBADF, never the bytes of the file that reuses it; after a crash the
+    journal knows it as removed and `recover` deletes it."""
+    staging = StagingArea(tmp_path, spares=2)
+    f = staging.create("a.txt", None, dirty=True)
+    staging.write(f, 0, b"stored already")
+    staging.mark(f, dirty=False, committed=True)
+    wait_for(lambda: len(staging._spares) == 2, timeout=10, what="two spares")
+    staging.remove(f, recycle=True)
+    assert f.fd == -1 and f.data_path.exists() and f.data_path.stat().st_size == 0
+    assert f.id in {sid for sid, _ in staging._spares}
+    with pytest.raises(OSError) as err:
+        os.pwrite(f.fd, b"late", 0)
+    assert err.value.errno == errno.EBADF
+    taken = [staging.create(f"n{i}", None, dirty=True) for i in range(3)]
+    assert f.id in {t.id for t in taken}  # reused, under a new key, empty
+    reused = next(t for t in taken if t.id == f.id)
+    assert reused.size == 0 and os.pread(reused.fd, 100, 0) == b""
+    # a restart: only the live files are kept (a recycled spare not taken is deleted)
+    g = staging.create("b.txt", None, dirty=True)
+    staging.mark(g, dirty=False, committed=True)
+    staging.remove(g, recycle=True)
+    found = {x.key for x in StagingArea(tmp_path).recover()}
+    assert found == {"n0", "n1", "n2"}
+    assert not g.data_path.exists()
