@@ -106,6 +106,7 @@ class LinkProxy:
         self.stall = False
         self.reset_fraction = 0.0
         self.error_fraction = 0.0
+        self.errors_next = 0  # the next N responses are replaced by a 503 (after the server acted)
         self.refuse = False
         self.counts: Counter[str] = Counter()
         self.continues = 0  # requests that asked for `100 Continue` (a round trip before the body)
@@ -244,7 +245,10 @@ class LinkProxy:
                 if self.stall:
                     self._wait_unstalled()
                     raise _Closed()
-                if self.error_fraction and self._rng.random() < self.error_fraction:
+                with self._lock:
+                    inject = self.errors_next > 0
+                    self.errors_next -= inject
+                if inject or (self.error_fraction and self._rng.random() < self.error_fraction):
                     self._drain_response(ureader, method, status_line, rfields)
                     body = b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
                     client.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))

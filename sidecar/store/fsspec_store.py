@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import hashlib
 import io
 import logging
 import os
@@ -469,7 +470,19 @@ class _S3Writes:
                 data = _read_part(path, 0, size)
             else:
                 data = await asyncio.get_running_loop().run_in_executor(None, _read_part, path, 0, size)
-            resp = await self.fs._call_s3("put_object", Bucket=self.bucket, Key=key, Body=_ProgressBody(data, progress), **cond, **meta)
+            try:
+                resp = await self.fs._call_s3("put_object", Bucket=self.bucket, Key=key, Body=_ProgressBody(data, progress), **cond, **meta)
+            except Exception as exc:
+                if _error_code(exc) not in ("PreconditionFailed", "412"):
+                    raise
+                # The SDK may have sent this PUT twice: the first stored it and its answer was
+                # lost (a reset, a 503 from a proxy). The precondition then meets our own
+                # object. Its etag (the MD5 of a plain PUT's bytes) tells ours from another
+                # writer's; anything else stays a conflict.
+                head = await self.fs._call_s3("head_object", Bucket=self.bucket, Key=key)
+                if head.get("ETag", "").strip('"') != hashlib.md5(data, usedforsecurity=False).hexdigest():
+                    raise
+                return head["ETag"]
             return resp["ETag"]
 
         async def multipart() -> str:

@@ -352,3 +352,20 @@ def test_sigterm_stores_closed_files_and_keeps_open_ones_incomplete(bucket, moun
         f.close()
     except OSError:
         pass
+
+
+def test_a_put_stored_but_answered_with_an_error_is_not_a_conflict_when_retried(proxied, mount_worker, s3):
+    """The server stores the object but its answer is lost (here: replaced by a 503 after the
+    server acted). The SDK sends the PUT again, and its precondition (`If-None-Match: *` for a
+    new file, `If-Match` for a replacement) now meets our own object: 412. That is not another
+    writer's change: close succeeds, the bytes are there, nothing is left staged."""
+    proxy, bucket = proxied
+    w = mount_worker(bucket, options={"endpoint_url": proxy.endpoint}, readonly=False, ttl=60.0)
+    os.listdir(w.mnt)
+    for name, data in (("new.txt", b"first version\n"), ("new.txt", b"second version, replacing\n")):
+        proxy.set(errors_next=1)
+        with open(f"{w.mnt}/{name}", "wb") as f:
+            f.write(data)
+        assert proxy.errors_injected >= 1
+        assert s3.client().get_object(Bucket=bucket, Key=name)["Body"].read() == data
+        assert w.stats()["staged"] == []
