@@ -46,7 +46,7 @@ def _translated(fn: F) -> F:
         # (pyfuse3 serves a request at a time per task; the next request sets its own). The
         # mount is bound once, when the FuseOps is made. A `with bound_contextvars` per request
         # cost about half of a cached lookup.
-        bind_op(op=op)
+        structlog.contextvars.bind_contextvars(op=op)
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
@@ -67,8 +67,6 @@ def _translated(fn: F) -> F:
 
     return wrapper  # type: ignore[return-value]
 
-
-bind_op = structlog.contextvars.bind_contextvars
 
 
 def _existing_name(name: bytes) -> str:

@@ -53,12 +53,19 @@ def _mapped(fd: int, size: int) -> memoryview | None:
         if exc.errno != errno.EINVAL:  # EINVAL: a kernel before 5.14, the pages fault in on use
             m.close()
             raise
-    view = memoryview(m)
-    magic, crc, length = _HEADER.unpack(view[: _HEADER.size])
-    if magic == MAGIC and length == size - _HEADER.size and crc32(view[_HEADER.size :]) == crc:
-        return view[_HEADER.size :]
-    view.release()
-    m.close()
+    data = _checked(m, size)
+    if data is None:
+        m.close()  # (no view of it is left)
+    return data
+
+
+def _checked(content: bytes | mmap.mmap, size: int) -> memoryview | None:
+    """The data of a block file's `content` (`size` bytes) if its header and CRC hold."""
+    magic, crc, length = _HEADER.unpack_from(content)
+    data = memoryview(content)[_HEADER.size :]
+    if magic == MAGIC and length == size - _HEADER.size and crc32(data) == crc:
+        return data
+    data.release()
     return None
 
 
@@ -148,15 +155,11 @@ class DiskTier:
             return None
         try:
             size = os.fstat(fd).st_size
-            if not _HEADER.size <= size <= _HEADER.size + self.limit:
-                pass
-            elif size < MAP_MIN:
-                raw = os.pread(fd, size, 0)
-                magic, crc, length = _HEADER.unpack_from(raw)
-                if magic == MAGIC and length == size - _HEADER.size and crc32(memoryview(raw)[_HEADER.size :]) == crc:
-                    data = raw[_HEADER.size :]
-            else:
-                data = _mapped(fd, size)
+            if _HEADER.size <= size <= _HEADER.size + self.limit:
+                if size >= MAP_MIN:
+                    data = _mapped(fd, size)
+                elif (small := _checked(os.pread(fd, size, 0), size)) is not None:
+                    data = bytes(small)
         finally:
             os.close(fd)
         if data is not None:

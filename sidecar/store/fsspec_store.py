@@ -473,7 +473,7 @@ class _S3Writes:
             try:
                 resp = await self.fs._call_s3("put_object", Bucket=self.bucket, Key=key, Body=_ProgressBody(data, progress), **cond, **meta)
             except Exception as exc:
-                if _error_code(exc) not in ("PreconditionFailed", "412"):
+                if not isinstance(translate(exc, key), ObjectChanged):
                     raise
                 # The SDK may have sent this PUT twice: the first stored it and its answer was
                 # lost (a reset, a 503 from a proxy). The precondition then meets our own
