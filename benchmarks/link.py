@@ -303,21 +303,27 @@ class LinkBench:
         for who in ("sidecar", "rclone"):
             for case, reader in (("2_of_10_columns", lambda p: pq.read_table(p, columns=cols)),
                                  ("3_row_groups_1_column", lambda p: pq.ParquetFile(p).read_row_groups([0, 1, 2], columns=["c3"]))):
+                # Bytes are counted twice: what the reader's client took from its connections
+                # (the sidecar's store counter), and what the link delivered (the proxy, whose
+                # own send buffer is small): an abandoned stream costs what was in flight too.
+                read_by_client = None
                 if who == "sidecar":
                     w = self.worker(None)
                     self.proxy.reset_counts()
                     reader(f"{w.mnt}/table.parquet")
-                    fetched = w.stats()["store"]["bytes_fetched"]
+                    read_by_client = w.stats()["store"]["bytes_fetched"]
                     w.stop()
                 else:
                     proc, mnt = self.rclone_mount()
                     self.proxy.reset_counts()
                     reader(f"{mnt}/table.parquet")
-                    fetched = self.proxy.bytes_down
                     self.rclone_unmount(proc, mnt)
                 need = need_cols if case.startswith("2") else need_rg
-                out.setdefault(case, {})[who] = {"gets": self.proxy.counts["GET"], "backend_bytes": fetched, "needed_bytes": need,
-                                                   "bytes_ratio": fetched / need}
+                wire = self.proxy.bytes_down
+                out.setdefault(case, {})[who] = {"gets": self.proxy.counts["GET"], "needed_bytes": need,
+                                                   "link_bytes": wire, "link_bytes_ratio": wire / need}
+                if read_by_client is not None:
+                    out[case][who].update(client_bytes=read_by_client, client_bytes_ratio=read_by_client / need)
         self.results["parquet"] = out
 
     def copy(self) -> None:

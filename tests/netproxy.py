@@ -30,6 +30,7 @@ from collections import Counter
 from typing import Any
 
 CHUNK = 64 * 1024
+SEND_BUFFER = 256 * 1024  # the proxy's send buffer towards a client (the kernel doubles it)
 
 
 class _Closed(Exception):
@@ -178,6 +179,10 @@ class LinkProxy:
             if self.refuse:
                 _reset(client)
                 continue
+            # A small send buffer: bytes counted as sent down have left the proxy for the
+            # client (a reader that stops reading holds back the server within SEND_BUFFER,
+            # rather than the bytes piling up here, counted though never delivered).
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
             threading.Thread(target=self._serve, args=(client,), name="linkproxy-conn", daemon=True).start()
 
     def _track(self, s: socket.socket, add: bool) -> None:

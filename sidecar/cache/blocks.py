@@ -27,8 +27,9 @@ from typing import Any
 import trio
 
 from sidecar.cache.disk import DiskTier, block_name, range_name
+from sidecar.cache.prefetch import FOLLOW_MAX
 from sidecar.log import get_logger
-from sidecar.store.base import ObjectStore
+from sidecar.store.base import Gate, ObjectStore
 
 log = get_logger(__name__)
 
@@ -62,6 +63,28 @@ class _Fetch:
     error: BaseException | None = None
 
 
+class Follow:
+    """One streamed GET behind one sequential reader (a Parquet column chunk, an HDF5 dataset
+    read from some offset): the range covers blocks [start, end) but the body is read only as
+    far as blocks are `registered` (those its reader asked for); the rest waits in TCP and, when
+    the reader jumps elsewhere, is never read. One request per run instead of one per block, and
+    what is fetched beyond what was read stays within the last block read (plus what the
+    socket's small receive buffer held: see the store's `_hold_back`)."""
+
+    def __init__(self, ref: ObjectRef, start: int, end: int) -> None:
+        self.ref, self.start, self.end = ref, start, end
+        self.registered = start  # blocks [start, registered) are fetched by this stream (or held)
+        self.fetches: dict[int, _Fetch] = {}  # registered blocks not delivered yet
+        self.gate = Gate()
+        self.closed = False
+
+    def close(self) -> None:
+        """Stops the stream after the blocks registered so far (their waiters still get them)."""
+        self.closed = True
+        self.gate.close()
+
+
+FOLLOWS_PER_HANDLE = 8  # streams one file handle keeps open (runs it reads at once)
 DISK_RUN_BLOCKS = 16  # blocks read from disk per thread hop: a hop per 1 MiB block cost more than the read (mapped)
 COALESCE_S = 0.002  # backend runs started this close together are merged into one request
 
@@ -98,6 +121,7 @@ class BlockCache:
         # of `fetch_size` in flight at once, at most `max_fetches` per mount.
         self.fetch_blocks = max(1, fetch_size // block_size)
         self._fetch_limiter = trio.CapacityLimiter(max_fetches)
+        self._follow_limiter = trio.CapacityLimiter(max_fetches)
         # Backend runs wait COALESCE_S before they start, merged with the runs started meanwhile:
         # the kernel splits one large read (a Parquet column chunk read at once) into 1 MiB
         # requests that arrive together, each a run of its own; merged, they are one GET.
@@ -225,6 +249,98 @@ class BlockCache:
                 fetches.append(fetch)
             self._nursery.start_soon(self._fetch_run, ref, part[0], fetches, reserved)
         return len(run)
+
+    @property
+    def follows(self) -> bool:
+        """Whether a sequential reader can be followed by one streamed GET (`follow`)."""
+        return bool(getattr(self.store, "streams", False))
+
+    def follow(self, follows: list[Follow], ref: ObjectRef, first: int, last: int, *, may_start: bool) -> bool:
+        """Follows a sequential reader with a streamed GET: if blocks [first, last] continue one
+        of the handle's streams `follows`, that stream is extended to them; else, with `may_start` (the handle's
+        read-ahead saw the run begin), a new stream starts at the first of them not held, its
+        range ending before the next held block. Several streams per handle, since one reader
+        may read several runs at once (pyarrow's pre-buffering reads the column chunks of a
+        row group in parallel through one file descriptor). False: the read is not followed
+        (nothing needed, or no memory for even one block: the caller fetches as usual)."""
+        follows[:] = [f for f in follows if not f.closed]
+        for f in follows:
+            if f.ref == ref and f.start <= first <= f.registered and first < f.end:
+                follows.remove(f)
+                break
+        else:
+            if not may_start:
+                return False
+            start, blocks = first, self.blocks_of(ref)
+            while start <= last and self.has(ref, start):
+                start += 1
+            if start > last:
+                return False
+            end = start + 1
+            span = max(1, FOLLOW_MAX // self.block_size)  # the Range header's extent; read as asked
+            while end < min(blocks, start + span) and not self.has(ref, end):
+                end += 1
+            f = Follow(ref, start, end)
+            if not self._register(f, last + 1, last + 1):
+                return False
+            if self._nursery is None:
+                raise RuntimeError("BlockCache.run is not started")
+            self._nursery.start_soon(self._follow_run, f)
+            if len(follows) >= FOLLOWS_PER_HANDLE:
+                follows.pop(0).close()  # the least recently read
+        follows.append(f)
+        # No block ahead of the reader: TCP keeps the next bytes coming while the reader turns
+        # round (the stream pauses only once its socket's buffer is full), and what a run
+        # fetches past its end is at most the rest of its last block.
+        self._register(f, last + 1, last + 1)
+        return True
+
+    def _register(self, follow: Follow, want_end: int, ahead_from: int) -> bool:
+        """Registers the stream's blocks up to `want_end` (as far as memory allows) and opens its
+        gate that far; False if not even one block had room."""
+        ref = follow.ref
+        while follow.registered < min(want_end, follow.end):
+            index = follow.registered
+            bid = (ref.key, ref.etag, index)
+            if bid not in self._memory and bid not in self._inflight:  # held ones: read past
+                if not self._try_reserve(self._block_len(ref, index)):
+                    break
+                fetch = _Fetch()
+                self._inflight[bid] = fetch
+                follow.fetches[index] = fetch
+                self.stats.misses += 1
+                self.stats.prefetches += index >= ahead_from
+            follow.registered += 1
+        follow.gate.open_to(follow.registered - follow.start)
+        return follow.registered > follow.start
+
+    async def _follow_run(self, follow: Follow) -> None:
+        ref, bs = follow.ref, self.block_size
+        error: BaseException = OSError(f"{ref.key}: the backend sent fewer bytes than asked")
+
+        def on_block(i: int, data: bytes) -> None:
+            index = follow.start + i
+            fetch = follow.fetches.pop(index, None)
+            if fetch is not None:
+                self._complete(ref, index, fetch, data, None, True)
+                if self.disk is not None and self._nursery is not None:
+                    name = block_name(self.storage_id, ref.key, ref.etag, index, bs)
+                    self._nursery.start_soon(self._disk_put_many, [(name, data)])
+
+        try:
+            # Streams have their own bound: one waiting for its reader never holds up demand reads.
+            async with self._follow_limiter:
+                start, end = follow.start * bs, min(follow.end * bs, ref.size)
+                await self.store.get_blocks(ref.key, start, end, ref.etag, bs, on_block, object_size=ref.size, gate=follow.gate)
+        except BaseException as exc:
+            error = exc if isinstance(exc, Exception) else OSError("fetch cancelled")
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            follow.close()
+            for index, fetch in list(follow.fetches.items()):  # whatever did not arrive fails
+                self._complete(ref, index, fetch, None, error, True)
+            follow.fetches.clear()
 
     async def _flush_pending(self) -> None:
         """Starts the pending backend blocks as contiguous runs of at most `fetch_blocks`."""

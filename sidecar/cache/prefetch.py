@@ -17,6 +17,14 @@ Window size, in blocks:
 
 Blocks are requested in batches: only when what is requested ahead of the reader falls to half
 the window is it topped up.
+
+A run that did not start at offset 0 is *followed* instead, from its second read (if it began
+exactly where the first ended; else once the window would open) until it has read FOLLOW_MAX:
+one streamed GET reads the object as far as the reader has asked (BlockCache.follow), rather
+than a GET per block of the window. A Parquet column chunk read in 1 MiB requests then costs
+two GETs (its first read, exact, and the stream), and what is fetched past its end stays within
+its last block. Longer runs switch to the window's parallel
+GETs, which a single connection cannot match.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ STREAK_TO_OPEN = 2  # sequential reads in a row before anything is read ahead
 INITIAL_STREAM = 4  # blocks ahead of a reader streaming from offset 0
 STREAM_REQUEST = 64 * 1024  # reads at least this large are kernel read-ahead sized
 PROPORTION = 8  # a run that did not start at 0 reads ahead 1/PROPORTION of what it has read
+FOLLOW_MAX = 32 * 1024 * 1024  # bytes of a run followed by one stream before parallel GETs take over
 
 
 class ReadAhead:
@@ -44,6 +53,17 @@ class ReadAhead:
         self._stream = False  # the run began at offset 0 with kernel-sized reads
         self._block = -1
         self._requested_end = 0  # first block index not yet requested ahead of the reader
+        self._exact = False  # the last read began exactly where a recent one ended
+
+    @property
+    def following(self) -> bool:
+        """The current read continues a run that did not start at offset 0 (and is not long yet):
+        one streamed GET should follow it (see the module's docstring)."""
+        if self._stream or self._run_bytes >= FOLLOW_MAX:
+            return False
+        # From the second read if it began exactly where the first ended; a read that only
+        # overlaps a recent one (a random reader of a small range) needs a longer streak.
+        return self._streak >= STREAK_TO_OPEN or (self._streak >= 1 and self._exact)
 
     def _sequential(self, offset: int, end: int) -> bool:
         if offset in self._ends:
@@ -62,6 +82,7 @@ class ReadAhead:
         end = offset + max(size, 1)
         block = offset // self.block_size
         last = (end - 1) // self.block_size
+        self._exact = offset in self._ends
         if self._ends and self._sequential(offset, end):
             self._streak += 1
             self._run_bytes += size

@@ -116,7 +116,7 @@ class AzureStore(FsspecStore):
 
         return self._fetched(await self._run(f"read {key}", fetch))
 
-    async def get_blocks(self, key, start, end, etag, block_size, on_block, object_size=None) -> None:  # type: ignore[no-untyped-def]
+    async def get_blocks(self, key, start, end, etag, block_size, on_block, object_size=None, gate=None) -> None:  # type: ignore[no-untyped-def]
         """A run of blocks as parallel ranged downloads (Blob storage serves ranges well), each
         block handed over as soon as it has arrived."""
         import asyncio

@@ -54,8 +54,85 @@ class StoreStats:
         return dict(self.__dict__)
 
 
+GATE_IDLE_S = 5.0  # a streamed GET whose reader has not come back for this long is closed
+
+
+class Gate:
+    """Backpressure for one streamed GET (`get_blocks(..., gate=...)`): the stream reads block
+    `i` of its range from the body only once `allowed > i`, so it never runs further ahead of
+    its reader than the reader asked for (TCP holds the rest back). When the gate is closed, or
+    nobody opens it for `idle` seconds, the stream stops there and the rest is never read.
+
+    Opened and closed from trio; waited on from trio (`wait_trio`) or from an SDK's asyncio loop
+    in another thread (`wait_asyncio`). `allowed` and `closed` are plain values written by one
+    side and read by the other; the waiter publishes its wake-up callable, then checks again,
+    so a change made between its check and its wait is never missed."""
+
+    def __init__(self, idle: float = GATE_IDLE_S) -> None:
+        self.allowed = 0
+        self.closed = False
+        self.idle = idle
+        self._wake: Callable[[], object] | None = None
+
+    def open_to(self, n: int) -> None:
+        if n > self.allowed:
+            self.allowed = n
+            self._poke()
+
+    def close(self) -> None:
+        self.closed = True
+        self._poke()
+
+    def _poke(self) -> None:
+        wake = self._wake
+        if wake is not None:
+            try:
+                wake()
+            except RuntimeError:  # the waiter's loop has closed: nobody to wake
+                pass
+
+    def _blocked(self, i: int) -> bool:
+        return i >= self.allowed and not self.closed
+
+    async def wait_asyncio(self, i: int) -> bool:
+        """On an asyncio loop: waits until block `i` may be read; False: stop the stream."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        while self._blocked(i):
+            event = asyncio.Event()
+            self._wake = lambda: loop.call_soon_threadsafe(event.set)
+            try:
+                if self._blocked(i):
+                    await asyncio.wait_for(event.wait(), self.idle)
+            except asyncio.TimeoutError:
+                return False
+            finally:
+                self._wake = None
+        return i < self.allowed
+
+    async def wait_trio(self, i: int) -> bool:
+        """The same on trio (a trio-native store)."""
+        import trio
+
+        while self._blocked(i):
+            event = trio.Event()
+            self._wake = event.set
+            try:
+                with trio.move_on_after(self.idle) as waited:
+                    await event.wait()
+                if waited.cancelled_caught:
+                    return False
+            finally:
+                self._wake = None
+        return i < self.allowed
+
+
 class ObjectStore(Protocol):
     stats: StoreStats
+    # True: `get_blocks` reads its body as it goes and honours a `gate` (one GET can follow a
+    # sequential reader through a long range, reading only what the reader wants)
+    streams: bool
     name: str  # identifies the storage in cache keys
 
     async def list_dir(self, prefix: str, *, max_entries: int | None = None) -> Listing:
@@ -70,10 +147,12 @@ class ObjectStore(Protocol):
 
     async def get_blocks(
         self, key: str, start: int, end: int, etag: str, block_size: int, on_block: "Callable[[int, bytes], None]",
-        object_size: int | None = None,
+        object_size: int | None = None, gate: Gate | None = None,
     ) -> None:
         """Streams bytes [start, end) of `key` with one request, calling `on_block(i, data)` (on the
-        trio thread) for each consecutive `block_size` piece as soon as it has arrived."""
+        trio thread) for each consecutive `block_size` piece as soon as it has arrived. With a
+        `gate` (stores that `stream`), piece i is read only once the gate allows it, and the
+        stream ends early where the gate says stop."""
 
     async def put_file(
         self, key: str, path: str, size: int, *, expected: "str | None | EllipsisType" = ..., reuse: "Sequence[tuple[int, int]]" = ()

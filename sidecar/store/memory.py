@@ -18,6 +18,7 @@ class MemoryStore:
         self.stats = StoreStats()
         self.fail = False  # when set, every call raises BackendUnavailable
         self.delay = 0.0  # seconds each call sleeps (to test deadlines and single flight)
+        self.streams = True  # get_blocks honours a gate (as S3's streamed body does)
 
     def put(self, key: str, data: bytes, mtime: float | None = None) -> ObjectInfo:
         etag = hashlib.md5(data + key.encode()).hexdigest()
@@ -78,10 +79,22 @@ class MemoryStore:
         self.stats.bytes_fetched += len(chunk)
         return chunk
 
-    async def get_blocks(self, key, start, end, etag, block_size, on_block, object_size=None) -> None:
-        data = await self.get_range(key, start, end, etag)
-        for i, pos in enumerate(range(0, len(data), block_size)):
-            on_block(i, data[pos : pos + block_size])
+    async def get_blocks(self, key, start, end, etag, block_size, on_block, object_size=None, gate=None) -> None:
+        """Block by block, as a streamed body is read: with a `gate`, a block not allowed yet is
+        waited for, and what is never read is never counted as fetched."""
+        await self._call()
+        if key not in self.objects:
+            raise NotFound(key)
+        data, info = self.objects[key]
+        if info.etag != etag:
+            raise ObjectChanged(key)
+        self.stats.get_requests += 1
+        for i, pos in enumerate(range(start, end, block_size)):
+            if gate is not None and i >= gate.allowed and not await gate.wait_trio(i):
+                return
+            chunk = data[pos : min(pos + block_size, end)]
+            self.stats.bytes_fetched += len(chunk)
+            on_block(i, chunk)
 
     async def set_mtime(self, key: str, etag: str, mtime: float) -> ObjectInfo | None:
         await self._call()

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from sidecar.cache.blocks import BlockCache, ObjectRef
+from sidecar.cache.blocks import BlockCache, Follow, ObjectRef
 from sidecar.cache.prefetch import FolderWalk, ReadAhead
 from sidecar.errors import (
     BadHandle,
@@ -90,6 +90,7 @@ class FileHandle:
     ref: ObjectRef
     readahead: ReadAhead
     writable: bool = False
+    follows: list[Follow] = field(default_factory=list)  # streamed GETs following this reader's runs
 
 
 @dataclass
@@ -475,8 +476,13 @@ class Filesystem:
         bs = self.cache.block_size
         first, last = offset // bs, (end - 1) // bs
         ahead = h.readahead.on_read(offset, end - offset)
+        # A run that did not start at offset 0 is followed by one streamed GET (ReadAhead.following),
+        # never read ahead by the window, even when its blocks are all held (a warm pass).
+        following = self.cache.follows and (
+            self.cache.follow(h.follows, ref, first, last, may_start=h.readahead.following) or h.readahead.following
+        )
         try:
-            if h.readahead.window == 0 and not all(self.cache.has(ref, i) for i in range(first, last + 1)):
+            if h.readahead.window == 0 and not following and not all(self.cache.has(ref, i) for i in range(first, last + 1)):
                 # A random reader: fetch just the bytes asked for, not whole blocks, so a 4 KiB
                 # read of a 5 GiB object costs a 4 KiB GET; the range is kept (memory, disk) so
                 # the same read again costs nothing.
@@ -489,7 +495,8 @@ class Filesystem:
             # Start the blocks this read needs first, then the read-ahead, so that read-ahead
             # never takes the memory the demand blocks need; `get` waits for room if need be.
             self.cache.prefetch(ref, range(first, last + 1), readahead=False)
-            self.cache.prefetch(ref, ahead)
+            if not following:
+                self.cache.prefetch(ref, ahead)
             if first == last:
                 block = await self.cache.get(ref, first)
                 base = first * bs
@@ -509,6 +516,8 @@ class Filesystem:
         h = self._handles.pop(fh, None)
         if not isinstance(h, FileHandle):
             return
+        for follow in h.follows:
+            follow.close()
         node = h.node
         if h.writable and node.staged is not None:
             staged = node.staged

@@ -393,7 +393,7 @@ def test_sequential_reader_prefetches_random_reader_does_not():
 
     async def main():
         async with mounted(store, memory_limit=BS * 32) as fs:
-            await read_all(fs, "big", chunk=BS // 2)
+            await read_all(fs, "big", chunk=BS)  # kernel-sized reads from offset 0: a stream
             assert fs.cache.stats.prefetches > 10
             assert fs.cache.memory_bytes <= BS * 32
             store.stats.bytes_fetched = 0
@@ -546,6 +546,73 @@ def test_a_run_elsewhere_gets_a_window_proportional_to_what_it_read():
         ra.on_read(start + i * MiB, MiB)
     assert ra.window == 4  # an eighth of the 32 MiB read in this run
     assert list(ra.on_read(7 * MiB, 4 * KiB)) == [] and ra.window == 0  # a jump closes it
+
+
+def test_a_run_elsewhere_is_followed_by_one_streamed_get_that_reads_only_what_is_asked(tmp_path):
+    """Column chunks of a Parquet file read in block-sized requests at unaligned offsets: each
+    run costs its first read (exact) and one streamed GET that reads only as far as the reader
+    plus its lead, stopped when the reader jumps to the next run. A new mount on the kept disk
+    cache reads the same runs with no request."""
+    store = MemoryStore()
+    data = random.Random(10).randbytes(BS * 64)
+    store.put("cols", data)
+    runs = [(BS * 10 + 777, 9 * BS), (BS * 40 + 123, 5 * BS), (BS * 3, 3 * BS)]
+
+    async def read_runs(fs, per_run):
+        fh, _ = await fs.open(await path_ino(fs, "cols"), os.O_RDONLY)
+        for start, length in runs:
+            gets, fetched = store.stats.get_requests, store.stats.bytes_fetched
+            off = start
+            while off < start + length:
+                n = min(BS, start + length - off)
+                assert bytes(await fs.read(fh, off, n)) == data[off : off + n]
+                off += n
+            per_run.append((store.stats.get_requests - gets, store.stats.bytes_fetched - fetched, length))
+        fs.release(fh)
+
+    async def first():
+        per_run = []
+        async with mounted(store, memory_limit=BS * 16, disk=DiskTier(tmp_path, limit=BS * 100)) as fs:
+            await read_runs(fs, per_run)
+            await trio.sleep(0.2)  # a stream that was not stopped would read on meanwhile
+            for gets, fetched, length in per_run:
+                assert gets == 2  # the first read, exact, then one stream for the rest of the run
+            # every stream stopped within the lead of where its reader left it
+            assert store.stats.bytes_fetched <= sum(length for _, length in runs) + len(runs) * 2 * BS
+            with trio.fail_after(10):
+                while len(fs.cache.disk) < (1 + 9) + (1 + 5) + (1 + 2):  # per run: its first read, kept as a range, and the stream's blocks
+                    await trio.sleep(0.01)
+
+    run(first, mock_clock=False)
+
+    async def again():
+        per_run = []
+        async with mounted(store, memory_limit=BS * 16, disk=DiskTier(tmp_path, limit=BS * 100)) as fs:
+            await read_runs(fs, per_run)
+        assert [gets for gets, _, _ in per_run] == [0, 0, 0]  # all from the kept disk cache
+
+    run(again, mock_clock=False)
+
+
+def test_a_followed_reader_that_stops_closes_its_stream_after_the_idle_time():
+    store = MemoryStore()
+    data = random.Random(11).randbytes(BS * 32)
+    store.put("obj", data)
+
+    async def main():
+        async with mounted(store, memory_limit=BS * 16) as fs:
+            fh, _ = await fs.open(await path_ino(fs, "obj"), os.O_RDONLY)
+            for i in range(3):
+                await fs.read(fh, BS * (5 + i), BS)
+            (follow,) = fs._handles[fh].follows
+            assert not follow.closed
+            await trio.sleep(follow.gate.idle + 1)  # the reader leaves the file open, unread
+            assert follow.closed and not follow.fetches
+            assert store.stats.bytes_fetched == 3 * BS  # the three reads, nothing ahead of them
+            assert bytes(await fs.read(fh, BS * 8, BS)) == data[BS * 8 : BS * 9]  # reads on: a new stream
+            fs.release(fh)
+
+    run(main)
 
 
 def test_memory_budget_holds_with_many_readers():
@@ -782,11 +849,14 @@ def test_disk_tier_error_that_is_not_oserror_costs_a_refetch(tmp_path):
 
     async def main():
         async with mounted(store, disk=disk) as fs:
-            assert await read_all(fs, "obj") == data  # served from the backend
-            await trio.sleep(0.5)  # the disk writes after the fetch fail too, quietly
-            return disk.errors
+            # kernel-sized reads from offset 0: blocks through the fetch path, which asks the
+            # disk first (a read error), then stores what it fetched (write errors)
+            assert await read_all(fs, "obj", chunk=2 * BS) == data  # served from the backend
+            with trio.fail_after(10):
+                while disk.errors < 2:  # the disk writes after the fetch fail too, quietly
+                    await trio.sleep(0.01)
 
-    assert run(main) >= 2
+    run(main, mock_clock=False)
 
 
 def test_disk_limit_is_capped_by_free_space(tmp_path, monkeypatch):

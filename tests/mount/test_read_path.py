@@ -267,3 +267,24 @@ def test_extended_attributes_are_not_supported_and_asked_once(s3_bucket, mount_w
         os.listxattr(path)
     assert exc.value.errno == errno.EOPNOTSUPP
     assert w.stats()["requests"].get("getxattr", 0) == 1
+
+
+def test_column_chunks_read_at_odd_offsets_cost_two_gets_each(s3_bucket, mount_worker):
+    """A Parquet-like reader: runs of 1 MiB reads at unaligned offsets, one run after another
+    through one descriptor. Each run costs its first read (an exact range) and one streamed GET
+    that follows it; no GET per block. Bytes are right."""
+    data = random.Random(21).randbytes(40 * MiB)
+    s3_bucket.put("table.parquet", data)
+    w = mount_worker(s3_bucket, ttl=30.0)
+    runs = [(3 * MiB + 4096 * 5, 6 * MiB), (25 * MiB + 4096 * 3, 5 * MiB), (12 * MiB + 4096, 7 * MiB)]
+    fd = os.open(os.path.join(w.mnt, "table.parquet"), os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # the kernel reads what is asked, no more
+        before = w.stats()["store"]["get_requests"]
+        for start, length in runs:
+            for off in range(start, start + length, MiB):
+                assert os.pread(fd, MiB, off) == data[off : off + MiB]
+        gets = w.stats()["store"]["get_requests"] - before
+    finally:
+        os.close(fd)
+    assert gets <= 2 * len(runs)  # before: a GET per block of each run (18 here)
