@@ -34,3 +34,28 @@ def test_a_timestamp_that_is_not_one_is_refused_as_botocore_does():
         parse_timestamp("not a date")
     with pytest.raises(ValueError):
         fast_timestamp("not a date")
+
+
+def test_the_s3_warm_up_rehearses_reads_without_a_request_and_leaves_no_handler():
+    """The rehearsal of GetObject and HeadObject is answered inside the SDK: against a port
+    where nothing listens it succeeds; afterwards a real call goes to the network again."""
+    import trio
+
+    from sidecar.errors import BackendUnavailable
+    from sidecar.store.fsspec_store import S3Store
+
+    fs = make_s3_filesystem({"endpoint_url": "http://127.0.0.1:9"}, {"access_key_id": "a", "secret_access_key": "b"}, None, "us-east-1")
+    store = S3Store(fs, "bucket", "s", deadline=5.0)
+    rehearsed = []
+
+    async def main():
+        await store.warm_up()
+        client = fs.s3
+        client.meta.events.register("after-call.s3", lambda **kw: rehearsed.append(kw["model"].name))
+        await store.warm_up()  # the rehearsal again, now watched
+        with pytest.raises(BackendUnavailable):  # a real call: the closed port answers
+            await store.get_range(".storage-sidecar-rehearsal", 0, 1, "0")
+
+    trio.run(main)
+    assert rehearsed == ["GetObject", "HeadObject"]  # both answered without a request
+    assert store.stats.errors == 1  # only the real call went to the (closed) port
