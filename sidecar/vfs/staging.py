@@ -135,6 +135,7 @@ class StagingArea:
     _journal_fd: int | None = None
     _journal_lines: int = 0
     _spares: collections.deque = field(default_factory=collections.deque)  # (id, fd) of empty data files
+    _to_empty: collections.deque = field(default_factory=collections.deque)  # (id, fd) of recycled ones, to truncate
     _spare_wanted: threading.Condition = field(default_factory=threading.Condition)
     _spare_thread: threading.Thread | None = None
 
@@ -201,8 +202,23 @@ class StagingArea:
         not taken yet is in no journal line: `recover` deletes it after a crash."""
         while True:
             with self._spare_wanted:
-                while len(self._spares) >= self.spares:
+                while not self._to_empty and len(self._spares) >= self.spares:
                     self._spare_wanted.wait()
+                emptied = self._to_empty.popleft() if self._to_empty else None
+            if emptied is not None:  # a stored file's data file, recycled (`remove`)
+                sid, fd = emptied
+                try:
+                    os.ftruncate(fd, 0)
+                except OSError:
+                    pass
+                else:
+                    with self._spare_wanted:
+                        if len(self._spares) < RECYCLED_MAX:
+                            self._spares.append((sid, fd))
+                            continue
+                os.close(fd)
+                (self.directory / f"{sid}.data").unlink(missing_ok=True)
+                continue
             sid = secrets.token_hex(8)
             try:
                 fd = os.open(self.directory / f"{sid}.data", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -316,15 +332,10 @@ class StagingArea:
         self._append({"id": f.id, "removed": True})
         fd, f.fd = f.fd, -1  # whoever still holds `f` gets EBADF, never another file's bytes
         if recycle and self.spares and fd >= 0:
-            try:
-                os.ftruncate(fd, 0)
-            except OSError:
-                pass
-            else:
-                with self._spare_wanted:
-                    if len(self._spares) < RECYCLED_MAX:
-                        self._spares.append((f.id, fd))
-                        return
+            with self._spare_wanted:  # emptied by the spare thread (a truncate costs ~0.2 ms here)
+                self._to_empty.append((f.id, fd))
+                self._spare_wanted.notify()
+            return
         try:
             os.close(fd)
         except OSError:

@@ -473,8 +473,9 @@ def test_a_stored_files_data_file_is_recycled_as_a_spare_and_never_outlives_a_re
     staging.mark(f, dirty=False, committed=True)
     wait_for(lambda: len(staging._spares) == 2, timeout=10, what="two spares")
     staging.remove(f, recycle=True)
-    assert f.fd == -1 and f.data_path.exists() and f.data_path.stat().st_size == 0
-    assert f.id in {sid for sid, _ in staging._spares}
+    assert f.fd == -1
+    wait_for(lambda: f.id in {sid for sid, _ in staging._spares}, timeout=10, what="the recycled file among the spares")
+    assert f.data_path.exists() and f.data_path.stat().st_size == 0  # emptied by the spare thread
     with pytest.raises(OSError) as err:
         os.pwrite(f.fd, b"late", 0)
     assert err.value.errno == errno.EBADF

@@ -59,3 +59,32 @@ def test_the_s3_warm_up_rehearses_reads_without_a_request_and_leaves_no_handler(
     trio.run(main)
     assert rehearsed == ["GetObject", "HeadObject"]  # both answered without a request
     assert store.stats.errors == 1  # only the real call went to the (closed) port
+
+
+def test_the_quick_resolver_gives_what_aiobotocores_gives():
+    """aiobotocore's resolve_awaitable is replaced by one with a fast path for plain values:
+    the same result for plain values, awaitables and other objects."""
+    import asyncio
+
+    import aiobotocore.hooks
+    from aiobotocore import _helpers
+
+    from sidecar.store.fsspec_store import _resolve_plain_quickly
+
+    make_s3_filesystem({"endpoint_url": "http://127.0.0.1:9"}, {"access_key_id": "a", "secret_access_key": "b"}, None, None)
+    assert aiobotocore.hooks.resolve_awaitable is _resolve_plain_quickly
+
+    async def seven():
+        return 7
+
+    class Odd:  # neither plain nor awaitable
+        pass
+
+    odd = Odd()
+
+    async def main():
+        for value in (None, 0, "x", b"y", {"a": 1}, [1], (2,), 1.5, True, odd):
+            assert await _resolve_plain_quickly(value) is await _helpers.resolve_awaitable(value)
+        assert await _resolve_plain_quickly(seven()) == await _helpers.resolve_awaitable(seven()) == 7
+
+    asyncio.run(main())
