@@ -715,6 +715,10 @@ class S3Store(_S3Writes, FsspecStore):
             stats.bytes_fetched += len(data)
             on_block(i, data)
 
+        # aiohttp buffers up to twice the largest read asked of it before it stops reading the
+        # socket: a gated stream reads in small pieces, so what waits for its reader stays small.
+        piece = GATED_READ if gate is not None else 1 << 20
+
         async def stream() -> None:
             # Each block's chunks are joined once (no zero-filled buffer, one copy) and handed
             # over as soon as the block is complete. A body that breaks off is requested again
@@ -737,7 +741,7 @@ class S3Store(_S3Writes, FsspecStore):
                         want = min(block_size, end - pos)
                         chunks, filled = [], 0
                         while filled < want:
-                            chunk = await body.read(min(want - filled, 1 << 20))
+                            chunk = await body.read(min(want - filled, piece))
                             if not chunk:
                                 break
                             chunks.append(chunk)
@@ -786,6 +790,7 @@ class _OneByte:
         pass
 
 
+GATED_READ = 128 * 1024  # bytes per body read of a gated stream (aiohttp then buffers at most 512 KiB)
 FOLLOW_RCVBUF = 256 * 1024  # bytes (the kernel doubles it): ~25 MB/s at 20 ms round trip
 
 
