@@ -1,5 +1,7 @@
 """Small pieces of the stores, without a server."""
 
+import time
+
 import pytest
 from botocore.utils import parse_timestamp
 
@@ -88,3 +90,41 @@ def test_the_quick_resolver_gives_what_aiobotocores_gives():
         assert await _resolve_plain_quickly(seven()) == await _helpers.resolve_awaitable(seven()) == 7
 
     asyncio.run(main())
+
+
+def test_a_gate_wakes_a_waiter_on_another_threads_asyncio_loop():
+    """The S3 stream waits at its gate on the SDK's asyncio loop; the reader opens or closes the
+    gate from the trio thread. Opened: the waiter goes on; closed: it stops; left alone: it
+    stops after its idle time."""
+    import asyncio
+    import threading
+
+    from sidecar.store.base import Gate
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        def waiting(gate, i):
+            future = asyncio.run_coroutine_threadsafe(gate.wait_asyncio(i), loop)
+            deadline = time.monotonic() + 5
+            while gate._wake is None and time.monotonic() < deadline:  # the waiter is parked
+                time.sleep(0.001)
+            assert gate._wake is not None and not future.done()
+            return future
+
+        gate = Gate(idle=30)
+        gate.open_to(1)
+        assert asyncio.run_coroutine_threadsafe(gate.wait_asyncio(0), loop).result(5) is True  # allowed already
+        future = waiting(gate, 1)
+        gate.open_to(2)
+        assert future.result(5) is True
+        future = waiting(gate, 2)
+        gate.close()
+        assert future.result(5) is False
+        quiet = Gate(idle=0.05)
+        assert asyncio.run_coroutine_threadsafe(quiet.wait_asyncio(0), loop).result(5) is False
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
