@@ -67,7 +67,8 @@ class MemoryStore:
             return DirInfo(key)
         return None
 
-    async def get_range(self, key: str, start: int, end: int, etag: str) -> bytes:
+    async def _opened(self, key: str, etag: str) -> bytes:
+        """The bytes of `key` at version `etag`, for one GET (counted)."""
         await self._call()
         if key not in self.objects:
             raise NotFound(key)
@@ -75,20 +76,17 @@ class MemoryStore:
         if info.etag != etag:
             raise ObjectChanged(key)
         self.stats.get_requests += 1
-        chunk = data[start:end]
+        return data
+
+    async def get_range(self, key: str, start: int, end: int, etag: str) -> bytes:
+        chunk = (await self._opened(key, etag))[start:end]
         self.stats.bytes_fetched += len(chunk)
         return chunk
 
     async def get_blocks(self, key, start, end, etag, block_size, on_block, object_size=None, gate=None) -> None:
         """Block by block, as a streamed body is read: with a `gate`, a block not allowed yet is
         waited for, and what is never read is never counted as fetched."""
-        await self._call()
-        if key not in self.objects:
-            raise NotFound(key)
-        data, info = self.objects[key]
-        if info.etag != etag:
-            raise ObjectChanged(key)
-        self.stats.get_requests += 1
+        data = await self._opened(key, etag)
         for i, pos in enumerate(range(start, end, block_size)):
             if gate is not None and i >= gate.allowed and not await gate.wait_trio(i):
                 return
