@@ -615,7 +615,7 @@ class S3Store(_S3Writes, FsspecStore):
             log.debug("rehearsal_failed", error=type(exc).__name__)
         finally:
             client.meta.events.unregister("before-send.s3", unique_id=REHEARSAL_KEY)
-            self.stats = StoreStats()  # nothing was asked of the server
+            self.stats.__init__()  # type: ignore[misc]  # in place: nothing was asked of the server
 
     def listing_of(self, prefix: str, entries: list[dict[str, Any]]) -> Listing:
         return self._to_listing(f"{prefix}/" if prefix else "", entries)
