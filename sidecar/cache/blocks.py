@@ -257,42 +257,42 @@ class BlockCache:
 
     def follow(self, follows: list[Follow], ref: ObjectRef, first: int, last: int, *, may_start: bool) -> bool:
         """Follows a sequential reader with a streamed GET: if blocks [first, last] continue one
-        of the handle's streams `follows`, that stream is extended to them; else, with `may_start` (the handle's
-        read-ahead saw the run begin), a new stream starts at the first of them not held, its
-        range ending before the next held block. Several streams per handle, since one reader
-        may read several runs at once (pyarrow's pre-buffering reads the column chunks of a
+        of the handle's streams `follows`, that stream is extended to them; else, with
+        `may_start` (the handle's read-ahead saw the run begin), a new stream starts at the
+        first of them not held, its range ending before the next held block. Several streams
+        per handle, since one reader may read several runs at once (pyarrow's pre-buffering reads the column chunks of a
         row group in parallel through one file descriptor). False: the read is not followed
         (nothing needed, or no memory for even one block: the caller fetches as usual)."""
         follows[:] = [f for f in follows if not f.closed]
         for f in follows:
             if f.ref == ref and f.start <= first <= f.registered and first < f.end:
                 follows.remove(f)
-                break
-        else:
-            if not may_start:
-                return False
-            start, blocks = first, self.blocks_of(ref)
-            while start <= last and self.has(ref, start):
-                start += 1
-            if start > last:
-                return False
-            end = start + 1
-            span = max(1, FOLLOW_MAX // self.block_size)  # the Range header's extent; read as asked
-            while end < min(blocks, start + span) and not self.has(ref, end):
-                end += 1
-            f = Follow(ref, start, end)
-            if not self._register(f, last + 1, last + 1):
-                return False
-            if self._nursery is None:
-                raise RuntimeError("BlockCache.run is not started")
-            self._nursery.start_soon(self._follow_run, f)
-            if len(follows) >= FOLLOWS_PER_HANDLE:
-                follows.pop(0).close()  # the least recently read
+                follows.append(f)  # the most recently read last
+                # No block ahead of the reader: TCP keeps the next bytes coming while the reader
+                # turns round (the stream pauses only once its socket's buffer is full), and what
+                # a run fetches past its end is at most the rest of its last block.
+                self._register(f, last + 1, last + 1)
+                return True
+        if not may_start:
+            return False
+        start, blocks = first, self.blocks_of(ref)
+        while start <= last and self.has(ref, start):
+            start += 1
+        if start > last:
+            return False
+        end = start + 1
+        span = max(1, FOLLOW_MAX // self.block_size)  # the Range header's extent; read as asked
+        while end < min(blocks, start + span) and not self.has(ref, end):
+            end += 1
+        f = Follow(ref, start, end)
+        if not self._register(f, last + 1, last + 1):
+            return False
+        if self._nursery is None:
+            raise RuntimeError("BlockCache.run is not started")
+        self._nursery.start_soon(self._follow_run, f)
+        if len(follows) >= FOLLOWS_PER_HANDLE:
+            follows.pop(0).close()  # the least recently read
         follows.append(f)
-        # No block ahead of the reader: TCP keeps the next bytes coming while the reader turns
-        # round (the stream pauses only once its socket's buffer is full), and what a run
-        # fetches past its end is at most the rest of its last block.
-        self._register(f, last + 1, last + 1)
         return True
 
     def _register(self, follow: Follow, want_end: int, ahead_from: int) -> bool:

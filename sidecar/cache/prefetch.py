@@ -23,8 +23,8 @@ exactly where the first ended; else once the window would open) until it has rea
 one streamed GET reads the object as far as the reader has asked (BlockCache.follow), rather
 than a GET per block of the window. A Parquet column chunk read in 1 MiB requests then costs
 two GETs (its first read, exact, and the stream), and what is fetched past its end stays within
-its last block. Longer runs switch to the window's parallel
-GETs, which a single connection cannot match.
+its last block. Longer runs switch to the window's parallel GETs, which a single connection
+cannot match.
 """
 
 from __future__ import annotations

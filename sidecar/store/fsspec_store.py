@@ -590,8 +590,8 @@ class S3Store(_S3Writes, FsspecStore):
         code and the SDK's whole request path, answered by a handler on the client's
         `before-send` event: no request is sent. botocore builds its state for an operation on
         the operation's first call (event-name aliases and handler lookups, shapes, serializer,
-        parser), and a forked worker copies the shared pages that code touches on first use:
-        the first read after start paid both (2-3 ms more than later reads, measured)."""
+        parser), which the first read after start paid: the first GetObject after the check's
+        LIST took 5.7-7.2 ms against 3.8-4.8 ms later, 4.9-5.7 ms after this rehearsal."""
         await super().warm_up()
         from aiobotocore.awsrequest import AioAWSResponse
 
