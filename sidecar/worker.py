@@ -108,10 +108,13 @@ async def open_store(cfg: WorkerConfig, url: urls.StorageURL) -> tuple[Any, Any]
         return None, None
     await store.warm_up()
     if not cfg.preflight:
+        await rehearse_read(store, cfg)
         return store, None
     listed: list[Any] = []
-    result = await preflight.check(cfg.name, url, cfg.options, cfg.credentials, source_path=cfg.source_path, writable=not cfg.readonly,
-                                   write_probe=cfg.write_probe, deadline=cfg.check_deadline, fs=store.fs, listed=listed.append)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rehearse_read, store, cfg)  # its CPU while the check waits for the network
+        result = await preflight.check(cfg.name, url, cfg.options, cfg.credentials, source_path=cfg.source_path, writable=not cfg.readonly,
+                                       write_probe=cfg.write_probe, deadline=cfg.check_deadline, fs=store.fs, listed=listed.append)
     logger.info("preflight", mount=cfg.name, code=result.code)
     if not result.ok:
         emit("error", code=result.code, reason=result.reason)
@@ -120,6 +123,38 @@ async def open_store(cfg: WorkerConfig, url: urls.StorageURL) -> tuple[Any, Any]
     if (await trio.to_thread.run_sync(read_line, abandon_on_cancel=True)).strip() != b"mount":
         return None, None  # the daemon went away, or changed its mind
     return store, (store.listing_of(url.key_prefix(cfg.source_path), listed[0]) if listed else None)
+
+
+async def rehearse_read(store: Any, cfg: WorkerConfig) -> None:
+    """Reads an object of the store's rehearsal (answered inside the SDK, no request is sent)
+    through the same code a reader's first read runs: FUSE operations, the file system, the block
+    cache, the store. A forked worker copies the template's pages that code touches on its first
+    run, and builds per-operation state; here, before the mount is announced, not on the
+    session's first read. Throwaway instances: nothing of it stays in the mount's caches."""
+    from sidecar.fuse_ops import FuseOps
+    from sidecar.store.base import ObjectInfo
+    from sidecar.store.fsspec_store import REHEARSAL_KEY, REHEARSAL_SIZE
+
+    rehearsal = getattr(store, "rehearsal", None)
+    if rehearsal is None:
+        return
+    try:
+        async with rehearsal():
+            cache = BlockCache(store, block_size=cfg.block_size, memory_limit=max(REHEARSAL_SIZE, cfg.block_size), storage_id=cfg.storage_id,
+                               fetch_size=cfg.fetch_size, max_fetches=cfg.max_fetches)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(cache.run)
+                fs = Filesystem(store, cache)
+                ops = FuseOps(fs, mount_name=cfg.name)
+                node = fs.inodes.for_entry(REHEARSAL_KEY, False, ObjectInfo(REHEARSAL_KEY, REHEARSAL_SIZE, "0", 0.0), trio.current_time())
+                with trio.fail_after(cfg.deadline):
+                    info = await ops.open(node.ino, os.O_RDONLY, None)
+                    for offset in range(0, REHEARSAL_SIZE, 1 << 20):  # as the kernel reads a file read whole
+                        await ops.read(info.fh, offset, 1 << 20)
+                    await ops.release(info.fh)
+                nursery.cancel_scope.cancel()
+    except Exception as exc:  # only a warm-up
+        logger.debug("read_rehearsal_failed", error=type(exc).__name__, detail=str(exc)[:200])
 
 
 def clear_stale_mount(path: str) -> bool:

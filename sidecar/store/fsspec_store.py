@@ -13,6 +13,7 @@ domain error here, so nothing above this module sees botocore or aiohttp excepti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import hashlib
 import inspect
@@ -21,7 +22,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
@@ -587,32 +588,49 @@ class S3Store(_S3Writes, FsspecStore):
 
     async def warm_up(self) -> None:
         """Builds the client, then rehearses a streamed read and a stat through this store's own
-        code and the SDK's whole request path, answered by a handler on the client's
-        `before-send` event: no request is sent. botocore builds its state for an operation on
-        the operation's first call (event-name aliases and handler lookups, shapes, serializer,
-        parser), which the first read after start paid: the first GetObject after the check's
-        LIST took 5.7-7.2 ms against 3.8-4.8 ms later, 4.9-5.7 ms after this rehearsal."""
+        code and the SDK's whole request path (`rehearsal`): no request is sent. botocore builds
+        its state for an operation on the operation's first call (event-name aliases and handler
+        lookups, shapes, serializer, parser), which the first read after start paid: the first
+        GetObject after the check's LIST took 5.7-7.2 ms against 3.8-4.8 ms later, 4.9-5.7 ms
+        after this rehearsal."""
         await super().warm_up()
+        try:
+            async with self.rehearsal():
+                with trio.fail_after(self.deadline):
+                    await self.get_blocks(REHEARSAL_KEY, 0, 1, "0", 1 << 20, lambda i, data: None, object_size=1)
+                    await self.stat(REHEARSAL_KEY)
+        except Exception as exc:  # only a warm-up: the real calls work without it
+            log.debug("rehearsal_failed", error=type(exc).__name__)
+
+    @contextlib.asynccontextmanager
+    async def rehearsal(self) -> AsyncIterator[None]:
+        """Within it, requests for REHEARSAL_KEY are answered inside the SDK (a handler on the
+        client's `before-send` event: zeros, as many as the Range asks; a HEAD answers the
+        size): no request is sent. The store's counters are reset after it."""
         from aiobotocore.awsrequest import AioAWSResponse
 
-        client = getattr(self.fs, "s3", None)
+        client = getattr(self.fs, "_s3", None)  # built by warm_up
         if client is None:
+            yield
             return
-        headers = {"content-length": "1", "content-range": "bytes 0-0/1", "etag": '"0"', "accept-ranges": "bytes",
-                   "last-modified": "Thu, 01 Jan 2026 00:00:00 GMT", "content-type": "application/octet-stream"}
 
         def answer(request: Any, **_: Any) -> Any:
             if REHEARSAL_KEY not in request.url:
                 return None
-            return AioAWSResponse(request.url, 200, headers, _OneByte(b"" if request.method == "HEAD" else b"\0"))
+            asked = request.headers.get("Range") or b"bytes=0-0"
+            asked = asked.decode() if isinstance(asked, bytes) else asked
+            lo, _, hi = asked.removeprefix("bytes=").partition("-")
+            size = int(hi or lo) - int(lo or 0) + 1
+            headers = {"content-length": str(size), "content-range": f"bytes {lo}-{hi}/{REHEARSAL_SIZE}", "etag": '"0"',
+                       "accept-ranges": "bytes", "last-modified": "Thu, 01 Jan 2026 00:00:00 GMT", "content-type": "application/octet-stream"}
+            if request.method == "HEAD":
+                headers["content-length"] = str(REHEARSAL_SIZE)
+                del headers["content-range"]
+            return AioAWSResponse(request.url, 200, headers, _Zeros(0 if request.method == "HEAD" else size))
 
         client.meta.events.register_first("before-send.s3", answer, unique_id=REHEARSAL_KEY)
         try:
-            with trio.fail_after(self.deadline):
-                await self.get_blocks(REHEARSAL_KEY, 0, 1, "0", 1 << 20, lambda i, data: None, object_size=1)
-                await self.stat(REHEARSAL_KEY)
-        except Exception as exc:  # only a warm-up: the real calls work without it
-            log.debug("rehearsal_failed", error=type(exc).__name__)
+            yield
         finally:
             client.meta.events.unregister("before-send.s3", unique_id=REHEARSAL_KEY)
             self.stats.__init__()  # type: ignore[misc]  # in place: nothing was asked of the server
@@ -770,18 +788,23 @@ class S3Store(_S3Writes, FsspecStore):
 REHEARSAL_KEY = ".storage-sidecar-rehearsal"  # the key of the warm-up calls no server ever sees
 
 
-class _OneByte:
-    """The raw body of a rehearsed response (S3Store.warm_up), as aiohttp hands it."""
+REHEARSAL_SIZE = 2 << 20  # the size of the rehearsed object (its memory stays with the worker)
+REHEARSAL_PIECE = 64 << 10  # bytes per read of its body
+
+
+class _Zeros:
+    """The raw body of a rehearsed response (S3Store.rehearsal), read as aiohttp's is."""
 
     url = REHEARSAL_KEY
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, size: int) -> None:
         self.content = self
-        self._left = data
+        self._left = size
 
-    async def read(self, *_: Any) -> bytes:
-        data, self._left = self._left, b""
-        return data
+    async def read(self, n: int = -1) -> bytes:
+        n = self._left if n < 0 else min(n, self._left, REHEARSAL_PIECE)  # pieces as a socket gives them
+        self._left -= n
+        return bytes(n)
 
     def at_eof(self) -> bool:
         return not self._left

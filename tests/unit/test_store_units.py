@@ -128,3 +128,36 @@ def test_a_gate_wakes_a_waiter_on_another_threads_asyncio_loop():
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.close()
+
+
+def test_the_read_rehearsal_runs_a_whole_read_without_a_request():
+    """A worker rehearses a reader's first read (FUSE operations down to the store) against an
+    object answered inside the SDK: against a closed port it reads the whole object, and the
+    store's counters show nothing afterwards."""
+    import trio
+
+    from sidecar.protocol import WorkerConfig
+    from sidecar.store.fsspec_store import REHEARSAL_KEY, REHEARSAL_SIZE, S3Store
+    from sidecar.worker import rehearse_read
+
+    fs = make_s3_filesystem({"endpoint_url": "http://127.0.0.1:9"}, {"access_key_id": "a", "secret_access_key": "b"}, None, "us-east-1")
+    store = S3Store(fs, "bucket", "s", deadline=5.0)
+    delivered = []
+
+    async def main():
+        await store.warm_up()
+        real = store.get_blocks
+
+        async def watched(key, start, end, etag, block_size, on_block, **kw):
+            def seen(i, data):
+                delivered.append((key, len(data)))
+                on_block(i, data)
+
+            await real(key, start, end, etag, block_size, seen, **kw)
+
+        store.get_blocks = watched
+        await rehearse_read(store, WorkerConfig(name="t", storage_id="t", url="s3://bucket", mountpath="/nonexistent"))
+
+    trio.run(main)
+    assert sum(n for key, n in delivered if key == REHEARSAL_KEY) == REHEARSAL_SIZE
+    assert store.stats.get_requests == 0 and store.stats.errors == 0
