@@ -38,16 +38,23 @@ def test_a_timestamp_that_is_not_one_is_refused_as_botocore_does():
         fast_timestamp("not a date")
 
 
+def closed_port_store():
+    """An S3 store whose endpoint is a port where nothing listens: any request fails."""
+    from sidecar.store.fsspec_store import S3Store
+
+    fs = make_s3_filesystem({"endpoint_url": "http://127.0.0.1:9"}, {"access_key_id": "a", "secret_access_key": "b"}, None, "us-east-1")
+    return S3Store(fs, "bucket", "s", deadline=5.0)
+
+
 def test_the_s3_warm_up_rehearses_reads_without_a_request_and_leaves_no_handler():
     """The rehearsal of GetObject and HeadObject is answered inside the SDK: against a port
     where nothing listens it succeeds; afterwards a real call goes to the network again."""
     import trio
 
     from sidecar.errors import BackendUnavailable
-    from sidecar.store.fsspec_store import S3Store
 
-    fs = make_s3_filesystem({"endpoint_url": "http://127.0.0.1:9"}, {"access_key_id": "a", "secret_access_key": "b"}, None, "us-east-1")
-    store = S3Store(fs, "bucket", "s", deadline=5.0)
+    store = closed_port_store()
+    fs = store.fs
     rehearsed = []
 
     async def main():
@@ -137,11 +144,10 @@ def test_the_read_rehearsal_runs_a_whole_read_without_a_request():
     import trio
 
     from sidecar.protocol import WorkerConfig
-    from sidecar.store.fsspec_store import REHEARSAL_KEY, REHEARSAL_SIZE, S3Store
+    from sidecar.store.fsspec_store import REHEARSAL_KEY, REHEARSAL_SIZE
     from sidecar.worker import rehearse_read
 
-    fs = make_s3_filesystem({"endpoint_url": "http://127.0.0.1:9"}, {"access_key_id": "a", "secret_access_key": "b"}, None, "us-east-1")
-    store = S3Store(fs, "bucket", "s", deadline=5.0)
+    store = closed_port_store()
     delivered = []
 
     async def main():
