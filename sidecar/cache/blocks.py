@@ -121,7 +121,11 @@ class BlockCache:
         # of `fetch_size` in flight at once, at most `max_fetches` per mount.
         self.fetch_blocks = max(1, fetch_size // block_size)
         self._fetch_limiter = trio.CapacityLimiter(max_fetches)
-        self._follow_limiter = trio.CapacityLimiter(max_fetches)
+        # Streams following readers (`follow`), least recently read first: at most max_fetches,
+        # the oldest closed for a new one, so a new reader never waits for an idle stream's
+        # connection (a stream waits for its reader, up to the gate's idle time).
+        self._follows: OrderedDict[Follow, None] = OrderedDict()
+        self.max_follows = max_fetches
         # Backend runs wait COALESCE_S before they start, merged with the runs started meanwhile:
         # the kernel splits one large read (a Parquet column chunk read at once) into 1 MiB
         # requests that arrive together, each a run of its own; merged, they are one GET.
@@ -268,6 +272,8 @@ class BlockCache:
             if f.ref == ref and f.start <= first <= f.registered and first < f.end:
                 follows.remove(f)
                 follows.append(f)  # the most recently read last
+                if f in self._follows:
+                    self._follows.move_to_end(f)
                 # No block ahead of the reader: TCP keeps the next bytes coming while the reader
                 # turns round (the stream pauses only once its socket's buffer is full), and what
                 # a run fetches past its end is at most the rest of its last block.
@@ -289,9 +295,12 @@ class BlockCache:
             return False
         if self._nursery is None:
             raise RuntimeError("BlockCache.run is not started")
+        while len(self._follows) >= self.max_follows:
+            self._follows.popitem(last=False)[0].close()  # the mount's least recently read stream
+        self._follows[f] = None
         self._nursery.start_soon(self._follow_run, f)
         if len(follows) >= FOLLOWS_PER_HANDLE:
-            follows.pop(0).close()  # the least recently read
+            follows.pop(0).close()  # the handle's least recently read
         follows.append(f)
         return True
 
@@ -328,16 +337,17 @@ class BlockCache:
                     self._nursery.start_soon(self._disk_put_many, [(name, data)])
 
         try:
-            # Streams have their own bound: one waiting for its reader never holds up demand reads.
-            async with self._follow_limiter:
-                start, end = follow.start * bs, min(follow.end * bs, ref.size)
-                await self.store.get_blocks(ref.key, start, end, ref.etag, bs, on_block, object_size=ref.size, gate=follow.gate)
+            # Streams have their own bound (`max_follows`, kept by `follow`): one waiting for its
+            # reader never holds up demand reads.
+            start, end = follow.start * bs, min(follow.end * bs, ref.size)
+            await self.store.get_blocks(ref.key, start, end, ref.etag, bs, on_block, object_size=ref.size, gate=follow.gate)
         except BaseException as exc:
             error = exc if isinstance(exc, Exception) else OSError("fetch cancelled")
             if not isinstance(exc, Exception):
                 raise
         finally:
             follow.close()
+            self._follows.pop(follow, None)
             for index, fetch in list(follow.fetches.items()):  # whatever did not arrive fails
                 self._complete(ref, index, fetch, None, error, True)
             follow.fetches.clear()

@@ -615,6 +615,38 @@ def test_a_followed_reader_that_stops_closes_its_stream_after_the_idle_time():
     run(main)
 
 
+def test_more_followed_readers_than_streams_close_the_oldest_stream_instead_of_waiting():
+    """Streams are bounded per mount (max_fetches). A reader whose run starts when all are taken
+    (by readers that went quiet, each stream waiting for its reader up to the idle time) closes
+    the least recently read one; it never waits for the idle time."""
+    store = MemoryStore()
+    data = random.Random(12).randbytes(BS * 32)
+    store.put("obj", data)
+
+    async def main():
+        cache = BlockCache(store, block_size=BS, memory_limit=BS * 16, max_fetches=2)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            fs = Filesystem(store, cache, ttl=30.0)
+            ino = await path_ino(fs, "obj")
+            handles = []
+            for i in range(3):  # three readers, each a run of two reads elsewhere in the object
+                fh, _ = await fs.open(ino, os.O_RDONLY)
+                start = BS * (3 + 9 * i)
+                with trio.fail_after(1):  # far less than a stream's idle time
+                    for off in (start, start + BS):
+                        assert bytes(await fs.read(fh, off, BS)) == data[off : off + BS]
+                handles.append(fh)
+            first, last = (fs._handles[fh].follows for fh in (handles[0], handles[2]))
+            assert first[0].closed and not last[0].closed  # the oldest stream gave way
+            assert len(cache._follows) <= 2
+            for fh in handles:
+                fs.release(fh)
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
 def test_memory_budget_holds_with_many_readers():
     store = MemoryStore()
     for i in range(8):
