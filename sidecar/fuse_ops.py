@@ -68,7 +68,6 @@ def _translated(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-
 def _existing_name(name: bytes) -> str:
     """A name to look up: not UTF-8 means no such object."""
     try:

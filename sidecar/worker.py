@@ -128,9 +128,10 @@ async def open_store(cfg: WorkerConfig, url: urls.StorageURL) -> tuple[Any, Any]
 async def rehearse_read(store: Any, cfg: WorkerConfig) -> None:
     """Reads an object of the store's rehearsal (answered inside the SDK, no request is sent)
     through the same code a reader's first read runs: FUSE operations, the file system, the block
-    cache, the store. A forked worker copies the template's pages that code touches on its first
-    run, and builds per-operation state; here, before the mount is announced, not on the
-    session's first read. Throwaway instances: nothing of it stays in the mount's caches."""
+    cache, the store; then stats it (a lookup's HEAD). A forked worker copies the template's
+    pages that code touches on its first run, and the SDK builds per-operation state; here,
+    before the mount is announced, not on the session's first read. Throwaway instances:
+    nothing of it stays in the mount's caches."""
     from sidecar.fuse_ops import FuseOps
     from sidecar.store.base import ObjectInfo
     from sidecar.store.fsspec_store import REHEARSAL_KEY, REHEARSAL_SIZE
@@ -152,6 +153,7 @@ async def rehearse_read(store: Any, cfg: WorkerConfig) -> None:
                     for offset in range(0, REHEARSAL_SIZE, 1 << 20):  # as the kernel reads a file read whole
                         await ops.read(info.fh, offset, 1 << 20)
                     await ops.release(info.fh)
+                    await store.stat(REHEARSAL_KEY)
                 nursery.cancel_scope.cancel()
     except Exception as exc:  # only a warm-up
         logger.debug("read_rehearsal_failed", error=type(exc).__name__, detail=str(exc)[:200])

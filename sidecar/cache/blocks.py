@@ -264,16 +264,16 @@ class BlockCache:
         of the handle's streams `follows`, that stream is extended to them; else, with
         `may_start` (the handle's read-ahead saw the run begin), a new stream starts at the
         first of them not held, its range ending before the next held block. Several streams
-        per handle, since one reader may read several runs at once (pyarrow's pre-buffering reads the column chunks of a
-        row group in parallel through one file descriptor). False: the read is not followed
-        (nothing needed, or no memory for even one block: the caller fetches as usual)."""
+        per handle, since one reader may read several runs at once (pyarrow's pre-buffering
+        reads the column chunks of a row group in parallel through one file descriptor). False:
+        the read is not followed (nothing needed, or no memory for even one block: the caller
+        fetches as usual)."""
         follows[:] = [f for f in follows if not f.closed]
         for f in follows:
             if f.ref == ref and f.start <= first <= f.registered and first < f.end:
                 follows.remove(f)
                 follows.append(f)  # the most recently read last
-                if f in self._follows:
-                    self._follows.move_to_end(f)
+                self._follows.move_to_end(f)  # (a stream not closed is in both)
                 # No block ahead of the reader: TCP keeps the next bytes coming while the reader
                 # turns round (the stream pauses only once its socket's buffer is full), and what
                 # a run fetches past its end is at most the rest of its last block.

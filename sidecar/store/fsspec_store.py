@@ -586,30 +586,19 @@ class S3Store(_S3Writes, FsspecStore):
 
     streams = True  # get_blocks reads the body block by block, as its gate allows
 
-    async def warm_up(self) -> None:
-        """Builds the client, then rehearses a streamed read and a stat through this store's own
-        code and the SDK's whole request path (`rehearsal`): no request is sent. botocore builds
-        its state for an operation on the operation's first call (event-name aliases and handler
-        lookups, shapes, serializer, parser), which the first read after start paid: the first
-        GetObject after the check's LIST took 5.7-7.2 ms against 3.8-4.8 ms later, 4.9-5.7 ms
-        after this rehearsal."""
-        await super().warm_up()
-        try:
-            async with self.rehearsal():
-                with trio.fail_after(self.deadline):
-                    await self.get_blocks(REHEARSAL_KEY, 0, 1, "0", 1 << 20, lambda i, data: None, object_size=1)
-                    await self.stat(REHEARSAL_KEY)
-        except Exception as exc:  # only a warm-up: the real calls work without it
-            log.debug("rehearsal_failed", error=type(exc).__name__)
-
     @contextlib.asynccontextmanager
     async def rehearsal(self) -> AsyncIterator[None]:
         """Within it, requests for REHEARSAL_KEY are answered inside the SDK (a handler on the
         client's `before-send` event: zeros, as many as the Range asks; a HEAD answers the
-        size): no request is sent. The store's counters are reset after it."""
+        size): no request is sent. The store's counters are reset after it. The worker rehearses
+        a first read and a stat with it (`worker.rehearse_read`): botocore builds its state for
+        an operation on the operation's first call (event-name aliases and handler lookups,
+        shapes, serializer, parser), which the first read after start paid: the first GetObject
+        after the check's LIST took 5.7-7.2 ms against 3.8-4.8 ms later, 4.9-5.7 ms once
+        rehearsed."""
         from aiobotocore.awsrequest import AioAWSResponse
 
-        client = getattr(self.fs, "_s3", None)  # built by warm_up
+        client = getattr(self.fs, "_s3", None)  # built by `warm_up`
         if client is None:
             yield
             return
@@ -786,8 +775,6 @@ class S3Store(_S3Writes, FsspecStore):
 
 
 REHEARSAL_KEY = ".storage-sidecar-rehearsal"  # the key of the warm-up calls no server ever sees
-
-
 REHEARSAL_SIZE = 2 << 20  # the size of the rehearsed object (its memory stays with the worker)
 REHEARSAL_PIECE = 64 << 10  # bytes per read of its body
 

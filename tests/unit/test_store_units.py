@@ -46,12 +46,14 @@ def closed_port_store():
     return S3Store(fs, "bucket", "s", deadline=5.0)
 
 
-def test_the_s3_warm_up_rehearses_reads_without_a_request_and_leaves_no_handler():
-    """The rehearsal of GetObject and HeadObject is answered inside the SDK: against a port
-    where nothing listens it succeeds; afterwards a real call goes to the network again."""
+def test_the_s3_rehearsal_answers_reads_without_a_request_and_leaves_no_handler():
+    """The worker's rehearsal of GetObject and HeadObject is answered inside the SDK: against a
+    port where nothing listens it succeeds; afterwards a real call goes to the network again."""
     import trio
 
     from sidecar.errors import BackendUnavailable
+    from sidecar.protocol import WorkerConfig
+    from sidecar.worker import rehearse_read
 
     store = closed_port_store()
     fs = store.fs
@@ -61,7 +63,7 @@ def test_the_s3_warm_up_rehearses_reads_without_a_request_and_leaves_no_handler(
         await store.warm_up()
         client = fs.s3
         client.meta.events.register("after-call.s3", lambda **kw: rehearsed.append(kw["model"].name))
-        await store.warm_up()  # the rehearsal again, now watched
+        await rehearse_read(store, WorkerConfig(name="t", storage_id="t", url="s3://bucket", mountpath="/nonexistent"))
         with pytest.raises(BackendUnavailable):  # a real call: the closed port answers
             await store.get_range(".storage-sidecar-rehearsal", 0, 1, "0")
 
