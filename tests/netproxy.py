@@ -21,6 +21,7 @@ delimited by Content-Length or chunked encoding, so keep-alive works as with a r
 
 from __future__ import annotations
 
+import fcntl
 import random
 import socket
 import struct
@@ -115,6 +116,7 @@ class LinkProxy:
         self.bytes_down = 0  # response bodies (server -> client)
         self.resets = 0
         self.errors_injected = 0
+        self.responses: list[Response] = []  # every response body forwarded, in order
         self._lock = threading.Lock()
         self._rng = random.Random(0)
         self._conns: set[socket.socket] = set()
@@ -144,6 +146,7 @@ class LinkProxy:
         with self._lock:
             self.counts.clear()
             self.bytes_up = self.bytes_down = self.resets = self.errors_injected = self.continues = 0
+            self.responses = []
 
     def close(self) -> None:
         self._stop.set()
@@ -190,13 +193,17 @@ class LinkProxy:
             (self._conns.add if add else self._conns.discard)(s)
 
     def _send(self, sock: socket.socket, data: bytes, started: float, sent: list[int]) -> None:
-        """Sends `data`, paced to the bandwidth cap from the start of this body."""
+        """Sends `data`, paced to the bandwidth cap from the start of this body. sent[0] counts
+        the bytes handed to the socket, sent[1] how many of them were still in its send queue
+        after the last piece (see `_pipe_body`)."""
         view = memoryview(data)
         while view:
             piece = view[:CHUNK]
             sock.sendall(piece)
             view = view[len(piece) :]
             sent[0] += len(piece)
+            if len(sent) > 1:
+                sent[1] = _unsent(sock)
             bw = self.bandwidth
             if bw:
                 ahead = sent[0] / bw - (time.monotonic() - started)
@@ -262,8 +269,12 @@ class LinkProxy:
                     continue
                 cut = self.reset_fraction and self._rng.random() < self.reset_fraction
                 client.sendall(rhead)
-                started, sent = time.monotonic(), [0]
-                self._pipe_body(ureader, client, rfields, started, sent, up=False, method=method, status_line=status_line, cut=bool(cut))
+                started, sent = time.monotonic(), [0, 0]
+                response = Response(kind, fields.get("range", ""))
+                with self._lock:
+                    self.responses.append(response)
+                self._pipe_body(ureader, client, rfields, started, sent, up=False, method=method, status_line=status_line, cut=bool(cut),
+                                response=response)
                 if rfields.get("connection", "").lower() == "close":
                     break
         except (_Closed, OSError):
@@ -282,9 +293,15 @@ class LinkProxy:
         self._pipe_body(reader, None, fields, 0, [0], up=False, method=method, status_line=status_line)
 
     def _pipe_body(self, reader: _Reader, dst: socket.socket | None, fields: dict[str, str], started: float, sent: list[int],
-                   *, up: bool, method: str = "", status_line: str = "", cut: bool = False) -> int:
+                   *, up: bool, method: str = "", status_line: str = "", cut: bool = False, response: Response | None = None) -> int:
         """Forwards one message body; returns its length. With `cut`, half of it is sent, then
-        the client connection is reset."""
+        the client connection is reset.
+
+        A client that hangs up mid-body (an abandoned open-ended range) has been sent only what
+        left the proxy's socket: the bytes still in its send queue when the client stopped
+        reading never crossed the link (on a real link they stay in the server's buffer, which
+        the client's receive window holds back). They are taken off `bytes_down` then, to
+        within one CHUNK (what the client read between the last piece and its hang-up)."""
         if not up:
             code = int(status_line.split(" ")[1]) if status_line.count(" ") else 200
             if method == "HEAD" or code in (204, 304) or 100 <= code < 200:
@@ -293,12 +310,21 @@ class LinkProxy:
 
         def out(data: bytes) -> None:
             if dst is not None:
-                self._send(dst, data, started, sent)
+                try:
+                    self._send(dst, data, started, sent)
+                except OSError:
+                    if response is not None:
+                        with self._lock:
+                            self.bytes_down -= sent[1]
+                            response.unsent = sent[1]
+                    raise
             with self._lock:  # counted as it goes: a client may hang up mid-body (open-ended ranges)
                 if up:
                     self.bytes_up += len(data)
                 elif dst is not None:
                     self.bytes_down += len(data)
+                    if response is not None:
+                        response.sent += len(data)
 
         if "content-length" in fields:
             left = int(fields["content-length"])
@@ -341,6 +367,30 @@ class LinkProxy:
                 raise
             out(data)
             total += len(data)
+
+
+class Response:
+    """One forwarded response body: its request's kind and Range header, the bytes handed to
+    the client's socket, and of those the ones still queued when the client hung up."""
+
+    __slots__ = ("kind", "range", "sent", "unsent")
+
+    def __init__(self, kind: str, range_: str) -> None:
+        self.kind, self.range, self.sent, self.unsent = kind, range_, 0, 0
+
+    @property
+    def delivered(self) -> int:
+        return self.sent - self.unsent
+
+
+SIOCOUTQNSD = 0x894B  # linux/sockios.h: bytes in a socket's send queue not yet sent
+
+
+def _unsent(sock: socket.socket) -> int:
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQNSD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
 
 
 def _reset(sock: socket.socket) -> None:

@@ -21,6 +21,7 @@ Concurrency protocol (all on the trio thread unless noted):
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,8 +72,9 @@ class Follow:
     what is fetched beyond what was read stays within the last block read (plus what the
     socket's small receive buffer held: see the store's `_hold_back`)."""
 
-    def __init__(self, ref: ObjectRef, start: int, end: int) -> None:
+    def __init__(self, ref: ObjectRef, start: int, end: int, head: bytes = b"") -> None:
         self.ref, self.start, self.end = ref, start, end
+        self.head = head  # the first block's first bytes, already held: the stream starts after them
         self.registered = start  # blocks [start, registered) are fetched by this stream (or held)
         self.fetches: dict[int, _Fetch] = {}  # registered blocks not delivered yet
         self.gate = Gate()
@@ -259,11 +261,16 @@ class BlockCache:
         """Whether a sequential reader can be followed by one streamed GET (`follow`)."""
         return bool(getattr(self.store, "streams", False))
 
-    def follow(self, follows: list[Follow], ref: ObjectRef, first: int, last: int, *, may_start: bool) -> bool:
+    def follow(
+        self, follows: list[Follow], ref: ObjectRef, first: int, last: int, *, may_start: bool, after: Iterable[tuple[int, int]] = ()
+    ) -> bool:
         """Follows a sequential reader with a streamed GET: if blocks [first, last] continue one
         of the handle's streams `follows`, that stream is extended to them; else, with
         `may_start` (the handle's read-ahead saw the run begin), a new stream starts at the
-        first of them not held, its range ending before the next held block. Several streams
+        first of them not held, its range ending before the next held block. `after`: exact ranges
+        the reader read before, kept by `keep_range`; a new stream that starts in the last block
+        of one starts where it ended, not at the block's start (a Parquet column chunk's first
+        read is exact, and its block's head would otherwise be fetched twice). Several streams
         per handle, since one reader may read several runs at once (pyarrow's pre-buffering
         reads the column chunks of a row group in parallel through one file descriptor). False:
         the read is not followed (nothing needed, or no memory for even one block: the caller
@@ -290,7 +297,7 @@ class BlockCache:
         span = max(1, FOLLOW_MAX // self.block_size)  # the Range header's extent; read as asked
         while end < min(blocks, start + span) and not self.has(ref, end):
             end += 1
-        f = Follow(ref, start, end)
+        f = Follow(ref, start, end, self._head(ref, start, after))
         if not self._register(f, last + 1, last + 1):
             return False
         if self._nursery is None:
@@ -303,6 +310,17 @@ class BlockCache:
             follows.pop(0).close()  # the handle's least recently read
         follows.append(f)
         return True
+
+    def _head(self, ref: ObjectRef, index: int, after: Iterable[tuple[int, int]]) -> bytes:
+        """The bytes of block `index` from its start up to where a kept range of `after` ended,
+        if one covers them and ends inside the block; else nothing."""
+        base = index * self.block_size
+        for lo, hi in after:
+            if lo <= base < hi < min(base + self.block_size, ref.size):
+                data = self._memory.get((ref.key, ref.etag, ("range", lo, hi)))
+                if data is not None:
+                    return bytes(data[base - lo :])
+        return b""
 
     def _register(self, follow: Follow, want_end: int, ahead_from: int) -> bool:
         """Registers the stream's blocks up to `want_end` (as far as memory allows) and opens its
@@ -329,6 +347,8 @@ class BlockCache:
 
         def on_block(i: int, data: bytes) -> None:
             index = follow.start + i
+            if i == 0 and follow.head:
+                data, follow.head = follow.head + data, b""
             fetch = follow.fetches.pop(index, None)
             if fetch is not None:
                 self._complete(ref, index, fetch, data, None, True)
@@ -339,7 +359,7 @@ class BlockCache:
         try:
             # Streams have their own bound (`max_follows`, kept by `follow`): one waiting for its
             # reader never holds up demand reads.
-            start, end = follow.start * bs, min(follow.end * bs, ref.size)
+            start, end = follow.start * bs + len(follow.head), min(follow.end * bs, ref.size)
             await self.store.get_blocks(ref.key, start, end, ref.etag, bs, on_block, object_size=ref.size, gate=follow.gate)
         except BaseException as exc:
             error = exc if isinstance(exc, Exception) else OSError("fetch cancelled")

@@ -13,7 +13,7 @@ from typing import Any
 
 from sidecar import urls
 from sidecar.errors import BackendUnavailable, NotFound, ObjectChanged
-from sidecar.store.base import ObjectInfo
+from sidecar.store.base import ObjectInfo, block_pieces
 from sidecar.store.fsspec_store import MIN_RATE, FsspecStore, Progress, _mtime, _rfc3339, _user_mtime
 
 
@@ -135,13 +135,13 @@ class AzureStore(FsspecStore):
             gate = asyncio.Semaphore(BLOCK_CONCURRENCY)
             async with self.fs.service_client.get_blob_client(container=self.bucket, blob=key) as bc:
 
-                async def one(i: int, lo: int) -> None:
+                async def one(i: int, lo: int, hi: int) -> None:
                     async with gate:
-                        data = await self._download(bc, key, lo, min(lo + block_size, end), etag)
+                        data = await self._download(bc, key, lo, hi, etag)
                     progress.tick()
                     token.run_sync_soon(deliver, i, data)
 
-                await asyncio.gather(*(one(i, lo) for i, lo in enumerate(range(start, end, block_size))))
+                await asyncio.gather(*(one(i, lo, hi) for i, lo, hi in block_pieces(start, end, block_size)))
 
         # Each block is its own download: the run fails when no block arrives for a deadline.
         progress = Progress()

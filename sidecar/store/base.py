@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import EllipsisType
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -128,6 +128,17 @@ class Gate:
         return i < self.allowed
 
 
+def block_pieces(start: int, end: int, block_size: int) -> Iterator[tuple[int, int, int]]:
+    """(i, lo, hi) of the consecutive pieces of [start, end) that `get_blocks` hands over: each
+    ends at a multiple of `block_size` (or at `end`), so a range that starts inside a block
+    (a stream that continues an exact read) gives that block's tail first."""
+    i, lo = 0, start
+    while lo < end:
+        hi = min((lo // block_size + 1) * block_size, end)
+        yield i, lo, hi
+        i, lo = i + 1, hi
+
+
 class ObjectStore(Protocol):
     stats: StoreStats
     # True: `get_blocks` reads its body as it goes and honours a `gate` (one GET can follow a
@@ -150,9 +161,9 @@ class ObjectStore(Protocol):
         object_size: int | None = None, gate: Gate | None = None,
     ) -> None:
         """Streams bytes [start, end) of `key` with one request, calling `on_block(i, data)` (on the
-        trio thread) for each consecutive `block_size` piece as soon as it has arrived. With a
-        `gate` (stores that `stream`), piece i is read only once the gate allows it, and the
-        stream ends early where the gate says stop."""
+        trio thread) for each consecutive piece (`block_pieces`: each ends at a multiple of
+        `block_size`) as soon as it has arrived. With a `gate` (stores that `stream`), piece i is
+        read only once the gate allows it, and the stream ends early where the gate says stop."""
 
     async def put_file(
         self, key: str, path: str, size: int, *, expected: "str | None | EllipsisType" = ..., reuse: "Sequence[tuple[int, int]]" = ()

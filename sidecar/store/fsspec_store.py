@@ -30,7 +30,7 @@ import trio
 
 from sidecar.errors import AccessDenied, BackendTimeout, BackendUnavailable, NotFound, ObjectChanged, SidecarError
 from sidecar.log import get_logger
-from sidecar.store.base import DirInfo, Gate, Listing, ObjectInfo, StoreStats
+from sidecar.store.base import DirInfo, Gate, Listing, ObjectInfo, StoreStats, block_pieces
 
 T = TypeVar("T")
 log = get_logger(__name__)
@@ -374,8 +374,8 @@ class FsspecStore:
     ) -> None:
         # Generic fallback: one ranged read, then split. Stores that can stream override this.
         data = await self._get_range_sized(key, start, end, etag, object_size)
-        for i, pos in enumerate(range(0, len(data), block_size)):
-            on_block(i, data[pos : pos + block_size])
+        for i, lo, hi in block_pieces(start, start + len(data), block_size):
+            on_block(i, data[lo - start : hi - start])
 
     async def _get_range_sized(self, key: str, start: int, end: int, etag: str, object_size: int | None) -> bytes:
         return await self.get_range(key, start, end, etag)
@@ -745,7 +745,7 @@ class S3Store(_S3Writes, FsspecStore):
                             if not await gate.wait_asyncio(index):
                                 return
                             progress.tick()
-                        want = min(block_size, end - pos)
+                        want = min((pos // block_size + 1) * block_size, end) - pos  # to the block's end
                         chunks, filled = [], 0
                         while filled < want:
                             chunk = await body.read(min(want - filled, piece))
@@ -800,7 +800,7 @@ class _Zeros:
         pass
 
 
-GATED_READ = 128 * 1024  # bytes per body read of a gated stream (aiohttp then buffers at most 512 KiB)
+GATED_READ = 128 * 1024  # bytes per body read of a gated stream (aiohttp's buffer is held to twice that)
 FOLLOW_RCVBUF = 256 * 1024  # bytes (the kernel doubles it): ~25 MB/s at 20 ms round trip
 
 
@@ -812,11 +812,18 @@ def _hold_back(body: Any) -> Any:
     connection's transport, to be closed after the stream, or None if the socket is not
     reachable (the stream then works as any other)."""
     try:
-        transport = body._raw_stream.connection.transport
+        response = body._raw_stream
+        transport = response.connection.transport
         transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, FOLLOW_RCVBUF)
-        return transport
     except (AttributeError, OSError):
         return None
+    # aiohttp stops reading the socket once its buffer passes twice its low-water mark, 256 KiB
+    # by default for the whole session (aiobotocore passes no `read_bufsize`), and reading only
+    # raises the mark: lowered here, for this response only, to the piece a gated stream reads.
+    content = getattr(response, "content", None)
+    if hasattr(content, "_low_water") and hasattr(content, "_high_water"):
+        content._low_water, content._high_water = GATED_READ, 2 * GATED_READ
+    return transport
 
 
 def make_s3_filesystem(

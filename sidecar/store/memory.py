@@ -8,7 +8,7 @@ import time
 import trio
 
 from sidecar.errors import BackendUnavailable, NotFound, ObjectChanged
-from sidecar.store.base import DirInfo, Listing, ObjectInfo, StoreStats
+from sidecar.store.base import DirInfo, Listing, ObjectInfo, StoreStats, block_pieces
 
 
 class MemoryStore:
@@ -87,10 +87,10 @@ class MemoryStore:
         """Block by block, as a streamed body is read: with a `gate`, a block not allowed yet is
         waited for, and what is never read is never counted as fetched."""
         data = await self._opened(key, etag)
-        for i, pos in enumerate(range(start, end, block_size)):
+        for i, lo, hi in block_pieces(start, end, block_size):
             if gate is not None and i >= gate.allowed and not await gate.wait_trio(i):
                 return
-            chunk = data[pos : min(pos + block_size, end)]
+            chunk = data[lo:hi]
             self.stats.bytes_fetched += len(chunk)
             on_block(i, chunk)
 

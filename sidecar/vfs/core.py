@@ -27,11 +27,12 @@ import itertools
 import os
 import stat as stat_mod
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import trio
 
-from sidecar.cache.blocks import BlockCache, Follow, ObjectRef
+from sidecar.cache.blocks import FOLLOWS_PER_HANDLE, BlockCache, Follow, ObjectRef
 from sidecar.cache.prefetch import FolderWalk, ReadAhead
 from sidecar.errors import (
     BadHandle,
@@ -91,6 +92,9 @@ class FileHandle:
     readahead: ReadAhead
     writable: bool = False
     follows: list[Follow] = field(default_factory=list)  # streamed GETs following this reader's runs
+    # The last ranges read exactly (a stream may continue one; several, since one reader may
+    # read several runs at once):
+    exact: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=FOLLOWS_PER_HANDLE))
 
 
 @dataclass
@@ -479,13 +483,14 @@ class Filesystem:
         # A run that did not start at offset 0 is followed by one streamed GET (ReadAhead.following),
         # never read ahead by the window, even when its blocks are all held (a warm pass).
         following = self.cache.follows and (
-            self.cache.follow(h.follows, ref, first, last, may_start=h.readahead.following) or h.readahead.following
+            self.cache.follow(h.follows, ref, first, last, may_start=h.readahead.following, after=h.exact) or h.readahead.following
         )
         try:
             if h.readahead.window == 0 and not following and not all(self.cache.has(ref, i) for i in range(first, last + 1)):
                 # A random reader: fetch just the bytes asked for, not whole blocks, so a 4 KiB
                 # read of a 5 GiB object costs a 4 KiB GET; the range is kept (memory, disk) so
                 # the same read again costs nothing.
+                h.exact.append((offset, end))
                 kept = await self.cache.cached_range(ref, offset, end)
                 if kept is not None:
                     return kept

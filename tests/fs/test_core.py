@@ -594,6 +594,32 @@ def test_a_run_elsewhere_is_followed_by_one_streamed_get_that_reads_only_what_is
     run(again, mock_clock=False)
 
 
+def test_a_stream_continues_an_exact_first_read_where_it_ended_not_at_its_blocks_start():
+    """Two runs read at once through one handle (pyarrow pre-buffers a row group's column
+    chunks in parallel), each starting in the middle of a block: the first read of each is
+    exact, and its stream starts where that read ended, the block's head taken from the kept
+    range. Each run is fetched once, plus only the rest of its last block."""
+    store = MemoryStore()
+    data = random.Random(12).randbytes(BS * 64)
+    store.put("cols", data)
+    runs = [(BS * 10 + BS // 2, 4 * BS), (BS * 30 + BS // 4, 3 * BS)]
+
+    async def main():
+        async with mounted(store, memory_limit=BS * 16) as fs:
+            fh, _ = await fs.open(await path_ino(fs, "cols"), os.O_RDONLY)
+            for step in range(4):  # the runs' reads interleaved, as the kernel sends them
+                for start, length in runs:
+                    off = start + step * BS
+                    if off < start + length:
+                        assert bytes(await fs.read(fh, off, BS)) == data[off : off + BS]
+            assert store.stats.get_requests == 2 * len(runs)  # per run: its first read, then one stream
+            rests = sum(-(start + length) % BS for start, length in runs)
+            assert store.stats.bytes_fetched == sum(length for _, length in runs) + rests
+            fs.release(fh)
+
+    run(main, mock_clock=False)
+
+
 def test_a_followed_reader_that_stops_closes_its_stream_after_the_idle_time():
     store = MemoryStore()
     data = random.Random(11).randbytes(BS * 32)

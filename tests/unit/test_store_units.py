@@ -169,3 +169,44 @@ def test_the_read_rehearsal_runs_a_whole_read_without_a_request():
     trio.run(main)
     assert sum(n for key, n in delivered if key == REHEARSAL_KEY) == REHEARSAL_SIZE
     assert store.stats.get_requests == 0 and store.stats.errors == 0
+
+
+@pytest.mark.parametrize("start,end", [(0, 10), (3, 10), (4, 8), (5, 6), (0, 4), (7, 7)])
+def test_block_pieces_end_at_block_boundaries(start, end):
+    from sidecar.store.base import block_pieces
+
+    pieces = list(block_pieces(start, end, 4))
+    assert [i for i, _, _ in pieces] == list(range(len(pieces)))
+    assert b"".join(bytes(range(lo, hi)) for _, lo, hi in pieces) == bytes(range(start, end))  # consecutive, whole
+    assert all(hi % 4 == 0 or hi == end for _, _, hi in pieces)
+    assert all(lo // 4 == (hi - 1) // 4 for _, lo, hi in pieces)  # none crosses a boundary
+
+
+def test_a_held_back_stream_lowers_its_own_aiohttp_buffer_and_receive_buffer():
+    """`_hold_back` reaches into the response (the installed aiohttp's StreamReader and the
+    connection's socket): a rename there would silently let 4x more be buffered."""
+    import asyncio
+    import socket
+    from types import SimpleNamespace
+
+    import aiohttp
+
+    from sidecar.store.fsspec_store import FOLLOW_RCVBUF, GATED_READ, _hold_back
+
+    async def main():
+        a, b = socket.socketpair()
+        try:
+            transport = SimpleNamespace(get_extra_info=lambda name: a if name == "socket" else None)
+            content = aiohttp.StreamReader(SimpleNamespace(), limit=2**18, loop=asyncio.get_running_loop())
+            other = aiohttp.StreamReader(SimpleNamespace(), limit=2**18, loop=asyncio.get_running_loop())
+            body = SimpleNamespace(_raw_stream=SimpleNamespace(connection=SimpleNamespace(transport=transport), content=content))
+            assert content.get_read_buffer_limits() == (2**18, 2**19)
+            assert _hold_back(body) is transport
+            assert content.get_read_buffer_limits() == (GATED_READ, 2 * GATED_READ)
+            assert other.get_read_buffer_limits() == (2**18, 2**19)  # this response only
+            assert a.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 * FOLLOW_RCVBUF
+        finally:
+            a.close()
+            b.close()
+
+    asyncio.run(main())
