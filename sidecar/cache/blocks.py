@@ -353,6 +353,8 @@ class BlockCache:
             if fetch is not None:
                 self._complete(ref, index, fetch, data, None, True)
                 if self.disk is not None and self._nursery is not None:
+                    # Block by block: the stream goes at its reader's pace, and a block held
+                    # back for a pack would be memory outside the budget meanwhile.
                     name = block_name(self.storage_id, ref.key, ref.etag, index, bs)
                     self._nursery.start_soon(self._disk_put_many, [(name, data)])
 
@@ -508,11 +510,10 @@ class BlockCache:
         disk = self.disk
 
         def write_all() -> None:
-            for name, data in items:
-                try:
-                    disk.put(name, data)
-                except Exception as exc:
-                    self._disk_failed("disk_cache_write_failed", exc)
+            try:
+                disk.put_many(items)  # a run's blocks in one file
+            except Exception as exc:
+                self._disk_failed("disk_cache_write_failed", exc)
 
         await trio.to_thread.run_sync(write_all, limiter=self._disk_limiter)
 

@@ -720,9 +720,9 @@ def test_disk_tier_survives_restart_and_detects_corruption(tmp_path):
     run(main, mock_clock=False)
     gets = store.stats.get_requests
     assert 1 <= gets <= 5
-    # corrupt one block file on disk
+    # the stream's blocks are one pack file: corrupt the last block in it
     files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
-    assert len(files) == 5
+    assert len(files) == 1 and files[0].name.startswith("pack-")
     raw = bytearray(files[0].read_bytes())
     raw[-1] ^= 0xFF
     files[0].write_bytes(bytes(raw))
@@ -758,6 +758,65 @@ def test_a_big_block_on_disk_is_served_mapped_and_a_view_outlives_its_files_repl
     path.write_bytes(bytes(raw))
     assert disk.get("b") is None and disk.corrupt == 1
     assert held == old
+
+
+MIB = 1 << 20  # blocks from MAP_MIN up are served mapped
+
+
+def test_a_runs_blocks_are_one_pack_file_served_block_by_block_and_kept_across_restarts(tmp_path):
+    """put_many writes a fetched run as one file (one inode, one rename, instead of one per
+    block); each block is still served alone (mapped at its page-aligned offset, or read when
+    small), survives a restart, and a view of one outlives the pack's eviction."""
+    rnd = random.Random(21)
+    blocks = [(f"{i:02x}" * 32, rnd.randbytes(MIB if i < 5 else 1000)) for i in range(6)]
+    disk = DiskTier(tmp_path, limit=64 << 20)
+    assert disk.put_many(blocks) == 6
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) == 1 and files[0].name == "pack-" + blocks[0][0]
+    assert disk.used == files[0].stat().st_size == disk.disk_bytes()
+    held = disk.get(blocks[2][0])
+    assert isinstance(held, memoryview) and held == blocks[2][1]  # mapped, not copied
+    assert disk.get(blocks[5][0]) == blocks[5][1]
+    assert disk.put_many(blocks[:2]) == 2  # held already: not written again
+    assert len([p for p in tmp_path.rglob("*") if p.is_file()]) == 1
+
+    kept = DiskTier(tmp_path, limit=64 << 20)
+    assert len(kept) == 6 and kept.used == disk.used
+    for name, data in blocks:
+        assert kept.get(name) == data
+    kept._drop(blocks[0][0])  # one block out (as if corrupt): the pack stays for the others
+    assert files[0].exists() and kept.get(blocks[1][0]) == blocks[1][1]
+    assert kept.put("ee" * 32, b"later")  # the most recently used
+    kept.limit = kept.used - 1  # the least recently used block must go...
+    assert kept._evict_locked(0)
+    assert not files[0].exists() and all(kept.get(name) is None for name, _ in blocks)  # ...with its whole pack
+    assert kept.get("ee" * 32) == b"later"
+    assert kept.evictions == 5 and kept.used == kept.disk_bytes()
+    assert held == blocks[2][1]  # the unlinked pack's mapping still holds its bytes
+
+
+def test_a_corrupt_or_cut_pack_costs_only_its_bad_blocks(tmp_path):
+    rnd = random.Random(22)
+    blocks = [(f"{i:02x}" * 32, rnd.randbytes(MIB)) for i in range(4)]
+    disk = DiskTier(tmp_path, limit=64 << 20)
+    assert disk.put_many(blocks) == 4
+    (path,) = [p for p in tmp_path.rglob("*") if p.is_file()]
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) - MIB // 2] ^= 0xFF  # in the last block's data
+    path.write_bytes(bytes(raw[: len(raw) - 10]))  # ...and the file cut short
+    (path.parent / ".tmp1-pack-x").write_bytes(b"half")  # a write a crash interrupted
+    again = DiskTier(tmp_path, limit=64 << 20)
+    assert not (path.parent / ".tmp1-pack-x").exists()
+    assert len(again) == 3  # the cut block is not indexed
+    for name, data in blocks[:3]:
+        assert again.get(name) == data
+    path.write_bytes(bytes(raw))  # the whole file, with the flipped byte
+    third = DiskTier(tmp_path, limit=64 << 20)
+    assert third.get(blocks[3][0]) is None and third.corrupt == 1
+    assert [third.get(name) == data for name, data in blocks[:3]] == [True] * 3
+    for name, _ in blocks[:3]:
+        third._drop(name)
+    assert not path.exists() and third.used == 0  # the last block dropped takes the pack
 
 
 def test_warm_sequential_reader_gets_blocks_read_ahead_from_disk(tmp_path):
@@ -903,7 +962,7 @@ def test_disk_tier_error_that_is_not_oserror_costs_a_refetch(tmp_path):
         raise ValueError("a bug in the disk tier")
 
     disk.get = broken
-    disk.put = broken
+    disk.put = disk.put_many = broken
 
     async def main():
         async with mounted(store, disk=disk) as fs:
