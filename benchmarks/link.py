@@ -197,6 +197,8 @@ class LinkBench:
             self.put("random.bin", 1 << 30)
         elif workload == "parquet":
             self.make_parquet()
+        elif workload == "hdf5":
+            self.make_hdf5()
         elif workload == "readers16":
             for i in range(16):
                 self.put(f"r{i}.bin", 64 * MiB)
@@ -326,6 +328,58 @@ class LinkBench:
                     out[case][who].update(client_bytes=read_by_client, client_bytes_ratio=read_by_client / need)
         self.results["parquet"] = out
 
+    H5_ROWS, H5_COLS, H5_CHUNK = 20_000, 500, (1000, 100)  # H5_BLOCK touches 2 x 2 chunks
+
+    def make_hdf5(self) -> Path:
+        import h5py
+        import numpy as np
+
+        path = self.served / BUCKET / "data.h5"
+        if not path.exists():
+            self._dirty = True
+            rng = np.random.default_rng(5)
+            shape = (self.H5_ROWS, self.H5_COLS)  # 80 MB of float64 each
+            with h5py.File(path, "w") as f:
+                f.create_dataset("contiguous", data=rng.random(shape))
+                f.create_dataset("chunked", data=rng.random(shape), chunks=self.H5_CHUNK)
+        return path
+
+    def hdf5(self) -> None:
+        """h5py slices of a 160 MB HDF5 file: rows of a contiguous dataset (each slice one run at
+        some offset) and a block of a chunked one (whole chunks); GETs and bytes against the bytes
+        the slices need, and against rclone's mount."""
+        path = self.make_hdf5()
+        need = sum(b - a for a, b in H5_ROW_SLICES) * self.H5_COLS * 8
+        need += 2 * 2 * self.H5_CHUNK[0] * self.H5_CHUNK[1] * 8  # the 2 x 2 chunks the block touches
+        expected = _h5_slices(str(path))
+
+        def read(mounted: str) -> None:
+            # In another process: h5py keeps the GIL while HDF5 reads, and the link proxy is
+            # threads of this one (its first read would wait for the proxy, the proxy for it).
+            got = subprocess.run([sys.executable, "-c", f"from benchmarks.link import _h5_slices; print(_h5_slices({f'{mounted}/data.h5'!r}))"],
+                                 cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, check=True, timeout=600).stdout
+            assert got.strip() == repr(expected), (got, expected)
+
+        out: dict[str, dict] = {}
+        for who in ("sidecar", "rclone"):
+            read_by_client = None
+            if who == "sidecar":
+                w = self.worker(None)
+                self.proxy.reset_counts()
+                read(w.mnt)
+                read_by_client = w.stats()["store"]["bytes_fetched"]
+                w.stop()
+            else:
+                proc, mnt = self.rclone_mount()
+                self.proxy.reset_counts()
+                read(mnt)
+                self.rclone_unmount(proc, mnt)
+            wire = self.proxy.bytes_down
+            out[who] = {"gets": self.proxy.counts["GET"], "needed_bytes": need, "link_bytes": wire, "link_bytes_ratio": wire / need}
+            if read_by_client is not None:
+                out[who].update(client_bytes=read_by_client, client_bytes_ratio=read_by_client / need)
+        self.results["hdf5"] = out
+
     def copy(self) -> None:
         """Copy mode vs a direct parallel download of the same objects (16 at a time)."""
         import s3fs
@@ -411,6 +465,19 @@ class LinkBench:
                                      "memory_limit_MiB": 256, "bound_MiB": 256 + idle / 1024 + 16}
 
 
+H5_ROW_SLICES = [(2000, 2500), (10_000, 10_100), (15_000, 17_000)]
+H5_BLOCK = (slice(5000, 7000), slice(100, 300))
+
+
+def _h5_slices(path: str) -> list[float]:
+    """The hdf5 workload's reads: sums of three row slices of the contiguous dataset and of a
+    block of the chunked one."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return [float(f["contiguous"][a:b].sum()) for a, b in H5_ROW_SLICES] + [float(f["chunked"][H5_BLOCK].sum())]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.link")
     p.add_argument("--bandwidth", type=float, default=25e6, help="bytes/s per connection")
@@ -422,7 +489,7 @@ def main() -> int:
     p.add_argument("--copy-bytes", type=int, default=2 << 30)
     p.add_argument("--prefetch-files", type=int, default=64)
     p.add_argument("--prefetch-bytes", type=int, default=1 << 30)
-    p.add_argument("--only", default="sequential,random,parquet,readers16,copy,prefetch")
+    p.add_argument("--only", default="sequential,random,parquet,hdf5,readers16,copy,prefetch")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sidecar-link-"))
     bench = LinkBench(args, work)
@@ -431,7 +498,7 @@ def main() -> int:
         for name in args.only.split(","):
             print(f"== {name}", flush=True)
             bench.prepare(name)
-            {"sequential": bench.sequential, "random": bench.random_reads, "parquet": bench.parquet, "readers16": bench.readers16,
+            {"sequential": bench.sequential, "random": bench.random_reads, "parquet": bench.parquet, "hdf5": bench.hdf5, "readers16": bench.readers16,
              "copy": bench.copy, "prefetch": bench.prefetch}[name]()
             print(json.dumps(bench.results.get(name) or bench.results.get({"random": "random_4k"}.get(name, name)), indent=1), flush=True)
     finally:

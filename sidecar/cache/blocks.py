@@ -72,9 +72,11 @@ class Follow:
     what is fetched beyond what was read stays within the last block read (plus what the
     socket's small receive buffer held: see the store's `_hold_back`)."""
 
-    def __init__(self, ref: ObjectRef, start: int, end: int, head: bytes = b"") -> None:
+    def __init__(self, ref: ObjectRef, start: int, end: int, gap: int = 0, head: bytes = b"") -> None:
         self.ref, self.start, self.end = ref, start, end
-        self.head = head  # the first block's first bytes, already held: the stream starts after them
+        # The first block's bytes from `gap` on, already held: the stream starts after them, and
+        # its first `gap` bytes (if any) are fetched apart (`BlockCache._head`).
+        self.gap, self.head = gap, head
         self.registered = start  # blocks [start, registered) are fetched by this stream (or held)
         self.fetches: dict[int, _Fetch] = {}  # registered blocks not delivered yet
         self.gate = Gate()
@@ -87,6 +89,7 @@ class Follow:
 
 
 FOLLOWS_PER_HANDLE = 8  # streams one file handle keeps open (runs it reads at once)
+GAP_WORTH = 16  # held bytes of a stream's first block, from 1/GAP_WORTH of a block, are worth a GET for the bytes before them
 DISK_RUN_BLOCKS = 16  # blocks read from disk per thread hop: a hop per 1 MiB block cost more than the read (mapped)
 COALESCE_S = 0.002  # backend runs started this close together are merged into one request
 
@@ -297,7 +300,7 @@ class BlockCache:
         span = max(1, FOLLOW_MAX // self.block_size)  # the Range header's extent; read as asked
         while end < min(blocks, start + span) and not self.has(ref, end):
             end += 1
-        f = Follow(ref, start, end, self._head(ref, start, after))
+        f = Follow(ref, start, end, *self._head(ref, start, after))
         if not self._register(f, last + 1, last + 1):
             return False
         if self._nursery is None:
@@ -311,16 +314,20 @@ class BlockCache:
         follows.append(f)
         return True
 
-    def _head(self, ref: ObjectRef, index: int, after: Iterable[tuple[int, int]]) -> bytes:
-        """The bytes of block `index` from its start up to where a kept range of `after` ended,
-        if one covers them and ends inside the block; else nothing."""
+    def _head(self, ref: ObjectRef, index: int, after: Iterable[tuple[int, int]]) -> tuple[int, bytes]:
+        """(gap, head): a kept range of `after` that ends inside block `index` gives the block's
+        bytes [gap, gap + len(head)); gap > 0 when the range began inside the block too (an HDF5
+        chunk smaller than a block), and only if the range is worth an extra small GET for the
+        gap. (0, b""): no such range, the stream reads the whole block."""
         base = index * self.block_size
         for lo, hi in after:
-            if lo <= base < hi < min(base + self.block_size, ref.size):
-                data = self._memory.get((ref.key, ref.etag, ("range", lo, hi)))
-                if data is not None:
-                    return bytes(data[base - lo :])
-        return b""
+            if not (lo < base + self.block_size and base < hi < min(base + self.block_size, ref.size)):
+                continue
+            data = self._memory.get((ref.key, ref.etag, ("range", lo, hi)))
+            if data is None or (lo > base and (hi - lo) * GAP_WORTH < self.block_size):
+                continue
+            return (lo - base, bytes(data)) if lo > base else (0, bytes(data[base - lo :]))
+        return 0, b""
 
     def _register(self, follow: Follow, want_end: int, ahead_from: int) -> bool:
         """Registers the stream's blocks up to `want_end` (as far as memory allows) and opens its
@@ -344,11 +351,30 @@ class BlockCache:
     async def _follow_run(self, follow: Follow) -> None:
         ref, bs = follow.ref, self.block_size
         error: BaseException = OSError(f"{ref.key}: the backend sent fewer bytes than asked")
+        first: list[bytes | None] = [None, None]  # the gap's bytes and the stream's first piece
 
         def on_block(i: int, data: bytes) -> None:
+            if i == 0 and (follow.head or follow.gap):
+                first[1] = data
+                if first[0] is not None or not follow.gap:
+                    finish(0, (first[0] or b"") + follow.head + data)
+                return
+            finish(i, data)
+
+        async def fetch_gap() -> None:
+            base = follow.start * bs
+            try:
+                first[0] = await self.store.get_range(ref.key, base, base + follow.gap, ref.etag)
+            except Exception as exc:  # the first block fails; the stream's other blocks do not
+                fetch = follow.fetches.pop(follow.start, None)
+                if fetch is not None:
+                    self._complete(ref, follow.start, fetch, None, exc, True)
+                return
+            if first[1] is not None:
+                finish(0, first[0] + follow.head + first[1])
+
+        def finish(i: int, data: bytes) -> None:
             index = follow.start + i
-            if i == 0 and follow.head:
-                data, follow.head = follow.head + data, b""
             fetch = follow.fetches.pop(index, None)
             if fetch is not None:
                 self._complete(ref, index, fetch, data, None, True)
@@ -361,7 +387,9 @@ class BlockCache:
         try:
             # Streams have their own bound (`max_follows`, kept by `follow`): one waiting for its
             # reader never holds up demand reads.
-            start, end = follow.start * bs + len(follow.head), min(follow.end * bs, ref.size)
+            start, end = follow.start * bs + follow.gap + len(follow.head), min(follow.end * bs, ref.size)
+            if follow.gap and self._nursery is not None:
+                self._nursery.start_soon(fetch_gap)  # beside the stream; it never raises
             await self.store.get_blocks(ref.key, start, end, ref.etag, bs, on_block, object_size=ref.size, gate=follow.gate)
         except BaseException as exc:
             error = exc if isinstance(exc, Exception) else OSError("fetch cancelled")

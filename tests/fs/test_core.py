@@ -620,6 +620,30 @@ def test_a_stream_continues_an_exact_first_read_where_it_ended_not_at_its_blocks
     run(main, mock_clock=False)
 
 
+def test_a_stream_after_an_exact_read_inside_a_block_fetches_only_the_blocks_missing_head():
+    """HDF5 chunks smaller than a block, read one after another: the first chunk's exact read
+    lies inside a block; the stream that follows the next starts where it ended and fetches the
+    block's first bytes apart (one small GET), rather than the whole block again."""
+    store = MemoryStore()
+    data = random.Random(13).randbytes(BS * 16)
+    store.put("chunks", data)
+    chunk = BS * 5 // 8  # 40 KiB, a 64 KiB block: the first chunk lies inside block 4
+    start = BS * 4 + BS // 4
+
+    async def main():
+        async with mounted(store, memory_limit=BS * 16) as fs:
+            fh, _ = await fs.open(await path_ino(fs, "chunks"), os.O_RDONLY)
+            for i in range(4):  # four chunks, each one read
+                off = start + i * chunk
+                assert bytes(await fs.read(fh, off, chunk)) == data[off : off + chunk]
+            assert store.stats.get_requests == 3  # the first chunk, the gap before it, the stream
+            end = start + 4 * chunk
+            assert store.stats.bytes_fetched == end - BS * 4 + (-end % BS)  # each byte once, to the block's end
+            fs.release(fh)
+
+    run(main, mock_clock=False)
+
+
 def test_a_followed_reader_that_stops_closes_its_stream_after_the_idle_time():
     store = MemoryStore()
     data = random.Random(11).randbytes(BS * 32)
