@@ -489,7 +489,27 @@ async def serve(cfg: WorkerConfig) -> int:
     return 0
 
 
+M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+BLOCK_MMAP_THRESHOLD = 512 << 10
+
+
+def return_freed_blocks() -> bool:
+    """Has glibc give allocations from 512 KiB up (cache blocks, bodies of ranged GETs) their own
+    mapping, returned to the kernel when freed. Its default threshold rises to the size of any
+    such allocation freed, after which blocks came from the heap and arenas, and memory the
+    cache had evicted stayed resident in their holes: 16 readers with `--memory-limit 256M`
+    peaked at 353-408 MiB RSS (limit + idle footprint + 28-83 MiB), 334 MiB with this (measured
+    side by side; CPU per GiB read unchanged within the noise). False where there is no glibc."""
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, BLOCK_MMAP_THRESHOLD))
+    except (AttributeError, OSError):
+        return False
+
+
 def main() -> None:
+    return_freed_blocks()
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # never query instance metadata
     doc = read_config_line()
     for value in (doc.get("credentials") or {}).values():

@@ -118,6 +118,9 @@ class BlockCache:
         self._memory: OrderedDict[tuple[str, str, Any], bytes] = OrderedDict()
         self._memory_bytes = 0
         self._reserved = 0  # bytes reserved by fetches in flight
+        # Memory entries waiting for their disk write: never evicted before it (the write holds
+        # their bytes anyway; evicted, they would be memory outside the budget). Counts per id.
+        self._unwritten: dict[tuple[str, str, Any], int] = {}
         self._room = trio.Event()  # set (and replaced) whenever reserved bytes are released
         self._inflight: dict[tuple[str, str, int], _Fetch] = {}
         self._nursery: trio.Nursery | None = None
@@ -380,9 +383,10 @@ class BlockCache:
                 self._complete(ref, index, fetch, data, None, True)
                 if self.disk is not None and self._nursery is not None:
                     # Block by block: the stream goes at its reader's pace, and a block held
-                    # back for a pack would be memory outside the budget meanwhile.
+                    # back for a pack would be pinned in memory meanwhile.
                     name = block_name(self.storage_id, ref.key, ref.etag, index, bs)
-                    self._nursery.start_soon(self._disk_put_many, [(name, data)])
+                    self._pin((ref.key, ref.etag, index))
+                    self._nursery.start_soon(self._disk_put_many, [(name, data)], [(ref.key, ref.etag, index)])
 
         try:
             # Streams have their own bound (`max_follows`, kept by `follow`): one waiting for its
@@ -425,10 +429,24 @@ class BlockCache:
         return self._inflight[(ref.key, ref.etag, index)]
 
     def _evict_for(self, need: int) -> bool:
-        while self._memory and self._memory_bytes + self._reserved + need > self.memory_limit:
-            _, data = self._memory.popitem(last=False)
-            self._memory_bytes -= len(data)
+        """Evicts least recently used memory entries, except those waiting for their disk write,
+        until `need` more bytes fit the budget; whether they do."""
+        over = self._memory_bytes + self._reserved + need - self.memory_limit
+        if over > 0:
+            victims = []
+            for mid, data in self._memory.items():
+                if over <= 0:
+                    break
+                if mid not in self._unwritten:
+                    victims.append(mid)
+                    over -= len(data)
+            for mid in victims:
+                self._memory_bytes -= len(self._memory.pop(mid))
         return self._memory_bytes + self._reserved + need <= self.memory_limit
+
+    def _pin(self, mid: tuple[str, str, Any]) -> None:
+        """Keeps memory entry `mid` until its disk write (`_disk_put_many`) is done."""
+        self._unwritten[mid] = self._unwritten.get(mid, 0) + 1
 
     def _try_reserve(self, n: int) -> bool:
         if self._evict_for(n):
@@ -469,6 +487,7 @@ class BlockCache:
     async def _fetch_run(self, ref: ObjectRef, first: int, fetches: list[_Fetch], reserved: bool) -> None:
         names = [block_name(self.storage_id, ref.key, ref.etag, first + i, self.block_size) for i in range(len(fetches))]
         to_disk: list[tuple[str, bytes]] = []
+        pinned: list[tuple[str, str, Any]] = []  # their memory entries, kept until written
         held = reserved
         error: BaseException = OSError(f"{ref.key}: the backend sent fewer bytes than asked")
         try:
@@ -477,15 +496,7 @@ class BlockCache:
                 held = True
             # Blocks already on disk are served from there (read in one thread hop for the whole
             # run); the rest are fetched in one stream.
-            missing: list[int] = []
-            on_disk = await self._disk_get_many(names)
-            for i, fetch in enumerate(fetches):
-                data = on_disk[i]
-                if data is not None and len(data) == self._block_len(ref, first + i):
-                    self.stats.disk_hits += 1
-                    self._complete(ref, first + i, fetch, data, None, held)
-                else:
-                    missing.append(i)
+            missing = await self._complete_from_disk(ref, first, fetches, names, held)
             if missing:
                 # One request from the first to the last missing block: a disk hit in between
                 # costs less as bytes in the stream than as another request.
@@ -497,7 +508,10 @@ class BlockCache:
                     j = lo + i
                     if j < len(fetches) and not fetches[j].done.is_set():
                         self._complete(ref, first + j, fetches[j], data, None, held)
-                        to_disk.append((names[j], data))
+                        if self.disk is not None:
+                            self._pin((ref.key, ref.etag, first + j))
+                            to_disk.append((names[j], data))
+                            pinned.append((ref.key, ref.etag, first + j))
 
                 async with self._fetch_limiter:
                     await self.store.get_blocks(ref.key, start, end, ref.etag, self.block_size, on_block, object_size=ref.size)
@@ -509,8 +523,26 @@ class BlockCache:
             # Whatever did not arrive fails, so no waiter is left hanging.
             for i, fetch in enumerate(fetches):
                 self._complete(ref, first + i, fetch, None, error, held)
+            # The run holds no block while its disk write waits (each _Fetch holds its data): a
+            # block evicted meanwhile would be memory outside the budget. Its waiters have theirs.
+            fetches.clear()
+            fetch = None  # noqa: F841
         if to_disk:
-            await self._disk_put_many(to_disk)
+            await self._disk_put_many(to_disk, pinned)
+
+    async def _complete_from_disk(self, ref: ObjectRef, first: int, fetches: list[_Fetch], names: list[str], held: bool) -> list[int]:
+        """Completes the run's blocks found on disk (one thread hop for the whole run, none if the
+        index has none of them); returns the indices in the run of the others."""
+        if self.disk is None or not any(name in self.disk for name in names):
+            return list(range(len(fetches)))
+        missing: list[int] = []
+        for i, data in enumerate(await self._disk_get_many(names)):
+            if data is not None and len(data) == self._block_len(ref, first + i):
+                self.stats.disk_hits += 1
+                self._complete(ref, first + i, fetches[i], data, None, held)
+            else:
+                missing.append(i)
+        return missing
 
     # The disk tier is a cache: any error of it (a full or failing disk, a bug) costs a refetch,
     # never a reader's request or the mount. Each is logged and counted.
@@ -532,18 +564,26 @@ class BlockCache:
 
         return await trio.to_thread.run_sync(read_all, limiter=self._disk_limiter)
 
-    async def _disk_put_many(self, items: list[tuple[str, bytes]]) -> None:
-        if self.disk is None:
-            return
+    async def _disk_put_many(self, items: list[tuple[str, bytes]], pinned: list[tuple[str, str, Any]]) -> None:
+        """Writes `items` to the disk tier, then unpins their memory entries `pinned` (`_pin`)."""
         disk = self.disk
 
         def write_all() -> None:
             try:
-                disk.put_many(items)  # a run's blocks in one file
+                if disk is not None:
+                    disk.put_many(items)  # a run's blocks in one file
             except Exception as exc:
                 self._disk_failed("disk_cache_write_failed", exc)
 
-        await trio.to_thread.run_sync(write_all, limiter=self._disk_limiter)
+        try:
+            await trio.to_thread.run_sync(write_all, limiter=self._disk_limiter)
+        finally:
+            for mid in pinned:
+                left = self._unwritten.pop(mid, 1) - 1
+                if left:
+                    self._unwritten[mid] = left
+            self._room.set()  # they can be evicted now: a fetch waiting for room may go on
+            self._room = trio.Event()
 
     def _disk_failed(self, event: str, exc: Exception) -> None:
         """Called from a disk thread: a counter and a log line, nothing that needs trio."""
@@ -582,9 +622,11 @@ class BlockCache:
         if not data or len(data) > self.block_size:
             return
         end = start + len(data)
-        self._keep_in_memory((ref.key, ref.etag, ("range", start, end)), data)
+        rid = (ref.key, ref.etag, ("range", start, end))
+        self._keep_in_memory(rid, data)
         if self.disk is not None and self._nursery is not None:
-            self._nursery.start_soon(self._disk_put_many, [(range_name(self.storage_id, ref.key, ref.etag, start, end), data)])
+            self._pin(rid)
+            self._nursery.start_soon(self._disk_put_many, [(range_name(self.storage_id, ref.key, ref.etag, start, end), data)], [rid])
 
     def _keep_in_memory(self, rid: tuple, data: bytes) -> None:
         if rid not in self._memory and self._evict_for(len(data)):

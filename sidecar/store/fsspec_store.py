@@ -724,7 +724,7 @@ class S3Store(_S3Writes, FsspecStore):
 
         # aiohttp buffers up to twice the largest read asked of it before it stops reading the
         # socket: a gated stream reads in small pieces, so what waits for its reader stays small.
-        piece = GATED_READ if gate is not None else 1 << 20
+        piece = GATED_READ if gate is not None else STREAM_READ
 
         async def stream() -> None:
             # Each block's chunks are joined once (no zero-filled buffer, one copy) and handed
@@ -801,6 +801,7 @@ class _Zeros:
 
 
 GATED_READ = 128 * 1024  # bytes per body read of a gated stream (aiohttp's buffer is held to twice that)
+STREAM_READ = 256 * 1024  # bytes per body read of any other stream: aiohttp buffers twice the largest read asked of it, 512 KiB at least
 FOLLOW_RCVBUF = 256 * 1024  # bytes (the kernel doubles it): ~25 MB/s at 20 ms round trip
 
 

@@ -4,6 +4,7 @@ import dataclasses
 import errno
 import os
 import random
+import threading
 from contextlib import asynccontextmanager
 
 import pytest
@@ -11,7 +12,7 @@ import trio
 import trio.testing
 
 from sidecar.cache.blocks import BlockCache, ObjectRef
-from sidecar.cache.disk import DiskTier
+from sidecar.cache.disk import DiskTier, block_name
 from sidecar.cache.prefetch import ReadAhead
 from sidecar.errors import ObjectChanged, errno_for
 from sidecar.store.memory import MemoryStore
@@ -561,6 +562,9 @@ def test_a_run_elsewhere_is_followed_by_one_streamed_get_that_reads_only_what_is
     async def read_runs(fs, per_run):
         fh, _ = await fs.open(await path_ino(fs, "cols"), os.O_RDONLY)
         for start, length in runs:
+            with trio.fail_after(10):  # blocks wait in memory for their disk write: a new stream needs room
+                while fs.cache._unwritten:
+                    await trio.sleep(0.01)
             gets, fetched = store.stats.get_requests, store.stats.bytes_fetched
             off = start
             while off < start + length:
@@ -880,6 +884,43 @@ def test_warm_sequential_reader_gets_blocks_read_ahead_from_disk(tmp_path):
     assert stats.memory_hits >= 8, stats  # read ahead: in memory before the reader asked
 
 
+def test_blocks_waiting_for_their_disk_write_stay_in_the_memory_budget(tmp_path):
+    """A fetched block is written to disk after its run: until then the write holds its bytes,
+    so it is not evicted (evicted, it would be memory outside the budget, and the next fetches
+    would take its room). With the disk stuck, a sequential reader stops at the budget."""
+    store = MemoryStore()
+    data = random.Random(14).randbytes(BS * 24)
+    store.put("f", data)
+    release = threading.Event()
+
+    class StuckDisk(DiskTier):
+        def put_many(self, items):
+            release.wait(30)
+            return super().put_many(items)
+
+    disk = StuckDisk(tmp_path, limit=BS * 100)
+
+    async def main():
+        async with mounted(store, memory_limit=BS * 4, disk=disk) as fs:
+            got = []
+
+            async def reader():
+                got.append(await read_all(fs, "f", chunk=BS))
+
+            async with trio.open_nursery() as n:
+                n.start_soon(reader)
+                await trio.sleep(10)  # (autojump clock) until every task waits
+                try:
+                    assert not got  # the reader waits for room...
+                    assert store.stats.bytes_fetched <= BS * 4  # ...and nothing beyond the budget was fetched
+                    assert fs.cache.memory_bytes <= BS * 4
+                finally:
+                    release.set()
+            assert got == [data]
+
+    run(main)
+
+
 def test_disk_limit_never_exceeded(tmp_path):
     store = MemoryStore()
     for i in range(6):
@@ -981,6 +1022,9 @@ def test_disk_tier_error_that_is_not_oserror_costs_a_refetch(tmp_path):
     data = random.Random(9).randbytes(BS * 4)
     store.put("obj", data)
     disk = DiskTier(tmp_path / "cache", BS * 64)
+    etag = store.objects["obj"][1].etag
+    for i in range(4):  # indexed, so reads ask the disk first
+        assert disk.put(block_name(store.name, "obj", etag, i, BS), data[i * BS : (i + 1) * BS])
 
     def broken(*args):
         raise ValueError("a bug in the disk tier")

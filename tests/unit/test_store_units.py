@@ -210,3 +210,37 @@ def test_a_held_back_stream_lowers_its_own_aiohttp_buffer_and_receive_buffer():
             b.close()
 
     asyncio.run(main())
+
+
+_REGION = """
+import ctypes, sys
+from sidecar.worker import return_freed_blocks
+
+def region(b):
+    addr = ctypes.addressof((ctypes.c_char * len(b)).from_buffer(b))
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if lo <= addr < hi:
+            return fields[5] if len(fields) > 5 else "anonymous"
+
+if sys.argv[1] == "on":
+    assert return_freed_blocks()
+b = bytearray(1 << 20)
+del b  # glibc's default threshold rises past 1 MiB here
+b = bytearray(1 << 20)
+print(region(b))
+"""
+
+
+def test_a_worker_gives_each_block_its_own_mapping_so_freed_blocks_leave_its_memory():
+    """After one block was freed, glibc would serve the next from its heap, whose holes stay
+    resident; the worker's setting keeps blocks in mappings of their own, unmapped when freed."""
+    import subprocess
+    import sys
+
+    def where(setting: str) -> str:
+        return subprocess.run([sys.executable, "-c", _REGION, setting], capture_output=True, text=True, check=True).stdout.strip()
+
+    assert where("off") == "[heap]"
+    assert where("on") == "anonymous"
