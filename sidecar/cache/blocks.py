@@ -355,6 +355,7 @@ class BlockCache:
         ref, bs = follow.ref, self.block_size
         error: BaseException = OSError(f"{ref.key}: the backend sent fewer bytes than asked")
         first: list[bytes | None] = [None, None]  # the gap's bytes and the stream's first piece
+        gap_pending = [bool(follow.gap)]
 
         def on_block(i: int, data: bytes) -> None:
             if i == 0 and (follow.head or follow.gap):
@@ -373,6 +374,8 @@ class BlockCache:
                 if fetch is not None:
                     self._complete(ref, follow.start, fetch, None, exc, True)
                 return
+            finally:
+                gap_pending[0] = False
             if first[1] is not None:
                 finish(0, first[0] + follow.head + first[1])
 
@@ -402,9 +405,13 @@ class BlockCache:
         finally:
             follow.close()
             self._follows.pop(follow, None)
-            for index, fetch in list(follow.fetches.items()):  # whatever did not arrive fails
-                self._complete(ref, index, fetch, None, error, True)
-            follow.fetches.clear()
+            # Whatever did not arrive fails; the first block, if the stream brought its part,
+            # is the gap's GET's to complete (the stream may end first: its reader went quiet
+            # while waiting for that very block).
+            for index, fetch in list(follow.fetches.items()):
+                if not (index == follow.start and gap_pending[0] and first[1] is not None):
+                    del follow.fetches[index]
+                    self._complete(ref, index, fetch, None, error, True)
 
     async def _flush_pending(self) -> None:
         """Starts the pending backend blocks as contiguous runs of at most `fetch_blocks`."""
