@@ -193,17 +193,14 @@ class LinkProxy:
             (self._conns.add if add else self._conns.discard)(s)
 
     def _send(self, sock: socket.socket, data: bytes, started: float, sent: list[int]) -> None:
-        """Sends `data`, paced to the bandwidth cap from the start of this body. sent[0] counts
-        the bytes handed to the socket, sent[1] how many of them were still in its send queue
-        after the last piece (see `_pipe_body`)."""
+        """Sends `data`, paced to the bandwidth cap from the start of this body (sent[0] counts
+        the bytes handed to the socket)."""
         view = memoryview(data)
         while view:
             piece = view[:CHUNK]
             sock.sendall(piece)
             view = view[len(piece) :]
             sent[0] += len(piece)
-            if len(sent) > 1:
-                sent[1] = _unsent(sock)
             bw = self.bandwidth
             if bw:
                 ahead = sent[0] / bw - (time.monotonic() - started)
@@ -269,7 +266,7 @@ class LinkProxy:
                     continue
                 cut = self.reset_fraction and self._rng.random() < self.reset_fraction
                 client.sendall(rhead)
-                started, sent = time.monotonic(), [0, 0]
+                started, sent = time.monotonic(), [0]
                 response = Response(kind, fields.get("range", ""))
                 with self._lock:
                     self.responses.append(response)
@@ -298,15 +295,18 @@ class LinkProxy:
         the client connection is reset.
 
         A client that hangs up mid-body (an abandoned open-ended range) has been sent only what
-        left the proxy's socket: the bytes still in its send queue when the client stopped
-        reading never crossed the link (on a real link they stay in the server's buffer, which
-        the client's receive window holds back). They are taken off `bytes_down` then, to
-        within one CHUNK (what the client read between the last piece and its hang-up)."""
+        its kernel acknowledged: the bytes still in the proxy's send queue never crossed the
+        link (on a real link they stay in the server's buffer, which the client's receive window
+        holds back). The body's count is then what TCP says was acknowledged since the body
+        began (`tcpi_bytes_acked`), exact."""
         if not up:
             code = int(status_line.split(" ")[1]) if status_line.count(" ") else 200
             if method == "HEAD" or code in (204, 304) or 100 <= code < 200:
                 return 0
         total = 0
+        # Every byte written to the client before this body: acknowledged or still queued (the
+        # sum stands still while nothing is written).
+        before = _acked(dst) + _queued(dst) if response is not None and dst is not None else 0
 
         def out(data: bytes) -> None:
             if dst is not None:
@@ -314,9 +314,10 @@ class LinkProxy:
                     self._send(dst, data, started, sent)
                 except OSError:
                     if response is not None:
+                        delivered = max(0, _acked(dst) - before)
                         with self._lock:
-                            self.bytes_down -= sent[1]
-                            response.unsent = sent[1]
+                            self.bytes_down += delivered - response.sent
+                            response.sent, response.unsent = max(response.sent, delivered), max(0, response.sent - delivered)
                     raise
             with self._lock:  # counted as it goes: a client may hang up mid-body (open-ended ranges)
                 if up:
@@ -383,14 +384,24 @@ class Response:
         return self.sent - self.unsent
 
 
-SIOCOUTQNSD = 0x894B  # linux/sockios.h: bytes in a socket's send queue not yet sent
+SIOCOUTQ = 0x5411  # linux/sockios.h: bytes in a socket's send queue (unacknowledged or unsent)
+TCPI_BYTES_ACKED = 120  # offset of tcpi_bytes_acked (u64) in linux/tcp.h's struct tcp_info
 
 
-def _unsent(sock: socket.socket) -> int:
+def _queued(sock: socket.socket) -> int:
     try:
-        return struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQNSD, b"\0\0\0\0"))[0]
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0\0\0\0"))[0]
     except OSError:
         return 0
+
+
+def _acked(sock: socket.socket) -> int:
+    """Bytes of this connection the peer's kernel has acknowledged (kept after a reset)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    except OSError:
+        return 0
+    return struct.unpack_from("Q", info, TCPI_BYTES_ACKED)[0] if len(info) >= TCPI_BYTES_ACKED + 8 else 0
 
 
 def _reset(sock: socket.socket) -> None:
