@@ -497,9 +497,11 @@ def return_freed_blocks() -> bool:
     """Has glibc give allocations from 512 KiB up (cache blocks, bodies of ranged GETs) their own
     mapping, returned to the kernel when freed. Its default threshold rises to the size of any
     such allocation freed, after which blocks came from the heap and arenas, and memory the
-    cache had evicted stayed resident in their holes: 16 readers with `--memory-limit 256M`
-    peaked at 353-408 MiB RSS (limit + idle footprint + 28-83 MiB), 334 MiB with this (measured
-    side by side; CPU per GiB read unchanged within the noise). False where there is no glibc."""
+    cache had evicted stayed resident in their holes. 16 readers with `--memory-limit 256M`
+    and a disk cache peaked at 339-370 MiB RSS with blocks waiting for their disk write
+    already kept counted (the bound: limit + idle footprint + 16 = 339), 333.6-334.9 MiB with
+    this too (probe, 3 runs each); CPU per GiB of a cold read unchanged within the noise (2.68-
+    3.00 against 2.84-3.40, side by side). False where there is no glibc."""
     import ctypes
 
     try:

@@ -574,11 +574,12 @@ class BlockCache:
     async def _disk_put_many(self, items: list[tuple[str, bytes]], pinned: list[tuple[str, str, Any]]) -> None:
         """Writes `items` to the disk tier, then unpins their memory entries `pinned` (`_pin`)."""
         disk = self.disk
+        if disk is None:
+            return  # (nothing is pinned without one)
 
         def write_all() -> None:
             try:
-                if disk is not None:
-                    disk.put_many(items)  # a run's blocks in one file
+                disk.put_many(items)  # a run's blocks in one file
             except Exception as exc:
                 self._disk_failed("disk_cache_write_failed", exc)
 

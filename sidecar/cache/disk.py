@@ -58,12 +58,11 @@ def _page_up(n: int) -> int:
 
 
 class _Pack:
-    __slots__ = ("name", "size", "live", "offsets")
+    __slots__ = ("name", "size", "live")
 
-    def __init__(self, name: str, size: int, live: set[str], offsets: list[int]) -> None:
+    def __init__(self, name: str, size: int, live: set[str]) -> None:
         self.name, self.size = name, size  # its file's name and bytes
         self.live = live  # its blocks still indexed
-        self.offsets = offsets  # of its blocks, in table order
 
 
 def _mapped(fd: int, size: int, offset: int = 0) -> memoryview | None:
@@ -179,7 +178,7 @@ class DiskTier:
             self._packed[name] = (pack, offset, _HEADER.size + length)
             live.add(name)
         if live:
-            self._packs[pack] = _Pack(pack, size, live, [])
+            self._packs[pack] = _Pack(pack, size, live)
             self.used += size
         else:
             path.unlink(missing_ok=True)
@@ -294,7 +293,7 @@ class DiskTier:
         stored as `put` stores it."""
         if len(items) == 1 or len(items) > PACK_MAX:
             return sum(self.put(name, data) for name, data in items)
-        pack = None
+        reserved = None
         with self._lock:
             new, seen = [], set()
             for name, data in items:
@@ -305,23 +304,24 @@ class DiskTier:
                     new.append((name, data))
             stored = len(items) - len(new)
             if len(new) > 1:
-                pack = self._reserve_pack_locked(new)
+                reserved = self._reserve_pack_locked(new)
         if len(new) <= 1:
             return stored + (self.put(*new[0]) if new else 0)
-        if pack is None:
+        if reserved is None:
             return stored
+        pack, offsets = reserved
         path = self._path(pack.name)
         tmp = path.parent / f".tmp{threading.get_ident()}-{pack.name}"
         table = bytearray(PAGE)
         _PACK.pack_into(table, 0, PACK_MAGIC, len(new))
-        for i, ((name, data), offset) in enumerate(zip(new, pack.offsets)):
+        for i, ((name, data), offset) in enumerate(zip(new, offsets)):
             _ENTRY.pack_into(table, _PACK.size + i * _ENTRY.size, name.encode("ascii"), offset, len(data))
         try:
             path.parent.mkdir(exist_ok=True, mode=0o700)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 os.pwrite(fd, table, 0)
-                for (_, data), offset in zip(new, pack.offsets):
+                for (_, data), offset in zip(new, offsets):
                     os.pwritev(fd, [_HEADER.pack(MAGIC, crc32(data), len(data)), data], offset)
             finally:
                 os.close(fd)
@@ -338,9 +338,10 @@ class DiskTier:
                 self._pending.discard(name)
         return stored + len(new)
 
-    def _reserve_pack_locked(self, new: list[tuple[str, bytes]]) -> _Pack | None:
+    def _reserve_pack_locked(self, new: list[tuple[str, bytes]]) -> tuple[_Pack, list[int]] | None:
         """Lays out a pack of the blocks `new` and reserves its room (evicting if need be); its
-        blocks are indexed as pending until it is written. None: it cannot fit."""
+        blocks are indexed as pending until it is written. The pack and its blocks' offsets;
+        None: it cannot fit."""
         offsets, end = [], PAGE
         for _, data in new:
             offsets.append(end)
@@ -348,14 +349,14 @@ class DiskTier:
         size = offsets[-1] + _HEADER.size + len(new[-1][1])
         if size > self.limit or not self._evict_locked(size):
             return None
-        pack = _Pack(PACK_PREFIX + new[0][0], size, {name for name, _ in new}, offsets)
+        pack = _Pack(PACK_PREFIX + new[0][0], size, {name for name, _ in new})
         for (name, data), offset in zip(new, offsets):
             self._index[name] = 0
             self._packed[name] = (pack.name, offset, _HEADER.size + len(data))
             self._pending.add(name)
         self._packs[pack.name] = pack
         self.used += size
-        return pack
+        return pack, offsets
 
     def disk_bytes(self) -> int:
         """Bytes actually on disk under the cache directory (for tests and status)."""
