@@ -533,7 +533,7 @@ class BlockCache:
             # The run holds no block while its disk write waits (each _Fetch holds its data): a
             # block evicted meanwhile would be memory outside the budget. Its waiters have theirs.
             fetches.clear()
-            fetch = None  # noqa: F841
+            fetch = None  # (the loop above left the last one here)
         if to_disk:
             await self._disk_put_many(to_disk, pinned)
 
