@@ -14,9 +14,10 @@ demo: install
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Every fault scenario, the long ones included (2 GiB on a slow link, 32 readers x 100 tries).
+# Every fault scenario, the long ones included (2 GiB on a slow link, 32 readers x 100 tries,
+# writes at 50 transitions of each kind).
 test-reliability: install
-	$(PY) -m pytest --reliability tests/mount/test_reliability.py tests/mount/test_faults.py $(PYTEST_ARGS)
+	$(PY) -m pytest --reliability tests/mount/test_reliability.py tests/mount/test_faults.py tests/mount/test_path_hold.py $(PYTEST_ARGS)
 
 # The image built (podman; a Debian base made with mmdebstrap when no registry answers) and run
 # as a session pod of two containers, then the unprivileged (fd passing) mode.

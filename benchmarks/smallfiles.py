@@ -294,7 +294,11 @@ class SmallFiles:
             self._first_requests = asked
             pss = 0
             pids = [str(proc.pid)] + [str(m["worker_pid"]) for m in request("/status", sock=sock)[1]["mounts"] if m.get("worker_pid")]
-            pids += subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            todo = [str(proc.pid)]  # every descendant: the template, and the workers and placeholders it forked
+            while todo:
+                found = subprocess.run(["pgrep", "-P", todo.pop()], capture_output=True, text=True).stdout.split()
+                pids += found
+                todo += found
             for pid in set(pids):
                 for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                     if line.startswith("Pss:"):

@@ -548,6 +548,15 @@ def status(socket_path: str | None, as_json: bool, probe: str | None, watch: boo
             ))
         _table(("NAME", "STATE", "MOUNTPATH", "MODE", "HIT RATE", "READ FROM BACKEND", "ERRORS", "UNSYNCED", "PROBLEM"), rows)
         for m in mounts:
+            if m.get("path") in ("bare", "locked") and m["state"] not in ("copying", "copied"):
+                why = ("no FUSE mount could be made: the folder is kept read-only" if m["path"] == "locked"
+                       else "nothing holds it: files written there are local and would be hidden by the next mount")
+                click.echo(f"{m['name']}: {m['mountpath']} is {m['path']} ({why})")
+            if m.get("rescued_total"):
+                total = m["rescued_total"]
+                size = sum(e.get("size", 0) for e in m.get("rescued") or [])
+                click.echo(f"{m['name']}: {total} rescued entr{'y' if total == 1 else 'ies'} ({_human(size)}) found beneath "
+                           f"{m['mountpath']} and moved aside; `storage-sidecar rescue {m['name']}` lists them")
             for f in m.get("staged") or []:
                 if f["state"] in ("incomplete", "conflict"):
                     click.echo(f"{m['name']}: {f['key']} is {f['state']} ({_human(f['size'])}), local copy {f['local_path']}"
@@ -673,6 +682,48 @@ def publish(mount_name: str, key: str, socket_path: str | None) -> None:
         click.echo(f"{key}: still uploading; `storage-sidecar status` shows when it is done")
     else:
         _fail(f"{key}: not published: {body.get('error') if isinstance(body, dict) else body}", EXIT_FAILED)
+
+
+@main.command()
+@click.argument("mount_name")
+@click.option("--upload", is_flag=True, help="Upload them into the (writable) storage under the paths they had; a changed object is not overwritten.")
+@click.option("--discard", is_flag=True, help="Remove them.")
+@click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON.")
+@click.option("--socket", "socket_path", default=None, help="Control socket of the daemon.")
+def rescue(mount_name: str, upload: bool, discard: bool, as_json: bool, socket_path: str | None) -> None:
+    """List the files found beneath MOUNT's path before the sidecar held it (written while no
+    sidecar ran there) and moved aside, never hidden; upload or discard them."""
+    from sidecar.status import Unreachable, request
+
+    if upload and discard:
+        _fail("--upload and --discard exclude each other", EXIT_BAD_INPUT)
+    action = "upload" if upload else "discard" if discard else "list"
+    try:
+        code, body = request(f"/mounts/{mount_name}/rescue", "POST", {"action": action}, sock=socket_path, timeout=600 if upload else 30)
+    except Unreachable as exc:
+        _fail(str(exc), EXIT_NO_DAEMON)
+    if code not in (200, 202):
+        _fail(f"{mount_name}: {body.get('error') if isinstance(body, dict) else body}", EXIT_FAILED)
+    if as_json:
+        click.echo(json.dumps(body, indent=2))
+    elif action == "list":
+        for e in body["rescued"]:
+            click.echo(f"{e['path']}\t{e['kind']}\t{_human(e['size'])}\t{e['where']}")
+        click.echo(f"{body['rescued_total']} rescued entr{'y' if body['rescued_total'] == 1 else 'ies'} in {body['where']}", err=True)
+    elif action == "discard":
+        click.echo(f"{mount_name}: {body['discarded']} rescued entries removed")
+    elif code == 202:
+        click.echo(f"{mount_name}: still uploading; `storage-sidecar rescue {mount_name}` shows what is left")
+    else:
+        for path in body.get("uploaded") or []:
+            click.echo(f"  uploaded {path}")
+        for c in body.get("conflicts") or []:
+            click.echo(f"  uploaded {c['path']} as {c['key']} (another object has its name)")
+        for k in body.get("kept") or []:
+            click.echo(f"  kept {k['path']}: {k['reason']}", err=True)
+        for f in body.get("failed") or []:
+            click.echo(f"  not uploaded {f['path']}: {f['reason']}", err=True)
+    sys.exit(EXIT_FAILED if action == "upload" and (body.get("failed") or code == 202) else EXIT_OK)
 
 
 def _human(n: int) -> str:

@@ -208,7 +208,7 @@ async def serve(path: str, handler: Handler, *, group: str | int | None = None, 
             pass
 
 
-_MOUNT_ACTION = re.compile(r"^/mounts/(?P<name>[a-z0-9][a-z0-9_-]{0,62})/(?P<action>mount|unmount|skip|credentials|publish|refresh|prefetch|push)$")
+_MOUNT_ACTION = re.compile(r"^/mounts/(?P<name>[a-z0-9][a-z0-9_-]{0,62})/(?P<action>mount|unmount|skip|credentials|publish|refresh|prefetch|push|rescue)$")
 
 
 def route(target: str) -> tuple[str, dict[str, str]]:

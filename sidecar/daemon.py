@@ -23,24 +23,22 @@ import json
 import os
 import random
 import signal
-import socket
-import struct
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
-from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import trio
 
 from sidecar import credentials as credential_sources
-from sidecar import preflight, protocol
-from sidecar.protocol import WorkerConfig, WorkerStats
+from sidecar import preflight, protocol, rescue
+from sidecar.children import WorkerProcess, WorkerTemplate, unmount_if_mounted, unmount_ours, worker_environment
 from sidecar.control import REQUEST_DEADLINE, EventStream, HTTPError, route, serve
+from sidecar.holder import PathHold
 from sidecar.log import get_logger, register_secret
 from sidecar.manifest import Manifest, RemoteStorage, StorageMount
-from sidecar.mounttable import is_mounted
+from sidecar.process import default_cache_dir
+from sidecar.protocol import WorkerConfig, WorkerStats
 from sidecar.states import UP
 
 log = get_logger("sidecar.daemon")
@@ -109,238 +107,6 @@ def busy_pids(path: str) -> list[int]:
     return found
 
 
-def worker_environment() -> dict[str, str]:
-    """A worker's environment holds no secret: its own credentials come over the pipe, and other
-    storages' (prefixed variables) are none of its business."""
-    secrets = set(credential_sources.secret_variables())
-    return {k: v for k, v in os.environ.items() if k not in secrets}
-
-
-class ForkedWorker:
-    """A worker forked by the template (sidecar.template), with the part of trio.Process's
-    interface that WorkerProcess uses. Not our child: its end is seen through a pidfd, and its
-    exit status is not known (-1)."""
-
-    def __init__(self, pid: int, stdin_fd: int, stdout_fd: int) -> None:
-        self.pid = pid
-        self.stdin = trio.lowlevel.FdStream(stdin_fd)
-        self.stdout = trio.lowlevel.FdStream(stdout_fd)
-        self.returncode: int | None = None
-        self._pidfd = os.pidfd_open(pid)
-        self._exited = trio.Event()
-        self._watching = False
-
-    async def wait(self) -> int:
-        """Several tasks may wait (the supervisor's watcher and a stop): one of them watches the
-        pidfd (trio allows one waiter per fd), the others wait for it to say so."""
-        if not self._watching:
-            self._watching = True
-            try:
-                await trio.lowlevel.wait_readable(self._pidfd)
-            finally:
-                if not self._exited.is_set():
-                    self._watching = False
-            self.returncode = -1
-            os.close(self._pidfd)
-            self._exited.set()
-        await self._exited.wait()
-        return -1
-
-    def send_signal(self, sig: int) -> None:
-        if self.returncode is None:
-            try:
-                os.kill(self.pid, sig)
-            except ProcessLookupError:
-                pass
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-
-
-class WorkerTemplate:
-    """The warm template process that forks workers (see sidecar.template)."""
-
-    def __init__(self) -> None:
-        self.process: trio.Process | None = None
-        self.sock: socket.socket | None = None
-        self._lock = trio.Lock()
-
-    async def start(self, env: dict[str, str], providers: list[str], timeout: float = 60.0) -> bool:
-        """Starts the template, warmed for `providers` (the manifest's)."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self.process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "sidecar.template", str(theirs.fileno()), ",".join(providers)], pass_fds=(theirs.fileno(),), env=env
-            )
-        finally:
-            theirs.close()
-        ours.setblocking(False)
-        self.sock = ours
-        with trio.move_on_after(timeout):
-            await trio.lowlevel.wait_readable(ours)
-            return ours.recv(1) == b"R"
-        return False
-
-    async def fork(self) -> ForkedWorker | None:
-        """A new worker with pipes on its stdin and stdout; None if the template cannot."""
-        if self.sock is None or self.process is None or self.process.returncode is not None:
-            return None
-        in_r, in_w = os.pipe()
-        out_r, out_w = os.pipe()
-        try:
-            async with self._lock:
-                with trio.move_on_after(10):
-                    socket.send_fds(self.sock, [b"F"], [in_r, out_w])
-                    await trio.lowlevel.wait_readable(self.sock)
-                    raw = self.sock.recv(8)
-                    pid = struct.unpack("q", raw)[0] if len(raw) == 8 else -1
-                    if pid > 0:
-                        os.set_blocking(in_w, False)
-                        os.set_blocking(out_r, False)
-                        return ForkedWorker(pid, in_w, out_r)
-        except OSError as exc:
-            log.warning("template_fork_failed", error=str(exc))
-        finally:
-            os.close(in_r)
-            os.close(out_w)
-        for fd in (in_w, out_r):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        return None
-
-    async def stop(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-        if self.process is not None and self.process.returncode is None:
-            self.process.terminate()
-            with trio.move_on_after(5):
-                await self.process.wait()
-            if self.process.returncode is None:
-                self.process.kill()
-
-
-class WorkerProcess:
-    """The trio side of one worker process (JSON lines over its stdin/stdout)."""
-
-    template: WorkerTemplate | None = None  # set by the daemon: workers are forked from it
-
-    def __init__(self, name: str, mountpath: str, module: str = "sidecar.worker") -> None:
-        self.name = name
-        self.mountpath = mountpath
-        self.module = module
-        self.process: trio.Process | None = None
-        self._buffer = b""
-        self._lock = trio.Lock()
-        self._may_have_mounted = False  # stop() unmounts the path only if this process may own it
-
-    async def _read_event(self) -> dict[str, Any] | None:
-        assert self.process is not None and self.process.stdout is not None
-        while b"\n" not in self._buffer:
-            chunk = await self.process.stdout.receive_some(65536)
-            if not chunk:
-                return None
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return json.loads(line)
-
-    async def start(self, cfg: WorkerConfig | dict[str, Any], timeout: float,
-                    before_mount: Callable[[], Awaitable[None]] | None = None) -> dict[str, str] | None:
-        """Starts the worker (forked from the warm template when there is one); None once
-        mounted, else an error {code, reason}. A worker that runs the pre-flight check first
-        (`cfg.preflight`) reports `checked`; then `before_mount` runs (it clears the mount path)
-        and the worker is told to mount. `timeout` is the mount's; the check has its own deadline."""
-        preflight = isinstance(cfg, WorkerConfig) and cfg.preflight
-        self._may_have_mounted = not preflight
-        forked = await self.template.fork() if self.template is not None and self.module == "sidecar.worker" else None
-        if forked is not None:
-            self.process = forked  # type: ignore[assignment]
-        else:
-            self.process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", self.module], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=worker_environment()
-            )
-        assert self.process.stdin is not None
-        await self.process.stdin.send_all(cfg.to_line() if isinstance(cfg, WorkerConfig) else (json.dumps(cfg) + "\n").encode())
-        with trio.move_on_after(timeout + (cfg.check_deadline if preflight else 0)):  # type: ignore[union-attr]
-            event = await self._read_event()
-            if event and event.get("event") == "checked":
-                if before_mount is not None:
-                    await before_mount()
-                self._may_have_mounted = True
-                await self.process.stdin.send_all(b"mount\n")
-                event = await self._read_event()
-            if event and event.get("event") in ("mounted", "copying"):
-                return None
-            await self.stop(5)
-            event = event or {}
-            return {"code": event.get("code", "mount_failed"), "reason": event.get("reason", "the mount process exited")}
-        await self.stop(5)
-        return {"code": "timeout", "reason": f"not mounted within {timeout:g} s"}
-
-    async def send_line(self, doc: Any) -> None:
-        if self.alive:
-            assert self.process is not None and self.process.stdin is not None
-            try:
-                await self.process.stdin.send_all((json.dumps(doc) + "\n").encode())
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.returncode is None
-
-    async def wait(self) -> int:
-        assert self.process is not None
-        return await self.process.wait()
-
-    async def call(self, line: bytes, expect: str, timeout: float) -> dict[str, Any] | None:
-        """Sends a command line and returns the worker's `expect` event (None if the worker is
-        gone or did not answer in time). Answers to earlier calls that timed out are skipped."""
-        if not self.alive:
-            return None
-        async with self._lock:
-            with trio.move_on_after(timeout):
-                assert self.process is not None and self.process.stdin is not None
-                try:
-                    await self.process.stdin.send_all(line)
-                    while (event := await self._read_event()) is not None:
-                        if event.get("event") == expect:
-                            return event
-                except (trio.BrokenResourceError, trio.ClosedResourceError, ValueError):
-                    return None
-        return None
-
-    async def stats(self, timeout: float = 2.0) -> WorkerStats | None:
-        return await self.call(b"stats\n", "stats", timeout)  # type: ignore[return-value]
-
-    async def stop(self, grace: float) -> None:
-        proc = self.process
-        if proc is None:
-            return
-        with trio.CancelScope(shield=True):
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-                with trio.move_on_after(grace):
-                    await proc.wait()
-                if proc.returncode is None:
-                    log.warning("worker_killed", mount=self.name, grace_period=grace)
-                    proc.kill()
-                    await proc.wait()
-            if self._may_have_mounted:
-                await unmount_if_mounted(self.mountpath)
-
-
-async def unmount_if_mounted(path: str) -> bool:
-    """Lazy unmount of a mount left behind (also a dead one: "Transport endpoint is not
-    connected"). A mount that is already gone counts as success."""
-    if is_mounted(path):
-        await trio.run_process(["fusermount3", "-u", "-z", path], check=False, capture_stdout=True, capture_stderr=True)
-        return True
-    return False
-
-
 @dataclass
 class Mount:
     mount: StorageMount
@@ -350,7 +116,9 @@ class Mount:
     worker: WorkerProcess | None = None
     handed_credentials: dict[str, str] | None = None
     restarts: int = 0
-    placeholder: WorkerProcess | None = None  # the read-only stand-in while not mounted
+    hold: PathHold | None = None  # what the path shows while the worker does not serve it
+    rescued: list[dict[str, Any]] = field(default_factory=list)  # moved aside from beneath the path
+    rescued_total: int = 0
     failures: int = 0  # consecutive failed attempts, for the retry backoff
     failing_since: float | None = None  # trio time of the first of them
     retry_at: float | None = None  # trio time of the next automatic attempt
@@ -359,10 +127,21 @@ class Mount:
     since: float = field(default_factory=time.time)
     commands: tuple[trio.MemorySendChannel, trio.MemoryReceiveChannel] = field(default_factory=lambda: trio.open_memory_channel(16))
     decision_deadline: float | None = None
+    reported_rescues: set[str] = field(default_factory=set)
 
     @property
     def name(self) -> str:
         return self.mount.name or ""
+
+    def path_state(self) -> str:
+        """What the mount path shows: `served` (the worker's mount), `held` (the read-only
+        placeholder), `locked` (no FUSE mount possible: the folder is kept unwritable), `local`
+        (a copy-mode folder), or `bare` (the user unmounted or skipped it, or nothing holds it)."""
+        if self.state in UP:
+            return "served"
+        if self.state in ("copying", "copied"):
+            return "local"
+        return self.hold.state if self.hold is not None else "bare"
 
     def public(self) -> dict[str, Any]:
         st, url = self.storage, self.storage.parsed
@@ -385,7 +164,10 @@ class Mount:
             "restarts": self.restarts,
             "worker_pid": self.worker.process.pid if self.worker is not None and self.worker.process is not None else None,
             "next_try": self.next_try,
-            "placeholder": self.placeholder is not None,
+            "placeholder": self.path_state() == "held",
+            "path": self.path_state(),
+            "rescued": self.rescued,
+            "rescued_total": self.rescued_total,
             "cache_hit_rate": (hits / lookups) if lookups else None,
             "counters": {k: stats.get(k) for k in ("store", "cache", "disk", "errors", "memory_bytes")} if stats else None,
             "unsynced_writes": len(stats.get("staged") or []),
@@ -438,6 +220,13 @@ class Daemon:
         self.events = EventBus()
         self._template: WorkerTemplate | None = None
         self._template_ready = trio.Event()
+        self.rescue_base = Path(cfg.cache_dir or default_cache_dir())
+        if cfg.placeholders:
+            for m in self.mounts.values():
+                placeholder_cfg = {"name": m.name, "mountpath": m.mount.mountpath, "root": manifest.root, "mount_helper": cfg.mount_helper,
+                                   "allow_other": cfg.allow_other, "log_level": cfg.log_level}
+                m.hold = PathHold(m.name, m.mount.mountpath, root=manifest.root, rescue_base=self.rescue_base,
+                                  placeholder_cfg=placeholder_cfg, rescue_enabled=m.mount.mode != "copy")
 
     # -- state -------------------------------------------------------------------------------
 
@@ -533,15 +322,26 @@ class Daemon:
             log.error("credentials_unusable", mount=m.name, reason=reason)
             self._set(m, "needs_credentials", {"code": "credentials_invalid", "reason": reason})
             return
+        # The path is held before any worker may mount on it: the placeholder shows `checking`,
+        # and what was found beneath is moved aside first.
+        held = await self._hold(m)
+        if held is not None:
+            self._failed(m, held)
+            return
         # The worker checks the storage with the client it then mounts with (sidecar.worker.
-        # open_store), and mounts once the path is cleared of a placeholder or a stale mount.
+        # open_store), and mounts on top of the placeholder once the daemon says so.
         with trio.move_on_after(30):
             await self._template_ready.wait()
         m.worker = WorkerProcess(m.name, m.mount.mountpath)
 
-        async def clear_path() -> None:
-            await self._drop_placeholder(m)
-            await unmount_if_mounted(m.mount.mountpath)  # a stale mount of a killed predecessor
+        async def clear_path() -> dict[str, str] | None:
+            if m.hold is None:
+                await unmount_if_mounted(m.mount.mountpath)  # no hold: a stale mount of a killed predecessor
+                return None
+            if m.mount.mode == "copy":  # the copy is written into the folder itself
+                await m.hold.release()
+                return None
+            return await m.hold.before_worker()
 
         error = await m.worker.start(self.worker_config(m, creds), self.cfg.mount_timeout, before_mount=clear_path)
         if error:  # the worker logged its check; the state change below logs the code
@@ -553,6 +353,9 @@ class Daemon:
             else:
                 self._failed(m, error)
             return
+        if m.hold is not None and m.mount.mode != "copy":
+            await m.hold.sweep()
+            await self._report_new_rescue(m)
         m.decision_deadline = None
         m.failures, m.failing_since = 0, None
         self._set(m, "copying" if m.mount.mode == "copy" else "mounted")
@@ -574,47 +377,74 @@ class Daemon:
         self._set(m, "failed", error)
 
     async def _take_down(self, m: Mount, state: str, error: dict[str, str] | None = None) -> None:
+        """The user's unmount or skip, or the daemon's stop: the worker goes, then the
+        placeholder, and the path is left bare (a choice, said in status as `path: bare`)."""
         worker, m.worker = m.worker, None
         m.retry_at = m.next_try = None
         if worker is not None:
             await worker.stop(self.cfg.grace_period)
-        await self._drop_placeholder(m)
-        await unmount_if_mounted(m.mount.mountpath)
+        if m.hold is not None:
+            await m.hold.release()
+        else:
+            await unmount_if_mounted(m.mount.mountpath)
         self._set(m, state, error)
 
-    # -- the placeholder of a mount that is not up -------------------------------------------
+    # -- what the path shows while the worker does not serve it (sidecar.holder) --------------
 
     def _placeholder_message(self, m: Mount) -> str:
         err = m.error or {}
-        text = f"State: {m.state}" + (f" ({err.get('code')}): {err.get('reason')}" if err else "")
+        if m.state in ("pending", "checking"):
+            text = f"State: {m.state}: mounting..."
+        else:
+            text = f"State: {m.state}" + (f" ({err.get('code')}): {err.get('reason')}" if err else "")
         if m.next_try is not None:
             text += f"\nNext attempt: {time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(m.next_try))}"
         return text
 
-    async def _sync_placeholder(self, m: Mount) -> None:
-        """A mount that is not up by nobody's choice (failed, needs credentials) gets the
-        read-only placeholder at its path; any other state removes it."""
-        want = self.cfg.placeholders and not self._stopping and m.state in ("failed", "needs_credentials")
-        if not want:
-            await self._drop_placeholder(m)
-        elif m.placeholder is not None:
-            await m.placeholder.send_line(self._placeholder_message(m))
-        else:
-            await unmount_if_mounted(m.mount.mountpath)  # e.g. the dead mount of a crashed worker
-            placeholder = WorkerProcess(m.name, m.mount.mountpath, module="sidecar.placeholder")
-            cfg = {"name": m.name, "mountpath": m.mount.mountpath, "root": self.manifest.root, "mount_helper": self.cfg.mount_helper,
-                   "message": self._placeholder_message(m),
-                   "allow_other": self.cfg.allow_other, "log_level": self.cfg.log_level}
-            error = await placeholder.start(cfg, 15.0)
-            if error:
-                log.error("placeholder_failed", mount=m.name, mountpath=m.mount.mountpath, **error)
-            else:
-                m.placeholder = placeholder
+    async def _hold(self, m: Mount) -> dict[str, str] | None:
+        """Makes the placeholder what the path shows (with the state's message), moving aside
+        what lies beneath first; the error that keeps the mount from being made, if any."""
+        if m.hold is None or self._stopping:
+            return None
+        error = await m.hold.hold(self._placeholder_message(m))
+        await self._report_new_rescue(m)
+        return error
 
-    async def _drop_placeholder(self, m: Mount) -> None:
-        placeholder, m.placeholder = m.placeholder, None
-        if placeholder is not None:
-            await placeholder.stop(5)
+    async def _report_new_rescue(self, m: Mount) -> None:
+        batch = m.hold.last_rescue if m.hold is not None else None
+        if batch is not None and str(batch) not in m.reported_rescues:
+            m.reported_rescues.add(str(batch))
+            await self._report_rescue(m, batch)
+
+    async def _report_rescue(self, m: Mount, batch: Path) -> None:
+        here = await trio.to_thread.run_sync(rescue.batch_entries, batch)
+        size = sum(e.size for e in here)
+        log.warning("files_rescued", mount=m.name, mountpath=m.mount.mountpath, where=str(batch), entries=len(here), bytes=size,
+                    reason="found beneath the mount path before it was held; moved aside, not hidden")
+        self.events.publish({"type": "rescued", "mount": m.name, "mountpath": m.mount.mountpath, "where": str(batch),
+                             "entries": len(here), "bytes": size, "time": time.time()})
+        await self._refresh_rescued(m)
+
+    def _rescued_event(self, m: Mount) -> dict[str, Any]:
+        """What is waiting in a mount's rescue folder (for a client that connects later)."""
+        return {"type": "rescued", "mount": m.name, "mountpath": m.mount.mountpath, "where": str(rescue.mount_folder(self.rescue_base, m.name)),
+                "entries": m.rescued_total, "bytes": sum(e.get("size", 0) for e in m.rescued), "time": time.time()}
+
+    async def _refresh_rescued(self, m: Mount) -> None:
+        listed, total = await trio.to_thread.run_sync(rescue.inventory, self.rescue_base, m.name)
+        m.rescued, m.rescued_total = [e.public() for e in listed], total
+
+    async def _sync_hold(self, m: Mount) -> None:
+        """The path matches the state: a mount the user took down is bare; one that is not up by
+        nobody's choice shows the placeholder (a failure to hold it fails the mount)."""
+        if m.hold is None or self._stopping or m.state in UP or m.state in ("copying", "copied"):
+            return
+        if m.state in ("unmounted", "skipped"):
+            await m.hold.release()
+            return
+        error = await self._hold(m)
+        if error is not None and (m.error or {}).get("code") != error["code"]:
+            self._failed(m, error)
 
     async def _watch_worker(self, m: Mount, worker: WorkerProcess) -> None:
         rc = await worker.wait()
@@ -631,7 +461,7 @@ class Daemon:
             if m.worker:
                 nursery.start_soon(self._watch_worker, m, m.worker)
             while True:
-                await self._sync_placeholder(m)
+                await self._sync_hold(m)
                 cmd, arg, done = "retry", None, None
                 if m.retry_at is None:
                     cmd, arg, done = await receive.receive()
@@ -659,13 +489,17 @@ class Daemon:
                     self._set(m, "skipped", {"code": "credentials_missing", "reason": f"no credentials were given within {self.cfg.credentials_wait:g} s"})
                 elif cmd == "worker_exited" and m.worker is not None:
                     m.worker = None
-                    await unmount_if_mounted(m.mount.mountpath)
+                    if m.hold is not None:  # its dead mount goes; the placeholder below shows again
+                        await m.hold.worker_gone()
+                        await self._hold(m)
+                    else:
+                        await unmount_if_mounted(m.mount.mountpath)
                     m.restarts += 1
                     self._failed(m, {"code": "mount_died", "reason": f"the mount process exited with status {arg}; mounting again"})
                 if m.worker is not None and m.worker is not before:
                     nursery.start_soon(self._watch_worker, m, m.worker)
                 if done is not None:  # the caller waits for this command's outcome
-                    await self._sync_placeholder(m)
+                    await self._sync_hold(m)
                     done.set()
 
     async def _decision_timer(self) -> None:
@@ -723,6 +557,8 @@ class Daemon:
         for m in self.mounts.values():
             if m.worker is not None and m.state in UP:
                 m.stats = await m.worker.stats(timeout=1.0) or m.stats
+            if m.rescued_total:  # the user may have moved files out of the rescue folder
+                await self._refresh_rescued(m)
         return {"ready": self.ready(), "pid": os.getpid(), "started": self.started, "mounts": [m.public() for m in self.mounts.values()]}
 
     async def handle(self, method: str, target: str, body: bytes) -> tuple[int, Any]:
@@ -738,7 +574,9 @@ class Daemon:
         if path == "/status":
             return 200, await self.status()
         if path == "/events":
-            return 200, EventStream(self.events.subscribe([self._state_event(m) for m in self.mounts.values()]))
+            snapshot = [self._state_event(m) for m in self.mounts.values()]
+            snapshot += [self._rescued_event(m) for m in self.mounts.values() if m.rescued_total]
+            return 200, EventStream(self.events.subscribe(snapshot))
         if path == "/metrics":
             from sidecar.metrics import render
 
@@ -753,6 +591,8 @@ class Daemon:
             return await self._refresh(m, body)
         if action == "prefetch":
             return await self._prefetch(m, body)
+        if action == "rescue":
+            return await self._rescue(m, body)
         if action == "push":
             if m.mount.mode != "copy" or m.worker is None or m.state not in ("copying", "copied"):
                 raise HTTPError(409, "not_a_copy", f"{m.name} is not a copied folder ({m.mount.mode}, {m.state})")
@@ -816,6 +656,30 @@ class Daemon:
             raise HTTPError(409, "prefetch_refused", answer.get("reason") or "refused")
         return 200, {"paths": paths, "started": True, "files": answer.get("files"), "bytes": answer.get("bytes")}
 
+    async def _rescue(self, m: Mount, body: bytes) -> tuple[int, Any]:
+        """What was moved aside from beneath the mount path: listed, uploaded into the storage
+        under the paths it had (a changed object is not overwritten: the file goes under a
+        conflict name), or discarded."""
+        what = self._body_field(body, "action", str, "list", '{"action": "list" | "upload" | "discard"}')
+        if what == "discard":
+            removed = await trio.to_thread.run_sync(rescue.discard, self.rescue_base, m.name)
+            log.info("rescued_discarded", mount=m.name, entries=removed)
+            await self._refresh_rescued(m)
+            return 200, {"discarded": removed}
+        if what == "upload":
+            if m.storage.readonly:
+                raise HTTPError(409, "read_only", f"{m.name} is read-only: its rescued files are kept until `storage-sidecar rescue {m.name} --discard`")
+            folder = str(rescue.mount_folder(self.rescue_base, m.name))
+            answer = await self._ask_worker(m, "rescue --upload", {"cmd": "rescue_upload", "folder": folder}, "rescue_uploaded")
+            await self._refresh_rescued(m)
+            if answer is None:
+                return 202, {"uploaded": None, "reason": "still uploading; see status"}
+            return 200, {k: answer.get(k) for k in ("uploaded", "conflicts", "kept", "failed")}
+        if what != "list":
+            raise HTTPError(400, "bad_request", 'the body must be {"action": "list" | "upload" | "discard"}')
+        await self._refresh_rescued(m)
+        return 200, {"rescued": m.rescued, "rescued_total": m.rescued_total, "where": str(rescue.mount_folder(self.rescue_base, m.name))}
+
     async def _publish(self, m: Mount, body: bytes) -> tuple[int, Any]:
         """Uploads an `incomplete` staged file of a mount on a person's explicit request."""
         key = self._body_field(body, "key", str, "", '{"key": "<object key of an incomplete file>"}')
@@ -833,12 +697,21 @@ class Daemon:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             try:
+                # Every path is held before anyone can see a state: `pending` already means the
+                # placeholder answers there.
+                if self.cfg.fork_workers:
+                    await self._start_template()
+                else:
+                    self._template_ready.set()
+                async with trio.open_nursery() as holding:
+                    for m in self.mounts.values():
+                        if m.mount.mode != "copy" and (self.cfg.only is None or m.name in self.cfg.only):
+                            holding.start_soon(self._hold, m)
+                for m in self.mounts.values():
+                    await self._refresh_rescued(m)
                 async with trio.open_nursery() as nursery:
                     await nursery.start(lambda task_status: serve(self.cfg.socket, self.handle, group=self.cfg.socket_group, task_status=task_status))
-                    if self.cfg.fork_workers:
-                        nursery.start_soon(self._start_template)
-                    else:
-                        self._template_ready.set()
+                    nursery.start_soon(self._warm_template)
                     for m in self.mounts.values():
                         nursery.start_soon(self.supervise, m)
                     nursery.start_soon(self._decision_timer)
@@ -853,17 +726,29 @@ class Daemon:
                 await self.stop()
 
     async def _start_template(self) -> None:
-        """The warm template forks the workers (sidecar.template), which run the pre-flight
-        checks; it imports the SDKs of the manifest's providers while the daemon reads the
-        credentials. A worker due before it is ready waits for it rather than importing the
-        same modules once more beside it."""
+        """The template (sidecar.template) forks the placeholders as soon as it has imported
+        pyfuse3 and trio, so every held path shares that memory."""
         template = WorkerTemplate()
+        if await template.start(worker_environment(), sorted({m.storage.provider for m in self.mounts.values()})):
+            WorkerProcess.template = self._template = template
+        else:
+            log.warning("worker_template_failed", reason="it did not start; workers and placeholders are spawned")
+            await template.stop()
+            self._template_ready.set()
+
+    async def _warm_template(self) -> None:
+        """Then it imports the SDKs of the manifest's providers, while the daemon reads the
+        credentials; it forks the workers, which run the pre-flight checks. A worker due before it
+        is ready waits for it rather than importing the same modules once more beside it."""
+        template = self._template
         try:
-            if await template.start(worker_environment(), sorted({m.storage.provider for m in self.mounts.values()})):
-                WorkerProcess.template = self._template = template
+            if template is None:
+                return
+            if await template.warm_up():
                 log.info("worker_template_ready")
             else:
                 log.warning("worker_template_failed", reason="it did not get ready; workers are spawned")
+                WorkerProcess.template = self._template = None
                 await template.stop()
         finally:
             self._template_ready.set()
@@ -876,7 +761,7 @@ class Daemon:
                     for m in self.mounts.values():
                         nursery.start_soon(self._take_down, m, "unmounted" if m.state in UP else m.state, m.error)
             for m in self.mounts.values():  # whatever is still there after the grace period
-                await unmount_if_mounted(m.mount.mountpath)
+                await unmount_ours(m.mount.mountpath)
             if self._template is not None:
                 await self._template.stop()
                 WorkerProcess.template = self._template = None

@@ -14,7 +14,9 @@ Protocol, one mount per connection (JSON lines over a unix socket):
   walk), opens /dev/fuse, mount(2)s it there owned by the caller's uid/gid (SO_PEERCRED), and
   answers {"ok": true} with the fd attached (SCM_RIGHTS), or {"ok": false, "reason": ...};
 - the mount lives as long as the connection: when the caller closes it (or dies), or sends
-  {"op": "unmount"}, the helper unmounts (lazily).
+  {"op": "unmount"}, the helper unmounts (lazily) that mount and no other. A mount may be
+  covered by a later one at the same path (a worker's over its placeholder): unmounting by path
+  would take the top one, so a covered mount is unmounted once it is on top again.
 Callers may be restricted to some uids (`--allow-uid`).
 """
 
@@ -30,7 +32,7 @@ import threading
 from pathlib import Path
 
 from sidecar.log import get_logger
-from sidecar.mounttable import UnsafeMountPath, safe_mountpoint
+from sidecar.mounttable import UnsafeMountPath, mount_stack, safe_mountpoint
 
 log = get_logger("sidecar.mounthelper")
 
@@ -56,12 +58,34 @@ def _unmount(target: str) -> None:
         log.debug("helper_unmount_failed", target=target, error=os.strerror(ctypes.get_errno()))
 
 
+def _top_id(target: str) -> int | None:
+    stack = mount_stack(target)
+    return stack[-1].id if stack else None
+
+
 class MountHelper:
     def __init__(self, socket_path: str, allowed_roots: list[str], allow_uids: set[int] | None = None) -> None:
         self.socket_path = socket_path
         self.allowed_roots = [os.path.realpath(r) for r in allowed_roots]
         self.allow_uids = allow_uids
         self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._covered: set[tuple[str, int]] = set()  # (path, mount id) to unmount once on top
+
+    def _release(self, target: str, mount_id: int | None) -> None:
+        """Unmounts the mount this helper made (`mount_id`) at `target`, now or, while another
+        mount covers it, once that one is gone; then any covered one that is on top again."""
+        with self._lock:
+            if mount_id is not None:
+                self._covered.add((target, mount_id))
+            for path, mid in sorted(self._covered):
+                stack = mount_stack(path)
+                if not any(m.id == mid for m in stack):
+                    self._covered.discard((path, mid))
+                elif stack[-1].id == mid:
+                    _unmount(path)
+                    self._covered.discard((path, mid))
+                    log.info("helper_unmounted", target=path)
 
     def _root_for(self, path: str) -> str:
         real = os.path.realpath(os.path.dirname(os.path.abspath(path)))
@@ -89,7 +113,7 @@ class MountHelper:
             srv.close()
 
     def _handle(self, conn: socket.socket) -> None:
-        target = None
+        target, mount_id = None, None
         try:
             pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
             line = conn.makefile("rb").readline(64 * 1024)
@@ -103,8 +127,10 @@ class MountHelper:
                 target = safe_mountpoint(root, os.path.relpath(os.path.abspath(req["mountpoint"]), root))
                 fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
                 try:
-                    _mount_fuse(target, f"storage-sidecar:{str(req.get('fsname', ''))[:64]}", fd, uid, gid,
-                                readonly=bool(req.get("readonly")), allow_other=bool(req.get("allow_other", True)))
+                    with self._lock:
+                        _mount_fuse(target, f"storage-sidecar:{str(req.get('fsname', ''))[:64]}", fd, uid, gid,
+                                    readonly=bool(req.get("readonly")), allow_other=bool(req.get("allow_other", True)))
+                        mount_id = _top_id(target)
                     socket.send_fds(conn, [json.dumps({"ok": True, "mountpoint": target}).encode() + b"\n"], [fd])
                 finally:
                     os.close(fd)
@@ -123,8 +149,7 @@ class MountHelper:
             pass
         finally:
             if target is not None:
-                _unmount(target)
-                log.info("helper_unmounted", target=target)
+                self._release(target, mount_id)
             conn.close()
 
 

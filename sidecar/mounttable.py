@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 
 def _entries() -> list[tuple[str, str]]:
@@ -13,9 +14,50 @@ def _entries() -> list[tuple[str, str]]:
             parts = line.split()
             if len(parts) > 2:
                 # spaces, tabs, newlines and backslashes in paths are octal escapes
-                point = parts[1].replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-                out.append((point, parts[2]))
+                out.append((_unescape(parts[1]), parts[2]))
     return out
+
+
+def _unescape(field: str) -> str:
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    id: int
+    parent: int
+    point: str
+    fstype: str
+    source: str
+
+
+OUR_SOURCES = ("storage-sidecar:", "storage-sidecar-placeholder:")  # mount sources of workers and placeholders
+PLACEHOLDER_SOURCES = ("storage-sidecar-placeholder:", "storage-sidecar:placeholder:")
+HELPER_FSNAME_PREFIX = "placeholder:"  # a placeholder mounted by the helper: storage-sidecar:placeholder:NAME
+
+
+def is_placeholder(entry: "MountEntry") -> bool:
+    return entry.source.startswith(PLACEHOLDER_SOURCES)
+
+
+def mount_stack(real_path: str) -> list[MountEntry]:
+    """The mounts at `real_path` (an already resolved path: nothing here touches the mounts),
+    bottom first: each one's parent is the one below it. The last is what the path shows."""
+    here = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, tail = left.split(), right.split()
+            if len(fields) > 4 and len(tail) > 1 and _unescape(fields[4]) == real_path:
+                here.append(MountEntry(int(fields[0]), int(fields[1]), real_path, tail[0], _unescape(tail[1])))
+    ids = {m.id for m in here}
+    stack = [m for m in here if m.parent not in ids][:1]
+    while stack:
+        above = [m for m in here if m.parent == stack[-1].id]
+        if not above:
+            break
+        stack.append(above[0])
+    return stack
 
 
 def fuse_mounts() -> list[str]:
@@ -23,9 +65,16 @@ def fuse_mounts() -> list[str]:
     return [point for point, fstype in _entries() if fstype.startswith("fuse")]
 
 
+def real_mountpoint(path: str) -> str:
+    """`path` with its parent folder resolved: the mount point itself is not touched (a hung
+    mount there would block the caller)."""
+    path = os.path.abspath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
 def is_mounted(path: str) -> bool:
     """Whether something is mounted at `path` (resolved without touching the mount itself)."""
-    real = os.path.realpath(path)
+    real = real_mountpoint(path)
     return any(point == real for point, _ in _entries())
 
 

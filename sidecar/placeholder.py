@@ -1,12 +1,19 @@
-"""What stands at a mount path while its storage is not mounted (failed, needs credentials).
+"""What holds a mount path whenever its storage is not served there (sidecar.holder).
 
 Without it, the mount path is a plain folder of the container's disk: programs would see an
 empty directory and their writes would *succeed* there, then be hidden by the next successful
-mount and lost. The placeholder is a read-only FUSE file system holding one file,
-`STORAGE-NOT-MOUNTED.txt`, that says why; every write fails with EROFS and every other name is
-ENOENT. It imports only pyfuse3 and trio (no SDK), so it costs little.
+mount and lost. The placeholder is a FUSE file system holding one file,
+`STORAGE-NOT-MOUNTED.txt`, that says why; every change fails with EROFS and every other name is
+ENOENT. The mount's worker mounts on top of it, and when that mount goes the placeholder is
+what the path shows again, with no moment in between.
 
-Protocol with the daemon (as `sidecar.worker`): the first stdin line is {"name", "mountpath",
+It is not mounted `ro`, and its root is writable by its owner in mode bits: fusermount3 lets an
+unprivileged user mount only on a folder they may write to, and the worker's mount goes on top
+of this one. Every operation that would change something answers EROFS itself.
+
+It imports only pyfuse3, trio and logging (sidecar.process: no SDK, no read stack).
+
+Protocol with the daemon (sidecar.process): the first stdin line is {"name", "mountpath",
 "message", "allow_other"}; stdout gets {"event": "mounted"} or {"event": "error", ...}; each
 further stdin line is a new message (JSON string); stdin closed, SIGTERM or SIGINT: unmount, exit.
 """
@@ -26,13 +33,14 @@ import pyfuse3
 import trio
 
 from sidecar import log
-from sidecar.mounttable import UnsafeMountPath
+from sidecar.mounttable import HELPER_FSNAME_PREFIX, UnsafeMountPath
 from sidecar.mounthelper import HelperError
-from sidecar.worker import clear_stale_mount, command_lines, emit, fuse_init, prepare_mountpoint, read_config_line
+from sidecar.process import clear_stale_mount, command_lines, emit, fuse_init, prepare_mountpoint, read_config_line
 
 logger = log.get_logger("sidecar.placeholder")
 
 README = "STORAGE-NOT-MOUNTED.txt"
+FSNAME_PREFIX = "fsname=storage-sidecar-placeholder:"
 README_INO = pyfuse3.ROOT_INODE + 1
 
 
@@ -50,7 +58,7 @@ class PlaceholderOps(pyfuse3.Operations):
         e.st_ino = ino
         e.entry_timeout = e.attr_timeout = 0  # the message changes: never cached by the kernel
         if ino == pyfuse3.ROOT_INODE:
-            e.st_mode, e.st_nlink, e.st_size = stat.S_IFDIR | 0o555, 2, 0
+            e.st_mode, e.st_nlink, e.st_size = stat.S_IFDIR | 0o755, 2, 0
         else:
             e.st_mode, e.st_nlink, e.st_size = stat.S_IFREG | 0o444, 1, len(self.text())
         e.st_uid, e.st_gid = os.getuid(), os.getgid()
@@ -89,6 +97,12 @@ class PlaceholderOps(pyfuse3.Operations):
     async def access(self, inode: int, mode: int, ctx: Any) -> bool:
         return not mode & os.W_OK
 
+    async def _refuse(self, *args: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    create = mkdir = mknod = symlink = link = rename = unlink = rmdir = setattr = write = _refuse
+    setxattr = removexattr = _refuse
+
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         out = pyfuse3.StatvfsData()
         out.f_bsize = out.f_frsize = 4096
@@ -116,11 +130,11 @@ async def serve(cfg: dict[str, Any]) -> int:
         except UnsafeMountPath as exc:
             emit("error", code="mount_path_unsafe", reason=str(exc))
             return 1
-    opts = {"fsname=storage-sidecar-placeholder:" + cfg["name"], "subtype=storage-sidecar", "ro", "default_permissions"}
+    opts = {FSNAME_PREFIX + cfg["name"], "subtype=storage-sidecar", "default_permissions"}
     if cfg.get("allow_other"):
         opts.add("allow_other")
     try:
-        _helper_conn = fuse_init(ops, mountpath, opts, helper, name=cfg["name"], readonly=True)
+        _helper_conn = fuse_init(ops, mountpath, opts, helper, name=HELPER_FSNAME_PREFIX + cfg["name"], readonly=False)
     except (RuntimeError, OSError, HelperError) as exc:
         emit("error", code="mount_failed", reason=str(exc))
         return 1

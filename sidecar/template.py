@@ -9,12 +9,18 @@ and refuses to fork otherwise): it imports modules, freezes the garbage collecto
 `recvmsg` on its socket. A child therefore holds no lock another thread owned, and builds its
 trio loop, fsspec's IO thread and its SDK client after the fork, as a spawned worker would.
 
-Protocol (the daemon's side is `ForkedWorker` in sidecar.daemon): the daemon sends one byte with
-two fds attached (SCM_RIGHTS): the read end of the worker's stdin pipe and the write end of its
-stdout pipe. The template forks; the child puts them on fds 0 and 1 and runs `sidecar.worker`'s
-main (it reads its config from stdin, as always); the template answers the child's pid as 8
-bytes. Children are reaped by the template. If the template is gone, the daemon spawns workers
-the ordinary way.
+It warms in two steps. First what a placeholder needs (pyfuse3, trio, logging: a fraction of a
+second), then it answers `P`: the daemon forks every mount path's placeholder from it before
+anything else, so a held path costs a few MiB of private memory instead of a whole interpreter.
+Then, told `W`, it imports the SDKs of the manifest's providers and answers `R`.
+
+Protocol (the daemon's side is `WorkerTemplate` and `ForkedWorker` in sidecar.children): to fork,
+the daemon sends one byte, `F` (a worker) or `P` (a placeholder), with two fds attached
+(SCM_RIGHTS): the read end of the child's stdin pipe and the write end of its stdout pipe. The
+template forks; the child puts them on fds 0 and 1 and runs `sidecar.worker`'s or
+`sidecar.placeholder`'s main (it reads its config from stdin, as always); the template answers
+the child's pid as 8 bytes. Children are reaped by the template. If the template is gone, the
+daemon spawns its children the ordinary way.
 """
 
 from __future__ import annotations
@@ -31,15 +37,18 @@ import threading
 PROVIDER_MODULES = {"s3": ("s3fs", "aiobotocore.session", "aiohttp", "botocore.session"), "azure": ("adlfs",), "gcs": ("gcsfs",)}
 
 
+def warm_placeholder() -> None:
+    """Imports what a placeholder imports (sidecar.placeholder holds a path while no worker does)."""
+    import sidecar.placeholder  # noqa: F401
+
+
 def warm_up(providers: list[str] | None = None) -> None:
     """Imports what a worker imports, and what its first requests would load: for the given
     providers (the manifest's), or all. A worker of another provider imports its SDK itself."""
     os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-    import pyfuse3  # noqa: F401
-    import trio  # noqa: F401
+    warm_placeholder()
 
     import sidecar.fuse_ops  # noqa: F401
-    import sidecar.placeholder  # noqa: F401
     import sidecar.store.factory  # noqa: F401
     import sidecar.worker  # noqa: F401
 
@@ -186,7 +195,7 @@ def _reap(*_: object) -> None:
             return
 
 
-def serve(sock: socket.socket) -> None:
+def serve(sock: socket.socket, providers: list[str] | None) -> None:
     signal.signal(signal.SIGCHLD, _reap)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     while True:
@@ -196,48 +205,62 @@ def serve(sock: socket.socket) -> None:
             continue
         if not msg:
             return  # the daemon is gone
-        if len(fds) != 2:
-            for fd in fds:
-                os.close(fd)
-            sock.sendall(struct.pack("q", -1))
+        if msg == b"W" and not fds:
+            warm_up(providers)
+            _freeze()
+            sock.sendall(b"R")  # ready for workers
             continue
-        if threading.active_count() != 1:  # never fork a process with threads
-            sock.sendall(struct.pack("q", -1))
+        if len(fds) != 2 or msg not in (b"F", b"P") or threading.active_count() != 1:  # never fork a process with threads
             for fd in fds:
                 os.close(fd)
+            sock.sendall(struct.pack("q", -1))
             continue
         pid = os.fork()
-        if pid == 0:  # the worker
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            sock.close()
-            os.dup2(fds[0], 0)
-            os.dup2(fds[1], 1)
-            for fd in fds:
-                os.close(fd)
-            gc.enable()
-            from sidecar import worker
-
-            code = 1
-            try:
-                worker.main()
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)  # never fall back into the template's loop
+        if pid == 0:
+            _child(sock, fds, "worker" if msg == b"F" else "placeholder")
         for fd in fds:
             os.close(fd)
         sock.sendall(struct.pack("q", pid))
 
 
-def main() -> None:
-    sock = socket.socket(fileno=int(sys.argv[1]))
-    warm_up(sys.argv[2].split(",") if len(sys.argv) > 2 else None)
+def _child(sock: socket.socket, fds: list[int], kind: str) -> None:
+    """The forked child: a worker or a placeholder on the given stdin and stdout."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    sock.close()
+    os.dup2(fds[0], 0)
+    os.dup2(fds[1], 1)
+    for fd in fds:
+        os.close(fd)
+    gc.enable()
+    code = 1
+    try:
+        if kind == "worker":
+            from sidecar import worker
+
+            worker.main()
+        else:
+            from sidecar import placeholder
+
+            placeholder.main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # never fall back into the template's loop
+
+
+def _freeze() -> None:
     gc.collect()
     gc.freeze()  # the imported world moves to a generation collections never touch
-    sock.sendall(b"R")  # ready
-    serve(sock)
+
+
+def main() -> None:
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    warm_placeholder()
+    _freeze()
+    sock.sendall(b"P")  # ready for placeholders
+    serve(sock, sys.argv[2].split(",") if len(sys.argv) > 2 else None)
 
 
 if __name__ == "__main__":

@@ -3,37 +3,32 @@
 pyfuse3 serves one file system per process (its session is module state), so the daemon runs a
 worker per mount. That also isolates mounts: a crash takes down one mount, not all of them.
 
-Protocol with the parent (JSON lines):
-- stdin, first line: the mount's configuration (including credentials, which therefore never
-  appear on a command line or in the environment of the worker);
-- stdout: {"event": "mounted"} once the kernel mount exists, {"event": "error", ...} if it
-  could not be mounted, {"event": "stats", ...} in answer to a "stats" line on stdin;
-- stdin closed, a "stop" line, SIGTERM or SIGINT: unmount and exit 0.
-Logs go to stderr.
+Protocol with the parent (sidecar.process: JSON lines): the first stdin line is the mount's
+`WorkerConfig`; stdout gets {"event": "mounted"} once the kernel mount exists, {"event":
+"error", ...} if it could not be mounted, {"event": "stats", ...} in answer to a "stats" line;
+stdin closed, a "stop" line, SIGTERM or SIGINT: unmount and exit 0. Logs go to stderr.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
-import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from sidecar import log, urls
+from sidecar import log, rescue, urls
 from sidecar.cache.blocks import BlockCache
 from sidecar.cache.disk import DiskTier
 from sidecar.cache.warmup import Prefetcher, PrefetchRefused
 from sidecar.errors import SidecarError
-from sidecar.mounthelper import HelperError, request_fuse_fd
-from sidecar.mounttable import UnsafeMountPath, safe_mountpoint
+from sidecar.mounthelper import HelperError
+from sidecar.mounttable import UnsafeMountPath
 from sidecar.private import private_folder
+from sidecar.process import clear_stale_mount, command_lines, default_cache_dir, emit, fuse_init, json_command, prepare_mountpoint, read_config_line, read_line
 from sidecar.protocol import WorkerConfig, WorkerStats
 from sidecar.vfs.core import Filesystem
 from sidecar.vfs.mtimes import MtimeIndex
@@ -41,51 +36,6 @@ from sidecar.vfs.staging import SPARES, StagingArea
 
 logger = log.get_logger("sidecar.worker")
 WARM_UP_S = 3.0  # at most this long for the warm-up listing before the mount is announced
-
-
-def emit(event: str, **fields: Any) -> None:
-    data = (json.dumps({"event": event, **fields}) + "\n").encode()
-    try:
-        os.write(1, data)
-    except BrokenPipeError:
-        pass  # the daemon is gone; there is nobody to tell
-
-
-async def command_lines() -> Any:
-    """The daemon's commands after the config, one stripped line each, until stdin closes (the
-    daemon went away: the caller must not outlive it). A malformed JSON command is skipped."""
-    stream = trio.lowlevel.FdStream(os.dup(0))
-    buf = b""
-    async with stream:
-        while chunk := await stream.receive_some(4096):
-            buf += chunk
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                yield line.strip().decode(errors="replace")
-
-
-def json_command(line: str) -> dict[str, Any]:
-    """A JSON command line as a dict ({} when it is not one)."""
-    try:
-        doc = json.loads(line) if line.startswith("{") else {}
-    except ValueError:
-        return {}
-    return doc if isinstance(doc, dict) else {}
-
-
-def read_line() -> bytes:
-    """One line of stdin, byte by byte, so no later command is swallowed by a read buffer."""
-    buf = bytearray()
-    while not buf.endswith(b"\n"):
-        chunk = os.read(0, 1)
-        if not chunk:
-            break
-        buf += chunk
-    return bytes(buf)
-
-
-def read_config_line() -> dict[str, Any]:
-    return json.loads(read_line())
 
 
 async def open_store(cfg: WorkerConfig, url: urls.StorageURL) -> tuple[Any, Any]:
@@ -159,26 +109,6 @@ async def rehearse_read(store: Any, cfg: WorkerConfig) -> None:
         logger.debug("read_rehearsal_failed", error=type(exc).__name__, detail=str(exc)[:200])
 
 
-def clear_stale_mount(path: str) -> bool:
-    """Unmounts a dead FUSE mount left at `path` by a killed process ("Transport endpoint is not
-    connected"). Returns True if there was one."""
-    try:
-        os.stat(path)
-        return False
-    except OSError as exc:
-        if exc.errno != errno.ENOTCONN:
-            return False
-    subprocess.run(["fusermount3", "-u", "-z", path], check=False, capture_output=True)
-    logger.warning("stale_mount_cleared", mountpath=path)
-    return True
-
-
-def default_cache_dir() -> str:
-    if os.getuid() == 0:
-        return "/var/cache/storage-sidecar"
-    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "storage-sidecar")
-
-
 def raise_kernel_readahead(real_mountpath: str, kb: int) -> None:
     """The kernel reads ahead 128 KiB on a FUSE mount by default; a larger window keeps more
     requests in flight for sequential readers (measured: +15% warm throughput at 1 MiB). Best
@@ -196,30 +126,6 @@ def raise_kernel_readahead(real_mountpath: str, kb: int) -> None:
             f.write(str(kb))
     except OSError as exc:
         logger.debug("kernel_readahead_unchanged", reason=str(exc))
-
-
-def prepare_mountpoint(root: str | None, mountpath: str) -> str:
-    """The folder to mount on: checked against the project root at mount time when there is
-    one (`safe_mountpoint`), else created as given (tests, laptop one-offs)."""
-    if root:
-        return safe_mountpoint(root, mountpath)
-    os.makedirs(mountpath, exist_ok=True)
-    return os.path.realpath(mountpath)
-
-
-def fuse_init(ops: Any, mountpath: str, opts: set[str], helper: str | None, *, name: str, readonly: bool) -> Any:
-    """pyfuse3.init at `mountpath`; with a mount helper, the helper mounts /dev/fuse there and
-    this process serves the fd it hands over (`/dev/fd/N`), with no privilege of its own.
-    Returns the helper connection to keep open (the mount lives as long as it does)."""
-    import pyfuse3
-
-    if not helper:
-        pyfuse3.init(ops, mountpath, opts)
-        return None
-    # Always allow_other: the session's user is not the sidecar's (the point of the helper).
-    fd, conn = request_fuse_fd(helper, mountpath, fsname=name, readonly=readonly, allow_other=True)
-    pyfuse3.init(ops, f"/dev/fd/{fd}", opts)
-    return conn
 
 
 def mount_options(cfg: WorkerConfig) -> set[str]:
@@ -364,7 +270,7 @@ async def serve(cfg: WorkerConfig) -> int:
             "memory_bytes": cache.memory_bytes,
             "disk": {"used": disk.used, "limit": disk.limit, "configured_limit": disk.configured_limit, "blocks": len(disk),
                      "corrupt": disk.corrupt, "evictions": disk.evictions, "errors": disk.errors}
-            if disk
+            if disk is not None
             else None,
             "errors": dict(ops.errors),
             "requests": dict(ops.requests),
@@ -414,6 +320,15 @@ async def serve(cfg: WorkerConfig) -> int:
         logger.info("refreshed", path=path or "/", entries=len(entries))
         emit("refreshed", path=path, entries=len(entries))
 
+    async def upload_rescued(folder: str) -> None:
+        """Stores what the daemon moved aside from beneath the mount path (sidecar.rescue)."""
+        done = await rescue.upload(store, fs.root_prefix, folder)
+        logger.info("rescued_uploaded", uploaded=len(done["uploaded"]), conflicts=len(done["conflicts"]), kept=len(done["kept"]),
+                    failed=len(done["failed"]))
+        if done["uploaded"] or done["conflicts"]:
+            await refresh("")
+        emit("rescue_uploaded", **done)
+
     async def control(nursery: trio.Nursery) -> None:
         async for cmd in command_lines():
             doc = json_command(cmd)
@@ -427,6 +342,8 @@ async def serve(cfg: WorkerConfig) -> int:
                 await refresh(str(doc.get("path", "")))
             elif doc.get("cmd") == "prefetch":
                 await prefetch([str(p) for p in doc.get("paths") or []], nursery)
+            elif doc.get("cmd") == "rescue_upload":
+                await upload_rescued(str(doc.get("folder", "")))
         pyfuse3.terminate()  # told to stop, or the daemon went away: do not outlive it
 
     async def signals() -> None:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import uuid
 
-from tests.devservers import fuse_mounts, stop_process
+from tests.devservers import stop_process, unmount_all
 from sidecar.status import Unreachable, request, request_settled
 from tests.conftest import wait_for
 
@@ -66,8 +66,7 @@ class Daemon:
     def stop(self):
         stop_process(self.proc, timeout=30)
         for p in self.paths:
-            if os.path.realpath(p) in fuse_mounts():
-                subprocess.run(["fusermount3", "-u", "-z", p], check=False)
+            unmount_all(p)
 
 
 def creds_dir(tmp_path, s3, names, secret=None):

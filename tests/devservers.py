@@ -20,9 +20,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from sidecar.mounttable import fuse_mounts
+from sidecar.mounttable import fuse_mounts, is_placeholder, mount_stack, real_mountpoint
 
-__all__ = ["fuse_mounts", "free_port", "moto_server", "azurite_server", "gcs_server", "stop_process", "WorkerProcess"]
+__all__ = ["fuse_mounts", "served", "unmount_all", "free_port", "moto_server", "azurite_server", "gcs_server", "stop_process", "WorkerProcess"]
 
 
 def free_port() -> int:
@@ -237,5 +237,18 @@ class WorkerProcess:
         except (subprocess.TimeoutExpired, BrokenPipeError):
             pass
         stop_process(self.proc)
-        if os.path.realpath(self.mnt) in fuse_mounts():
-            subprocess.run(["fusermount3", "-u", "-z", self.mnt], check=False)
+        unmount_all(self.mnt)
+
+
+def served(path) -> bool:
+    """Whether a worker's mount is what `path` shows (not a placeholder, not the bare folder)."""
+    stack = mount_stack(real_mountpoint(str(path)))
+    return bool(stack) and stack[-1].source.startswith("storage-sidecar:") and not is_placeholder(stack[-1])
+
+
+def unmount_all(path) -> None:
+    """Lazily unmounts every mount stacked at `path` (a test's cleanup after a failure)."""
+    for _ in range(16):
+        if not mount_stack(real_mountpoint(str(path))):
+            return
+        subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False, capture_output=True)

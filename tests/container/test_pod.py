@@ -54,6 +54,11 @@ def pod_env(s3, tmp_path):
         os.makedirs(d)
     os.chmod(work, 0o777)
     os.chmod(control, 0o777)
+    for d in ("project", "project/data", "project/results"):  # the project is the session user's
+        os.makedirs(os.path.join(work, d))
+        os.chown(os.path.join(work, d), 1000, 100)
+    cache = os.path.join(base, "cache")  # an emptyDir in pod.yaml: it outlives a sidecar container
+    os.makedirs(cache)
     # the work folder is a shared mount, so FUSE mounts made in the sidecar reach the host and
     # the session container (Kubernetes' Bidirectional / HostToContainer)
     subprocess.run(["mount", "--bind", work, work], check=True)
@@ -76,7 +81,7 @@ def pod_env(s3, tmp_path):
             os.chmod(p, 0o400)
     pod = f"sidecar-test-{uuid.uuid4().hex[:6]}"
     podman("pod", "create", "--name", pod, "--infra=false")  # the infra container cannot take our rlimits here
-    env = {"pod": pod, "work": work, "control": control, "etc": etc, "creds": creds, "ro": ro, "rw": rw}
+    env = {"pod": pod, "work": work, "control": control, "etc": etc, "creds": creds, "ro": ro, "rw": rw, "cache": cache}
     try:
         yield env
     finally:
@@ -94,6 +99,7 @@ def _start_sidecar(env, name="sidecar"):
            "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096",
            "-v", f"{env['work']}:/home/jovyan/work:rshared", "-v", f"{env['control']}:/run/storage-sidecar",
            "-v", f"{env['etc']}:/etc/storage-sidecar:ro", "-v", f"{env['creds']}:/var/run/storage-sidecar/credentials:ro",
+           "-v", f"{env['cache']}:/var/cache/storage-sidecar",
            IMAGE, "run", "--manifest", "/etc/storage-sidecar/manifest.json", "--credentials-dir", "/var/run/storage-sidecar/credentials",
            "--cache-dir", "/var/cache/storage-sidecar", "--socket", "/run/storage-sidecar/sidecar.sock", "--socket-group", "100",
            "--uid", "1000", "--gid", "100", "--allow-other", "--grace-period", "20")
@@ -136,9 +142,27 @@ def test_session_pod_reads_writes_stops_cleanly_and_survives_a_killed_sidecar(s3
     r = _session(env, "ls /home/jovyan/work/project/data 2>&1; exit 0", "session3")
     print(f"what the session sees after SIGKILL: {r.stdout.strip()!r}")
     assert "Transport endpoint is not connected" in r.stdout or "No such file" in r.stdout or r.stdout.strip() == ""
+    # Once the node drops the dead mounts, the session sees its bare folders and can write there
+    # (it owns the project). The restarted sidecar moves that file aside, never hides it, and
+    # uploads it when asked.
+    for m in sorted((m for m in fuse_mounts() if m.startswith(env["work"] + "/")), reverse=True):
+        subprocess.run(["umount", "-l", m], check=False)
+    r = _session(env, "echo 'written while no sidecar ran' > /home/jovyan/work/project/results/after-kill.txt", "session-bare")
+    assert r.returncode == 0, r.stderr
     podman("rm", "-f", f"{env['pod']}-sidecar2")
-    _start_sidecar(env, "sidecar3")  # a restarted sidecar clears the stale mount and mounts again
-    r = _session(env, "cat /home/jovyan/work/project/data/hello.txt", "session4")
-    assert r.returncode == 0 and "hello from the bucket" in r.stdout, r.stderr
+    _start_sidecar(env, "sidecar3")  # a restarted sidecar clears the stale mounts and mounts again
+    r = _session(env, "cat /home/jovyan/work/project/data/hello.txt; ls /home/jovyan/work/project/results; "
+                      "storage-sidecar status --socket /run/storage-sidecar/sidecar.sock; "
+                      "storage-sidecar status --json --socket /run/storage-sidecar/sidecar.sock", "session4")
+    assert "hello from the bucket" in r.stdout, r.stderr
+    assert "after-kill.txt" not in r.stdout.split("NAME")[0]  # not in the mount: moved aside
+    assert "rw: 1 rescued entry" in r.stdout, r.stdout
+    status = json.loads(r.stdout[r.stdout.index("{"):])
+    [rescued] = next(m for m in status["mounts"] if m["name"] == "rw")["rescued"]
+    assert rescued["path"] == "after-kill.txt" and rescued["where"].startswith("/var/cache/storage-sidecar/rescued/rw/")
+    r = _session(env, "storage-sidecar rescue rw --upload --socket /run/storage-sidecar/sidecar.sock && "
+                      "cat /home/jovyan/work/project/results/after-kill.txt", "session5")
+    assert r.returncode == 0 and "written while no sidecar ran" in r.stdout, r.stdout + r.stderr
+    assert s3.client().get_object(Bucket=env["rw"], Key="after-kill.txt")["Body"].read() == b"written while no sidecar ran\n"
     podman("stop", "-t", "30", f"{env['pod']}-sidecar3", timeout=60)
     assert not [m for m in fuse_mounts() if m.startswith(env["work"] + "/")]

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from tests.devservers import fuse_mounts, stop_process
+from tests.devservers import fuse_mounts, served, stop_process, unmount_all
 from tests.conftest import needs_fuse, wait_for
 
 pytestmark = [pytest.mark.mount, needs_fuse]
@@ -58,7 +58,7 @@ def test_run_mounts_all_and_unmounts_on_signal(s3, tmp_path, sig):
     )
     paths = [str(root / "data/raw"), str(root / "data/processed"), str(root / "two")]
     try:
-        wait_for(lambda: all(p in fuse_mounts() for p in paths), what="three mounts")
+        wait_for(lambda: all(served(p) for p in paths), what="three mounts")
         assert open(root / "data/raw/a.txt").read() == "from one"
         assert open(root / "data/processed/p.txt").read() == "processed"
         assert open(root / "two/b.txt").read() == "from two"
@@ -68,8 +68,7 @@ def test_run_mounts_all_and_unmounts_on_signal(s3, tmp_path, sig):
     finally:
         stop_process(proc)
         for p in paths:
-            if p in fuse_mounts():
-                subprocess.run(["fusermount3", "-u", "-z", p], check=False)
+            unmount_all(p)
     text = (tmp_path / "daemon.log").read_text()
     assert s3.secret not in text
     assert '"mounted"' in text and '"daemon_stopped"' in text
@@ -93,13 +92,12 @@ def test_one_bad_mount_does_not_stop_the_others(s3, tmp_path):
     log = open(tmp_path / "daemon.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "sidecar.cli", "run", "--socket", str(tmp_path / "s.sock")], stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        wait_for(lambda: str(root / "fine") in fuse_mounts(), what="the good mount")
+        wait_for(lambda: served(root / "fine"), what="the good mount")
         assert open(root / "fine/ok.txt").read() == "ok"
         wait_for(lambda: '"failed"' in (tmp_path / "daemon.log").read_text(), what="the failure to be logged")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
         stop_process(proc)
-        if str(root / "fine") in fuse_mounts():
-            subprocess.run(["fusermount3", "-u", "-z", str(root / "fine")], check=False)
+        unmount_all(root / "fine")
     assert str(root / "fine") not in fuse_mounts()

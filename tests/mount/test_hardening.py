@@ -145,9 +145,14 @@ def test_a_worker_environment_holds_no_secret(s3, tmp_path, daemons):
     d = daemons(tmp_path, m, env=env)
     d.wait_ready()
     assert d.states()["one"] == "mounted"
-    workers = d.worker_pids()
-    workers += subprocess.run(["pgrep", "-P", str(d.proc.pid)], capture_output=True, text=True).stdout.split()  # the template
-    assert len(workers) >= 3
+    # every process the daemon started: the template, and what it forked (workers, placeholders)
+    children, todo = [], [str(d.proc.pid)]
+    while todo:
+        found = subprocess.run(["pgrep", "-P", todo.pop()], capture_output=True, text=True).stdout.split()
+        children += found
+        todo += found
+    workers = set(children) | set(d.worker_pids())
+    assert len(workers) >= 4  # the template, one's worker, both placeholders
     for pid in workers:
         environ = open(f"/proc/{pid}/environ", "rb").read()
         for secret in (s3.secret, "other-storage-secret-0123", "azure-secret-0123"):

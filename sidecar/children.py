@@ -1,0 +1,297 @@
+"""The daemon's child processes: mount workers (forked from the warm template, or spawned) and
+placeholders, seen from the daemon's trio loop as JSON lines over their stdin and stdout
+(sidecar.process is the children's side).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from sidecar import credentials as credential_sources
+from sidecar.log import get_logger
+from sidecar.mounttable import OUR_SOURCES, is_mounted, is_placeholder, mount_stack, real_mountpoint
+from sidecar.protocol import WorkerConfig, WorkerStats
+
+log = get_logger("sidecar.children")
+
+
+def worker_environment() -> dict[str, str]:
+    """A worker's environment holds no secret: its own credentials come over the pipe, and other
+    storages' (prefixed variables) are none of its business."""
+    secrets = set(credential_sources.secret_variables())
+    return {k: v for k, v in os.environ.items() if k not in secrets}
+
+
+class ForkedWorker:
+    """A worker forked by the template (sidecar.template), with the part of trio.Process's
+    interface that WorkerProcess uses. Not our child: its end is seen through a pidfd, and its
+    exit status is not known (-1)."""
+
+    def __init__(self, pid: int, stdin_fd: int, stdout_fd: int) -> None:
+        self.pid = pid
+        self.stdin = trio.lowlevel.FdStream(stdin_fd)
+        self.stdout = trio.lowlevel.FdStream(stdout_fd)
+        self.returncode: int | None = None
+        self._pidfd = os.pidfd_open(pid)
+        self._exited = trio.Event()
+        self._watching = False
+
+    async def wait(self) -> int:
+        """Several tasks may wait (the supervisor's watcher and a stop): one of them watches the
+        pidfd (trio allows one waiter per fd), the others wait for it to say so."""
+        if not self._watching:
+            self._watching = True
+            try:
+                await trio.lowlevel.wait_readable(self._pidfd)
+            finally:
+                if not self._exited.is_set():
+                    self._watching = False
+            self.returncode = -1
+            os.close(self._pidfd)
+            self._exited.set()
+        await self._exited.wait()
+        return -1
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class WorkerTemplate:
+    """The warm template process that forks workers and placeholders (see sidecar.template)."""
+
+    def __init__(self) -> None:
+        self.process: trio.Process | None = None
+        self.sock: socket.socket | None = None
+        self._lock = trio.Lock()
+        self.warm = False  # workers may be forked (the SDKs are imported)
+
+    async def start(self, env: dict[str, str], providers: list[str], timeout: float = 20.0) -> bool:
+        """Starts the template; True once it can fork placeholders (`warm_up` readies it for
+        workers, warmed for `providers`, the manifest's)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "sidecar.template", str(theirs.fileno()), ",".join(providers)], pass_fds=(theirs.fileno(),), env=env
+            )
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self.sock = ours
+        with trio.move_on_after(timeout):
+            await trio.lowlevel.wait_readable(ours)
+            return ours.recv(1) == b"P"
+        return False
+
+    async def warm_up(self, timeout: float = 60.0) -> bool:
+        """Has the template import the SDKs; True once it can fork workers."""
+        if self.sock is None:
+            return False
+        async with self._lock:
+            with trio.move_on_after(timeout):
+                self.sock.send(b"W")
+                await trio.lowlevel.wait_readable(self.sock)
+                self.warm = self.sock.recv(1) == b"R"
+        return self.warm
+
+    async def fork(self, kind: str = "worker") -> ForkedWorker | None:
+        """A new worker (or placeholder) with pipes on its stdin and stdout; None if the template
+        cannot."""
+        if self.sock is None or self.process is None or self.process.returncode is not None or (kind == "worker" and not self.warm):
+            return None
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        try:
+            async with self._lock:
+                with trio.move_on_after(10):
+                    socket.send_fds(self.sock, [b"F" if kind == "worker" else b"P"], [in_r, out_w])
+                    await trio.lowlevel.wait_readable(self.sock)
+                    raw = self.sock.recv(8)
+                    pid = struct.unpack("q", raw)[0] if len(raw) == 8 else -1
+                    if pid > 0:
+                        os.set_blocking(in_w, False)
+                        os.set_blocking(out_r, False)
+                        return ForkedWorker(pid, in_w, out_r)
+        except OSError as exc:
+            log.warning("template_fork_failed", error=str(exc))
+        finally:
+            os.close(in_r)
+            os.close(out_w)
+        for fd in (in_w, out_r):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        return None
+
+    async def stop(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.process is not None and self.process.returncode is None:
+            self.process.terminate()
+            with trio.move_on_after(5):
+                await self.process.wait()
+            if self.process.returncode is None:
+                self.process.kill()
+
+
+class WorkerProcess:
+    """The trio side of one worker process (JSON lines over its stdin/stdout)."""
+
+    template: WorkerTemplate | None = None  # set by the daemon: workers are forked from it
+
+    def __init__(self, name: str, mountpath: str, module: str = "sidecar.worker") -> None:
+        self.name = name
+        self.mountpath = mountpath
+        self.module = module
+        self.process: trio.Process | None = None
+        self._buffer = b""
+        self._lock = trio.Lock()
+        self._may_have_mounted = False  # stop() unmounts the path only if this process may own it
+
+    async def _read_event(self) -> dict[str, Any] | None:
+        assert self.process is not None and self.process.stdout is not None
+        while b"\n" not in self._buffer:
+            chunk = await self.process.stdout.receive_some(65536)
+            if not chunk:
+                return None
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    async def start(self, cfg: WorkerConfig | dict[str, Any], timeout: float,
+                    before_mount: Callable[[], Awaitable[dict[str, str] | None]] | None = None) -> dict[str, str] | None:
+        """Starts the worker (forked from the warm template when there is one); None once
+        mounted, else an error {code, reason}. A worker that runs the pre-flight check first
+        (`cfg.preflight`) reports `checked`; then `before_mount` runs (it prepares the mount path,
+        or returns the error that forbids mounting there) and the worker is told to mount. `timeout` is the mount's; the check has its own deadline."""
+        preflight = isinstance(cfg, WorkerConfig) and cfg.preflight
+        self._may_have_mounted = not preflight
+        kind = {"sidecar.worker": "worker", "sidecar.placeholder": "placeholder"}.get(self.module)
+        forked = await self.template.fork(kind) if self.template is not None and kind else None
+        if forked is not None:
+            self.process = forked  # type: ignore[assignment]
+        else:
+            self.process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", self.module], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=worker_environment()
+            )
+        assert self.process.stdin is not None
+        await self.process.stdin.send_all(cfg.to_line() if isinstance(cfg, WorkerConfig) else (json.dumps(cfg) + "\n").encode())
+        with trio.move_on_after(timeout + (cfg.check_deadline if preflight else 0)):  # type: ignore[union-attr]
+            event = await self._read_event()
+            if event and event.get("event") == "checked":
+                refused = await before_mount() if before_mount is not None else None
+                if refused:
+                    await self.stop(5)
+                    return refused
+                self._may_have_mounted = True
+                await self.process.stdin.send_all(b"mount\n")
+                event = await self._read_event()
+            if event and event.get("event") in ("mounted", "copying"):
+                return None
+            await self.stop(5)
+            event = event or {}
+            return {"code": event.get("code", "mount_failed"), "reason": event.get("reason", "the mount process exited")}
+        await self.stop(5)
+        return {"code": "timeout", "reason": f"not mounted within {timeout:g} s"}
+
+    async def send_line(self, doc: Any) -> None:
+        if self.alive:
+            assert self.process is not None and self.process.stdin is not None
+            try:
+                await self.process.stdin.send_all((json.dumps(doc) + "\n").encode())
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    async def wait(self) -> int:
+        assert self.process is not None
+        return await self.process.wait()
+
+    async def call(self, line: bytes, expect: str, timeout: float) -> dict[str, Any] | None:
+        """Sends a command line and returns the worker's `expect` event (None if the worker is
+        gone or did not answer in time). Answers to earlier calls that timed out are skipped."""
+        if not self.alive:
+            return None
+        async with self._lock:
+            with trio.move_on_after(timeout):
+                assert self.process is not None and self.process.stdin is not None
+                try:
+                    await self.process.stdin.send_all(line)
+                    while (event := await self._read_event()) is not None:
+                        if event.get("event") == expect:
+                            return event
+                except (trio.BrokenResourceError, trio.ClosedResourceError, ValueError):
+                    return None
+        return None
+
+    async def stats(self, timeout: float = 2.0) -> WorkerStats | None:
+        return await self.call(b"stats\n", "stats", timeout)  # type: ignore[return-value]
+
+    async def stop(self, grace: float) -> None:
+        proc = self.process
+        if proc is None:
+            return
+        with trio.CancelScope(shield=True):
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                with trio.move_on_after(grace):
+                    await proc.wait()
+                if proc.returncode is None:
+                    log.warning("worker_killed", mount=self.name, grace_period=grace)
+                    proc.kill()
+                    await proc.wait()
+            if self._may_have_mounted:
+                await unmount_top(self.mountpath, placeholder=self.module == "sidecar.placeholder")
+
+
+async def unmount_top(path: str, *, placeholder: bool) -> bool:
+    """Lazily unmounts what the path shows, if it is a mount of that kind (a placeholder's, or a
+    worker's), also a dead one ("Transport endpoint is not connected"); never the placeholder
+    below a worker's mount. True if there was one."""
+    stack = mount_stack(real_mountpoint(path))
+    if not stack or not stack[-1].source.startswith(OUR_SOURCES) or is_placeholder(stack[-1]) != placeholder:
+        return False
+    await trio.run_process(["fusermount3", "-u", "-z", path], check=False, capture_stdout=True, capture_stderr=True)
+    return True
+
+
+async def unmount_ours(path: str) -> int:
+    """Lazily unmounts, top down, every mount of ours at the path (left by an earlier life of the
+    daemon, or dead), stopping at the first that is not ours. Returns how many."""
+    count = 0
+    while (stack := mount_stack(real_mountpoint(path))) and stack[-1].source.startswith(OUR_SOURCES) and count < 64:
+        await trio.run_process(["fusermount3", "-u", "-z", path], check=False, capture_stdout=True, capture_stderr=True)
+        if len(mount_stack(real_mountpoint(path))) >= len(stack):
+            break  # could not: leave it to the caller's checks
+        count += 1
+    return count
+
+
+async def unmount_if_mounted(path: str) -> bool:
+    """Lazy unmount of whatever is mounted at `path` (also a dead one: "Transport endpoint is not
+    connected"), for paths no placeholder holds. A mount that is already gone counts as success."""
+    if is_mounted(path):
+        await trio.run_process(["fusermount3", "-u", "-z", path], check=False, capture_stdout=True, capture_stderr=True)
+        return True
+    return False
