@@ -35,10 +35,11 @@ def worker_environment() -> dict[str, str]:
 class ForkedWorker:
     """A worker forked by the template (sidecar.template), with the part of trio.Process's
     interface that WorkerProcess uses. Not our child: its end is seen through a pidfd, and its
-    exit status is not known (-1)."""
+    exit status comes from the template, which reaps it (-1 if that does not arrive in time)."""
 
-    def __init__(self, pid: int, stdin_fd: int, stdout_fd: int) -> None:
+    def __init__(self, pid: int, stdin_fd: int, stdout_fd: int, template: "WorkerTemplate | None" = None) -> None:
         self.pid = pid
+        self.template = template
         self.stdin = trio.lowlevel.FdStream(stdin_fd)
         self.stdout = trio.lowlevel.FdStream(stdout_fd)
         self.returncode: int | None = None
@@ -56,11 +57,12 @@ class ForkedWorker:
             finally:
                 if not self._exited.is_set():
                     self._watching = False
-            self.returncode = -1
+            status = await self.template.exit_status(self.pid) if self.template is not None else None
+            self.returncode = os.waitstatus_to_exitcode(status) if status is not None else -1
             os.close(self._pidfd)
             self._exited.set()
         await self._exited.wait()
-        return -1
+        return self.returncode  # type: ignore[return-value]
 
     def send_signal(self, sig: int) -> None:
         if self.returncode is None:
@@ -81,17 +83,45 @@ class WorkerTemplate:
         self.sock: socket.socket | None = None
         self._lock = trio.Lock()
         self.warm = False  # workers may be forked (the SDKs are imported)
+        self._exits_fd: int | None = None  # the template writes (pid, wait status) of each child it reaps
+        self._exits: dict[int, int] = {}
+        self._exits_lock = trio.Lock()
+
+    async def exit_status(self, pid: int, timeout: float = 2.0) -> int | None:
+        """The wait status of a child the template reaped (it reaps at once; the record may come
+        a moment after the pidfd said the child ended)."""
+        if self._exits_fd is None:
+            return None
+        with trio.move_on_after(timeout):
+            async with self._exits_lock:  # one reader of the pipe at a time
+                while pid not in self._exits:
+                    await trio.lowlevel.wait_readable(self._exits_fd)
+                    try:
+                        data = os.read(self._exits_fd, 12 * 256)
+                    except BlockingIOError:
+                        continue
+                    if not data:
+                        break
+                    for i in range(0, len(data) - len(data) % 12, 12):
+                        p, status = struct.unpack("qi", data[i : i + 12])
+                        self._exits[p] = status
+        return self._exits.pop(pid, None)
 
     async def start(self, env: dict[str, str], providers: list[str], timeout: float = 20.0) -> bool:
         """Starts the template; True once it can fork placeholders (`warm_up` readies it for
         workers, warmed for `providers`, the manifest's)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        exits_r, exits_w = os.pipe()
         try:
             self.process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "sidecar.template", str(theirs.fileno()), ",".join(providers)], pass_fds=(theirs.fileno(),), env=env
+                [sys.executable, "-m", "sidecar.template", str(theirs.fileno()), ",".join(providers), str(exits_w)],
+                pass_fds=(theirs.fileno(), exits_w), env=env,
             )
         finally:
             theirs.close()
+            os.close(exits_w)
+        os.set_blocking(exits_r, False)
+        self._exits_fd = exits_r
         ours.setblocking(False)
         self.sock = ours
         with trio.move_on_after(timeout):
@@ -127,7 +157,7 @@ class WorkerTemplate:
                     if pid > 0:
                         os.set_blocking(in_w, False)
                         os.set_blocking(out_r, False)
-                        return ForkedWorker(pid, in_w, out_r)
+                        return ForkedWorker(pid, in_w, out_r, self)
         except OSError as exc:
             log.warning("template_fork_failed", error=str(exc))
         finally:
@@ -144,6 +174,9 @@ class WorkerTemplate:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        if self._exits_fd is not None:
+            os.close(self._exits_fd)
+            self._exits_fd = None
         if self.process is not None and self.process.returncode is None:
             self.process.terminate()
             with trio.move_on_after(5):

@@ -161,6 +161,31 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def _daemon_socket(socket_path: str | None) -> str | None:
+    """The daemon to ask: `--socket`; else the session's ($STORAGE_SIDECAR_SOCKET or the default)
+    if it answers; else the background sidecar of the project around the working directory, as
+    `mount` and `ls` find it (the project is looked for only then: a probe in a session stays light)."""
+    if socket_path:
+        return socket_path
+    from sidecar.status import Unreachable, default_socket, request
+
+    session = default_socket()
+    try:
+        if request("/health", sock=session, timeout=2.0)[0] == 200:
+            return session
+    except Unreachable:
+        pass
+    from sidecar import local
+    from sidecar.private import UnsafeFolder
+    from sidecar.project import Project, ProjectError, find_root
+
+    try:
+        own = str(local.project_paths(Project(find_root(None)))["sock"])
+    except (ProjectError, UnsafeFolder, OSError):
+        return session
+    return own if local.answers(own) else session
+
+
 project_option = click.option("--project", "project_dir", default=None, help="Project folder (default: found from the working directory).")
 
 
@@ -498,6 +523,8 @@ def status(socket_path: str | None, as_json: bool, probe: str | None, watch: boo
     """Show every mount's state (exit 0 all mounted or skipped, 1 some not healthy, 2 no daemon)."""
     from sidecar.status import Unreachable, events, request
 
+    if not probe:
+        socket_path = _daemon_socket(socket_path)
     if watch:
         try:
             names = {m["name"] for m in request("/status", sock=socket_path)[1]["mounts"]}
@@ -549,8 +576,8 @@ def status(socket_path: str | None, as_json: bool, probe: str | None, watch: boo
         _table(("NAME", "STATE", "MOUNTPATH", "MODE", "HIT RATE", "READ FROM BACKEND", "ERRORS", "UNSYNCED", "PROBLEM"), rows)
         for m in mounts:
             if m.get("path") in ("bare", "locked") and m["state"] not in ("copying", "copied"):
-                why = ("no FUSE mount could be made: the folder is kept read-only" if m["path"] == "locked"
-                       else "nothing holds it: files written there are local and would be hidden by the next mount")
+                why = ("read-only: the storage is not mounted there and no placeholder could be" if m["path"] == "locked"
+                       else "nothing holds it: files written there stay local, and are moved aside when it is mounted again")
                 click.echo(f"{m['name']}: {m['mountpath']} is {m['path']} ({why})")
             if m.get("rescued_total"):
                 total = m["rescued_total"]
@@ -575,6 +602,8 @@ def push(mount_name: str, socket_path: str | None) -> None:
     (conditionally: a file changed in the bucket meanwhile is not overwritten)."""
     from sidecar.status import Unreachable, request
 
+    socket_path = _daemon_socket(socket_path)
+
     try:
         code, body = request(f"/mounts/{mount_name}/push", "POST", sock=socket_path, timeout=600)
     except Unreachable as exc:
@@ -598,6 +627,8 @@ def prefetch(mount_name: str, paths: tuple[str, ...], socket_path: str | None, n
     all of it), so that reading them later never touches the backend. Refused, with the sizes,
     when they do not fit the disk cache. Shows progress until done."""
     from sidecar.status import Unreachable, request
+
+    socket_path = _daemon_socket(socket_path)
 
     try:
         code, body = request(f"/mounts/{mount_name}/prefetch", "POST", {"paths": list(paths)}, sock=socket_path, timeout=30)
@@ -654,6 +685,8 @@ def refresh(mount_name: str, path: str, socket_path: str | None) -> None:
     in the mount; default: all of it), whatever the mount's metadata TTL."""
     from sidecar.status import Unreachable, request
 
+    socket_path = _daemon_socket(socket_path)
+
     try:
         code, body = request(f"/mounts/{mount_name}/refresh", "POST", {"path": path}, sock=socket_path, timeout=15)
     except Unreachable as exc:
@@ -671,6 +704,8 @@ def publish(mount_name: str, key: str, socket_path: str | None) -> None:
     """Upload an `incomplete` staged file (one whose writer never closed it, e.g. the sidecar died
     while it was being written) under its key, as it is. Nothing is ever published without this."""
     from sidecar.status import Unreachable, request
+
+    socket_path = _daemon_socket(socket_path)
 
     try:
         code, body = request(f"/mounts/{mount_name}/publish", "POST", {"key": key}, sock=socket_path, timeout=30)
@@ -694,6 +729,8 @@ def rescue(mount_name: str, upload: bool, discard: bool, as_json: bool, socket_p
     """List the files found beneath MOUNT's path before the sidecar held it (written while no
     sidecar ran there) and moved aside, never hidden; upload or discard them."""
     from sidecar.status import Unreachable, request
+
+    socket_path = _daemon_socket(socket_path)
 
     if upload and discard:
         _fail("--upload and --discard exclude each other", EXIT_BAD_INPUT)

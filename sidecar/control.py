@@ -20,6 +20,16 @@ The socket is created with mode 0660 (owner and group only; `--socket-group` set
 so other users cannot connect. Every request is answered with JSON (or metrics text); a bad
 request gets a 4xx with {"error": ..., "code": ...}, never a crash of the daemon. Each connection
 serves one request (Connection: close) within a deadline.
+
+Probes are answered whatever other clients do. The socket's own users (the session's user is in
+its group) can open connections and never finish a request; a liveness probe that waited behind
+them would restart the sidecar and drop every mount. So:
+- a request must arrive whole within READ_DEADLINE, else its connection is closed;
+- each peer uid (SO_PEERCRED) has at most PEER_CONNECTIONS connections at once: beyond that, a
+  new connection of that uid is closed as soon as it is accepted (its fd freed at once), so one
+  user cannot exhaust the daemon's file descriptors or memory, nor wait in front of another's;
+- `/health` and `/ready` are answered as soon as they are read, without waiting for a slot of
+  the MAX_CONNECTIONS that other requests share.
 """
 
 from __future__ import annotations
@@ -29,6 +39,8 @@ import json
 import os
 import re
 import socket
+import struct
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -40,8 +52,11 @@ from sidecar.log import get_logger
 log = get_logger("sidecar.control")
 
 MAX_BODY = 64 * 1024
-REQUEST_DEADLINE = 10.0
-MAX_CONNECTIONS = 64  # served at once; more wait in the accept backlog
+REQUEST_DEADLINE = 10.0  # a request's whole life: read, handled, answered
+READ_DEADLINE = 2.0  # the request (head and body) must have arrived by then
+MAX_CONNECTIONS = 64  # requests handled at once (probes excepted); more wait for a slot
+PEER_CONNECTIONS = 32  # connections one uid may hold open at once; more are closed at accept
+PROBES = ("/health", "/ready")
 
 
 class HTTPError(Exception):
@@ -93,7 +108,7 @@ async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> tupl
             return None
 
 
-async def _serve_one(stream: trio.SocketStream, handler: Handler) -> None:
+async def _serve_one(stream: trio.SocketStream, handler: Handler, slots: trio.CapacityLimiter | None = None) -> None:
     """Serves one connection. Whatever the client does (garbage, a wrong method, an oversize
     body, hanging up before or while the reply is sent, never finishing its request), the damage
     stays inside this connection: nothing escapes to the listener, so the daemon and its mounts
@@ -105,12 +120,17 @@ async def _serve_one(stream: trio.SocketStream, handler: Handler) -> None:
     try:
         with trio.move_on_after(REQUEST_DEADLINE) as scope:
             try:
-                request = await _read_request(conn, stream)
+                with trio.fail_after(READ_DEADLINE):
+                    request = await _read_request(conn, stream)
                 if request is None:
                     return
                 method, target, body = request
                 try:
-                    status, payload = await handler(method, target, body)
+                    if slots is None or target.split("?", 1)[0] in PROBES:
+                        status, payload = await handler(method, target, body)
+                    else:
+                        async with slots:
+                            status, payload = await handler(method, target, body)
                 except HTTPError:
                     raise
                 except Exception:
@@ -135,7 +155,7 @@ async def _serve_one(stream: trio.SocketStream, handler: Handler) -> None:
         elif stream_of is not None:
             await _stream(conn, stream, stream_of)
     except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError, OSError, trio.TooSlowError):
-        pass  # the client hung up, or its request left h11 unable to answer: nothing to tell it
+        pass  # the client hung up, was too slow to send its request, or left h11 unable to answer
     except Exception:
         log.exception("control_connection_crashed", method=method, target=target)
     finally:
@@ -144,6 +164,15 @@ async def _serve_one(stream: trio.SocketStream, handler: Handler) -> None:
                 await stream.aclose()
             except Exception:
                 pass
+
+
+def peer_uid(stream: trio.SocketStream) -> int:
+    """The uid of the process at the other end of a unix socket (SO_PEERCRED); -1 if unknown."""
+    try:
+        raw = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", raw)[1]
+    except (OSError, struct.error):
+        return -1
 
 
 class EventStream:
@@ -182,7 +211,7 @@ def _bind(path: str, group: str | int | None) -> trio.socket.SocketType:
         gid = group if isinstance(group, int) else grp.getgrnam(group).gr_gid
         os.chown(path, -1, gid)
     os.chmod(path, 0o660)
-    raw.listen(64)
+    raw.listen(socket.SOMAXCONN)  # connections are accepted at once, and refused by uid after
     return trio.socket.from_stdlib_socket(raw)
 
 
@@ -194,11 +223,23 @@ async def serve(path: str, handler: Handler, *, group: str | int | None = None, 
         async with trio.open_nursery() as nursery:
             task_status.started()
             log.info("control_socket_ready", socket=path)
-            limit = trio.CapacityLimiter(MAX_CONNECTIONS)
+            slots = trio.CapacityLimiter(MAX_CONNECTIONS)
+            open_by_uid: Counter[int] = Counter()
 
             async def bounded(stream: trio.SocketStream) -> None:
-                async with limit:
-                    await _serve_one(stream, handler)
+                uid = peer_uid(stream)
+                if open_by_uid[uid] >= PEER_CONNECTIONS:
+                    log.debug("control_connection_refused", uid=uid, open=open_by_uid[uid])
+                    with trio.CancelScope(shield=True):
+                        await stream.aclose()
+                    return
+                open_by_uid[uid] += 1
+                try:
+                    await _serve_one(stream, handler, slots)
+                finally:
+                    open_by_uid[uid] -= 1
+                    if not open_by_uid[uid]:
+                        del open_by_uid[uid]
 
             await trio.serve_listeners(bounded, [listener], handler_nursery=nursery)
     finally:

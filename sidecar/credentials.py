@@ -68,6 +68,19 @@ def _check_directory(path: Path, *, sticky_ok: bool = False) -> None:
         raise CredentialProblem(f"{path} is writable by other users; it must not be")
 
 
+def text_problem(value: str) -> str | None:
+    """Why `value` cannot be a credential (None if it can): it must be text an HTTP client can
+    sign and send: encodable as UTF-8 (no lone surrogate, as a POSTed "\\udcff" or an environment
+    variable of stray bytes gives), no control characters but the line breaks and tabs of a PEM key."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not text (a lone surrogate, or bytes that are not UTF-8)"
+    if any((ord(c) < 0x20 and c not in "\n\r\t") or ord(c) == 0x7F for c in value):
+        return "holds control characters"
+    return None
+
+
 def read_credential_file(path: Path, root: Path) -> str:
     """The text of one credential file, checked as the module docstring says."""
     try:
@@ -225,7 +238,10 @@ def lookup(name: str, provider: str, *, directory: str | os.PathLike[str] | None
         except OSError as exc:
             raise CredentialProblem(f"credentials of {name!r}: {exc.strerror or exc}") from None
         if source:
-            for value in source.values():
+            for field, value in source.items():
+                problem = text_problem(value)
+                if problem:
+                    raise CredentialProblem(f"credentials of {name!r}: {field} {problem}")
                 register_secret(value)
             return source
     return {}

@@ -495,7 +495,7 @@ class Daemon:
                     else:
                         await unmount_if_mounted(m.mount.mountpath)
                     m.restarts += 1
-                    self._failed(m, {"code": "mount_died", "reason": f"the mount process exited with status {arg}; mounting again"})
+                    self._failed(m, {"code": "mount_died", "reason": f"the mount process {how_it_ended(arg)}; mounting again"})
                 if m.worker is not None and m.worker is not before:
                     nursery.start_soon(self._watch_worker, m, m.worker)
                 if done is not None:  # the caller waits for this command's outcome
@@ -514,6 +514,7 @@ class Daemon:
     async def _poll(self) -> None:
         """Keeps counters fresh and marks mounts degraded while their backend errors."""
         last_errors: dict[str, int] = {}
+        last_stalls: dict[str, int] = {}
         while True:
             await trio.sleep(self.cfg.poll_interval)
             for m in list(self.mounts.values()):
@@ -527,14 +528,15 @@ class Daemon:
                     continue
                 m.stats = stats
                 errors = stats["store"]["errors"]
-                stalled = stats["store"].get("stalled_calls", 0)
+                stalled = stats["store"].get("stalled_calls", 0) - last_stalls.get(m.name, 0)
                 if errors > last_errors.get(m.name, 0):
                     self._set(m, "degraded", {"code": "backend_errors", "reason": f"{errors - last_errors.get(m.name, 0)} backend errors in the last {self.cfg.poll_interval:g} s"})
-                elif stalled:
-                    self._set(m, "degraded", {"code": "backend_stalled", "reason": f"{stalled} backend call(s) without progress for 5 s or more"})
+                elif stalled > 0 or stats["store"].get("stalled_now", 0):
+                    self._set(m, "degraded", {"code": "backend_stalled", "reason": f"{max(stalled, stats['store'].get('stalled_now', 0))} backend call(s) without progress for 5 s or more"})
                 elif m.state == "degraded":
                     self._set(m, "mounted")
                 last_errors[m.name] = errors
+                last_stalls[m.name] = stats["store"].get("stalled_calls", 0)
 
     async def _follow_copy(self, m: Mount) -> None:
         stats = await m.worker.stats() if m.worker else None
@@ -768,6 +770,18 @@ class Daemon:
         log.info("daemon_stopped")
 
 
+def how_it_ended(returncode: int | None) -> str:
+    """A child's end in words: killed by a signal (by name), or its exit status."""
+    if returncode is not None and returncode < -1:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    if returncode is None or returncode == -1:
+        return "ended (how is not known)"
+    return f"exited with status {returncode}"
+
+
 def parse_credentials(body: bytes, provider: str) -> dict[str, str]:
     try:
         doc = json.loads((body or b"null").decode("utf-8"))
@@ -783,6 +797,10 @@ def parse_credentials(body: bytes, provider: str) -> dict[str, str]:
         raise HTTPError(400, "bad_credentials", f"unknown credential field(s) {', '.join(map(repr, unknown))} for {provider}; allowed: {', '.join(allowed)}")
     if not all(isinstance(v, str) and v for v in doc.values()):
         raise HTTPError(400, "bad_credentials", "every credential field must be a non-empty string")
+    for name, value in doc.items():
+        problem = credential_sources.text_problem(value)
+        if problem:
+            raise HTTPError(400, "bad_credentials", f"credential field {name!r} {problem}")
     for v in doc.values():
         register_secret(v)
     return doc

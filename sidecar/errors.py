@@ -28,6 +28,12 @@ class AccessDenied(SidecarError):
     code = "access_denied"
 
 
+class NoCredentials(AccessDenied):
+    """The SDK found no usable credentials to sign with (none given, or half of a pair)."""
+
+    code = "credentials_missing"
+
+
 class ObjectChanged(SidecarError):
     """The object changed under an open handle (its etag no longer matches)."""
 
@@ -100,6 +106,13 @@ class UploadFailed(BackendUnavailable):
     code = "upload_failed"
 
 
+class IncompleteWrite(SidecarError):
+    """A write to the file failed (ENOSPC, EIO): what is staged is not what was written, so it
+    is not published (the file is kept `incomplete`)."""
+
+    code = "incomplete_write"
+
+
 class InvalidName(SidecarError):
     """A name that cannot be stored as an object key (control characters, not UTF-8)."""
 
@@ -121,6 +134,7 @@ ERRNO_TABLE: dict[type[SidecarError], int] = {
     Exists: errno.EEXIST,
     CrossDevice: errno.EXDEV,
     NoSpace: errno.ENOSPC,
+    IncompleteWrite: errno.EIO,
     NameTooLong: errno.ENAMETOOLONG,
     NotPermitted: errno.EPERM,
     WriteConflict: errno.EIO,

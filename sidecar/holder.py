@@ -102,6 +102,12 @@ class PathHold:
         if error is not None:
             return error
         assert self.fd is not None
+        if self.locked_mode is not None:
+            # Locked after a rescue that could not complete (or with no FUSE): the folder shows
+            # its files; they are moved aside first, and nothing is mounted over them until then.
+            error = await self._rescue(self.fd)
+            if error is not None:
+                return error
         if os.geteuid() != 0:  # fusermount3 mounts only on a folder its user may write
             await trio.to_thread.run_sync(self._unlock, self.fd)
         placeholder = WorkerProcess(self.name, self.mountpath, module="sidecar.placeholder")

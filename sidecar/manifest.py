@@ -31,6 +31,19 @@ PROVIDER_OPTIONS: dict[str, dict[str, type]] = {
     "gcs": {"endpoint_url": str, "project": str, "anonymous": bool, "requester_pays": bool},
 }
 
+# The shape of string options other than endpoint_url: what the providers' own names allow, so a
+# value that is a URL, holds a secret or a control character never reaches a backend or a log.
+OPTION_PATTERNS: dict[str, tuple[re.Pattern[str], str]] = {
+    # AWS: us-east-1, eu-central-2, us-gov-west-1, cn-north-1; S3-compatible hosts use names as
+    # free as "ch-gva-2", "nyc3", "fr-par", "garage": letters, digits, dashes and underscores.
+    "region": (re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"), "a region name: letters, digits, '-' and '_' (e.g. us-east-1)"),
+    # Azure: 3-24 lower-case letters and digits (devstoreaccount1 for Azurite).
+    "account_name": (re.compile(r"^[a-z0-9]{3,24}$"), "an Azure storage account name: 3-24 lower-case letters and digits"),
+    # GCP project ids: 6-30 characters, a letter first, no dash last; legacy domain-scoped
+    # ids ("example.com:my-project") are accepted too.
+    "project": (re.compile(r"^([a-z][a-z0-9.-]{0,62}:)?[a-z][a-z0-9-]{4,28}[a-z0-9]$"), "a Google Cloud project id: 6-30 lower-case letters, digits and '-'"),
+}
+
 # Substrings that mark a secret anywhere in a field name, and short words that only do as a whole
 # word (so "accessKey", "account_key" and "sas" match, while "keywords" or "sasquatch" do not).
 _SECRET_PARTS = ("secret", "password", "passwd", "token", "credential", "signature", "connectionstring", "privatekey")
@@ -126,7 +139,9 @@ class RemoteStorage(_Model):
                 )
             if not isinstance(value, allowed[key]):
                 raise ValueError(f"options.{key}: must be a {allowed[key].__name__}")
-            if key == "endpoint_url" and not re.match(r"^https?://[^/\s@?#]+(/[^\s@?#]*)?$", value):
+            if key in OPTION_PATTERNS and not OPTION_PATTERNS[key][0].fullmatch(value):
+                raise ValueError(f"options.{key}: must be {OPTION_PATTERNS[key][1]}")
+            if key == "endpoint_url" and not re.fullmatch(r"https?://[^/\s@?#]+(/[^\s@?#]*)?", value):
                 # no user info, query or fragment: a signature or SAS token could hide there
                 raise ValueError("options.endpoint_url: must be an http:// or https:// URL without user info, query string or fragment")
         return self

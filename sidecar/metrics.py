@@ -40,6 +40,7 @@ class _DaemonCollector:
                 backend.add_metric([m.name, kind], b.get(f"{kind}_requests", 0))
             backend.add_metric([m.name, "error"], b.get("errors", 0))
             backend.add_metric([m.name, "retry"], b.get("retries", 0) + b.get("sdk_retries", 0))
+            backend.add_metric([m.name, "stall"], b.get("stalled_calls", 0))
             latency.add_metric([m.name], b.get("latency_sum_s", 0.0))
             calls.add_metric([m.name], b.get("calls", 0))
             fetched.add_metric([m.name], b.get("bytes_fetched", 0))

@@ -11,7 +11,8 @@ How: the caller opens the bare folder (a directory fd) *before* it mounts the pl
 and only then moves the entries through that fd. Nothing new can land beneath once the
 placeholder is there, and what landed before, however late, is still reachable through the fd.
 On one file system each top-level entry is renamed (atomic; its whole subtree moves, nothing
-is opened or followed). Across file systems the tree is copied without following anything
+is opened or followed). Across file systems (or mounts: the bind mounts of a pod share a file
+system but refuse renames between them) the tree is copied without following anything
 (regular files copied and fsynced, symlinks recreated from their text, FIFOs, sockets and
 devices recreated as nodes), and the originals are removed only once every copy is complete:
 a rescue that cannot complete (disk full) removes its partial copies and leaves everything
@@ -91,9 +92,8 @@ def move_aside(dir_fd: int, base: Path | str, mount: str) -> Path | None:
         raise RescueFailed(f"cannot create the rescue folder: {exc.strerror}") from None
     dest_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        if os.fstat(dest_fd).st_dev == os.fstat(dir_fd).st_dev:
-            _rename_all(dir_fd, dest_fd, names)
-        else:
+        moved = os.fstat(dest_fd).st_dev == os.fstat(dir_fd).st_dev and _rename_all(dir_fd, dest_fd, names)
+        if not moved:  # another file system, or another mount of the same one (bind mounts of a pod)
             _copy_all(dir_fd, dest_fd, names)
     except RescueFailed:
         shutil.rmtree(dest, ignore_errors=True)
@@ -103,7 +103,8 @@ def move_aside(dir_fd: int, base: Path | str, mount: str) -> Path | None:
     return dest
 
 
-def _rename_all(src_fd: int, dest_fd: int, names: list[str]) -> None:
+def _rename_all(src_fd: int, dest_fd: int, names: list[str]) -> bool:
+    """Renames every entry; False (nothing moved) when the two folders are on different mounts."""
     moved: list[str] = []
     try:
         for name in names:
@@ -115,7 +116,10 @@ def _rename_all(src_fd: int, dest_fd: int, names: list[str]) -> None:
                 os.rename(name, name, src_dir_fd=dest_fd, dst_dir_fd=src_fd)
             except OSError:
                 pass
-        raise RescueFailed(f"cannot move {exc.filename or name!r} aside: {exc.strerror}") from None
+        if exc.errno == errno.EXDEV and not moved:
+            return False
+        raise RescueFailed(f"cannot move {name!r} aside: {exc.strerror}") from None
+    return True
 
 
 def _copy_all(src_fd: int, dest_fd: int, names: list[str]) -> None:

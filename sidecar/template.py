@@ -185,14 +185,22 @@ def share_endpoint_providers() -> None:
     botocore.regions.EndpointProvider = shared_provider
 
 
+EXITS_FD: int | None = None  # where each reaped child's wait status goes (pid, status), for the daemon
+
+
 def _reap(*_: object) -> None:
     while True:
         try:
-            pid, _status = os.waitpid(-1, os.WNOHANG)
+            pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             return
         if pid == 0:
             return
+        if EXITS_FD is not None:  # the daemon reports how its child ended (a signal by name)
+            try:
+                os.write(EXITS_FD, struct.pack("qi", pid, status))
+            except OSError:
+                pass
 
 
 def serve(sock: socket.socket, providers: list[str] | None) -> None:
@@ -227,6 +235,8 @@ def _child(sock: socket.socket, fds: list[int], kind: str) -> None:
     """The forked child: a worker or a placeholder on the given stdin and stdout."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     sock.close()
+    if EXITS_FD is not None:
+        os.close(EXITS_FD)
     os.dup2(fds[0], 0)
     os.dup2(fds[1], 1)
     for fd in fds:
@@ -256,11 +266,16 @@ def _freeze() -> None:
 
 
 def main() -> None:
+    global EXITS_FD
     sock = socket.socket(fileno=int(sys.argv[1]))
+    EXITS_FD = int(sys.argv[3]) if len(sys.argv) > 3 else None
     warm_placeholder()
     _freeze()
-    sock.sendall(b"P")  # ready for placeholders
-    serve(sock, sys.argv[2].split(",") if len(sys.argv) > 2 else None)
+    try:
+        sock.sendall(b"P")  # ready for placeholders
+        serve(sock, sys.argv[2].split(",") if len(sys.argv) > 2 else None)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the daemon stopped (even before it asked for anything): nothing to serve
 
 
 if __name__ == "__main__":

@@ -87,8 +87,8 @@ async def rehearse_read(store: Any, cfg: WorkerConfig) -> None:
     from sidecar.store.fsspec_store import REHEARSAL_KEY, REHEARSAL_SIZE
 
     rehearsal = getattr(store, "rehearsal", None)
-    if rehearsal is None:
-        return
+    if rehearsal is None or not (cfg.credentials or cfg.options.get("anonymous")):
+        return  # without credentials the SDK cannot sign even a rehearsal (and the check says why)
     try:
         async with rehearsal():
             cache = BlockCache(store, block_size=cfg.block_size, memory_limit=max(REHEARSAL_SIZE, cfg.block_size), storage_id=cfg.storage_id,
@@ -126,6 +126,13 @@ def raise_kernel_readahead(real_mountpath: str, kb: int) -> None:
             f.write(str(kb))
     except OSError as exc:
         logger.debug("kernel_readahead_unchanged", reason=str(exc))
+
+
+def stall_counts(store: Any) -> dict[str, int]:
+    """`stalled_now`: calls in flight without progress for 5 s; `stalled_calls`: every call that
+    stalled so far (ended ones and those now), so a stall between two polls is seen too."""
+    now = store.stalled_calls()
+    return {"stalled_now": now, "stalled_calls": store.stats.stalls + now}
 
 
 def mount_options(cfg: WorkerConfig) -> set[str]:
@@ -176,7 +183,7 @@ async def serve_copy(cfg: WorkerConfig) -> int:
     async def commands() -> None:
         async for cmd in command_lines():
             if cmd == "stats":
-                emit("stats", store={**store.stats.as_dict(), "stalled_calls": store.stalled_calls()},
+                emit("stats", store={**store.stats.as_dict(), **stall_counts(store)},
                      copy={**copier.progress.public(), "refused": refused[0] if refused else None})
             elif cmd == "stop":
                 return
@@ -228,6 +235,12 @@ async def serve(cfg: WorkerConfig) -> int:
         base = Path(cfg.cache_dir or default_cache_dir())
         private_folder(base / "staging")
         staging = StagingArea(base / "staging" / f"{storage_dir_name(cfg)}-{cfg.name}", cfg.staging_limit, spares=SPARES)
+        if hasattr(store, "abort_abandoned"):  # multipart uploads a killed predecessor left open
+            from sidecar.store.ledger import UploadLedger
+
+            store.ledger = UploadLedger(staging.directory / "uploads.jsonl")
+            for key in await store.abort_abandoned():
+                logger.warning("abandoned_upload_aborted", key=key, reason="a multipart upload of a killed worker; its file is uploaded again")
         recovered = await trio.to_thread.run_sync(lambda: staging.recover(keep_incomplete_s=cfg.incomplete_keep_days * 86400))
         for f in recovered:
             (logger.error if f.state == "incomplete" else logger.warning)("staged_file_recovered", key=f.key, size=f.size, state=f.state)
@@ -265,7 +278,7 @@ async def serve(cfg: WorkerConfig) -> int:
 
     def stats() -> WorkerStats:
         return {
-            "store": {**store.stats.as_dict(), "stalled_calls": store.stalled_calls()},
+            "store": {**store.stats.as_dict(), **stall_counts(store)},
             "cache": cache.stats.as_dict(),
             "memory_bytes": cache.memory_bytes,
             "disk": {"used": disk.used, "limit": disk.limit, "configured_limit": disk.configured_limit, "blocks": len(disk),

@@ -45,7 +45,8 @@ class StoreStats:
     bytes_copied: int = 0  # bytes of uploads copied server-side from the previous version
     errors: int = 0
     retries: int = 0  # our own retries: bodies cut off mid-way, read again
-    sdk_retries: int = 0  # retries inside the SDK (s3fs: transient errors, throttling, 5xx)
+    sdk_retries: int = 0  # requests the SDK sent again (botocore's retries of 5xx, throttling, resets; s3fs's own)
+    stalls: int = 0  # calls that went STALL_AFTER seconds without progress (timeouts included), counted as they end
     calls: int = 0  # backend calls, with their summed and longest duration
     latency_sum_s: float = 0.0
     latency_max_s: float = 0.0

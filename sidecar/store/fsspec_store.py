@@ -28,9 +28,10 @@ from typing import Any, TypeVar
 
 import trio
 
-from sidecar.errors import AccessDenied, BackendTimeout, BackendUnavailable, NotFound, ObjectChanged, SidecarError
+from sidecar.errors import AccessDenied, BackendTimeout, BackendUnavailable, NoCredentials, NotFound, ObjectChanged, SidecarError
 from sidecar.log import get_logger
 from sidecar.store.base import DirInfo, Gate, Listing, ObjectInfo, StoreStats, block_pieces
+from sidecar.store.ledger import UploadLedger
 
 T = TypeVar("T")
 log = get_logger(__name__)
@@ -43,9 +44,16 @@ class Progress:
 
     def __init__(self, grace: float = 0.0) -> None:
         self.last = time.monotonic() + grace
+        self.longest_gap = 0.0  # the longest time without movement, so far
 
     def tick(self, *_: Any) -> None:
-        self.last = max(self.last, time.monotonic())
+        now = time.monotonic()
+        self.longest_gap = max(self.longest_gap, now - self.last)
+        self.last = max(self.last, now)
+
+    def stalled(self, after: float) -> bool:
+        """Whether the call went `after` seconds without moving, at some point or now."""
+        return max(self.longest_gap, time.monotonic() - self.last) >= after
 
     def grant(self, seconds: float) -> None:
         """The next step cannot report progress (a server assembling an object): it counts as
@@ -53,6 +61,7 @@ class Progress:
         self.last = max(self.last, time.monotonic() + seconds)
 
 
+STALL_AFTER = 5.0  # s without progress: a call counts as stalled (status, metrics, `degraded`)
 COMPLETE_RATE = 32 << 20  # bytes/s a server is granted to assemble a multipart object
 FAIL_FAST_S = 1.0  # after a timeout, the same call fails at once for this long
 MIN_RATE = 1 << 20  # bytes/s: an upload that cannot report progress is given size / MIN_RATE
@@ -173,6 +182,8 @@ def translate(exc: BaseException, what: str) -> SidecarError:
         return NotFound(what)
     if isinstance(exc, PermissionError):
         return AccessDenied(f"access denied: {what}")
+    if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
+        return NoCredentials(f"no usable credentials: {what}")
     code = _error_code(exc)
     if code in ("PreconditionFailed", "412", "ConditionNotMet"):
         return ObjectChanged(what)
@@ -183,6 +194,15 @@ def translate(exc: BaseException, what: str) -> SidecarError:
     if isinstance(exc, (OSError, asyncio.TimeoutError)) or code is not None or _is_client_error(exc):
         return BackendUnavailable(f"{what}: {type(exc).__name__}")
     raise exc  # a programming error, not a backend one: let the adapter log its traceback
+
+
+def _retry_attempts(response: Any) -> int:
+    """How many times botocore sent a request again before this answer (its own retries of 5xx,
+    throttling and broken connections, which s3fs never sees)."""
+    if not isinstance(response, dict):
+        return 0
+    n = response.get("ResponseMetadata", {}).get("RetryAttempts", 0)
+    return n if isinstance(n, int) else 0
 
 
 def _is_client_error(exc: BaseException) -> bool:
@@ -255,10 +275,11 @@ class FsspecStore:
         self.stats = StoreStats()
         self._inflight: set[Progress] = set()
         self._timed_out: dict[str, float] = {}  # call -> when it last timed out
+        self._resent = 0  # requests the SDK's client sent again (S3: counted from each answer)
 
-    def stalled_calls(self, after: float = 5.0) -> int:
+    def stalled_calls(self, after: float = STALL_AFTER) -> int:
         """Backend calls in flight that have not moved for `after` seconds (a stalling backend
-        shows here long before the calls time out)."""
+        shows here long before the calls time out). Those that ended are `stats.stalls`."""
         now = time.monotonic()
         return sum(1 for p in list(self._inflight) if now - p.last > after)
 
@@ -301,6 +322,8 @@ class FsspecStore:
             return await run_on_loop(self.fs.loop, coro_fn, stall=deadline, progress=progress)
         except trio.TooSlowError:
             self.stats.errors += 1
+            self.stats.stalls += 1  # no progress for the deadline: a stall, however short the deadline
+            watched.longest_gap = -1.0  # counted here, not again below
             self._timed_out[what] = time.monotonic()
             if len(self._timed_out) > 1024:
                 self._timed_out.clear()
@@ -308,17 +331,20 @@ class FsspecStore:
         except (trio.Cancelled, KeyboardInterrupt):
             raise
         except Exception as exc:
+            self._resent += _retry_attempts(getattr(exc, "response", None))
             err = translate(exc, what)
             if not isinstance(err, (NotFound, ObjectChanged)):
                 self.stats.errors += 1
             raise err from None
         finally:
             self._inflight.discard(watched)
+            if watched.longest_gap >= 0 and watched.stalled(STALL_AFTER):
+                self.stats.stalls += 1
             took = trio.current_time() - started
             self.stats.calls += 1
             self.stats.latency_sum_s += took
             self.stats.latency_max_s = max(self.stats.latency_max_s, took)
-            self.stats.sdk_retries = _RetryCounter.count
+            self.stats.sdk_retries = _RetryCounter.count + self._resent
 
     def _object_info(self, d: dict[str, Any]) -> ObjectInfo:
         etag = d.get("ETag") or d.get("etag") or d.get("generation") or d.get("md5Hash") or ""
@@ -455,6 +481,32 @@ class _S3Writes:
     fs: Any
     bucket: str
     stats: StoreStats
+    ledger: UploadLedger | None = None  # where multipart uploads are recorded (sidecar.store.ledger)
+
+    async def abort_abandoned(self) -> list[str]:
+        """Aborts the multipart uploads a killed predecessor left open (by the ledger); a kill
+        before an upload's id was known leaves its key and time: the key's uploads started then
+        (within a minute) are aborted. Returns the keys."""
+        if self.ledger is None:
+            return []
+        aborted = []
+        for left in self.ledger.abandoned():
+            ids = [left.upload_id] if left.upload_id else await self._uploads_started_near(left.key, left.since)
+            for upload_id in ids:
+                try:
+                    await self._run(f"abort {left.key}", lambda: self.fs._call_s3(  # type: ignore[attr-defined]
+                        "abort_multipart_upload", Bucket=self.bucket, Key=left.key, UploadId=upload_id))
+                    aborted.append(left.key)
+                except NotFound:
+                    pass  # already gone (completed, or aborted by the bucket's lifecycle rule)
+        self.ledger.clear()
+        return aborted
+
+    async def _uploads_started_near(self, key: str, since: float) -> list[str]:
+        listed = await self._run(f"list uploads {key}", lambda: self.fs._call_s3(  # type: ignore[attr-defined]
+            "list_multipart_uploads", Bucket=self.bucket, Prefix=key))
+        return [u["UploadId"] for u in listed.get("Uploads", [])
+                if u.get("Key") == key and abs(u["Initiated"].timestamp() - since) < 60]
 
     async def put_file(self, key: str, path: str, size: int, *, expected: Any = ..., reuse: Any = (), mtime: float | None = None) -> ObjectInfo:
         """One PUT up to MULTIPART_THRESHOLD, else a multipart upload (UPLOAD_CONCURRENCY parts in
@@ -503,8 +555,12 @@ class _S3Writes:
                 head = await self.fs._call_s3("head_object", Bucket=self.bucket, Key=key)
                 if head["ETag"].strip('"') != expected:
                     raise ObjectChanged(f"write {key}")
+            ledger = self.ledger
+            started = ledger.creating(key) if ledger is not None else 0.0
             mpu = await self.fs._call_s3("create_multipart_upload", Bucket=self.bucket, Key=key, **meta)
             upload_id = mpu["UploadId"]
+            if ledger is not None:
+                ledger.opened(key, upload_id, started)
             gate = asyncio.Semaphore(UPLOAD_CONCURRENCY)
 
             def reusable(lo: int, hi: int) -> bool:
@@ -540,13 +596,18 @@ class _S3Writes:
                 resp = await self.fs._call_s3(
                     "complete_multipart_upload", Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}, **cond
                 )
-                return resp["ETag"]
             except BaseException:
                 try:
                     await self.fs._call_s3("abort_multipart_upload", Bucket=self.bucket, Key=key, UploadId=upload_id)
                 except Exception:
-                    pass
+                    pass  # still open: the ledger keeps it, and the next start aborts it
+                else:
+                    if ledger is not None:
+                        ledger.done(key, upload_id, started)
                 raise
+            if ledger is not None:
+                ledger.done(key, upload_id, started)
+            return resp["ETag"]
 
         fn = multipart if size > MULTIPART_THRESHOLD else single
         etag = await self._run(f"write {key}", fn, progress=progress)  # type: ignore[attr-defined]
@@ -585,6 +646,15 @@ class S3Store(_S3Writes, FsspecStore):
     mixing old and new bytes."""
 
     streams = True  # get_blocks reads the body block by block, as its gate allows
+
+    async def warm_up(self) -> None:
+        await super().warm_up()
+        client = getattr(self.fs, "_s3", None)
+        if client is not None:  # botocore's own retries (503 SlowDown, resets) are invisible to s3fs
+            client.meta.events.register("after-call.s3", self._count_resent, unique_id=f"sidecar-resent-{id(self)}")
+
+    def _count_resent(self, parsed: Any = None, **_: Any) -> None:
+        self._resent += _retry_attempts(parsed)
 
     @contextlib.asynccontextmanager
     async def rehearsal(self) -> AsyncIterator[None]:

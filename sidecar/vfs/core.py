@@ -527,7 +527,7 @@ class Filesystem:
         if h.writable and node.staged is not None:
             staged = node.staged
             staged.handles -= 1
-            if staged.handles <= 0 and not staged.dirty and staged.state not in ("conflict", "incomplete"):
+            if staged.handles <= 0 and (staged.orphan or not staged.dirty and staged.state not in ("conflict", "incomplete")):
                 self._unstage(node)
         self.inodes.unpin(node)
 
@@ -728,7 +728,10 @@ class Filesystem:
     async def unlink(self, parent_ino: int, name: str) -> None:
         node, key = await self._removable(parent_ino, name, is_dir=False)
         remote = node.staged is None or node.staged.base_etag is not None
-        self._unstage(node)
+        if node.staged is not None and node.staged.handles > 0 and self.staging is not None:
+            self.staging.orphan(node.staged)  # its open handles keep it until the last is released
+        else:
+            self._unstage(node)
         if remote:
             await self.store.delete(key)
         self._gone(key)

@@ -55,6 +55,17 @@ COMPACT_FACTOR, COMPACT_MIN = 4, 1000  # the journal is rewritten past FACTOR li
 MAX_RANGES = 1024  # changed ranges tracked per file; beyond, the whole file counts as changed
 
 
+def _cut_range(ranges: list[list[int]], start: int, end: int) -> list[list[int]]:
+    """`ranges` without [start, end)."""
+    out = []
+    for lo, hi in ranges:
+        if lo < start:
+            out.append([lo, min(hi, start)])
+        if hi > end:
+            out.append([max(lo, end), hi])
+    return [r for r in out if r[1] > r[0]]
+
+
 def _add_range(ranges: list[list[int]] | None, start: int, end: int) -> list[list[int]] | None:
     """`ranges` (sorted, disjoint) with [start, end) merged in; None stays None (all changed)."""
     if ranges is None or end <= start:
@@ -92,6 +103,8 @@ class StagedFile:
     upload_failures: int = 0
     next_try: float = 0.0  # trio time before which the background writer does not retry it
     uploading: Any = None  # a trio.Event while an upload runs
+    holes: list[list[int]] = field(default_factory=list)  # ranges a write failed to store (ENOSPC, EIO)
+    orphan: bool = False  # unlinked while open: its handles keep reading and writing it; never stored
 
     def public(self) -> dict[str, Any]:
         state = self.state if self.dirty or self.state in ("conflict", "incomplete") else "clean"
@@ -175,7 +188,8 @@ class StagingArea:
             self.compact()
 
     def _write_meta(self, f: StagedFile) -> None:
-        self._append(self._doc(f))
+        if not f.orphan:
+            self._append(self._doc(f))
 
     def compact(self) -> None:
         """Rewrites the journal with one line per live staged file (temp file, then rename)."""
@@ -285,11 +299,24 @@ class StagingArea:
         self._write_meta(f)
 
     def write(self, f: StagedFile, offset: int, data: bytes) -> int:
+        """Writes into the staged file. A write that fails (the staging area or its disk full, an
+        I/O error) leaves a hole: the file is `incomplete` and never published by a close until a
+        later write covers the hole, a truncate cuts it off, or `publish` is asked for."""
         end = offset + len(data)
-        if end > f.size and self.used + (end - f.size) > self.limit:
-            raise StagingFull(f.key)
-        n = _disk_call(os.pwrite, f.fd, data, offset)
+        try:
+            if end > f.size and self.used + (end - f.size) > self.limit:
+                raise StagingFull(f.key)
+            n = _disk_call(os.pwrite, f.fd, data, offset)
+        except (StagingFull, OSError) as exc:
+            f.holes = _add_range(f.holes, offset, end) or [[offset, end]]
+            f.last_error = f"a write of {len(data)} bytes at offset {offset} failed ({getattr(exc, 'strerror', None) or 'the staging area is full'}); not published"
+            self._changed(f)
+            raise
         f.changed = _add_range(f.changed, offset, offset + n)
+        if f.holes:
+            f.holes = _cut_range(f.holes, offset, offset + n)
+            if not f.holes:
+                f.last_error = None
         self.by_key.resize(f, max(f.size, offset + n))
         self._changed(f)
         return n
@@ -300,13 +327,18 @@ class StagingArea:
         _disk_call(os.ftruncate, f.fd, size)
         if size > f.size:  # the new tail reads as zeros: changed
             f.changed = _add_range(f.changed, f.size, size)
+        if f.holes:
+            f.holes = _cut_range(f.holes, size, max(size, max(hi for _, hi in f.holes)))
+            if not f.holes:
+                f.last_error = None
         self.by_key.resize(f, size)
         self._changed(f)
 
     def _changed(self, f: StagedFile) -> None:
         f.generation += 1
-        if not f.dirty or f.state != "dirty" or f.committed:
-            f.dirty, f.state, f.committed = True, "dirty", False
+        state = "incomplete" if f.holes else "dirty"
+        if not f.dirty or f.state != state or f.committed:
+            f.dirty, f.state, f.committed = True, state, False
             self._write_meta(f)
 
     def read(self, f: StagedFile, offset: int, size: int) -> bytes:
@@ -321,6 +353,16 @@ class StagingArea:
         f.base_etag, f.base_size, f.changed = base_etag, base_size, changed
         self.by_key[new_key] = f
         self._write_meta(f)
+
+    def orphan(self, f: StagedFile) -> None:
+        """`f`'s name was unlinked while handles have it open: as on a local disk, they go on
+        reading and writing it (a program's unlinked temporary file; sqlite's `-shm` file, whose
+        shared mapping the kernel writes back after sqlite deleted it). It is no longer any
+        key's file: never stored, gone with its last handle (`remove`), and a crash forgets it."""
+        if self.by_key.get(f.key) is f:
+            del self.by_key[f.key]
+        self._append({"id": f.id, "removed": True})
+        f.orphan = True
 
     def remove(self, f: StagedFile, *, recycle: bool = False) -> None:
         """Drops `f`. `recycle`: no handle has it open any more, so its data file, emptied,

@@ -9,7 +9,8 @@ failed uploads with jittered exponential backoff.
 Publishing rule: only a *committed* file is ever uploaded: its writer closed or fsynced it after
 its last change (`StagedFile.committed`, persisted on every flip). A file the sidecar was
 writing when it died is `incomplete`: kept, reported, published only by `publish()` (an explicit
-command), never by itself.
+command), never by itself. So is a file one of whose writes failed (ENOSPC, EIO: a hole in what
+is staged): its close fails with EIO too, until a later write fills the hole or a truncate cuts it.
 
 Modes (`write_mode`):
 - `durable` (default): close/fsync returns once the object is stored (`commit` awaits the
@@ -33,7 +34,7 @@ from collections.abc import Callable
 
 import trio
 
-from sidecar.errors import NotFound, ObjectChanged, SidecarError, UploadFailed, WriteConflict
+from sidecar.errors import IncompleteWrite, NotFound, ObjectChanged, SidecarError, UploadFailed, WriteConflict
 from sidecar.log import get_logger
 from sidecar.store.base import ObjectInfo, ObjectStore
 from sidecar.vfs.staging import StagedFile, StagingArea
@@ -104,10 +105,12 @@ class Writer:
         """The writer closed or fsynced `f`: its bytes may be published. In durable mode this
         returns once they are stored (UploadFailed / WriteConflict otherwise, and the file stays
         queued); in write-back mode once the commit is recorded on disk."""
-        if not f.dirty or f.state == "conflict":
-            if f.state == "conflict":
+        if not f.dirty or f.state == "conflict" or f.orphan:
+            if f.state == "conflict" and not f.orphan:
                 raise WriteConflict(f.key)
-            return
+            return  # an orphan's name was unlinked: there is nothing to publish
+        if f.holes:  # a write failed: what is staged is not what its writer wrote
+            raise IncompleteWrite(f"{f.key}: {f.last_error}")
         if not f.committed:
             self.staging.mark(f, committed=True, state="dirty")
         if self.mode == "writeback":
@@ -135,6 +138,7 @@ class Writer:
         f = self.staging.by_key.get(key)
         if f is None or f.state != "incomplete":
             raise NotFound(f"no incomplete staged file for {key}")
+        f.holes = []
         self.staging.mark(f, state="dirty", committed=True, changed=None)
         return await self.upload(f)
 

@@ -1,10 +1,11 @@
 """The shipped container/k8s/pod.yaml itself, played by `podman kube play`.
 
-podman 4.3 cannot play two things of it (docs: README, "Kubernetes"): it panics on a `secret:`
-volume, and it refuses probes on an init container, so the native sidecar (an init container
-with `restartPolicy: Always`) becomes the pod's first regular container, its probes kept. The
-overlay below makes exactly those changes and points the manifest, the image and the folders at
-this machine; everything else is the shipped file. Sidecar ordering (the session starts after
+podman 4.3 cannot play three things of it (docs: README, "Kubernetes"): it panics on a `secret:`
+volume (a hostPath of the same files here), it refuses probes on an init container (so the
+native sidecar, an init container with `restartPolicy: Always`, becomes the pod's first regular
+container, its probes kept), and it mounts a ConfigMap without its `defaultMode` (the session's
+entrypoint is run with `sh`). The overlay below makes exactly those changes and points the
+manifest, the image and the folders at this machine; everything else is the shipped file. Sidecar ordering (the session starts after
 the sidecar's startup probe) is what the entrypoint's readiness wait and the hand-made pod test
 (test_pod.py) cover.
 """
@@ -22,7 +23,7 @@ import yaml
 
 from sidecar.mounttable import fuse_mounts
 from tests.conftest import wait_for
-from tests.container.test_pod import IMAGE, PODMAN, _image_present, podman
+from tests.container.test_pod import IMAGE, PODMAN, RUNTIME, _image_present, podman
 
 ROOT = Path(__file__).resolve().parents[2]
 POD = ROOT / "container/k8s/pod.yaml"
@@ -54,6 +55,8 @@ def overlay(docs: list[dict], *, endpoint: str, bucket: str, creds: str, work: s
             sidecar["image"] = IMAGE
             session = spec["containers"][0]
             session["image"] = IMAGE
+            # podman mounts the entrypoint ConfigMap without its defaultMode (0555): run it with sh
+            session["command"] = ["sh", *session["command"]]
             session["args"] = ["sh", "-c", session_script]
             spec["containers"] = [sidecar, *spec["containers"]]
             for volume in spec["volumes"]:
@@ -65,6 +68,12 @@ def overlay(docs: list[dict], *, endpoint: str, bucket: str, creds: str, work: s
                     volume["hostPath"] = {"path": work, "type": "Directory"}
         out.append(doc)
     return out
+
+
+def kube(*args, conf, timeout=300):
+    """`podman kube ...` with this machine's rlimits (runc cannot raise them here: RUNBOOK)."""
+    env = dict(os.environ, CONTAINERS_CONF=str(conf))
+    return subprocess.run([PODMAN, *RUNTIME, "kube", *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_the_shipped_pod_yaml_plays_and_the_session_reads_the_bucket(s3, tmp_path):
@@ -85,11 +94,13 @@ def test_the_shipped_pod_yaml_plays_and_the_session_reads_the_bucket(s3, tmp_pat
     script = "cat /home/jovyan/work/my-project/data/giab/hello.txt; echo; echo SESSION-DONE; sleep 600"
     docs = overlay([d for d in yaml.safe_load_all(POD.read_text()) if d], endpoint=s3.endpoint, bucket=bucket, creds=creds, work=work,
                    session_script=script)
+    conf = tmp_path / "containers.conf"
+    conf.write_text('[containers]\ndefault_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]\n')
     played = tmp_path / "played.yaml"
     played.write_text(yaml.safe_dump_all(docs))
     pod = next(d for d in docs if d["kind"] == "Pod")["metadata"]["name"]
     try:
-        r = podman("kube", "play", "--network", "host", str(played), check=False, timeout=300)
+        r = kube("play", "--network", "host", str(played), conf=conf)
         assert r.returncode == 0, r.stderr[-3000:]
         session = f"{pod}-session"
         wait_for(lambda: "SESSION-DONE" in podman("logs", session, check=False).stdout, timeout=180, what="the session's command")
@@ -101,7 +112,7 @@ def test_the_shipped_pod_yaml_plays_and_the_session_reads_the_bucket(s3, tmp_pat
         health = podman("healthcheck", "run", f"{pod}-storage-sidecar", check=False)
         print(f"podman healthcheck of the sidecar: rc={health.returncode} {health.stdout.strip()} {health.stderr.strip()[-300:]}")
     finally:
-        podman("kube", "down", str(played), check=False, timeout=180)
+        kube("down", str(played), conf=conf, timeout=180)
         podman("pod", "rm", "-f", pod, check=False, timeout=120)
         for m in sorted((m for m in fuse_mounts() if m.startswith(work)), reverse=True):
             subprocess.run(["umount", "-l", m], check=False)

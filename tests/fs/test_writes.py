@@ -490,3 +490,100 @@ def test_a_stored_files_data_file_is_recycled_as_a_spare_and_never_outlives_a_re
     found = {x.key for x in StagingArea(tmp_path).recover()}
     assert found == {"n0", "n1", "n2"}
     assert not g.data_path.exists()
+
+
+@pytest.mark.parametrize("mode", ["durable", "writeback"])
+def test_a_file_whose_write_failed_is_not_published_by_its_close(tmp_path, mode):
+    """ENOSPC in the middle of a file: its close fails too (EIO), the file is kept `incomplete`,
+    nothing is stored; a truncate that cuts the hole off makes it whole again, and its next
+    close publishes what is left."""
+    store = MemoryStore()
+
+    async def main():
+        async with writable(store, tmp_path, limit=100) as fs:
+            fs.write_mode = mode
+            if fs.writer is not None:
+                fs.writer.mode = mode
+            fh, _ = await fs.create(ROOT_INO, "big", os.O_WRONLY)
+            fs.write(fh, 0, b"x" * 100)
+            with pytest.raises(Exception) as err:
+                fs.write(fh, 100, b"y" * 50)
+            assert errno_of(err) == errno.ENOSPC
+            with pytest.raises(Exception) as err:
+                await fs.flush(fh)
+            assert errno_of(err) == errno.EIO and err.value.code == "incomplete_write"
+            staged = fs.staging.by_key["big"]
+            assert staged.state == "incomplete" and "offset 100 failed" in staged.last_error
+            assert await fs.upload_pending(only_idle=False) == 1  # never by itself
+            assert "big" not in store.objects
+            fs.release(fh)
+            assert "big" not in store.objects and [f.state for f in fs.staging.pending()] == ["incomplete"]
+            # the writer cuts the hole off: whole again, and its close publishes
+            await fs.setattr((await fs.lookup(ROOT_INO, "big")).ino, size=100)
+            await fs.upload_pending(only_idle=False)
+            assert store.objects["big"][0] == b"x" * 100
+
+    trio.run(main)
+
+
+def test_a_failed_write_rewritten_makes_the_file_whole_again(tmp_path, monkeypatch):
+    store = MemoryStore()
+
+    async def main():
+        async with writable(store, tmp_path) as fs:
+            fh, _ = await fs.create(ROOT_INO, "f", os.O_WRONLY)
+            fs.write(fh, 0, b"abcd")
+            real = os.pwrite
+            monkeypatch.setattr(os, "pwrite", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
+            with pytest.raises(OSError):
+                fs.write(fh, 4, b"efgh")
+            monkeypatch.setattr(os, "pwrite", real)
+            fs.write(fh, 8, b"ijkl")  # another range: the hole stays
+            with pytest.raises(Exception) as err:
+                await fs.flush(fh)
+            assert errno_of(err) == errno.EIO
+            fs.write(fh, 4, b"efgh")  # the writer retries the failed write
+            await fs.flush(fh)
+            fs.release(fh)
+            assert store.objects["f"][0] == b"abcdefghijkl"
+
+    trio.run(main)
+
+
+def test_publish_stores_an_incomplete_file_as_it_is(tmp_path):
+    store = MemoryStore()
+
+    async def main():
+        async with writable(store, tmp_path, limit=10) as fs:
+            fh, _ = await fs.create(ROOT_INO, "f", os.O_WRONLY)
+            fs.write(fh, 0, b"0123456789")
+            with pytest.raises(Exception):
+                fs.write(fh, 10, b"more")
+            fs.release(fh)
+            await fs.writer.publish("f")
+            assert store.objects["f"][0] == b"0123456789"
+
+    trio.run(main)
+
+
+def test_an_unlinked_open_file_keeps_working_for_its_handles_and_is_never_stored(tmp_path):
+    """As on a local disk: a file unlinked while open is read and written through its handles
+    (sqlite's -shm mapping is written back after sqlite deleted it), and never stored."""
+    store = MemoryStore()
+
+    async def main():
+        async with writable(store, tmp_path) as fs:
+            fh, attr = await fs.create(ROOT_INO, "scratch", os.O_RDWR)
+            fs.write(fh, 0, b"before")
+            staged = fs.staging.by_key["scratch"]
+            await fs.unlink(ROOT_INO, "scratch")
+            assert fs.write(fh, 6, b" after") == 6  # the late write-back of a mapping lands
+            assert await fs.read(fh, 0, 100) == b"before after"
+            await fs.flush(fh)
+            assert "scratch" not in store.objects and "scratch" not in await names(fs)
+            assert fs.staging.pending() == []
+            fs.release(fh)
+            assert staged.fd == -1  # let go with its last handle
+            assert "scratch" not in store.objects
+
+    trio.run(main)

@@ -58,6 +58,10 @@ def manifest_like(draw):
     storage = {"name": draw(st.text(max_size=10)), "provider": draw(st.sampled_from(["s3", "azure", "gcs", "x"])), "url": url}
     if draw(st.booleans()):
         storage["options"] = {"endpoint_url": draw(st.sampled_from([f"http://h/?X-Amz-Signature={SECRET}", f"http://u:{SECRET}@h", "http://127.0.0.1:9"]))}
+    if draw(st.booleans()):  # option values of every shape, a secret among them
+        option = draw(st.sampled_from(["region", "account_name", "project", "endpoint_url"]))
+        storage.setdefault("options", {})[option] = draw(st.one_of(st.sampled_from([f"https://u:{SECRET}@h/", f"us-east-1\n{SECRET}", SECRET.lower()]),
+                                                                     st.text(max_size=40)))
     if draw(st.booleans()):
         storage[draw(names)] = draw(json_value)
     mount = {"storage": storage["name"], "mountpath": draw(path_text)}
@@ -114,11 +118,17 @@ def test_storage_urls(text):
 # -- credentials POST bodies ------------------------------------------------------------------
 
 
+# any code point, lone surrogates and control characters included (json.dumps escapes them)
+credential_text = st.text(alphabet=st.characters(blacklist_categories=()), min_size=1, max_size=40)
+
+
 @fuzz
 @given(st.one_of(st.binary(max_size=200), json_value.map(lambda v: json.dumps(v).encode()),
-                 st.dictionaries(st.sampled_from(["access_key_id", "secret_access_key", "x"]), json_value).map(lambda v: json.dumps(v).encode())))
+                 st.dictionaries(st.sampled_from(["access_key_id", "secret_access_key", "x"]), json_value).map(lambda v: json.dumps(v).encode()),
+                 st.dictionaries(st.sampled_from(["access_key_id", "secret_access_key"]), credential_text, min_size=1).map(lambda v: json.dumps(v).encode())))
 @example(b"[" * 30_000)
 @example(b'{"access_key_id": ' + b"9" * 5000 + b"}")
+@example(b'{"access_key_id": "AKIA", "secret_access_key": "\\udcff"}')
 def test_credentials_bodies(body):
     INPUTS["credentials"] += 1
     try:
@@ -127,6 +137,9 @@ def test_credentials_bodies(body):
         assert exc.status == 400
         return
     assert creds and all(isinstance(v, str) and v for v in creds.values())
+    for v in creds.values():  # what is accepted can be signed and sent
+        v.encode("utf-8")
+        assert not any(ord(c) < 0x20 and c not in "\n\r\t" for c in v)
 
 
 # -- raw HTTP on the control socket -----------------------------------------------------------

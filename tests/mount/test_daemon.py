@@ -12,7 +12,7 @@ import tempfile
 import pytest
 
 from sidecar.mounttable import mount_stack
-from tests.devservers import free_port, fuse_mounts
+from tests.devservers import free_port, fuse_mounts, stop_process
 from tests.conftest import needs_fuse, wait_for
 from tests.daemons import creds_dir, new_bucket, one_mount, private
 
@@ -116,6 +116,7 @@ def test_dead_mount_is_noticed_and_mounted_again(s3, tmp_path, daemons):
     wait_for(lambda: d.get("/status")[1]["mounts"][0]["restarts"] == 1 and d.states()["one"] == "mounted", timeout=30, what="remount")
     assert open(tmp_path / "project/one/f.txt").read() == "again"
     assert '"mount_died"' in d.log()
+    assert "the mount process was killed by SIGKILL; mounting again" in d.log()  # by name, also for a forked worker
 
 
 def test_needs_credentials_then_post_credentials_or_skip(s3, tmp_path, daemons):
@@ -301,3 +302,28 @@ def test_the_check_runs_in_the_worker_with_the_client_it_mounts_with(s3, proxied
     assert dict(proxy.counts) == {"LIST": 1, "GET": 1}
     maps = open(f"/proc/{d.proc.pid}/maps").read()
     assert "_http_parser" not in maps and "multidict" not in maps  # aiohttp (the SDK's HTTP) is not in the daemon
+
+
+def test_a_daemon_stopped_right_after_its_start_leaves_no_traceback(s3, tmp_path):
+    """Stopped within 0.1 s of its start (its template still starting): a clean exit, and no
+    traceback from the template writing to a daemon that is gone."""
+    b = new_bucket(s3, {"f.txt": b"data"})
+    (tmp_path / "m.json").write_text(json.dumps(one_mount(tmp_path, s3, b)))
+    log_path = tmp_path / "daemon.log"
+    for delay in (0.02, 0.05, 0.1, 0.3):
+        with open(log_path, "a") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "sidecar.cli", "run", "--manifest", str(tmp_path / "m.json"), "--socket",
+                                     str(tmp_path / "s.sock"), "--credentials-dir", str(creds_dir(tmp_path, s3, ["one"]))],
+                                    stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: proc.poll() is not None or os.path.exists(f"/proc/{proc.pid}"), what="the daemon")
+            import time
+
+            time.sleep(delay)  # the point of the test: a stop at this moment of the start
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) in (0, -signal.SIGTERM)  # before its handler exists, the default action
+        finally:
+            stop_process(proc)
+    text = log_path.read_text()
+    assert "Traceback" not in text and "BrokenPipeError" not in text, text[-3000:]
+    assert not os.path.ismount(tmp_path / "project/one")

@@ -181,3 +181,28 @@ def test_laptop_runtime_dir_made_by_another_user_is_refused(tmp_path, monkeypatc
     own = tmp_path / "own"
     monkeypatch.setenv("STORAGE_SIDECAR_RUNTIME_DIR", str(own))
     assert local.runtime_dir() == own and own.stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize("value, problem", [('"\\udcff"', "is not text"), ('"AKIA\\u0000X"', "control characters"),
+                                            ('"key\\u001b[31m"', "control characters")])
+def test_a_credential_that_is_not_text_is_a_400_naming_the_field(value, problem):
+    body = ('{"access_key_id": "AKIAOK", "secret_access_key": ' + value + "}").encode()
+    with pytest.raises(HTTPError) as exc:
+        parse_credentials(body, "s3")
+    assert exc.value.status == 400 and "'secret_access_key'" in exc.value.message and problem in exc.value.message
+
+
+def test_a_pem_key_with_line_breaks_is_accepted():
+    pem = "-----BEGIN PRIVATE KEY-----\nMIIEv\r\nQIBADAN\tBg\n-----END PRIVATE KEY-----\n"
+    import json as _json
+
+    assert parse_credentials(_json.dumps({"account_key": pem}).encode(), "azure") == {"account_key": pem}
+
+
+def test_an_environment_credential_that_is_not_text_is_credentials_invalid(monkeypatch):
+    from sidecar import credentials
+
+    monkeypatch.setenv("BAD_AWS_ACCESS_KEY_ID", "AKIA")
+    monkeypatch.setenv("BAD_AWS_SECRET_ACCESS_KEY", os.fsdecode(b"abc\xff"))  # stray bytes: a lone surrogate
+    with pytest.raises(credentials.CredentialProblem, match="secret_access_key is not text"):
+        credentials.lookup("bad", "s3")

@@ -205,3 +205,23 @@ def test_no_tty_never_blocks_and_skip_options(s3, project, tmp_path):
     assert "notty: skipped" in r.stdout
     r = cli("mount", "--no-mount", env_overrides=env, stdin=subprocess.DEVNULL, check=0)
     assert "notty: skipped" in r.stdout
+
+
+def test_status_and_the_other_commands_find_the_projects_background_sidecar(s3, project):
+    """Inside a project whose storages `mount` mounted through a background sidecar, `status`,
+    `refresh` and `rescue` ask that sidecar (as `mount` and `ls` do), not the session socket that
+    does not answer; an explicit --socket still wins."""
+    root, cli = project
+    b = f"p-{uuid.uuid4().hex[:8]}"
+    s3.client().create_bucket(Bucket=b)
+    s3.client().put_object(Bucket=b, Key="a.csv", Body=b"data")
+    cli("add", f"s3://{b}", "data", "--option", f"endpoint_url={s3.endpoint}", "--name", "raw", check=0)
+    cli("mount", check=0)
+    r = cli("status", check=0)
+    assert "raw" in r.stdout and "mounted" in r.stdout
+    r = cli("status", cwd=root / "data", check=0)  # from a folder inside the project, too
+    assert "mounted" in r.stdout
+    assert "refreshed" in cli("refresh", "raw", check=0).stdout
+    assert "0 rescued entries" in cli("rescue", "raw", check=0).stderr
+    r = cli("status", "--socket", str(root / "nothing.sock"), check=2)
+    assert "no storage-sidecar answers" in r.stderr

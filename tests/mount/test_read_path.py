@@ -288,3 +288,22 @@ def test_column_chunks_read_at_odd_offsets_cost_two_gets_each(s3_bucket, mount_w
     finally:
         os.close(fd)
     assert gets <= 2 * len(runs)  # before: a GET per block of each run (18 here)
+
+
+def test_an_object_named_like_a_folder_never_hides_the_folder(bucket, mount_worker):
+    """Blobs `same` and `same/child` (folder markers written without a trailing slash by some
+    Hadoop/WASB tools): the folder is listed and its children are reachable on every provider;
+    the object of the same name is not shown, and is reported (docs/SEMANTICS.md)."""
+    bucket.put("same", b"an object named like the folder")
+    bucket.put("same/child", b"the child")
+    bucket.put("same/deeper/grandchild", b"deeper")
+    w = mount_worker(bucket)
+    assert sorted(os.listdir(w.mnt)) == ["same"]
+    assert os.path.isdir(os.path.join(w.mnt, "same"))
+    assert sorted(os.listdir(os.path.join(w.mnt, "same"))) == ["child", "deeper"]
+    assert open(os.path.join(w.mnt, "same/child"), "rb").read() == b"the child"
+    assert open(os.path.join(w.mnt, "same/deeper/grandchild"), "rb").read() == b"deeper"
+    # looked up cold, without the root's listing first
+    w.refresh()
+    assert open(os.path.join(w.mnt, "same/child"), "rb").read() == b"the child"
+    assert '"object_skipped"' in open(w.cfg["log"]).read()

@@ -94,6 +94,8 @@ def test_stalled_backend_fails_read_and_close_within_the_deadline(s3, proxied, m
         stats = w.stats()
         assert [s["key"] for s in stats["staged"]] == ["result.txt"]
         assert stats["store"]["errors"] >= 2
+        # counted as they ended: a poll between two stalled calls still sees them
+        assert stats["store"]["stalled_calls"] >= 2 and stats["store"]["stalls"] >= 2, stats["store"]
     finally:
         proxy.set(stall=False)
     # the backend is back: the committed file is uploaded by the background writer
@@ -342,3 +344,56 @@ def test_sigkill_during_a_write_never_shows_a_partial_object(s3, mount_worker, t
 @pytest.mark.reliability
 def test_sigkill_during_a_write_20_tries(s3, mount_worker, tmp_path):
     _sigkill_during_writes(s3, mount_worker, tmp_path, tries=20)
+
+
+def test_sigkill_during_close_leaves_no_multipart_upload_behind(s3, proxied, mount_worker, tmp_path):
+    """The worker is killed while its close uploads a 64 MiB file in parts: the next start aborts
+    the upload the killed one left open (its ledger says which), then stores the file again."""
+    import signal
+    import subprocess
+
+    proxy, bucket = proxied
+    proxy.set(bandwidth=8e6)  # per connection: the parts take seconds, the kill comes in between
+    cache = str(tmp_path / "cache")
+    cfg = dict(options={"endpoint_url": proxy.endpoint}, readonly=False, cache_dir=cache, name="mpu", deadline=30.0)
+    w = mount_worker(bucket, **cfg)
+    data = os.urandom(64 * MiB)
+    f = open(f"{w.mnt}/big.bin", "wb")
+    f.write(data)
+    outcome = []
+    closer = threading.Thread(target=lambda: outcome.append(_close(f)))
+    closer.start()
+    wait_for(lambda: proxy.counts["PUT"] >= 1, timeout=60, what="the first part on its way")
+    assert s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads"), "no upload open at the kill"
+    os.kill(w.proc.pid, signal.SIGKILL)
+    w.proc.wait()
+    closer.join(30)
+    assert outcome and outcome[0] in (errno.ECONNABORTED, errno.ENOTCONN, errno.EIO), outcome
+    subprocess.run(["fusermount3", "-u", "-z", w.mnt], check=False, capture_output=True)
+    proxy.set(bandwidth=None)
+    w2 = mount_worker(bucket, mountpath=w.mnt, **cfg)
+    wait_for(lambda: not w2.stats()["staged"], timeout=60, what="the recovered upload")
+    assert s3.client().get_object(Bucket=bucket, Key="big.bin")["Body"].read() == data
+    assert s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert "abandoned_upload_aborted" in open(tmp_path / "worker1.log").read()
+
+
+def _close(f):
+    try:
+        f.close()
+        return 0
+    except OSError as exc:
+        return exc.errno
+
+
+def test_503s_retried_inside_the_sdk_are_counted(s3, proxied, mount_worker):
+    """botocore retries a 503 SlowDown by itself (s3fs never sees it): each request it sent again
+    is counted in `sdk_retries`, per mount."""
+    proxy, bucket = proxied
+    s3.client().put_object(Bucket=bucket, Key="f.bin", Body=b"x" * 1000)
+    w = _mount(mount_worker, s3, proxy, bucket, deadline=10.0)
+    before = w.stats()["store"]["sdk_retries"]
+    proxy.set(errors_next=3)
+    assert open(f"{w.mnt}/f.bin", "rb").read() == b"x" * 1000
+    assert proxy.errors_injected == 3
+    assert w.stats()["store"]["sdk_retries"] - before >= 3

@@ -206,3 +206,25 @@ def test_a_mount_whose_path_cannot_be_emptied_fails_and_shows_the_files(s3, tmp_
     assert stat.S_IMODE(os.stat(mnt).st_mode) == 0o555
     d.stop()
     assert stat.S_IMODE(os.stat(mnt).st_mode) == 0o755
+
+
+def test_a_rescue_between_two_mounts_of_one_file_system_copies(tmp_path):
+    """A pod's volumes are bind mounts of one node disk: the same device, yet rename(2) between
+    them is EXDEV. The rescue copies then (found in the pod test)."""
+    src, dest = tmp_path / "bare", tmp_path / "cache"
+    planted = plant(src)
+    dest.mkdir()
+    subprocess.run(["mount", "--bind", str(dest), str(dest)], check=True)
+    try:
+        assert os.stat(src).st_dev == os.stat(dest).st_dev
+        fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            batch = rescue.move_aside(fd, dest, "one")
+        finally:
+            os.close(fd)
+        assert os.listdir(src) == []
+        for path, data in planted.items():
+            assert (batch / path).read_bytes() == data
+        assert os.readlink(batch / "link") == "/etc/hostname"
+    finally:
+        subprocess.run(["umount", "-l", str(dest)], check=False)

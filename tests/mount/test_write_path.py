@@ -369,3 +369,54 @@ def test_a_put_stored_but_answered_with_an_error_is_not_a_conflict_when_retried(
         assert proxy.errors_injected >= 1
         assert s3.client().get_object(Bucket=bucket, Key=name)["Body"].read() == data
         assert w.stats()["staged"] == []
+
+
+@pytest.mark.parametrize("mode", ["durable", "writeback"])
+def test_a_write_into_a_full_staging_area_publishes_nothing(s3_bucket, mount_worker, mode):
+    """100 MiB into a 64 MiB staging area: the write fails with ENOSPC, close() fails too, and no
+    truncated object ever appears in the bucket; the file is kept `incomplete`."""
+    w = mount_worker(s3_bucket, readonly=False, staging_limit=64 * MiB, write_mode=mode, writeback_delay=0.1)
+    path = os.path.join(w.mnt, "big.bin")
+    f = open(path, "wb", buffering=0)
+    written, failed = 0, None
+    chunk = os.urandom(MiB)
+    try:
+        for _ in range(100):
+            written += f.write(chunk)
+    except OSError as exc:
+        failed = exc.errno
+    assert failed == errno.ENOSPC and 60 * MiB <= written < 100 * MiB
+    with pytest.raises(OSError) as closed:
+        f.close()
+    assert closed.value.errno == errno.EIO
+    stats = w.stats()
+    staged = {x["key"]: x for x in stats["staged"]}
+    assert staged["big.bin"]["state"] == "incomplete" and "failed" in staged["big.bin"]["last_error"]
+    assert stats["unsynced"]["queued"] == 0 and stats["unsynced"]["incomplete"] == 1  # nothing waits to be uploaded
+    assert "big.bin" not in keys(s3_bucket)
+
+
+def test_sqlite_in_wal_mode_on_a_writable_mount(s3_bucket, mount_worker):
+    """sqlite's WAL mode maps its -shm file shared and deletes it at the last close; the kernel
+    writes the mapping's pages back after that. Every write lands (none refused), and the
+    database is whole after a remount."""
+    w = mount_worker(s3_bucket, readonly=False)
+    db = os.path.join(w.mnt, "wal.db")
+    r = _sqlite(db, "pragma journal_mode=wal", "create table t(x)", "insert into t values(1),(2)", "select count(*) from t")
+    assert r.returncode == 0 and r.stdout.split() == ["wal", "2"], r.stdout + r.stderr
+    assert sorted(os.listdir(w.mnt)) == ["wal.db"]
+    w.stop()
+    log = open(w.cfg["log"]).read()
+    assert "bad_handle" not in log and "request_failed" not in log, [l for l in log.splitlines() if "request_failed" in l]
+    w2 = mount_worker(s3_bucket, readonly=False)
+    r = _sqlite(os.path.join(w2.mnt, "wal.db"), "select sum(x) || '|' || count(*) from t", "pragma integrity_check")
+    assert r.returncode == 0 and r.stdout.split() == ["3|2", "ok"], r.stdout + r.stderr
+
+
+def _sqlite(db, *statements):
+    """sqlite in its own process (as the sqlite3 shell: its mappings and its last close are its own)."""
+    import sys
+
+    code = ("import sqlite3, sys\ncon = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "for st in sys.argv[2:]:\n    for row in con.execute(st): print(*row)\ncon.close()\n")
+    return subprocess.run([sys.executable, "-c", code, db, *statements], capture_output=True, text=True, timeout=60)

@@ -228,3 +228,39 @@ def test_every_independent_error_is_reported_with_its_field_path():
     assert {"storages[0].options.endpoint_url", "mounts[0].mountpath", "unknown", "secret_key"} <= set(locs), locs
     assert all(loc for loc in locs)  # every error has a field path
     assert "0123456789abcdef" not in str(exc.value)  # the query string's secret is not echoed
+
+
+@pytest.mark.parametrize("provider, url, option, value", [
+    ("s3", "s3://giab/data", "region", "https://u:SECRET@h/"),
+    ("s3", "s3://giab/data", "region", "us-east-1\n"),
+    ("s3", "s3://giab/data", "region", ""),
+    ("azure", "az://cont/data", "account_name", "https://u:SECRET@h/"),
+    ("azure", "az://cont/data", "account_name", "Has-Capitals"),
+    ("gcs", "gs://bucket/data", "project", "x"),
+    ("gcs", "gs://bucket/data", "project", "proj\u001bSECRET"),
+])
+def test_option_values_are_checked_by_shape_and_never_echoed(provider, url, option, value):
+    d = doc()
+    d["storages"][0].update(provider=provider, url=url, options={option: value})
+    errs, text = errors_of(d)
+    assert list(errs) == [f"storages[0].options.{option}"], errs
+    assert "must be" in errs[f"storages[0].options.{option}"]
+    assert "SECRET" not in text and (value not in text or value == "")
+
+
+@pytest.mark.parametrize("option, value", [("region", "us-gov-west-1"), ("region", "ch-gva-2"), ("region", "garage"),
+                                           ("account_name", "devstoreaccount1"), ("project", "my-project-123"),
+                                           ("project", "example.com:my-project")])
+def test_real_option_values_are_accepted(option, value):
+    provider = {"region": "s3", "account_name": "azure", "project": "gcs"}[option]
+    url = {"s3": "s3://giab/data", "azure": "az://cont/data", "gcs": "gs://bucket/data"}[provider]
+    d = doc()
+    d["storages"][0].update(provider=provider, url=url, options={option: value})
+    parse_manifest(d)
+
+
+def test_an_endpoint_with_a_trailing_newline_is_refused():
+    d = doc()
+    d["storages"][0]["options"]["endpoint_url"] = "http://127.0.0.1:5000/\n"
+    errs, _ = errors_of(d)
+    assert list(errs) == ["storages[0].options.endpoint_url"]

@@ -63,7 +63,7 @@ def test_the_s3_rehearsal_answers_reads_without_a_request_and_leaves_no_handler(
         await store.warm_up()
         client = fs.s3
         client.meta.events.register("after-call.s3", lambda **kw: rehearsed.append(kw["model"].name))
-        await rehearse_read(store, WorkerConfig(name="t", storage_id="t", url="s3://bucket", mountpath="/nonexistent"))
+        await rehearse_read(store, WorkerConfig(name="t", storage_id="t", url="s3://bucket", mountpath="/nonexistent", credentials={"access_key_id": "a", "secret_access_key": "b"}))
         with pytest.raises(BackendUnavailable):  # a real call: the closed port answers
             await store.get_range(".storage-sidecar-rehearsal", 0, 1, "0")
 
@@ -164,7 +164,7 @@ def test_the_read_rehearsal_runs_a_whole_read_without_a_request():
             await real(key, start, end, etag, block_size, seen, **kw)
 
         store.get_blocks = watched
-        await rehearse_read(store, WorkerConfig(name="t", storage_id="t", url="s3://bucket", mountpath="/nonexistent"))
+        await rehearse_read(store, WorkerConfig(name="t", storage_id="t", url="s3://bucket", mountpath="/nonexistent", credentials={"access_key_id": "a", "secret_access_key": "b"}))
 
     trio.run(main)
     assert sum(n for key, n in delivered if key == REHEARSAL_KEY) == REHEARSAL_SIZE
