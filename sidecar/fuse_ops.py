@@ -24,6 +24,7 @@ import pyfuse3
 import structlog
 
 from sidecar.errors import InvalidName, NotFound, NotPermitted, SidecarError, errno_for
+from sidecar.mtime import Mtime, ns_of
 from sidecar.log import get_logger
 from sidecar.vfs.core import Attr, Filesystem
 
@@ -112,7 +113,7 @@ class FuseOps(pyfuse3.Operations):
         e.st_size = a.size
         e.st_blksize = 128 * 1024
         e.st_blocks = -(-a.size // 512)
-        ns = int(a.mtime * 1e9)
+        ns = ns_of(a.mtime)
         e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = ns
         return e
 
@@ -206,7 +207,7 @@ class FuseOps(pyfuse3.Operations):
     @_translated
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> pyfuse3.EntryAttributes:
         size = attr.st_size if fields.update_size else None
-        mtime = attr.st_mtime_ns / 1e9 if fields.update_mtime else None
+        mtime = Mtime(attr.st_mtime_ns) if fields.update_mtime else None  # to the nanosecond
         return self._entry(await self.fs.setattr(inode, size=size, mtime=mtime))
 
     @_translated

@@ -23,13 +23,14 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, TypeVar
 
 import trio
 
 from sidecar.errors import AccessDenied, BackendTimeout, BackendUnavailable, NoCredentials, NotFound, ObjectChanged, SidecarError
 from sidecar.log import get_logger
+from sidecar.mtime import Mtime, rfc3339_text, seconds_text
 from sidecar.store.base import DirInfo, Gate, Listing, ObjectInfo, StoreStats, block_pieces
 from sidecar.store.ledger import UploadLedger
 
@@ -145,13 +146,13 @@ def _mtime(value: Any) -> float:
 
 
 def _mtime_text(mtime: float) -> str:
-    """rclone's `mtime` metadata: seconds since the epoch with a fraction."""
-    return f"{mtime:.9f}"
+    """rclone's `mtime` metadata: seconds since the epoch with a fraction (exact to the ns)."""
+    return seconds_text(mtime)
 
 
 def _rfc3339(mtime: float) -> str:
-    """rclone's `mtime` metadata on Azure and GCS: RFC 3339 with a fraction, UTC."""
-    return datetime.fromtimestamp(mtime, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """rclone's `mtime` metadata on Azure and GCS: RFC 3339 with a fraction, UTC (exact to the ns)."""
+    return rfc3339_text(mtime)
 
 
 def _user_mtime(metadata: Any) -> float | None:
@@ -160,12 +161,9 @@ def _user_mtime(metadata: Any) -> float | None:
     if not isinstance(metadata, dict):
         return None
     value = metadata.get("mtime") or metadata.get("Mtime")
-    if value is not None:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            pass
-        if isinstance(value, str) and (parsed := _mtime(value)):  # RFC 3339
+    if isinstance(value, str):
+        parsed = Mtime.parse_seconds(value) or Mtime.parse_rfc3339(value)
+        if parsed is not None:
             return parsed
     gsutil = metadata.get("goog-reserved-file-mtime")
     try:

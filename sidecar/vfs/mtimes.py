@@ -13,6 +13,8 @@ import dbm
 import os
 from pathlib import Path
 
+from sidecar.mtime import Mtime, seconds_text
+
 MAX_ENTRIES_IN_MEMORY = 100_000
 
 
@@ -43,7 +45,7 @@ class MtimeIndex:
             except OSError:
                 return None
             if raw is not None:
-                return float(raw)
+                return Mtime.parse_seconds(raw.decode()) or float(raw)
         return None
 
     def set(self, key: str, etag: str, mtime: float) -> None:
@@ -55,7 +57,7 @@ class MtimeIndex:
         self._memory[ident] = mtime
         if self._db is not None:
             try:
-                self._db[ident.encode()] = repr(mtime).encode()
+                self._db[ident.encode()] = seconds_text(mtime).encode()  # exact to the ns
             except OSError:
                 pass
 

@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sidecar.mtime import Mtime, ns_of
+
 
 class StagingFull(Exception):
     pass
@@ -172,7 +174,8 @@ class StagingArea:
     @staticmethod
     def _doc(f: StagedFile) -> dict[str, Any]:
         return {"id": f.id, "key": f.key, "base_etag": f.base_etag, "base_size": f.base_size, "state": f.state, "dirty": f.dirty,
-                "committed": f.committed, "changed": f.changed, "created": f.created, "mtime": f.mtime}
+                "committed": f.committed, "changed": f.changed, "created": f.created, "mtime": f.mtime,
+                "mtime_ns": ns_of(f.mtime) if f.mtime is not None else None}
 
     def _append(self, doc: dict[str, Any]) -> None:
         # A line starts with a newline too: a line torn by a full disk ends there, and never
@@ -427,7 +430,7 @@ class StagingArea:
             f = StagedFile(sid, key, doc.get("base_etag"), data, meta, fd, size=os.fstat(fd).st_size,
                            dirty=doc.get("dirty", True), state=doc.get("state", "dirty"), committed=bool(doc.get("committed")),
                            base_size=doc.get("base_size"), changed=doc.get("changed"), created=float(doc.get("created") or time.time()),
-                           mtime=doc.get("mtime"))
+                           mtime=Mtime(doc["mtime_ns"]) if isinstance(doc.get("mtime_ns"), int) else doc.get("mtime"))
             if not f.dirty and f.state not in ("conflict", "incomplete"):
                 self.remove(f)
                 continue

@@ -9,7 +9,7 @@ import pytest
 
 from sidecar.control import HTTPError
 from sidecar.daemon import parse_credentials
-from tests.conftest import needs_fuse
+from tests.conftest import needs_fuse, wait_for
 from tests.daemons import creds_dir, new_bucket, one_mount
 
 pytestmark = [pytest.mark.mount, needs_fuse]
@@ -34,6 +34,8 @@ def test_cache_staging_and_files_are_private_to_the_daemon_user(s3, tmp_path, da
     f.flush()
     try:
         cache = tmp_path / "cache"
+        # the disk tier writes a block to a temporary name, then renames it: let it settle
+        wait_for(lambda: not [p for p in cache.rglob(".tmp*")], what="the cached block's rename")
         files = [p for p in cache.rglob("*") if p.is_file()]
         assert any(p.suffix == ".data" for p in files) and any(p.name == "journal.jsonl" for p in files)
         assert len(files) >= 3  # a cached block, the staged data and its metadata

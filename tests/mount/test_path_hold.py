@@ -83,10 +83,15 @@ def writable_manifest(tmp_path, s3, bucket, endpoint=None):
     return m
 
 
-def test_writes_while_a_mount_starts_never_land_on_the_local_disk(s3, tmp_path, daemons, request):
+def fresh(s3, tmp_path):
+    """A new bucket, the mount path and the folder beside it (where renames come from)."""
     bucket = f"hold-{os.urandom(4).hex()}"
     s3.client().create_bucket(Bucket=bucket)
-    mnt, scratch = tmp_path / "project/one", tmp_path / "project"
+    return bucket, tmp_path / "project/one", tmp_path / "project"
+
+
+def test_writes_while_a_mount_starts_never_land_on_the_local_disk(s3, tmp_path, daemons, request):
+    bucket, mnt, scratch = fresh(s3, tmp_path)
     results = []
     for i in range(runs(request)):
         # /health answers once every path is held: from here the writer runs through
@@ -105,9 +110,7 @@ def test_writes_while_a_mount_starts_never_land_on_the_local_disk(s3, tmp_path, 
 
 
 def test_writes_while_a_killed_worker_is_replaced_never_land_on_the_local_disk(s3, tmp_path, daemons, request):
-    bucket = f"hold-{os.urandom(4).hex()}"
-    s3.client().create_bucket(Bucket=bucket)
-    mnt, scratch = tmp_path / "project/one", tmp_path / "project"
+    bucket, mnt, scratch = fresh(s3, tmp_path)
     d = daemons(tmp_path, writable_manifest(tmp_path, s3, bucket), creds=creds_dir(tmp_path, s3, ["one"]))
     d.wait_ready()
     results = []
@@ -141,9 +144,7 @@ def test_writes_while_the_backend_is_down_and_back_never_land_on_the_local_disk(
 
 
 def test_writes_while_a_mount_waits_for_credentials_never_land_on_the_local_disk(s3, tmp_path, daemons, request):
-    bucket = f"hold-{os.urandom(4).hex()}"
-    s3.client().create_bucket(Bucket=bucket)
-    mnt, scratch = tmp_path / "project/one", tmp_path / "project"
+    bucket, mnt, scratch = fresh(s3, tmp_path)
     results = []
     for i in range(runs(request)):
         d = daemons(tmp_path, writable_manifest(tmp_path, s3, bucket))

@@ -155,21 +155,30 @@ def small_tmpfs():
         os.rmdir(top)
 
 
+def move_aside(src, dest):
+    """rescue.move_aside of the folder `src`, into `dest`; its batch folder."""
+    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return rescue.move_aside(fd, dest, "one")
+    finally:
+        os.close(fd)
+
+
+def assert_moved_whole(src, batch, planted):
+    assert os.listdir(src) == []
+    for path, data in planted.items():
+        assert (batch / path).read_bytes() == data
+    assert os.readlink(batch / "link") == "/etc/hostname"
+
+
 def test_a_rescue_across_file_systems_copies_every_kind_of_entry_without_following_it(tmp_path, small_tmpfs):
     src = tmp_path / "bare"
     planted = plant(src)
     assert os.stat(src).st_dev != os.stat(small_tmpfs).st_dev
-    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        batch = rescue.move_aside(fd, small_tmpfs, "one")
-    finally:
-        os.close(fd)
-    assert os.listdir(src) == []
-    for path, data in planted.items():
-        assert (batch / path).read_bytes() == data
+    batch = move_aside(src, small_tmpfs)
+    assert_moved_whole(src, batch, planted)
     assert os.stat(batch / "a.txt").st_mtime_ns == MTIME_NS
     assert stat.S_IMODE(os.stat(batch / "ro.txt").st_mode) == 0o444
-    assert os.readlink(batch / "link") == "/etc/hostname"
     assert stat.S_ISFIFO(os.lstat(batch / "fifo").st_mode)
     assert (batch / "empty").is_dir() and not any((batch / "empty").iterdir())
 
@@ -179,12 +188,8 @@ def test_a_rescue_that_cannot_complete_leaves_everything_where_it_was(tmp_path, 
     plant(src)
     (src / "big.bin").write_bytes(os.urandom(6 << 20))  # more than the 4 MiB file system holds
     before = sorted(os.listdir(src))
-    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        with pytest.raises(rescue.RescueFailed, match="No space left"):
-            rescue.move_aside(fd, small_tmpfs, "one")
-    finally:
-        os.close(fd)
+    with pytest.raises(rescue.RescueFailed, match="No space left"):
+        move_aside(src, small_tmpfs)
     assert sorted(os.listdir(src)) == before
     assert (src / "a.txt").read_bytes() == b"plain"
     assert list((small_tmpfs / "rescued/one").iterdir()) == []  # the partial copy is gone
@@ -217,14 +222,6 @@ def test_a_rescue_between_two_mounts_of_one_file_system_copies(tmp_path):
     subprocess.run(["mount", "--bind", str(dest), str(dest)], check=True)
     try:
         assert os.stat(src).st_dev == os.stat(dest).st_dev
-        fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            batch = rescue.move_aside(fd, dest, "one")
-        finally:
-            os.close(fd)
-        assert os.listdir(src) == []
-        for path, data in planted.items():
-            assert (batch / path).read_bytes() == data
-        assert os.readlink(batch / "link") == "/etc/hostname"
+        assert_moved_whole(src, move_aside(src, dest), planted)
     finally:
         subprocess.run(["umount", "-l", str(dest)], check=False)

@@ -420,3 +420,26 @@ def _sqlite(db, *statements):
     code = ("import sqlite3, sys\ncon = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
             "for st in sys.argv[2:]:\n    for row in con.execute(st): print(*row)\ncon.close()\n")
     return subprocess.run([sys.executable, "-c", code, db, *statements], capture_output=True, text=True, timeout=60)
+
+
+def test_mtimes_are_kept_to_the_nanosecond(bucket, mount_worker, tmp_path):
+    """`…50.817603073` reads back as itself (not `…072`, a float's nearest): through the mount,
+    from the mount's index after a remount, and from the object's metadata in a new cache."""
+    t1, t2 = 1_796_233_250_817_603_073, 1_796_233_251_000_000_001
+    w = mount_worker(bucket, readonly=False, cache_dir=str(tmp_path / "c1"), name="ns")
+    with open(f"{w.mnt}/before-close.txt", "wb") as f:
+        f.write(b"time set while open")
+        os.utime(f"{w.mnt}/before-close.txt", ns=(t1, t1))
+    with open(f"{w.mnt}/after-close.txt", "wb") as f:
+        f.write(b"time set after the upload")
+    os.utime(f"{w.mnt}/after-close.txt", ns=(t2, t2))
+    assert os.stat(f"{w.mnt}/before-close.txt").st_mtime_ns == t1
+    assert os.stat(f"{w.mnt}/after-close.txt").st_mtime_ns == t2
+    mnt = w.mnt
+    w.stop()
+    again = mount_worker(bucket, cache_dir=str(tmp_path / "c1"), name="ns", mountpath=mnt)  # the mount's own index
+    assert [os.stat(f"{mnt}/{n}").st_mtime_ns for n in ("before-close.txt", "after-close.txt")] == [t1, t2]
+    again.stop()
+    fresh = mount_worker(bucket, cache_dir=str(tmp_path / "c2"), name="ns", mountpath=mnt, mtime_source="metadata")  # the metadata
+    assert [os.stat(f"{mnt}/{n}").st_mtime_ns for n in ("before-close.txt", "after-close.txt")] == [t1, t2]
+    assert fresh.stats()["store"]["errors"] == 0
