@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import struct
@@ -63,6 +64,15 @@ class ForkedWorker:
             self._exited.set()
         await self._exited.wait()
         return self.returncode  # type: ignore[return-value]
+
+    def ended(self) -> bool:
+        """Whether it has ended, without waiting (its pidfd is readable once it has)."""
+        if self.returncode is not None:
+            return True
+        try:
+            return bool(select.select([self._pidfd], [], [], 0)[0])
+        except (OSError, ValueError):
+            return True
 
     def send_signal(self, sig: int) -> None:
         if self.returncode is None:
@@ -255,7 +265,10 @@ class WorkerProcess:
 
     @property
     def alive(self) -> bool:
-        return self.process is not None and self.process.returncode is None
+        proc = self.process
+        if proc is None or proc.returncode is not None:
+            return False
+        return not proc.ended() if isinstance(proc, ForkedWorker) else True
 
     async def wait(self) -> int:
         assert self.process is not None

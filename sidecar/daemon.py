@@ -165,6 +165,8 @@ class Mount:
             "worker_pid": self.worker.process.pid if self.worker is not None and self.worker.process is not None else None,
             "next_try": self.next_try,
             "placeholder": self.path_state() == "held",
+            "placeholder_pid": self.hold.placeholder.process.pid if self.hold is not None and self.hold.placeholder is not None
+            and self.hold.placeholder.process is not None else None,
             "path": self.path_state(),
             "rescued": self.rescued,
             "rescued_total": self.rescued_total,

@@ -133,6 +133,10 @@ class PathHold:
         """Right before the worker mounts: a locked folder gets its entries moved aside and its
         own mode back (fusermount3 wants a folder its user may write); where the worker cannot
         mount on top of the placeholder, the placeholder goes (see the module's docstring)."""
+        if self.placeholder is not None and not self.placeholder.alive:  # it died: hold the path again first
+            error = await self.hold("State: checking: mounting...")
+            if error is not None:
+                return error
         if self.state == "locked" and self.fd is not None:
             error = await self._rescue(self.fd)
             if error is None and os.geteuid() != 0:

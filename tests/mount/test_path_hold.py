@@ -243,3 +243,32 @@ def test_errnos_are_what_a_session_expects(s3, proxied, tmp_path, daemons):
     with pytest.raises(OSError) as exc:
         os.rename(tmp_path / "project/outside.txt", mnt / "in.txt")
     assert exc.value.errno == errno.EXDEV
+
+
+def test_a_killed_placeholder_is_replaced_before_the_worker_mounts(s3, proxied, tmp_path, daemons):
+    """The placeholder itself dies (SIGKILL) while the mount is failed: its dead mount refuses
+    writes (ENOTCONN), and before the worker mounts, the path is held again by a new one."""
+    proxy, bucket = proxied
+    proxy.set(refuse=True)
+    mnt = tmp_path / "project/one"
+    d = daemons(tmp_path, writable_manifest(tmp_path, s3, bucket, endpoint=proxy.endpoint), creds=creds_dir(tmp_path, s3, ["one"]))
+    d.wait_ready()
+    first = state(d)["placeholder_pid"]
+    assert state(d)["state"] == "failed" and first
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: _errno_of(lambda: os.listdir(mnt)) in (errno.ENOTCONN, errno.ECONNABORTED), what="the dead placeholder")
+    assert _errno_of(lambda: open(mnt / "x.txt", "w")) in (errno.ENOTCONN, errno.ECONNABORTED)
+    proxy.set(refuse=False)
+    d.post("/mounts/one/mount")
+    wait_for(lambda: state(d)["state"] == "mounted", timeout=60, what="mounted")
+    second = state(d)["placeholder_pid"]
+    assert second and second != first
+    assert_nothing_landed_beneath(d, mnt, tmp_path / "cache", [{"tries": 1, "landed": [], "failed": {}}])
+
+
+def _errno_of(action):
+    try:
+        action()
+    except OSError as exc:
+        return exc.errno
+    return 0
