@@ -311,6 +311,11 @@ class WorkerProcess:
                 await unmount_top(self.mountpath, placeholder=self.module == "sidecar.placeholder")
 
 
+async def _lazy_unmount(path: str) -> None:
+    """fusermount3 -u -z: the mount the path shows goes at once, and lives on for open files."""
+    await trio.run_process(["fusermount3", "-u", "-z", path], check=False, capture_stdout=True, capture_stderr=True)
+
+
 async def unmount_top(path: str, *, placeholder: bool) -> bool:
     """Lazily unmounts what the path shows, if it is a mount of that kind (a placeholder's, or a
     worker's), also a dead one ("Transport endpoint is not connected"); never the placeholder
@@ -318,7 +323,7 @@ async def unmount_top(path: str, *, placeholder: bool) -> bool:
     stack = mount_stack(real_mountpoint(path))
     if not stack or not stack[-1].source.startswith(OUR_SOURCES) or is_placeholder(stack[-1]) != placeholder:
         return False
-    await trio.run_process(["fusermount3", "-u", "-z", path], check=False, capture_stdout=True, capture_stderr=True)
+    await _lazy_unmount(path)
     return True
 
 
@@ -327,7 +332,7 @@ async def unmount_ours(path: str) -> int:
     daemon, or dead), stopping at the first that is not ours. Returns how many."""
     count = 0
     while (stack := mount_stack(real_mountpoint(path))) and stack[-1].source.startswith(OUR_SOURCES) and count < 64:
-        await trio.run_process(["fusermount3", "-u", "-z", path], check=False, capture_stdout=True, capture_stderr=True)
+        await _lazy_unmount(path)
         if len(mount_stack(real_mountpoint(path))) >= len(stack):
             break  # could not: leave it to the caller's checks
         count += 1
@@ -338,6 +343,6 @@ async def unmount_if_mounted(path: str) -> bool:
     """Lazy unmount of whatever is mounted at `path` (also a dead one: "Transport endpoint is not
     connected"), for paths no placeholder holds. A mount that is already gone counts as success."""
     if is_mounted(path):
-        await trio.run_process(["fusermount3", "-u", "-z", path], check=False, capture_stdout=True, capture_stderr=True)
+        await _lazy_unmount(path)
         return True
     return False

@@ -165,8 +165,7 @@ class Mount:
             "worker_pid": self.worker.process.pid if self.worker is not None and self.worker.process is not None else None,
             "next_try": self.next_try,
             "placeholder": self.path_state() == "held",
-            "placeholder_pid": self.hold.placeholder.process.pid if self.hold is not None and self.hold.placeholder is not None
-            and self.hold.placeholder.process is not None else None,
+            "placeholder_pid": self.hold.placeholder_pid if self.hold is not None else None,
             "path": self.path_state(),
             "rescued": self.rescued,
             "rescued_total": self.rescued_total,
@@ -225,10 +224,8 @@ class Daemon:
         self.rescue_base = Path(cfg.cache_dir or default_cache_dir())
         if cfg.placeholders:
             for m in self.mounts.values():
-                placeholder_cfg = {"name": m.name, "mountpath": m.mount.mountpath, "root": manifest.root, "mount_helper": cfg.mount_helper,
-                                   "allow_other": cfg.allow_other, "log_level": cfg.log_level}
-                m.hold = PathHold(m.name, m.mount.mountpath, root=manifest.root, rescue_base=self.rescue_base,
-                                  placeholder_cfg=placeholder_cfg, rescue_enabled=m.mount.mode != "copy")
+                m.hold = PathHold(m.name, m.mount.mountpath, root=manifest.root, rescue_base=self.rescue_base, mount_helper=cfg.mount_helper,
+                                  allow_other=cfg.allow_other, log_level=cfg.log_level, rescue_enabled=m.mount.mode != "copy")
 
     # -- state -------------------------------------------------------------------------------
 
@@ -343,7 +340,7 @@ class Daemon:
             if m.mount.mode == "copy":  # the copy is written into the folder itself
                 await m.hold.release()
                 return None
-            return await m.hold.before_worker()
+            return await m.hold.before_worker(self._placeholder_message(m))
 
         error = await m.worker.start(self.worker_config(m, creds), self.cfg.mount_timeout, before_mount=clear_path)
         if error:  # the worker logged its check; the state change below logs the code

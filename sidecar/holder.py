@@ -43,7 +43,9 @@ import trio
 from sidecar import rescue
 from sidecar.children import WorkerProcess, unmount_ours, unmount_top
 from sidecar.log import get_logger
-from sidecar.mounttable import UnsafeMountPath, safe_mountpoint
+from sidecar.mounttable import UnsafeMountPath
+from sidecar.private import UnsafeFolder, private_folder
+from sidecar.process import prepare_mountpoint
 
 log = get_logger("sidecar.holder")
 
@@ -51,30 +53,34 @@ PLACEHOLDER_START_S = 15.0
 LOCKED_MODE = 0o555
 
 
-def open_folder(root: str | None, mountpath: str) -> tuple[str, int]:
-    """(real path, directory fd) of the bare folder at a mount path, walked without following
-    symlinks when there is a root."""
-    real = safe_mountpoint(root, mountpath) if root else os.path.realpath(mountpath)
-    if not root:
-        os.makedirs(real, exist_ok=True)
-    return real, os.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def open_folder(root: str | None, mountpath: str) -> int:
+    """A directory fd of the bare folder at a mount path (prepared as a worker prepares it:
+    walked without following symlinks when there is a root)."""
+    return os.open(prepare_mountpoint(root, mountpath), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
 
 class PathHold:
-    def __init__(self, name: str, mountpath: str, *, root: str | None, rescue_base: Path, placeholder_cfg: dict[str, Any],
-                 rescue_enabled: bool = True) -> None:
+    def __init__(self, name: str, mountpath: str, *, root: str | None, rescue_base: Path, mount_helper: str | None = None,
+                 allow_other: bool = False, log_level: str = "info", rescue_enabled: bool = True) -> None:
         self.name = name
         self.mountpath = mountpath
         self.root = root
         self.rescue_base = rescue_base
-        self.placeholder_cfg = placeholder_cfg
+        # the placeholder's configuration (sidecar.placeholder), but for its message
+        self.placeholder_cfg: dict[str, Any] = {"name": name, "mountpath": mountpath, "root": root, "mount_helper": mount_helper,
+                                                "allow_other": allow_other, "log_level": log_level}
         self.rescue_enabled = rescue_enabled
         self.placeholder: WorkerProcess | None = None
         self.locked_mode: int | None = None  # the folder's own mode, while it is kept 0555
         self.first = True
         self.last_rescue: Path | None = None  # the batch folder of the latest rescue
         self.fd: int | None = None  # the bare folder, open while the path is held
-        self.can_stack = os.geteuid() == 0 or bool(placeholder_cfg.get("mount_helper")) or bool(placeholder_cfg.get("allow_other"))
+        self.can_stack = os.geteuid() == 0 or bool(mount_helper) or allow_other
+
+    @property
+    def placeholder_pid(self) -> int | None:
+        proc = self.placeholder.process if self.placeholder is not None else None
+        return proc.pid if proc is not None else None
 
     @property
     def state(self) -> str:
@@ -114,7 +120,7 @@ class PathHold:
         error = await placeholder.start({**self.placeholder_cfg, "message": message}, PLACEHOLDER_START_S)
         if error:
             log.error("placeholder_failed", mount=self.name, mountpath=self.mountpath, **error)
-            await trio.to_thread.run_sync(self._lock, self.fd)
+            await trio.to_thread.run_sync(self._lock, self.fd, "no FUSE mount could be made")
             return None
         self.placeholder = placeholder
         return await self._rescue(self.fd)
@@ -124,17 +130,18 @@ class PathHold:
             os.close(self.fd)
             self.fd = None
         try:
-            _real, self.fd = await trio.to_thread.run_sync(open_folder, self.root, self.mountpath)
+            self.fd = await trio.to_thread.run_sync(open_folder, self.root, self.mountpath)
         except (UnsafeMountPath, OSError) as exc:
             return {"code": "mount_path_unsafe", "reason": str(exc)}
         return None
 
-    async def before_worker(self) -> dict[str, str] | None:
-        """Right before the worker mounts: a locked folder gets its entries moved aside and its
-        own mode back (fusermount3 wants a folder its user may write); where the worker cannot
-        mount on top of the placeholder, the placeholder goes (see the module's docstring)."""
-        if self.placeholder is not None and not self.placeholder.alive:  # it died: hold the path again first
-            error = await self.hold("State: checking: mounting...")
+    async def before_worker(self, message: str) -> dict[str, str] | None:
+        """Right before the worker mounts: a placeholder that died is replaced (showing
+        `message`); a locked folder gets its entries moved aside and its own mode back
+        (fusermount3 wants a folder its user may write); where the worker cannot mount on top of
+        the placeholder, the placeholder goes (see the module's docstring)."""
+        if self.placeholder is not None and not self.placeholder.alive:
+            error = await self.hold(message)
             if error is not None:
                 return error
         if self.state == "locked" and self.fd is not None:
@@ -161,7 +168,7 @@ class PathHold:
             # Never hide what could not be moved: the path shows the folder, unwritable.
             log.error("rescue_failed", mount=self.name, mountpath=self.mountpath, reason=str(exc))
             await self._drop_placeholder()
-            await trio.to_thread.run_sync(self._lock, fd)
+            await trio.to_thread.run_sync(self._lock, fd, "files beneath it could not be moved aside")
             return {"code": "mount_path_not_empty", "reason": f"files were found under {self.mountpath} and could not be moved aside: {exc}"}
         if batch is not None:
             self.last_rescue = batch
@@ -178,20 +185,20 @@ class PathHold:
         except (OSError, ValueError):
             return None
 
-    def _lock(self, fd: int) -> None:
+    def _lock(self, fd: int, why: str) -> None:
         mode = stat.S_IMODE(os.fstat(fd).st_mode)
         if self.locked_mode is None and mode != LOCKED_MODE:
             self.locked_mode = mode
-        elif self.locked_mode is None:
-            return
+        elif self.locked_mode is None or mode == LOCKED_MODE and self._recorded_mode() == self.locked_mode:
+            return  # 0555 by its owner's choice, or already locked (a retry): nothing to do or say
         try:
-            self._mode_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            private_folder(self._mode_file.parent)
             self._mode_file.write_text(f"{self.locked_mode:o}\n")
             os.fchmod(fd, LOCKED_MODE)
             log.warning("mount_path_locked", mount=self.name, mountpath=self.mountpath,
-                        reason="no FUSE mount could be made: the folder is read-only until the storage is mounted")
-        except OSError as exc:
-            log.error("mount_path_not_locked", mount=self.name, mountpath=self.mountpath, reason=exc.strerror)
+                        reason=f"{why}: the folder is read-only until the storage is mounted")
+        except (OSError, UnsafeFolder) as exc:
+            log.error("mount_path_not_locked", mount=self.name, mountpath=self.mountpath, reason=getattr(exc, "strerror", None) or str(exc))
             self.locked_mode = None
 
     def _unlock(self, fd: int) -> None:

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sidecar.private import UnsafeFolder, private_folder
+
 RESCUED = "rescued"
 LISTED_MAX = 1000  # entries listed per mount (status stays small); the count is always whole
 
@@ -56,18 +58,11 @@ def mount_folder(base: Path | str, mount: str) -> Path:
     return Path(base) / RESCUED / mount
 
 
-def _private_dirs(path: Path) -> None:
-    for p in reversed([path, *path.parents]):
-        if p.name == "" or p.exists():
-            continue
-        os.mkdir(p, 0o700)
-    os.chmod(path, 0o700)
-
-
 def _new_batch(base: Path, mount: str) -> Path:
     """A new `<UTC time>` folder (with a suffix when one of that second exists)."""
     parent = mount_folder(base, mount)
-    _private_dirs(parent)
+    private_folder(parent.parent)
+    private_folder(parent)
     stamp = time.strftime("%Y-%m-%dT%H%M%SZ", time.gmtime())
     for n in range(1000):
         dest = parent / (stamp if n == 0 else f"{stamp}.{n}")
@@ -88,8 +83,8 @@ def move_aside(dir_fd: int, base: Path | str, mount: str) -> Path | None:
         return None
     try:
         dest = _new_batch(Path(base), mount)
-    except OSError as exc:
-        raise RescueFailed(f"cannot create the rescue folder: {exc.strerror}") from None
+    except (OSError, UnsafeFolder) as exc:
+        raise RescueFailed(f"cannot create the rescue folder: {getattr(exc, 'strerror', None) or exc}") from None
     dest_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         moved = os.fstat(dest_fd).st_dev == os.fstat(dir_fd).st_dev and _rename_all(dir_fd, dest_fd, names)
