@@ -151,8 +151,10 @@ class ObjectStore(Protocol):
         """Everything directly under `prefix` ("" for the bucket root), all pages; with
         `max_entries`, at most about that many (`complete` says whether that was all)."""
 
-    async def stat(self, key: str) -> ObjectInfo | DirInfo | None:
-        """The object `key`, else the directory `key/` if any object lies under it, else None."""
+    async def stat(self, key: str, *, folder_first: bool = False) -> ObjectInfo | DirInfo | None:
+        """The object `key`, else the directory `key/` if any object lies under it, else None.
+        With `folder_first`, the directory wins over an object of the same name, as it does in
+        listings (a folder being checked again must not turn into the object beside it)."""
 
     async def get_range(self, key: str, start: int, end: int, etag: str) -> bytes:
         """Bytes [start, end) of `key`; raises ObjectChanged if its etag is no longer `etag`."""

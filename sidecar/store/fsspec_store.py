@@ -374,7 +374,9 @@ class FsspecStore:
                 out.files.append(self._object_info(d))
         return out
 
-    async def stat(self, key: str) -> ObjectInfo | DirInfo | None:
+    async def stat(self, key: str, *, folder_first: bool = False) -> ObjectInfo | DirInfo | None:
+        if folder_first and await self._has_folder(key):
+            return DirInfo(key)
         self.stats.head_requests += 1
         try:
             d = await self._run(f"stat {key}", lambda: self.fs._info(self._path(key), refresh=True))
@@ -383,6 +385,16 @@ class FsspecStore:
         if d.get("type") == "directory":
             return DirInfo(key)
         return self._object_info(d)
+
+    async def _has_folder(self, key: str) -> bool:
+        """Whether anything lies under `key/` (adlfs lists every name starting with `key`, the
+        object `key` itself too: only names below `key/` count)."""
+        self.stats.list_requests += 1
+        try:
+            entries = await self._run(f"list {key}/", lambda: self.fs._ls(self._path(key) + "/", detail=True, refresh=True))
+        except NotFound:
+            return False
+        return any(self._key(d["name"]).startswith(key + "/") for d in entries)
 
     def _fetched(self, data: bytes) -> bytes:
         self.stats.get_requests += 1
@@ -715,9 +727,18 @@ class S3Store(_S3Writes, FsspecStore):
         listing.complete = complete
         return listing
 
-    async def stat(self, key: str) -> ObjectInfo | DirInfo | None:
+    async def stat(self, key: str, *, folder_first: bool = False) -> ObjectInfo | DirInfo | None:
         """A HEAD (its `mtime` metadata wins over Last-Modified: rclone's convention), and only
-        if there is no such object, one LIST of `key/` to tell a folder from nothing."""
+        if there is no such object, one LIST of `key/` to tell a folder from nothing. With
+        `folder_first`, the LIST comes first and the HEAD only if it finds nothing."""
+
+        async def folder() -> bool:
+            self.stats.list_requests += 1
+            page = await self._run(f"stat {key}/", lambda: self.fs._call_s3("list_objects_v2", Bucket=self.bucket, Prefix=key + "/", MaxKeys=1))
+            return bool(page.get("KeyCount", 0) or page.get("Contents"))
+
+        if folder_first and key and await folder():
+            return DirInfo(key)
 
         async def head() -> Any:
             try:
@@ -730,9 +751,9 @@ class S3Store(_S3Writes, FsspecStore):
         if resp is not None:
             return ObjectInfo(key, int(resp.get("ContentLength", 0)), str(resp.get("ETag", "")).strip('"'),
                               _user_mtime(resp.get("Metadata")) or _mtime(resp.get("LastModified")))
-        self.stats.list_requests += 1
-        page = await self._run(f"stat {key}/", lambda: self.fs._call_s3("list_objects_v2", Bucket=self.bucket, Prefix=key + "/", MaxKeys=1))
-        return DirInfo(key) if page.get("KeyCount", 0) or page.get("Contents") else None
+        if folder_first:
+            return None
+        return DirInfo(key) if await folder() else None
 
     async def set_mtime(self, key: str, etag: str, mtime: float) -> ObjectInfo | None:
         """A server-side copy of the object onto itself with the new `mtime` metadata (the bytes

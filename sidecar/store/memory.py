@@ -58,9 +58,11 @@ class MemoryStore:
             out.files, out.complete = out.files[:max_entries], False
         return out
 
-    async def stat(self, key: str) -> ObjectInfo | DirInfo | None:
+    async def stat(self, key: str, *, folder_first: bool = False) -> ObjectInfo | DirInfo | None:
         await self._call()
         self.stats.head_requests += 1
+        if folder_first and any(k.startswith(key + "/") for k in self.objects):
+            return DirInfo(key)
         if key in self.objects:
             return self.objects[key][1]
         if any(k.startswith(key + "/") for k in self.objects):

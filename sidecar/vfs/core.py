@@ -362,7 +362,7 @@ class Filesystem:
         found at another version is superseded (a new inode stands for the new version)."""
         if node.ino == ROOT_INO or node.staged is not None or node.superseded or self._fresh(node, trio.current_time()):
             return
-        found = await self.store.stat(node.key)
+        found = await self.store.stat(node.key, folder_first=node.is_dir)
         now = trio.current_time()
         if found is None or isinstance(found, DirInfo) != node.is_dir:
             self.listings.set_absent(node.key, now)

@@ -5,6 +5,7 @@ import hashlib
 import os
 import random
 import shutil
+import stat
 import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -307,3 +308,23 @@ def test_an_object_named_like_a_folder_never_hides_the_folder(bucket, mount_work
     w.refresh()
     assert open(os.path.join(w.mnt, "same/child"), "rb").read() == b"the child"
     assert '"object_skipped"' in open(w.cfg["log"]).read()
+
+
+def test_a_folder_held_open_past_its_ttl_is_not_hidden_by_an_object_of_its_name(bucket, mount_worker):
+    """A shell sitting in folder `same` (blobs `same` and `same/child`): once the folder's
+    attributes are due for a check (its TTL, forced here by a refresh), the check must not take
+    the object for the folder. Before, the check's HEAD found the object, the folder was
+    dropped, and the shell saw an empty folder and ENOENT for `same/child`."""
+    bucket.put("same", b"an object named like the folder")
+    bucket.put("same/child", b"the child")
+    w = mount_worker(bucket)
+    fd = os.open(os.path.join(w.mnt, "same"), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert os.listdir(fd) == ["child"]
+        w.refresh()  # every attribute due, as after the folder TTL
+        assert stat.S_ISDIR(os.fstat(fd).st_mode)
+        assert os.listdir(fd) == ["child"]
+        assert os.listdir(os.path.join(w.mnt, "same")) == ["child"]
+        assert open(os.path.join(w.mnt, "same/child"), "rb").read() == b"the child"
+    finally:
+        os.close(fd)
