@@ -5,7 +5,6 @@ placeholders, seen from the daemon's trio loop as JSON lines over their stdin an
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import signal
@@ -21,7 +20,10 @@ import trio
 from sidecar import credentials as credential_sources
 from sidecar.log import get_logger
 from sidecar.mounttable import OUR_SOURCES, is_mounted, is_placeholder, mount_stack, real_mountpoint
-from sidecar.protocol import WorkerConfig, WorkerStats
+from sidecar.protocol import (
+    Checked, Command, Copying, Event, Failed, Mount, Mounted, PlaceholderConfig, ProtocolError, Stats, StatsReport, WorkerConfig,
+    WorkerStats, decode_event,
+)
 
 log = get_logger("sidecar.children")
 
@@ -195,37 +197,92 @@ class WorkerTemplate:
                 self.process.kill()
 
 
+class Children:
+    """Where the daemon's child processes come from: forked from the warm template
+    (sidecar.template) while it lives, else each spawned in a fresh interpreter. The template's
+    life: `start` (it can fork placeholders), `warm_up` (it imports the SDKs of `providers`, and
+    can fork workers), `stop`. A worker due before the warm-up ends waits for it (`ready`) rather
+    than importing the same modules once more beside it."""
+
+    def __init__(self, fork: bool, providers: list[str]) -> None:
+        self.fork = fork
+        self.providers = providers
+        self.template: WorkerTemplate | None = None
+        self.ready = trio.Event()
+
+    def process(self, name: str, mountpath: str, module: str = "sidecar.worker") -> "WorkerProcess":
+        return WorkerProcess(name, mountpath, module, template=self.template)
+
+    async def start(self) -> None:
+        if not self.fork:
+            self.ready.set()
+            return
+        template = WorkerTemplate()
+        if await template.start(worker_environment(), self.providers):
+            self.template = template
+        else:
+            log.warning("worker_template_failed", reason="it did not start; workers and placeholders are spawned")
+            await template.stop()
+            self.ready.set()
+
+    async def warm_up(self) -> None:
+        template = self.template
+        try:
+            if template is None:
+                return
+            if await template.warm_up():
+                log.info("worker_template_ready")
+            else:
+                log.warning("worker_template_failed", reason="it did not get ready; workers are spawned")
+                self.template = None
+                await template.stop()
+        finally:
+            self.ready.set()
+
+    async def stop(self) -> None:
+        if self.template is not None:
+            await self.template.stop()
+            self.template = None
+
+
 class WorkerProcess:
-    """The trio side of one worker process (JSON lines over its stdin/stdout)."""
+    """The trio side of one child process (worker, copy worker or placeholder): its
+    configuration, the commands it is sent and the events it answers (sidecar.protocol)."""
 
-    template: WorkerTemplate | None = None  # set by the daemon: workers are forked from it
-
-    def __init__(self, name: str, mountpath: str, module: str = "sidecar.worker") -> None:
+    def __init__(self, name: str, mountpath: str, module: str = "sidecar.worker", template: WorkerTemplate | None = None) -> None:
         self.name = name
         self.mountpath = mountpath
         self.module = module
+        self.template = template  # workers and placeholders are forked from it when there is one
         self.process: trio.Process | None = None
         self._buffer = b""
         self._lock = trio.Lock()
         self._may_have_mounted = False  # stop() unmounts the path only if this process may own it
 
-    async def _read_event(self) -> dict[str, Any] | None:
+    async def _read_event(self) -> Event | None:
+        """The child's next event; None when its stdout closed. A line that is no event is
+        logged and skipped."""
         assert self.process is not None and self.process.stdout is not None
-        while b"\n" not in self._buffer:
-            chunk = await self.process.stdout.receive_some(65536)
-            if not chunk:
-                return None
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return json.loads(line)
+        while True:
+            while b"\n" not in self._buffer:
+                chunk = await self.process.stdout.receive_some(65536)
+                if not chunk:
+                    return None
+                self._buffer += chunk
+            line, self._buffer = self._buffer.split(b"\n", 1)
+            try:
+                return decode_event(line)
+            except ProtocolError as exc:
+                log.warning("event_skipped", mount=self.name, reason=str(exc))
 
-    async def start(self, cfg: WorkerConfig | dict[str, Any], timeout: float,
+    async def start(self, cfg: WorkerConfig | PlaceholderConfig, timeout: float,
                     before_mount: Callable[[], Awaitable[dict[str, str] | None]] | None = None) -> dict[str, str] | None:
-        """Starts the worker (forked from the warm template when there is one); None once
+        """Starts the child (forked from the warm template when there is one); None once
         mounted, else an error {code, reason}. A worker that runs the pre-flight check first
-        (`cfg.preflight`) reports `checked`; then `before_mount` runs (it prepares the mount path,
-        or returns the error that forbids mounting there) and the worker is told to mount. `timeout` is the mount's; the check has its own deadline."""
-        preflight = isinstance(cfg, WorkerConfig) and cfg.preflight
+        (`cfg.preflight`) reports `Checked`; then `before_mount` runs (it prepares the mount path,
+        or returns the error that forbids mounting there) and the worker is told to `Mount`.
+        `timeout` is the mount's; the check has its own deadline."""
+        preflight = cfg.preflight
         self._may_have_mounted = not preflight
         kind = {"sidecar.worker": "worker", "sidecar.placeholder": "placeholder"}.get(self.module)
         forked = await self.template.fork(kind) if self.template is not None and kind else None
@@ -236,30 +293,30 @@ class WorkerProcess:
                 [sys.executable, "-m", self.module], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=worker_environment()
             )
         assert self.process.stdin is not None
-        await self.process.stdin.send_all(cfg.to_line() if isinstance(cfg, WorkerConfig) else (json.dumps(cfg) + "\n").encode())
-        with trio.move_on_after(timeout + (cfg.check_deadline if preflight else 0)):  # type: ignore[union-attr]
+        await self.process.stdin.send_all(cfg.to_line())
+        with trio.move_on_after(timeout + (cfg.check_deadline if isinstance(cfg, WorkerConfig) and preflight else 0)):
             event = await self._read_event()
-            if event and event.get("event") == "checked":
+            if isinstance(event, Checked):
                 refused = await before_mount() if before_mount is not None else None
                 if refused:
                     await self.stop(5)
                     return refused
                 self._may_have_mounted = True
-                await self.process.stdin.send_all(b"mount\n")
+                await self.process.stdin.send_all(Mount().encode())
                 event = await self._read_event()
-            if event and event.get("event") in ("mounted", "copying"):
+            if isinstance(event, (Mounted, Copying)):
                 return None
             await self.stop(5)
-            event = event or {}
-            return {"code": event.get("code", "mount_failed"), "reason": event.get("reason", "the mount process exited")}
+            return event.as_error() if isinstance(event, Failed) else {"code": "mount_failed", "reason": "the mount process exited"}
         await self.stop(5)
         return {"code": "timeout", "reason": f"not mounted within {timeout:g} s"}
 
-    async def send_line(self, doc: Any) -> None:
+    async def send(self, command: Command) -> None:
+        """A command that expects no answer."""
         if self.alive:
             assert self.process is not None and self.process.stdin is not None
             try:
-                await self.process.stdin.send_all((json.dumps(doc) + "\n").encode())
+                await self.process.stdin.send_all(command.encode())
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
 
@@ -274,25 +331,26 @@ class WorkerProcess:
         assert self.process is not None
         return await self.process.wait()
 
-    async def call(self, line: bytes, expect: str, timeout: float) -> dict[str, Any] | None:
-        """Sends a command line and returns the worker's `expect` event (None if the worker is
-        gone or did not answer in time). Answers to earlier calls that timed out are skipped."""
+    async def call(self, command: Command, timeout: float) -> Any:
+        """Sends `command` and returns the event that answers it (None if the child is gone or
+        did not answer in time). Answers to earlier calls that timed out are skipped."""
         if not self.alive:
             return None
         async with self._lock:
             with trio.move_on_after(timeout):
                 assert self.process is not None and self.process.stdin is not None
                 try:
-                    await self.process.stdin.send_all(line)
+                    await self.process.stdin.send_all(command.encode())
                     while (event := await self._read_event()) is not None:
-                        if event.get("event") == expect:
+                        if event.name == command.answer:
                             return event
-                except (trio.BrokenResourceError, trio.ClosedResourceError, ValueError):
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return None
         return None
 
     async def stats(self, timeout: float = 2.0) -> WorkerStats | None:
-        return await self.call(b"stats\n", "stats", timeout)  # type: ignore[return-value]
+        report: StatsReport | None = await self.call(Stats(), timeout)
+        return report.stats if report is not None else None  # type: ignore[return-value]
 
     async def stop(self, grace: float) -> None:
         proc = self.process

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 import click
 
@@ -325,6 +326,28 @@ def _ask_credentials(provider: str) -> dict[str, str]:
     return values
 
 
+def _until_credentials_work(sidecar: Any, name: str, st: Any, code: int, body: Any) -> tuple[int, Any]:
+    """On a terminal, while the sidecar says the storage needs credentials: asks for them (or
+    to go on without the storage), three times at most; offers to save those that worked."""
+    from sidecar import credentials
+
+    attempts = 0
+    while code == 200 and body["state"] == "needs_credentials" and attempts < 3:
+        attempts += 1
+        click.echo(f"  {name}: {body['error']['reason']}")
+        choice = click.prompt("  Enter credentials, or go on without this storage?", type=click.Choice(["enter", "skip"]), default="enter")
+        if choice == "skip":
+            return sidecar.request(f"/mounts/{name}/skip", "POST")  # type: ignore[no-any-return]
+        values = _ask_credentials(st.provider)
+        code, body = sidecar.request(f"/mounts/{name}/credentials", "POST", values)
+        if code == 200 and body["state"] == "mounted" and click.confirm("  Save them in the local credential store?", default=False):
+            try:
+                click.echo(f"  saved in {credentials.save_local(st.name or name, values)}")
+            except credentials.InsecureCredentials as exc:
+                click.echo(f"  not saved: {exc}", err=True)
+    return code, body
+
+
 @main.command()
 @click.argument("names", nargs=-1)
 @click.option("--socket", "socket_path", default=None, help="Ask the sidecar at this socket.")
@@ -384,21 +407,8 @@ def mount(names, socket_path, foreground, yes, no_mount, skips, project_dir) -> 
                 continue
             click.echo(f"mounting {name} ...", err=True)
             code, body = sidecar.request(f"/mounts/{name}/mount", "POST")
-            attempts = 0
-            while code == 200 and body["state"] == "needs_credentials" and interactive and attempts < 3:
-                attempts += 1
-                click.echo(f"  {name}: {body['error']['reason']}")
-                choice = click.prompt("  Enter credentials, or go on without this storage?", type=click.Choice(["enter", "skip"]), default="enter")
-                if choice == "skip":
-                    code, body = sidecar.request(f"/mounts/{name}/skip", "POST")
-                    break
-                values = _ask_credentials(st.provider)
-                code, body = sidecar.request(f"/mounts/{name}/credentials", "POST", values)
-                if code == 200 and body["state"] == "mounted" and click.confirm("  Save them in the local credential store?", default=False):
-                    try:
-                        click.echo(f"  saved in {credentials.save_local(st.name or name, values)}")
-                    except credentials.InsecureCredentials as exc:
-                        click.echo(f"  not saved: {exc}", err=True)
+            if interactive:
+                code, body = _until_credentials_work(sidecar, name, st, code, body)
             if code != 200:
                 failed += 1
                 click.echo(f"  {name}: {body.get('error') if isinstance(body, dict) else body}", err=True)

@@ -1,17 +1,11 @@
-"""The daemon: manifest -> pre-flight -> one worker process per mount -> control socket -> signals.
+"""The daemon: manifest -> credentials -> one worker process per mount -> control socket -> signals.
 
-Per-mount state machine (`MountState`):
-
-    pending -> checking -> mounted | needs_credentials | failed | skipped
-    mounted <-> degraded       (backend errors since the last poll)
-    mounted -> unmounted       (POST unmount, shutdown)
-    mounted -> failed -> checking -> mounted   (the worker died: noticed, reported, mounted again)
-
-Each mount has one supervisor task that owns its state; everything else (control socket,
-signals, worker exit) talks to it through its command channel, so state changes are serialised
-and logged in one place. Each mount is served by its own `sidecar.worker` process (pyfuse3
-serves one file system per process, and a crash then takes down one mount only). One bad
-storage never blocks or fails the others.
+Each mount has one supervisor task (`Daemon.supervise`) that owns its state (the states and
+their diagram: sidecar.states, docs/ARCHITECTURE.md); everything else (the control socket's
+API in sidecar.api, signals, a worker's exit) talks to it through its command channel, so state
+changes are serialised and logged in one place. Each mount is served by its own
+`sidecar.worker` process (pyfuse3 serves one file system per process, and a crash then takes
+down one mount only). One bad storage never blocks or fails the others.
 
 SIGTERM/SIGINT: stop accepting requests, stop every worker (which unmounts) within the grace
 period, lazily unmount whatever is left, remove the socket, exit 0.
@@ -19,7 +13,6 @@ period, lazily unmount whatever is left, remove the socket, exit 0.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -32,10 +25,11 @@ import trio
 
 from sidecar import credentials as credential_sources
 from sidecar import preflight, protocol, rescue
-from sidecar.children import WorkerProcess, WorkerTemplate, unmount_if_mounted, unmount_ours, worker_environment
-from sidecar.control import REQUEST_DEADLINE, EventStream, HTTPError, route, serve
+from sidecar.children import Children, WorkerProcess, unmount_if_mounted, unmount_ours
+from sidecar.api import ControlAPI
+from sidecar.control import serve
 from sidecar.holder import PathHold
-from sidecar.log import get_logger, register_secret
+from sidecar.log import get_logger
 from sidecar.manifest import Manifest, RemoteStorage, StorageMount
 from sidecar.process import default_cache_dir
 from sidecar.protocol import WorkerConfig, WorkerStats
@@ -48,7 +42,6 @@ RETRY_FIRST = 1.0  # s before the first automatic attempt after a failure
 RETRY_FAST_CAP = 8.0  # s between attempts while a failure is recent (< RETRY_FAST_PERIOD)
 RETRY_FAST_PERIOD = 600.0
 RETRY_SLOW = 60.0
-ACTION_WAIT = REQUEST_DEADLINE - 2  # a POST action answers 202 once this has passed
 
 
 @dataclass
@@ -80,31 +73,6 @@ class DaemonConfig:
     mount_helper: str | None = None  # mount through a privileged helper (fd passing)
     fork_workers: bool = True  # workers forked from a warm template process
     copy_limit: int = protocol.COPY_LIMIT
-
-
-def busy_pids(path: str) -> list[int]:
-    """Processes with a file open, or their working directory, inside `path`."""
-    real = os.path.realpath(path)
-    prefix = real.rstrip("/") + "/"
-    me = os.getpid()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        links = [f"/proc/{entry}/cwd"]
-        try:
-            links += [f"/proc/{entry}/fd/{fd}" for fd in os.listdir(f"/proc/{entry}/fd")]
-        except OSError:
-            pass
-        for link in links:
-            try:
-                target = os.readlink(link)
-            except OSError:
-                continue
-            if target == real or target.startswith(prefix):
-                found.append(int(entry))
-                break
-    return found
 
 
 @dataclass
@@ -180,6 +148,28 @@ class Mount:
             "staged": stats.get("staged") or [],
         }
 
+    def placeholder_message(self) -> str:
+        """What the placeholder's file says while the path is held."""
+        m = self
+        err = m.error or {}
+        if m.state in ("pending", "checking"):
+            text = f"State: {m.state}: mounting..."
+        else:
+            text = f"State: {m.state}" + (f" ({err.get('code')}): {err.get('reason')}" if err else "")
+        if m.next_try is not None:
+            text += f"\nNext attempt: {time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(m.next_try))}"
+        return text
+
+    def state_event(self, ready: bool) -> dict[str, Any]:
+        m = self
+        event = {"type": "mount_state", "mount": m.name, "mountpath": m.mount.mountpath, "state": m.state, "time": m.since,
+                 "ready": ready}
+        if m.error:
+            event.update(code=m.error.get("code"), reason=m.error.get("reason"))
+        if m.next_try is not None:
+            event["next_try"] = m.next_try
+        return event
+
 
 class EventBus:
     """Live progress for launchers (`GET /events`): each subscriber has a bounded buffer, and
@@ -211,6 +201,47 @@ class EventBus:
             send.close()
 
 
+def worker_config(cfg: DaemonConfig, root: str | None, m: Mount, creds: dict[str, str]) -> WorkerConfig:
+    """The configuration of the worker of mount `m`: the manifest's word, then the daemon's."""
+    st, mt = m.storage, m.mount
+    return WorkerConfig(
+        name=mt.name or "",
+        storage_id=st.id or "",
+        url=st.url,
+        options=st.options,
+        source_path=mt.source_path,
+        mountpath=mt.mountpath,
+        root=root,
+        mount_helper=cfg.mount_helper,
+        readonly=st.readonly,
+        write_mode=mt.write_mode,
+        writeback_delay=mt.writeback_delay,
+        mtime_source=mt.mtime_source,
+        mode=mt.mode,
+        copy_limit=mt.copy_limit or cfg.copy_limit,
+        prefetch=list(mt.prefetch),
+        ttl=mt.metadata_ttl if mt.metadata_ttl is not None else (protocol.METADATA_TTL_READONLY if st.readonly else protocol.METADATA_TTL),
+        deadline=mt.deadline,
+        credentials=creds,
+        cache_dir=cfg.cache_dir,
+        block_size=cfg.block_size,
+        fetch_size=cfg.fetch_size,
+        max_fetches=cfg.max_fetches,
+        memory_limit=cfg.memory_limit,
+        readahead=cfg.readahead,
+        disk_limit=cfg.disk_limit,
+        staging_limit=cfg.staging_limit,
+        uid=cfg.uid,
+        gid=cfg.gid,
+        allow_other=cfg.allow_other,
+        log_level=cfg.log_level,
+        grace_period=cfg.grace_period,
+        preflight=True,
+        write_probe=cfg.write_probe,
+        check_deadline=cfg.check_deadline,
+    )
+
+
 class Daemon:
     def __init__(self, manifest: Manifest, cfg: DaemonConfig) -> None:
         self.manifest = manifest
@@ -219,24 +250,14 @@ class Daemon:
         self.started = time.time()
         self._stopping = False
         self.events = EventBus()
-        self._template: WorkerTemplate | None = None
-        self._template_ready = trio.Event()
+        self.children = Children(cfg.fork_workers, sorted({m.storage.provider for m in self.mounts.values()}))
         self.rescue_base = Path(cfg.cache_dir or default_cache_dir())
         if cfg.placeholders:
             for m in self.mounts.values():
-                m.hold = PathHold(m.name, m.mount.mountpath, root=manifest.root, rescue_base=self.rescue_base, mount_helper=cfg.mount_helper,
+                m.hold = PathHold(m.name, m.mount.mountpath, self.children, root=manifest.root, rescue_base=self.rescue_base, mount_helper=cfg.mount_helper,
                                   allow_other=cfg.allow_other, log_level=cfg.log_level, rescue_enabled=m.mount.mode != "copy")
 
     # -- state -------------------------------------------------------------------------------
-
-    def _state_event(self, m: Mount) -> dict[str, Any]:
-        event = {"type": "mount_state", "mount": m.name, "mountpath": m.mount.mountpath, "state": m.state, "time": m.since,
-                 "ready": self.ready()}
-        if m.error:
-            event.update(code=m.error.get("code"), reason=m.error.get("reason"))
-        if m.next_try is not None:
-            event["next_try"] = m.next_try
-        return event
 
     def _set(self, m: Mount, state: str, error: dict[str, str] | None = None) -> None:
         if m.state != state or m.error != error:
@@ -245,7 +266,7 @@ class Daemon:
             if error:
                 fields.update(code=error.get("code"), reason=error.get("reason"))
             (log.warning if state in ("failed", "needs_credentials", "degraded") else log.info)("mount_state", **fields)
-            self.events.publish(self._state_event(m))
+            self.events.publish(m.state_event(self.ready()))
 
     def ready(self) -> bool:
         for m in self.mounts.values():
@@ -258,45 +279,6 @@ class Daemon:
         return True
 
     # -- the supervisor of one mount ---------------------------------------------------------
-
-    def worker_config(self, m: Mount, creds: dict[str, str]) -> WorkerConfig:
-        st, mt, cfg = m.storage, m.mount, self.cfg
-        return WorkerConfig(
-            name=mt.name or "",
-            storage_id=st.id or "",
-            url=st.url,
-            options=st.options,
-            source_path=mt.source_path,
-            mountpath=mt.mountpath,
-            root=self.manifest.root,
-            mount_helper=cfg.mount_helper,
-            readonly=st.readonly,
-            write_mode=mt.write_mode,
-            writeback_delay=mt.writeback_delay,
-            mtime_source=mt.mtime_source,
-            mode=mt.mode,
-            copy_limit=mt.copy_limit or cfg.copy_limit,
-            prefetch=list(mt.prefetch),
-            ttl=mt.metadata_ttl if mt.metadata_ttl is not None else (protocol.METADATA_TTL_READONLY if st.readonly else protocol.METADATA_TTL),
-            deadline=mt.deadline,
-            credentials=creds,
-            cache_dir=cfg.cache_dir,
-            block_size=cfg.block_size,
-            fetch_size=cfg.fetch_size,
-            max_fetches=cfg.max_fetches,
-            memory_limit=cfg.memory_limit,
-            readahead=cfg.readahead,
-            disk_limit=cfg.disk_limit,
-            staging_limit=cfg.staging_limit,
-            uid=cfg.uid,
-            gid=cfg.gid,
-            allow_other=cfg.allow_other,
-            log_level=cfg.log_level,
-            grace_period=cfg.grace_period,
-            preflight=True,
-            write_probe=cfg.write_probe,
-            check_deadline=cfg.check_deadline,
-        )
 
     def credentials_for(self, m: Mount) -> dict[str, str]:
         if m.storage.options.get("anonymous"):
@@ -330,8 +312,8 @@ class Daemon:
         # The worker checks the storage with the client it then mounts with (sidecar.worker.
         # open_store), and mounts on top of the placeholder once the daemon says so.
         with trio.move_on_after(30):
-            await self._template_ready.wait()
-        m.worker = WorkerProcess(m.name, m.mount.mountpath)
+            await self.children.ready.wait()
+        m.worker = self.children.process(m.name, m.mount.mountpath)
 
         async def clear_path() -> dict[str, str] | None:
             if m.hold is None:
@@ -340,9 +322,9 @@ class Daemon:
             if m.mount.mode == "copy":  # the copy is written into the folder itself
                 await m.hold.release()
                 return None
-            return await m.hold.before_worker(self._placeholder_message(m))
+            return await m.hold.before_worker(m.placeholder_message())
 
-        error = await m.worker.start(self.worker_config(m, creds), self.cfg.mount_timeout, before_mount=clear_path)
+        error = await m.worker.start(worker_config(self.cfg, self.manifest.root, m, creds), self.cfg.mount_timeout, before_mount=clear_path)
         if error:  # the worker logged its check; the state change below logs the code
             m.worker = None
             if error["code"] in preflight.CREDENTIAL_CODES:
@@ -390,22 +372,12 @@ class Daemon:
 
     # -- what the path shows while the worker does not serve it (sidecar.holder) --------------
 
-    def _placeholder_message(self, m: Mount) -> str:
-        err = m.error or {}
-        if m.state in ("pending", "checking"):
-            text = f"State: {m.state}: mounting..."
-        else:
-            text = f"State: {m.state}" + (f" ({err.get('code')}): {err.get('reason')}" if err else "")
-        if m.next_try is not None:
-            text += f"\nNext attempt: {time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(m.next_try))}"
-        return text
-
     async def _hold(self, m: Mount) -> dict[str, str] | None:
         """Makes the placeholder what the path shows (with the state's message), moving aside
         what lies beneath first; the error that keeps the mount from being made, if any."""
         if m.hold is None or self._stopping:
             return None
-        error = await m.hold.hold(self._placeholder_message(m))
+        error = await m.hold.hold(m.placeholder_message())
         await self._report_new_rescue(m)
         return error
 
@@ -562,136 +534,12 @@ class Daemon:
                 await self._refresh_rescued(m)
         return {"ready": self.ready(), "pid": os.getpid(), "started": self.started, "mounts": [m.public() for m in self.mounts.values()]}
 
-    async def handle(self, method: str, target: str, body: bytes) -> tuple[int, Any]:
-        path, params = route(target)
-        expected = "POST" if path.startswith("/mounts/") else "GET"
-        if method != expected:
-            raise HTTPError(405, "method_not_allowed", f"{path} takes {expected}")
-        if path == "/health":
-            return 200, {"status": "ok"}
-        if path == "/ready":
-            ready = self.ready()
-            return (200 if ready else 503), {"ready": ready, "states": {m.name: m.state for m in self.mounts.values()}}
-        if path == "/status":
-            return 200, await self.status()
-        if path == "/events":
-            snapshot = [self._state_event(m) for m in self.mounts.values()]
-            snapshot += [self._rescued_event(m) for m in self.mounts.values() if m.rescued_total]
-            return 200, EventStream(self.events.subscribe(snapshot))
-        if path == "/metrics":
-            from sidecar.metrics import render
 
-            return 200, render(self)
-        m = self.mounts.get(params["name"])
-        if m is None:
-            raise HTTPError(404, "no_such_mount", f"no mount named {params['name']!r}; mounts: {', '.join(self.mounts)}")
-        action = path.rsplit("/", 1)[1]
-        if action == "publish":
-            return await self._publish(m, body)
-        if action == "refresh":
-            return await self._refresh(m, body)
-        if action == "prefetch":
-            return await self._prefetch(m, body)
-        if action == "rescue":
-            return await self._rescue(m, body)
-        if action == "push":
-            if m.mount.mode != "copy" or m.worker is None or m.state not in ("copying", "copied"):
-                raise HTTPError(409, "not_a_copy", f"{m.name} is not a copied folder ({m.mount.mode}, {m.state})")
-            answer = await m.worker.call(b'{"cmd": "push"}\n', "pushed", ACTION_WAIT)
-            if answer is None:
-                return 202, {"pushed": None, "reason": "still uploading"}
-            if not answer.get("ok"):
-                raise HTTPError(409, "not_pushed", answer.get("reason") or "not pushed")
-            return 200, {"pushed": answer.get("pushed"), "failed": answer.get("failed")}
-        arg = None
-        if action == "credentials":
-            arg = parse_credentials(body, m.storage.provider)
-        if action == "unmount" and m.state in UP and "force=1" not in target.partition("?")[2]:
-            pids = await trio.to_thread.run_sync(busy_pids, m.mount.mountpath)
-            if pids:
-                raise HTTPError(409, "busy", f"{m.mount.mountpath} is in use by process(es) {', '.join(map(str, pids))}; close them or unmount with --force")
-        done = trio.Event()
-        await m.commands[0].send((action, arg, done))
-        # Answer within the socket's request deadline: a pre-flight or mount that takes longer
-        # goes on, and the client follows it on /status (or /events) after a 202.
-        with trio.move_on_after(ACTION_WAIT):
-            await done.wait()
-        return (200 if done.is_set() else 202), m.public()
 
-    @staticmethod
-    def _body_field(body: bytes, name: str, kind: type, default: Any, example: str) -> Any:
-        """One field of a JSON object body (`default` when the body is empty), or a 400."""
-        try:
-            doc = json.loads(body.decode("utf-8")) if body else {name: default}
-            value = doc.get(name, default) if isinstance(doc, dict) else None
-            if not isinstance(value, kind) or (kind is list and not all(isinstance(v, str) for v in value)):
-                raise ValueError
-        except (ValueError, RecursionError, UnicodeDecodeError):
-            raise HTTPError(400, "bad_request", f"the body must be {example}") from None
-        return value
 
-    async def _ask_worker(self, m: Mount, action: str, command: dict[str, Any], answer: str) -> dict[str, Any] | None:
-        """Sends a command to a mounted mount's worker; its answer, or None if it takes longer
-        than a request may wait (the work goes on)."""
-        if m.worker is None or m.state not in UP:
-            raise HTTPError(409, "not_mounted", f"{m.name} is {m.state}; {action} needs it mounted")
-        return await m.worker.call((json.dumps(command) + "\n").encode(), answer, ACTION_WAIT)
 
-    async def _refresh(self, m: Mount, body: bytes) -> tuple[int, Any]:
-        """Forgets the mount's cached metadata of a folder (or all of it) in the worker and the
-        kernel: the next access sees the bucket as it is now, whatever the metadata TTL."""
-        path = self._body_field(body, "path", str, "", 'empty or {"path": "<folder in the mount>"}')
-        answer = await self._ask_worker(m, "refresh", {"cmd": "refresh", "path": path}, "refreshed")
-        if answer is None:
-            raise HTTPError(503, "no_answer", f"the mount process of {m.name} did not answer")
-        return 200, {"path": path, "entries": answer.get("entries", 0)}
 
-    async def _prefetch(self, m: Mount, body: bytes) -> tuple[int, Any]:
-        """Warms the mount's disk cache with folders or files, in the background (progress in
-        /status); refused when it cannot fit the disk cache."""
-        paths = self._body_field(body, "paths", list, [], '{"paths": ["<folder or file in the mount>", ...]}')
-        answer = await self._ask_worker(m, "prefetch", {"cmd": "prefetch", "paths": paths}, "prefetch")
-        if answer is None:
-            return 202, {"paths": paths, "started": None, "reason": "still planning; see status"}
-        if not answer.get("ok"):
-            raise HTTPError(409, "prefetch_refused", answer.get("reason") or "refused")
-        return 200, {"paths": paths, "started": True, "files": answer.get("files"), "bytes": answer.get("bytes")}
 
-    async def _rescue(self, m: Mount, body: bytes) -> tuple[int, Any]:
-        """What was moved aside from beneath the mount path: listed, uploaded into the storage
-        under the paths it had (a changed object is not overwritten: the file goes under a
-        conflict name), or discarded."""
-        what = self._body_field(body, "action", str, "list", '{"action": "list" | "upload" | "discard"}')
-        if what == "discard":
-            removed = await trio.to_thread.run_sync(rescue.discard, self.rescue_base, m.name)
-            log.info("rescued_discarded", mount=m.name, entries=removed)
-            await self._refresh_rescued(m)
-            return 200, {"discarded": removed}
-        if what == "upload":
-            if m.storage.readonly:
-                raise HTTPError(409, "read_only", f"{m.name} is read-only: its rescued files are kept until `storage-sidecar rescue {m.name} --discard`")
-            folder = str(rescue.mount_folder(self.rescue_base, m.name))
-            answer = await self._ask_worker(m, "rescue --upload", {"cmd": "rescue_upload", "folder": folder}, "rescue_uploaded")
-            await self._refresh_rescued(m)
-            if answer is None:
-                return 202, {"uploaded": None, "reason": "still uploading; see status"}
-            return 200, {k: answer.get(k) for k in ("uploaded", "conflicts", "kept", "failed")}
-        if what != "list":
-            raise HTTPError(400, "bad_request", 'the body must be {"action": "list" | "upload" | "discard"}')
-        await self._refresh_rescued(m)
-        return 200, {"rescued": m.rescued, "rescued_total": m.rescued_total, "where": str(rescue.mount_folder(self.rescue_base, m.name))}
-
-    async def _publish(self, m: Mount, body: bytes) -> tuple[int, Any]:
-        """Uploads an `incomplete` staged file of a mount on a person's explicit request."""
-        key = self._body_field(body, "key", str, "", '{"key": "<object key of an incomplete file>"}')
-        if not key:
-            raise HTTPError(400, "bad_request", 'the body must be {"key": "<object key of an incomplete file>"}')
-        answer = await self._ask_worker(m, "publish", {"cmd": "publish", "key": key}, "published")
-        if answer is None:
-            return 202, {"key": key, "published": None, "reason": "still uploading; see status"}
-        if not answer.get("ok"):
-            raise HTTPError(409, "not_published", answer.get("reason") or "not published")
-        return 200, {"key": key, "published": True}
 
     # -- main ----------------------------------------------------------------------------------
 
@@ -700,10 +548,7 @@ class Daemon:
             try:
                 # Every path is held before anyone can see a state: `pending` already means the
                 # placeholder answers there.
-                if self.cfg.fork_workers:
-                    await self._start_template()
-                else:
-                    self._template_ready.set()
+                await self.children.start()
                 async with trio.open_nursery() as holding:
                     for m in self.mounts.values():
                         if m.mount.mode != "copy" and (self.cfg.only is None or m.name in self.cfg.only):
@@ -711,8 +556,8 @@ class Daemon:
                 for m in self.mounts.values():
                     await self._refresh_rescued(m)
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(lambda task_status: serve(self.cfg.socket, self.handle, group=self.cfg.socket_group, task_status=task_status))
-                    nursery.start_soon(self._warm_template)
+                    await nursery.start(lambda task_status: serve(self.cfg.socket, ControlAPI(self).handle, group=self.cfg.socket_group, task_status=task_status))
+                    nursery.start_soon(self.children.warm_up)
                     for m in self.mounts.values():
                         nursery.start_soon(self.supervise, m)
                     nursery.start_soon(self._decision_timer)
@@ -726,34 +571,6 @@ class Daemon:
             finally:
                 await self.stop()
 
-    async def _start_template(self) -> None:
-        """The template (sidecar.template) forks the placeholders as soon as it has imported
-        pyfuse3 and trio, so every held path shares that memory."""
-        template = WorkerTemplate()
-        if await template.start(worker_environment(), sorted({m.storage.provider for m in self.mounts.values()})):
-            WorkerProcess.template = self._template = template
-        else:
-            log.warning("worker_template_failed", reason="it did not start; workers and placeholders are spawned")
-            await template.stop()
-            self._template_ready.set()
-
-    async def _warm_template(self) -> None:
-        """Then it imports the SDKs of the manifest's providers, while the daemon reads the
-        credentials; it forks the workers, which run the pre-flight checks. A worker due before it
-        is ready waits for it rather than importing the same modules once more beside it."""
-        template = self._template
-        try:
-            if template is None:
-                return
-            if await template.warm_up():
-                log.info("worker_template_ready")
-            else:
-                log.warning("worker_template_failed", reason="it did not get ready; workers are spawned")
-                WorkerProcess.template = self._template = None
-                await template.stop()
-        finally:
-            self._template_ready.set()
-
     async def stop(self) -> None:
         self._stopping = True
         with trio.CancelScope(shield=True):
@@ -763,9 +580,7 @@ class Daemon:
                         nursery.start_soon(self._take_down, m, "unmounted" if m.state in UP else m.state, m.error)
             for m in self.mounts.values():  # whatever is still there after the grace period
                 await unmount_ours(m.mount.mountpath)
-            if self._template is not None:
-                await self._template.stop()
-                WorkerProcess.template = self._template = None
+            await self.children.stop()
         log.info("daemon_stopped")
 
 
@@ -781,25 +596,3 @@ def how_it_ended(returncode: int | None) -> str:
     return f"exited with status {returncode}"
 
 
-def parse_credentials(body: bytes, provider: str) -> dict[str, str]:
-    try:
-        doc = json.loads((body or b"null").decode("utf-8"))
-    except UnicodeDecodeError:
-        raise HTTPError(400, "bad_json", "the body must be UTF-8 JSON: a JSON object of credential fields") from None
-    except (ValueError, RecursionError):  # bad JSON, a number too long to convert, deep nesting
-        raise HTTPError(400, "bad_json", "the body must be a JSON object of credential fields") from None
-    allowed = credential_sources.FIELDS[provider]
-    if not isinstance(doc, dict) or not doc:
-        raise HTTPError(400, "bad_credentials", f"the body must be a JSON object with fields from: {', '.join(allowed)}")
-    unknown = [k for k in doc if k not in allowed]
-    if unknown:
-        raise HTTPError(400, "bad_credentials", f"unknown credential field(s) {', '.join(map(repr, unknown))} for {provider}; allowed: {', '.join(allowed)}")
-    if not all(isinstance(v, str) and v for v in doc.values()):
-        raise HTTPError(400, "bad_credentials", "every credential field must be a non-empty string")
-    for name, value in doc.items():
-        problem = credential_sources.text_problem(value)
-        if problem:
-            raise HTTPError(400, "bad_credentials", f"credential field {name!r} {problem}")
-    for v in doc.values():
-        register_secret(v)
-    return doc

@@ -33,19 +33,20 @@ Concurrency: one PathHold per mount, used only by that mount's supervisor task.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 from pathlib import Path
-from typing import Any
 
 import trio
 
 from sidecar import rescue
-from sidecar.children import WorkerProcess, unmount_ours, unmount_top
+from sidecar.children import Children, WorkerProcess, unmount_ours, unmount_top
 from sidecar.log import get_logger
 from sidecar.mounttable import UnsafeMountPath
 from sidecar.private import UnsafeFolder, private_folder
 from sidecar.process import prepare_mountpoint
+from sidecar.protocol import PlaceholderConfig, ShowMessage
 
 log = get_logger("sidecar.holder")
 
@@ -60,15 +61,15 @@ def open_folder(root: str | None, mountpath: str) -> int:
 
 
 class PathHold:
-    def __init__(self, name: str, mountpath: str, *, root: str | None, rescue_base: Path, mount_helper: str | None = None,
+    def __init__(self, name: str, mountpath: str, children: Children, *, root: str | None, rescue_base: Path, mount_helper: str | None = None,
                  allow_other: bool = False, log_level: str = "info", rescue_enabled: bool = True) -> None:
         self.name = name
         self.mountpath = mountpath
         self.root = root
         self.rescue_base = rescue_base
-        # the placeholder's configuration (sidecar.placeholder), but for its message
-        self.placeholder_cfg: dict[str, Any] = {"name": name, "mountpath": mountpath, "root": root, "mount_helper": mount_helper,
-                                                "allow_other": allow_other, "log_level": log_level}
+        self.children = children
+        self.placeholder_cfg = PlaceholderConfig(name, mountpath, root=root, mount_helper=mount_helper, allow_other=allow_other,
+                                                 log_level=log_level)
         self.rescue_enabled = rescue_enabled
         self.placeholder: WorkerProcess | None = None
         self.locked_mode: int | None = None  # the folder's own mode, while it is kept 0555
@@ -93,7 +94,7 @@ class PathHold:
         error that keeps the mount from being made ({code, reason}: `mount_path_unsafe`,
         `mount_path_not_empty`). A placeholder that cannot be mounted locks the folder instead."""
         if self.placeholder is not None and self.placeholder.alive:
-            await self.placeholder.send_line(message)
+            await self.placeholder.send(ShowMessage(message))
             return None
         self.placeholder = None
         if self.first:
@@ -116,8 +117,8 @@ class PathHold:
                 return error
         if os.geteuid() != 0:  # fusermount3 mounts only on a folder its user may write
             await trio.to_thread.run_sync(self._unlock, self.fd)
-        placeholder = WorkerProcess(self.name, self.mountpath, module="sidecar.placeholder")
-        error = await placeholder.start({**self.placeholder_cfg, "message": message}, PLACEHOLDER_START_S)
+        placeholder = self.children.process(self.name, self.mountpath, module="sidecar.placeholder")
+        error = await placeholder.start(dataclasses.replace(self.placeholder_cfg, message=message), PLACEHOLDER_START_S)
         if error:
             log.error("placeholder_failed", mount=self.name, mountpath=self.mountpath, **error)
             await trio.to_thread.run_sync(self._lock, self.fd, "no FUSE mount could be made")

@@ -13,15 +13,14 @@ of this one. Every operation that would change something answers EROFS itself.
 
 It imports only pyfuse3, trio and logging (sidecar.process: no SDK, no read stack).
 
-Protocol with the daemon (sidecar.process): the first stdin line is {"name", "mountpath",
-"message", "allow_other"}; stdout gets {"event": "mounted"} or {"event": "error", ...}; each
-further stdin line is a new message (JSON string); stdin closed, SIGTERM or SIGINT: unmount, exit.
+Protocol with the daemon (sidecar.protocol): the first stdin line is its `PlaceholderConfig`;
+it answers `Mounted` or `Failed`; `ShowMessage` changes what its file says; stdin closed,
+SIGTERM or SIGINT: unmount, exit.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
 import stat
@@ -36,6 +35,7 @@ from sidecar import log
 from sidecar.mounttable import HELPER_FSNAME_PREFIX, UnsafeMountPath
 from sidecar.mounthelper import HelperError
 from sidecar.process import clear_stale_mount, command_lines, emit, fuse_init, prepare_mountpoint, read_config_line
+from sidecar.protocol import Failed, Mounted, PlaceholderConfig, ShowMessage
 
 logger = log.get_logger("sidecar.placeholder")
 
@@ -118,33 +118,30 @@ def message_for(name: str, text: str) -> str:
     )
 
 
-async def serve(cfg: dict[str, Any]) -> int:
-    ops = PlaceholderOps(message_for(cfg["name"], cfg.get("message", "")))
-    helper = cfg.get("mount_helper")
-    if helper:
-        mountpath = cfg["mountpath"]
+async def serve(cfg: PlaceholderConfig) -> int:
+    ops = PlaceholderOps(message_for(cfg.name, cfg.message))
+    if cfg.mount_helper:
+        mountpath = cfg.mountpath
     else:
-        clear_stale_mount(cfg["mountpath"])
+        clear_stale_mount(cfg.mountpath)
         try:
-            mountpath = prepare_mountpoint(cfg.get("root"), cfg["mountpath"])
+            mountpath = prepare_mountpoint(cfg.root, cfg.mountpath)
         except UnsafeMountPath as exc:
-            emit("error", code="mount_path_unsafe", reason=str(exc))
+            emit(Failed("mount_path_unsafe", str(exc)))
             return 1
-    opts = {FSNAME_PREFIX + cfg["name"], "subtype=storage-sidecar", "default_permissions"}
-    if cfg.get("allow_other"):
+    opts = {FSNAME_PREFIX + cfg.name, "subtype=storage-sidecar", "default_permissions"}
+    if cfg.allow_other:
         opts.add("allow_other")
     try:
-        _helper_conn = fuse_init(ops, mountpath, opts, helper, name=HELPER_FSNAME_PREFIX + cfg["name"], readonly=False)
+        _helper_conn = fuse_init(ops, mountpath, opts, cfg.mount_helper, name=HELPER_FSNAME_PREFIX + cfg.name, readonly=False)
     except (RuntimeError, OSError, HelperError) as exc:
-        emit("error", code="mount_failed", reason=str(exc))
+        emit(Failed("mount_failed", str(exc)))
         return 1
 
     async def commands() -> None:
-        async for line in command_lines():
-            try:
-                ops.message = message_for(cfg["name"], str(json.loads(line)))
-            except ValueError:
-                pass
+        async for cmd in command_lines():
+            if isinstance(cmd, ShowMessage):
+                ops.message = message_for(cfg.name, cmd.text)
         pyfuse3.terminate()  # the daemon went away: do not outlive it
 
     async def signals() -> None:
@@ -154,7 +151,7 @@ async def serve(cfg: dict[str, Any]) -> int:
                 return
 
     try:
-        emit("mounted", mountpath=mountpath)
+        emit(Mounted(mountpath=mountpath))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(commands)
             nursery.start_soon(signals)
@@ -166,13 +163,17 @@ async def serve(cfg: dict[str, Any]) -> int:
 
 
 def main() -> None:
-    cfg = read_config_line()
-    log.configure(cfg.get("log_level", "info"))
+    try:
+        cfg = PlaceholderConfig.from_dict(read_config_line())
+    except (TypeError, ValueError) as exc:
+        emit(Failed("bad_config", str(exc)))
+        sys.exit(2)
+    log.configure(cfg.log_level)
     try:
         rc = trio.run(serve, cfg)
     except Exception as exc:
-        logger.exception("placeholder_failed", mount=cfg.get("name"))
-        emit("error", code="internal", reason=str(exc))
+        logger.exception("placeholder_failed", mount=cfg.name)
+        emit(Failed("internal", str(exc)))
         rc = 1
     sys.exit(rc)
 

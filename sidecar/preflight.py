@@ -23,7 +23,8 @@ import trio
 
 from sidecar import urls
 from sidecar.protocol import CHECK_DEADLINE
-from sidecar.store.fsspec_store import run_on_loop
+from sidecar.store.bridge import run_on_loop
+from sidecar.store.classify import chain, error_code, reason_of
 
 CHECK_LIST_MAX = 1000  # entries the check's LIST asks for: a folder that fits is the mount's first listing
 
@@ -40,51 +41,31 @@ class CheckResult:
         return self.code == "ok"
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    out, seen = [], set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        out.append(e)
-        e = e.__cause__ or e.__context__
-    return out
+REASONS = {
+    "credentials_missing": "no credentials for storage {storage!r}",
+    "credentials_invalid": "the credentials for storage {storage!r} were refused{detail}",
+    "bucket_not_found": "the bucket of storage {storage!r} does not exist",
+    "access_denied": "access to storage {storage!r} was denied",
+    "endpoint_unreachable": "the endpoint of storage {storage!r} cannot be reached",
+    "timeout": "storage {storage!r} did not answer in time",
+}
 
 
 def classify(exc: BaseException, storage: str) -> CheckResult:
-    """Maps an exception raised by a backend call to a reason code."""
-    for e in _chain(exc):
-        name = type(e).__name__
-        resp = getattr(e, "response", None)
-        code = str(resp.get("Error", {}).get("Code")) if isinstance(resp, dict) else ""
-        if name == "RefreshError":  # google-auth: the token endpoint refused the service account's key
-            return CheckResult("credentials_invalid", f"the credentials for storage {storage!r} were refused (token exchange)")
-        if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
-            return CheckResult("credentials_missing", f"no credentials for storage {storage!r}")
-        az = getattr(e, "error_code", None)  # azure-core errors carry a StorageErrorCode
-        code = code or str(getattr(az, "value", az) or "")
-        if code == "AuthorizationFailure" and "failed to authenticate" in str(e):
-            code = "AuthenticationFailed"  # Azurite's answer to a wrong account key
-        if name == "ClientAuthenticationError" or code in (
-            "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "AuthenticationFailed", "InvalidAuthenticationInfo"
-        ):
-            return CheckResult("credentials_invalid", f"the credentials for storage {storage!r} were refused ({code})")
-        if code in ("NoSuchBucket", "ContainerNotFound", "BucketNotFound"):
-            return CheckResult("bucket_not_found", f"the bucket of storage {storage!r} does not exist")
-        if code in ("AccessDenied", "AuthorizationFailure", "AuthorizationPermissionMismatch", "Forbidden", "AllAccessDisabled"):
-            return CheckResult("access_denied", f"access to storage {storage!r} was denied")
-        if name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionRefusedError",
-                    "ServerDisconnectedError", "ClientOSError", "gaierror", "ServiceRequestError"):
-            return CheckResult("endpoint_unreachable", f"the endpoint of storage {storage!r} cannot be reached")
-        if name in ("ReadTimeoutError", "TimeoutError", "ServerTimeoutError"):
-            return CheckResult("timeout", f"storage {storage!r} did not answer in time")
-    for e in _chain(exc):
-        if isinstance(e, FileNotFoundError):
-            return CheckResult("bucket_not_found", f"the bucket of storage {storage!r} does not exist")
-        if isinstance(e, PermissionError):
-            return CheckResult("access_denied", f"access to storage {storage!r} was denied")
-        if isinstance(e, (ConnectionError, OSError)):
-            return CheckResult("endpoint_unreachable", f"the endpoint of storage {storage!r} cannot be reached ({type(e).__name__})")
-    return CheckResult("endpoint_unreachable", f"storage {storage!r} failed its check ({type(exc).__name__})")
+    """The check's reason code for an exception of a backend call (sidecar.store.classify reads
+    it, as it does for the mount's calls): a missing object during the check is a missing bucket,
+    and anything unknown is an unreachable endpoint, named by its type."""
+    reason = reason_of(exc)
+    if reason == "not_found":
+        reason = "bucket_not_found"
+    if reason not in REASONS:
+        return CheckResult("endpoint_unreachable", f"storage {storage!r} failed its check ({type(exc).__name__})")
+    detail = ""
+    if reason == "credentials_invalid":
+        errors = chain(exc)
+        code = next((c for c in map(error_code, errors) if c), "")
+        detail = " (token exchange)" if any(type(e).__name__ == "RefreshError" for e in errors) else f" ({code})" if code else ""
+    return CheckResult(reason, REASONS[reason].format(storage=storage, detail=detail))
 
 
 async def check_s3(fs: Any, bucket: str, prefix: str, *, writable: bool, write_probe: bool) -> list[dict[str, Any]] | None:
@@ -204,7 +185,7 @@ async def check(
     try:
         with trio.fail_after(deadline):
             if url.provider == "s3":
-                from sidecar.store.fsspec_store import make_s3_filesystem
+                from sidecar.store.s3 import make_s3_filesystem
 
                 if fs is None:
                     fs = await trio.to_thread.run_sync(lambda: make_s3_filesystem(options, credentials, url.endpoint, url.region))

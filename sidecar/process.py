@@ -2,10 +2,10 @@
 lines to the daemon on stdout, command lines from it on stdin, and making the FUSE mount.
 It imports nothing of the read stack, so a placeholder costs only pyfuse3, trio and logging.
 
-Protocol with the daemon: the first stdin line is the child's configuration (JSON; credentials
-travel only here, never on a command line or in the environment); stdout carries events, one
-JSON object a line ({"event": ...}); each further stdin line is a command; stdin closed means
-the daemon went away, and the child must not outlive it.
+The messages are sidecar.protocol's: the first stdin line is the child's configuration (JSON;
+credentials travel only here, never on a command line or in the environment); stdout carries
+events, each further stdin line is a command; stdin closed means the daemon went away, and the
+child must not outlive it.
 """
 
 from __future__ import annotations
@@ -14,28 +14,28 @@ import errno
 import json
 import os
 import subprocess
-from typing import Any
+from typing import Any, AsyncIterator
 
 import trio
 
 from sidecar import log
 from sidecar.mounthelper import request_fuse_fd
 from sidecar.mounttable import safe_mountpoint
+from sidecar.protocol import Command, Event, ProtocolError, decode_command
 
 logger = log.get_logger("sidecar.process")
 
 
-def emit(event: str, **fields: Any) -> None:
-    data = (json.dumps({"event": event, **fields}) + "\n").encode()
+def emit(event: Event) -> None:
     try:
-        os.write(1, data)
+        os.write(1, event.encode())
     except BrokenPipeError:
         pass  # the daemon is gone; there is nobody to tell
 
 
-async def command_lines() -> Any:
-    """The daemon's commands after the config, one stripped line each, until stdin closes (the
-    daemon went away: the caller must not outlive it). A malformed JSON command is skipped."""
+async def command_lines() -> AsyncIterator[Command]:
+    """The daemon's commands after the config, until stdin closes (the daemon went away: the
+    caller must not outlive it). A line that is no command is logged and skipped."""
     stream = trio.lowlevel.FdStream(os.dup(0))
     buf = b""
     async with stream:
@@ -43,16 +43,23 @@ async def command_lines() -> Any:
             buf += chunk
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
-                yield line.strip().decode(errors="replace")
+                if command := _command(line):
+                    yield command
 
 
-def json_command(line: str) -> dict[str, Any]:
-    """A JSON command line as a dict ({} when it is not one)."""
+def _command(line: bytes) -> Command | None:
     try:
-        doc = json.loads(line) if line.startswith("{") else {}
-    except ValueError:
-        return {}
-    return doc if isinstance(doc, dict) else {}
+        return decode_command(line)
+    except ProtocolError as exc:
+        logger.warning("command_skipped", reason=str(exc))
+        return None
+
+
+def read_command() -> Command | None:
+    """One command read from stdin without a buffer (so no later command is swallowed), None if
+    stdin closed first or the line is no command."""
+    line = read_line()
+    return _command(line) if line else None
 
 
 def read_line() -> bytes:

@@ -1,10 +1,11 @@
-"""What the daemon and a mount's worker process say to each other, typed.
+"""What the daemon and its children (mount worker, copy worker, placeholder) say to each other,
+typed, with the one encoding of it.
 
-The daemon writes one `WorkerConfig` as the first JSON line of the worker's stdin (credentials
-included: they never appear on a command line or in an environment). Later stdin lines are
-commands: `stats`, `stop`, or a JSON object {"cmd": "publish", "key": ...}. The worker answers on
-stdout with JSON events: `mounted`, `error` {code, reason}, `stats` (see `sidecar.worker`),
-`published` {key, ok, reason}.
+The daemon writes the child's configuration (`WorkerConfig` or `PlaceholderConfig`) as the first
+JSON line of its stdin (credentials included: they never appear on a command line or in an
+environment). Every later stdin line is a `Command` ({"cmd": name, ...fields}); the child
+answers on stdout with `Event`s ({"event": name, ...fields}), one a line. A command that expects
+an answer names its event (`Command.answer`).
 
 Defaults live here once (the block size, the staging limit, ...): the daemon's flags, the
 manifest and the worker all read them from this module.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import Any, ClassVar, TypedDict, TypeVar
 
 BLOCK_SIZE = 1 << 20  # the cache's unit: small, so a short read never pulls megabytes
 FETCH_SIZE = 8 << 20  # bytes per ranged GET of a sequential reader
@@ -79,11 +80,7 @@ class WorkerConfig:
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> "WorkerConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(doc) - known
-        if unknown:
-            raise ValueError(f"unknown worker option(s): {', '.join(sorted(unknown))}")
-        return cls(**doc)
+        return _from_dict(cls, doc, "worker")
 
     def to_line(self) -> bytes:
         return (json.dumps(dataclasses.asdict(self)) + "\n").encode()
@@ -104,3 +101,237 @@ class WorkerStats(TypedDict, total=False):
     staged: list[dict[str, Any]]  # StagedFile.public() of each pending file
     prefetch: dict[str, Any] | None  # PrefetchProgress.public()
     copy: dict[str, Any] | None  # copy mode: CopyProgress.public() and `refused`
+
+
+@dataclass
+class PlaceholderConfig:
+    """A placeholder's configuration: it holds a mount path while no worker serves it
+    (sidecar.placeholder), showing `message` in its one file."""
+
+    name: str
+    mountpath: str
+    root: str | None = None
+    mount_helper: str | None = None
+    allow_other: bool = False
+    log_level: str = "info"
+    message: str = ""
+    preflight: ClassVar[bool] = False
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> "PlaceholderConfig":
+        return _from_dict(cls, doc, "placeholder")
+
+    def to_line(self) -> bytes:
+        return (json.dumps(dataclasses.asdict(self)) + "\n").encode()
+
+
+def _from_dict(cls: Any, doc: dict[str, Any], what: str) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(doc) - known
+    if unknown:
+        raise ValueError(f"unknown {what} option(s): {', '.join(sorted(unknown))}")
+    return cls(**doc)
+
+
+# -- messages ---------------------------------------------------------------------------------
+
+class ProtocolError(ValueError):
+    """A line that is not a message of this protocol (names what is wrong, never the line)."""
+
+
+class Message:
+    name: ClassVar[str]
+
+    def encode(self) -> bytes:
+        key = "cmd" if isinstance(self, Command) else "event"
+        return (json.dumps({key: self.name, **self.fields()}) + "\n").encode()
+
+    def fields(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload, no-any-return]
+
+
+class Command(Message):
+    answer: ClassVar[str | None] = None  # the event that answers it
+
+
+class Event(Message):
+    pass
+
+
+@dataclass(frozen=True)
+class Stats(Command):
+    name = "stats"
+    answer = "stats"
+
+
+@dataclass(frozen=True)
+class Stop(Command):
+    name = "stop"
+
+
+@dataclass(frozen=True)
+class Mount(Command):
+    """After `Checked`: the daemon has prepared the mount path; mount now."""
+
+    name = "mount"
+
+
+@dataclass(frozen=True)
+class Publish(Command):
+    name = "publish"
+    answer = "published"
+    key: str = ""
+
+
+@dataclass(frozen=True)
+class Refresh(Command):
+    name = "refresh"
+    answer = "refreshed"
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class Prefetch(Command):
+    name = "prefetch"
+    answer = "prefetch"
+    paths: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RescueUpload(Command):
+    name = "rescue_upload"
+    answer = "rescue_uploaded"
+    folder: str = ""
+
+
+@dataclass(frozen=True)
+class Push(Command):
+    """Copy mode: store the local changes."""
+
+    name = "push"
+    answer = "pushed"
+
+
+@dataclass(frozen=True)
+class ShowMessage(Command):
+    """Placeholder: the text its file shows from now on."""
+
+    name = "message"
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class Mounted(Event):
+    name = "mounted"
+    mountpath: str = ""
+
+
+@dataclass(frozen=True)
+class Copying(Event):
+    name = "copying"
+    mountpath: str = ""
+
+
+@dataclass(frozen=True)
+class Checked(Event):
+    """The pre-flight check passed; the worker waits for `Mount`."""
+
+    name = "checked"
+
+
+@dataclass(frozen=True)
+class Failed(Event):
+    name = "error"
+    code: str = "internal"
+    reason: str = ""
+
+    def as_error(self) -> dict[str, str]:
+        return {"code": self.code, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class StatsReport(Event):
+    name = "stats"
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def fields(self) -> dict[str, Any]:
+        return dict(self.stats)
+
+
+@dataclass(frozen=True)
+class Published(Event):
+    name = "published"
+    key: str = ""
+    ok: bool = False
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Refreshed(Event):
+    name = "refreshed"
+    path: str = ""
+    entries: int = 0
+
+
+@dataclass(frozen=True)
+class PrefetchStarted(Event):
+    name = "prefetch"
+    ok: bool = False
+    files: int | None = None
+    bytes: int | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class RescueUploaded(Event):
+    name = "rescue_uploaded"
+    uploaded: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Pushed(Event):
+    name = "pushed"
+    ok: bool = False
+    reason: str | None = None
+    pushed: list[str] | None = None
+    failed: list[str] | None = None
+
+
+COMMANDS: dict[str, type[Command]] = {c.name: c for c in (Stats, Stop, Mount, Publish, Refresh, Prefetch, RescueUpload, Push, ShowMessage)}
+EVENTS: dict[str, type[Event]] = {e.name: e for e in (Mounted, Copying, Checked, Failed, StatsReport, Published, Refreshed, PrefetchStarted,
+                                                      RescueUploaded, Pushed)}
+M = TypeVar("M", bound=Message)
+
+
+def _decode(line: bytes | str, key: str, kinds: dict[str, type[M]]) -> M:
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        raise ProtocolError("not a JSON line") from None
+    if not isinstance(doc, dict) or doc.get(key) not in kinds:
+        raise ProtocolError(f"no known {key!r} in the line")
+    kind = kinds[doc.pop(key)]
+    if kind is StatsReport:
+        return StatsReport(stats=doc)  # type: ignore[return-value]
+    names = {f.name: f for f in dataclasses.fields(kind)}  # type: ignore[arg-type]
+    if set(doc) - set(names):
+        raise ProtocolError(f"{kind.name}: unknown field(s) {', '.join(sorted(set(doc) - set(names)))}")
+    if "paths" in doc:
+        if not isinstance(doc["paths"], list) or not all(isinstance(p, str) for p in doc["paths"]):
+            raise ProtocolError(f"{kind.name}: paths must be a list of text")
+        doc["paths"] = tuple(doc["paths"])
+    for fname in ("key", "path", "folder", "text", "code", "reason", "mountpath"):
+        if fname in doc and not isinstance(doc[fname], str) and not (fname == "reason" and doc[fname] is None):
+            raise ProtocolError(f"{kind.name}: {fname} must be text")
+    return kind(**doc)
+
+
+def decode_command(line: bytes | str) -> Command:
+    return _decode(line, "cmd", COMMANDS)
+
+
+def decode_event(line: bytes | str) -> Event:
+    return _decode(line, "event", EVENTS)

@@ -3,7 +3,12 @@
     pending -> checking -> mounted | needs_credentials | failed | skipped
     mounted <-> degraded       (backend errors or stalled calls since the last poll)
     mounted -> unmounted       (POST unmount, shutdown)
-    failed -> (retried with backoff, staying `failed` until it works) -> mounted
+    mounted -> failed          (the worker died: noticed, reported, mounted again)
+    needs_credentials -> checking   (POST credentials)
+    failed -> checking         (retried with backoff, staying `failed` until it works)
+    checking -> copying -> copied   (copy mode)
+
+The same diagram, with what the mount path shows in each state, is in docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations

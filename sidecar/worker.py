@@ -3,10 +3,10 @@
 pyfuse3 serves one file system per process (its session is module state), so the daemon runs a
 worker per mount. That also isolates mounts: a crash takes down one mount, not all of them.
 
-Protocol with the parent (sidecar.process: JSON lines): the first stdin line is the mount's
-`WorkerConfig`; stdout gets {"event": "mounted"} once the kernel mount exists, {"event":
-"error", ...} if it could not be mounted, {"event": "stats", ...} in answer to a "stats" line;
-stdin closed, a "stop" line, SIGTERM or SIGINT: unmount and exit 0. Logs go to stderr.
+Protocol with the daemon (sidecar.protocol): the first stdin line is the mount's
+`WorkerConfig`; the worker answers `Mounted` once the kernel mount exists, `Failed` if it could
+not be mounted, and each command with its answer; stdin closed, `Stop`, SIGTERM or SIGINT:
+unmount and exit 0. Logs go to stderr.
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ from sidecar.errors import SidecarError
 from sidecar.mounthelper import HelperError
 from sidecar.mounttable import UnsafeMountPath
 from sidecar.private import private_folder
-from sidecar.process import clear_stale_mount, command_lines, default_cache_dir, emit, fuse_init, json_command, prepare_mountpoint, read_config_line, read_line
-from sidecar.protocol import WorkerConfig, WorkerStats
+from sidecar.process import clear_stale_mount, command_lines, default_cache_dir, emit, fuse_init, prepare_mountpoint, read_command, read_config_line
+from sidecar.protocol import (
+    Checked, Copying, Failed, Mount, Mounted, Prefetch, PrefetchStarted, Publish, Published, Push, Pushed, Refresh, Refreshed,
+    RescueUpload, RescueUploaded, Stats, StatsReport, Stop, WorkerConfig, WorkerStats,
+)
 from sidecar.vfs.core import Filesystem
 from sidecar.vfs.mtimes import MtimeIndex
 from sidecar.vfs.staging import SPARES, StagingArea
@@ -54,7 +57,7 @@ async def open_store(cfg: WorkerConfig, url: urls.StorageURL) -> tuple[Any, Any]
     except CredentialsMissing:
         if not cfg.preflight:
             raise
-        emit("error", code="credentials_missing", reason=f"no credentials for storage {cfg.name!r}")
+        emit(Failed("credentials_missing", f"no credentials for storage {cfg.name!r}"))
         return None, None
     await store.warm_up()
     if not cfg.preflight:
@@ -67,10 +70,10 @@ async def open_store(cfg: WorkerConfig, url: urls.StorageURL) -> tuple[Any, Any]
                                        write_probe=cfg.write_probe, deadline=cfg.check_deadline, fs=store.fs, listed=listed.append)
     logger.info("preflight", mount=cfg.name, code=result.code)
     if not result.ok:
-        emit("error", code=result.code, reason=result.reason)
+        emit(Failed(result.code, result.reason))
         return None, None
-    emit("checked")
-    if (await trio.to_thread.run_sync(read_line, abandon_on_cancel=True)).strip() != b"mount":
+    emit(Checked())
+    if not isinstance(await trio.to_thread.run_sync(read_command, abandon_on_cancel=True), Mount):
         return None, None  # the daemon went away, or changed its mind
     return store, (store.listing_of(url.key_prefix(cfg.source_path), listed[0]) if listed else None)
 
@@ -84,7 +87,7 @@ async def rehearse_read(store: Any, cfg: WorkerConfig) -> None:
     nothing of it stays in the mount's caches."""
     from sidecar.fuse_ops import FuseOps
     from sidecar.store.base import ObjectInfo
-    from sidecar.store.fsspec_store import REHEARSAL_KEY, REHEARSAL_SIZE
+    from sidecar.store.s3 import REHEARSAL_KEY, REHEARSAL_SIZE
 
     rehearsal = getattr(store, "rehearsal", None)
     if rehearsal is None or not (cfg.credentials or cfg.options.get("anonymous")):
@@ -165,7 +168,7 @@ async def serve_copy(cfg: WorkerConfig) -> int:
     try:
         dest = prepare_mountpoint(cfg.root, cfg.mountpath)
     except UnsafeMountPath as exc:
-        emit("error", code="mount_path_unsafe", reason=str(exc))
+        emit(Failed("mount_path_unsafe", str(exc)))
         return 1
     copier = Copier(store, url.key_prefix(cfg.source_path), dest, limit=cfg.copy_limit, fetch_size=cfg.fetch_size)
     refused: list[str] = []
@@ -182,146 +185,179 @@ async def serve_copy(cfg: WorkerConfig) -> int:
 
     async def commands() -> None:
         async for cmd in command_lines():
-            if cmd == "stats":
-                emit("stats", store={**store.stats.as_dict(), **stall_counts(store)},
-                     copy={**copier.progress.public(), "refused": refused[0] if refused else None})
-            elif cmd == "stop":
+            if isinstance(cmd, Stats):
+                emit(StatsReport({"store": {**store.stats.as_dict(), **stall_counts(store)},
+                                  "copy": {**copier.progress.public(), "refused": refused[0] if refused else None}}))
+            elif isinstance(cmd, Stop):
                 return
-            elif json_command(cmd).get("cmd") == "push":
+            elif isinstance(cmd, Push):
                 if cfg.readonly:
-                    emit("pushed", ok=False, reason="the storage is read-only")
+                    emit(Pushed(ok=False, reason="the storage is read-only"))
                 else:
-                    emit("pushed", ok=True, **await copier.push())
+                    emit(Pushed(ok=True, **await copier.push()))
 
-    emit("copying", mountpath=dest)
+    emit(Copying(mountpath=dest))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(copy)
-
-        async def stop_on_signal() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
-                async for _ in received:
-                    nursery.cancel_scope.cancel()
-                    return
-
-        nursery.start_soon(stop_on_signal)
+        nursery.start_soon(stop_on_signal, nursery.cancel_scope.cancel)
         await commands()
         nursery.cancel_scope.cancel()
     return 0
 
 
-async def serve(cfg: WorkerConfig) -> int:
-    import pyfuse3
+async def stop_on_signal(stop: Any) -> None:
+    """Calls `stop` at the first SIGTERM or SIGINT."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+        async for signum in received:
+            logger.info("signal_received", signal=signal.Signals(signum).name)
+            stop()
+            return
 
+
+async def serve(cfg: WorkerConfig) -> int:
     if cfg.mode == "copy":
         return await serve_copy(cfg)
-
-    from sidecar.fuse_ops import FuseOps
-
     url = urls.parse(cfg.url)
     store, checked_listing = await open_store(cfg, url)
     if store is None:
         return 1
-    disk = None
-    if cfg.cache_dir:
-        private_folder(cfg.cache_dir)  # ours alone: cached blocks and staged files are bucket data
-        disk = await trio.to_thread.run_sync(DiskTier, Path(cfg.cache_dir) / storage_dir_name(cfg), cfg.disk_limit)
-        if disk.limit < disk.configured_limit:
-            logger.warning("disk_cache_limited", configured=disk.configured_limit, effective=disk.limit,
-                           reason="the cache's file system has less free space than --disk-limit")
-    cache = BlockCache(store, block_size=cfg.block_size, memory_limit=cfg.memory_limit, disk=disk, storage_id=cfg.storage_id,
-                       fetch_size=cfg.fetch_size, max_fetches=cfg.max_fetches)
-    staging = None
-    if not cfg.readonly:
+    worker = MountWorker(cfg, url, store)
+    await worker.open_caches(checked_listing)
+    return await worker.run()
+
+
+class MountWorker:
+    """One FUSE mount of one storage: its caches and file system, the mount, the daemon's
+    commands (a method each), and the unmount that stores what is committed first."""
+
+    def __init__(self, cfg: WorkerConfig, url: urls.StorageURL, store: Any) -> None:
+        self.cfg = cfg
+        self.url = url
+        self.store = store
+        self.disk: DiskTier | None = None
+        self.staging: StagingArea | None = None
+        self.cache: BlockCache
+        self.fs: Filesystem
+        self.ops: Any = None
+        self.prefetcher: Prefetcher
+        self.mountpath = cfg.mountpath
+        self.handlers = {Stats: self.on_stats, Publish: self.on_publish, Refresh: self.on_refresh, Prefetch: self.on_prefetch,
+                         RescueUpload: self.on_rescue_upload}
+
+    async def open_caches(self, checked_listing: Any) -> None:
+        """The disk tier, the block cache, the staging area (writable mounts), the file system."""
+        from sidecar.fuse_ops import FuseOps
+
+        cfg = self.cfg
+        if cfg.cache_dir:
+            private_folder(cfg.cache_dir)  # ours alone: cached blocks and staged files are bucket data
+            self.disk = disk = await trio.to_thread.run_sync(DiskTier, Path(cfg.cache_dir) / storage_dir_name(cfg), cfg.disk_limit)
+            if disk.limit < disk.configured_limit:
+                logger.warning("disk_cache_limited", configured=disk.configured_limit, effective=disk.limit,
+                               reason="the cache's file system has less free space than --disk-limit")
+        self.cache = BlockCache(self.store, block_size=cfg.block_size, memory_limit=cfg.memory_limit, disk=self.disk,
+                                storage_id=cfg.storage_id, fetch_size=cfg.fetch_size, max_fetches=cfg.max_fetches)
+        if not cfg.readonly:
+            self.staging = await self._open_staging()
+        mtimes = MtimeIndex(Path(cfg.cache_dir) / storage_dir_name(cfg) / "mtimes.db" if cfg.cache_dir else None)
+        self.fs = Filesystem(
+            self.store, self.cache, staging=self.staging, mtimes=mtimes, mtime_from_metadata=cfg.mtime_source == "metadata",
+            root_prefix=self.url.key_prefix(cfg.source_path), ttl=cfg.ttl, uid=cfg.uid, gid=cfg.gid, readonly=cfg.readonly,
+            max_readahead_blocks=max(1, cfg.readahead // cfg.block_size), write_mode=cfg.write_mode, writeback_delay=cfg.writeback_delay,
+        )
+        if checked_listing is not None and not self.fs.mtime_from_metadata:
+            # The check's LIST held the whole folder: the mount's root is listed from the start, so
+            # the session's first `ls` or open there costs no request (on S3: one round trip less).
+            await self.fs.adopt_listing(self.fs.root_prefix, checked_listing)
+        self.ops = FuseOps(self.fs, mount_name=cfg.name)
+        self.prefetcher = Prefetcher(self.store, self.cache, self.url.key_prefix(cfg.source_path), adopt=self.fs.adopt_listing)
+
+    async def _open_staging(self) -> StagingArea:
+        """The staging area, with what a killed predecessor left: its multipart uploads aborted,
+        its files recovered (committed ones are stored again, the others kept as incomplete)."""
+        cfg = self.cfg
         base = Path(cfg.cache_dir or default_cache_dir())
         private_folder(base / "staging")
         staging = StagingArea(base / "staging" / f"{storage_dir_name(cfg)}-{cfg.name}", cfg.staging_limit, spares=SPARES)
-        if hasattr(store, "abort_abandoned"):  # multipart uploads a killed predecessor left open
+        if hasattr(self.store, "abort_abandoned"):
             from sidecar.store.ledger import UploadLedger
 
-            store.ledger = UploadLedger(staging.directory / "uploads.jsonl")
-            for key in await store.abort_abandoned():
+            self.store.ledger = UploadLedger(staging.directory / "uploads.jsonl")
+            for key in await self.store.abort_abandoned():
                 logger.warning("abandoned_upload_aborted", key=key, reason="a multipart upload of a killed worker; its file is uploaded again")
         recovered = await trio.to_thread.run_sync(lambda: staging.recover(keep_incomplete_s=cfg.incomplete_keep_days * 86400))
         for f in recovered:
             (logger.error if f.state == "incomplete" else logger.warning)("staged_file_recovered", key=f.key, size=f.size, state=f.state)
-    mtimes = MtimeIndex(Path(cfg.cache_dir) / storage_dir_name(cfg) / "mtimes.db" if cfg.cache_dir else None)
-    fs = Filesystem(
-        store,
-        cache,
-        staging=staging,
-        mtimes=mtimes,
-        mtime_from_metadata=cfg.mtime_source == "metadata",
-        root_prefix=url.key_prefix(cfg.source_path),
-        ttl=cfg.ttl,
-        uid=cfg.uid,
-        gid=cfg.gid,
-        readonly=cfg.readonly,
-        max_readahead_blocks=max(1, cfg.readahead // cfg.block_size),
-        write_mode=cfg.write_mode,
-        writeback_delay=cfg.writeback_delay,
-    )
-    if checked_listing is not None and not fs.mtime_from_metadata:
-        # The check's LIST held the whole folder: the mount's root is listed from the start, so
-        # the session's first `ls` or open there costs no request (on S3: one round trip less).
-        await fs.adopt_listing(fs.root_prefix, checked_listing)
-    ops = FuseOps(fs, mount_name=cfg.name)
-    if cfg.mount_helper:
-        mountpath = cfg.mountpath  # the privileged helper checks and prepares it
-    else:
-        clear_stale_mount(cfg.mountpath)
-        try:
-            mountpath = prepare_mountpoint(cfg.root, cfg.mountpath)
-        except UnsafeMountPath as exc:
-            emit("error", code="mount_path_unsafe", reason=str(exc))
-            return 1
-    real_mountpath = mountpath
+        return staging
 
-    def stats() -> WorkerStats:
+    def _prepare_mountpath(self) -> bool:
+        if self.cfg.mount_helper:
+            return True  # the privileged helper checks and prepares it
+        clear_stale_mount(self.cfg.mountpath)
+        try:
+            self.mountpath = prepare_mountpoint(self.cfg.root, self.cfg.mountpath)
+        except UnsafeMountPath as exc:
+            emit(Failed("mount_path_unsafe", str(exc)))
+            return False
+        return True
+
+    # -- the daemon's commands -----------------------------------------------------------------
+
+    def stats(self) -> WorkerStats:
+        fs, disk, staging = self.fs, self.disk, self.staging
         return {
-            "store": {**store.stats.as_dict(), **stall_counts(store)},
-            "cache": cache.stats.as_dict(),
-            "memory_bytes": cache.memory_bytes,
+            "store": {**self.store.stats.as_dict(), **stall_counts(self.store)},
+            "cache": self.cache.stats.as_dict(),
+            "memory_bytes": self.cache.memory_bytes,
             "disk": {"used": disk.used, "limit": disk.limit, "configured_limit": disk.configured_limit, "blocks": len(disk),
                      "corrupt": disk.corrupt, "evictions": disk.evictions, "errors": disk.errors}
             if disk is not None
             else None,
-            "errors": dict(ops.errors),
-            "requests": dict(ops.requests),
+            "errors": dict(self.ops.errors),
+            "requests": dict(self.ops.requests),
             "inodes": fs.inode_count,
-            "write_mode": cfg.write_mode if staging else None,
+            "write_mode": self.cfg.write_mode if staging else None,
             "unsynced": fs.writer.unsynced() if fs.writer else None,
-            "prefetch": prefetcher.progress.public() if prefetcher.progress.state != "idle" else None,
+            "prefetch": self.prefetcher.progress.public() if self.prefetcher.progress.state != "idle" else None,
             "staged": [f.public() for f in staging.pending()] if staging else [],
         }
 
-    async def publish(key: str) -> None:
+    async def on_stats(self, cmd: Stats) -> None:
+        emit(StatsReport(dict(self.stats())))
+
+    async def on_publish(self, cmd: Publish) -> None:
         try:
-            if fs.writer is None:
+            if self.fs.writer is None:
                 raise ValueError("this mount is read-only")
-            await fs.writer.publish(key)
-            emit("published", key=key, ok=True)
+            await self.fs.writer.publish(cmd.key)
+            emit(Published(key=cmd.key, ok=True))
         except Exception as exc:
-            emit("published", key=key, ok=False, reason=log.redact_text(str(exc)))
+            emit(Published(key=cmd.key, ok=False, reason=log.redact_text(str(exc))))
 
-    prefetcher = Prefetcher(store, cache, url.key_prefix(cfg.source_path), adopt=fs.adopt_listing)
-
-    async def prefetch(paths: list[str], nursery: trio.Nursery) -> None:
+    async def on_prefetch(self, cmd: Prefetch) -> None:
         try:
-            progress = await prefetcher.start(paths, nursery)
-            emit("prefetch", ok=True, files=progress.files_total, bytes=progress.bytes_total)
+            progress = await self.prefetcher.start(list(cmd.paths), self.nursery)
+            emit(PrefetchStarted(ok=True, files=progress.files_total, bytes=progress.bytes_total))
         except (PrefetchRefused, SidecarError) as exc:
-            logger.warning("prefetch_refused", paths=paths, reason=str(exc))
-            emit("prefetch", ok=False, reason=str(exc))
+            logger.warning("prefetch_refused", paths=list(cmd.paths), reason=str(exc))
+            emit(PrefetchStarted(ok=False, reason=str(exc)))
 
-    async def refresh(path: str) -> None:
+    async def on_refresh(self, cmd: Refresh) -> None:
+        entries = await self.refresh(cmd.path)
+        emit(Refreshed(path=cmd.path, entries=entries))
+
+    async def refresh(self, path: str) -> int:
         """Forgets what is cached about `path` (a folder, "" for the whole mount), in this process
         and in the kernel, so the next access asks the bucket."""
-        entries, inodes = fs.refresh(path)
+        import pyfuse3
+
+        entries, inodes = self.fs.refresh(path)
         for parent_ino, name in entries:
             try:
                 pyfuse3.invalidate_entry_async(parent_ino, name.encode("utf-8"), ignore_enoent=True)
             except Exception as exc:  # the kernel may have forgotten it already
                 logger.debug("invalidate_failed", error=str(exc))
+
         def invalidate_inodes() -> None:  # blocking, and the kernel may need us meanwhile: a thread
             for ino in inodes:
                 try:
@@ -331,92 +367,92 @@ async def serve(cfg: WorkerConfig) -> int:
 
         await trio.to_thread.run_sync(invalidate_inodes)
         logger.info("refreshed", path=path or "/", entries=len(entries))
-        emit("refreshed", path=path, entries=len(entries))
+        return len(entries)
 
-    async def upload_rescued(folder: str) -> None:
+    async def on_rescue_upload(self, cmd: RescueUpload) -> None:
         """Stores what the daemon moved aside from beneath the mount path (sidecar.rescue)."""
-        done = await rescue.upload(store, fs.root_prefix, folder)
+        done = await rescue.upload(self.store, self.fs.root_prefix, cmd.folder)
         logger.info("rescued_uploaded", uploaded=len(done["uploaded"]), conflicts=len(done["conflicts"]), kept=len(done["kept"]),
                     failed=len(done["failed"]))
         if done["uploaded"] or done["conflicts"]:
-            await refresh("")
-        emit("rescue_uploaded", **done)
+            await self.refresh("")
+        emit(RescueUploaded(**done))
 
-    async def control(nursery: trio.Nursery) -> None:
+    async def control(self) -> None:
+        import pyfuse3
+
         async for cmd in command_lines():
-            doc = json_command(cmd)
-            if cmd == "stats":
-                emit("stats", **stats())
-            elif cmd == "stop":
+            if isinstance(cmd, Stop):
                 break
-            elif doc.get("cmd") == "publish":
-                await publish(str(doc.get("key", "")))
-            elif doc.get("cmd") == "refresh":
-                await refresh(str(doc.get("path", "")))
-            elif doc.get("cmd") == "prefetch":
-                await prefetch([str(p) for p in doc.get("paths") or []], nursery)
-            elif doc.get("cmd") == "rescue_upload":
-                await upload_rescued(str(doc.get("folder", "")))
+            handler = self.handlers.get(type(cmd))  # type: ignore[call-overload]
+            if handler is not None:
+                await handler(cmd)
         pyfuse3.terminate()  # told to stop, or the daemon went away: do not outlive it
 
-    async def signals() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
-            async for signum in received:
-                logger.info("signal_received", signal=signal.Signals(signum).name)
-                pyfuse3.terminate()
-                return
+    # -- the mount's life ------------------------------------------------------------------------
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(cache.run)
-        if not cfg.preflight:  # the check has listed the mount's folder with this client already
-            with trio.move_on_after(min(cfg.deadline, WARM_UP_S)):
-                failed = await fs.warm_up()
-                if failed:
-                    logger.info("warm_up_failed", code=failed)
+    async def announce(self) -> None:
+        """`mounted` once the mount has answered a first request (a stat of its root, from a
+        thread: the loop serves it). The kernel has then finished FUSE_INIT, whose reply sets
+        the read-ahead window (raised after it), and no start-up work is left for the session's
+        first read."""
         try:
-            _helper_conn = fuse_init(ops, mountpath, mount_options(cfg), cfg.mount_helper, name=cfg.name,
-                                    readonly=cfg.readonly)
-        except (RuntimeError, OSError, HelperError) as exc:
-            emit("error", code="mount_failed", reason=str(exc))
-            nursery.cancel_scope.cancel()
+            await trio.to_thread.run_sync(os.stat, self.mountpath)
+        except OSError as exc:
+            logger.debug("first_stat_failed", error=str(exc))
+        raise_kernel_readahead(self.mountpath, self.cfg.kernel_readahead_kb)
+        logger.info("mounted", mount=self.cfg.name, mountpath=self.mountpath, url=self.url.canonical(),
+                    write_mode=self.cfg.write_mode if self.staging else None)
+        emit(Mounted(mountpath=self.mountpath))
+
+    async def run(self) -> int:
+        import pyfuse3
+
+        cfg, fs = self.cfg, self.fs
+        if not self._prepare_mountpath():
             return 1
-
-        async def announce() -> None:
-            """`mounted` once the mount has answered a first request (a stat of its root, from a
-            thread: the loop serves it). The kernel has then finished FUSE_INIT, whose reply
-            sets the read-ahead window (raised after it), and no start-up work is left for the
-            session's first read."""
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            await nursery.start(self.cache.run)
+            if not cfg.preflight:  # the check has listed the mount's folder with this client already
+                with trio.move_on_after(min(cfg.deadline, WARM_UP_S)):
+                    failed = await fs.warm_up()
+                    if failed:
+                        logger.info("warm_up_failed", code=failed)
             try:
-                await trio.to_thread.run_sync(os.stat, real_mountpath)
-            except OSError as exc:
-                logger.debug("first_stat_failed", error=str(exc))
-            raise_kernel_readahead(real_mountpath, cfg.kernel_readahead_kb)
-            logger.info("mounted", mount=cfg.name, mountpath=mountpath, url=url.canonical(), write_mode=cfg.write_mode if staging else None)
-            emit("mounted", mountpath=mountpath)
+                _helper_conn = fuse_init(self.ops, self.mountpath, mount_options(cfg), cfg.mount_helper, name=cfg.name, readonly=cfg.readonly)
+            except (RuntimeError, OSError, HelperError) as exc:
+                emit(Failed("mount_failed", str(exc)))
+                nursery.cancel_scope.cancel()
+                return 1
+            try:
+                nursery.start_soon(self.announce)
+                nursery.start_soon(self.control)
+                nursery.start_soon(stop_on_signal, pyfuse3.terminate)
+                if fs.writer is not None:
+                    await nursery.start(fs.writer.run)
+                if cfg.prefetch:
+                    nursery.start_soon(self.on_prefetch, Prefetch(tuple(cfg.prefetch)))
+                await pyfuse3.main()
+            finally:
+                await self._store_before_unmount()
+                pyfuse3.close(unmount=True)
+                logger.info("unmounted", mount=cfg.name, mountpath=self.mountpath)
+                nursery.cancel_scope.cancel()
+        return 0
 
-        try:
-            nursery.start_soon(announce)
-            nursery.start_soon(control, nursery)
-            nursery.start_soon(signals)
-            if fs.writer is not None:
-                await nursery.start(fs.writer.run)
-            if cfg.prefetch:
-                nursery.start_soon(prefetch, list(cfg.prefetch), nursery)
-            await pyfuse3.main()
-        finally:
-            if fs.writer is not None and staging is not None:
-                # Before unmounting: store every committed file, bounded by the grace period.
-                # What does not make it stays staged and is stored at the next start; files
-                # still open with uncommitted changes are kept as incomplete, never published.
-                with trio.CancelScope(shield=True), trio.move_on_after(cfg.grace_period - 2):
-                    await fs.writer.upload_pending(only_idle=False)
-                fs.writer.abandon_uncommitted()
-                for f in staging.pending():
-                    logger.error("left_in_staging", key=f.key, size=f.size, state=f.state, local_path=str(f.data_path))
-            pyfuse3.close(unmount=True)
-            logger.info("unmounted", mount=cfg.name, mountpath=mountpath)
-            nursery.cancel_scope.cancel()
-    return 0
+    async def _store_before_unmount(self) -> None:
+        """Stores every committed file, bounded by the grace period. What does not make it stays
+        staged and is stored at the next start; files still open with uncommitted changes are
+        kept as incomplete, never published."""
+        writer, staging = self.fs.writer, self.staging
+        if writer is None or staging is None:
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(self.cfg.grace_period - 2):
+            await writer.upload_pending(only_idle=False)
+        writer.abandon_uncommitted()
+        for f in staging.pending():
+            logger.error("left_in_staging", key=f.key, size=f.size, state=f.state, local_path=str(f.data_path))
 
 
 M_MMAP_THRESHOLD = -3  # glibc's malloc.h
@@ -449,14 +485,14 @@ def main() -> None:
     try:
         cfg = WorkerConfig.from_dict(doc)
     except (TypeError, ValueError) as exc:
-        emit("error", code="bad_config", reason=str(exc))
+        emit(Failed("bad_config", str(exc)))
         sys.exit(2)
     log.configure(cfg.log_level)
     try:
         rc = trio.run(serve, cfg)
     except Exception as exc:
         logger.exception("worker_failed", mount=cfg.name)
-        emit("error", code=getattr(exc, "code", "internal"), reason=log.redact_text(str(exc)))
+        emit(Failed(getattr(exc, "code", "internal"), log.redact_text(str(exc))))
         rc = 1
     sys.exit(rc)
 

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from sidecar import protocol
 from sidecar.mounttable import fuse_mounts, is_placeholder, mount_stack, real_mountpoint
 
 __all__ = ["fuse_mounts", "served", "unmount_all", "free_port", "moto_server", "azurite_server", "gcs_server", "stop_process", "WorkerProcess"]
@@ -199,28 +200,26 @@ class WorkerProcess:
             self.stop()
             raise RuntimeError(f"worker did not mount: {event}; log: {Path(cfg['log']).read_text()[-3000:]}")
 
-    def stats(self):
-        self.proc.stdin.write(b"stats\n")
+    def ask(self, command):
+        """Sends a sidecar.protocol command; the worker's answer (one JSON line, as a dict)."""
+        self.proc.stdin.write(command.encode())
         self.proc.stdin.flush()
         return json.loads(self.proc.stdout.readline())
+
+    def stats(self):
+        return self.ask(protocol.Stats())
 
     def refresh(self, path=""):
         """Asks the worker to forget cached metadata of `path` (as `storage-sidecar refresh`)."""
-        self.proc.stdin.write((json.dumps({"cmd": "refresh", "path": path}) + "\n").encode())
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
+        return self.ask(protocol.Refresh(path))
 
     def prefetch(self, *paths):
         """Asks the worker to warm its disk cache with `paths` (as `storage-sidecar prefetch`)."""
-        self.proc.stdin.write((json.dumps({"cmd": "prefetch", "paths": list(paths)}) + "\n").encode())
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
+        return self.ask(protocol.Prefetch(tuple(paths)))
 
     def publish(self, key):
         """Asks the worker to upload an incomplete staged file (a person's explicit decision)."""
-        self.proc.stdin.write((json.dumps({"cmd": "publish", "key": key}) + "\n").encode())
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
+        return self.ask(protocol.Publish(key))
 
     def peak_rss(self) -> int:
         """Peak resident memory of the worker in bytes (VmHWM)."""

@@ -14,7 +14,8 @@ from typing import Any
 from sidecar import urls
 from sidecar.errors import BackendUnavailable, NotFound, ObjectChanged
 from sidecar.store.base import ObjectInfo, block_pieces
-from sidecar.store.fsspec_store import MIN_RATE, FsspecStore, Progress, _mtime, _rfc3339, _user_mtime
+from sidecar.store.bridge import MIN_RATE, Progress
+from sidecar.store.fsspec_store import FsspecStore, _mtime, _rfc3339, _user_mtime
 
 
 BLOCK_CONCURRENCY = 8

@@ -6,7 +6,8 @@ from typing import Any
 
 from sidecar import urls
 from sidecar.errors import NotSupported
-from sidecar.store.fsspec_store import FsspecStore, S3Store, make_s3_filesystem
+from sidecar.store.fsspec_store import FsspecStore
+from sidecar.store.s3 import S3Store, make_s3_filesystem
 
 
 def build_store(

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from sidecar import urls
 from sidecar.control import HTTPError, serve
-from sidecar.daemon import parse_credentials
+from sidecar.api import parse_credentials
 from sidecar.manifest import ManifestError, loads
 from sidecar.store.base import Listing, ObjectInfo
 from sidecar.vfs.listings import NAME_MAX, Listings

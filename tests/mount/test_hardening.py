@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from sidecar.control import HTTPError
-from sidecar.daemon import parse_credentials
+from sidecar.api import parse_credentials
 from tests.conftest import needs_fuse, wait_for
 from tests.daemons import creds_dir, new_bucket, one_mount
 

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from sidecar.protocol import Push
 from tests.conftest import needs_fuse, wait_for
 
 pytestmark = [pytest.mark.mount, needs_fuse]
@@ -243,11 +244,7 @@ def test_copy_mode_downloads_exact_files_resumes_and_pushes(s3, proxied, mount_w
     (dest / "results.csv").write_text("a,b\n1,2\n")
     (dest / "f07.bin").write_bytes(b"changed")
     assert "ref/results.csv" not in _keys(s3, bucket)
-    w.proc.stdin.write(b'{"cmd": "push"}\n')
-    w.proc.stdin.flush()
-    import json as _json
-
-    pushed = _json.loads(w.proc.stdout.readline())
+    pushed = w.ask(Push())
     assert sorted(pushed["pushed"]) == ["f07.bin", "results.csv"] and pushed["failed"] == []
     assert s3.client().get_object(Bucket=bucket, Key="ref/results.csv")["Body"].read() == b"a,b\n1,2\n"
     assert s3.client().get_object(Bucket=bucket, Key="ref/f07.bin")["Body"].read() == b"changed"

@@ -5,7 +5,8 @@ import time
 import pytest
 from botocore.utils import parse_timestamp
 
-from sidecar.store.fsspec_store import fast_timestamp, make_s3_filesystem
+from sidecar.store.patches import fast_timestamp
+from sidecar.store.s3 import make_s3_filesystem
 
 
 @pytest.mark.parametrize("value", [
@@ -40,7 +41,7 @@ def test_a_timestamp_that_is_not_one_is_refused_as_botocore_does():
 
 def closed_port_store():
     """An S3 store whose endpoint is a port where nothing listens: any request fails."""
-    from sidecar.store.fsspec_store import S3Store
+    from sidecar.store.s3 import S3Store
 
     fs = make_s3_filesystem({"endpoint_url": "http://127.0.0.1:9"}, {"access_key_id": "a", "secret_access_key": "b"}, None, "us-east-1")
     return S3Store(fs, "bucket", "s", deadline=5.0)
@@ -80,7 +81,7 @@ def test_the_quick_resolver_gives_what_aiobotocores_gives():
     import aiobotocore.hooks
     from aiobotocore import _helpers
 
-    from sidecar.store.fsspec_store import _resolve_plain_quickly
+    from sidecar.store.patches import _resolve_plain_quickly
 
     make_s3_filesystem({"endpoint_url": "http://127.0.0.1:9"}, {"access_key_id": "a", "secret_access_key": "b"}, None, None)
     assert aiobotocore.hooks.resolve_awaitable is _resolve_plain_quickly
@@ -146,7 +147,7 @@ def test_the_read_rehearsal_runs_a_whole_read_without_a_request():
     import trio
 
     from sidecar.protocol import WorkerConfig
-    from sidecar.store.fsspec_store import REHEARSAL_KEY, REHEARSAL_SIZE
+    from sidecar.store.s3 import REHEARSAL_KEY, REHEARSAL_SIZE
     from sidecar.worker import rehearse_read
 
     store = closed_port_store()
@@ -191,7 +192,7 @@ def test_a_held_back_stream_lowers_its_own_aiohttp_buffer_and_receive_buffer():
 
     import aiohttp
 
-    from sidecar.store.fsspec_store import FOLLOW_RCVBUF, GATED_READ, _hold_back
+    from sidecar.store.s3 import FOLLOW_RCVBUF, GATED_READ, _hold_back
 
     async def main():
         a, b = socket.socketpair()

@@ -1,0 +1,68 @@
+"""The daemon↔child protocol (sidecar.protocol): every message survives its own encoding, and a
+line that is no message is refused with the reason, never half-read."""
+
+import json
+import re
+
+import pytest
+
+from sidecar import protocol
+from sidecar.protocol import (
+    COMMANDS, EVENTS, Failed, Prefetch, ProtocolError, Publish, PlaceholderConfig, StatsReport, WorkerConfig, decode_command, decode_event,
+)
+
+
+@pytest.mark.parametrize("kind", sorted(COMMANDS.values(), key=lambda k: k.name), ids=lambda k: k.name)
+def test_every_command_decodes_to_itself(kind):
+    sample = {"key": "a/b", "path": "data", "paths": ("x", "y/z"), "folder": "/tmp/f", "text": "why"}
+    fields = {f: v for f, v in sample.items() if f in kind.__dataclass_fields__}
+    cmd = kind(**fields)
+    assert decode_command(cmd.encode()) == cmd
+
+
+@pytest.mark.parametrize("kind", sorted(EVENTS.values(), key=lambda k: k.name), ids=lambda k: k.name)
+def test_every_event_decodes_to_itself(kind):
+    event = StatsReport({"store": {"get_requests": 3}, "inodes": 2}) if kind is StatsReport else kind()
+    assert decode_event(event.encode()) == event
+
+
+def test_a_command_answer_names_an_event():
+    for kind in COMMANDS.values():
+        assert kind.answer is None or kind.answer in EVENTS
+
+
+@pytest.mark.parametrize("line, reason", [
+    (b"stats\n", "not a JSON line"),
+    (b'["stats"]\n', "no known 'cmd'"),
+    (b'{"cmd": "format_disk"}\n', "no known 'cmd'"),
+    (b'{"cmd": "publish", "key": 7}\n', "publish: key must be text"),
+    (b'{"cmd": "publish", "key": "a", "force": true}\n', "publish: unknown field(s) force"),
+    (b'{"cmd": "prefetch", "paths": "data"}\n', "prefetch: paths must be a list of text"),
+])
+def test_a_line_that_is_no_command_is_refused_with_its_reason(line, reason):
+    with pytest.raises(ProtocolError, match=re.escape(reason)):
+        decode_command(line)
+
+
+def test_an_event_is_not_taken_for_a_command():
+    with pytest.raises(ProtocolError, match="no known 'cmd'"):
+        decode_command(Failed("x", "y").encode())
+    assert isinstance(decode_event(Failed("x", "y").encode()), Failed)
+
+
+def test_prefetch_paths_travel_as_a_list():
+    assert json.loads(Prefetch(("a", "b")).encode()) == {"cmd": "prefetch", "paths": ["a", "b"]}
+    assert json.loads(Publish("k").encode()) == {"cmd": "publish", "key": "k"}
+
+
+def test_configurations_refuse_unknown_options_by_name():
+    with pytest.raises(ValueError, match="unknown placeholder option.*colour"):
+        PlaceholderConfig.from_dict({"name": "a", "mountpath": "/m", "colour": "red"})
+    with pytest.raises(ValueError, match="unknown worker option.*colour"):
+        WorkerConfig.from_dict({"name": "a", "storage_id": "s", "url": "s3://b", "mountpath": "/m", "colour": "red"})
+    cfg = PlaceholderConfig("a", "/m", message="hello")
+    assert PlaceholderConfig.from_dict(json.loads(cfg.to_line())) == cfg
+
+
+def test_the_protocol_module_imports_nothing_of_the_sidecar():
+    assert not [n for n in vars(protocol) if n.startswith("sidecar")]
