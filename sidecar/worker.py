@@ -114,8 +114,8 @@ async def rehearse_read(store: Any, cfg: WorkerConfig) -> None:
 
 def raise_kernel_readahead(real_mountpath: str, kb: int) -> None:
     """The kernel reads ahead 128 KiB on a FUSE mount by default; a larger window keeps more
-    requests in flight for sequential readers (measured: +15% warm throughput at 1 MiB). Best
-    effort: needs a writable /sys (root in the pod)."""
+    requests in flight for sequential readers, which raised warm throughput (benchmarks/results/
+    HISTORY.md). Best effort: needs a writable /sys (root in the pod)."""
     # Runs on the event loop, which serves the mount: nothing here may touch the mount point
     # (stat, realpath would wait for this very process). The device number comes from
     # mountinfo, and the caller resolved the path before mounting.
@@ -463,11 +463,8 @@ def return_freed_blocks() -> bool:
     """Has glibc give allocations from 512 KiB up (cache blocks, bodies of ranged GETs) their own
     mapping, returned to the kernel when freed. Its default threshold rises to the size of any
     such allocation freed, after which blocks came from the heap and arenas, and memory the
-    cache had evicted stayed resident in their holes. 16 readers with `--memory-limit 256M`
-    and a disk cache peaked at 339-370 MiB RSS with blocks waiting for their disk write
-    already kept counted (the bound: limit + idle footprint + 16 = 339), 333.6-334.9 MiB with
-    this too (probe, 3 runs each); CPU per GiB of a cold read unchanged within the noise (2.68-
-    3.00 against 2.84-3.40, side by side). False where there is no glibc."""
+    cache had evicted stayed resident in their holes, and many readers went over the memory
+    bound (the `readers16` benchmark). False where there is no glibc."""
     import ctypes
 
     try:

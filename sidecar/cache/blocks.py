@@ -239,8 +239,8 @@ class BlockCache:
         if self._nursery is None:
             raise RuntimeError("BlockCache.run is not started")
         # A run that is the whole object (a small file: a zarr chunk, an image) has nothing to
-        # merge with: it starts at once rather than COALESCE_S later (1,000 small files in a
-        # row paid 2 ms each).
+        # merge with: it starts at once rather than COALESCE_S later (a reader of many small
+        # files one after another would pay the delay for each).
         whole = run[0] == 0 and run[-1] + 1 >= self.blocks_of(ref)
         if part_blocks is None and reserved and COALESCE_S > 0 and not whole:
             for index in run:  # backend blocks: merged with other runs of the next COALESCE_S

@@ -10,9 +10,8 @@ one file, `<dir>/<2 hex>/pack-<first block's name>`: a table page (PACK_MAGIC, c
 block its name, offset and length) followed by each block as above (header and data), each at
 a page-aligned offset so it can be mapped alone. One file per run instead of one per block: the
 file system's per-file work (inode allocation, directory entries, rename) was most of what
-writing the cache cost, far more than copying the bytes (measured on this machine's ext4 without
-a journal, where allocating an inode scans recently deleted ones: about 1.1-1.5 ms per 1 MiB
-block as single files, 0.35-0.4 ms packed 8 to a file). A pack is written once and renamed into
+writing the cache cost, far more than copying the bytes (on an ext4 without a journal,
+allocating an inode scans recently deleted ones). A pack is written once and renamed into
 place like a block; it is evicted whole when its least recently used block is, and a block
 dropped from it (corrupt) leaves the others until the last goes.
 

@@ -245,9 +245,7 @@ class S3Store(_S3Writes, FsspecStore):
         size): no request is sent. The store's counters are reset after it. The worker rehearses
         a first read and a stat with it (`worker.rehearse_read`): botocore builds its state for
         an operation on the operation's first call (event-name aliases and handler lookups,
-        shapes, serializer, parser), which the first read after start paid: the first GetObject
-        after the check's LIST took 5.7-7.2 ms against 3.8-4.8 ms later, 4.9-5.7 ms once
-        rehearsed."""
+        shapes, serializer, parser), which the session's first read after start would pay."""
         from aiobotocore.awsrequest import AioAWSResponse
 
         client = getattr(self.fs, "_s3", None)  # built by `warm_up`

@@ -8,9 +8,8 @@ Each staged file is one file in the staging directory, and lines in one journal:
                it is gone. The last line of an id wins; a torn last line (a crash mid-append) is
                ignored, so a crash leaves the previous version. The journal is rewritten with
                only the live files at recovery and when it has grown to many times their number.
-Creating a file costs a file system much more than appending a line (0.56 ms against ~10 us on
-the ext4 this was measured on): a staged file costs one creation, not three. (`<id>.json` files
-of earlier versions are still read at recovery.)
+Creating a file costs a file system much more than appending a line: a staged file costs one
+creation, not three.
 
 States: `dirty` (has bytes the bucket does not), `conflict` (the object changed remotely
 since the file was staged; the local copy is kept and reported, never uploaded over the newer

@@ -14,7 +14,7 @@ import trio.testing
 from sidecar.cache.blocks import BlockCache, ObjectRef
 from sidecar.cache.disk import DiskTier, block_name
 from sidecar.cache.prefetch import ReadAhead
-from sidecar.errors import ObjectChanged, errno_for
+from sidecar.errors import NotFound, ObjectChanged, SidecarError, errno_for
 from sidecar.store.memory import MemoryStore
 from sidecar.vfs.core import ROOT_INO, Filesystem
 from sidecar.vfs.staging import StagingArea
@@ -229,12 +229,12 @@ def test_metadata_ttl_and_negative_cache():
 
     async def main():
         async with mounted(store, ttl=5) as fs:
-            with pytest.raises(Exception) as err:
+            with pytest.raises(SidecarError) as err:
                 await fs.lookup(ROOT_INO, "missing")
             assert errno_for(err.value) == errno.ENOENT
             heads = store.stats.head_requests
             store.put("missing", b"now here")
-            with pytest.raises(Exception):
+            with pytest.raises(NotFound):
                 await fs.lookup(ROOT_INO, "missing")  # negative entry still fresh
             assert store.stats.head_requests == heads
             await trio.sleep(5.1)
@@ -277,7 +277,7 @@ def test_replaced_object_seen_after_ttl_never_mixed():
             assert await read_all(fs, "obj") == new
             store.remove("obj")
             await trio.sleep(2.1)
-            with pytest.raises(Exception) as err:
+            with pytest.raises(SidecarError) as err:
                 await fs.getattr(new_ino)
             assert errno_for(err.value) == errno.ENOENT
 
@@ -993,7 +993,7 @@ def test_backend_failure_is_an_error_not_a_hang():
             ino = await path_ino(fs, "f")
             fh, _ = await fs.open(ino, os.O_RDONLY)
             store.fail = True
-            with pytest.raises(Exception) as err:
+            with pytest.raises(SidecarError) as err:
                 await fs.read(fh, 0, 3)
             assert errno_for(err.value) == errno.EIO
             store.fail = False
@@ -1009,7 +1009,7 @@ def test_readonly_open_for_write_is_erofs_and_statfs_sane():
     async def main():
         async with mounted(store) as fs:
             ino = await path_ino(fs, "f")
-            with pytest.raises(Exception) as err:
+            with pytest.raises(SidecarError) as err:
                 await fs.open(ino, os.O_WRONLY)
             assert errno_for(err.value) == errno.EROFS
             st = fs.statfs()
@@ -1106,7 +1106,7 @@ def test_lookups_are_answered_from_one_listing_single_flight():
                     n.start_soon(look, d, f"f{i:03d}")
             # 300 concurrent lookups in an unlisted folder: one LIST between them, no HEAD
             assert (store.stats.list_requests, store.stats.head_requests) == (1, 0)
-            with pytest.raises(Exception):
+            with pytest.raises(NotFound):
                 await fs.lookup(d, "absent")  # answered by the listing too
             assert (store.stats.list_requests, store.stats.head_requests) == (1, 0)
             # a folder too big for one page: one partial LIST, then a HEAD per name

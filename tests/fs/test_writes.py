@@ -12,7 +12,7 @@ import trio
 import trio.testing
 
 from sidecar.cache.blocks import BlockCache
-from sidecar.errors import NotFound, errno_for
+from sidecar.errors import NoSpace, NotFound, SidecarError, errno_for
 from tests.conftest import wait_for
 from sidecar.store.memory import MemoryStore
 from sidecar.vfs import core
@@ -89,7 +89,7 @@ def test_failed_upload_stays_staged_and_is_retried(tmp_path):
             fh, _ = await fs.create(ROOT_INO, "f", os.O_WRONLY)
             fs.write(fh, 0, b"data")
             store.fail = True
-            with pytest.raises(Exception) as err:
+            with pytest.raises(SidecarError) as err:
                 await fs.flush(fh)
             assert errno_of(err) == errno.EIO
             fs.release(fh)
@@ -112,7 +112,7 @@ def test_conflict_is_kept_not_uploaded(tmp_path):
             fh, _ = await fs.open(ino, os.O_RDWR)
             fs.write(fh, 0, b"V2")
             store.put("c", b"remote v3")
-            with pytest.raises(Exception) as err:
+            with pytest.raises(SidecarError) as err:
                 await fs.flush(fh)
             assert errno_of(err) == errno.EIO
             assert store.objects["c"][0] == b"remote v3"
@@ -128,7 +128,7 @@ def test_staging_limit_gives_enospc(tmp_path):
         async with writable(MemoryStore(), tmp_path, limit=100) as fs:
             fh, _ = await fs.create(ROOT_INO, "big", os.O_WRONLY)
             fs.write(fh, 0, b"x" * 100)
-            with pytest.raises(Exception) as err:
+            with pytest.raises(SidecarError) as err:
                 fs.write(fh, 100, b"y")
             assert errno_of(err) == errno.ENOSPC
 
@@ -182,7 +182,7 @@ def test_full_staging_disk_is_enospc_not_a_traceback(tmp_path, monkeypatch):
                 raise OSError(errno.ENOSPC, "No space left on device")
 
             monkeypatch.setattr(os, "pwrite", full)
-            with pytest.raises(Exception) as err:
+            with pytest.raises(SidecarError) as err:
                 fs.write(fh, 0, b"data")
             assert errno_of(err) == errno.ENOSPC
 
@@ -242,29 +242,29 @@ def test_mkdir_rmdir_and_directory_rename(tmp_path, monkeypatch):
         async with writable(store, tmp_path) as fs:
             d = await fs.mkdir(ROOT_INO, "d")
             assert "d/" in store.objects
-            with pytest.raises(Exception) as err:
+            with pytest.raises(SidecarError) as err:
                 await fs.mkdir(ROOT_INO, "d")
             assert errno_of(err) == errno.EEXIST
             sub = await fs.mkdir(d.ino, "sub")
             await write_file(fs, sub.ino, "f", b"1")
-            with pytest.raises(Exception) as err:
+            with pytest.raises(SidecarError) as err:
                 await fs.rmdir(ROOT_INO, "d")
             assert errno_of(err) == errno.ENOTEMPTY
             await fs.rename(ROOT_INO, "d", ROOT_INO, "e")
             assert sorted(store.objects) == ["e/", "e/sub/", "e/sub/f"]
             assert fs.node(sub.ino).key == "e/sub"  # inodes move with their directory
             monkeypatch.setattr(core, "DIR_RENAME_LIMIT", 2)
-            with pytest.raises(Exception) as err:
+            with pytest.raises(SidecarError) as err:
                 await fs.rename(ROOT_INO, "e", ROOT_INO, "g")
             assert errno_of(err) == errno.EXDEV  # mv falls back to copying
-            with pytest.raises(Exception) as err:
+            with pytest.raises(SidecarError) as err:
                 await fs.rename(ROOT_INO, "e", ROOT_INO, "h", core.RENAME_EXCHANGE)
             assert errno_of(err) == errno.ENOTSUP
             await write_file(fs, ROOT_INO, "x", b"2")
-            with pytest.raises(Exception) as err:
+            with pytest.raises(SidecarError) as err:
                 await fs.rename(ROOT_INO, "x", ROOT_INO, "e", 0)
             assert errno_of(err) == errno.EISDIR
-            with pytest.raises(Exception) as err:
+            with pytest.raises(SidecarError) as err:
                 await fs.rename(ROOT_INO, "e", ROOT_INO, "x", core.RENAME_NOREPLACE)
             assert errno_of(err) == errno.EEXIST
 
@@ -285,7 +285,7 @@ def test_readonly_core_refuses_every_mutation(tmp_path):
                 fs.create(ROOT_INO, "g", os.O_WRONLY), fs.mkdir(ROOT_INO, "d"), fs.unlink(ROOT_INO, "f"),
                 fs.rmdir(ROOT_INO, "f"), fs.rename(ROOT_INO, "f", ROOT_INO, "h"), fs.setattr(ino, size=0), fs.open(ino, os.O_WRONLY),
             ):
-                with pytest.raises(Exception) as err:
+                with pytest.raises(SidecarError) as err:
                     await call
                 assert errno_of(err) == errno.EROFS
             n.cancel_scope.cancel()
@@ -506,10 +506,10 @@ def test_a_file_whose_write_failed_is_not_published_by_its_close(tmp_path, mode)
                 fs.writer.mode = mode
             fh, _ = await fs.create(ROOT_INO, "big", os.O_WRONLY)
             fs.write(fh, 0, b"x" * 100)
-            with pytest.raises(Exception) as err:
+            with pytest.raises(SidecarError) as err:
                 fs.write(fh, 100, b"y" * 50)
             assert errno_of(err) == errno.ENOSPC
-            with pytest.raises(Exception) as err:
+            with pytest.raises(SidecarError) as err:
                 await fs.flush(fh)
             assert errno_of(err) == errno.EIO and err.value.code == "incomplete_write"
             staged = fs.staging.by_key["big"]
@@ -539,7 +539,7 @@ def test_a_failed_write_rewritten_makes_the_file_whole_again(tmp_path, monkeypat
                 fs.write(fh, 4, b"efgh")
             monkeypatch.setattr(os, "pwrite", real)
             fs.write(fh, 8, b"ijkl")  # another range: the hole stays
-            with pytest.raises(Exception) as err:
+            with pytest.raises(SidecarError) as err:
                 await fs.flush(fh)
             assert errno_of(err) == errno.EIO
             fs.write(fh, 4, b"efgh")  # the writer retries the failed write
@@ -557,7 +557,7 @@ def test_publish_stores_an_incomplete_file_as_it_is(tmp_path):
         async with writable(store, tmp_path, limit=10) as fs:
             fh, _ = await fs.create(ROOT_INO, "f", os.O_WRONLY)
             fs.write(fh, 0, b"0123456789")
-            with pytest.raises(Exception):
+            with pytest.raises(NoSpace):
                 fs.write(fh, 10, b"more")
             fs.release(fh)
             await fs.writer.publish("f")

@@ -39,7 +39,7 @@ fuzz = settings(max_examples=N, deadline=None, suppress_health_check=list(Health
 def report():
     yield
     total = sum(INPUTS.values())
-    print(f"\nfuzz: {total} inputs ({', '.join(f'{k} {v}' for k, v in sorted(INPUTS.items()))}), 0 tracebacks")
+    print(f"\nfuzz: {total} inputs ({', '.join(f'{k} {v}' for k, v in sorted(INPUTS.items()))})")
 
 
 # -- manifests ------------------------------------------------------------------------------

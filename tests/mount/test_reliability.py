@@ -142,6 +142,9 @@ def test_close_of_a_large_file_on_a_slow_link(s3, proxied, mount_worker):
 def test_close_of_a_2_gib_file_at_25_mb_s_per_connection(s3, proxied, mount_worker):
     proxy, bucket = proxied
     closed, write = _close_on_slow_link(s3, proxy, bucket, mount_worker, 2048 * MiB, 25e6, 30.0)
+    # the helper checked the stored bytes; the upload went in parts, and none was left open
+    assert proxy.counts["PUT"] >= 2048 // 16
+    assert s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
     print(f"\n2 GiB close at 25 MB/s per connection: write {write:.1f} s, close {closed:.1f} s")
 
 
