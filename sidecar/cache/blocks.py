@@ -4,7 +4,7 @@ A block is identified by (storage, object key, etag, index): a changed object ha
 so never serves old bytes.
 
 Concurrency protocol (all on the trio thread unless noted):
-- `_inflight` maps a block id to its `_Fetch`; a second reader of the same block waits on that
+- `_inflight` maps a block id to its `BlockFetch`; a second reader of the same block waits on that
   fetch's event instead of starting another (single flight).
 - Fetches run in the cache's own nursery (`run`), not in the reader's task, so a reader that is
   interrupted does not cancel a fetch others wait for, and the disk write happens after the
@@ -20,17 +20,15 @@ Concurrency protocol (all on the trio thread unless noted):
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from sidecar.cache.disk import DiskTier, block_name, range_name
-from sidecar.cache.prefetch import FOLLOW_MAX
+from sidecar.cache.disk import DiskTier, block_name
+from sidecar.cache.memory import MemoryBudget
 from sidecar.log import get_logger
-from sidecar.store.base import Gate, ObjectStore
+from sidecar.store.base import ObjectStore
 
 log = get_logger(__name__)
 
@@ -58,38 +56,12 @@ class CacheStats:
 
 
 @dataclass
-class _Fetch:
+class BlockFetch:
     done: trio.Event = field(default_factory=trio.Event)
     data: bytes | None = None
     error: BaseException | None = None
 
 
-class Follow:
-    """One streamed GET behind one sequential reader (a Parquet column chunk, an HDF5 dataset
-    read from some offset): the range covers blocks [start, end) but the body is read only as
-    far as blocks are `registered` (those its reader asked for); the rest waits in TCP and, when
-    the reader jumps elsewhere, is never read. One request per run instead of one per block, and
-    what is fetched beyond what was read stays within the last block read (plus what the
-    socket's small receive buffer held: see the store's `_hold_back`)."""
-
-    def __init__(self, ref: ObjectRef, start: int, end: int, gap: int = 0, head: bytes = b"") -> None:
-        self.ref, self.start, self.end = ref, start, end
-        # The first block's bytes from `gap` on, already held: the stream starts after them, and
-        # its first `gap` bytes (if any) are fetched apart (`BlockCache._head`).
-        self.gap, self.head = gap, head
-        self.registered = start  # blocks [start, registered) are fetched by this stream (or held)
-        self.fetches: dict[int, _Fetch] = {}  # registered blocks not delivered yet
-        self.gate = Gate()
-        self.closed = False
-
-    def close(self) -> None:
-        """Stops the stream after the blocks registered so far (their waiters still get them)."""
-        self.closed = True
-        self.gate.close()
-
-
-FOLLOWS_PER_HANDLE = 8  # streams one file handle keeps open (runs it reads at once)
-GAP_WORTH = 16  # held bytes of a stream's first block, from 1/GAP_WORTH of a block, are worth a GET for the bytes before them
 DISK_RUN_BLOCKS = 16  # blocks read from disk per thread hop: a hop per 1 MiB block cost more than the read (mapped)
 COALESCE_S = 0.002  # backend runs started this close together are merged into one request
 
@@ -115,29 +87,19 @@ class BlockCache:
         self.storage_id = storage_id or store.name
         self.stats = CacheStats()
         # blocks: (key, etag, index); exact ranges of random readers: (key, etag, ("range", start, end))
-        self._memory: OrderedDict[tuple[str, str, Any], bytes] = OrderedDict()
-        self._memory_bytes = 0
-        self._reserved = 0  # bytes reserved by fetches in flight
-        # Memory entries waiting for their disk write: never evicted before it (the write holds
-        # their bytes anyway; evicted, they would be memory outside the budget). Counts per id.
-        self._unwritten: dict[tuple[str, str, Any], int] = {}
-        self._room = trio.Event()  # set (and replaced) whenever reserved bytes are released
-        self._inflight: dict[tuple[str, str, int], _Fetch] = {}
+        self.memory = MemoryBudget(memory_limit)
+        self._inflight: dict[tuple[str, str, int], BlockFetch] = {}
         self._nursery: trio.Nursery | None = None
         self._disk_limiter = trio.CapacityLimiter(4)
         # Object stores scale by connections: a run of blocks is fetched as several ranged GETs
         # of `fetch_size` in flight at once, at most `max_fetches` per mount.
         self.fetch_blocks = max(1, fetch_size // block_size)
         self._fetch_limiter = trio.CapacityLimiter(max_fetches)
-        # Streams following readers (`follow`), least recently read first: at most max_fetches,
-        # the oldest closed for a new one, so a new reader never waits for an idle stream's
-        # connection (a stream waits for its reader, up to the gate's idle time).
-        self._follows: OrderedDict[Follow, None] = OrderedDict()
-        self.max_follows = max_fetches
+        self.max_fetches = max_fetches
         # Backend runs wait COALESCE_S before they start, merged with the runs started meanwhile:
         # the kernel splits one large read (a Parquet column chunk read at once) into 1 MiB
         # requests that arrive together, each a run of its own; merged, they are one GET.
-        self._pending: list[tuple[ObjectRef, int, _Fetch]] = []  # reserved backend blocks not started yet
+        self._pending: list[tuple[ObjectRef, int, BlockFetch]] = []  # reserved backend blocks not started yet
         self._flush_scheduled = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -149,11 +111,8 @@ class BlockCache:
 
     @property
     def memory_bytes(self) -> int:
-        return self._memory_bytes + self._reserved
+        return self.memory.used
 
-    def count_direct(self, data: bytes) -> bytes:
-        self.stats.direct_reads += 1
-        return data
 
     def blocks_of(self, ref: ObjectRef) -> int:
         return -(-ref.size // self.block_size)
@@ -165,16 +124,16 @@ class BlockCache:
     def has(self, ref: ObjectRef, index: int) -> bool:
         """In memory, being fetched, or on disk: reading it through the cache costs no request."""
         bid = (ref.key, ref.etag, index)
-        if bid in self._memory or bid in self._inflight:
+        if bid in self.memory.entries or bid in self._inflight:
             return True
         return self.disk is not None and block_name(self.storage_id, ref.key, ref.etag, index, self.block_size) in self.disk
 
     async def get(self, ref: ObjectRef, index: int) -> bytes:
         """The bytes of block `index` of `ref` (shorter than block_size for the last block)."""
         bid = (ref.key, ref.etag, index)
-        data = self._memory.get(bid)
+        data = self.memory.entries.get(bid)
         if data is not None:
-            self._memory.move_to_end(bid)
+            self.memory.entries.move_to_end(bid)
             self.stats.memory_hits += 1
             return data
         fetch = self._inflight.get(bid)
@@ -204,7 +163,7 @@ class BlockCache:
             if index >= self.blocks_of(ref):
                 break
             bid = (ref.key, ref.etag, index)
-            if bid in self._memory or bid in self._inflight:
+            if bid in self.memory.entries or bid in self._inflight:
                 started += start_run()
                 run = []
                 continue
@@ -215,7 +174,7 @@ class BlockCache:
             if run and on_disk != run_on_disk:
                 started += start_run()
                 run = []
-            if not self._try_reserve(self._block_len(ref, index)):
+            if not self.memory.try_reserve(self._block_len(ref, index)):
                 self.stats.prefetch_skipped += readahead
                 break
             run.append(index)
@@ -244,7 +203,7 @@ class BlockCache:
         whole = run[0] == 0 and run[-1] + 1 >= self.blocks_of(ref)
         if part_blocks is None and reserved and COALESCE_S > 0 and not whole:
             for index in run:  # backend blocks: merged with other runs of the next COALESCE_S
-                fetch = _Fetch()
+                fetch = BlockFetch()
                 self._inflight[(ref.key, ref.etag, index)] = fetch
                 self._pending.append((ref, index, fetch))
             if not self._flush_scheduled:
@@ -256,174 +215,28 @@ class BlockCache:
             part = run[lo : lo + step]
             fetches = []
             for index in part:
-                fetch = _Fetch()
+                fetch = BlockFetch()
                 self._inflight[(ref.key, ref.etag, index)] = fetch
                 fetches.append(fetch)
             self._nursery.start_soon(self._fetch_run, ref, part[0], fetches, reserved)
         return len(run)
 
-    @property
-    def follows(self) -> bool:
-        """Whether a sequential reader can be followed by one streamed GET (`follow`)."""
-        return bool(getattr(self.store, "streams", False))
 
-    def follow(
-        self, follows: list[Follow], ref: ObjectRef, first: int, last: int, *, may_start: bool, after: Iterable[tuple[int, int]] = ()
-    ) -> bool:
-        """Follows a sequential reader with a streamed GET: if blocks [first, last] continue one
-        of the handle's streams `follows`, that stream is extended to them; else, with
-        `may_start` (the handle's read-ahead saw the run begin), a new stream starts at the
-        first of them not held, its range ending before the next held block. `after`: exact ranges
-        the reader read before, kept by `keep_range`; a new stream that starts in the last block
-        of one starts where it ended, not at the block's start (a Parquet column chunk's first
-        read is exact, and its block's head would otherwise be fetched twice). Several streams
-        per handle, since one reader may read several runs at once (pyarrow's pre-buffering
-        reads the column chunks of a row group in parallel through one file descriptor). False:
-        the read is not followed (nothing needed, or no memory for even one block: the caller
-        fetches as usual)."""
-        follows[:] = [f for f in follows if not f.closed]
-        for f in follows:
-            if f.ref == ref and f.start <= first <= f.registered and first < f.end:
-                follows.remove(f)
-                follows.append(f)  # the most recently read last
-                self._follows.move_to_end(f)  # (a stream not closed is in both)
-                # No block ahead of the reader: TCP keeps the next bytes coming while the reader
-                # turns round (the stream pauses only once its socket's buffer is full), and what
-                # a run fetches past its end is at most the rest of its last block.
-                self._register(f, last + 1, last + 1)
-                return True
-        if not may_start:
-            return False
-        start, blocks = first, self.blocks_of(ref)
-        while start <= last and self.has(ref, start):
-            start += 1
-        if start > last:
-            return False
-        end = start + 1
-        span = max(1, FOLLOW_MAX // self.block_size)  # the Range header's extent; read as asked
-        while end < min(blocks, start + span) and not self.has(ref, end):
-            end += 1
-        f = Follow(ref, start, end, *self._head(ref, start, after))
-        if not self._register(f, last + 1, last + 1):
-            return False
-        if self._nursery is None:
-            raise RuntimeError("BlockCache.run is not started")
-        while len(self._follows) >= self.max_follows:
-            self._follows.popitem(last=False)[0].close()  # the mount's least recently read stream
-        self._follows[f] = None
-        self._nursery.start_soon(self._follow_run, f)
-        if len(follows) >= FOLLOWS_PER_HANDLE:
-            follows.pop(0).close()  # the handle's least recently read
-        follows.append(f)
-        return True
 
-    def _head(self, ref: ObjectRef, index: int, after: Iterable[tuple[int, int]]) -> tuple[int, bytes]:
-        """(gap, head): a kept range of `after` that ends inside block `index` gives the block's
-        bytes [gap, gap + len(head)); gap > 0 when the range began inside the block too (an HDF5
-        chunk smaller than a block), and only if the range is worth an extra small GET for the
-        gap. (0, b""): no such range, the stream reads the whole block."""
-        base = index * self.block_size
-        for lo, hi in after:
-            if not (lo < base + self.block_size and base < hi < min(base + self.block_size, ref.size)):
-                continue
-            data = self._memory.get((ref.key, ref.etag, ("range", lo, hi)))
-            if data is None or (lo > base and (hi - lo) * GAP_WORTH < self.block_size):
-                continue
-            return (lo - base, bytes(data)) if lo > base else (0, bytes(data[base - lo :]))
-        return 0, b""
 
-    def _register(self, follow: Follow, want_end: int, ahead_from: int) -> bool:
-        """Registers the stream's blocks up to `want_end` (as far as memory allows) and opens its
-        gate that far; False if not even one block had room."""
-        ref = follow.ref
-        while follow.registered < min(want_end, follow.end):
-            index = follow.registered
-            bid = (ref.key, ref.etag, index)
-            if bid not in self._memory and bid not in self._inflight:  # held ones: read past
-                if not self._try_reserve(self._block_len(ref, index)):
-                    break
-                fetch = _Fetch()
-                self._inflight[bid] = fetch
-                follow.fetches[index] = fetch
-                self.stats.misses += 1
-                self.stats.prefetches += index >= ahead_from
-            follow.registered += 1
-        follow.gate.open_to(follow.registered - follow.start)
-        return follow.registered > follow.start
 
-    async def _follow_run(self, follow: Follow) -> None:
-        ref, bs = follow.ref, self.block_size
-        error: BaseException = OSError(f"{ref.key}: the backend sent fewer bytes than asked")
-        first: list[bytes | None] = [None, None]  # the gap's bytes and the stream's first piece
-        gap_pending = [bool(follow.gap)]
-
-        def on_block(i: int, data: bytes) -> None:
-            if i == 0 and (follow.head or follow.gap):
-                first[1] = data
-                if first[0] is not None or not follow.gap:
-                    finish(0, (first[0] or b"") + follow.head + data)
-                return
-            finish(i, data)
-
-        async def fetch_gap() -> None:
-            base = follow.start * bs
-            try:
-                first[0] = await self.store.get_range(ref.key, base, base + follow.gap, ref.etag)
-            except Exception as exc:  # the first block fails; the stream's other blocks do not
-                fetch = follow.fetches.pop(follow.start, None)
-                if fetch is not None:
-                    self._complete(ref, follow.start, fetch, None, exc, True)
-                return
-            finally:
-                gap_pending[0] = False
-            if first[1] is not None:
-                finish(0, first[0] + follow.head + first[1])
-
-        def finish(i: int, data: bytes) -> None:
-            index = follow.start + i
-            fetch = follow.fetches.pop(index, None)
-            if fetch is not None:
-                self._complete(ref, index, fetch, data, None, True)
-                if self.disk is not None and self._nursery is not None:
-                    # Block by block: the stream goes at its reader's pace, and a block held
-                    # back for a pack would be pinned in memory meanwhile.
-                    name = block_name(self.storage_id, ref.key, ref.etag, index, bs)
-                    self._pin((ref.key, ref.etag, index))
-                    self._nursery.start_soon(self._disk_put_many, [(name, data)], [(ref.key, ref.etag, index)])
-
-        try:
-            # Streams have their own bound (`max_follows`, kept by `follow`): one waiting for its
-            # reader never holds up demand reads.
-            start, end = follow.start * bs + follow.gap + len(follow.head), min(follow.end * bs, ref.size)
-            if follow.gap and self._nursery is not None:
-                self._nursery.start_soon(fetch_gap)  # beside the stream; it never raises
-            await self.store.get_blocks(ref.key, start, end, ref.etag, bs, on_block, object_size=ref.size, gate=follow.gate)
-        except BaseException as exc:
-            error = exc if isinstance(exc, Exception) else OSError("fetch cancelled")
-            if not isinstance(exc, Exception):
-                raise
-        finally:
-            follow.close()
-            self._follows.pop(follow, None)
-            # Whatever did not arrive fails; the first block, if the stream brought its part,
-            # is the gap's GET's to complete (the stream may end first: its reader went quiet
-            # while waiting for that very block).
-            for index, fetch in list(follow.fetches.items()):
-                if not (index == follow.start and gap_pending[0] and first[1] is not None):
-                    del follow.fetches[index]
-                    self._complete(ref, index, fetch, None, error, True)
 
     async def _flush_pending(self) -> None:
         """Starts the pending backend blocks as contiguous runs of at most `fetch_blocks`."""
         await trio.sleep(COALESCE_S)
         pending, self._pending, self._flush_scheduled = self._pending, [], False
-        by_object: dict[tuple[str, str], list[tuple[ObjectRef, int, _Fetch]]] = {}
+        by_object: dict[tuple[str, str], list[tuple[ObjectRef, int, BlockFetch]]] = {}
         for item in pending:
             by_object.setdefault((item[0].key, item[0].etag), []).append(item)
         assert self._nursery is not None
         for items in by_object.values():
             items.sort(key=lambda item: item[1])
-            part: list[tuple[ObjectRef, int, _Fetch]] = []
+            part: list[tuple[ObjectRef, int, BlockFetch]] = []
             for item in items + [None]:  # type: ignore[list-item]
                 if part and (item is None or item[1] != part[-1][1] + 1 or len(part) >= self.fetch_blocks):
                     self._nursery.start_soon(self._fetch_run, part[0][0], part[0][1], [p[2] for p in part], True)
@@ -431,46 +244,56 @@ class BlockCache:
                 if item is not None:
                     part.append(item)
 
-    def _start(self, ref: ObjectRef, index: int) -> _Fetch:
+    # -- for those who fetch blocks themselves (sidecar.cache.streams) ---------------------------
+
+    def held(self, ref: ObjectRef, index: int) -> bool:
+        """In memory or being fetched (not counting the disk tier)."""
+        bid = (ref.key, ref.etag, index)
+        return bid in self.memory.entries or bid in self._inflight
+
+    def reserve_fetch(self, ref: ObjectRef, index: int, *, ahead: bool) -> BlockFetch | None:
+        """A fetch of block `index`, its memory reserved and its waiters registered, for the
+        caller to `complete`; None when the budget has no room. `ahead`: fetched before its
+        reader asked (counted as a prefetch)."""
+        if not self.memory.try_reserve(self._block_len(ref, index)):
+            return None
+        fetch = BlockFetch()
+        self._inflight[(ref.key, ref.etag, index)] = fetch
+        self.stats.misses += 1
+        self.stats.prefetches += ahead
+        return fetch
+
+    def complete(self, ref: ObjectRef, index: int, fetch: BlockFetch, data: bytes | None, error: BaseException | None) -> None:
+        """Ends a fetch of `reserve_fetch`: its bytes (or its error) to its waiters."""
+        self._complete(ref, index, fetch, data, error, True)
+
+    def keep_on_disk(self, ref: ObjectRef, index: int, data: bytes) -> None:
+        """Writes a block to the disk tier in the background (its memory entry kept meanwhile)."""
+        self.write_behind((ref.key, ref.etag, index), block_name(self.storage_id, ref.key, ref.etag, index, self.block_size), data)
+
+    def write_behind(self, mid: Any, name: str, data: bytes) -> None:
+        """Writes memory entry `mid` to the disk tier as `name` in the background; the entry is
+        pinned until then. Nothing without a disk tier."""
+        if self.disk is not None and self._nursery is not None:
+            self.memory.pin(mid)
+            self._nursery.start_soon(self._disk_put_many, [(name, data)], [mid])
+
+    def spawn(self, fn: Any, *args: Any) -> None:
+        """Runs `fn(*args)` in the cache's nursery (fetches outlive the reader that started them)."""
+        if self._nursery is None:
+            raise RuntimeError("BlockCache.run is not started")
+        self._nursery.start_soon(fn, *args)
+
+    def _start(self, ref: ObjectRef, index: int) -> BlockFetch:
         self._start_run(ref, [index], reserved=False)
         return self._inflight[(ref.key, ref.etag, index)]
 
-    def _evict_for(self, need: int) -> bool:
-        """Evicts least recently used memory entries, except those waiting for their disk write,
-        until `need` more bytes fit the budget; whether they do."""
-        over = self._memory_bytes + self._reserved + need - self.memory_limit
-        if over > 0:
-            victims = []
-            for mid, data in self._memory.items():
-                if over <= 0:
-                    break
-                if mid not in self._unwritten:
-                    victims.append(mid)
-                    over -= len(data)
-            for mid in victims:
-                self._memory_bytes -= len(self._memory.pop(mid))
-        return self._memory_bytes + self._reserved + need <= self.memory_limit
 
-    def _pin(self, mid: tuple[str, str, Any]) -> None:
-        """Keeps memory entry `mid` until its disk write (`_disk_put_many`) is done."""
-        self._unwritten[mid] = self._unwritten.get(mid, 0) + 1
 
-    def _try_reserve(self, n: int) -> bool:
-        if self._evict_for(n):
-            self._reserved += n
-            return True
-        return False
 
-    async def _reserve(self, n: int) -> None:
-        while not self._try_reserve(n):
-            await self._room.wait()
 
-    def _release(self, n: int) -> None:
-        self._reserved -= n
-        self._room.set()
-        self._room = trio.Event()
 
-    def _complete(self, ref: ObjectRef, index: int, fetch: _Fetch, data: bytes | None, error: BaseException | None, held: bool) -> None:
+    def _complete(self, ref: ObjectRef, index: int, fetch: BlockFetch, data: bytes | None, error: BaseException | None, held: bool) -> None:
         """Finishes one block's fetch: wakes its waiters and moves its memory reservation (if
         `held`) into the memory tier, or releases it on error. Idempotent."""
         if fetch.done.is_set():
@@ -481,17 +304,16 @@ class BlockCache:
             data, error = None, OSError(f"short read of {ref.key} block {index}: {len(data)} of {n} bytes")
         if data is not None:
             fetch.data = data
-            self._memory[bid] = data
-            self._memory_bytes += len(data)
+            self.memory.add(bid, data)
         else:
             fetch.error = error
         if held:
-            self._release(n)
+            self.memory.release(n)
         if self._inflight.get(bid) is fetch:
             del self._inflight[bid]
         fetch.done.set()
 
-    async def _fetch_run(self, ref: ObjectRef, first: int, fetches: list[_Fetch], reserved: bool) -> None:
+    async def _fetch_run(self, ref: ObjectRef, first: int, fetches: list[BlockFetch], reserved: bool) -> None:
         names = [block_name(self.storage_id, ref.key, ref.etag, first + i, self.block_size) for i in range(len(fetches))]
         to_disk: list[tuple[str, bytes]] = []
         pinned: list[tuple[str, str, Any]] = []  # their memory entries, kept until written
@@ -499,7 +321,7 @@ class BlockCache:
         error: BaseException = OSError(f"{ref.key}: the backend sent fewer bytes than asked")
         try:
             if not held:
-                await self._reserve(self._block_len(ref, first))  # a run of one demand block
+                await self.memory.reserve(self._block_len(ref, first))  # a run of one demand block
                 held = True
             # Blocks already on disk are served from there (read in one thread hop for the whole
             # run); the rest are fetched in one stream.
@@ -516,7 +338,7 @@ class BlockCache:
                     if j < len(fetches) and not fetches[j].done.is_set():
                         self._complete(ref, first + j, fetches[j], data, None, held)
                         if self.disk is not None:
-                            self._pin((ref.key, ref.etag, first + j))
+                            self.memory.pin((ref.key, ref.etag, first + j))
                             to_disk.append((names[j], data))
                             pinned.append((ref.key, ref.etag, first + j))
 
@@ -530,20 +352,20 @@ class BlockCache:
             # Whatever did not arrive fails, so no waiter is left hanging.
             for i, fetch in enumerate(fetches):
                 self._complete(ref, first + i, fetch, None, error, held)
-            # The run holds no block while its disk write waits (each _Fetch holds its data): a
+            # The run holds no block while its disk write waits (each BlockFetch holds its data): a
             # block evicted meanwhile would be memory outside the budget. Its waiters have theirs.
             fetches.clear()
             fetch = None  # (the loop above left the last one here)
         if to_disk:
             await self._disk_put_many(to_disk, pinned)
 
-    async def _complete_from_disk(self, ref: ObjectRef, first: int, fetches: list[_Fetch], names: list[str], held: bool) -> list[int]:
+    async def _complete_from_disk(self, ref: ObjectRef, first: int, fetches: list[BlockFetch], names: list[str], held: bool) -> list[int]:
         """Completes the run's blocks found on disk (one thread hop for the whole run, none if the
         index has none of them); returns the indices in the run of the others."""
         if self.disk is None or not any(name in self.disk for name in names):
             return list(range(len(fetches)))
         missing: list[int] = []
-        for i, data in enumerate(await self._disk_get_many(names)):
+        for i, data in enumerate(await self.disk_read(names)):
             if data is not None and len(data) == self._block_len(ref, first + i):
                 self.stats.disk_hits += 1
                 self._complete(ref, first + i, fetches[i], data, None, held)
@@ -554,7 +376,8 @@ class BlockCache:
     # The disk tier is a cache: any error of it (a full or failing disk, a bug) costs a refetch,
     # never a reader's request or the mount. Each is logged and counted.
 
-    async def _disk_get_many(self, names: list[str]) -> list[bytes | None]:
+    async def disk_read(self, names: list[str]) -> list[bytes | None]:
+        """Entries of the disk tier (None for each missing or unreadable), in one thread hop."""
         if self.disk is None:
             return [None] * len(names)
         disk = self.disk
@@ -586,12 +409,7 @@ class BlockCache:
         try:
             await trio.to_thread.run_sync(write_all, limiter=self._disk_limiter)
         finally:
-            for mid in pinned:
-                left = self._unwritten.pop(mid, 1) - 1
-                if left:
-                    self._unwritten[mid] = left
-            self._room.set()  # they can be evicted now: a fetch waiting for room may go on
-            self._room = trio.Event()
+            self.memory.unpin(pinned)
 
     def _disk_failed(self, event: str, exc: Exception) -> None:
         """Called from a disk thread: a counter and a log line, nothing that needs trio."""
@@ -599,49 +417,6 @@ class BlockCache:
         self.disk.errors += 1
         log.warning(event, error=type(exc).__name__, detail=str(exc)[:200], errors=self.disk.errors)
 
-    # -- exact ranges of random readers ---------------------------------------------------------
-    #
-    # A random read is fetched as exactly the bytes asked for (not whole blocks). The range is
-    # kept too, in the memory tier (under the same budget and LRU as blocks) and on disk, so a
-    # second pass over the same reads (a new handle, a new mount on the kept cache) fetches
-    # nothing. A range is found again by its exact offsets: random readers repeat theirs.
 
-    async def cached_range(self, ref: ObjectRef, start: int, end: int) -> bytes | None:
-        rid = (ref.key, ref.etag, ("range", start, end))
-        data = self._memory.get(rid)
-        if data is not None:
-            self._memory.move_to_end(rid)
-            self.stats.range_hits += 1
-            return data
-        if self.disk is None:
-            return None
-        name = range_name(self.storage_id, ref.key, ref.etag, start, end)
-        if name not in self.disk:
-            return None
-        (data,) = await self._disk_get_many([name])
-        if data is None or len(data) != end - start:
-            return None
-        self.stats.range_hits += 1
-        self._keep_in_memory(rid, data)
-        return data
 
-    def keep_range(self, ref: ObjectRef, start: int, data: bytes) -> None:
-        """Keeps a range a random reader fetched (memory now, disk in the background)."""
-        if not data or len(data) > self.block_size:
-            return
-        end = start + len(data)
-        rid = (ref.key, ref.etag, ("range", start, end))
-        self._keep_in_memory(rid, data)
-        if self.disk is not None and self._nursery is not None:
-            self._pin(rid)
-            self._nursery.start_soon(self._disk_put_many, [(range_name(self.storage_id, ref.key, ref.etag, start, end), data)], [rid])
 
-    def _keep_in_memory(self, rid: tuple, data: bytes) -> None:
-        if rid not in self._memory and self._evict_for(len(data)):
-            self._memory[rid] = data
-            self._memory_bytes += len(data)
-
-    def invalidate(self, key: str) -> None:
-        """Drops every memory block of `key` (any etag); disk blocks of old etags age out by LRU."""
-        for bid in [b for b in self._memory if b[0] == key]:
-            self._memory_bytes -= len(self._memory.pop(bid))

@@ -13,7 +13,7 @@ import trio.testing
 
 from sidecar.cache.blocks import BlockCache, ObjectRef
 from sidecar.cache.disk import DiskTier, block_name
-from sidecar.cache.prefetch import ReadAhead
+from sidecar.cache.readahead import ReadAhead
 from sidecar.errors import NotFound, ObjectChanged, SidecarError, errno_for
 from sidecar.store.memory import MemoryStore
 from sidecar.vfs.core import ROOT_INO, Filesystem
@@ -398,8 +398,7 @@ def test_sequential_reader_prefetches_random_reader_does_not():
             assert fs.cache.stats.prefetches > 10
             assert fs.cache.memory_bytes <= BS * 32
             store.stats.bytes_fetched = 0
-            fs.cache._memory.clear()
-            fs.cache._memory_bytes = 0
+            fs.cache.memory.clear()
             fs.cache.stats.direct_reads = 0
             ino = await path_ino(fs, "big")
             fh, _ = await fs.open(ino, os.O_RDONLY)
@@ -563,7 +562,7 @@ def test_a_run_elsewhere_is_followed_by_one_streamed_get_that_reads_only_what_is
         fh, _ = await fs.open(await path_ino(fs, "cols"), os.O_RDONLY)
         for start, length in runs:
             with trio.fail_after(10):  # blocks wait in memory for their disk write: a new stream needs room
-                while fs.cache._unwritten:
+                while fs.cache.memory.unwritten:
                     await trio.sleep(0.01)
             gets, fetched = store.stats.get_requests, store.stats.bytes_fetched
             off = start
@@ -669,7 +668,7 @@ def test_a_slow_gap_get_still_completes_the_first_block_after_its_stream_went_id
             fh, _ = await fs.open(await path_ino(fs, "chunks"), os.O_RDONLY)
             for off in (start, start + chunk):
                 assert bytes(await fs.read(fh, off, chunk)) == data[off : off + chunk]
-            (follow,) = fs._handles[fh].follows
+            (follow,) = fs._handles[fh].reader.followed
             assert follow.closed and follow.gap  # the stream had ended before the gap arrived
             fs.release(fh)
 
@@ -686,7 +685,7 @@ def test_a_followed_reader_that_stops_closes_its_stream_after_the_idle_time():
             fh, _ = await fs.open(await path_ino(fs, "obj"), os.O_RDONLY)
             for i in range(3):
                 await fs.read(fh, BS * (5 + i), BS)
-            (follow,) = fs._handles[fh].follows
+            (follow,) = fs._handles[fh].reader.followed
             assert not follow.closed
             await trio.sleep(follow.gate.idle + 1)  # the reader leaves the file open, unread
             assert follow.closed and not follow.fetches
@@ -719,9 +718,9 @@ def test_more_followed_readers_than_streams_close_the_oldest_stream_instead_of_w
                     for off in (start, start + BS):
                         assert bytes(await fs.read(fh, off, BS)) == data[off : off + BS]
                 handles.append(fh)
-            first, last = (fs._handles[fh].follows for fh in (handles[0], handles[2]))
+            first, last = (fs._handles[fh].reader.followed for fh in (handles[0], handles[2]))
             assert first[0].closed and not last[0].closed  # the oldest stream gave way
-            assert len(cache._follows) <= 2
+            assert len(fs.streams) <= 2
             for fh in handles:
                 fs.release(fh)
             nursery.cancel_scope.cancel()
@@ -1172,7 +1171,7 @@ def test_a_reader_going_through_a_folder_in_name_order_gets_the_next_files_fetch
     """`cat *`, a data loader, zarr: files opened one after another in name order. From the
     third in a row the next FOLDER_AHEAD small files are fetched ahead (each once); a reader
     opening them in any other order fetches only what it reads."""
-    from sidecar.cache.prefetch import FOLDER_AHEAD
+    from sidecar.cache.readahead import FOLDER_AHEAD
 
     store = MemoryStore()
     files = {f"d/f{i:03d}": random.Random(i).randbytes(3000 + i) for i in range(40)}
@@ -1214,7 +1213,7 @@ def test_a_reader_going_through_a_folder_in_name_order_gets_the_next_files_fetch
 
 
 def test_the_folder_walk_policy():
-    from sidecar.cache.prefetch import FolderWalk
+    from sidecar.cache.readahead import FolderWalk
 
     w = FolderWalk(ahead=4, streak=2)
     listing = {f"n{i:02d}": None for i in range(12)}

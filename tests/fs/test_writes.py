@@ -15,7 +15,7 @@ from sidecar.cache.blocks import BlockCache
 from sidecar.errors import NoSpace, NotFound, SidecarError, errno_for
 from tests.conftest import wait_for
 from sidecar.store.memory import MemoryStore
-from sidecar.vfs import core
+from sidecar.vfs import mutations
 from sidecar.vfs.core import ROOT_INO, Filesystem
 from sidecar.vfs.staging import StagingArea
 
@@ -253,19 +253,19 @@ def test_mkdir_rmdir_and_directory_rename(tmp_path, monkeypatch):
             await fs.rename(ROOT_INO, "d", ROOT_INO, "e")
             assert sorted(store.objects) == ["e/", "e/sub/", "e/sub/f"]
             assert fs.node(sub.ino).key == "e/sub"  # inodes move with their directory
-            monkeypatch.setattr(core, "DIR_RENAME_LIMIT", 2)
+            monkeypatch.setattr(mutations, "DIR_RENAME_LIMIT", 2)
             with pytest.raises(SidecarError) as err:
                 await fs.rename(ROOT_INO, "e", ROOT_INO, "g")
             assert errno_of(err) == errno.EXDEV  # mv falls back to copying
             with pytest.raises(SidecarError) as err:
-                await fs.rename(ROOT_INO, "e", ROOT_INO, "h", core.RENAME_EXCHANGE)
+                await fs.rename(ROOT_INO, "e", ROOT_INO, "h", mutations.RENAME_EXCHANGE)
             assert errno_of(err) == errno.ENOTSUP
             await write_file(fs, ROOT_INO, "x", b"2")
             with pytest.raises(SidecarError) as err:
                 await fs.rename(ROOT_INO, "x", ROOT_INO, "e", 0)
             assert errno_of(err) == errno.EISDIR
             with pytest.raises(SidecarError) as err:
-                await fs.rename(ROOT_INO, "e", ROOT_INO, "x", core.RENAME_NOREPLACE)
+                await fs.rename(ROOT_INO, "e", ROOT_INO, "x", mutations.RENAME_NOREPLACE)
             assert errno_of(err) == errno.EEXIST
 
     trio.run(main)

@@ -20,7 +20,7 @@ the window is it topped up.
 
 A run that did not start at offset 0 is *followed* instead, from its second read (if it began
 exactly where the first ended; else once the window would open) until it has read FOLLOW_MAX:
-one streamed GET reads the object as far as the reader has asked (BlockCache.follow), rather
+one streamed GET reads the object as far as the reader has asked (sidecar.cache.streams), rather
 than a GET per block of the window. A Parquet column chunk read in 1 MiB requests then costs
 two GETs (its first read, exact, and the stream), and what is fetched past its end stays within
 its last block. Longer runs switch to the window's parallel GETs, which a single connection

@@ -1,0 +1,309 @@
+"""The file system's changes: create, write, close, setattr, unlink, mkdir, rmdir, rename (a part
+of `sidecar.vfs.core.Filesystem`). Files are written to their staged copy (sidecar.vfs.staging)
+and published by the writer (sidecar.vfs.writer) only once committed; a directory rename is a
+copy and delete of each object, refused beyond DIR_RENAME_LIMIT (EXDEV: `mv` copies instead).
+
+Concurrency: trio thread only; staging calls that touch the disk run on it too (a pwrite lands
+in the page cache), see `_staging_call`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import trio
+
+from sidecar.cache.blocks import ObjectRef
+from sidecar.errors import (
+    BadHandle, CrossDevice, Exists, InvalidName, IsADirectory, NameTooLong, NotADirectory, NotEmpty, NotFound, NotSupported, ReadOnly,
+)
+from sidecar.store.base import ObjectInfo
+from sidecar.vfs.inodes import Node
+from sidecar.vfs.listings import NAME_MAX, Entry, unusable_name
+from sidecar.vfs.writer import Writer
+from sidecar.vfs.namespace import Attr, FileHandle, Namespace
+
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+DIR_RENAME_LIMIT = 1000  # objects; a larger directory answers EXDEV and `mv` copies it instead
+
+
+class Mutations(Namespace):
+    """Every change a writable mount accepts (a read-only one refuses each with EROFS)."""
+
+    writer: Writer | None  # set by Filesystem.__init__
+
+    def _require_writable(self, key: str) -> None:
+        if self.readonly or self.staging is None:
+            raise ReadOnly(key)
+
+    def _storable(self, name: str) -> None:
+        """Refuses a new name that could not be stored (or listed back) as a key."""
+        reason = unusable_name(name)
+        if reason is not None:
+            if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
+                raise NameTooLong(name)
+            raise InvalidName(f"{name!r}: {reason}")
+
+    async def create(self, parent_ino: int, name: str, flags: int) -> tuple[int, Attr]:
+        parent = self.node(parent_ino)
+        key = self._child_key(parent, name)
+        self._require_writable(key)
+        self._storable(name)
+        assert self.staging is not None
+        now = trio.current_time()
+        node = self.inodes.for_entry(key, False, ObjectInfo(key, 0, "", time.time()), now)
+        if node.staged is not None:
+            self._staging_call(self.staging.truncate, node.staged, 0)
+        else:
+            existing = self.staging.by_key.get(key)
+            if existing is not None:  # staged for a previous inode of this key
+                self.staging.remove(existing)
+            node.staged = self.staging.create(key, None, dirty=True)  # even an empty file is stored
+        node.size, node.etag = 0, ""
+        node.staged.handles += 1
+        node.lookups += 1
+        self.inodes.pin(node)
+        self.listings.add(key, Entry(False, ObjectInfo(key, 0, "", time.time())))
+        fh = next(self._next_fh)
+        self._handles[fh] = FileHandle(node, self._reader(ObjectRef(key, "", 0)), True)
+        return fh, self.attr(node)
+
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        h = self._handle(fh, FileHandle)
+        assert isinstance(h, FileHandle)
+        if not h.writable or h.node.staged is None:
+            raise BadHandle(f"handle {fh} is not open for writing")
+        # A pwrite to the staging file lands in the page cache: cheap enough for the trio
+        # thread, and it keeps writes in order without a thread hop per 128 KiB request.
+        n = self._staging_call(self.staging.write, h.node.staged, offset, data)  # type: ignore[union-attr]
+        h.node.size = h.node.staged.size
+        h.node.mtime = time.time()
+        return n
+
+    async def flush(self, fh: int) -> None:
+        """close(): the writer commits its file. Durable mode: stored before close returns, so
+        an acknowledged close means the bytes are in the bucket. Write-back: staged on disk."""
+        h = self._handle(fh, FileHandle)
+        assert isinstance(h, FileHandle)
+        if h.writable and h.node.staged is not None and self.writer is not None:
+            await self.writer.commit(h.node.staged)
+
+    async def fsync(self, fh: int) -> None:
+        await self.flush(fh)
+
+    async def upload_pending(self, *, only_idle: bool = True) -> int:
+        assert self.writer is not None
+        return await self.writer.upload_pending(only_idle=only_idle)
+
+    async def setattr(self, ino: int, *, size: int | None = None, mtime: float | None = None) -> Attr:
+        """The size (truncate) and the mtime are stored; mode and owner are accepted and not kept.
+        An mtime goes into the object's `mtime` metadata: with the upload of a file being
+        written, else by a server-side copy of the object onto itself."""
+        node = self.node(ino)
+        if mtime is not None and not node.is_dir:
+            self._require_writable(node.key)
+            await self._set_mtime(node, mtime)
+        if size is not None:
+            if node.is_dir:
+                raise IsADirectory(node.key)
+            self._require_writable(node.key)
+            staged = await self._stage(node, truncate=size == 0)
+            self._staging_call(self.staging.truncate, staged, size)  # type: ignore[union-attr]
+            node.size = size
+            if staged.handles <= 0 and self.writer is not None:  # truncate(2) of a closed file: a commit
+                await self.writer.commit(staged)
+        elif not node.is_dir:
+            await self._revalidate(node)
+        return self.attr(node)
+
+    async def _set_mtime(self, node: Node, mtime: float) -> None:
+        if node.staged is not None:
+            node.staged.mtime = mtime  # sent with its upload (a close follows, or has queued it)
+            if not node.staged.dirty:
+                await self._store_mtime(node, mtime)
+        elif node.etag:
+            await self._store_mtime(node, mtime)
+        node.mtime = mtime
+
+    async def _store_mtime(self, node: Node, mtime: float) -> None:
+        info = await self.store.set_mtime(node.key, node.etag, mtime)
+        if info is not None and info.etag and info.etag != node.etag:
+            node.etag = info.etag
+            if node.staged is not None and self.staging is not None:
+                self.staging.mark(node.staged, base_etag=info.etag)
+        self.mtimes.set(node.key, node.etag, mtime)
+        self.listings.add(node.key, Entry(False, ObjectInfo(node.key, node.size, node.etag, mtime)))
+
+    async def _existing(self, parent: Node, name: str) -> Node | None:
+        try:
+            attr = await self.lookup(parent.ino, name)
+        except NotFound:
+            return None
+        node = self.node(attr.ino)
+        node.lookups -= 1  # this lookup was ours, not the kernel's
+        return node
+
+    async def _removable(self, parent_ino: int, name: str, *, is_dir: bool) -> tuple[Node, str]:
+        """The node `name` in `parent_ino` for unlink (a file) or rmdir (a directory)."""
+        parent = self.node(parent_ino)
+        key = self._child_key(parent, name)
+        self._require_writable(key)
+        node = await self._existing(parent, name)
+        if node is None:
+            raise NotFound(key)
+        if node.is_dir != is_dir:
+            raise NotADirectory(key) if is_dir else IsADirectory(key)
+        return node, key
+
+    async def unlink(self, parent_ino: int, name: str) -> None:
+        node, key = await self._removable(parent_ino, name, is_dir=False)
+        remote = node.staged is None or node.staged.base_etag is not None
+        if node.staged is not None and node.staged.handles > 0 and self.staging is not None:
+            self.staging.orphan(node.staged)  # its open handles keep it until the last is released
+        else:
+            self._unstage(node)
+        if remote:
+            await self.store.delete(key)
+        self._gone(key)
+
+    def _gone(self, key: str) -> None:
+        self.listings.remove(key, trio.current_time())
+        node = self.inodes.current(key)
+        if node is not None:
+            self.inodes.supersede(node)
+
+    async def mkdir(self, parent_ino: int, name: str) -> Attr:
+        """A directory is an empty "name/" marker object, as the S3 console makes them."""
+        parent = self.node(parent_ino)
+        key = self._child_key(parent, name)
+        self._require_writable(key)
+        self._storable(name)
+        if await self._existing(parent, name) is not None:
+            raise Exists(key)
+        await self.store.put_marker(key)
+        self.listings.add(key, Entry(True, None))
+        now = trio.current_time()
+        # Empty, as far as this mount knows (the name was free): its listing is that, and
+        # the names a program then looks up in it (git's object folders) cost no LIST.
+        self.listings.store(key, {}, now)
+        node = self.inodes.for_entry(key, True, None, now)
+        node.lookups += 1
+        return self.attr(node)
+
+    async def rmdir(self, parent_ino: int, name: str) -> None:
+        node, key = await self._removable(parent_ino, name, is_dir=True)
+        self.listings.forget(key)
+        if await self._list(node):
+            raise NotEmpty(key)
+        await self.store.delete(key + "/")
+        self.listings.forget(key)
+        self._gone(key)
+
+    async def rename(self, parent_old: int, name_old: str, parent_new: int, name_new: str, flags: int = 0) -> None:
+        src_parent, dst_parent = self.node(parent_old), self.node(parent_new)
+        src_key, dst_key = self._child_key(src_parent, name_old), self._child_key(dst_parent, name_new)
+        self._require_writable(src_key)
+        if flags & RENAME_EXCHANGE:
+            raise NotSupported("rename with RENAME_EXCHANGE")
+        self._storable(name_new)
+        src = await self._existing(src_parent, name_old)
+        if src is None:
+            raise NotFound(src_key)
+        dst = await self._existing(dst_parent, name_new)
+        if dst is not None:
+            if flags & RENAME_NOREPLACE:
+                raise Exists(dst_key)
+            if dst.is_dir and not src.is_dir:
+                raise IsADirectory(dst_key)
+            if src.is_dir and not dst.is_dir:
+                raise NotADirectory(dst_key)
+            if dst.is_dir:
+                self.listings.forget(dst.key)
+                if await self._list(dst):
+                    raise NotEmpty(dst_key)
+        if src.is_dir:
+            await self._rename_dir(src, dst_key)
+        else:
+            await self._rename_file(src, dst_key, dst)
+        now = trio.current_time()
+        # The cached listings learn the move (rsync renames every file it writes: forgetting
+        # the folder's listing would cost a LIST per file).
+        self.listings.remove(src_key, now)
+        if src.is_dir:
+            self.listings.add(dst_key, Entry(True, None))
+        else:
+            self.listings.add(dst_key, Entry(False, ObjectInfo(dst_key, src.size, src.etag, src.mtime)))
+
+    async def _walk(self, prefix: str, limit: int) -> tuple[list[str], list[str]]:
+        """Object keys and folder prefixes under `prefix` (itself included), one LIST per folder;
+        stops early once more than `limit` were found."""
+        files: list[str] = []
+        dirs: list[str] = []
+        todo = [prefix]
+        while todo and len(files) + len(dirs) <= limit:
+            d = todo.pop()
+            dirs.append(d)
+            listing = await self.store.list_dir(d)
+            files += [f.key for f in listing.files]
+            todo += listing.dirs
+            todo += [m.rstrip("/") for m in listing.markers if m.rstrip("/") != d and m.rstrip("/") not in listing.dirs]
+        return files, dirs
+
+    async def _rename_file(self, src: Node, dst_key: str, dst: Node | None) -> None:
+        """Copy, then delete: from this mount's view the new name appears complete (the copy is
+        one server-side request) and only then the old one goes."""
+        assert self.staging is not None and self.writer is not None
+        if dst is not None and dst.staged is not None:
+            self._unstage(dst)
+        staged = src.staged
+        if staged is not None and (staged.dirty or staged.base_etag is None):
+            had_remote = staged.base_etag is not None
+            old_key = src.key
+            # The destination may exist remotely: the upload replaces the version the lookup
+            # above saw (from the folder's listing: no request), or requires the name to be free.
+            # Either precondition travels with the upload, so a change meanwhile is a conflict.
+            self.staging.rekey(staged, dst_key, base_etag=(dst.etag or None) if dst is not None and not dst.is_dir else None)
+            self.inodes.move(src, dst_key)
+            if staged.handles <= 0:
+                await self.writer.commit(staged)
+            if had_remote:
+                await self.store.delete(old_key)
+            return
+        info = await self.store.copy(src.key, dst_key, src.size)
+        set_mtime = self.mtimes.get(src.key, src.etag)
+        if set_mtime is not None:  # the copy keeps the metadata; the index follows the name
+            self.mtimes.set(dst_key, info.etag, set_mtime)
+        await self.store.delete(src.key)
+        if staged is not None:
+            self.staging.rekey(staged, dst_key, base_etag=info.etag, base_size=info.size, changed=[])
+        self.inodes.move(src, dst_key)
+        src.etag, src.size, src.checked_at = info.etag, info.size, trio.current_time()
+
+    async def _rename_dir(self, src: Node, dst_key: str) -> None:
+        """Object by object, up to DIR_RENAME_LIMIT objects (else EXDEV, and `mv` copies the tree
+        itself). Every object is copied before any is deleted, so a failure part way leaves the
+        tree complete under the old name (plus a partial copy under the new one), never lost."""
+        assert self.staging is not None
+        prefix = src.key
+        if any(k.startswith(prefix + "/") and f.dirty for k, f in self.staging.by_key.items()):
+            raise CrossDevice(f"{prefix}: files in it are being written")
+        files, dirs = await self._walk(prefix, DIR_RENAME_LIMIT)
+        if len(files) + len(dirs) > DIR_RENAME_LIMIT:
+            raise CrossDevice(f"{prefix}: more than {DIR_RENAME_LIMIT} objects")
+        for d in dirs:  # every folder becomes an explicit marker under the new name
+            await self.store.put_marker(dst_key + d[len(prefix) :])
+        for key in files:
+            await self.store.copy(key, dst_key + key[len(prefix) :])
+        for key in files:
+            await self.store.delete(key)
+        for d in reversed(dirs):
+            try:
+                await self.store.delete(d + "/")
+            except NotFound:
+                pass  # an implicit folder (a prefix without a marker)
+        for node in self.inodes.under(prefix):  # inodes below move with the directory, as in POSIX
+            self.inodes.move(node, dst_key + node.key[len(prefix) :])
+        self.listings.forget_tree(prefix)
+        self.inodes.move(src, dst_key)
