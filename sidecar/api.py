@@ -23,7 +23,7 @@ from sidecar.log import get_logger, register_secret
 from sidecar.protocol import (
     Command, Prefetch, PrefetchStarted, Publish, Published, Push, Pushed, Refresh, Refreshed, RescueUpload, RescueUploaded,
 )
-from sidecar.states import UP
+from sidecar.states import COPY, UP
 
 log = get_logger("sidecar.api")
 
@@ -49,7 +49,7 @@ class ControlAPI:
             return 200, await self.daemon.status()
         if path == "/events":
             snapshot = [m.state_event(self.daemon.ready()) for m in self.daemon.mounts.values()]
-            snapshot += [self.daemon._rescued_event(m) for m in self.daemon.mounts.values() if m.rescued_total]
+            snapshot += [self.daemon.rescued_event(m) for m in self.daemon.mounts.values() if m.rescued_total]
             return 200, EventStream(self.daemon.events.subscribe(snapshot))
         if path == "/metrics":
             from sidecar.metrics import render
@@ -68,7 +68,7 @@ class ControlAPI:
         if action == "rescue":
             return await self._rescue(m, body)
         if action == "push":
-            if m.mount.mode != "copy" or m.worker is None or m.state not in ("copying", "copied"):
+            if m.mount.mode != "copy" or m.worker is None or m.state not in COPY:
                 raise HTTPError(409, "not_a_copy", f"{m.name} is not a copied folder ({m.mount.mode}, {m.state})")
             pushed: Pushed | None = await m.worker.call(Push(), ACTION_WAIT)
             if pushed is None:
@@ -138,20 +138,20 @@ class ControlAPI:
         if what == "discard":
             removed = await trio.to_thread.run_sync(rescue.discard, self.daemon.rescue_base, m.name)
             log.info("rescued_discarded", mount=m.name, entries=removed)
-            await self.daemon._refresh_rescued(m)
+            await self.daemon.refresh_rescued(m)
             return 200, {"discarded": removed}
         if what == "upload":
             if m.storage.readonly:
                 raise HTTPError(409, "read_only", f"{m.name} is read-only: its rescued files are kept until `storage-sidecar rescue {m.name} --discard`")
             folder = str(rescue.mount_folder(self.daemon.rescue_base, m.name))
             uploaded: RescueUploaded | None = await self._ask_worker(m, "rescue --upload", RescueUpload(folder))
-            await self.daemon._refresh_rescued(m)
+            await self.daemon.refresh_rescued(m)
             if uploaded is None:
                 return 202, {"uploaded": None, "reason": "still uploading; see status"}
             return 200, uploaded.fields()
         if what != "list":
             raise HTTPError(400, "bad_request", 'the body must be {"action": "list" | "upload" | "discard"}')
-        await self.daemon._refresh_rescued(m)
+        await self.daemon.refresh_rescued(m)
         return 200, {"rescued": m.rescued, "rescued_total": m.rescued_total, "where": str(rescue.mount_folder(self.daemon.rescue_base, m.name))}
 
     async def _publish(self, m: Any, body: bytes) -> tuple[int, Any]:

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from sidecar import __version__
+from sidecar import protocol as defaults
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -41,6 +42,14 @@ def validate(manifest: str, as_json: bool) -> None:
     _table(("NAME", "PROVIDER", "URL", "SOURCE", "MOUNTPATH", "MODE"), rows)
 
 
+def _human(n: int) -> str:
+    """A size as the largest unit that divides it (the flags' defaults: 1M, 10G)."""
+    for unit, size in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
 def _size(text: str) -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
     t = text.strip().lower().removesuffix("ib").removesuffix("b")
@@ -55,16 +64,16 @@ def _size(text: str) -> int:
 @click.option("--socket-group", default=None, help="Group that may use the control socket (the session user's group).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Disk cache directory (none: memory only).")
 @click.option("--credentials-dir", type=click.Path(file_okay=False), default=None, help="<dir>/<storage-name>/<field> credential files.")
-@click.option("--block-size", default="1M", show_default=True, help="Block size of the cache.")
-@click.option("--fetch-size", default="8M", show_default=True, help="Bytes per ranged GET of a sequential reader.")
-@click.option("--max-fetches", default=16, show_default=True, help="Ranged GETs in flight per mount.")
-@click.option("--memory-limit", default="256M", show_default=True, help="Memory for cached and prefetched blocks, per mount.")
-@click.option("--readahead", default="128M", show_default=True, help="Most bytes read ahead for one sequential reader.")
-@click.option("--disk-limit", default="10G", show_default=True, help="Hard limit of the disk cache, per storage (less if its file system has less free space).")
-@click.option("--staging-limit", default="50G", show_default=True, help="Bytes of files being written that may be staged on local disk, per mount (beyond: ENOSPC).")
-@click.option("--grace-period", default=20.0, show_default=True, help="Seconds to unmount everything after SIGTERM.")
-@click.option("--check-deadline", default=10.0, show_default=True, help="Seconds the pre-flight check of one storage may take.")
-@click.option("--credentials-wait", default=0.0, show_default=True, help="Seconds /ready waits for credentials or a skip before skipping a mount (0: do not wait).")
+@click.option("--block-size", default=_human(defaults.BLOCK_SIZE), show_default=True, help="Block size of the cache.")
+@click.option("--fetch-size", default=_human(defaults.FETCH_SIZE), show_default=True, help="Bytes per ranged GET of a sequential reader.")
+@click.option("--max-fetches", default=defaults.MAX_FETCHES, show_default=True, help="Ranged GETs in flight per mount.")
+@click.option("--memory-limit", default=_human(defaults.MEMORY_LIMIT), show_default=True, help="Memory for cached and prefetched blocks, per mount.")
+@click.option("--readahead", default=_human(defaults.READAHEAD), show_default=True, help="Most bytes read ahead for one sequential reader.")
+@click.option("--disk-limit", default=_human(defaults.DISK_LIMIT), show_default=True, help="Hard limit of the disk cache, per storage (less if its file system has less free space).")
+@click.option("--staging-limit", default=_human(defaults.STAGING_LIMIT), show_default=True, help="Bytes of files being written that may be staged on local disk, per mount (beyond: ENOSPC).")
+@click.option("--grace-period", default=defaults.GRACE_PERIOD, show_default=True, help="Seconds to unmount everything after SIGTERM.")
+@click.option("--check-deadline", default=defaults.CHECK_DEADLINE, show_default=True, help="Seconds the pre-flight check of one storage may take.")
+@click.option("--credentials-wait", default=defaults.CREDENTIALS_WAIT, show_default=True, help="Seconds /ready waits for credentials or a skip before skipping a mount (0: do not wait).")
 @click.option("--write-probe/--no-write-probe", default=True, show_default=True, help="Check write permission of writable storages with a probe object.")
 @click.option("--uid", type=int, default=None, help="Owner of the files (default: the daemon's user).")
 @click.option("--gid", type=int, default=None, help="Group of the files.")
@@ -73,7 +82,7 @@ def _size(text: str) -> int:
 @click.option("--fork-template/--no-fork-template", default=True, show_default=True, help="Fork mount workers from a warm template process (fast start, shared memory).")
 @click.option("--wait-copies", is_flag=True, help="/ready waits for copy-mode mounts to finish downloading.")
 @click.option("--mount-helper", default=None, help="Socket of a privileged `storage-sidecar mount-helper`: mount through it (no SYS_ADMIN needed here).")
-@click.option("--copy-limit", default="10G", show_default=True, help="Largest folder a copy-mode mount downloads (larger: refused).")
+@click.option("--copy-limit", default=_human(defaults.COPY_LIMIT), show_default=True, help="Largest folder a copy-mode mount downloads (larger: refused).")
 @click.option("--log-level", default="info", show_default=True)
 def run(manifest_path, socket_path, socket_group, cache_dir, credentials_dir, block_size, fetch_size, max_fetches, memory_limit, readahead, disk_limit, staging_limit, grace_period,
         check_deadline, credentials_wait, write_probe, uid, gid, allow_other, only, fork_template, wait_copies, mount_helper, copy_limit, log_level) -> None:
@@ -105,15 +114,10 @@ def run(manifest_path, socket_path, socket_group, cache_dir, credentials_dir, bl
         check_deadline=check_deadline,
         credentials_wait=credentials_wait,
         write_probe=write_probe,
-        cache_dir=cache_dir,
         credentials_dir=credentials_dir,
-        block_size=_size(block_size),
-        fetch_size=_size(fetch_size),
-        max_fetches=max_fetches,
-        memory_limit=_size(memory_limit),
-        readahead=_size(readahead),
-        disk_limit=_size(disk_limit),
-        staging_limit=_size(staging_limit),
+        cache=defaults.CacheConfig(cache_dir=cache_dir, block_size=_size(block_size), fetch_size=_size(fetch_size), max_fetches=max_fetches,
+                                   memory_limit=_size(memory_limit), readahead=_size(readahead), disk_limit=_size(disk_limit),
+                                   staging_limit=_size(staging_limit)),
         grace_period=grace_period,
         uid=uid,
         gid=gid,

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sidecar import urls
-from sidecar.protocol import WRITEBACK_DELAY
+from sidecar.protocol import DEADLINE, METADATA_TTL, METADATA_TTL_READONLY, WRITEBACK_DELAY
 
 DEFAULT_INSTANCE = "renkulab.io"
 
@@ -159,9 +159,9 @@ class StorageMount(_Model):
     source_path: str = ""
     metadata_ttl: float | None = Field(
         default=None, ge=0, le=86400,
-        description="seconds listings and attributes are cached (default: 300 for read-only storages, 5 for writable ones)",
+        description=f"seconds listings and attributes are cached (default: {METADATA_TTL_READONLY:g} for read-only storages, {METADATA_TTL:g} for writable ones)",
     )
-    deadline: float = Field(default=30.0, gt=0, le=600, description="seconds before a backend call fails with EIO (transfers: seconds without progress)")
+    deadline: float = Field(default=DEADLINE, gt=0, le=600, description="seconds before a backend call fails with EIO (transfers: seconds without progress)")
     mode: Literal["mount", "copy"] = Field(default="mount", description="mount: a FUSE mount; copy: downloaded into the mount path as ordinary files")
     copy_limit: int | None = Field(default=None, gt=0, description="bytes a copy may hold (default: the daemon's --copy-limit)")
     prefetch: list[str] = Field(default_factory=list, description="folders or files (in the mount) to warm the disk cache with at start")

@@ -14,7 +14,6 @@ Reasons are sentences for people and never contain secrets or request signatures
 
 from __future__ import annotations
 
-import secrets as pysecrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,8 +22,8 @@ import trio
 
 from sidecar import urls
 from sidecar.protocol import CHECK_DEADLINE
-from sidecar.store.bridge import run_on_loop
-from sidecar.store.classify import chain, error_code, reason_of
+from sidecar.store.base import Listing
+from sidecar.store.classify import WriteDenied, chain, error_code, reason_of
 
 CHECK_LIST_MAX = 1000  # entries the check's LIST asks for: a folder that fits is the mount's first listing
 
@@ -68,75 +67,6 @@ def classify(exc: BaseException, storage: str) -> CheckResult:
     return CheckResult(reason, REASONS[reason].format(storage=storage, detail=detail))
 
 
-async def check_s3(fs: Any, bucket: str, prefix: str, *, writable: bool, write_probe: bool) -> list[dict[str, Any]] | None:
-    """Raises what the backend raises; returns when the storage is usable as configured, with
-    the folder's entries (as s3fs lists them) when its listing fitted in the one page asked."""
-
-    async def listing() -> Any:
-        return await fs._call_s3("list_objects_v2", Bucket=bucket, Prefix=f"{prefix}/" if prefix else "", Delimiter="/",
-                                 MaxKeys=CHECK_LIST_MAX)
-
-    page = await run_on_loop(fs.loop, listing)
-    if writable and write_probe:
-        key = f"{prefix + '/' if prefix else ''}.storage-sidecar-write-probe-{pysecrets.token_hex(6)}"
-
-        async def probe() -> None:
-            await fs._call_s3("put_object", Bucket=bucket, Key=key, Body=b"storage-sidecar write probe; safe to delete\n")
-            await fs._call_s3("delete_object", Bucket=bucket, Key=key)
-
-        try:
-            await run_on_loop(fs.loop, probe)
-        except Exception as exc:
-            result = classify(exc, "")
-            if result.code == "access_denied":
-                raise WriteDenied() from exc
-            raise
-    if page.get("IsTruncated"):
-        return None
-    entries: list[dict[str, Any]] = []
-    for p in page.get("CommonPrefixes", []):
-        entries.append({"name": f"{bucket}/{p['Prefix'][:-1]}", "Size": 0, "size": 0, "type": "directory"})
-    for c in page.get("Contents", []):
-        entries.append({**c, "name": f"{bucket}/{c['Key']}", "size": c["Size"], "type": "file"})
-    return entries
-
-
-class WriteDenied(Exception):
-    pass
-
-
-async def check_fsspec(fs: Any, bucket: str, prefix: str, *, writable: bool, write_probe: bool) -> list[dict[str, Any]] | None:
-    """The same check through any async fsspec file system (Azure, GCS); returns the folder's
-    entries as the file system lists them."""
-    path = f"{bucket}/{prefix}" if prefix else bucket
-
-    async def listing() -> list[dict[str, Any]]:
-        if not await fs._exists(bucket):
-            raise FileNotFoundError(bucket)
-        try:
-            return list(await fs._ls(path, detail=True))
-        except FileNotFoundError:
-            if prefix:  # an empty or new folder inside an existing bucket is fine
-                return []
-            raise
-
-    entries = await run_on_loop(fs.loop, listing)
-    if writable and write_probe:
-        key = f"{path}/.storage-sidecar-write-probe-{pysecrets.token_hex(6)}"
-
-        async def probe() -> None:
-            await fs._pipe_file(key, b"storage-sidecar write probe; safe to delete\n")
-            await fs._rm_file(key)
-
-        try:
-            await run_on_loop(fs.loop, probe)
-        except Exception as exc:
-            if classify(exc, "").code == "access_denied":
-                raise WriteDenied() from exc
-            raise
-    return entries
-
-
 def _endpoint(url: urls.StorageURL, options: dict[str, Any]) -> tuple[str, int] | None:
     from urllib.parse import urlsplit
 
@@ -173,45 +103,32 @@ async def check(
     writable: bool,
     write_probe: bool = True,
     deadline: float = CHECK_DEADLINE,
-    fs: Any = None,
-    listed: Callable[[list[dict[str, Any]]], None] | None = None,
+    store: Any = None,
+    listed: Callable[[Listing], None] | None = None,
 ) -> CheckResult:
-    """Runs the pre-flight of one storage within `deadline` seconds. Never raises. `fs` is the
-    file system (SDK client) to check with, e.g. the one a worker mounts with; else one is
-    built for the check. `listed` receives the entries of the storage's folder when the
-    check's listing holds all of them (the mount then answers its root from it)."""
+    """Runs the pre-flight of one storage within `deadline` seconds. Never raises. `store` is
+    the store to check with (the one a worker mounts with: one SDK client per storage); else
+    one is built for the check. `listed` receives the listing of the storage's folder when the
+    check's LIST held all of it (the mount then answers its root from it)."""
     # No credentials of our own is not yet "missing": ambient ones (a pod's IAM role through the
     # environment) may work. The backend call decides, and botocore reports when there are none.
+    from sidecar.store.azure import CredentialsMissing
+    from sidecar.store.factory import build_store
+
     try:
         with trio.fail_after(deadline):
-            if url.provider == "s3":
-                from sidecar.store.s3 import make_s3_filesystem
-
-                if fs is None:
-                    fs = await trio.to_thread.run_sync(lambda: make_s3_filesystem(options, credentials, url.endpoint, url.region))
-                # One try: the check reports what it finds, it does not insist.
-                retries, fs.retries = fs.retries, 1
+            if store is None:
                 try:
-                    entries = await check_s3(fs, url.bucket, url.key_prefix(source_path), writable=writable, write_probe=write_probe)
-                finally:
-                    fs.retries = retries
-            else:
-                from sidecar.store.azure import CredentialsMissing, make_azure_filesystem
-                from sidecar.store.gcs import make_gcs_filesystem
-
-                make = make_azure_filesystem if url.provider == "azure" else make_gcs_filesystem
-                try:
-                    if fs is None:
-                        fs = await trio.to_thread.run_sync(make, url, options, credentials)
+                    store = await trio.to_thread.run_sync(lambda: build_store(name, url, options, credentials))
                 except CredentialsMissing:
                     return CheckResult("credentials_missing", f"no credentials for storage {name!r}")
-                if url.provider == "gcs" and credentials.get("service_account.json"):
-                    # The token exchange first, once: gcsfs would retry a refused key until the
-                    # deadline (a timeout) instead of saying it was refused.
-                    refresh = getattr(getattr(fs, "credentials", None), "maybe_refresh", None)
-                    if refresh is not None:
-                        await trio.to_thread.run_sync(refresh)
-                entries = await check_fsspec(fs, url.bucket, url.key_prefix(source_path), writable=writable, write_probe=write_probe)
+            if url.provider == "gcs" and credentials.get("service_account.json"):
+                # The token exchange first, once: gcsfs would retry a refused key until the
+                # deadline (a timeout) instead of saying it was refused.
+                refresh = getattr(getattr(store.fs, "credentials", None), "maybe_refresh", None)
+                if refresh is not None:
+                    await trio.to_thread.run_sync(refresh)
+            listing = await store.probe(url.key_prefix(source_path), writable=writable, write_probe=write_probe, max_entries=CHECK_LIST_MAX)
     except trio.TooSlowError:
         # SDKs retry connection errors until the deadline: tell a closed port from a slow server.
         if not await _reachable(url, options):
@@ -221,6 +138,6 @@ async def check(
         return CheckResult("readonly_no_write_permission", f"storage {name!r} is writable in the manifest but the credentials may not write")
     except Exception as exc:
         return classify(exc, name)
-    if listed is not None and entries is not None and len(entries) <= CHECK_LIST_MAX:
-        listed(entries)  # (Azure and GCS list the whole folder: a big one is not handed over)
+    if listed is not None and listing is not None:
+        listed(listing)
     return CheckResult("ok", "listed and, if writable, wrote a probe object")

@@ -34,6 +34,26 @@ INCOMPLETE_KEEP_DAYS = 7.0
 COPY_LIMIT = 10 << 30
 WRITEBACK_DELAY = 2.0  # s a closed file rests before its write-back upload
 CHECK_DEADLINE = 10.0  # s for the pre-flight check of one storage
+CREDENTIALS_WAIT = 0.0  # s /ready waits for credentials or a skip (0: it does not wait)
+
+
+@dataclass
+class CacheConfig:
+    """How every mount reads and caches: the daemon's flags, passed whole to each worker."""
+
+    cache_dir: str | None = None  # the disk tier and staging area (None: memory only; staging in the default place)
+    block_size: int = BLOCK_SIZE
+    fetch_size: int = FETCH_SIZE
+    max_fetches: int = MAX_FETCHES
+    memory_limit: int = MEMORY_LIMIT
+    readahead: int = READAHEAD
+    disk_limit: int = DISK_LIMIT
+    staging_limit: int = STAGING_LIMIT
+    kernel_readahead_kb: int = KERNEL_READAHEAD_KB
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> "CacheConfig":
+        return _from_dict(cls, doc, "cache")
 
 
 @dataclass
@@ -56,16 +76,8 @@ class WorkerConfig:
     prefetch: list[str] = field(default_factory=list)  # folders/files to warm the disk cache with at start
     ttl: float = METADATA_TTL
     deadline: float = DEADLINE
-    cache_dir: str | None = None
-    block_size: int = BLOCK_SIZE
-    fetch_size: int = FETCH_SIZE
-    max_fetches: int = MAX_FETCHES
-    memory_limit: int = MEMORY_LIMIT
-    readahead: int = READAHEAD
-    disk_limit: int = DISK_LIMIT
-    staging_limit: int = STAGING_LIMIT
+    cache: CacheConfig = field(default_factory=CacheConfig)
     incomplete_keep_days: float = INCOMPLETE_KEEP_DAYS
-    kernel_readahead_kb: int = KERNEL_READAHEAD_KB
     uid: int | None = None
     gid: int | None = None
     allow_other: bool = False
@@ -80,7 +92,10 @@ class WorkerConfig:
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> "WorkerConfig":
-        return _from_dict(cls, doc, "worker")
+        cfg = _from_dict(cls, doc, "worker")
+        if not isinstance(cfg.cache, CacheConfig):
+            cfg.cache = CacheConfig.from_dict(cfg.cache if isinstance(cfg.cache, dict) else {})
+        return cfg
 
     def to_line(self) -> bytes:
         return (json.dumps(dataclasses.asdict(self)) + "\n").encode()

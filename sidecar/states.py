@@ -30,4 +30,7 @@ class MountState(StrEnum):
 
 
 STATES = tuple(s.value for s in MountState)
-UP = frozenset({"mounted", "degraded"})
+UP = frozenset({MountState.MOUNTED, MountState.DEGRADED})  # the storage is served at its path
+STARTING = frozenset({MountState.PENDING, MountState.CHECKING})  # not ready yet
+COPY = frozenset({MountState.COPYING, MountState.COPIED})  # copy mode: plain files at the path
+TROUBLED = frozenset({MountState.FAILED, MountState.NEEDS_CREDENTIALS, MountState.DEGRADED})  # logged as warnings

@@ -67,7 +67,7 @@ async def open_store(cfg: WorkerConfig, url: urls.StorageURL) -> tuple[Any, Any]
     async with trio.open_nursery() as nursery:
         nursery.start_soon(rehearse_read, store, cfg)  # its CPU while the check waits for the network
         result = await preflight.check(cfg.name, url, cfg.options, cfg.credentials, source_path=cfg.source_path, writable=not cfg.readonly,
-                                       write_probe=cfg.write_probe, deadline=cfg.check_deadline, fs=store.fs, listed=listed.append)
+                                       write_probe=cfg.write_probe, deadline=cfg.check_deadline, store=store, listed=listed.append)
     logger.info("preflight", mount=cfg.name, code=result.code)
     if not result.ok:
         emit(Failed(result.code, result.reason))
@@ -75,7 +75,7 @@ async def open_store(cfg: WorkerConfig, url: urls.StorageURL) -> tuple[Any, Any]
     emit(Checked())
     if not isinstance(await trio.to_thread.run_sync(read_command, abandon_on_cancel=True), Mount):
         return None, None  # the daemon went away, or changed its mind
-    return store, (store.listing_of(url.key_prefix(cfg.source_path), listed[0]) if listed else None)
+    return store, (listed[0] if listed else None)
 
 
 async def rehearse_read(store: Any, cfg: WorkerConfig) -> None:
@@ -94,8 +94,8 @@ async def rehearse_read(store: Any, cfg: WorkerConfig) -> None:
         return  # without credentials the SDK cannot sign even a rehearsal (and the check says why)
     try:
         async with rehearsal():
-            cache = BlockCache(store, block_size=cfg.block_size, memory_limit=max(REHEARSAL_SIZE, cfg.block_size), storage_id=cfg.storage_id,
-                               fetch_size=cfg.fetch_size, max_fetches=cfg.max_fetches)
+            cache = BlockCache(store, block_size=cfg.cache.block_size, memory_limit=max(REHEARSAL_SIZE, cfg.cache.block_size), storage_id=cfg.storage_id,
+                               fetch_size=cfg.cache.fetch_size, max_fetches=cfg.cache.max_fetches)
             async with trio.open_nursery() as nursery:
                 await nursery.start(cache.run)
                 fs = Filesystem(store, cache)
@@ -170,7 +170,7 @@ async def serve_copy(cfg: WorkerConfig) -> int:
     except UnsafeMountPath as exc:
         emit(Failed("mount_path_unsafe", str(exc)))
         return 1
-    copier = Copier(store, url.key_prefix(cfg.source_path), dest, limit=cfg.copy_limit, fetch_size=cfg.fetch_size)
+    copier = Copier(store, url.key_prefix(cfg.source_path), dest, limit=cfg.copy_limit, fetch_size=cfg.cache.fetch_size)
     refused: list[str] = []
 
     async def copy() -> None:
@@ -249,21 +249,21 @@ class MountWorker:
         from sidecar.fuse_ops import FuseOps
 
         cfg = self.cfg
-        if cfg.cache_dir:
-            private_folder(cfg.cache_dir)  # ours alone: cached blocks and staged files are bucket data
-            self.disk = disk = await trio.to_thread.run_sync(DiskTier, Path(cfg.cache_dir) / storage_dir_name(cfg), cfg.disk_limit)
+        if cfg.cache.cache_dir:
+            private_folder(cfg.cache.cache_dir)  # ours alone: cached blocks and staged files are bucket data
+            self.disk = disk = await trio.to_thread.run_sync(DiskTier, Path(cfg.cache.cache_dir) / storage_dir_name(cfg), cfg.cache.disk_limit)
             if disk.limit < disk.configured_limit:
                 logger.warning("disk_cache_limited", configured=disk.configured_limit, effective=disk.limit,
                                reason="the cache's file system has less free space than --disk-limit")
-        self.cache = BlockCache(self.store, block_size=cfg.block_size, memory_limit=cfg.memory_limit, disk=self.disk,
-                                storage_id=cfg.storage_id, fetch_size=cfg.fetch_size, max_fetches=cfg.max_fetches)
+        self.cache = BlockCache(self.store, block_size=cfg.cache.block_size, memory_limit=cfg.cache.memory_limit, disk=self.disk,
+                                storage_id=cfg.storage_id, fetch_size=cfg.cache.fetch_size, max_fetches=cfg.cache.max_fetches)
         if not cfg.readonly:
             self.staging = await self._open_staging()
-        mtimes = MtimeIndex(Path(cfg.cache_dir) / storage_dir_name(cfg) / "mtimes.db" if cfg.cache_dir else None)
+        mtimes = MtimeIndex(Path(cfg.cache.cache_dir) / storage_dir_name(cfg) / "mtimes.db" if cfg.cache.cache_dir else None)
         self.fs = Filesystem(
             self.store, self.cache, staging=self.staging, mtimes=mtimes, mtime_from_metadata=cfg.mtime_source == "metadata",
             root_prefix=self.url.key_prefix(cfg.source_path), ttl=cfg.ttl, uid=cfg.uid, gid=cfg.gid, readonly=cfg.readonly,
-            max_readahead_blocks=max(1, cfg.readahead // cfg.block_size), write_mode=cfg.write_mode, writeback_delay=cfg.writeback_delay,
+            max_readahead_blocks=max(1, cfg.cache.readahead // cfg.cache.block_size), write_mode=cfg.write_mode, writeback_delay=cfg.writeback_delay,
         )
         if checked_listing is not None and not self.fs.mtime_from_metadata:
             # The check's LIST held the whole folder: the mount's root is listed from the start, so
@@ -276,9 +276,9 @@ class MountWorker:
         """The staging area, with what a killed predecessor left: its multipart uploads aborted,
         its files recovered (committed ones are stored again, the others kept as incomplete)."""
         cfg = self.cfg
-        base = Path(cfg.cache_dir or default_cache_dir())
+        base = Path(cfg.cache.cache_dir or default_cache_dir())
         private_folder(base / "staging")
-        staging = StagingArea(base / "staging" / f"{storage_dir_name(cfg)}-{cfg.name}", cfg.staging_limit, spares=SPARES)
+        staging = StagingArea(base / "staging" / f"{storage_dir_name(cfg)}-{cfg.name}", cfg.cache.staging_limit, spares=SPARES)
         if hasattr(self.store, "abort_abandoned"):
             from sidecar.store.ledger import UploadLedger
 
@@ -400,7 +400,7 @@ class MountWorker:
             await trio.to_thread.run_sync(os.stat, self.mountpath)
         except OSError as exc:
             logger.debug("first_stat_failed", error=str(exc))
-        raise_kernel_readahead(self.mountpath, self.cfg.kernel_readahead_kb)
+        raise_kernel_readahead(self.mountpath, self.cfg.cache.kernel_readahead_kb)
         logger.info("mounted", mount=self.cfg.name, mountpath=self.mountpath, url=self.url.canonical(),
                     write_mode=self.cfg.write_mode if self.staging else None)
         emit(Mounted(mountpath=self.mountpath))

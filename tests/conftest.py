@@ -1,3 +1,4 @@
+import hashlib
 import os
 import time
 
@@ -54,6 +55,21 @@ def backend(request):
 @pytest.fixture
 def bucket(backend):
     return backend.create_bucket()
+
+
+def sha(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def s3_keys(s3, bucket):
+    """Every key of an S3 bucket of the session's moto server (all pages)."""
+    return [o["Key"] for p in s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in p.get("Contents", [])]
+
+
+@pytest.fixture
+def s3_bucket(s3):
+    """A new bucket of the session's moto server, as a tests.backends bucket."""
+    return S3Backend(s3).create_bucket()
 
 
 def wait_for(predicate, timeout=30.0, interval=0.05, what="condition"):

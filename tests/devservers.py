@@ -8,6 +8,7 @@ the installed package.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -185,6 +186,16 @@ def gcs_server(log_path: str | os.PathLike[str]) -> Iterator[GCSServer]:
         stop_process(proc)
 
 
+CACHE_KEYS = {f.name for f in dataclasses.fields(protocol.CacheConfig)}
+
+
+def nested(cfg):
+    """A worker configuration written flat by a test (`block_size=...`), its cache settings
+    moved where sidecar.protocol.WorkerConfig keeps them (`cache`)."""
+    cache = {**cfg.get("cache", {}), **{k: v for k, v in cfg.items() if k in CACHE_KEYS}}
+    return {**{k: v for k, v in cfg.items() if k not in CACHE_KEYS}, "cache": cache}
+
+
 class WorkerProcess:
     """A sidecar.worker process serving one mount, driven over its stdin/stdout protocol."""
 
@@ -193,7 +204,7 @@ class WorkerProcess:
         self.mnt = cfg["mountpath"]
         with open(cfg["log"], "a") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "sidecar.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
-        self.proc.stdin.write((json.dumps(cfg) + "\n").encode())
+        self.proc.stdin.write((json.dumps(nested(cfg)) + "\n").encode())
         self.proc.stdin.flush()
         event = json.loads(self.proc.stdout.readline() or b'{"event": "exited"}')
         if event["event"] not in ("mounted", "copying"):

@@ -151,6 +151,10 @@ class ObjectStore(Protocol):
         """Everything directly under `prefix` ("" for the bucket root), all pages; with
         `max_entries`, at most about that many (`complete` says whether that was all)."""
 
+    async def probe(self, prefix: str, *, writable: bool, write_probe: bool, max_entries: int) -> Listing | None:
+        """The pre-flight check's calls (sidecar.preflight), raising what the backend raises; the
+        folder's listing when it fitted in `max_entries`."""
+
     async def stat(self, key: str, *, folder_first: bool = False) -> ObjectInfo | DirInfo | None:
         """The object `key`, else the directory `key/` if any object lies under it, else None.
         With `folder_first`, the directory wins over an object of the same name, as it does in

@@ -26,6 +26,20 @@ TIMED_OUT = {"ReadTimeoutError", "TimeoutError", "ServerTimeoutError"}
 SDK_MODULES = ("botocore", "aiobotocore", "aiohttp", "azure", "google", "gcsfs", "adlfs")
 
 
+class WriteDenied(Exception):
+    """The pre-flight's probe object could not be written: the credentials may read, not write."""
+
+
+PROBE_BODY = b"storage-sidecar write probe; safe to delete\n"
+
+
+def probe_name() -> str:
+    """The name of a pre-flight's probe object: recognisable, and never one a user chose."""
+    import secrets
+
+    return f".storage-sidecar-write-probe-{secrets.token_hex(6)}"
+
+
 def chain(exc: BaseException) -> list[BaseException]:
     """The exception and its causes (explicit or implicit), each once."""
     out, seen = [], set()

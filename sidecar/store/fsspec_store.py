@@ -20,7 +20,7 @@ from sidecar.log import get_logger
 from sidecar.mtime import Mtime, rfc3339_text, seconds_text
 from sidecar.store.base import DirInfo, Gate, Listing, ObjectInfo, StoreStats, block_pieces
 from sidecar.store.bridge import FAIL_FAST_S, MIN_RATE, STALL_AFTER, Progress, ProgressCallback, run_on_loop
-from sidecar.store.classify import domain_error
+from sidecar.store.classify import PROBE_BODY, WriteDenied, domain_error, probe_name, reason_of
 from sidecar.store.patches import calling_store, retry_attempts
 
 T = TypeVar("T")
@@ -65,6 +65,17 @@ def _user_mtime(metadata: Any) -> float | None:
         return float(int(gsutil)) if gsutil is not None else None
     except (TypeError, ValueError):
         return None
+
+
+async def run_write_probe(loop: Any, probe: Callable[[], Awaitable[None]]) -> None:
+    """Runs a pre-flight's write probe on fsspec's loop; a refusal is WriteDenied (the
+    credentials may read, not write), anything else is raised as it is."""
+    try:
+        await run_on_loop(loop, probe)
+    except Exception as exc:
+        if reason_of(exc) == "access_denied":
+            raise WriteDenied() from exc
+        raise
 
 
 class FsspecStore:
@@ -169,10 +180,33 @@ class FsspecStore:
     async def set_mtime(self, key: str, etag: str, mtime: float) -> ObjectInfo | None:
         return None  # kept in the mount's own mtime index only
 
-    def listing_of(self, prefix: str, entries: list[dict[str, Any]]) -> Listing:
-        """Folder `prefix`'s listing from the entries the pre-flight check listed with this
-        store's client (all of them)."""
-        return self._to_listing(prefix, entries)
+    async def probe(self, prefix: str, *, writable: bool, write_probe: bool, max_entries: int) -> Listing | None:
+        """The pre-flight check's calls (sidecar.preflight), raw: what the backend raises is raised
+        as it is, for the check to read. Lists the folder `prefix` and, for a writable storage,
+        writes and deletes a probe object (WriteDenied if that is refused). Returns the folder's
+        listing when it has at most `max_entries` entries (the mount answers its root from it)."""
+        path = f"{self.bucket}/{prefix}" if prefix else self.bucket
+
+        async def listing() -> list[dict[str, Any]]:
+            if not await self.fs._exists(self.bucket):
+                raise FileNotFoundError(self.bucket)
+            try:
+                return list(await self.fs._ls(path, detail=True))
+            except FileNotFoundError:
+                if prefix:  # an empty or new folder inside an existing bucket is fine
+                    return []
+                raise
+
+        entries = await run_on_loop(self.fs.loop, listing)
+        if writable and write_probe:
+            key = f"{path}/{probe_name()}"
+
+            async def probe() -> None:
+                await self.fs._pipe_file(key, PROBE_BODY)
+                await self.fs._rm_file(key)
+
+            await run_write_probe(self.fs.loop, probe)
+        return self._to_listing(prefix, entries) if len(entries) <= max_entries else None
 
     def _to_listing(self, prefix: str, entries: list[dict[str, Any]]) -> Listing:
         out = Listing()

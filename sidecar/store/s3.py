@@ -19,9 +19,9 @@ import trio
 
 from sidecar.errors import NotFound, ObjectChanged
 from sidecar.store.base import DirInfo, Gate, Listing, ObjectInfo, StoreStats
-from sidecar.store.bridge import BODY_RETRIES, COMPLETE_RATE, Progress, body_errors
-from sidecar.store.classify import reason_of
-from sidecar.store.fsspec_store import FsspecStore, _mtime, _mtime_text, _user_mtime
+from sidecar.store.bridge import BODY_RETRIES, COMPLETE_RATE, Progress, body_errors, run_on_loop
+from sidecar.store.classify import PROBE_BODY, probe_name, reason_of
+from sidecar.store.fsspec_store import FsspecStore, _mtime, _mtime_text, _user_mtime, run_write_probe
 from sidecar.store.ledger import UploadLedger
 from sidecar.store.patches import INLINE_BODY, count_s3fs_retries, fast_timestamp, quick_plain_results, retry_attempts, small_bodies_at_once
 
@@ -274,8 +274,37 @@ class S3Store(_S3Writes, FsspecStore):
             client.meta.events.unregister("before-send.s3", unique_id=REHEARSAL_KEY)
             self.stats.__init__()  # type: ignore[misc]  # in place: nothing was asked of the server
 
-    def listing_of(self, prefix: str, entries: list[dict[str, Any]]) -> Listing:
-        return self._to_listing(f"{prefix}/" if prefix else "", entries)
+    async def probe(self, prefix: str, *, writable: bool, write_probe: bool, max_entries: int) -> Listing | None:
+        """The pre-flight check's calls (sidecar.preflight), raw, with one try (the check reports
+        what it finds, it does not insist): one LIST page of the folder `prefix` and, for a
+        writable storage, a probe object written and deleted (WriteDenied if that is refused).
+        Returns the folder's listing when that page held all of it."""
+        key_prefix = f"{prefix}/" if prefix else ""
+
+        async def listing() -> Any:
+            return await self.fs._call_s3("list_objects_v2", Bucket=self.bucket, Prefix=key_prefix, Delimiter="/", MaxKeys=max_entries)
+
+        async def probe() -> None:
+            key = key_prefix + probe_name()
+            await self.fs._call_s3("put_object", Bucket=self.bucket, Key=key, Body=PROBE_BODY)
+            await self.fs._call_s3("delete_object", Bucket=self.bucket, Key=key)
+
+        retries, self.fs.retries = self.fs.retries, 1
+        try:
+            page = await run_on_loop(self.fs.loop, listing)
+            if writable and write_probe:
+                await run_write_probe(self.fs.loop, probe)
+        finally:
+            self.fs.retries = retries
+        if page.get("IsTruncated"):
+            return None
+        out = Listing(dirs=[p["Prefix"][:-1] for p in page.get("CommonPrefixes", [])])
+        for c in page.get("Contents", []):
+            if c["Key"].endswith("/") or c["Key"] == key_prefix:
+                out.markers.append(c["Key"])
+            else:
+                out.files.append(ObjectInfo(c["Key"], int(c.get("Size") or 0), str(c.get("ETag", "")).strip('"'), _mtime(c.get("LastModified"))))
+        return out
 
     async def list_dir(self, prefix: str, *, max_entries: int | None = None) -> Listing:
         key_prefix = f"{prefix}/" if prefix else ""

@@ -88,7 +88,6 @@ class StagedFile:
     key: str
     base_etag: str | None
     data_path: Path
-    meta_path: Path
     fd: int
     size: int = 0
     dirty: bool = False
@@ -276,7 +275,7 @@ class StagingArea:
             sid = secrets.token_hex(8)
             data = self.directory / f"{sid}.data"
             fd = _disk_call(os.open, data, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        f = StagedFile(sid, key, base_etag, data, self.directory / f"{sid}.json", fd, base_size=base_size,
+        f = StagedFile(sid, key, base_etag, data, fd, base_size=base_size,
                        changed=[] if base_etag is not None else None, dirty=dirty)
         if dirty:
             f.generation += 1
@@ -385,7 +384,6 @@ class StagingArea:
         except OSError:
             pass
         f.data_path.unlink(missing_ok=True)
-        f.meta_path.unlink(missing_ok=True)  # an earlier version's metadata file
 
     def recover(self, *, keep_incomplete_s: float = 7 * 86400) -> list[StagedFile]:
         """Staged files left by a previous run (a crash, or a shutdown that ran out of time).
@@ -393,11 +391,6 @@ class StagingArea:
         `incomplete` (kept `keep_incomplete_s` seconds for a person to decide, never published
         by itself)."""
         docs: dict[str, dict[str, Any]] = {}
-        for meta in sorted(self.directory.glob("*.json")):  # an earlier version's metadata files
-            try:
-                docs[meta.stem] = json.loads(meta.read_text())
-            except (OSError, ValueError):
-                continue
         try:
             with open(self.journal_path, "rb") as j:
                 for line in j:
@@ -417,16 +410,14 @@ class StagingArea:
         found = []
         for sid, doc in docs.items():
             data = self.directory / f"{sid}.data"
-            meta = self.directory / f"{sid}.json"
             try:
                 key = doc["key"]
             except (KeyError, TypeError):
                 continue
             if not isinstance(key, str) or not data.exists():
-                meta.unlink(missing_ok=True)
                 continue
             fd = os.open(data, os.O_RDWR)
-            f = StagedFile(sid, key, doc.get("base_etag"), data, meta, fd, size=os.fstat(fd).st_size,
+            f = StagedFile(sid, key, doc.get("base_etag"), data, fd, size=os.fstat(fd).st_size,
                            dirty=doc.get("dirty", True), state=doc.get("state", "dirty"), committed=bool(doc.get("committed")),
                            base_size=doc.get("base_size"), changed=doc.get("changed"), created=float(doc.get("created") or time.time()),
                            mtime=Mtime(doc["mtime_ns"]) if isinstance(doc.get("mtime_ns"), int) else doc.get("mtime"))
@@ -446,8 +437,6 @@ class StagingArea:
             self.by_key[key] = f
             found.append(f)
         self.compact()  # the journal is now what by_key holds (incomplete states included)
-        for meta in self.directory.glob("*.json"):
-            meta.unlink(missing_ok=True)  # folded into the journal
         for tmp in self.directory.glob("*.tmp"):
             tmp.unlink(missing_ok=True)
         live = {f.id for f in found}

@@ -27,39 +27,39 @@ def iam_user(s3, name, actions):
 
 
 @pytest.fixture
-def s3_bucket(s3):
+def s3_bucket_name(s3):
     name = f"pf-{uuid.uuid4().hex[:10]}"
     s3.client().create_bucket(Bucket=name)
     return name
 
 
-def test_ok_and_write_probe_leaves_nothing(s3, s3_bucket):
+def test_ok_and_write_probe_leaves_nothing(s3, s3_bucket_name):
     creds = {"access_key_id": s3.key, "secret_access_key": s3.secret}
-    assert check(f"s3://{s3_bucket}", {"endpoint_url": s3.endpoint}, creds, writable=True).code == "ok"
-    assert s3.client().list_objects_v2(Bucket=s3_bucket).get("KeyCount", 0) == 0  # the probe object is gone
+    assert check(f"s3://{s3_bucket_name}", {"endpoint_url": s3.endpoint}, creds, writable=True).code == "ok"
+    assert s3.client().list_objects_v2(Bucket=s3_bucket_name).get("KeyCount", 0) == 0  # the probe object is gone
 
 
-def test_access_denied(s3, s3_bucket):
+def test_access_denied(s3, s3_bucket_name):
     creds = iam_user(s3, f"nolist-{uuid.uuid4().hex[:6]}", ["s3:GetObject"])
-    assert check(f"s3://{s3_bucket}", {"endpoint_url": s3.endpoint}, creds).code == "access_denied"
+    assert check(f"s3://{s3_bucket_name}", {"endpoint_url": s3.endpoint}, creds).code == "access_denied"
 
 
-def test_readonly_no_write_permission(s3, s3_bucket):
+def test_readonly_no_write_permission(s3, s3_bucket_name):
     creds = iam_user(s3, f"reader-{uuid.uuid4().hex[:6]}", ["s3:ListBucket", "s3:GetObject"])
     opts = {"endpoint_url": s3.endpoint}
-    assert check(f"s3://{s3_bucket}", opts, creds).code == "ok"  # fine for a read-only storage
-    assert check(f"s3://{s3_bucket}", opts, creds, writable=True).code == "readonly_no_write_permission"
+    assert check(f"s3://{s3_bucket_name}", opts, creds).code == "ok"  # fine for a read-only storage
+    assert check(f"s3://{s3_bucket_name}", opts, creds, writable=True).code == "readonly_no_write_permission"
 
 
-def test_credentials_invalid_and_missing(s3, s3_bucket, monkeypatch):
+def test_credentials_invalid_and_missing(s3, s3_bucket_name, monkeypatch):
     opts = {"endpoint_url": s3.endpoint}
-    assert check(f"s3://{s3_bucket}", opts, {"access_key_id": s3.key, "secret_access_key": "wrong"}).code == "credentials_invalid"
+    assert check(f"s3://{s3_bucket_name}", opts, {"access_key_id": s3.key, "secret_access_key": "wrong"}).code == "credentials_invalid"
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    assert check(f"s3://{s3_bucket}", opts, {}).code == "credentials_missing"
+    assert check(f"s3://{s3_bucket_name}", opts, {}).code == "credentials_missing"
 
 
 def test_bucket_not_found_and_unreachable(s3):
@@ -119,11 +119,11 @@ def test_the_checks_listing_is_the_mounts_first_listing_on_every_provider(bucket
         monkeypatch.setattr(preflight, "CHECK_LIST_MAX", limit)
         store = build_store(where["storage_id"], url, where["options"], where["credentials"])
         got = []
-        result = await preflight.check("st", url, where["options"], where["credentials"], source_path="", writable=False, fs=store.fs,
+        result = await preflight.check("st", url, where["options"], where["credentials"], source_path="", writable=False, store=store,
                                        listed=got.append)
         assert result.code == "ok"
         own = await store.list_dir(url.key_prefix(""))
-        return [store.listing_of(url.key_prefix(""), e) for e in got], own
+        return got, own
 
     (handed,), own = trio.run(main, 1000)
     assert sorted(f.key for f in handed.files) == sorted(f.key for f in own.files) == [base + "a.txt", base + "e.bin"]

@@ -1,7 +1,6 @@
 """The read path through a real FUSE mount of a moto S3 server on 127.0.0.1."""
 
 import errno
-import hashlib
 import os
 import random
 import shutil
@@ -13,22 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from sidecar.cache.disk import tree_bytes
-from tests.backends import S3Backend
-from tests.conftest import needs_fuse, wait_for
+from tests.conftest import needs_fuse, sha, wait_for
 
 pytestmark = [pytest.mark.mount, needs_fuse]
 
 MiB = 1024 * 1024
 BLOCK = 8 * MiB
-
-
-def sha(data):
-    return hashlib.sha256(data).hexdigest()
-
-
-@pytest.fixture
-def s3_bucket(s3):
-    return S3Backend(s3).create_bucket()
 
 
 SIZES = {"empty": 0, "one": 1, "block-1": BLOCK - 1, "block": BLOCK, "block+1": BLOCK + 1}

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import needs_fuse, wait_for
+from tests.conftest import needs_fuse, s3_keys, sha, wait_for
 
 pytestmark = [pytest.mark.mount, needs_fuse]
 MiB = 1 << 20
@@ -22,10 +22,6 @@ MiB = 1 << 20
 
 def _mount(mount_worker, s3, proxy, bucket, **cfg):
     return mount_worker(bucket, options={"endpoint_url": proxy.endpoint}, **cfg)
-
-
-def _sha(data):
-    return hashlib.sha256(data).hexdigest()
 
 
 # -- versions: no reader ever gets bytes of two versions ------------------------------------
@@ -65,7 +61,7 @@ def test_replaced_while_open_readers_never_mix_versions(s3, proxied, mount_worke
         if isinstance(result_a, OSError):
             assert result_a.errno in (errno.ESTALE, errno.EIO), result_a
         else:  # the old version whole (served from what was fetched before the change)
-            assert _sha(result_a) == _sha(v1), f"reader A got {len(result_a)} bytes that are not v1"
+            assert sha(result_a) == sha(v1), f"reader A got {len(result_a)} bytes that are not v1"
 
 
 # -- deadlines: a stall is an error within the deadline, a slow transfer is not -------------
@@ -99,13 +95,9 @@ def test_stalled_backend_fails_read_and_close_within_the_deadline(s3, proxied, m
     finally:
         proxy.set(stall=False)
     # the backend is back: the committed file is uploaded by the background writer
-    wait_for(lambda: "result.txt" in _keys(s3, bucket), timeout=60, what="the retried upload")
+    wait_for(lambda: "result.txt" in s3_keys(s3, bucket), timeout=60, what="the retried upload")
     assert s3.client().get_object(Bucket=bucket, Key="result.txt")["Body"].read() == b"computed while the backend stalls"
     f.close()
-
-
-def _keys(s3, bucket):
-    return [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
 
 
 def _close_on_slow_link(s3, proxy, bucket, mount_worker, size, bandwidth, deadline):
@@ -247,7 +239,7 @@ def _readers_and_replacements(s3, proxied, mount_worker, *, readers, tries):
     keys = [f"k{i}" for i in range(4)]
     for k in keys:
         data = os.urandom(sizes[0])
-        versions[k] = {_sha(data)}
+        versions[k] = {sha(data)}
         s3.client().put_object(Bucket=bucket, Key=k, Body=data)
     outcomes = {"whole": 0, "error": 0, "mixed": 0}
     stop = threading.Event()
@@ -258,7 +250,7 @@ def _readers_and_replacements(s3, proxied, mount_worker, *, readers, tries):
             k = rng.choice(keys)
             data = os.urandom(rng.choice(sizes))
             with lock:
-                versions[k].add(_sha(data))
+                versions[k].add(sha(data))
             s3.client().put_object(Bucket=bucket, Key=k, Body=data)
             time.sleep(0.05)
 
@@ -274,7 +266,7 @@ def _readers_and_replacements(s3, proxied, mount_worker, *, readers, tries):
                     outcomes["error"] += 1
                 continue
             with lock:
-                outcomes["whole" if _sha(data) in versions[k] else "mixed"] += 1
+                outcomes["whole" if sha(data) in versions[k] else "mixed"] += 1
 
     t = threading.Thread(target=writer)
     t.start()

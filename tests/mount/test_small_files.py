@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from sidecar.protocol import Push
-from tests.conftest import needs_fuse, wait_for
+from tests.conftest import needs_fuse, s3_keys, wait_for
 
 pytestmark = [pytest.mark.mount, needs_fuse]
 
@@ -243,7 +243,7 @@ def test_copy_mode_downloads_exact_files_resumes_and_pushes(s3, proxied, mount_w
     # writes stay local until pushed
     (dest / "results.csv").write_text("a,b\n1,2\n")
     (dest / "f07.bin").write_bytes(b"changed")
-    assert "ref/results.csv" not in _keys(s3, bucket)
+    assert "ref/results.csv" not in s3_keys(s3, bucket)
     pushed = w.ask(Push())
     assert sorted(pushed["pushed"]) == ["f07.bin", "results.csv"] and pushed["failed"] == []
     assert s3.client().get_object(Bucket=bucket, Key="ref/results.csv")["Body"].read() == b"a,b\n1,2\n"
@@ -260,8 +260,6 @@ def test_a_copy_larger_than_its_limit_is_refused_before_downloading(s3, proxied,
     assert proxy.counts["GET"] == 0
 
 
-def _keys(s3, bucket):
-    return [o["Key"] for p in s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in p.get("Contents", [])]
 
 
 def test_the_daemon_reports_a_copy_and_ready_does_not_wait_for_it(s3, tmp_path, daemons):

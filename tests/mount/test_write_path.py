@@ -2,7 +2,6 @@
 the bucket (checked with boto3, not through the mount)."""
 
 import errno
-import hashlib
 import io
 import os
 import random
@@ -15,19 +14,10 @@ import pytest
 
 from tests.devservers import fuse_mounts, moto_server
 from tests.backends import S3Backend
-from tests.conftest import needs_fuse, wait_for
+from tests.conftest import needs_fuse, sha, wait_for
 
 pytestmark = [pytest.mark.mount, needs_fuse]
 MiB = 1024 * 1024
-
-
-def sha(data):
-    return hashlib.sha256(data).hexdigest()
-
-
-@pytest.fixture
-def s3_bucket(s3):
-    return S3Backend(s3).create_bucket()
 
 
 def remote(bucket, key):

@@ -8,7 +8,8 @@ import pytest
 
 from sidecar import protocol
 from sidecar.protocol import (
-    COMMANDS, EVENTS, Failed, Prefetch, ProtocolError, Publish, PlaceholderConfig, StatsReport, WorkerConfig, decode_command, decode_event,
+    COMMANDS, EVENTS, CacheConfig, Failed, Prefetch, ProtocolError, Publish, PlaceholderConfig, StatsReport, WorkerConfig, decode_command,
+    decode_event,
 )
 
 
@@ -66,3 +67,12 @@ def test_configurations_refuse_unknown_options_by_name():
 
 def test_the_protocol_module_imports_nothing_of_the_sidecar():
     assert not [n for n in vars(protocol) if n.startswith("sidecar")]
+
+
+def test_the_cache_settings_travel_whole_and_unknown_ones_are_refused():
+    cfg = WorkerConfig("a", "s", "s3://b", "/m", cache=CacheConfig(block_size=1 << 16, cache_dir="/c"))
+    again = WorkerConfig.from_dict(json.loads(cfg.to_line()))
+    assert again == cfg and isinstance(again.cache, CacheConfig)
+    assert WorkerConfig.from_dict({"name": "a", "storage_id": "s", "url": "s3://b", "mountpath": "/m"}).cache == CacheConfig()
+    with pytest.raises(ValueError, match="unknown cache option.*colour"):
+        WorkerConfig.from_dict({"name": "a", "storage_id": "s", "url": "s3://b", "mountpath": "/m", "cache": {"colour": 1}})

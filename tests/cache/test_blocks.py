@@ -1,0 +1,124 @@
+"""The block cache (sidecar.cache.blocks, sidecar.cache.memory): single flight, runs, the memory budget."""
+
+import os
+import random
+
+import pytest
+import trio
+
+from sidecar.cache.blocks import BlockCache, ObjectRef
+from sidecar.store.memory import MemoryStore
+from tests.fshelpers import BS, mounted, path_ino, read_all, run
+
+
+def test_single_flight_concurrent_readers_one_fetch_per_block():
+    store = MemoryStore()
+    data = random.Random(3).randbytes(BS * 4)
+    store.put("f", data)
+    store.delay = 0.5
+
+    async def main():
+        async with mounted(store) as fs:
+            ino = await path_ino(fs, "f")
+            results = {}
+
+            async def reader(i):
+                fh, _ = await fs.open(ino, os.O_RDONLY)
+                # a stream from the start (a kernel-sized read at 0): block reads, not direct ones
+                results[i] = bytes(await fs.read(fh, 0, BS))
+
+            async with trio.open_nursery() as n:
+                for i in range(16):
+                    n.start_soon(reader, i)
+            assert all(r == data[:BS] for r in results.values())
+            assert fs.cache.stats.single_flight_joins >= 15
+
+    run(main)
+    assert store.stats.get_requests <= 2  # the block and its read-ahead (one ranged GET), at most two
+
+
+def test_blocks_asked_for_together_are_one_request():
+    """The kernel splits one large read into block-sized requests that arrive together: blocks
+    started within the coalescing delay are fetched as one ranged GET per contiguous run."""
+    from sidecar.cache.blocks import ObjectRef
+
+    store = MemoryStore()
+    data = random.Random(8).randbytes(BS * 12)
+    info = store.put("chunked", data)
+
+    async def main():
+        cache = BlockCache(store, block_size=BS, memory_limit=BS * 16)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            ref = ObjectRef("chunked", info.etag, len(data))
+            for index in (2, 0, 1, 3, 7, 8):  # out of order, in two contiguous runs
+                cache.prefetch(ref, range(index, index + 1), readahead=False)
+            got = [await cache.get(ref, i) for i in (0, 1, 2, 3, 7, 8)]
+            nursery.cancel_scope.cancel()
+        assert b"".join(got[:4]) == data[: 4 * BS] and b"".join(got[4:]) == data[7 * BS : 9 * BS]
+
+    run(main, mock_clock=False)
+    assert store.stats.get_requests == 2  # blocks 0-3 and 7-8
+
+
+def test_a_whole_small_object_is_fetched_at_once_and_larger_runs_wait_to_be_merged():
+    """Blocks of a larger object wait the coalescing delay to be merged with requests arriving
+    together; a run that is the whole object (a small file) has nothing to merge with and is
+    fetched at once (`cat` of 1,000 small files paid 2 ms each). No clock moves here."""
+    store = MemoryStore()
+    small = store.put("small", b"s" * 4096)
+    large = store.put("large", b"l" * (3 * BS))
+
+    async def main():
+        cache = BlockCache(store, block_size=BS, memory_limit=BS * 8)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            cache.prefetch(ObjectRef("small", small.etag, 4096), range(0, 1), readahead=False)
+            cache.prefetch(ObjectRef("large", large.etag, 3 * BS), range(0, 1), readahead=False)
+            await trio.testing.wait_all_tasks_blocked()
+            assert store.stats.get_requests == 1  # the small one, before any time passed
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock())
+
+
+def test_memory_budget_holds_with_many_readers():
+    store = MemoryStore()
+    for i in range(8):
+        store.put(f"f{i}", random.Random(i).randbytes(BS * 16))
+    store.delay = 0.01
+    peak = 0
+
+    async def main():
+        nonlocal peak
+        async with mounted(store, memory_limit=BS * 6) as fs:
+            async def reader(i):
+                assert await read_all(fs, f"f{i}", chunk=BS // 4) == store.objects[f"f{i}"][0]
+
+            async def watch():
+                nonlocal peak
+                while True:
+                    peak = max(peak, fs.cache.memory_bytes)
+                    await trio.sleep(0.001)
+
+            async with trio.open_nursery() as n:
+                n.start_soon(watch)
+                async with trio.open_nursery() as readers:
+                    for i in range(8):
+                        readers.start_soon(reader, i)
+                n.cancel_scope.cancel()
+
+    run(main)
+    assert 0 < peak <= BS * 6
+
+
+def test_block_cache_rejects_budget_below_one_block():
+    with pytest.raises(ValueError):
+        BlockCache(MemoryStore(), block_size=BS, memory_limit=BS - 1)
+
+
+def test_object_ref_blocks():
+    cache = BlockCache(MemoryStore(), block_size=10, memory_limit=10)
+    assert cache.blocks_of(ObjectRef("k", "e", 0)) == 0
+    assert cache.blocks_of(ObjectRef("k", "e", 10)) == 1
+    assert cache.blocks_of(ObjectRef("k", "e", 11)) == 2

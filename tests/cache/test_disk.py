@@ -1,0 +1,270 @@
+"""The disk tier (sidecar.cache.disk) and its hand-off from the block cache."""
+
+import os
+import random
+import threading
+
+import trio
+
+from sidecar.cache.disk import DiskTier, block_name
+from sidecar.store.memory import MemoryStore
+from tests.fshelpers import BS, mounted, path_ino, read_all, run
+
+
+MIB = 1 << 20  # blocks from MAP_MIN up are served mapped
+
+
+def test_disk_tier_survives_restart_and_detects_corruption(tmp_path):
+    store = MemoryStore()
+    data = random.Random(9).randbytes(BS * 4 + 3)
+    store.put("f", data)
+
+    first_disk = DiskTier(tmp_path, limit=BS * 100)
+
+    async def main():
+        async with mounted(store, disk=first_disk) as fs:
+            assert await read_all(fs, "f", chunk=BS) == data  # a stream: block reads
+            with trio.fail_after(10):  # the disk writes happen after the readers were served
+                while len(first_disk) < 5:
+                    await trio.sleep(0.01)
+
+    run(main, mock_clock=False)
+    gets = store.stats.get_requests
+    assert 1 <= gets <= 5
+    # the stream's blocks are one pack file: corrupt the last block in it
+    files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    assert len(files) == 1 and files[0].name.startswith("pack-")
+    raw = bytearray(files[0].read_bytes())
+    raw[-1] ^= 0xFF
+    files[0].write_bytes(bytes(raw))
+    disk = DiskTier(tmp_path, limit=BS * 100)
+
+    async def again():
+        async with mounted(store, disk=disk) as fs:
+            assert await read_all(fs, "f", chunk=BS) == data  # a stream: block reads
+
+    run(again)
+    assert store.stats.get_requests == gets + 1  # only the corrupt block was fetched again
+    assert disk.corrupt == 1
+
+
+def test_a_big_block_on_disk_is_served_mapped_and_a_view_outlives_its_files_replacement(tmp_path):
+    """Blocks from MAP_MIN up are served as a mapping of their file (no copy into new memory).
+    A reader holding one keeps its bytes when the block is evicted and a new version is written
+    under the same name (files are replaced, never written in place); corruption is still found."""
+    disk = DiskTier(tmp_path, limit=64 << 20)
+    rnd = random.Random(3)
+    old, new = rnd.randbytes(1 << 20), rnd.randbytes(1 << 20)
+    assert disk.put("b", old)
+    held = disk.get("b")
+    assert isinstance(held, memoryview) and held == old
+    disk._drop("b")  # evicted (unlinked) while the view lives...
+    assert disk.put("b", new)  # ...and written again with other bytes
+    assert held == old and disk.get("b") == new
+    small = rnd.randbytes(1000)
+    assert disk.put("s", small) and disk.get("s") == small
+    path = next(p for p in tmp_path.rglob("*") if p.is_file() and p.stat().st_size > (1 << 20))
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    assert disk.get("b") is None and disk.corrupt == 1
+    assert held == old
+
+
+def test_a_runs_blocks_are_one_pack_file_served_block_by_block_and_kept_across_restarts(tmp_path):
+    """put_many writes a fetched run as one file (one inode, one rename, instead of one per
+    block); each block is still served alone (mapped at its page-aligned offset, or read when
+    small), survives a restart, and a view of one outlives the pack's eviction."""
+    rnd = random.Random(21)
+    blocks = [(f"{i:02x}" * 32, rnd.randbytes(MIB if i < 5 else 1000)) for i in range(6)]
+    disk = DiskTier(tmp_path, limit=64 << 20)
+    assert disk.put_many(blocks) == 6
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) == 1 and files[0].name == "pack-" + blocks[0][0]
+    assert disk.used == files[0].stat().st_size == disk.disk_bytes()
+    held = disk.get(blocks[2][0])
+    assert isinstance(held, memoryview) and held == blocks[2][1]  # mapped, not copied
+    assert disk.get(blocks[5][0]) == blocks[5][1]
+    assert disk.put_many(blocks[:2]) == 2  # held already: not written again
+    assert len([p for p in tmp_path.rglob("*") if p.is_file()]) == 1
+
+    kept = DiskTier(tmp_path, limit=64 << 20)
+    assert len(kept) == 6 and kept.used == disk.used
+    for name, data in blocks:
+        assert kept.get(name) == data
+    kept._drop(blocks[0][0])  # one block out (as if corrupt): the pack stays for the others
+    assert files[0].exists() and kept.get(blocks[1][0]) == blocks[1][1]
+    assert kept.put("ee" * 32, b"later")  # the most recently used
+    kept.limit = kept.used - 1  # the least recently used block must go...
+    assert kept._evict_locked(0)
+    assert not files[0].exists() and all(kept.get(name) is None for name, _ in blocks)  # ...with its whole pack
+    assert kept.get("ee" * 32) == b"later"
+    assert kept.evictions == 5 and kept.used == kept.disk_bytes()
+    assert held == blocks[2][1]  # the unlinked pack's mapping still holds its bytes
+
+
+def test_a_corrupt_or_cut_pack_costs_only_its_bad_blocks(tmp_path):
+    rnd = random.Random(22)
+    blocks = [(f"{i:02x}" * 32, rnd.randbytes(MIB)) for i in range(4)]
+    disk = DiskTier(tmp_path, limit=64 << 20)
+    assert disk.put_many(blocks) == 4
+    (path,) = [p for p in tmp_path.rglob("*") if p.is_file()]
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) - MIB // 2] ^= 0xFF  # in the last block's data
+    path.write_bytes(bytes(raw[: len(raw) - 10]))  # ...and the file cut short
+    (path.parent / ".tmp1-pack-x").write_bytes(b"half")  # a write a crash interrupted
+    again = DiskTier(tmp_path, limit=64 << 20)
+    assert not (path.parent / ".tmp1-pack-x").exists()
+    assert len(again) == 3  # the cut block is not indexed
+    for name, data in blocks[:3]:
+        assert again.get(name) == data
+    path.write_bytes(bytes(raw))  # the whole file, with the flipped byte
+    third = DiskTier(tmp_path, limit=64 << 20)
+    assert third.get(blocks[3][0]) is None and third.corrupt == 1
+    assert [third.get(name) == data for name, data in blocks[:3]] == [True] * 3
+    for name, _ in blocks[:3]:
+        third._drop(name)
+    assert not path.exists() and third.used == 0  # the last block dropped takes the pack
+
+
+def test_warm_sequential_reader_gets_blocks_read_ahead_from_disk(tmp_path):
+    """On a kept disk cache, a sequential reader's next blocks are read from disk into memory
+    ahead of it (disk threads, no request): most of its reads are memory hits."""
+    store = MemoryStore()
+    data = random.Random(5).randbytes(BS * 12)
+    store.put("f", data)
+    disk = DiskTier(tmp_path, limit=BS * 100)
+
+    async def fill():
+        async with mounted(store, disk=disk) as fs:
+            assert await read_all(fs, "f", chunk=BS) == data
+            with trio.fail_after(10):
+                while len(disk) < 12:
+                    await trio.sleep(0.01)
+
+    run(fill, mock_clock=False)
+    gets = store.stats.get_requests
+    kept = DiskTier(tmp_path, limit=BS * 100)
+
+    async def warm():
+        async with mounted(store, disk=kept, memory_limit=BS * 16) as fs:
+            ino = await path_ino(fs, "f")
+            fh, _ = await fs.open(ino, os.O_RDONLY)
+            out = []
+            for off in range(0, len(data), BS):
+                out.append(bytes(await fs.read(fh, off, BS)))
+                await trio.sleep(0.01)  # the reader consumes its data; the read-ahead runs meanwhile
+            fs.release(fh)
+            assert b"".join(out) == data
+            return fs.cache.stats
+
+    stats = run(warm, mock_clock=False)
+    assert store.stats.get_requests == gets  # all from disk
+    assert stats.disk_hits == 12
+    assert stats.memory_hits >= 8, stats  # read ahead: in memory before the reader asked
+
+
+def test_blocks_waiting_for_their_disk_write_stay_in_the_memory_budget(tmp_path):
+    """A fetched block is written to disk after its run: until then the write holds its bytes,
+    so it is not evicted (evicted, it would be memory outside the budget, and the next fetches
+    would take its room). With the disk stuck, a sequential reader stops at the budget."""
+    store = MemoryStore()
+    data = random.Random(14).randbytes(BS * 24)
+    store.put("f", data)
+    release = threading.Event()
+
+    class StuckDisk(DiskTier):
+        def put_many(self, items):
+            release.wait(30)
+            return super().put_many(items)
+
+    disk = StuckDisk(tmp_path, limit=BS * 100)
+
+    async def main():
+        async with mounted(store, memory_limit=BS * 4, disk=disk) as fs:
+            got = []
+
+            async def reader():
+                got.append(await read_all(fs, "f", chunk=BS))
+
+            async with trio.open_nursery() as n:
+                n.start_soon(reader)
+                await trio.sleep(10)  # (autojump clock) until every task waits
+                try:
+                    assert not got  # the reader waits for room...
+                    assert store.stats.bytes_fetched <= BS * 4  # ...and nothing beyond the budget was fetched
+                    assert fs.cache.memory_bytes <= BS * 4
+                finally:
+                    release.set()
+            assert got == [data]
+
+    run(main)
+
+
+def test_disk_limit_never_exceeded(tmp_path):
+    store = MemoryStore()
+    for i in range(6):
+        store.put(f"f{i}", random.Random(i).randbytes(BS * 8))
+    limit = BS * 10 + 500
+    disk = DiskTier(tmp_path, limit=limit)
+    peak = 0
+
+    async def main():
+        nonlocal peak
+        async with mounted(store, disk=disk) as fs:
+            async with trio.open_nursery() as n:
+                async def watch():
+                    nonlocal peak
+                    while True:
+                        peak = max(peak, await trio.to_thread.run_sync(disk.disk_bytes))
+                        await trio.sleep(0.01)
+
+                n.start_soon(watch)
+                for i in range(6):
+                    assert await read_all(fs, f"f{i}") == store.objects[f"f{i}"][0]
+                await trio.sleep(0.5)
+                n.cancel_scope.cancel()
+
+    run(main, mock_clock=False)
+    assert 0 < peak <= limit
+    assert disk.used <= limit and disk.disk_bytes() <= limit
+    assert disk.evictions > 0
+
+
+def test_disk_tier_error_that_is_not_oserror_costs_a_refetch(tmp_path):
+    store = MemoryStore()
+    data = random.Random(9).randbytes(BS * 4)
+    store.put("obj", data)
+    disk = DiskTier(tmp_path / "cache", BS * 64)
+    etag = store.objects["obj"][1].etag
+    for i in range(4):  # indexed, so reads ask the disk first
+        assert disk.put(block_name(store.name, "obj", etag, i, BS), data[i * BS : (i + 1) * BS])
+
+    def broken(*args):
+        raise ValueError("a bug in the disk tier")
+
+    disk.get = broken
+    disk.put = disk.put_many = broken
+
+    async def main():
+        async with mounted(store, disk=disk) as fs:
+            # kernel-sized reads from offset 0: blocks through the fetch path, which asks the
+            # disk first (a read error), then stores what it fetched (write errors)
+            assert await read_all(fs, "obj", chunk=2 * BS) == data  # served from the backend
+            with trio.fail_after(10):
+                while disk.errors < 2:  # the disk writes after the fetch fail too, quietly
+                    await trio.sleep(0.01)
+
+    run(main, mock_clock=False)
+
+
+def test_disk_limit_is_capped_by_free_space(tmp_path, monkeypatch):
+    real = os.statvfs
+
+    class Small:
+        f_bavail, f_frsize = 100, 4096  # 400 KiB free
+
+    monkeypatch.setattr(os, "statvfs", lambda p: Small if str(p).startswith(str(tmp_path)) else real(p))
+    disk = DiskTier(tmp_path / "cache", 10 << 30)
+    assert disk.configured_limit == 10 << 30 and disk.limit == 400 * 1024
+    assert oct(os.stat(tmp_path / "cache").st_mode & 0o777) == "0o700"

@@ -1,0 +1,118 @@
+"""Read-ahead policies (sidecar.cache.readahead): the window, the folder walk."""
+
+import random
+
+import trio
+
+from sidecar.cache.readahead import ReadAhead
+from sidecar.store.memory import MemoryStore
+from tests.fshelpers import BS, mounted, names, read_all, run
+
+KiB, MiB = 1024, 1024 * 1024
+
+
+def test_window_opens_at_once_for_a_stream_from_offset_0_and_doubles():
+    ra = ReadAhead(block_size=MiB, max_blocks=128)
+    windows = []
+    for off in range(0, 64 * MiB, 128 * KiB):  # `cat`: kernel-sized reads from the start
+        ra.on_read(off, 128 * KiB)
+        windows.append(ra.window)
+    assert windows[0] == 4  # several blocks at once: parallel ranged GETs from the first read
+    assert windows == sorted(windows) and max(windows) >= 64
+
+
+def test_random_reads_never_open_the_window_even_when_close_together():
+    ra = ReadAhead(block_size=MiB, max_blocks=128)
+    rng = random.Random(1)
+    for _ in range(2000):
+        assert list(ra.on_read(rng.randrange(0, 1 << 30), 4 * KiB)) == []
+        assert ra.window == 0
+    # near misses: each read starts a little after the previous one ended (a gap), as a random
+    # reader of a small object does; the old rule (within 1 MiB = sequential) opened the window
+    off = 10 * MiB
+    for _ in range(50):
+        assert list(ra.on_read(off, 4 * KiB)) == [] and ra.window == 0
+        off += 4 * KiB + 8 * KiB
+
+
+def test_kernel_read_ahead_requests_out_of_order_still_count_as_sequential():
+    ra = ReadAhead(block_size=MiB, max_blocks=128)
+    order = [0, 2, 1, 3, 5, 4, 6, 8, 7, 9]  # 128 KiB requests overtaking each other
+    for i in order:
+        ra.on_read(i * 128 * KiB, 128 * KiB)
+    assert ra.window >= 4
+
+
+def test_a_run_elsewhere_gets_a_window_proportional_to_what_it_read():
+    """A column chunk of a Parquet file: what is fetched beyond its end stays a fraction of it."""
+    ra = ReadAhead(block_size=MiB, max_blocks=128)
+    start = 300 * MiB
+    ra.on_read(start, MiB)
+    assert ra.window == 0  # one read is no evidence
+    ra.on_read(start + MiB, MiB)
+    ra.on_read(start + 2 * MiB, MiB)
+    assert ra.window == 1
+    for i in range(3, 32):
+        ra.on_read(start + i * MiB, MiB)
+    assert ra.window == 4  # an eighth of the 32 MiB read in this run
+    assert list(ra.on_read(7 * MiB, 4 * KiB)) == [] and ra.window == 0  # a jump closes it
+
+
+def test_a_reader_going_through_a_folder_in_name_order_gets_the_next_files_fetched_ahead():
+    """`cat *`, a data loader, zarr: files opened one after another in name order. From the
+    third in a row the next FOLDER_AHEAD small files are fetched ahead (each once); a reader
+    opening them in any other order fetches only what it reads."""
+    from sidecar.cache.readahead import FOLDER_AHEAD
+
+    store = MemoryStore()
+    files = {f"d/f{i:03d}": random.Random(i).randbytes(3000 + i) for i in range(40)}
+    for key, data in files.items():
+        store.put(key, data)
+    store.put("d/big", b"x" * (BS * 3))  # more than a block: never fetched ahead
+
+    async def in_order():
+        async with mounted(store) as fs:
+            await names(fs, "d")
+            listed = store.stats.list_requests
+            for i in range(3):
+                assert await read_all(fs, f"d/f{i:03d}") == files[f"d/f{i:03d}"]
+            await trio.sleep(1)  # the fetches ahead land
+            assert store.stats.get_requests == 3 + FOLDER_AHEAD  # f000..f002, then f003.. ahead
+            for i in range(3, 40):
+                assert await read_all(fs, f"d/f{i:03d}") == files[f"d/f{i:03d}"]
+            assert await read_all(fs, "d/big") == b"x" * (BS * 3)
+            assert store.stats.list_requests == listed
+            return store.stats.get_requests
+
+    gets = run(in_order)
+    big_gets = gets - 40
+    assert 1 <= big_gets <= 3  # each small file fetched once, `big` by its own reads
+
+    store.stats.get_requests = 0
+
+    async def shuffled():
+        order = list(range(40))
+        random.Random(5).shuffle(order)
+        async with mounted(store) as fs:
+            await names(fs, "d")
+            for n, i in enumerate(order[:12], 1):
+                assert await read_all(fs, f"d/f{i:03d}") == files[f"d/f{i:03d}"]
+                await trio.sleep(1)
+                assert store.stats.get_requests == n  # nothing ahead
+
+    run(shuffled)
+
+
+def test_the_folder_walk_policy():
+    from sidecar.cache.readahead import FolderWalk
+
+    w = FolderWalk(ahead=4, streak=2)
+    listing = {f"n{i:02d}": None for i in range(12)}
+    assert w.on_open("d", listing, "n00") == []
+    assert w.on_open("d", listing, "n01") == ["n02", "n03", "n04", "n05"]  # the second in a row
+    assert w.on_open("d", listing, "n02") == []  # still 3 ahead: topped up in batches
+    assert w.on_open("d", listing, "n04") == ["n06", "n07", "n08"]  # one name skipped: still a walk
+    assert w.on_open("d", listing, "n09") == []  # a jump: the walk starts again
+    assert w.on_open("d", listing, "n10") == ["n11"]  # the end of the folder
+    assert w.on_open("d", listing, "zz") == []  # not in the listing
+    assert w.on_open("e", {"a": None, "b": None}, "a") == [] and w.on_open("e", {"a": None, "b": None}, "b") == []

@@ -1,0 +1,132 @@
+"""Reads through a handle (sidecar.vfs.reader, sidecar.cache.ranges): boundaries, strategies, exact ranges, failures."""
+
+import errno
+import os
+import random
+
+import pytest
+import trio
+
+from sidecar.cache.disk import DiskTier
+from sidecar.errors import SidecarError, errno_for
+from sidecar.store.memory import MemoryStore
+from tests.fshelpers import BS, mounted, path_ino, read_all, run
+
+
+@pytest.mark.parametrize("size", [0, 1, BS - 1, BS, BS + 1, BS * 5 + 17])
+def test_reads_at_every_boundary(size):
+    store = MemoryStore()
+    data = random.Random(size).randbytes(size)
+    store.put("f", data)
+
+    async def main():
+        async with mounted(store) as fs:
+            assert await read_all(fs, "f") == data
+            ino = await path_ino(fs, "f")
+            fh, _ = await fs.open(ino, os.O_RDONLY)
+            rng = random.Random(7)
+            for _ in range(50):
+                off = rng.randrange(0, size + 10)
+                n = rng.randrange(1, BS * 2 + 3)
+                assert await fs.read(fh, off, n) == data[off : off + n]
+
+    run(main)
+
+
+def test_sequential_reader_prefetches_random_reader_does_not():
+    store = MemoryStore()
+    store.put("big", random.Random(4).randbytes(BS * 64))
+
+    async def main():
+        async with mounted(store, memory_limit=BS * 32) as fs:
+            await read_all(fs, "big", chunk=BS)  # kernel-sized reads from offset 0: a stream
+            assert fs.cache.stats.prefetches > 10
+            assert fs.cache.memory_bytes <= BS * 32
+            store.stats.bytes_fetched = 0
+            fs.cache.memory.clear()
+            fs.cache.stats.direct_reads = 0
+            ino = await path_ino(fs, "big")
+            fh, _ = await fs.open(ino, os.O_RDONLY)
+            rng = random.Random(5)
+            for _ in range(20):
+                await fs.read(fh, rng.randrange(BS, BS * 63), 4096)
+            await trio.sleep(1)
+            # random reads fetch what they read: read amplification 1, no whole blocks
+            assert store.stats.bytes_fetched == 20 * 4096
+            assert fs.cache.stats.direct_reads == 20
+
+    run(main)
+
+
+def test_random_reads_are_kept_so_a_second_pass_fetches_nothing(tmp_path):
+    """Exact ranges of a random reader are kept in memory and on disk: the same reads again, by
+    a new handle or a new mount on the kept disk cache, make no request."""
+    store = MemoryStore()
+    data = random.Random(6).randbytes(BS * 64)
+    store.put("big", data)
+    rng = random.Random(7)
+    offsets = [rng.randrange(0, BS * 63) for _ in range(30)]
+
+    async def one_pass(fs):
+        ino = await path_ino(fs, "big")
+        fh, _ = await fs.open(ino, os.O_RDONLY)
+        for off in offsets:
+            assert bytes(await fs.read(fh, off, 4096)) == data[off : off + 4096]
+        fs.release(fh)
+
+    async def first():
+        async with mounted(store, disk=DiskTier(tmp_path, limit=BS * 100)) as fs:
+            await one_pass(fs)
+            gets = store.stats.get_requests
+            await one_pass(fs)  # a new handle: from memory
+            assert store.stats.get_requests == gets
+            assert fs.cache.stats.range_hits == len(offsets)
+            with trio.fail_after(10):
+                while len(fs.cache.disk) < len(offsets):
+                    await trio.sleep(0.01)
+
+    run(first, mock_clock=False)
+    assert store.stats.get_requests == len(offsets)
+    assert store.stats.bytes_fetched == len(offsets) * 4096  # still exactly what was read
+
+    async def again():
+        async with mounted(store, disk=DiskTier(tmp_path, limit=BS * 100)) as fs:
+            await one_pass(fs)  # a new mount: from disk
+            assert fs.cache.stats.range_hits == len(offsets)
+
+    run(again, mock_clock=False)
+    assert store.stats.get_requests == len(offsets)
+
+
+def test_backend_failure_is_an_error_not_a_hang():
+    store = MemoryStore()
+    store.put("f", b"abc")
+
+    async def main():
+        async with mounted(store) as fs:
+            ino = await path_ino(fs, "f")
+            fh, _ = await fs.open(ino, os.O_RDONLY)
+            store.fail = True
+            with pytest.raises(SidecarError) as err:
+                await fs.read(fh, 0, 3)
+            assert errno_for(err.value) == errno.EIO
+            store.fail = False
+            assert await fs.read(fh, 0, 3) == b"abc"  # a failed fetch is not cached
+
+    run(main)
+
+
+def test_readonly_open_for_write_is_erofs_and_statfs_sane():
+    store = MemoryStore()
+    store.put("f", b"abc")
+
+    async def main():
+        async with mounted(store) as fs:
+            ino = await path_ino(fs, "f")
+            with pytest.raises(SidecarError) as err:
+                await fs.open(ino, os.O_WRONLY)
+            assert errno_for(err.value) == errno.EROFS
+            st = fs.statfs()
+            assert st.name_max == 255 and st.blocks > 0 and st.fragment_size == 4096
+
+    run(main)
