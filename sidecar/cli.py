@@ -196,16 +196,20 @@ project_option = click.option("--project", "project_dir", default=None, help="Pr
 
 @main.command()
 @click.argument("url")
-@click.argument("target")
-@click.option("--name", default=None, help="Name of the storage (default: the bucket/container).")
+@click.argument("target", required=False)
+@click.option("--name", default=None, help="Name of the storage (default: the bucket/container, or the rclone remote's name).")
 @click.option("--writable", is_flag=True, help="Allow writing (storages are read-only unless asked).")
-@click.option("--source-path", default="", help="Folder inside the storage to mount.")
+@click.option("--source-path", default="", help="Folder inside the storage to mount (with --rclone-config: bucket/folder, as rclone names it).")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE", help="Provider option (endpoint_url, region, anonymous, ...).")
+@click.option("--rclone-config", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Add a remote of this rclone config (then give TARGET only): its secrets go to the local credential store.")
+@click.option("--remote", default=None, help="With --rclone-config: the remote's name (its [section]).")
 @click.option("--check", is_flag=True, help="Run the pre-flight check of the new storage.")
 @click.option("--copy", is_flag=True, help="Download the data into TARGET as ordinary files instead of mounting it.")
 @project_option
-def add(url, target, name, writable, source_path, options, check, copy, project_dir) -> None:
-    """Add the storage at URL to the project, mounted at TARGET."""
+def add(url, target, name, writable, source_path, options, rclone_config, remote, check, copy, project_dir) -> None:
+    """Add the storage at URL to the project, mounted at TARGET (or, with --rclone-config and
+    --remote, the remote of an rclone config, mounted at TARGET)."""
     from sidecar.project import ProjectError
 
     project = _project(project_dir)
@@ -215,14 +219,55 @@ def add(url, target, name, writable, source_path, options, check, copy, project_
         if not sep:
             _fail(f"--option {item!r}: write KEY=VALUE", EXIT_BAD_INPUT)
         opts[key] = {"true": True, "false": False}.get(value.lower(), value)
+    rclone_type = None
+    if rclone_config:
+        if target is not None or not remote:
+            _fail("with --rclone-config: storage-sidecar add --rclone-config FILE --remote NAME TARGET [--source-path bucket/folder]",
+                  EXIT_BAD_INPUT)
+        target, name = url, name or remote
+        url, opts, rclone_type = _from_rclone_config(rclone_config, remote, source_path, name)
+        source_path = ""
+    elif target is None:
+        _fail("storage-sidecar add URL TARGET (or --rclone-config FILE --remote NAME TARGET)", EXIT_BAD_INPUT)
     try:
-        storage, mount = project.add(url, target, name=name, writable=writable, source_path=source_path, options=opts, copy=copy)
+        storage, mount = project.add(url, target, name=name, writable=writable, source_path=source_path, options=opts, copy=copy,
+                                     rclone_type=rclone_type)
     except ProjectError as exc:
         _fail(str(exc), EXIT_BAD_INPUT)
     click.echo(f"added {storage['name']} ({storage['url']}, {'read-only' if storage['readonly'] else 'writable'}) at {mount['mountpath']}")
     click.echo(f"{mount['mountpath']} is listed in .gitignore; configuration in {project.path.relative_to(project.root)}")
     if check:
         _run_checks(project, [mount.get("name") or storage["name"]])
+
+
+def _from_rclone_config(path: str, remote: str, source_path: str, name: str) -> tuple[str, dict[str, Any], str]:
+    """(url, options, rclone type) of a remote of an rclone config; its secrets (revealed if
+    rclone obscured them) are saved in the local credential store under the storage's name."""
+    from sidecar import credentials, rclone
+
+    try:
+        remotes = rclone.parse_config(open(path, encoding="utf-8").read())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        _fail(f"--rclone-config {path}: {exc}", EXIT_BAD_INPUT)
+    if remote not in remotes:
+        _fail(f"--remote {remote!r}: no such remote in {path}; remotes: {', '.join(remotes) or 'none'}", EXIT_BAD_INPUT)
+    section = dict(remotes[remote])
+    secrets = {k: section.pop(k) for k in list(section) if k in rclone.SECRETS.get(section.get("type", ""), {})}
+    try:
+        ours = rclone.storage_from_rclone(section, source_path, loc=f"[{remote}]", source_loc="--source-path")
+        unusable = [k for k in secrets if not rclone.credential_field(ours["rclone_type"], k)]
+        if unusable:  # a secret of a way of signing in the sidecar does not offer (Azure AD, OAuth)
+            raise rclone.RcloneError(f"[{remote}].{unusable[0]}", f"rclone option of type {ours['rclone_type']} not supported: {unusable[0]!r}")
+        values = dict(rclone.credential_from_option(ours["provider"], k, v) for k, v in secrets.items())
+    except (rclone.RcloneError, ValueError) as exc:
+        field = getattr(exc, "field", "")
+        _fail(f"{path}: {field + ': ' if field else ''}{exc}", EXIT_BAD_INPUT)
+    if values:
+        try:
+            click.echo(f"credentials of {name} saved in {credentials.save_local(name, values)}", err=True)
+        except credentials.InsecureCredentials as exc:
+            _fail(f"credentials not saved: {exc}", EXIT_BAD_INPUT)
+    return ours["url"], ours["options"], ours["rclone_type"]
 
 
 def _run_checks(project, names: list[str] | None) -> bool:  # type: ignore[no-untyped-def]
@@ -277,7 +322,7 @@ def ls_(as_json, socket_path, project_dir) -> None:
     for m in manifest.mounts:
         st = manifest.storage_for(m)
         state = states.get(m.name) or ("mounted" if m.mountpath in mounted else "not mounted")
-        out.append({"name": m.name, "storage": st.name, "provider": st.provider, "url": st.parsed.canonical(),
+        out.append({"name": m.name, "storage": st.name, "provider": st.provider, "rclone_type": st.rclone_type, "url": st.parsed.canonical(),
                     "source_path": m.source_path, "target": os.path.relpath(m.mountpath, project.root),
                     "readonly": st.readonly, "state": state})
     unused = [s.name for s in manifest.storages if not any(m.storage == s.id for m in manifest.mounts)]
@@ -285,7 +330,8 @@ def ls_(as_json, socket_path, project_dir) -> None:
         click.echo(json.dumps({"project": str(project.root), "mounts": out, "unmounted_storages": unused}, indent=2))
         return
     _table(("NAME", "STORAGE", "PROVIDER", "URL", "SOURCE", "TARGET", "MODE", "STATE"),
-           [(o["name"], o["storage"], o["provider"], o["url"], o["source_path"] or "/", o["target"], "ro" if o["readonly"] else "rw", o["state"]) for o in out])
+           [(o["name"], o["storage"], o["provider"] + (f" (rclone {o['rclone_type']})" if o["rclone_type"] else ""), o["url"],
+             o["source_path"] or "/", o["target"], "ro" if o["readonly"] else "rw", o["state"]) for o in out])
     for name in unused:
         click.echo(f"storage {name} has no mount")
 

@@ -140,6 +140,20 @@ def from_directory(directory: str | os.PathLike[str] | None, name: str, provider
             found[field] = read_credential_file(path, root)
         except InsecureCredentials as exc:
             log.error("credential_file_refused", path=str(path), reason=str(exc))
+    from sidecar.rclone import credential_from_option, options_for
+
+    for option in options_for(provider):  # as rclone names them (a Secret built from a data connector)
+        path = base / option
+        if not os.path.lexists(path):
+            continue
+        try:
+            field, value = credential_from_option(provider, option, read_credential_file(path, root))
+        except InsecureCredentials as exc:
+            log.error("credential_file_refused", path=str(path), reason=str(exc))
+            continue
+        except ValueError as exc:
+            raise CredentialProblem(f"{path}: {exc}") from None
+        found.setdefault(field, value)
     return found
 
 

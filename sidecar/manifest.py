@@ -115,6 +115,7 @@ class RemoteStorage(_Model):
     url: str
     readonly: bool = True
     options: dict[str, Any] = Field(default_factory=dict)
+    rclone_type: str | None = None  # given in rclone's terms (an rclone remote, a data connector): its type
 
     @field_validator("name")
     @classmethod
@@ -327,6 +328,66 @@ def _depth(doc: Any) -> int:
     return deepest
 
 
+RCLONE_FORM = {"id", "name", "rclone", "source_path", "readonly"}
+# A Renku data connector's storage, field for field as Renku's data services return it.
+DATA_CONNECTOR_FORM = {"storage_id", "project_id", "name", "storage_type", "configuration", "source_path", "target_path", "readonly"}
+
+
+def _from_rclone_forms(doc: dict[str, Any], skip: set[str]) -> tuple[dict[str, Any], list[tuple[str, str]], bool]:
+    """The document with every storage given in rclone's terms (an rclone remote, a data
+    connector) written in the manifest's own form, and a data connector's `target_path` made a
+    mount; the errors, by field path (those in `skip` are reported already)."""
+    from sidecar.rclone import RcloneError, storage_from_rclone
+
+    storages = doc.get("storages")
+    if not isinstance(storages, list):
+        return doc, [], False
+    errors: list[tuple[str, str]] = []
+    failed = False  # a storage in rclone's terms could not be read (its errors may be in `skip`)
+    out: list[Any] = []
+    mounts = list(doc["mounts"]) if isinstance(doc.get("mounts"), list) else doc["mounts"] if "mounts" in doc else []
+    for i, st in enumerate(storages):
+        loc = f"storages[{i}]"
+        connector = isinstance(st, dict) and ("storage_type" in st or "configuration" in st)
+        if not isinstance(st, dict) or not ("rclone" in st or connector):
+            out.append(st)
+            continue
+        allowed = DATA_CONNECTOR_FORM if connector else RCLONE_FORM
+        unknown = sorted(set(st) - allowed)
+        if unknown:
+            errors.extend((f"{loc}.{k}", f"unknown field of {'a data connector' if connector else 'an rclone remote'}; allowed: "
+                                         f"{', '.join(sorted(allowed))}") for k in unknown if f"{loc}.{k}" not in skip)
+            failed = True
+            continue
+        config = st.get("configuration") if connector else st.get("rclone")
+        source = st.get("source_path", "")
+        try:
+            if connector and isinstance(config, dict) and st.get("storage_type") not in (None, config.get("type")):
+                raise RcloneError(f"{loc}.storage_type", f"must be the configuration's type ({config.get('type')!r})")
+            if not isinstance(source, str):
+                raise RcloneError(f"{loc}.source_path", "must be text: bucket/folder")
+            ours = storage_from_rclone(config, source, loc=f"{loc}.{'configuration' if connector else 'rclone'}", source_loc=f"{loc}.source_path")
+        except RcloneError as exc:
+            if exc.field not in skip:
+                errors.append((exc.field, str(exc)))
+            failed = True
+            continue
+        name = st.get("name") or slugify(source.strip("/").partition("/")[0])
+        ours.update({k: st[k] for k in ("id", "readonly") if k in st}, name=name)
+        if connector and st.get("storage_id") is not None:
+            ours["id"] = st["storage_id"]
+        out.append(ours)
+        if connector and isinstance(mounts, list):
+            target = st.get("target_path")
+            if not isinstance(target, str) or not target:
+                errors.append((f"{loc}.target_path", "must be the folder (relative to root) the storage appears at"))
+            else:
+                mounts.append({"storage": name, "mountpath": target})
+    if "mounts" in doc or mounts:  # (a manifest without mounts stays one: the schema says so)
+        doc = {**doc, "mounts": mounts}
+    return {**doc, "storages": out}, errors, failed
+
+
 def parse_manifest(doc: Any) -> Manifest:
     """Validates a decoded manifest document. Raises `ManifestError` with field-level errors."""
     if not isinstance(doc, dict):
@@ -336,6 +397,10 @@ def parse_manifest(doc: Any) -> Manifest:
     # Every independent error at once: fields that look secret, then the schema's.
     errors = find_secret_fields(doc)
     secret_locs = {loc for loc, _ in errors}
+    doc, form_errors, failed = _from_rclone_forms(doc, secret_locs)
+    errors += form_errors
+    if failed:  # the schema's errors of a storage not translated would only repeat these
+        raise ManifestError(errors)
     try:
         manifest = Manifest.model_validate(doc)
     except ValidationError as exc:

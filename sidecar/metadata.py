@@ -39,6 +39,7 @@ def export(doc: dict[str, Any], project_name: str) -> dict[str, Any]:
             "renku:url": s.url,
             "renku:readonly": s.readonly,
             "renku:options": json.dumps(s.options, sort_keys=True),
+            **({"renku:rcloneType": s.rclone_type} if s.rclone_type else {}),
         }
         for s in manifest.storages
     ]
@@ -88,6 +89,7 @@ def import_(jsonld: dict[str, Any] | list[Any]) -> dict[str, Any]:
             "url": one(st, R.url),
             "readonly": bool(one(st, R.readonly, True)),
             "options": json.loads(one(st, R.options, "{}")),
+            "rclone_type": one(st, R.rcloneType),
         }
         storages.append({k: v for k, v in entry.items() if v is not None})
         ids[str(st)] = entry

@@ -119,6 +119,7 @@ class Project:
         source_path: str = "",
         options: dict[str, Any] | None = None,
         copy: bool = False,
+        rclone_type: str | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Adds a mount of `url` at `target` (and the storage, unless one with the same id exists)."""
         try:
@@ -137,6 +138,8 @@ class Project:
         if storage is None:
             storage = {"id": sid, "name": name or slugify(parsed.bucket), "provider": parsed.provider, "url": parsed.canonical(),
                        "readonly": not writable, "options": options or {}}
+            if rclone_type:
+                storage["rclone_type"] = rclone_type
             doc["storages"].append(storage)
             mount_name = storage["name"]
         else:

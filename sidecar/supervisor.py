@@ -132,6 +132,7 @@ class Mount:
             "storage_id": st.id,
             "storage": st.name,
             "provider": st.provider,
+            "rclone_type": st.rclone_type,
             "url": url.canonical(),
             "source_path": self.mount.source_path,
             "mountpath": self.mount.mountpath,

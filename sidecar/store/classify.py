@@ -37,7 +37,7 @@ def probe_name() -> str:
     """The name of a pre-flight's probe object: recognisable, and never one a user chose."""
     import secrets
 
-    return f".storage-sidecar-write-probe-{secrets.token_hex(6)}"
+    return f".storage-sidecar-write-probe-{secrets.token_hex(6)}"  # hidden in listings (sidecar.vfs.listings.PROBE_PREFIX)
 
 
 def chain(exc: BaseException) -> list[BaseException]:

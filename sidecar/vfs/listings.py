@@ -55,6 +55,8 @@ def unusable_name(name: str) -> str | None:
     return None
 
 
+PROBE_PREFIX = ".storage-sidecar-write-probe-"  # sidecar.store.classify.probe_name
+
 class Listings:
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
@@ -156,6 +158,8 @@ class Listings:
     # -- listing -> entries -------------------------------------------------------------------
 
     def _usable(self, name: str, key: str) -> bool:
+        if name.startswith(PROBE_PREFIX):
+            return False  # another mount's pre-flight probe, there for a moment: never user data
         reason = unusable_name(name)
         if reason is not None and key not in self._warned:
             self._warned.add(key)

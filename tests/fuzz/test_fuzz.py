@@ -73,6 +73,30 @@ def manifest_like(draw):
     return doc
 
 
+RCLONE_TYPES = st.sampled_from(["s3", "azureblob", "google cloud storage", "webdav", "drive", "", None])
+RCLONE_OPTIONS = st.sampled_from(["provider", "region", "endpoint", "account", "use_emulator", "anonymous", "env_auth", "force_path_style",
+                                  "service_account_file", "chunk_size", "secret_access_key", "key", "pass", "sas_url", "type"])
+
+
+@st.composite
+def rclone_manifest_like(draw):
+    """A storage in rclone's terms (an rclone remote or a Renku data connector), near the schema,
+    with hostile values and secrets among the options."""
+    config = {"type": draw(RCLONE_TYPES)}
+    for _ in range(draw(st.integers(0, 4))):
+        config[draw(RCLONE_OPTIONS)] = draw(st.one_of(st.sampled_from(["true", "false", "AWS", "Minio", f"https://u:{SECRET}@h/", SECRET,
+                                                                        "http://127.0.0.1:9", "acct1"]), json_value))
+    source = draw(st.one_of(st.sampled_from(["bucket-a/x", "/", "", "cont/../x", "b\x00"]), path_text, json_value))
+    if draw(st.booleans()):
+        storage = {"name": draw(st.text(max_size=10)), "rclone": config, "source_path": source}
+    else:
+        storage = {"name": draw(st.text(max_size=10)), "storage_type": config.get("type"), "configuration": config, "source_path": source,
+                   "target_path": draw(st.one_of(path_text, json_value)), "readonly": draw(st.one_of(st.booleans(), json_value))}
+    if draw(st.booleans()):
+        storage[draw(names)] = draw(json_value)
+    return {"root": "/p", "storages": [storage], "mounts": draw(st.one_of(st.just([]), json_value))}
+
+
 def _check_manifest(raw):
     INPUTS["manifest"] += 1
     try:
@@ -85,6 +109,12 @@ def _check_manifest(raw):
 @fuzz
 @given(manifest_like())
 def test_manifest_documents(doc):
+    _check_manifest(json.dumps(doc).encode())
+
+
+@fuzz
+@given(rclone_manifest_like())
+def test_manifest_documents_in_rclones_terms(doc):
     _check_manifest(json.dumps(doc).encode())
 
 

@@ -225,3 +225,29 @@ def test_status_and_the_other_commands_find_the_projects_background_sidecar(s3, 
     assert "0 rescued entries" in cli("rescue", "raw", check=0).stderr
     r = cli("status", "--socket", str(root / "nothing.sock"), check=2)
     assert "no storage-sidecar answers" in r.stderr
+
+
+def test_add_a_remote_of_an_rclone_config_written_by_rclone_config_create(s3, project, tmp_path):
+    """`rclone config create` writes the remote (the real rclone); `add --rclone-config` takes it:
+    the keys go to the local credential store, never into the project's configuration."""
+    import shutil
+
+    exe = shutil.which("rclone")
+    if exe is None:
+        pytest.skip("rclone is not installed (scripts/bootstrap.sh installs it)")
+    root, cli = project
+    bucket = f"r-{uuid.uuid4().hex[:8]}"
+    s3.client().create_bucket(Bucket=bucket)
+    s3.client().put_object(Bucket=bucket, Key="in/a.txt", Body=b"via rclone's config")
+    conf = tmp_path / "rclone.conf"
+    subprocess.run([exe, "--config", str(conf), "config", "create", "lab", "s3", "provider=Minio", f"endpoint={s3.endpoint}",
+                    f"access_key_id={s3.key}", f"secret_access_key={s3.secret}", "--non-interactive"], check=True, capture_output=True)
+    home = {"XDG_CONFIG_HOME": str(tmp_path / "config"), "STORAGE_SIDECAR_NO_KEYRING": "1", "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""}
+    r = cli("add", "--rclone-config", str(conf), "--remote", "lab", "data", "--source-path", f"{bucket}/in", env_overrides=home, check=0)
+    assert "added lab" in r.stdout and "credentials of lab saved" in r.stderr
+    stored = "".join(p.read_text() for p in root.rglob("*.json") if ".git" not in p.parts)
+    assert s3.secret not in stored and s3.key not in stored and '"rclone_type": "s3"' in stored
+    cli("mount", "lab", "--yes", env_overrides=home, check=0)
+    assert (root / "data" / "a.txt").read_bytes() == b"via rclone's config"
+    bad = cli("add", "--rclone-config", str(conf), "--remote", "nope", "x", env_overrides=home)
+    assert bad.returncode != 0 and "no such remote in" in bad.stderr and "lab" in bad.stderr

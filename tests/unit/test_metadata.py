@@ -74,3 +74,13 @@ def test_import_refuses_a_mount_of_an_unknown_storage():
         assert "does not have" in str(exc)
     else:
         raise AssertionError("accepted a dangling storage reference")
+
+
+def test_a_storage_given_in_rclones_terms_keeps_its_type_and_its_options():
+    doc = {"storages": [{"name": "lab", "rclone": {"type": "s3", "provider": "Ceph", "endpoint": "s3.example.org"}, "source_path": "bkt/x"}],
+           "mounts": [{"storage": "lab", "mountpath": "data"}]}
+    exported = export(doc, "p")
+    (storage,) = exported["renku:hasStorage"]
+    assert storage["renku:rcloneType"] == "s3" and json.loads(storage["renku:options"]) == {"endpoint_url": "https://s3.example.org"}
+    (back,) = import_(exported)["storages"]
+    assert (back["rclone_type"], back["url"], back["provider"]) == ("s3", "s3://bkt/x", "s3")
