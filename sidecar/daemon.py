@@ -35,6 +35,8 @@ from sidecar.supervisor import Mount, Supervisor
 
 log = get_logger("sidecar.daemon")
 
+OBSERVED_WAIT = 2.0  # s the poller or a status request waits for a supervisor to take in what it saw
+
 EVENT_BUFFER = 256  # events a /events client may fall behind before it is dropped
 
 
@@ -135,11 +137,11 @@ class Daemon:
                 errors = stats["store"]["errors"]
                 stalled = stats["store"].get("stalled_calls", 0) - last_stalls.get(m.name, 0)
                 if errors > last_errors.get(m.name, 0):
-                    self.supervisors[m.name].set(MountState.DEGRADED, {"code": "backend_errors", "reason": f"{errors - last_errors.get(m.name, 0)} backend errors in the last {self.cfg.poll_interval:g} s"})
+                    await self._observed(m, UP, MountState.DEGRADED, {"code": "backend_errors", "reason": f"{errors - last_errors.get(m.name, 0)} backend errors in the last {self.cfg.poll_interval:g} s"})
                 elif stalled > 0 or stats["store"].get("stalled_now", 0):
-                    self.supervisors[m.name].set(MountState.DEGRADED, {"code": "backend_stalled", "reason": f"{max(stalled, stats['store'].get('stalled_now', 0))} backend call(s) without progress for 5 s or more"})
+                    await self._observed(m, UP, MountState.DEGRADED, {"code": "backend_stalled", "reason": f"{max(stalled, stats['store'].get('stalled_now', 0))} backend call(s) without progress for 5 s or more"})
                 elif m.state == MountState.DEGRADED:
-                    self.supervisors[m.name].set(MountState.MOUNTED)
+                    await self._observed(m, {MountState.DEGRADED}, MountState.MOUNTED)
                 last_errors[m.name] = errors
                 last_stalls[m.name] = stats["store"].get("stalled_calls", 0)
 
@@ -150,10 +152,20 @@ class Daemon:
         m.stats = stats
         copy = stats.get("copy") or {}
         if copy.get("refused"):
-            self.supervisors[m.name].set(MountState.FAILED, {"code": "copy_refused", "reason": copy["refused"]})
+            await self._observed(m, {MountState.COPYING}, MountState.FAILED, {"code": "copy_refused", "reason": copy["refused"]})
         elif copy.get("state") in ("copied", "copied_with_errors"):
             errors = copy.get("errors") or []
-            self.supervisors[m.name].set(MountState.COPIED, {"code": "copy_errors", "reason": f"{len(errors)} file(s) not copied; see status --json"} if errors else None)
+            await self._observed(m, {MountState.COPYING}, MountState.COPIED,
+                                 {"code": "copy_errors", "reason": f"{len(errors)} file(s) not copied; see status --json"} if errors else None)
+
+    async def _observed(self, m: Mount, seen_in: Any, state: MountState, error: dict[str, str] | None = None) -> None:
+        """Tells the mount's supervisor what its worker's counters show (the supervisor changes
+        the state, if it is still one of `seen_in`); waits for it briefly, so a status request
+        that asked sees the outcome."""
+        done = trio.Event()
+        await m.commands[0].send(("observed", (frozenset(seen_in), state, error), done))
+        with trio.move_on_after(OBSERVED_WAIT):
+            await done.wait()
 
     # -- the control socket ------------------------------------------------------------------
 

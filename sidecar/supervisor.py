@@ -2,8 +2,9 @@
 docs/ARCHITECTURE.md), one task per mount.
 
 It owns the mount's state: every change goes through `set` (logged once, published as an
-event). Everything else (the control socket's API, the daemon's polling, a worker's exit) sends
-it commands through the mount's channel (`Mount.commands`), so changes are serialised: an
+event), called only from its own task. Everything else (the control socket's API, the daemon's
+polling, a worker's exit) sends it commands through the mount's channel (`Mount.commands`), so
+changes are serialised: an
 attempt (`bring_up`: credentials, the path held, a worker that checks then mounts), a failure
 with its next attempt scheduled (`failed`), the user's unmount or skip (`take_down`), a worker
 that died (mounted again). While the worker does not serve the path, the placeholder does
@@ -371,6 +372,10 @@ class Supervisor:
                     await self.take_down(MountState.UNMOUNTED)
                 elif cmd == "skip":
                     await self.take_down(MountState.SKIPPED)
+                elif cmd == "observed":  # the daemon's poller, from the worker's counters
+                    seen_in, state, error = arg
+                    if m.state in seen_in:  # (not, if the mount moved on meanwhile)
+                        self.set(state, error)
                 elif cmd == "decision_timeout" and m.state == MountState.NEEDS_CREDENTIALS:
                     m.decision_deadline = None
                     self.set(MountState.SKIPPED, {"code": "credentials_missing", "reason": f"no credentials were given within {self.d.cfg.credentials_wait:g} s"})

@@ -327,3 +327,24 @@ def test_a_daemon_stopped_right_after_its_start_leaves_no_traceback(s3, tmp_path
     text = log_path.read_text()
     assert "Traceback" not in text and "BrokenPipeError" not in text, text[-3000:]
     assert not os.path.ismount(tmp_path / "project/one")
+
+
+def test_a_mount_whose_backend_errors_is_degraded_then_mounted_again(s3, proxied, tmp_path, daemons):
+    """The daemon's poller sees the worker's error counter move: the mount's supervisor makes it
+    `degraded` (backend_errors), and `mounted` again at the first poll without new errors."""
+    proxy, bucket = proxied
+    s3.client().put_object(Bucket=bucket, Key="a.txt", Body=b"a")
+    manifest = {"root": str(tmp_path / "project"),
+                "storages": [{"name": "p", "provider": "s3", "url": f"s3://{bucket}", "options": {"endpoint_url": proxy.endpoint}}],
+                "mounts": [{"storage": "p", "mountpath": "p", "deadline": 3}]}
+    d = daemons(tmp_path, manifest, creds=creds_dir(tmp_path, s3, ["p"]))
+    d.wait_ready()
+    assert d.states() == {"p": "mounted"}
+    proxy.set(error_fraction=1.0)  # every answer a 503: the read fails once the retries are spent
+    with pytest.raises(OSError):
+        open(tmp_path / "project/p/a.txt", "rb").read()
+    wait_for(lambda: d.states()["p"] == "degraded", timeout=30, what="degraded")
+    (st,) = d.get("/status")[1]["mounts"]
+    assert st["error"]["code"] == "backend_errors"
+    proxy.set(error_fraction=0.0)
+    wait_for(lambda: d.states()["p"] == "mounted", timeout=30, what="mounted again")
