@@ -199,7 +199,10 @@ def parse_credentials(body: bytes, provider: str) -> dict[str, str]:
         raise HTTPError(400, "bad_json", "the body must be UTF-8 JSON: a JSON object of credential fields") from None
     except (ValueError, RecursionError):  # bad JSON, a number too long to convert, deep nesting
         raise HTTPError(400, "bad_json", "the body must be a JSON object of credential fields") from None
-    allowed = credential_sources.FIELDS[provider]
+    from sidecar.rclone import credential_from_option, options_for
+
+    rclone_names = options_for(provider)  # the same credentials as rclone names them (a data connector's sensitive fields)
+    allowed = (*credential_sources.FIELDS[provider], *rclone_names)
     if not isinstance(doc, dict) or not doc:
         raise HTTPError(400, "bad_credentials", f"the body must be a JSON object with fields from: {', '.join(allowed)}")
     unknown = [k for k in doc if k not in allowed]
@@ -213,4 +216,12 @@ def parse_credentials(body: bytes, provider: str) -> dict[str, str]:
             raise HTTPError(400, "bad_credentials", f"credential field {name!r} {problem}")
     for v in doc.values():
         register_secret(v)
-    return doc
+    ours: dict[str, str] = {}
+    for name, value in doc.items():
+        try:
+            field, value = credential_from_option(provider, name, value) if name in rclone_names else (name, value)
+        except ValueError as exc:
+            raise HTTPError(400, "bad_credentials", f"credential field {name!r}: {exc}") from None
+        register_secret(value)
+        ours[field] = value
+    return ours

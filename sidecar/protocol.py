@@ -57,6 +57,26 @@ class CacheConfig:
 
 
 @dataclass
+class MountOptions:
+    """One mount's own settings: the manifest's mount (sidecar.manifest.StorageMount) by name,
+    passed whole to its worker."""
+
+    source_path: str = ""
+    write_mode: str = "durable"
+    writeback_delay: float = WRITEBACK_DELAY
+    mtime_source: str = "listing"
+    mode: str = "mount"  # or "copy": downloaded into the mount path as ordinary files
+    copy_limit: int = COPY_LIMIT
+    prefetch: list[str] = field(default_factory=list)  # folders/files to warm the disk cache with at start
+    ttl: float = METADATA_TTL
+    deadline: float = DEADLINE
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> "MountOptions":
+        return _from_dict(cls, doc, "mount")
+
+
+@dataclass
 class WorkerConfig:
     name: str
     storage_id: str
@@ -66,16 +86,8 @@ class WorkerConfig:
     mount_helper: str | None = None  # socket of a privileged mount helper (fd passing): no privilege here
     options: dict[str, Any] = field(default_factory=dict)
     credentials: dict[str, str] = field(default_factory=dict)
-    source_path: str = ""
     readonly: bool = True
-    write_mode: str = "durable"
-    writeback_delay: float = WRITEBACK_DELAY
-    mtime_source: str = "listing"
-    mode: str = "mount"  # or "copy": downloaded into the mount path as ordinary files
-    copy_limit: int = COPY_LIMIT
-    prefetch: list[str] = field(default_factory=list)  # folders/files to warm the disk cache with at start
-    ttl: float = METADATA_TTL
-    deadline: float = DEADLINE
+    mount: MountOptions = field(default_factory=MountOptions)
     cache: CacheConfig = field(default_factory=CacheConfig)
     incomplete_keep_days: float = INCOMPLETE_KEEP_DAYS
     uid: int | None = None
@@ -95,6 +107,8 @@ class WorkerConfig:
         cfg = _from_dict(cls, doc, "worker")
         if not isinstance(cfg.cache, CacheConfig):
             cfg.cache = CacheConfig.from_dict(cfg.cache if isinstance(cfg.cache, dict) else {})
+        if not isinstance(cfg.mount, MountOptions):
+            cfg.mount = MountOptions.from_dict(cfg.mount if isinstance(cfg.mount, dict) else {})
         return cfg
 
     def to_line(self) -> bytes:

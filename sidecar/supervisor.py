@@ -13,6 +13,7 @@ that died (mounted again). While the worker does not serve the path, the placeho
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import signal
 import time
@@ -29,11 +30,12 @@ from sidecar.config import DaemonConfig
 from sidecar.holder import PathHold
 from sidecar.manifest import RemoteStorage, StorageMount
 from sidecar.log import get_logger
-from sidecar.protocol import WorkerConfig, WorkerStats
+from sidecar.protocol import MountOptions, WorkerConfig, WorkerStats
 from sidecar.states import COPY, STARTING, TROUBLED, UP, MountState
 
 log = get_logger("sidecar.daemon")
 
+MOUNT_FIELDS = {f.name for f in dataclasses.fields(MountOptions)}  # the manifest's mount names them alike
 RETRY_FIRST = 1.0  # s before the first automatic attempt after a failure
 RETRY_FAST_CAP = 8.0  # s between attempts while a failure is recent (< RETRY_FAST_PERIOD)
 RETRY_FAST_PERIOD = 600.0
@@ -48,19 +50,15 @@ def worker_config(cfg: DaemonConfig, root: str | None, m: Mount, creds: dict[str
         storage_id=st.id or "",
         url=st.url,
         options=st.options,
-        source_path=mt.source_path,
         mountpath=mt.mountpath,
         root=root,
         mount_helper=cfg.mount_helper,
         readonly=st.readonly,
-        write_mode=mt.write_mode,
-        writeback_delay=mt.writeback_delay,
-        mtime_source=mt.mtime_source,
-        mode=mt.mode,
-        copy_limit=mt.copy_limit or cfg.copy_limit,
-        prefetch=list(mt.prefetch),
-        ttl=mt.metadata_ttl if mt.metadata_ttl is not None else (protocol.METADATA_TTL_READONLY if st.readonly else protocol.METADATA_TTL),
-        deadline=mt.deadline,
+        mount=MountOptions(
+            **mt.model_dump(include=MOUNT_FIELDS - {"ttl", "copy_limit"}),
+            ttl=mt.metadata_ttl if mt.metadata_ttl is not None else (protocol.METADATA_TTL_READONLY if st.readonly else protocol.METADATA_TTL),
+            copy_limit=mt.copy_limit or cfg.copy_limit,
+        ),
         credentials=creds,
         cache=cfg.cache,
         uid=cfg.uid,

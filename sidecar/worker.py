@@ -53,7 +53,7 @@ async def open_store(cfg: WorkerConfig, url: urls.StorageURL) -> tuple[Any, Any]
     from sidecar.store.factory import build_store
 
     try:
-        store = build_store(cfg.storage_id, url, cfg.options, cfg.credentials, deadline=cfg.deadline)
+        store = build_store(cfg.storage_id, url, cfg.options, cfg.credentials, deadline=cfg.mount.deadline)
     except CredentialsMissing:
         if not cfg.preflight:
             raise
@@ -66,7 +66,7 @@ async def open_store(cfg: WorkerConfig, url: urls.StorageURL) -> tuple[Any, Any]
     listed: list[Any] = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(rehearse_read, store, cfg)  # its CPU while the check waits for the network
-        result = await preflight.check(cfg.name, url, cfg.options, cfg.credentials, source_path=cfg.source_path, writable=not cfg.readonly,
+        result = await preflight.check(cfg.name, url, cfg.options, cfg.credentials, source_path=cfg.mount.source_path, writable=not cfg.readonly,
                                        write_probe=cfg.write_probe, deadline=cfg.check_deadline, store=store, listed=listed.append)
     logger.info("preflight", mount=cfg.name, code=result.code)
     if not result.ok:
@@ -101,7 +101,7 @@ async def rehearse_read(store: Any, cfg: WorkerConfig) -> None:
                 fs = Filesystem(store, cache)
                 ops = FuseOps(fs, mount_name=cfg.name)
                 node = fs.inodes.for_entry(REHEARSAL_KEY, False, ObjectInfo(REHEARSAL_KEY, REHEARSAL_SIZE, "0", 0.0), trio.current_time())
-                with trio.fail_after(cfg.deadline):
+                with trio.fail_after(cfg.mount.deadline):
                     info = await ops.open(node.ino, os.O_RDONLY, None)
                     for offset in range(0, REHEARSAL_SIZE, 1 << 20):  # as the kernel reads a file read whole
                         await ops.read(info.fh, offset, 1 << 20)
@@ -170,7 +170,7 @@ async def serve_copy(cfg: WorkerConfig) -> int:
     except UnsafeMountPath as exc:
         emit(Failed("mount_path_unsafe", str(exc)))
         return 1
-    copier = Copier(store, url.key_prefix(cfg.source_path), dest, limit=cfg.copy_limit, fetch_size=cfg.cache.fetch_size)
+    copier = Copier(store, url.key_prefix(cfg.mount.source_path), dest, limit=cfg.mount.copy_limit, fetch_size=cfg.cache.fetch_size)
     refused: list[str] = []
 
     async def copy() -> None:
@@ -215,7 +215,7 @@ async def stop_on_signal(stop: Any) -> None:
 
 
 async def serve(cfg: WorkerConfig) -> int:
-    if cfg.mode == "copy":
+    if cfg.mount.mode == "copy":
         return await serve_copy(cfg)
     url = urls.parse(cfg.url)
     store, checked_listing = await open_store(cfg, url)
@@ -261,16 +261,16 @@ class MountWorker:
             self.staging = await self._open_staging()
         mtimes = MtimeIndex(Path(cfg.cache.cache_dir) / storage_dir_name(cfg) / "mtimes.db" if cfg.cache.cache_dir else None)
         self.fs = Filesystem(
-            self.store, self.cache, staging=self.staging, mtimes=mtimes, mtime_from_metadata=cfg.mtime_source == "metadata",
-            root_prefix=self.url.key_prefix(cfg.source_path), ttl=cfg.ttl, uid=cfg.uid, gid=cfg.gid, readonly=cfg.readonly,
-            max_readahead_blocks=max(1, cfg.cache.readahead // cfg.cache.block_size), write_mode=cfg.write_mode, writeback_delay=cfg.writeback_delay,
+            self.store, self.cache, staging=self.staging, mtimes=mtimes, mtime_from_metadata=cfg.mount.mtime_source == "metadata",
+            root_prefix=self.url.key_prefix(cfg.mount.source_path), ttl=cfg.mount.ttl, uid=cfg.uid, gid=cfg.gid, readonly=cfg.readonly,
+            max_readahead_blocks=max(1, cfg.cache.readahead // cfg.cache.block_size), write_mode=cfg.mount.write_mode, writeback_delay=cfg.mount.writeback_delay,
         )
         if checked_listing is not None and not self.fs.mtime_from_metadata:
             # The check's LIST held the whole folder: the mount's root is listed from the start, so
             # the session's first `ls` or open there costs no request (on S3: one round trip less).
             await self.fs.adopt_listing(self.fs.root_prefix, checked_listing)
         self.ops = FuseOps(self.fs, mount_name=cfg.name)
-        self.prefetcher = Prefetcher(self.store, self.cache, self.url.key_prefix(cfg.source_path), adopt=self.fs.adopt_listing)
+        self.prefetcher = Prefetcher(self.store, self.cache, self.url.key_prefix(cfg.mount.source_path), adopt=self.fs.adopt_listing)
 
     async def _open_staging(self) -> StagingArea:
         """The staging area, with what a killed predecessor left: its multipart uploads aborted,
@@ -316,7 +316,7 @@ class MountWorker:
             "errors": dict(self.ops.errors),
             "requests": dict(self.ops.requests),
             "inodes": fs.inode_count,
-            "write_mode": self.cfg.write_mode if staging else None,
+            "write_mode": self.cfg.mount.write_mode if staging else None,
             "unsynced": fs.writer.unsynced() if fs.writer else None,
             "prefetch": self.prefetcher.progress.public() if self.prefetcher.progress.state != "idle" else None,
             "staged": [f.public() for f in staging.pending()] if staging else [],
@@ -402,7 +402,7 @@ class MountWorker:
             logger.debug("first_stat_failed", error=str(exc))
         raise_kernel_readahead(self.mountpath, self.cfg.cache.kernel_readahead_kb)
         logger.info("mounted", mount=self.cfg.name, mountpath=self.mountpath, url=self.url.canonical(),
-                    write_mode=self.cfg.write_mode if self.staging else None)
+                    write_mode=self.cfg.mount.write_mode if self.staging else None)
         emit(Mounted(mountpath=self.mountpath))
 
     async def run(self) -> int:
@@ -415,7 +415,7 @@ class MountWorker:
             self.nursery = nursery
             await nursery.start(self.cache.run)
             if not cfg.preflight:  # the check has listed the mount's folder with this client already
-                with trio.move_on_after(min(cfg.deadline, WARM_UP_S)):
+                with trio.move_on_after(min(cfg.mount.deadline, WARM_UP_S)):
                     failed = await fs.warm_up()
                     if failed:
                         logger.info("warm_up_failed", code=failed)
@@ -431,8 +431,8 @@ class MountWorker:
                 nursery.start_soon(stop_on_signal, pyfuse3.terminate)
                 if fs.writer is not None:
                     await nursery.start(fs.writer.run)
-                if cfg.prefetch:
-                    nursery.start_soon(self.on_prefetch, Prefetch(tuple(cfg.prefetch)))
+                if cfg.mount.prefetch:
+                    nursery.start_soon(self.on_prefetch, Prefetch(tuple(cfg.mount.prefetch)))
                 await pyfuse3.main()
             finally:
                 await self._store_before_unmount()

@@ -187,13 +187,16 @@ def gcs_server(log_path: str | os.PathLike[str]) -> Iterator[GCSServer]:
 
 
 CACHE_KEYS = {f.name for f in dataclasses.fields(protocol.CacheConfig)}
+MOUNT_KEYS = {f.name for f in dataclasses.fields(protocol.MountOptions)}
 
 
 def nested(cfg):
-    """A worker configuration written flat by a test (`block_size=...`), its cache settings
-    moved where sidecar.protocol.WorkerConfig keeps them (`cache`)."""
+    """A worker configuration written flat by a test (`block_size=...`, `ttl=...`), its cache
+    and mount settings moved where sidecar.protocol.WorkerConfig keeps them."""
     cache = {**cfg.get("cache", {}), **{k: v for k, v in cfg.items() if k in CACHE_KEYS}}
-    return {**{k: v for k, v in cfg.items() if k not in CACHE_KEYS}, "cache": cache}
+    mount = {**cfg.get("mount", {}), **{k: v for k, v in cfg.items() if k in MOUNT_KEYS}}
+    flat = {k: v for k, v in cfg.items() if k not in CACHE_KEYS | MOUNT_KEYS}
+    return {**flat, "cache": cache, "mount": mount}
 
 
 class WorkerProcess:

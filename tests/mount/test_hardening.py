@@ -208,3 +208,16 @@ def test_an_environment_credential_that_is_not_text_is_credentials_invalid(monke
     monkeypatch.setenv("BAD_AWS_SECRET_ACCESS_KEY", os.fsdecode(b"abc\xff"))  # stray bytes: a lone surrogate
     with pytest.raises(credentials.CredentialProblem, match="secret_access_key is not text"):
         credentials.lookup("bad", "s3")
+
+
+def test_credentials_posted_under_rclones_names_become_the_providers_own():
+    """A launcher holding a data connector's sensitive fields posts them as rclone names them."""
+    import json as _json
+
+    assert parse_credentials(_json.dumps({"key": "azure-key"}).encode(), "azure") == {"account_key": "azure-key"}
+    got = parse_credentials(_json.dumps({"sas_url": "https://acct.blob.core.windows.net/c?sv=2024&sig=abc"}).encode(), "azure")
+    assert got == {"sas_token": "sv=2024&sig=abc"}
+    assert parse_credentials(_json.dumps({"service_account_credentials": "{}"}).encode(), "gcs") == {"service_account.json": "{}"}
+    with pytest.raises(HTTPError) as err:
+        parse_credentials(_json.dumps({"sas_url": "https://acct.blob.core.windows.net/c"}).encode(), "azure")
+    assert err.value.status == 400 and "'sas_url': a SAS URL must carry its signature" in err.value.message

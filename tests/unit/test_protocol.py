@@ -8,7 +8,7 @@ import pytest
 
 from sidecar import protocol
 from sidecar.protocol import (
-    COMMANDS, EVENTS, CacheConfig, Failed, Prefetch, ProtocolError, Publish, PlaceholderConfig, StatsReport, WorkerConfig, decode_command,
+    COMMANDS, EVENTS, CacheConfig, Failed, MountOptions, Prefetch, ProtocolError, Publish, PlaceholderConfig, StatsReport, WorkerConfig, decode_command,
     decode_event,
 )
 
@@ -76,3 +76,22 @@ def test_the_cache_settings_travel_whole_and_unknown_ones_are_refused():
     assert WorkerConfig.from_dict({"name": "a", "storage_id": "s", "url": "s3://b", "mountpath": "/m"}).cache == CacheConfig()
     with pytest.raises(ValueError, match="unknown cache option.*colour"):
         WorkerConfig.from_dict({"name": "a", "storage_id": "s", "url": "s3://b", "mountpath": "/m", "cache": {"colour": 1}})
+
+
+def test_a_mounts_own_settings_travel_whole_and_unknown_ones_are_refused():
+    cfg = WorkerConfig("a", "s", "s3://b", "/m", mount=MountOptions(source_path="raw", write_mode="writeback", prefetch=["x"]))
+    again = WorkerConfig.from_dict(json.loads(cfg.to_line()))
+    assert again == cfg and isinstance(again.mount, MountOptions)
+    with pytest.raises(ValueError, match="unknown mount option.*colour"):
+        WorkerConfig.from_dict({"name": "a", "storage_id": "s", "url": "s3://b", "mountpath": "/m", "mount": {"colour": 1}})
+
+
+def test_the_manifests_mount_names_the_mount_settings_alike():
+    """The supervisor hands a manifest mount's fields over by name (supervisor.worker_config)."""
+    import dataclasses
+
+    from sidecar.manifest import StorageMount
+    from sidecar.supervisor import MOUNT_FIELDS
+
+    assert MOUNT_FIELDS - {"ttl"} <= set(StorageMount.model_fields)
+    assert {f.name for f in dataclasses.fields(MountOptions)} == MOUNT_FIELDS
