@@ -45,7 +45,9 @@ def warm_placeholder() -> None:
 def warm_up(providers: list[str] | None = None) -> None:
     """Imports what a worker imports, and what its first requests would load: for the given
     providers (the manifest's), or all. A worker of another provider imports its SDK itself."""
-    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    from sidecar.store.patches import sdk_environment
+
+    sdk_environment()
     warm_placeholder()
 
     import sidecar.fuse_ops  # noqa: F401

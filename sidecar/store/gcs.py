@@ -8,7 +8,6 @@ HEAD tells "changed" (ObjectChanged) from "deleted" (NotFound).
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 from sidecar import urls
@@ -84,9 +83,9 @@ class GCSStore(FsspecStore):
 
 
 def make_gcs_filesystem(url: urls.StorageURL, options: dict[str, Any], credentials: dict[str, str]) -> Any:
-    # gcsfs >= 2026 asks a gRPC control API about every bucket unless this is off (it hangs
-    # against emulators and private endpoints); it must be set before gcsfs is imported.
-    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    from sidecar.store.patches import sdk_environment
+
+    sdk_environment()
     from gcsfs.core import GCSFileSystem
 
     if options.get("anonymous"):

@@ -10,6 +10,7 @@ import contextvars
 import email.utils
 import inspect
 import logging
+import os
 from datetime import datetime
 from typing import Any
 
@@ -23,6 +24,13 @@ def retry_attempts(response: Any) -> int:
         return 0
     n = response.get("ResponseMetadata", {}).get("RetryAttempts", 0)
     return n if isinstance(n, int) else 0
+
+
+def sdk_environment() -> None:
+    """What the SDKs must find in the environment before they are imported: gcsfs (2026 and
+    later) asks a gRPC control API about every bucket unless told not to, which hangs against
+    emulators and private endpoints."""
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
 # The store whose call runs in this asyncio task (FsspecStore._run sets it inside the task, and

@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import hashlib
 import io
-import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -526,7 +525,6 @@ def _hold_back(body: Any) -> Any:
 def make_s3_filesystem(
     options: dict[str, Any], credentials: dict[str, str], endpoint: str | None, region: str | None, *, retries: int = 3
 ) -> Any:
-    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     import s3fs
 
     client_kwargs: dict[str, Any] = {}
