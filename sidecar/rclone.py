@@ -26,9 +26,9 @@ _OBSCURE_KEY = bytes.fromhex("9c935b48730a554d6bfd7c63c886a92bd390198eb8128afbf4
 TYPES = {"s3": "s3", "azureblob": "azure", "google cloud storage": "gcs"}
 NOT_YET = {"webdav": "WebDAV storages are not supported yet (planned: issue 32)"}
 
-# The S3 providers rclone names that speak the S3 API as the sidecar uses it (ranged GETs with
-# If-Match, conditional PUTs, multipart uploads). Checked here against moto: AWS, Minio, Ceph,
-# Other; the rest differ from them only in rclone's defaults.
+# The S3 providers rclone names; the name changes rclone's own defaults, not the S3 API the
+# sidecar speaks (ranged GETs with If-Match, conditional PUTs, multipart uploads). Which were
+# mounted in the tests: the README's table.
 S3_PROVIDERS = {
     "AWS", "Alibaba", "ArvanCloud", "Ceph", "ChinaMobile", "Cloudflare", "DigitalOcean", "Dreamhost", "GCS", "HuaweiOBS", "IBMCOS",
     "IDrive", "IONOS", "LyveCloud", "Leviia", "Liara", "Linode", "Magalu", "Minio", "Netease", "Outscale", "Petabox", "RackCorp",
