@@ -362,6 +362,7 @@ PROMPTS = {  # field, prompt, hidden
     "s3": [("access_key_id", "Access key id", False), ("secret_access_key", "Secret access key", True)],
     "azure": [("account_key", "Account key", True)],
     "gcs": [("service_account.json", "Path of the service-account JSON file", False)],
+    "webdav": [("password", "Password", True)],
 }
 
 

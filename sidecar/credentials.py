@@ -48,12 +48,14 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "s3": ("access_key_id", "secret_access_key", "session_token"),
     "azure": ("account_key", "sas_token", "connection_string"),
     "gcs": ("service_account.json",),
+    "webdav": ("password", "bearer_token"),
 }
 
 ENV_FIELDS: dict[str, dict[str, str]] = {
     "s3": {"access_key_id": "AWS_ACCESS_KEY_ID", "secret_access_key": "AWS_SECRET_ACCESS_KEY", "session_token": "AWS_SESSION_TOKEN"},
     "azure": {"account_key": "AZURE_STORAGE_KEY", "sas_token": "AZURE_STORAGE_SAS_TOKEN", "connection_string": "AZURE_STORAGE_CONNECTION_STRING"},
     "gcs": {"service_account.json": "GOOGLE_APPLICATION_CREDENTIALS_JSON"},
+    "webdav": {"password": "WEBDAV_PASSWORD", "bearer_token": "WEBDAV_BEARER_TOKEN"},
 }
 
 

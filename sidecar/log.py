@@ -101,7 +101,7 @@ def configure(level: str = "info", *, json: bool | None = None, stream: Any = No
     root.handlers[:] = [handler]
     root.setLevel(lvl)
     # Chatty libraries stay at warning unless we debug.
-    for noisy in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "azure", "adlfs", "gcsfs", "asyncio"):
+    for noisy in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "azure", "adlfs", "gcsfs", "asyncio", "httpx", "httpcore", "webdav4"):
         logging.getLogger(noisy).setLevel(max(lvl, logging.WARNING))
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],

@@ -29,6 +29,7 @@ PROVIDER_OPTIONS: dict[str, dict[str, type]] = {
     "s3": {"endpoint_url": str, "region": str, "anonymous": bool, "requester_pays": bool},
     "azure": {"account_name": str, "endpoint_url": str, "anonymous": bool},
     "gcs": {"endpoint_url": str, "project": str, "anonymous": bool, "requester_pays": bool},
+    "webdav": {"vendor": str, "user": str, "anonymous": bool},
 }
 
 # The shape of string options other than endpoint_url: what the providers' own names allow, so a
@@ -41,6 +42,10 @@ OPTION_PATTERNS: dict[str, tuple[re.Pattern[str], str]] = {
     "account_name": (re.compile(r"^[a-z0-9]{3,24}$"), "an Azure storage account name: 3-24 lower-case letters and digits"),
     # GCP project ids: 6-30 characters, a letter first, no dash last; legacy domain-scoped
     # ids ("example.com:my-project") are accepted too.
+    # rclone's WebDAV vendors that the sidecar serves (sidecar.store.webdav).
+    "vendor": (re.compile(r"^(other|nextcloud|owncloud|rclone|fastmail)$"), "one of other, nextcloud, owncloud, rclone, fastmail"),
+    # A user name for HTTP basic authentication: printable, no ':' (it ends the name there).
+    "user": (re.compile(r"^[^\x00-\x1f\x7f:]{1,256}$"), "a user name: 1-256 printable characters, no ':'"),
     "project": (re.compile(r"^([a-z][a-z0-9.-]{0,62}:)?[a-z][a-z0-9-]{4,28}[a-z0-9]$"), "a Google Cloud project id: 6-30 lower-case letters, digits and '-'"),
 }
 
@@ -111,7 +116,7 @@ class _Model(BaseModel):
 class RemoteStorage(_Model):
     id: str | None = None
     name: str | None = None
-    provider: Literal["s3", "azure", "gcs"]
+    provider: Literal["s3", "azure", "gcs", "webdav"]
     url: str
     readonly: bool = True
     options: dict[str, Any] = Field(default_factory=dict)

@@ -23,8 +23,7 @@ from typing import Any
 # read over a shoulder; rclone documents it as such, and `rclone reveal` undoes it).
 _OBSCURE_KEY = bytes.fromhex("9c935b48730a554d6bfd7c63c886a92bd390198eb8128afbf4de162b8b95f638")
 
-TYPES = {"s3": "s3", "azureblob": "azure", "google cloud storage": "gcs"}
-NOT_YET = {"webdav": "WebDAV storages are not supported yet (planned: issue 32)"}
+TYPES = {"s3": "s3", "azureblob": "azure", "google cloud storage": "gcs", "webdav": "webdav"}
 
 # The S3 providers rclone names; the name changes rclone's own defaults, not the S3 API the
 # sidecar speaks (ranged GETs with If-Match, conditional PUTs, multipart uploads). Which were
@@ -40,7 +39,7 @@ SECRETS: dict[str, dict[str, str]] = {  # rclone type -> rclone option -> our cr
     "s3": {"access_key_id": "access_key_id", "secret_access_key": "secret_access_key", "session_token": "session_token"},
     "azureblob": {"key": "account_key", "sas_url": "sas_token", "connection_string": "connection_string", "client_secret": ""},
     "google cloud storage": {"service_account_credentials": "service_account.json", "client_secret": "", "token": ""},
-    "webdav": {"pass": "", "bearer_token": ""},
+    "webdav": {"pass": "password", "bearer_token": "bearer_token"},
 }
 
 UNUSED = "accepted, without effect: it only matters when creating buckets, which the sidecar never does"
@@ -122,8 +121,6 @@ def storage_from_rclone(config: dict[str, Any], source_path: str, *, loc: str = 
     supported = ", ".join(sorted(TYPES))
     if not isinstance(kind, str):
         raise RcloneError(f"{loc}.type", f"missing: the rclone type ({supported})")
-    if kind in NOT_YET:
-        raise RcloneError(f"{loc}.type", f"{NOT_YET[kind]}; supported: {supported}")
     if kind not in TYPES:
         shown = repr(kind) if re.fullmatch(r"[a-z0-9 ]{1,30}", kind) else "this"  # a value, never echoed unless a plain name
         raise RcloneError(f"{loc}.type", f"rclone type {shown} is not supported; supported: {supported}")
@@ -131,10 +128,13 @@ def storage_from_rclone(config: dict[str, Any], source_path: str, *, loc: str = 
         if name in SECRETS.get(kind, {}):
             raise RcloneError(f"{loc}.{name}", "is a secret; a manifest never holds secrets. Give it through the credentials "
                                                "directory (<dir>/<storage>/<option>), the environment or the control socket")
-    bucket, folder = _split_source(source_path, source_loc)
     options = {k: v for k, v in config.items() if k != "type"}
-    translate = {"s3": _s3, "azureblob": _azure, "google cloud storage": _gcs}[kind]
-    provider, url, ours = translate(options, bucket, folder, loc)
+    if kind == "webdav":
+        provider, url, ours = _webdav(options, source_path, loc, source_loc)
+    else:
+        bucket, folder = _split_source(source_path, source_loc)
+        translate = {"s3": _s3, "azureblob": _azure, "google cloud storage": _gcs}[kind]
+        provider, url, ours = translate(options, bucket, folder, loc)
     return {"provider": provider, "url": url, "options": ours, "rclone_type": kind}
 
 
@@ -213,6 +213,46 @@ def _gcs(options: dict[str, Any], bucket: str, folder: str, loc: str) -> tuple[s
     return "gcs", f"gs://{bucket}/{folder}".rstrip("/"), ours
 
 
+WEBDAV_VENDORS = {"other", "nextcloud", "owncloud", "rclone", "fastmail"}
+WEBDAV_REFUSED = {
+    "sharepoint": "SharePoint signs in with cookies from a Microsoft login, which the sidecar does not do",
+    "sharepoint-ntlm": "NTLM authentication is not supported",
+}
+
+
+def _webdav(options: dict[str, Any], source_path: str, loc: str, source_loc: str) -> tuple[str, str, dict[str, Any]]:
+    """The server's `url` plus `source_path` (a folder below it, which may be empty) is the
+    served folder: dav(s)://host/path."""
+    from urllib.parse import quote, unquote, urlsplit
+
+    ours: dict[str, Any] = {}
+    base = None
+    for name, value in options.items():
+        field = f"{loc}.{name}"
+        if name == "url":
+            base = _endpoint(field, value)
+        elif name == "vendor":
+            if value in WEBDAV_REFUSED:
+                raise RcloneError(field, f"rclone option of type webdav not supported: {value!r} ({WEBDAV_REFUSED[value]})")
+            if value not in WEBDAV_VENDORS:
+                raise RcloneError(field, f"not one of rclone's WebDAV vendors: {', '.join(sorted(WEBDAV_VENDORS | set(WEBDAV_REFUSED)))}")
+            ours["vendor"] = value
+        elif name == "user":
+            ours["user"] = _text(field, value)
+        elif name == "bearer_token_command":
+            raise RcloneError(field, "rclone option of type webdav not supported: a command to run; give the token itself as the credential bearer_token")
+        else:
+            raise RcloneError(field, f"rclone option of type webdav not supported: {name!r}")
+    if base is None:
+        raise RcloneError(f"{loc}.url", "missing: the WebDAV server's URL")
+    parts = urlsplit(base)
+    path = "/".join(p for p in (unquote(parts.path).strip("/"), source_path.strip("/")) if p)
+    if any(s in (".", "..") for s in path.split("/")):
+        raise RcloneError(source_loc, "must not contain '.' or '..' segments")
+    scheme = "davs" if parts.scheme == "https" else "dav"
+    return "webdav", f"{scheme}://{parts.netloc}/{quote(path)}".rstrip("/"), ours
+
+
 def credential_field(rclone_type: str, option: str) -> str | None:
     """Our credential field for a secret option rclone names (None: not one we use)."""
     return SECRETS.get(rclone_type, {}).get(option) or None
@@ -220,14 +260,15 @@ def credential_field(rclone_type: str, option: str) -> str | None:
 
 def options_for(provider: str) -> list[str]:
     """The secret options, as rclone names them, that give credentials of `provider` (ours:
-    s3, azure, gcs) under a name of their own."""
+    s3, azure, gcs, webdav) under a name of their own."""
     kinds = [k for k, ours in TYPES.items() if ours == provider]
     return [o for k in kinds for o, field in SECRETS[k].items() if field and o != field]
 
 
 def credential_from_option(provider: str, option: str, value: str) -> tuple[str, str]:
     """(our field, its value) of a secret option rclone names: an Azure `sas_url` gives its query
-    string as the SAS token. ValueError if the value cannot be used."""
+    string as the SAS token; a WebDAV `pass` is in rclone's obscured form (rclone keeps it only
+    so) and is revealed. ValueError if the value cannot be used."""
     kinds = [k for k, ours in TYPES.items() if ours == provider]
     field = next(SECRETS[k][option] for k in kinds if SECRETS[k].get(option))
     if option == "sas_url":
@@ -237,4 +278,9 @@ def credential_from_option(provider: str, option: str, value: str) -> tuple[str,
         if not query:
             raise ValueError("a SAS URL must carry its signature as a query string")
         return field, query
+    if option == "pass":
+        try:
+            return field, reveal(value)
+        except ValueError as exc:
+            raise ValueError(f"{exc}: rclone's `pass` is obscured (rclone obscure); give a plain password as `password`") from None
     return field, value

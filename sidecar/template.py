@@ -34,7 +34,8 @@ import sys
 import threading
 
 
-PROVIDER_MODULES = {"s3": ("s3fs", "aiobotocore.session", "aiohttp", "botocore.session"), "azure": ("adlfs",), "gcs": ("gcsfs",)}
+PROVIDER_MODULES = {"s3": ("s3fs", "aiobotocore.session", "aiohttp", "botocore.session"), "azure": ("adlfs",), "gcs": ("gcsfs",),
+                    "webdav": ("webdav4.client", "webdav4.multistatus", "httpx")}
 
 
 def warm_placeholder() -> None:

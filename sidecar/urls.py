@@ -13,6 +13,9 @@ Azure Blob
   (az|azure)://<account>.blob.core.windows.net/<container>/<path>
 GCS
   gs://<bucket>/<path>
+WebDAV
+  (davs|dav)://<host>[:<port>]/<path>                     https (davs) or http (dav); the whole
+                                                         path is the folder served (percent-encoded)
 
 With the `s3://` scheme the first name is a *host* when it contains a dot, a port, or is
 `localhost`; otherwise it is a bucket. Bucket names with dots are therefore written path style
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
-Provider = Literal["s3", "azure", "gcs"]
+Provider = Literal["s3", "azure", "gcs", "webdav"]
 
 SUPPORTED_FORMS = (
     "s3://<bucket>/<path>",
@@ -39,6 +42,7 @@ SUPPORTED_FORMS = (
     "(az|azure)://<account>.dfs.core.windows.net/<container>/<path>",
     "(az|azure)://<account>.blob.core.windows.net/<container>/<path>",
     "gs://<bucket>/<path>",
+    "(davs|dav)://<host>[:<port>]/<path>",
 )
 
 DEFAULT_S3_REGION = "us-east-1"
@@ -66,17 +70,17 @@ class StorageURLError(ValueError):
 @dataclass(frozen=True)
 class StorageURL:
     provider: Provider
-    bucket: str  # S3/GCS bucket or Azure container
+    bucket: str  # S3/GCS bucket or Azure container; WebDAV: the served folder's path (decoded)
     path: str = ""  # folder inside the bucket, no leading or trailing slash
     region: str | None = None  # S3 only
-    endpoint: str | None = None  # S3 third-party host, as https://host[:port]
+    endpoint: str | None = None  # S3 third-party host, as https://host[:port]; WebDAV: http(s)://host[:port]
     account: str | None = None  # Azure storage account
     azure_kind: Literal["blob", "dfs"] | None = None
 
     @property
     def host(self) -> str:
         """The service host used in storage ids (`.../storage/<provider>/<host>/<bucket>`)."""
-        if self.provider == "s3":
+        if self.provider in ("s3", "webdav"):
             return urlsplit(self.endpoint).netloc if self.endpoint else "amazonaws.com"
         if self.provider == "azure":
             kind = self.azure_kind or "blob"
@@ -86,6 +90,11 @@ class StorageURL:
     def canonical(self) -> str:
         """Renders back to one URL of the supported forms; `parse(u.canonical()) == u`."""
         tail = f"/{self.path}" if self.path else ""
+        if self.provider == "webdav":
+            from urllib.parse import quote
+
+            scheme, _, netloc = (self.endpoint or "").partition("://")
+            return f"{'davs' if scheme == 'https' else 'dav'}://{netloc}/{quote(self.bucket)}".rstrip("/")
         if self.provider == "gcs":
             return f"gs://{self.bucket}{tail}"
         if self.provider == "azure":
@@ -176,7 +185,7 @@ def parse(url: str) -> StorageURL:
     scheme = scheme.lower()
     if scheme in ("adl", "abfs", "abfss", "wasb", "wasbs"):
         raise StorageURLError(f"the {scheme}:// scheme is not supported; write Azure URLs as az://")
-    if scheme not in ("s3", "https", "az", "azure", "gs"):
+    if scheme not in ("s3", "https", "az", "azure", "gs", "dav", "davs"):
         raise StorageURLError(f"unsupported scheme {scheme!r}")
     # urlsplit would happily keep "user:secret@" in netloc: detect user info without echoing it.
     netloc_raw = url[len(scheme) + 3 :].split("/", 1)[0]
@@ -193,6 +202,9 @@ def parse(url: str) -> StorageURL:
     # only the AWS/Azure service suffixes are matched case-insensitively below.
     host = netloc_raw.rsplit(":", 1)[0] if port is not None else netloc_raw
     path = parts.path
+
+    if scheme in ("dav", "davs"):
+        return _webdav(scheme, host, netloc_raw, path)
 
     if scheme == "gs":
         bucket, rest = host, path
@@ -232,3 +244,18 @@ def parse(url: str) -> StorageURL:
     bucket, rest = _split_first(path)
     netloc = netloc_raw.lower()
     return StorageURL("s3", _check_s3_bucket(bucket), _clean_path(rest), endpoint=f"https://{netloc}")
+
+
+def _webdav(scheme: str, host: str, netloc: str, path: str) -> StorageURL:
+    from urllib.parse import unquote
+
+    if not host:
+        raise StorageURLError("the URL names no host")
+    try:
+        decoded = unquote(path, errors="strict")
+    except UnicodeDecodeError:
+        raise StorageURLError("the path is not UTF-8 once percent-decoded") from None
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):
+        raise StorageURLError("the path holds control characters once percent-decoded")
+    http = "https" if scheme == "davs" else "http"
+    return StorageURL("webdav", _clean_path(decoded), "", endpoint=f"{http}://{netloc.lower()}")

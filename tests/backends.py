@@ -16,6 +16,7 @@ from typing import Any
 
 class Backend:
     provider: str
+    file_tree = False  # True: a server of files and folders (WebDAV), where a name is one or the other
 
     def create_bucket(self) -> "Bucket":
         name = f"t-{uuid.uuid4().hex[:12]}"
@@ -139,6 +140,69 @@ class GCSBackend(Backend):
 
     def url(self, bucket, prefix=""):
         return f"gs://{bucket}/{prefix}".rstrip("/")
+
+
+class WebDAVBackend(Backend):
+    """A "bucket" is a new folder at the top of the server's tree, read and written over plain
+    HTTP (httpx): through the server, whose own caches (rclone's directory cache) stay true."""
+
+    provider = "webdav"
+    file_tree = True
+
+    def __init__(self, server):
+        import httpx
+
+        self.server = server
+        self.http = httpx.Client(base_url=server.endpoint, auth=(server.user, server.password), timeout=60)
+        self.options = {"user": server.user}
+        self.credentials = {"password": server.password}
+
+    def _path(self, bucket, key=""):
+        return "/" + urllib.parse.quote(f"{bucket}/{key}")
+
+    def _ok(self, resp, *codes):
+        if resp.status_code not in codes:
+            raise RuntimeError(f"{resp.request.method} {resp.request.url.path}: {resp.status_code}")
+        return resp
+
+    def _create(self, name):
+        self._ok(self.http.request("MKCOL", self._path(name)), 201)
+
+    def put(self, bucket, key, data):
+        parts = key.rstrip("/").split("/")
+        for n in range(1, len(parts) + (1 if key.endswith("/") else 0)):  # the folders above (and a "folder/" itself)
+            self._ok(self.http.request("MKCOL", self._path(bucket, "/".join(parts[:n]) + "/")), 201, 405)
+        if not key.endswith("/"):
+            self._ok(self.http.put(self._path(bucket, key), content=data), 200, 201, 204)
+
+    def get(self, bucket, key):
+        return self._ok(self.http.get(self._path(bucket, key)), 200).content
+
+    def delete(self, bucket, key):
+        self._ok(self.http.delete(self._path(bucket, key)), 200, 204)
+
+    def keys(self, bucket):
+        """Every file, and every folder as "name/" (as the object stores' markers)."""
+        from webdav4.multistatus import parse_multistatus_response
+
+        out, todo, base = [], [""], f"/{bucket}/"
+        while todo:
+            folder = todo.pop()
+            resp = self._ok(self.http.request("PROPFIND", self._path(bucket, folder), headers={"Depth": "1"}), 207)
+            for r in parse_multistatus_response(resp).responses.values():
+                rel = r.path[len(base):] if r.path.startswith(base) else ""
+                if not rel or rel.rstrip("/") == folder.rstrip("/"):
+                    continue
+                if r.properties.collection:
+                    out.append(rel.rstrip("/") + "/")
+                    todo.append(rel.rstrip("/") + "/")
+                else:
+                    out.append(rel)
+        return sorted(out)
+
+    def url(self, bucket, prefix=""):
+        host = self.server.endpoint.split("://", 1)[1]
+        return f"dav://{host}/{bucket}/{urllib.parse.quote(prefix)}".rstrip("/")
 
 
 @dataclass

@@ -5,8 +5,8 @@ import time
 import pytest
 
 from tests.devservers import WorkerProcess as Worker
-from tests.devservers import azurite_server, fuse_mounts, gcs_server, moto_server
-from tests.backends import AzureBackend, GCSBackend, S3Backend
+from tests.devservers import azurite_server, fuse_mounts, gcs_server, moto_server, webdav_server
+from tests.backends import AzureBackend, GCSBackend, S3Backend, WebDAVBackend
 
 needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
 
@@ -45,11 +45,29 @@ def gcs(tmp_path_factory):
         yield server
 
 
-@pytest.fixture(params=["s3", "azure", "gcs"])
+@pytest.fixture(scope="session")
+def dav_rclone(tmp_path_factory):
+    """`rclone serve webdav` on 127.0.0.1 (basic authentication)."""
+    with webdav_server("rclone", tmp_path_factory.mktemp("dav-rclone")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def dav_wsgidav(tmp_path_factory):
+    """WsgiDAV on 127.0.0.1 (basic authentication)."""
+    with webdav_server("wsgidav", tmp_path_factory.mktemp("dav-wsgidav")) as server:
+        yield server
+
+
+BACKENDS = {"s3": ("s3", S3Backend), "azure": ("azure", AzureBackend), "gcs": ("gcs", GCSBackend),
+            "webdav-rclone": ("dav_rclone", WebDAVBackend), "webdav-wsgidav": ("dav_wsgidav", WebDAVBackend)}
+
+
+@pytest.fixture(params=list(BACKENDS))
 def backend(request):
-    """The same suite against each provider; the servers start on first use."""
-    server = request.getfixturevalue({"s3": "s3", "azure": "azure", "gcs": "gcs"}[request.param])
-    return {"s3": S3Backend, "azure": AzureBackend, "gcs": GCSBackend}[request.param](server)
+    """The same suite against each provider (WebDAV: two servers); the servers start on first use."""
+    fixture, cls = BACKENDS[request.param]
+    return cls(request.getfixturevalue(fixture))
 
 
 @pytest.fixture

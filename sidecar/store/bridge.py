@@ -86,6 +86,38 @@ async def run_on_loop(
     return fut.result()
 
 
+async def run_in_thread(
+    fn: Callable[[], T], limiter: trio.CapacityLimiter, *, stall: float | None = None, progress: Progress | None = None
+) -> T:
+    """Runs the synchronous `fn()` of a blocking client in a worker thread (at most `limiter`'s
+    at once) and waits for it from trio; with `stall`, raises trio.TooSlowError once `progress`
+    has not moved for `stall` seconds. A cancelled or stalled call's thread is left to end by
+    its client's own timeouts and its result dropped: a thread cannot be interrupted."""
+    async with limiter:
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        box: list[Any] = []
+
+        def deliver(outcome: Any) -> None:
+            box.append(outcome)
+            try:
+                token.run_sync_soon(done.set)
+            except trio.RunFinishedError:
+                pass  # nobody waits any more
+
+        trio.lowlevel.start_thread_soon(fn, deliver)
+        if stall is None or progress is None:
+            await done.wait()
+        else:
+            while not done.is_set():
+                left = progress.last + stall - time.monotonic()
+                if left <= 0:
+                    raise trio.TooSlowError
+                with trio.move_on_after(left):
+                    await done.wait()
+        return box[0].unwrap()  # type: ignore[no-any-return]
+
+
 # Errors of a body that broke off mid-way (a reset connection): the read is tried again.
 def body_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError]

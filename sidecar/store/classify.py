@@ -15,15 +15,16 @@ from sidecar.errors import AccessDenied, BackendTimeout, BackendUnavailable, NoC
 
 NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
 CREDENTIALS_REFUSED = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "AuthenticationFailed",
-                       "InvalidAuthenticationInfo"}
+                       "InvalidAuthenticationInfo", "Unauthorized"}
 CHANGED = {"PreconditionFailed", "412", "ConditionNotMet"}
 NO_BUCKET = {"NoSuchBucket", "ContainerNotFound", "BucketNotFound"}
 NO_OBJECT = {"NoSuchKey", "404", "NotFound", "BlobNotFound"}
 DENIED = {"AccessDenied", "403", "AuthorizationFailure", "AuthorizationPermissionMismatch", "Forbidden", "AllAccessDisabled"}
 UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionRefusedError", "ServerDisconnectedError",
-               "ClientOSError", "gaierror", "ServiceRequestError"}
-TIMED_OUT = {"ReadTimeoutError", "TimeoutError", "ServerTimeoutError"}
-SDK_MODULES = ("botocore", "aiobotocore", "aiohttp", "azure", "google", "gcsfs", "adlfs")
+               "ClientOSError", "gaierror", "ServiceRequestError", "ConnectError", "ConnectTimeout"}
+TIMED_OUT = {"ReadTimeoutError", "TimeoutError", "ServerTimeoutError", "ReadTimeout", "WriteTimeout", "PoolTimeout"}
+SDK_MODULES = ("botocore", "aiobotocore", "aiohttp", "azure", "google", "gcsfs", "adlfs", "httpx", "httpcore", "webdav4")
+HTTP_STATUS = {401: "Unauthorized", 403: "403", 404: "404", 412: "412"}  # of an HTTP client's error (httpx, webdav4)
 
 
 class WriteDenied(Exception):
@@ -56,6 +57,9 @@ def error_code(e: BaseException) -> str:
     status = getattr(e, "code", None)
     if isinstance(status, int) and status in (403, 404, 412):  # gcsfs HttpError
         return str(status)
+    http = getattr(e, "status_code", None)
+    if isinstance(http, int) and type(e).__module__.startswith(("webdav4", "httpx")):
+        return HTTP_STATUS.get(http, str(http))
     resp = getattr(e, "response", None)
     if isinstance(resp, dict):
         err = resp.get("Error", {})

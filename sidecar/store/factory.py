@@ -6,13 +6,13 @@ from typing import Any
 
 from sidecar import urls
 from sidecar.errors import NotSupported
-from sidecar.store.fsspec_store import FsspecStore
+from sidecar.store.calls import CallingStore
 from sidecar.store.s3 import S3Store, make_s3_filesystem
 
 
 def build_store(
     storage_id: str, url: urls.StorageURL, options: dict[str, Any], credentials: dict[str, str], *, deadline: float = 30.0
-) -> FsspecStore:
+) -> CallingStore:
     if url.provider == "s3":
         fs = make_s3_filesystem(options, credentials, url.endpoint, url.region)
         return S3Store(fs, url.bucket, storage_id, deadline=deadline)
@@ -24,4 +24,8 @@ def build_store(
         from sidecar.store.gcs import GCSStore, make_gcs_filesystem
 
         return GCSStore(make_gcs_filesystem(url, options, credentials), url.bucket, storage_id, deadline=deadline)
+    if url.provider == "webdav":
+        from sidecar.store.webdav import make_webdav_store
+
+        return make_webdav_store(storage_id, url, options, credentials, deadline=deadline)
     raise NotSupported(f"provider {url.provider!r} is not supported")

@@ -1,27 +1,24 @@
 """The store over any async fsspec file system (Azure and GCS build on it; S3 has its own,
 sidecar.store.s3).
 
-Every call goes through `_run`: run on fsspec's loop (sidecar.store.bridge), bounded by the
-mount's deadline (a transfer: by its progress), counted, and every backend error turned into a
-domain error (sidecar.store.classify), so nothing above this module sees an SDK's exceptions.
+Every call goes through `_run` (sidecar.store.calls), submitted to fsspec's loop
+(sidecar.store.bridge).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
-import trio
-
-from sidecar.errors import BackendTimeout, BackendUnavailable, NotFound, ObjectChanged
+from sidecar.errors import BackendUnavailable, NotFound, ObjectChanged
 from sidecar.log import get_logger
 from sidecar.mtime import Mtime, rfc3339_text, seconds_text
-from sidecar.store.base import DirInfo, Gate, Listing, ObjectInfo, StoreStats, block_pieces
-from sidecar.store.bridge import FAIL_FAST_S, MIN_RATE, STALL_AFTER, Progress, ProgressCallback, run_on_loop
-from sidecar.store.classify import PROBE_BODY, WriteDenied, domain_error, probe_name, reason_of
-from sidecar.store.patches import calling_store, retry_attempts
+from sidecar.store.base import DirInfo, Gate, Listing, ObjectInfo, block_pieces
+from sidecar.store.calls import CallingStore
+from sidecar.store.bridge import MIN_RATE, Progress, ProgressCallback, run_on_loop
+from sidecar.store.classify import PROBE_BODY, WriteDenied, probe_name, reason_of
+from sidecar.store.patches import calling_store
 
 T = TypeVar("T")
 log = get_logger(__name__)
@@ -78,27 +75,15 @@ async def run_write_probe(loop: Any, probe: Callable[[], Awaitable[None]]) -> No
         raise
 
 
-class FsspecStore:
+class FsspecStore(CallingStore):
     """Generic store over an async fsspec file system; `root` is the bucket (or container)."""
 
     streams = False  # get_blocks reads its whole range at once
 
     def __init__(self, fs: Any, bucket: str, name: str, deadline: float = 30.0) -> None:
+        super().__init__(name, deadline)
         self.fs = fs
         self.bucket = bucket
-        self.name = name
-        self.deadline = deadline
-        self.stats = StoreStats()
-        self._inflight: set[Progress] = set()
-        self._timed_out: dict[str, float] = {}  # call -> when it last timed out
-        self._resent = 0  # requests the SDK's client sent again (S3: counted from each answer)
-        self.sdk_retried = 0  # retries the SDK's wrapper made (s3fs: counted from its log, sidecar.store.patches)
-
-    def stalled_calls(self, after: float = STALL_AFTER) -> int:
-        """Backend calls in flight that have not moved for `after` seconds (a stalling backend
-        shows here long before the calls time out). Those that ended are `stats.stalls`."""
-        now = time.monotonic()
-        return sum(1 for p in list(self._inflight) if now - p.last > after)
 
     async def warm_up(self) -> None:
         """Builds the SDK client ahead of the first request (botocore loads its models then:
@@ -117,55 +102,16 @@ class FsspecStore:
         path = path.split("://", 1)[-1]
         return path[len(self.bucket) + 1 :] if path.startswith(self.bucket + "/") else ""
 
-    async def _run(self, what: str, coro_fn: Callable[[], Awaitable[T]], *, progress: Progress | None = None) -> T:
-        """One backend call. Without `progress` it must finish within the mount's deadline; with
-        it (transfers, which tick it as they move) it fails only after making no progress for
-        that long, however large it is."""
-        deadline = self.deadline
-        failed_at = self._timed_out.get(what)
-        if failed_at is not None and time.monotonic() - failed_at < FAIL_FAST_S:
-            # The kernel retries a failed read-ahead at once with a synchronous read of the same
-            # pages: the same call again right after a timeout fails at once, not a second
-            # deadline later.
-            self.stats.errors += 1
-            raise BackendTimeout(f"{what}: timed out {time.monotonic() - failed_at:.1f} s ago")
+    async def _submit(self, call: Callable[[], Awaitable[T]], progress: Progress | None) -> T:
+        """On fsspec's loop (sidecar.store.bridge)."""
+
         async def counted() -> T:
             calling_store.set(self)  # in this call's own task: the SDK's retries in it are ours
-            return await coro_fn()
+            return await call()
 
-        started = trio.current_time()
-        watched = progress or Progress()
-        self._inflight.add(watched)
-        try:
-            if progress is None:
-                with trio.fail_after(deadline):
-                    return await run_on_loop(self.fs.loop, counted)
-            return await run_on_loop(self.fs.loop, counted, stall=deadline, progress=progress)
-        except trio.TooSlowError:
-            self.stats.errors += 1
-            self.stats.stalls += 1  # no progress for the deadline: a stall, however short the deadline
-            watched.longest_gap = -1.0  # counted here, not again below
-            self._timed_out[what] = time.monotonic()
-            if len(self._timed_out) > 1024:
-                self._timed_out.clear()
-            raise BackendTimeout(f"{what}: no answer within {deadline:g} s" if progress is None else f"{what}: no progress for {deadline:g} s") from None
-        except (trio.Cancelled, KeyboardInterrupt):
-            raise
-        except Exception as exc:
-            self._resent += retry_attempts(getattr(exc, "response", None))
-            err = domain_error(exc, what)
-            if not isinstance(err, (NotFound, ObjectChanged)):
-                self.stats.errors += 1
-            raise err from None
-        finally:
-            self._inflight.discard(watched)
-            if watched.longest_gap >= 0 and watched.stalled(STALL_AFTER):
-                self.stats.stalls += 1
-            took = trio.current_time() - started
-            self.stats.calls += 1
-            self.stats.latency_sum_s += took
-            self.stats.latency_max_s = max(self.stats.latency_max_s, took)
-            self.stats.sdk_retries = self.sdk_retried + self._resent
+        if progress is None:
+            return await run_on_loop(self.fs.loop, counted)
+        return await run_on_loop(self.fs.loop, counted, stall=self.deadline, progress=progress)
 
     def _object_info(self, d: dict[str, Any]) -> ObjectInfo:
         etag = d.get("ETag") or d.get("etag") or d.get("generation") or d.get("md5Hash") or ""
@@ -176,9 +122,6 @@ class FsspecStore:
         self.stats.list_requests += 1
         entries = await self._run(f"list {prefix or '/'}", lambda: self.fs._ls(self._path(prefix), detail=True, refresh=True))
         return self._to_listing(prefix, entries)
-
-    async def set_mtime(self, key: str, etag: str, mtime: float) -> ObjectInfo | None:
-        return None  # kept in the mount's own mtime index only
 
     async def probe(self, prefix: str, *, writable: bool, write_probe: bool, max_entries: int) -> Listing | None:
         """The pre-flight check's calls (sidecar.preflight), raw: what the backend raises is raised
@@ -242,11 +185,6 @@ class FsspecStore:
             return False
         return any(self._key(d["name"]).startswith(key + "/") for d in entries)
 
-    def _fetched(self, data: bytes) -> bytes:
-        self.stats.get_requests += 1
-        self.stats.bytes_fetched += len(data)
-        return data
-
     async def get_range(self, key: str, start: int, end: int, etag: str) -> bytes:
         return self._fetched(await self._run(f"read {key}", lambda: self.fs._cat_file(self._path(key), start=start, end=end)))
 
@@ -299,8 +237,3 @@ class FsspecStore:
 
     async def put_marker(self, key: str) -> None:
         await self._run(f"mkdir {key}", lambda: self.fs._pipe_file(self._path(key.rstrip("/")) + "/", b""))
-
-    async def close(self) -> None:
-        pass
-
-

@@ -54,12 +54,12 @@ path_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=30)
 @st.composite
 def manifest_like(draw):
     """Documents near the schema (so validation goes deep), with hostile values."""
-    url = draw(st.one_of(st.sampled_from(["s3://bucket-a/x", "az://acct/cont", "gs://bucket-b", "s3://h:9000/b", "ftp://x"]), st.text(max_size=60)))
-    storage = {"name": draw(st.text(max_size=10)), "provider": draw(st.sampled_from(["s3", "azure", "gcs", "x"])), "url": url}
+    url = draw(st.one_of(st.sampled_from(["s3://bucket-a/x", "az://acct/cont", "gs://bucket-b", "s3://h:9000/b", "ftp://x", "davs://h/remote.php/webdav"]), st.text(max_size=60)))
+    storage = {"name": draw(st.text(max_size=10)), "provider": draw(st.sampled_from(["s3", "azure", "gcs", "webdav", "x"])), "url": url}
     if draw(st.booleans()):
         storage["options"] = {"endpoint_url": draw(st.sampled_from([f"http://h/?X-Amz-Signature={SECRET}", f"http://u:{SECRET}@h", "http://127.0.0.1:9"]))}
     if draw(st.booleans()):  # option values of every shape, a secret among them
-        option = draw(st.sampled_from(["region", "account_name", "project", "endpoint_url"]))
+        option = draw(st.sampled_from(["region", "account_name", "project", "endpoint_url", "user", "vendor"]))
         storage.setdefault("options", {})[option] = draw(st.one_of(st.sampled_from([f"https://u:{SECRET}@h/", f"us-east-1\n{SECRET}", SECRET.lower()]),
                                                                      st.text(max_size=40)))
     if draw(st.booleans()):
@@ -75,7 +75,8 @@ def manifest_like(draw):
 
 RCLONE_TYPES = st.sampled_from(["s3", "azureblob", "google cloud storage", "webdav", "drive", "", None])
 RCLONE_OPTIONS = st.sampled_from(["provider", "region", "endpoint", "account", "use_emulator", "anonymous", "env_auth", "force_path_style",
-                                  "service_account_file", "chunk_size", "secret_access_key", "key", "pass", "sas_url", "type"])
+                                  "service_account_file", "chunk_size", "secret_access_key", "key", "pass", "sas_url", "type",
+                                  "url", "vendor", "user", "bearer_token", "bearer_token_command"])
 
 
 @st.composite
@@ -85,7 +86,8 @@ def rclone_manifest_like(draw):
     config = {"type": draw(RCLONE_TYPES)}
     for _ in range(draw(st.integers(0, 4))):
         config[draw(RCLONE_OPTIONS)] = draw(st.one_of(st.sampled_from(["true", "false", "AWS", "Minio", f"https://u:{SECRET}@h/", SECRET,
-                                                                        "http://127.0.0.1:9", "acct1"]), json_value))
+                                                                        "http://127.0.0.1:9", "acct1", "nextcloud", "sharepoint",
+                                                                        f"https://h/dav/{SECRET}%0A"]), json_value))
     source = draw(st.one_of(st.sampled_from(["bucket-a/x", "/", "", "cont/../x", "b\x00"]), path_text, json_value))
     if draw(st.booleans()):
         storage = {"name": draw(st.text(max_size=10)), "rclone": config, "source_path": source}
@@ -132,8 +134,11 @@ def test_manifest_bytes(raw):
 
 
 @fuzz
-@given(st.one_of(st.text(max_size=120), st.builds(lambda s, r: s + r, st.sampled_from(["s3://", "gs://", "az://", "abfss://", "https://"]), st.text(max_size=80))))
+@given(st.one_of(st.text(max_size=120), st.builds(lambda s, r: s + r, st.sampled_from(["s3://", "gs://", "az://", "abfss://", "https://", "dav://", "davs://"]), st.text(max_size=80))))
 @example("s3://user:" + SECRET + "@bucket/x")
+@example("davs://user:" + SECRET + "@host/remote.php/webdav")
+@example("dav://h/%ff%fe")
+@example("davs://h/a%0A" + SECRET)
 @example("s3://bucket/x?X-Amz-Signature=" + SECRET)
 def test_storage_urls(text):
     INPUTS["url"] += 1

@@ -116,3 +116,95 @@ def test_rclone_remotes_of_azure_and_gcs_mount_with_credentials_named_as_rclone_
     assert d.states() == {"blob": "mounted", "gcs": "mounted"}
     assert (tmp_path / "project/blob/a.txt").read_bytes() == b"azure"
     assert (tmp_path / "project/gcs/b.txt").read_bytes() == b"gcs"
+
+
+def _obscure(secret):
+    exe = shutil.which("rclone")
+    if exe is None:
+        pytest.skip("rclone is not installed (scripts/bootstrap.sh installs it)")
+    return subprocess.run([exe, "obscure", secret], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_webdav_as_a_data_connector_an_rclone_remote_and_a_url_on_rclones_server(dav_rclone, tmp_path, daemons):
+    """One WebDAV folder (`rclone serve webdav`), three spellings: a URL with the password under
+    our name, an rclone remote and a data connector (writable) with `pass` in rclone's obscured
+    form under rclone's name. All mount and read the same files; a file written through the
+    connector is on the server; neither form of the password is in the status, the metrics or
+    the daemon's log."""
+    from tests.backends import WebDAVBackend
+
+    dav = WebDAVBackend(dav_rclone)
+    folder = dav.create_bucket()
+    folder.put("data/hello.txt", b"hello")
+    folder.put("data/sub/x.bin", b"x" * 1000)
+    obscured = _obscure(dav_rclone.password)
+    creds = tmp_path / "creds"
+    for name, field, value in (("as-url", "password", dav_rclone.password), ("as-remote", "pass", obscured),
+                               ("as-connector", "pass", obscured)):
+        (creds / name).mkdir(parents=True)
+        (creds / name / field).write_text(value)
+        (creds / name / field).chmod(0o600)
+    rclone = {"type": "webdav", "url": dav_rclone.endpoint, "vendor": "rclone", "user": dav_rclone.user}
+    manifest = {
+        "root": str(tmp_path / "project"),
+        "storages": [
+            {"id": "as-url", "name": "as-url", "provider": "webdav", "url": dav.url(folder.name, "data"), "options": {"user": dav_rclone.user}},
+            {"id": "as-remote", "name": "as-remote", "rclone": rclone, "source_path": f"{folder.name}/data"},
+            {"storage_id": "01HXYZDATACONNECTORDAV0001", "project_id": "01HXYZPROJECT000000000001", "name": "as-connector",
+             "storage_type": "webdav", "configuration": rclone, "source_path": f"{folder.name}/data", "target_path": "connected",
+             "readonly": False},
+        ],
+        "mounts": [{"storage": "as-url", "mountpath": "url"}, {"storage": "as-remote", "mountpath": "remote"}],
+    }
+    d = daemons(tmp_path, manifest, creds=creds)
+    d.wait_ready()
+    assert d.states() == {"as-url": "mounted", "as-remote": "mounted", "as-connector": "mounted"}
+    root = tmp_path / "project"
+    for where in ("url", "remote", "connected"):
+        assert sorted(os.listdir(root / where)) == ["hello.txt", "sub"]
+        assert (root / where / "hello.txt").read_bytes() == b"hello"
+        assert (root / where / "sub" / "x.bin").read_bytes() == b"x" * 1000
+    (root / "connected" / "result.txt").write_text("42\n")
+    assert folder.get("data/result.txt") == b"42\n"
+    with pytest.raises(OSError):
+        (root / "remote" / "nope.txt").write_text("read-only")
+    status = d.get("/status")[1]
+    mounts = {m["name"]: m for m in status["mounts"]}
+    assert mounts["as-remote"]["url"] == mounts["as-url"]["url"] == dav.url(folder.name, "data")
+    assert (mounts["as-connector"]["rclone_type"], mounts["as-url"]["rclone_type"]) == ("webdav", None)
+    seen = json.dumps(status) + str(d.get("/metrics")[1]) + d.log() + json.dumps(manifest)
+    for secret in (dav_rclone.password, obscured):
+        assert secret not in seen
+
+
+def test_a_wrong_or_missing_webdav_password_is_reported_as_such(dav_wsgidav, tmp_path, daemons):
+    """On WsgiDAV: a refused password is `credentials_invalid`, none where the server asks for
+    one `credentials_missing`, a served folder that is not there `bucket_not_found`."""
+    from tests.backends import WebDAVBackend
+
+    dav = WebDAVBackend(dav_wsgidav)
+    folder = dav.create_bucket()
+    creds = tmp_path / "creds"
+    for name, password in (("wrong", "not-the-password"), ("nofolder", dav_wsgidav.password)):
+        (creds / name).mkdir(parents=True)
+        (creds / name / "password").write_text(password)
+        (creds / name / "password").chmod(0o600)
+    manifest = {
+        "root": str(tmp_path / "project"),
+        "storages": [
+            {"id": "wrong", "name": "wrong", "provider": "webdav", "url": dav.url(folder.name), "options": {"user": dav_wsgidav.user}},
+            {"id": "none", "name": "none", "provider": "webdav", "url": dav.url(folder.name)},
+            {"name": "nofolder", "provider": "webdav", "url": dav.url("no-such-folder"), "options": {"user": dav_wsgidav.user}},
+        ],
+        "mounts": [{"storage": "wrong", "mountpath": "w"}, {"storage": "none", "mountpath": "n"}, {"storage": "nofolder", "mountpath": "m"}],
+    }
+    d = daemons(tmp_path, manifest, creds=creds)
+    wait = lambda: all(s in ("needs_credentials", "failed", "mounted") for s in d.states().values())  # noqa: E731
+    from tests.conftest import wait_for
+
+    wait_for(wait, timeout=60, what="every check done")
+    reasons = {m["name"]: (m["state"], (m.get("error") or {}).get("code")) for m in d.get("/status")[1]["mounts"]}
+    assert reasons["wrong"] == ("needs_credentials", "credentials_invalid")
+    assert reasons["none"] == ("needs_credentials", "credentials_missing")  # the server asked for credentials; none were given
+    assert reasons["nofolder"] == ("failed", "bucket_not_found")
+    assert "not-the-password" not in d.log()

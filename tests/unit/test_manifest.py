@@ -98,7 +98,7 @@ def test_one_storage_several_mounts_get_distinct_names():
 @pytest.mark.parametrize(
     "change, loc, words",
     [
-        ({"storages__0__provider": "ftp"}, "storages[0].provider", "'s3', 'azure' or 'gcs'"),
+        ({"storages__0__provider": "ftp"}, "storages[0].provider", "'s3', 'azure', 'gcs' or 'webdav'"),
         ({"storages__0__url": "adl://x/y"}, "storages[0].url", "adl:// scheme is not supported"),
         ({"storages__0__url": "gs://bucket/x"}, "storages[0]", "gcs URL but provider is 's3'"),
         ({"storages__0__options": {"profile": "dev"}}, "storages[0].options.profile", "allowed: anonymous, endpoint_url"),

@@ -39,6 +39,9 @@ def test_a_config_file_is_read_section_by_section_as_written():
      ("azure", "az://acct1.blob.core.windows.net/cont/x", {"endpoint_url": "http://127.0.0.1:10000/acct1", "account_name": "acct1"})),
     ({"type": "google cloud storage", "anonymous": "true", "project_number": "12345", "bucket_policy_only": "true"}, "bkt",
      ("gcs", "gs://bkt", {"anonymous": True})),
+    ({"type": "webdav", "url": "https://polybox.ethz.ch/remote.php/webdav/", "vendor": "nextcloud", "user": "me@ethz.ch"}, "My Data/raw",
+     ("webdav", "davs://polybox.ethz.ch/remote.php/webdav/My%20Data/raw", {"vendor": "nextcloud", "user": "me@ethz.ch"})),
+    ({"type": "webdav", "url": "http://127.0.0.1:8080", "vendor": "rclone"}, "", ("webdav", "dav://127.0.0.1:8080", {"vendor": "rclone"})),
 ])
 def test_options_become_the_manifests_own(config, source, expected):
     got = storage_from_rclone(config, source)
@@ -55,8 +58,14 @@ def test_options_become_the_manifests_own(config, source, expected):
     ({"type": "azureblob"}, "c", "configuration.account", "missing"),
     ({"type": "azureblob", "account": "a1b", "env_auth": "true"}, "c", "configuration.env_auth", "Azure AD"),
     ({"type": "google cloud storage", "service_account_file": "/home/me/key.json"}, "b", "configuration.service_account_file", "a file on"),
-    ({"type": "sftp", "host": "h"}, "b", "configuration.type", "'sftp' is not supported; supported: azureblob, google cloud storage, s3"),
-    ({"type": "webdav", "url": "https://h"}, "b", "configuration.type", "not supported yet"),
+    ({"type": "sftp", "host": "h"}, "b", "configuration.type", "'sftp' is not supported; supported: azureblob, google cloud storage, s3, webdav"),
+    ({"type": "webdav", "url": "https://h", "pass": "S3CRET"}, "", "configuration.pass", "is a secret"),
+    ({"type": "webdav", "url": "https://h", "vendor": "sharepoint"}, "", "configuration.vendor", "cookies from a Microsoft login"),
+    ({"type": "webdav", "url": "https://h", "bearer_token_command": "S3CRET-cmd"}, "", "configuration.bearer_token_command", "a command to run"),
+    ({"type": "webdav", "url": "https://h", "nextcloud_chunk_size": "10M"}, "", "configuration.nextcloud_chunk_size",
+     "rclone option of type webdav not supported: 'nextcloud_chunk_size'"),
+    ({"type": "webdav", "vendor": "other"}, "", "configuration.url", "missing"),
+    ({"type": "webdav", "url": "https://h/base"}, "a/../b", "source_path", "'..'"),
     ({"provider": "AWS"}, "b", "configuration.type", "missing"),
     ({"type": "s3"}, "", "source_path", "must name the bucket"),
 ])
@@ -72,6 +81,19 @@ def test_secret_options_are_named_as_rclone_names_them():
     assert credential_field("google cloud storage", "service_account_credentials") == "service_account.json"
     assert credential_field("s3", "secret_access_key") == "secret_access_key"
     assert credential_field("s3", "region") is None
+    assert credential_field("webdav", "pass") == "password" and credential_field("webdav", "bearer_token") == "bearer_token"
+
+
+def test_a_webdav_pass_is_revealed_and_a_plain_one_refused_with_the_way_out():
+    from sidecar.rclone import credential_from_option
+
+    exe = shutil.which("rclone")
+    if exe is None:
+        pytest.skip("rclone is not installed (scripts/bootstrap.sh installs it)")
+    obscured = subprocess.run([exe, "obscure", "dav pässword"], capture_output=True, text=True, check=True).stdout.strip()
+    assert credential_from_option("webdav", "pass", obscured) == ("password", "dav pässword")
+    with pytest.raises(ValueError, match="give a plain password as `password`"):
+        credential_from_option("webdav", "pass", "plain")
 
 
 def test_a_manifest_of_data_connectors_alone_needs_no_mounts_list():
