@@ -34,6 +34,7 @@ bench:
 	@bash scripts/bootstrap.sh --bench
 	$(PY) -m benchmarks $(BENCH_ARGS)
 	$(PY) -m benchmarks.link $(LINK_ARGS)
+	$(PY) -m benchmarks.webdav $(WEBDAV_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .demo

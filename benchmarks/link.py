@@ -87,6 +87,18 @@ def wait_mounted(path: str, proc: subprocess.Popen, timeout: float = 30) -> None
         time.sleep(0.05)
 
 
+def clean_up(work: Path, name: str) -> None:
+    """Unmounts what a run left under `work`, keeps its logs in the temp folder (for a look
+    after the run) and removes `work`."""
+    for m in fuse_mounts():
+        if m.startswith(str(work)):
+            subprocess.run(["fusermount3", "-u", "-z", m], check=False)
+    for log in ("worker.log", "rclone-mount.log"):
+        if (work / log).exists():
+            shutil.copy(work / log, Path(tempfile.gettempdir()) / f"{name}-{log}")
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def copy_finished(w: WorkerProcess) -> dict:
     """The copy-mode worker's copy progress once it has ended."""
     while (c := w.stats()["copy"])["state"] not in ("copied", "copied_with_errors", "failed"):
@@ -503,13 +515,7 @@ def main() -> int:
             print(json.dumps(bench.results.get(name) or bench.results.get({"random": "random_4k"}.get(name, name)), indent=1), flush=True)
     finally:
         bench.stop()
-        for m in fuse_mounts():
-            if m.startswith(str(work)):
-                subprocess.run(["fusermount3", "-u", "-z", m], check=False)
-        for log in ("worker.log", "rclone-mount.log"):
-            if (work / log).exists():
-                shutil.copy(work / log, Path(tempfile.gettempdir()) / f"link-{log}")  # for a look after the run
-        shutil.rmtree(work, ignore_errors=True)
+        clean_up(work, "link")
     bench.results["conditions"]["load_after"] = os.getloadavg()  # type: ignore[index]
     save_results(bench.results, "link")
     return 0

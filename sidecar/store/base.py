@@ -187,6 +187,15 @@ class ObjectStore(Protocol):
     async def copy(self, src: str, dst: str, size: int | None = None) -> ObjectInfo:
         """A server-side copy of `src` (of `size` bytes, when known) to `dst`."""
 
+    async def rename(self, src: str, dst: str, size: int | None = None) -> ObjectInfo:
+        """Moves the object `src` to `dst` (replacing it): a copy, then the delete of `src`; or
+        one request where the server moves (WebDAV's MOVE). Returns the object at `dst`."""
+
+    moves_folders: bool  # True: `rename_folder` moves a whole folder in one request
+
+    async def rename_folder(self, src: str, dst: str) -> None:
+        """Moves the folder `src` with all it holds to `dst` (stores that `moves_folders`)."""
+
     async def put_marker(self, key: str) -> None:
         """Creates the empty "folder/" marker object of a directory."""
 

@@ -50,6 +50,19 @@ class CallingStore:
     async def set_mtime(self, key: str, etag: str, mtime: float) -> ObjectInfo | None:
         return None  # kept in the mount's own mtime index only
 
+    moves_folders = False  # an object store: a folder is moved object by object (sidecar.vfs.mutations)
+
+    async def rename(self, src: str, dst: str, size: int | None = None) -> ObjectInfo:
+        """A copy, then the delete of `src`: the new name is complete before the old one goes."""
+        info: ObjectInfo = await self.copy(src, dst, size)  # type: ignore[attr-defined]
+        await self.delete(src)  # type: ignore[attr-defined]
+        return info
+
+    async def rename_folder(self, src: str, dst: str) -> None:
+        from sidecar.errors import NotSupported
+
+        raise NotSupported(f"rename of folder {src}: object by object")
+
     async def _submit(self, call: Callable[[], Any], progress: Progress | None) -> Any:
         """Runs one call of the store's client; with `progress`, raises trio.TooSlowError once it
         has not moved for the deadline."""

@@ -19,6 +19,7 @@ class MemoryStore:
         self.fail = False  # when set, every call raises BackendUnavailable
         self.delay = 0.0  # seconds each call sleeps (to test deadlines and single flight)
         self.streams = True  # get_blocks honours a gate (as S3's streamed body does)
+        self.moves_folders = False
 
     def put(self, key: str, data: bytes, mtime: float | None = None) -> ObjectInfo:
         etag = hashlib.md5(data + key.encode()).hexdigest()
@@ -130,6 +131,11 @@ class MemoryStore:
             raise NotFound(src)
         return self.put(dst, self.objects[src][0])
 
+
+    async def rename(self, src: str, dst: str, size: int | None = None) -> ObjectInfo:
+        info = await self.copy(src, dst, size)
+        await self.delete(src)
+        return info
     async def put_marker(self, key: str) -> None:
         await self._call()
         self.put(key.rstrip("/") + "/", b"")

@@ -344,6 +344,25 @@ class WebDAVStore(CallingStore):
             raise BackendUnavailable(f"copy {src}: the copy is not there")
         return info
 
+    moves_folders = True
+
+    async def _move(self, src: str, dst: str, folder: bool) -> None:
+        headers = {"Destination": self._url(dst, folder), "Overwrite": "T"}
+        self.stats.put_requests += 1
+        await self._run(f"move {src}", lambda: self._ok(self._with_parents(dst, lambda: self.http.request("MOVE", self._url(src, folder), headers=headers))))
+
+    async def rename(self, src: str, dst: str, size: int | None = None) -> ObjectInfo:
+        """One MOVE (replacing `dst`): the server renames, nothing is copied."""
+        await self._move(src, dst, folder=False)
+        info = await self.stat(dst)
+        if not isinstance(info, ObjectInfo):
+            raise BackendUnavailable(f"move {src}: the file is not there under its new name")
+        return info
+
+    async def rename_folder(self, src: str, dst: str) -> None:
+        """One MOVE of the collection with all it holds."""
+        await self._move(src, dst, folder=True)
+
     async def put_marker(self, key: str) -> None:
         """A folder: MKCOL (one that exists already is fine)."""
         name = key.rstrip("/")

@@ -271,24 +271,27 @@ class Mutations(Namespace):
             if had_remote:
                 await self.store.delete(old_key)
             return
-        info = await self.store.copy(src.key, dst_key, src.size)
         set_mtime = self.mtimes.get(src.key, src.etag)
+        info = await self.store.rename(src.key, dst_key, src.size)
         if set_mtime is not None:  # the copy keeps the metadata; the index follows the name
             self.mtimes.set(dst_key, info.etag, set_mtime)
-        await self.store.delete(src.key)
         if staged is not None:
             self.staging.rekey(staged, dst_key, base_etag=info.etag, base_size=info.size, changed=[])
         self.inodes.move(src, dst_key)
         src.etag, src.size, src.checked_at = info.etag, info.size, trio.current_time()
 
     async def _rename_dir(self, src: Node, dst_key: str) -> None:
-        """Object by object, up to DIR_RENAME_LIMIT objects (else EXDEV, and `mv` copies the tree
-        itself). Every object is copied before any is deleted, so a failure part way leaves the
+        """In one request where the store moves folders (WebDAV); else object by object, up to
+        DIR_RENAME_LIMIT objects (else EXDEV, and `mv` copies the tree itself). Every object is copied before any is deleted, so a failure part way leaves the
         tree complete under the old name (plus a partial copy under the new one), never lost."""
         assert self.staging is not None
         prefix = src.key
         if any(k.startswith(prefix + "/") and f.dirty for k, f in self.staging.by_key.items()):
             raise CrossDevice(f"{prefix}: files in it are being written")
+        if self.store.moves_folders:  # one request, however much the folder holds
+            await self.store.rename_folder(prefix, dst_key)
+            self._moved_tree(prefix, dst_key, src)
+            return
         files, dirs = await self._walk(prefix, DIR_RENAME_LIMIT)
         if len(files) + len(dirs) > DIR_RENAME_LIMIT:
             raise CrossDevice(f"{prefix}: more than {DIR_RENAME_LIMIT} objects")
@@ -303,6 +306,9 @@ class Mutations(Namespace):
                 await self.store.delete(d + "/")
             except NotFound:
                 pass  # an implicit folder (a prefix without a marker)
+        self._moved_tree(prefix, dst_key, src)
+
+    def _moved_tree(self, prefix: str, dst_key: str, src: Node) -> None:
         for node in self.inodes.under(prefix):  # inodes below move with the directory, as in POSIX
             self.inodes.move(node, dst_key + node.key[len(prefix) :])
         self.listings.forget_tree(prefix)
