@@ -309,17 +309,21 @@ class S3Store(_S3Writes, FsspecStore):
         key_prefix = f"{prefix}/" if prefix else ""
         complete = True
 
+        progress = Progress()
+
         async def collect() -> list[dict[str, Any]]:
             nonlocal complete
             out = []
             async for d in self.fs._iterdir(self.bucket, prefix=key_prefix):
                 out.append(d)
+                if not len(out) % 1000:
+                    progress.tick()  # a page: a long listing fails only when a page does not come
                 if max_entries is not None and len(out) > max_entries:
                     complete = False
                     break
             return out
 
-        entries = await self._run(f"list {prefix or '/'}", collect)
+        entries = await self._run(f"list {prefix or '/'}", collect, progress=progress)
         self.stats.list_requests += max(1, -(-len(entries) // 1000))  # pages of 1,000
         listing = self._to_listing(key_prefix, entries)
         listing.complete = complete

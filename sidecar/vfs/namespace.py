@@ -25,7 +25,9 @@ from sidecar.vfs.staging import StagedFile, StagingArea
 
 
 DIR_TTL_MIN = 30.0  # s a known folder is trusted, whatever the metadata TTL
-LOOKUP_LIST_MAX = 1000  # a lookup in an unlisted folder lists it if it fits in one page
+# entries: a lookup in an unlisted folder lists all of it (every page, once, kept for the TTL) up
+# to this many; a bigger folder's names are looked up one by one (HEAD). About 30 MB of listing.
+FOLDER_LIST_MAX = 100_000
 # s the kernel may keep a "does not exist" answer (a negative dentry): `cp` and `git` ask twice
 # for each new name (stat, then open with O_CREAT); the second answer comes from the kernel.
 NEGATIVE_TTL = 1.0
@@ -147,10 +149,10 @@ class Namespace:
             return exc.code
         return None
 
-    async def _list(self, node: Node, *, one_page: bool = False) -> dict[str, Entry] | None:
+    async def _list(self, node: Node, *, bounded: bool = False) -> dict[str, Entry] | None:
         """The folder's entries, from the cache while fresh, else one LIST shared by everyone
-        who asks meanwhile (single flight). With `one_page`, returns None (and remembers the
-        folder as big) when it does not fit in LOOKUP_LIST_MAX entries."""
+        who asks meanwhile (single flight). With `bounded`, returns None (and remembers the
+        folder as big) when it holds more than FOLDER_LIST_MAX entries."""
         while True:
             cached = self.listings.fresh(node.key, trio.current_time())
             if cached is not None:
@@ -159,11 +161,11 @@ class Namespace:
             if flight is None:
                 break
             await flight.wait()  # someone is listing it: share their answer
-            if one_page and self._big.get(node.key, float("-inf")) > trio.current_time():
+            if bounded and self._big.get(node.key, float("-inf")) > trio.current_time():
                 return None
         flight = self._listing_flights[node.key] = trio.Event()
         try:
-            listing = await self.store.list_dir(node.key, max_entries=LOOKUP_LIST_MAX if one_page else None)
+            listing = await self.store.list_dir(node.key, max_entries=FOLDER_LIST_MAX if bounded else None)
             if not listing.complete:
                 self._big[node.key] = trio.current_time() + self.dir_ttl
                 return None
@@ -245,10 +247,11 @@ class Namespace:
                 known.lookups += 1
                 return self.attr(known)
             if self._big.get(parent.key, float("-inf")) <= now:
-                # One LIST answers this lookup and every other in the folder while it is fresh
-                # (rsync, zarr, `cat *`): no HEAD per name. A folder too big for one page is
-                # remembered, and its names are looked up one by one.
-                cached = await self._list(parent, one_page=True)
+                # One listing (every page of it) answers this lookup and every other in the
+                # folder while it is fresh (rsync, zarr, an epoch over an image folder): no HEAD
+                # per name. A folder over FOLDER_LIST_MAX is remembered as big, and its names are
+                # looked up one by one.
+                cached = await self._list(parent, bounded=True)
         if cached is not None:
             entry = cached.get(name)
         elif self.listings.absent(key, now):

@@ -339,10 +339,53 @@ def test_lookups_are_answered_from_one_listing_single_flight():
             with pytest.raises(NotFound):
                 await fs.lookup(d, "absent")  # answered by the listing too
             assert (store.stats.list_requests, store.stats.head_requests) == (1, 0)
-            # a folder too big for one page: one partial LIST, then a HEAD per name
+            # a folder of more than one page (1,200 names): listed whole, once; no HEAD
+            for i in range(0, 1200, 7):
+                await fs.lookup(big, f"f{i:04d}")
+            assert (store.stats.list_requests, store.stats.head_requests) == (2, 0)
+
+    run(main)
+
+
+def test_lookups_in_a_5000_entry_folder_cost_lists_only_cold_and_after_the_ttl():
+    """Every name of a 5,000-entry folder looked up (a Dataset's stat of each file), cold, then
+    again once the listing has expired: one listing each time, never a HEAD (before: a folder of
+    more than one page was looked up by HEAD, one per name, on every pass)."""
+    store = MemoryStore()
+    for i in range(5000):
+        store.put(f"images/img{i:05d}.jpg", b"z")
+
+    async def main():
+        async with mounted(store, ttl=0.5) as fs:
+            images = await path_ino(fs, "images")
+            store.stats.list_requests = store.stats.head_requests = 0
+            for _ in range(2):
+                for i in range(5000):
+                    await fs.lookup(images, f"img{i:05d}.jpg")
+                await trio.sleep(0.6)  # the listing and the entries expire
+            return store.stats.list_requests, store.stats.head_requests
+
+    lists, heads = run(main)
+    assert heads == 0 and 2 <= lists <= 4, (lists, heads)
+
+
+def test_a_folder_over_the_listing_bound_is_looked_up_name_by_name(monkeypatch):
+    """Past FOLDER_LIST_MAX entries a folder is not kept: one bounded LIST, then a HEAD per name
+    (and the folder is remembered as big: no LIST again while that holds)."""
+    from sidecar.vfs import namespace
+
+    monkeypatch.setattr(namespace, "FOLDER_LIST_MAX", 1000)
+    store = MemoryStore()
+    for i in range(1200):
+        store.put(f"big/f{i:04d}", b"y")
+
+    async def main():
+        async with mounted(store, ttl=60) as fs:
+            big = await path_ino(fs, "big")
+            store.stats.list_requests = store.stats.head_requests = 0
             for i in range(5):
                 await fs.lookup(big, f"f{i:04d}")
-            assert (store.stats.list_requests, store.stats.head_requests) == (2, 5)
+            assert (store.stats.list_requests, store.stats.head_requests) == (1, 5)
 
     run(main)
 
