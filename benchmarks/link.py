@@ -162,14 +162,15 @@ class LinkBench:
         base.update(cfg)
         return WorkerProcess(base)
 
-    def rclone_mount(self) -> tuple[subprocess.Popen, str]:
+    def rclone_mount(self, mode: str = "off") -> tuple[subprocess.Popen, str]:
         self._n += 1
         mnt = str(self.work / f"rclone{self._n}")
         os.makedirs(mnt)
         env = dict(os.environ, RCLONE_CONFIG_L_TYPE="s3", RCLONE_CONFIG_L_PROVIDER="Other", RCLONE_CONFIG_L_ENDPOINT=self.proxy.endpoint,
                    RCLONE_CONFIG_L_ACCESS_KEY_ID=KEY, RCLONE_CONFIG_L_SECRET_ACCESS_KEY=SECRET, RCLONE_CONFIG_L_REGION="us-east-1")
         env.pop("AWS_CA_BUNDLE", None)
-        proc = subprocess.Popen([rclone_binary(), "mount", f"l:{BUCKET}", mnt, "--config", "/dev/null", "--vfs-cache-mode", "off",
+        proc = subprocess.Popen([rclone_binary(), "mount", f"l:{BUCKET}", mnt, "--config", "/dev/null", "--vfs-cache-mode", mode,
+                                 "--cache-dir", str(self.work / f"rclone-cache{self._n}"),
                                  "--log-file", str(self.work / "rclone-mount.log")], env=env)
         wait_mounted(mnt, proc)
         return proc, mnt
@@ -211,6 +212,8 @@ class LinkBench:
             self.make_parquet()
         elif workload == "hdf5":
             self.make_hdf5()
+        elif workload == "sqlite":
+            self.make_sqlite()
         elif workload == "readers16":
             for i in range(16):
                 self.put(f"r{i}.bin", 64 * MiB)
@@ -392,6 +395,52 @@ class LinkBench:
                 out[who].update(client_bytes=read_by_client, client_bytes_ratio=read_by_client / need)
         self.results["hdf5"] = out
 
+    def make_sqlite(self) -> Path:
+        path = self.served / BUCKET / "data.db"
+        if not path.exists():
+            self._dirty = True
+            _sqlite_table(path)
+        return path
+
+    def sqlite(self) -> None:
+        """150 indexed point queries and one range count on a ~45 MB sqlite database (in its own
+        process), cold (a new mount, empty cache) and again (warm: a new mount over the kept
+        cache for the sidecar; the same mount for rclone full): seconds, GETs and link bytes,
+        against `rclone mount` full and off."""
+        path = self.make_sqlite()
+
+        def query(mounted: str) -> tuple[str, float]:
+            out = subprocess.run([sys.executable, "-c", SQLITE_QUERIES, f"{mounted}/data.db"], capture_output=True, text=True, check=True,
+                                 timeout=900).stdout.split()
+            return " ".join(out[:2]), float(out[2])
+
+        expected, _ = query(str(path.parent))
+        out: dict[str, dict] = {}
+
+        def measured(who: str, mounted: str) -> None:
+            self.proxy.reset_counts()
+            answer, secs = query(mounted)
+            assert answer == expected, (answer, expected)
+            out[who] = {"seconds": secs, "gets": self.proxy.counts["GET"], "link_bytes": self.proxy.bytes_down,
+                        "link_bytes_ratio": self.proxy.bytes_down / path.stat().st_size}
+
+        cache = Path(tempfile.mkdtemp(dir=self.work))
+        w = self.worker(cache)
+        measured("sidecar_cold", w.mnt)
+        w.stop()
+        w = self.worker(cache)
+        measured("sidecar_warm", w.mnt)
+        w.stop()
+        for mode in ("full", "off"):
+            proc, mnt = self.rclone_mount(mode)
+            measured(f"rclone_{mode}_cold", mnt)
+            measured(f"rclone_{mode}_again", mnt)
+            self.rclone_unmount(proc, mnt)
+        out["db_bytes"] = path.stat().st_size  # type: ignore[assignment]
+        out["ratios"] = {"cold seconds / rclone full": out["sidecar_cold"]["seconds"] / out["rclone_full_cold"]["seconds"],
+                         "warm seconds / rclone full again": out["sidecar_warm"]["seconds"] / out["rclone_full_again"]["seconds"]}
+        self.results["sqlite"] = out
+
     def copy(self) -> None:
         """Copy mode vs a direct parallel download of the same objects (16 at a time)."""
         import s3fs
@@ -477,6 +526,32 @@ class LinkBench:
                                      "memory_limit_MiB": 256, "bound_MiB": 256 + idle / 1024 + 16}
 
 
+SQLITE_ROWS = 40_000
+SQLITE_QUERIES = """
+import random, sqlite3, sys, time
+con = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro&immutable=1", uri=True)
+rng = random.Random(5)
+started = time.monotonic()
+total = 0
+for _ in range(150):
+    (n,) = con.execute("SELECT length(payload) + id FROM t WHERE id = ?", (rng.randrange(1, %d),)).fetchone()
+    total += n
+(c,) = con.execute("SELECT count(*) FROM t WHERE id BETWEEN 1000 AND 31000 AND length(payload) > 700").fetchone()
+print(total, c, time.monotonic() - started)
+""" % (SQLITE_ROWS + 1)
+
+
+def _sqlite_table(path: Path) -> None:
+    import sqlite3
+
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, payload BLOB)")
+    rng = random.Random(3)
+    con.executemany("INSERT INTO t VALUES (?, ?)", ((i, rng.randbytes(rng.randrange(500, 1500))) for i in range(1, SQLITE_ROWS + 1)))
+    con.commit()
+    con.close()
+
+
 H5_ROW_SLICES = [(2000, 2500), (10_000, 10_100), (15_000, 17_000)]
 H5_BLOCK = (slice(5000, 7000), slice(100, 300))
 
@@ -501,7 +576,7 @@ def main() -> int:
     p.add_argument("--copy-bytes", type=int, default=2 << 30)
     p.add_argument("--prefetch-files", type=int, default=64)
     p.add_argument("--prefetch-bytes", type=int, default=1 << 30)
-    p.add_argument("--only", default="sequential,random,parquet,hdf5,readers16,copy,prefetch")
+    p.add_argument("--only", default="sequential,random,parquet,hdf5,sqlite,readers16,copy,prefetch")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sidecar-link-"))
     bench = LinkBench(args, work)
@@ -510,7 +585,7 @@ def main() -> int:
         for name in args.only.split(","):
             print(f"== {name}", flush=True)
             bench.prepare(name)
-            {"sequential": bench.sequential, "random": bench.random_reads, "parquet": bench.parquet, "hdf5": bench.hdf5, "readers16": bench.readers16,
+            {"sequential": bench.sequential, "random": bench.random_reads, "parquet": bench.parquet, "hdf5": bench.hdf5, "sqlite": bench.sqlite, "readers16": bench.readers16,
              "copy": bench.copy, "prefetch": bench.prefetch}[name]()
             print(json.dumps(bench.results.get(name) or bench.results.get({"random": "random_4k"}.get(name, name)), indent=1), flush=True)
     finally:

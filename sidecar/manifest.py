@@ -256,7 +256,7 @@ def _resolve(m: Manifest) -> list[tuple[str, str]]:
         if s.id is None:
             s.id = storage_id(m.instance, parsed)
         if s.name is None:
-            s.name = slugify(parsed.bucket)
+            s.name = slugify(parsed.label)
         if s.id in seen_ids:
             errors.append((f"storages[{i}].id", f"duplicates storages[{seen_ids[s.id]}].id; give each storage its own id"))
         seen_ids.setdefault(s.id, i)

@@ -136,7 +136,7 @@ class Project:
         sid = storage_id(doc.get("instance", DEFAULT_INSTANCE), parsed)
         storage = next((s for s in doc["storages"] if s.get("id") == sid), None)
         if storage is None:
-            storage = {"id": sid, "name": name or slugify(parsed.bucket), "provider": parsed.provider, "url": parsed.canonical(),
+            storage = {"id": sid, "name": name or slugify(parsed.label), "provider": parsed.provider, "url": parsed.canonical(),
                        "readonly": not writable, "options": options or {}}
             if rclone_type:
                 storage["rclone_type"] = rclone_type

@@ -87,6 +87,14 @@ class StorageURL:
             return f"{self.account}.{kind}.core.windows.net" if self.account else f"{kind}.core.windows.net"
         return "storage.googleapis.com"
 
+    @property
+    def label(self) -> str:
+        """What a storage of this URL is called when it is not named: the bucket (container);
+        for WebDAV the served folder's last name, else the host."""
+        if self.provider == "webdav":
+            return self.bucket.rsplit("/", 1)[-1] or urlsplit(self.endpoint or "").hostname or "webdav"
+        return self.bucket
+
     def canonical(self) -> str:
         """Renders back to one URL of the supported forms; `parse(u.canonical()) == u`."""
         tail = f"/{self.path}" if self.path else ""

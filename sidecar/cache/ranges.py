@@ -4,18 +4,32 @@ A random read is fetched as exactly the bytes asked for, not whole blocks (a 4 K
 5 GiB object costs a 4 KiB GET). The range is kept too, in the block cache's memory tier (under
 the same budget and LRU as blocks) and on its disk tier, so a second pass over the same reads
 (a new handle, a new mount on the kept cache) fetches nothing. A range is found again by its
-exact offsets: random readers repeat theirs.
+exact offsets (random readers repeat theirs), and, within the mount that fetched it, for any read
+it covers, whatever its alignment (a second pass whose reads the kernel cut differently).
+
+The ranges fetched of each object version are counted (`misses`): a reader that keeps missing in
+a small file is better served by fetching the whole file (sidecar.vfs.reader).
 """
 
 from __future__ import annotations
+
+import bisect
 
 from sidecar.cache.blocks import BlockCache, ObjectRef
 from sidecar.cache.disk import range_name
 
 
+MISSES_KEPT = 10_000  # object versions whose misses are counted (then the count starts again)
+SPANS_KEPT = 200_000  # ranges whose offsets are indexed for reads they cover (then the index starts again)
+COVER_LOOKBACK = 8  # kept ranges starting at or before a read that are tried as its cover
+
+
 class ExactRanges:
     def __init__(self, cache: BlockCache) -> None:
         self.cache = cache
+        self.misses: dict[tuple[str, str], int] = {}  # (key, etag) -> ranges fetched from the backend
+        self._spans: dict[tuple[str, str], list[tuple[int, int]]] = {}  # (key, etag) -> kept ranges, by start
+        self._span_count = 0
 
     async def read(self, ref: ObjectRef, start: int, end: int) -> bytes:
         """Bytes [start, end) of `ref`: kept ones, else one ranged GET (then kept)."""
@@ -25,9 +39,34 @@ class ExactRanges:
         data = await self.cache.store.get_range(ref.key, start, end, ref.etag)
         self.keep(ref, start, data)
         self.cache.stats.direct_reads += 1
+        if len(self.misses) >= MISSES_KEPT:
+            self.misses.clear()
+        vid = (ref.key, ref.etag)
+        self.misses[vid] = self.misses.get(vid, 0) + 1
         return data
 
     async def cached(self, ref: ObjectRef, start: int, end: int) -> bytes | None:
+        """The bytes of a kept range: this one, or one this mount kept that covers it."""
+        data = await self._kept(ref, start, end)
+        if data is None:
+            cover = self._cover(ref, start, end)
+            if cover is not None:
+                whole = await self._kept(ref, *cover)
+                if whole is not None:
+                    return whole[start - cover[0] : end - cover[0]]
+        return data
+
+    def _cover(self, ref: ObjectRef, start: int, end: int) -> tuple[int, int] | None:
+        spans = self._spans.get((ref.key, ref.etag))
+        if not spans:
+            return None
+        i = bisect.bisect_right(spans, (start, float("inf")))
+        for s, e in reversed(spans[max(0, i - COVER_LOOKBACK) : i]):
+            if s <= start and end <= e and (s, e) != (start, end):
+                return s, e
+        return None
+
+    async def _kept(self, ref: ObjectRef, start: int, end: int) -> bytes | None:
         cache = self.cache
         rid = (ref.key, ref.etag, ("range", start, end))
         data = cache.memory.entries.get(rid)
@@ -54,6 +93,14 @@ class ExactRanges:
             return
         end = start + len(data)
         rid = (ref.key, ref.etag, ("range", start, end))
+        if self._span_count >= SPANS_KEPT:
+            self._spans.clear()
+            self._span_count = 0
+        spans = self._spans.setdefault((ref.key, ref.etag), [])
+        at = bisect.bisect_left(spans, (start, end))
+        if at == len(spans) or spans[at] != (start, end):
+            spans.insert(at, (start, end))
+            self._span_count += 1
         cache.memory.keep(rid, data)
         cache.write_behind(rid, range_name(cache.storage_id, ref.key, ref.etag, start, end), data)
 

@@ -274,9 +274,10 @@ class WebDAVStore(CallingStore):
 
     def _with_parents(self, key: str, send: Callable[[], Any]) -> Any:
         """`send()`; if the server answers 409 (a folder above is missing), the folders are made
-        and it is sent once more."""
+        and it is sent once more. 404 too: Go's x/net/webdav (rclone serve webdav) answers 404
+        to a PUT whose folder lookup failed in another way than "does not exist"."""
         resp = send()
-        if resp.status_code == 409 and "/" in key:
+        if resp.status_code in (404, 409) and "/" in key:
             self._mkcols(key)
             resp = send()
         return resp

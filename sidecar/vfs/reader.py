@@ -11,6 +11,14 @@ before any of these, by the file system):
 - **window**: any other read goes through the block cache: the blocks it needs first, then the
   read-ahead window (`ReadAhead`), as parallel ranged GETs.
 
+A random reader that keeps missing in a small file (sqlite, DuckDB, HDF5 metadata: many small
+reads one after another, each a round trip) is better served whole: once WHOLE_AFTER ranges of
+the object version were fetched exactly and it is at most `whole_limit` (half the memory budget,
+at most WHOLE_MAX), the whole file is fetched at once as parallel ranged GETs (at most
+WHOLE_AFTER requests of the reader's own, then a few large ones), and its reads go through the
+block cache from then on. A sparse reader of a large file stays exact (4 KiB reads in 1 GiB
+fetch 4 KiB each).
+
 The handle's `ReadAhead` classifies the reader; the streams it follows and the exact ranges it
 read (a stream may continue one) are the handle's own.
 """
@@ -24,6 +32,10 @@ from sidecar.cache.blocks import BlockCache, ObjectRef
 from sidecar.cache.ranges import ExactRanges
 from sidecar.cache.readahead import ReadAhead
 from sidecar.cache.streams import FOLLOWS_PER_HANDLE, FollowedStream, Streams
+
+
+WHOLE_AFTER = 8  # exact misses in one object version before a small file is fetched whole
+WHOLE_MAX = 256 << 20  # bytes: larger files are never fetched whole for a random reader
 
 
 class Strategy(Enum):
@@ -43,6 +55,8 @@ class Reader:
         # The last ranges read exactly (a stream may continue one; several, since one reader may
         # read several runs at once):
         self.exact: deque[tuple[int, int]] = deque(maxlen=FOLLOWS_PER_HANDLE)
+        self.whole = False  # the whole file was asked for: reads go through the block cache
+        self.whole_limit = min(WHOLE_MAX, cache.memory.limit // 2)
 
     def strategy(self, offset: int, end: int) -> tuple[Strategy, range]:
         """Records the read [offset, end) and picks its strategy; with WINDOW, the blocks to read
@@ -58,8 +72,15 @@ class Reader:
             if self.readahead.following:
                 return Strategy.FOLLOWED, range(0)
         if self.readahead.window == 0 and not all(self.cache.has(self.ref, i) for i in range(first, last + 1)):
-            return Strategy.EXACT, range(0)
+            if not self.whole and self._dense():
+                self.whole = True
+                return Strategy.WINDOW, range(0, self.cache.blocks_of(self.ref))
+            return (Strategy.WINDOW, ahead) if self.whole else (Strategy.EXACT, range(0))
         return Strategy.WINDOW, ahead
+
+    def _dense(self) -> bool:
+        """Whether this small file has been missed often enough to be fetched whole."""
+        return self.ref.size <= self.whole_limit and self.ranges.misses.get((self.ref.key, self.ref.etag), 0) >= WHOLE_AFTER
 
     async def read(self, offset: int, size: int) -> bytes:
         ref = self.ref

@@ -6,6 +6,7 @@ import random
 import shutil
 import stat
 import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -321,3 +322,43 @@ def test_a_folder_held_open_past_its_ttl_is_not_hidden_by_an_object_of_its_name(
         assert open(os.path.join(w.mnt, "same/child"), "rb").read() == b"the child"
     finally:
         os.close(fd)
+
+
+SQLITE_QUERIES = """
+import random, sqlite3, sys
+con = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro&immutable=1", uri=True)
+rng = random.Random(5)
+total = 0
+for _ in range(200):
+    (n,) = con.execute("SELECT length(payload) + id FROM t WHERE id = ?", (rng.randrange(1, 16001),)).fetchone()
+    total += n
+print(total)
+"""
+
+
+def test_sqlite_point_queries_in_a_small_database_fetch_it_whole_not_page_by_page(s3_bucket, mount_worker, tmp_path):
+    """200 indexed point queries on a 17 MB sqlite database (a random reader of small pieces, one
+    after another): after a few exact ranges the file is fetched whole in parallel ranged GETs,
+    so the queries cost a handful of GETs, not one or more per query; bytes stay within twice the
+    file. A large file stays exact (tests/vfs/test_reader.py)."""
+    import sqlite3
+
+    db = tmp_path / "local.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, payload BLOB)")
+    rng = random.Random(3)
+    con.executemany("INSERT INTO t VALUES (?, ?)", ((i, rng.randbytes(rng.randrange(500, 1500))) for i in range(1, 16001)))
+    con.commit()
+    con.close()
+    data = db.read_bytes()
+    s3_bucket.put("data.db", data)
+    expected = subprocess.run([sys.executable, "-c", SQLITE_QUERIES, str(db)], capture_output=True, text=True, check=True).stdout
+    w = mount_worker(s3_bucket, ttl=30.0)
+    before = w.stats()["store"]
+    got = subprocess.run([sys.executable, "-c", SQLITE_QUERIES, os.path.join(w.mnt, "data.db")], capture_output=True, text=True, check=True).stdout
+    after = w.stats()["store"]
+    assert got == expected
+    gets = after["get_requests"] - before["get_requests"]
+    fetched = after["bytes_fetched"] - before["bytes_fetched"]
+    assert gets <= 8 + 2 * -(-len(data) // (8 * MiB)) + 4, gets  # before: 113 GETs here
+    assert fetched <= 2 * len(data), (fetched, len(data))

@@ -23,6 +23,9 @@ from sidecar.urls import StorageURL, StorageURLError
         ("azure://acct1.blob.core.windows.net/cont", StorageURL("azure", "cont", "", account="acct1", azure_kind="blob")),
         ("gs://my-bucket/path/to", StorageURL("gcs", "my-bucket", "path/to")),
         ("gs://my_bucket.with.dots", StorageURL("gcs", "my_bucket.with.dots", "")),
+        ("davs://polybox.ethz.ch/remote.php/webdav/My%20Data", StorageURL("webdav", "remote.php/webdav/My Data", "", endpoint="https://polybox.ethz.ch")),
+        ("dav://127.0.0.1:8080/", StorageURL("webdav", "", "", endpoint="http://127.0.0.1:8080")),
+        ("dav://Host.Example:81/a/%C3%BC/%3F%23", StorageURL("webdav", "a/ü/?#", "", endpoint="http://host.example:81")),
     ],
 )
 def test_supported_forms_parse(url, expected):
@@ -60,6 +63,11 @@ def test_supported_forms_parse(url, expected):
         ("s3://giab/a b", "whitespace"),
         ("s3://giab/../etc", "'..'"),
         ("s3://giab/x?versionId=1", "query string"),
+        ("dav:///x", "no host"),
+        ("davs://h/a%0Ab", "control characters once percent-decoded"),
+        ("davs://h/%ff", "not UTF-8 once percent-decoded"),
+        ("davs://h/a/%2E%2E/b", "'..'"),
+        ("davs://user:pw@h/x", "must not be embedded"),
     ],
 )
 def test_rejected_forms_name_the_reason_and_the_supported_forms(url, reason):

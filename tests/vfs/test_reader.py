@@ -130,3 +130,29 @@ def test_readonly_open_for_write_is_erofs_and_statfs_sane():
             assert st.name_max == 255 and st.blocks > 0 and st.fragment_size == 4096
 
     run(main)
+
+
+def test_a_read_inside_a_kept_range_is_served_from_it_whatever_its_alignment():
+    """A second pass whose reads are cut differently (another alignment, a shorter read inside
+    a longer one) fetches nothing: the ranges kept by the first pass cover it."""
+    store = MemoryStore()
+    data = random.Random(8).randbytes(BS * 64)
+    store.put("big", data)
+    rng = random.Random(9)
+    firsts = sorted({rng.randrange(0, BS * 60) for _ in range(20)})
+
+    async def main():
+        async with mounted(store, memory_limit=BS * 64) as fs:  # room for every range kept
+            ino = await path_ino(fs, "big")
+            fh, _ = await fs.open(ino, os.O_RDONLY)
+            for off in firsts:
+                assert bytes(await fs.read(fh, off, 64 * 1024)) == data[off : off + 64 * 1024]
+            gets = store.stats.get_requests
+            fh2, _ = await fs.open(ino, os.O_RDONLY)
+            for off in firsts:
+                inner = off + 4096 + 17
+                assert bytes(await fs.read(fh2, inner, 8192)) == data[inner : inner + 8192]
+                assert bytes(await fs.read(fh2, off, 100)) == data[off : off + 100]
+            assert store.stats.get_requests == gets
+
+    run(main)
