@@ -431,6 +431,7 @@ class MountWorker:
                 nursery.start_soon(stop_on_signal, pyfuse3.terminate)
                 if fs.writer is not None:
                     await nursery.start(fs.writer.run)
+                    await nursery.start(fs.store_mtimes)
                 if cfg.mount.prefetch:
                     nursery.start_soon(self.on_prefetch, Prefetch(tuple(cfg.mount.prefetch)))
                 await pyfuse3.main()
@@ -450,6 +451,7 @@ class MountWorker:
             return
         with trio.CancelScope(shield=True), trio.move_on_after(self.cfg.grace_period - 2):
             await writer.upload_pending(only_idle=False)
+            await self.fs.flush_mtimes()
         writer.abandon_uncommitted()
         for f in staging.pending():
             logger.error("left_in_staging", key=f.key, size=f.size, state=f.state, local_path=str(f.data_path))

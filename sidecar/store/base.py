@@ -187,9 +187,15 @@ class ObjectStore(Protocol):
     async def copy(self, src: str, dst: str, size: int | None = None) -> ObjectInfo:
         """A server-side copy of `src` (of `size` bytes, when known) to `dst`."""
 
-    async def rename(self, src: str, dst: str, size: int | None = None) -> ObjectInfo:
+    async def rename(self, src: str, dst: str, size: int | None = None, *, mtime: float | None = None) -> ObjectInfo:
         """Moves the object `src` to `dst` (replacing it): a copy, then the delete of `src`; or
-        one request where the server moves (WebDAV's MOVE). Returns the object at `dst`."""
+        one request where the server moves (WebDAV's MOVE). With `mtime` (stores that
+        `mtime_by_copy`), the copy stores it as the new object's `mtime` metadata. Returns the
+        object at `dst`."""
+
+    # True: storing an mtime costs a copy of the object onto itself (S3), so it is worth
+    # deferring a moment and carrying with a rename's copy (sidecar.vfs.mutations)
+    mtime_by_copy: bool
 
     moves_folders: bool  # True: `rename_folder` moves a whole folder in one request
 

@@ -52,9 +52,11 @@ class CallingStore:
 
     moves_folders = False  # an object store: a folder is moved object by object (sidecar.vfs.mutations)
 
-    async def rename(self, src: str, dst: str, size: int | None = None) -> ObjectInfo:
+    mtime_by_copy = False
+
+    async def rename(self, src: str, dst: str, size: int | None = None, *, mtime: float | None = None) -> ObjectInfo:
         """A copy, then the delete of `src`: the new name is complete before the old one goes."""
-        info: ObjectInfo = await self.copy(src, dst, size)  # type: ignore[attr-defined]
+        info: ObjectInfo = await (self.copy(src, dst, size, mtime=mtime) if mtime is not None else self.copy(src, dst, size))  # type: ignore[attr-defined]
         await self.delete(src)  # type: ignore[attr-defined]
         return info
 

@@ -20,6 +20,7 @@ class MemoryStore:
         self.delay = 0.0  # seconds each call sleeps (to test deadlines and single flight)
         self.streams = True  # get_blocks honours a gate (as S3's streamed body does)
         self.moves_folders = False
+        self.mtime_by_copy = False  # a test may set it: mtimes are then deferred and carried by renames
 
     def put(self, key: str, data: bytes, mtime: float | None = None) -> ObjectInfo:
         etag = hashlib.md5(data + key.encode()).hexdigest()
@@ -132,9 +133,11 @@ class MemoryStore:
         return self.put(dst, self.objects[src][0])
 
 
-    async def rename(self, src: str, dst: str, size: int | None = None) -> ObjectInfo:
+    async def rename(self, src: str, dst: str, size: int | None = None, *, mtime: float | None = None) -> ObjectInfo:
         info = await self.copy(src, dst, size)
         await self.delete(src)
+        if mtime is not None:
+            info = self.put(dst, self.objects[dst][0], mtime=mtime)
         return info
     async def put_marker(self, key: str) -> None:
         await self._call()

@@ -201,20 +201,24 @@ class _S3Writes:
         self.stats.delete_requests += 1
         await self._run(f"delete {key}", lambda: self.fs._call_s3("delete_object", Bucket=self.bucket, Key=key))  # type: ignore[attr-defined]
 
-    async def copy(self, src: str, dst: str, size: int | None = None) -> ObjectInfo:
-        """A server-side CopyObject (metadata, mtime included, copied too); its answer carries
-        the new etag, so no HEAD follows. Objects of 5 GiB or more (or of unknown size) are
-        copied in parts by s3fs."""
+    async def copy(self, src: str, dst: str, size: int | None = None, *, mtime: float | None = None) -> ObjectInfo:
+        """A server-side CopyObject (metadata, mtime included, copied too; with `mtime`, the
+        copy's `mtime` metadata is that); its answer carries the new etag, so no HEAD follows.
+        Objects of 5 GiB or more (or of unknown size) are copied in parts by s3fs."""
         if size is None or size >= 5 << 30:
-            return await super().copy(src, dst)  # type: ignore[misc]
+            info: ObjectInfo = await super().copy(src, dst)  # type: ignore[misc]
+            if mtime is not None:
+                info = await self.set_mtime(dst, info.etag, mtime) or info  # type: ignore[attr-defined]
+            return info
+        meta = {"MetadataDirective": "REPLACE", "Metadata": {"mtime": _mtime_text(mtime)}} if mtime is not None else {}
 
         async def copy_object() -> Any:
-            return await self.fs._call_s3("copy_object", Bucket=self.bucket, Key=dst, CopySource={"Bucket": self.bucket, "Key": src})
+            return await self.fs._call_s3("copy_object", Bucket=self.bucket, Key=dst, CopySource={"Bucket": self.bucket, "Key": src}, **meta)
 
         resp = await self._run(f"copy {src}", copy_object)  # type: ignore[attr-defined]
         self.stats.put_requests += 1
         etag = str(resp.get("CopyObjectResult", {}).get("ETag", "")).strip('"')
-        return ObjectInfo(dst, size, etag, time.time())
+        return ObjectInfo(dst, size, etag, mtime if mtime is not None else time.time())
 
     async def put_marker(self, key: str) -> None:
         marker = key.rstrip("/") + "/"
@@ -225,6 +229,8 @@ class S3Store(_S3Writes, FsspecStore):
     """S3 through s3fs: LIST with delimiter page by page, and ranged GETs conditional on the etag
     (`If-Match`), so a block fetched after the object changed fails with ObjectChanged instead of
     mixing old and new bytes."""
+
+    mtime_by_copy = True  # set_mtime is a CopyObject of the object onto itself
 
     streams = True  # get_blocks reads the body block by block, as its gate allows
 

@@ -352,7 +352,7 @@ class WebDAVStore(CallingStore):
         self.stats.put_requests += 1
         await self._run(f"move {src}", lambda: self._ok(self._with_parents(dst, lambda: self.http.request("MOVE", self._url(src, folder), headers=headers))))
 
-    async def rename(self, src: str, dst: str, size: int | None = None) -> ObjectInfo:
+    async def rename(self, src: str, dst: str, size: int | None = None, *, mtime: float | None = None) -> ObjectInfo:
         """One MOVE (replacing `dst`): the server renames, nothing is copied."""
         await self._move(src, dst, folder=False)
         info = await self.stat(dst)

@@ -89,6 +89,9 @@ class Filesystem(Mutations):
         self._listing_flights: dict[str, trio.Event] = {}
         self._walks = FolderWalk()
         self._big: dict[str, float] = {}  # folders too large to list for one lookup -> until
+        self._mtimes_due: dict[str, tuple[str, float, float]] = {}  # key -> (etag, mtime, when to store it)
+        self._mtimes_wake = trio.Event()
+        self._mtimes_flushing = False  # `store_mtimes` runs: mtimes that cost a copy may wait for a rename
         self.staging = staging
         self.writer = Writer(store, staging, mode=write_mode, delay=writeback_delay, on_stored=self._stored) if staging is not None else None
         self._handles: dict[int, FileHandle | DirHandle] = {}

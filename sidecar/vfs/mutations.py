@@ -16,7 +16,9 @@ import trio
 from sidecar.cache.blocks import ObjectRef
 from sidecar.errors import (
     BadHandle, CrossDevice, Exists, InvalidName, IsADirectory, NameTooLong, NotADirectory, NotEmpty, NotFound, NotSupported, ReadOnly,
+    SidecarError,
 )
+from sidecar.log import get_logger
 from sidecar.store.base import ObjectInfo
 from sidecar.vfs.inodes import Node
 from sidecar.vfs.listings import NAME_MAX, Entry, unusable_name
@@ -27,6 +29,9 @@ from sidecar.vfs.namespace import Attr, FileHandle, Namespace
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 DIR_RENAME_LIMIT = 1000  # objects; a larger directory answers EXDEV and `mv` copies it instead
+MTIME_DELAY = 1.0  # s an mtime that costs a copy waits for a rename to carry it (stores that `mtime_by_copy`)
+
+log = get_logger(__name__)
 
 
 class Mutations(Namespace):
@@ -100,7 +105,8 @@ class Mutations(Namespace):
     async def setattr(self, ino: int, *, size: int | None = None, mtime: float | None = None) -> Attr:
         """The size (truncate) and the mtime are stored; mode and owner are accepted and not kept.
         An mtime goes into the object's `mtime` metadata: with the upload of a file being
-        written, else by a server-side copy of the object onto itself."""
+        written, else by the store's metadata update (S3: a copy of the object onto itself,
+        deferred MTIME_DELAY for a rename to carry it)."""
         node = self.node(ino)
         if mtime is not None and not node.is_dir:
             self._require_writable(node.key)
@@ -128,6 +134,45 @@ class Mutations(Namespace):
         node.mtime = mtime
 
     async def _store_mtime(self, node: Node, mtime: float) -> None:
+        if self.store.mtime_by_copy and self._mtimes_flushing:
+            # A copy of the object onto itself: deferred MTIME_DELAY, so that a rename right after
+            # (rsync sets the time of its temporary file, then renames it) carries it instead.
+            self._mtimes_due[node.key] = (node.etag, mtime, trio.current_time() + MTIME_DELAY)
+            self._mtimes_wake.set()
+            self.mtimes.set(node.key, node.etag, mtime)
+            self.listings.add(node.key, Entry(False, ObjectInfo(node.key, node.size, node.etag, mtime)))
+            return
+        await self._store_mtime_now(node, mtime)
+
+    async def store_mtimes(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Stores deferred mtimes once due (those no rename carried). Runs beside the writer."""
+        self._mtimes_flushing = True
+        task_status.started()
+        try:
+            while True:
+                self._mtimes_wake = trio.Event()
+                due = min((d for _, _, d in self._mtimes_due.values()), default=float("inf"))
+                with trio.move_on_at(due):
+                    await self._mtimes_wake.wait()
+                await self.flush_mtimes(trio.current_time())
+        finally:
+            self._mtimes_flushing = False
+
+    async def flush_mtimes(self, until: float = float("inf")) -> None:
+        """Stores the deferred mtimes due by `until` (all of them: at the end of the mount)."""
+        for key, (etag, mtime, due) in list(self._mtimes_due.items()):
+            if due > until or self._mtimes_due.get(key) != (etag, mtime, due):
+                continue
+            del self._mtimes_due[key]
+            node = self.inodes.current(key)
+            if node is None or node.etag != etag or node.is_dir:
+                continue  # changed, renamed or deleted meanwhile: nothing of this version to store
+            try:
+                await self._store_mtime_now(node, mtime)
+            except SidecarError as exc:
+                log.warning("mtime_not_stored", key=key, code=exc.code)
+
+    async def _store_mtime_now(self, node: Node, mtime: float) -> None:
         info = await self.store.set_mtime(node.key, node.etag, mtime)
         if info is not None and info.etag and info.etag != node.etag:
             node.etag = info.etag
@@ -164,6 +209,7 @@ class Mutations(Namespace):
             self.staging.orphan(node.staged)  # its open handles keep it until the last is released
         else:
             self._unstage(node)
+        self._mtimes_due.pop(key, None)
         if remote:
             await self.store.delete(key)
         self._gone(key)
@@ -236,17 +282,17 @@ class Mutations(Namespace):
         else:
             self.listings.add(dst_key, Entry(False, ObjectInfo(dst_key, src.size, src.etag, src.mtime)))
 
-    async def _walk(self, prefix: str, limit: int) -> tuple[list[str], list[str]]:
-        """Object keys and folder prefixes under `prefix` (itself included), one LIST per folder;
+    async def _walk(self, prefix: str, limit: int) -> tuple[list[ObjectInfo], list[str]]:
+        """Objects and folder prefixes under `prefix` (itself included), one LIST per folder;
         stops early once more than `limit` were found."""
-        files: list[str] = []
+        files: list[ObjectInfo] = []
         dirs: list[str] = []
         todo = [prefix]
         while todo and len(files) + len(dirs) <= limit:
             d = todo.pop()
             dirs.append(d)
             listing = await self.store.list_dir(d)
-            files += [f.key for f in listing.files]
+            files += listing.files
             todo += listing.dirs
             todo += [m.rstrip("/") for m in listing.markers if m.rstrip("/") != d and m.rstrip("/") not in listing.dirs]
         return files, dirs
@@ -272,7 +318,9 @@ class Mutations(Namespace):
                 await self.store.delete(old_key)
             return
         set_mtime = self.mtimes.get(src.key, src.etag)
-        info = await self.store.rename(src.key, dst_key, src.size)
+        deferred = self._mtimes_due.pop(src.key, None)
+        carried = deferred[1] if deferred is not None and deferred[0] == src.etag else None
+        info = await self.store.rename(src.key, dst_key, src.size, mtime=carried)
         if set_mtime is not None:  # the copy keeps the metadata; the index follows the name
             self.mtimes.set(dst_key, info.etag, set_mtime)
         if staged is not None:
@@ -297,10 +345,10 @@ class Mutations(Namespace):
             raise CrossDevice(f"{prefix}: more than {DIR_RENAME_LIMIT} objects")
         for d in dirs:  # every folder becomes an explicit marker under the new name
             await self.store.put_marker(dst_key + d[len(prefix) :])
-        for key in files:
-            await self.store.copy(key, dst_key + key[len(prefix) :])
-        for key in files:
-            await self.store.delete(key)
+        for f in files:  # its size from the listing: a copy needs no HEAD
+            await self.store.copy(f.key, dst_key + f.key[len(prefix) :], f.size)
+        for f in files:
+            await self.store.delete(f.key)
         for d in reversed(dirs):
             try:
                 await self.store.delete(d + "/")

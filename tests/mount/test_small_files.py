@@ -74,6 +74,58 @@ def test_cp_r_of_500_files_costs_at_most_one_request_per_file_besides_its_put(s3
     print(f"\ncp -r 500 files: {puts} PUT, other requests {counts}")
 
 
+def test_mv_of_a_folder_copies_each_object_once_and_heads_none(s3, proxied, mount_worker):
+    """`mv` of a folder of 60 objects in 3 subfolders (durable): a copy and a delete per object
+    and a marker per folder, no HEAD (the sizes come from the walk's listings; before: two HEADs
+    per object)."""
+    proxy, bucket = proxied
+    for i in range(60):
+        s3.client().put_object(Bucket=bucket, Key=f"src/d{i % 3}/f{i:02d}.txt", Body=b"object %d" % i)
+    w = mount_worker(bucket, options={"endpoint_url": proxy.endpoint}, readonly=False, ttl=5.0)
+    os.listdir(w.mnt)
+    proxy.reset_counts()
+    subprocess.run(["mv", f"{w.mnt}/src", f"{w.mnt}/dst"], check=True)
+    counts = dict(proxy.counts)
+    assert counts.get("HEAD", 0) == 0 and counts.get("COPY", 0) == 60 and counts.get("DELETE", 0) >= 60, counts
+    keys = {o["Key"] for p in s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in p.get("Contents", [])}
+    assert {f"dst/d{i % 3}/f{i:02d}.txt" for i in range(60)} <= keys and not any(k.startswith("src/") for k in keys)
+
+
+def test_durable_rsync_costs_an_upload_a_copy_and_a_delete_per_file_and_keeps_mtimes(s3, proxied, mount_worker, tmp_path):
+    """rsync -a in durable mode writes `.name.XXXXXX`, closes it (the upload), sets its mtime and
+    renames it. The mtime, which on S3 costs a copy of the object onto itself, waits a moment and
+    rides with the rename's copy: a PUT, a COPY and a DELETE per file (before: two COPYs), and
+    the final objects carry rclone's `mtime` metadata of the source files."""
+    proxy, bucket = proxied
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        (src / f"f{i:02d}.dat").write_bytes(os.urandom(300 + i))
+        os.utime(src / f"f{i:02d}.dat", (1_700_000_000 + i, 1_700_000_000 + i))
+    w = mount_worker(bucket, options={"endpoint_url": proxy.endpoint}, readonly=False, ttl=30.0)
+    os.mkdir(f"{w.mnt}/out")
+    os.listdir(f"{w.mnt}/out")
+    proxy.reset_counts()
+    subprocess.run(["rsync", "-a", f"{src}/", f"{w.mnt}/out/"], check=True)
+    counts = dict(proxy.counts)
+    assert (counts.pop("PUT", 0), counts.pop("COPY", 0), counts.pop("DELETE", 0)) == (40, 40, 40), counts
+    assert counts.get("HEAD", 0) == 0 and sum(counts.values()) <= 2, counts
+    for i in (0, 17, 39):
+        head = s3.client().head_object(Bucket=bucket, Key=f"out/f{i:02d}.dat")
+        assert float(head["Metadata"]["mtime"]) == 1_700_000_000 + i
+        assert os.stat(f"{w.mnt}/out/f{i:02d}.dat").st_mtime == 1_700_000_000 + i
+
+
+def test_an_mtime_set_without_a_rename_is_stored_a_moment_later(s3, proxied, mount_worker):
+    proxy, bucket = proxied
+    s3.client().put_object(Bucket=bucket, Key="a.txt", Body=b"a")
+    w = mount_worker(bucket, options={"endpoint_url": proxy.endpoint}, readonly=False, ttl=30.0)
+    os.utime(f"{w.mnt}/a.txt", (1_600_000_000, 1_600_000_000))
+    assert os.stat(f"{w.mnt}/a.txt").st_mtime == 1_600_000_000  # at once, in the mount
+    wait_for(lambda: float(s3.client().head_object(Bucket=bucket, Key="a.txt")["Metadata"].get("mtime", 0)) == 1_600_000_000, timeout=10,
+             what="the mtime stored as metadata")
+
+
 def test_writeback_rsync_in_sends_each_file_once_and_asks_nothing_per_file(s3, proxied, mount_worker, tmp_path):
     """rsync writes a temporary file and renames it: in write-back mode the rename happens
     before the upload, so each file is one PUT under its final name, and the rename asks the
