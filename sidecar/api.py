@@ -215,13 +215,14 @@ def parse_credentials(body: bytes, provider: str) -> dict[str, str]:
         if problem:
             raise HTTPError(400, "bad_credentials", f"credential field {name!r} {problem}")
     for v in doc.values():
-        register_secret(v)
+        register_secret(v)  # as given (an obscured `pass`, a SAS URL are secrets too)
     ours: dict[str, str] = {}
-    for name, value in doc.items():
+    for name, given in doc.items():
         try:
-            field, value = credential_from_option(provider, name, value) if name in rclone_names else (name, value)
+            field, value = credential_from_option(provider, name, given) if name in rclone_names else (name, given)
         except ValueError as exc:
             raise HTTPError(400, "bad_credentials", f"credential field {name!r}: {exc}") from None
-        register_secret(value)
+        if value != given:
+            register_secret(value)  # what was derived from it (revealed, the SAS URL's query)
         ours[field] = value
     return ours

@@ -131,9 +131,8 @@ class BlockCache:
     async def get(self, ref: ObjectRef, index: int) -> bytes:
         """The bytes of block `index` of `ref` (shorter than block_size for the last block)."""
         bid = (ref.key, ref.etag, index)
-        data = self.memory.entries.get(bid)
+        data = self.memory.get(bid)
         if data is not None:
-            self.memory.entries.move_to_end(bid)
             self.stats.memory_hits += 1
             return data
         fetch = self._inflight.get(bid)

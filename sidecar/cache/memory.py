@@ -35,6 +35,17 @@ class MemoryBudget:
     def used(self) -> int:
         return self.held + self.reserved
 
+    def get(self, mid: EntryId) -> bytes | None:
+        """An entry, marked as the most recently used (None if not held)."""
+        data = self.entries.get(mid)
+        if data is not None:
+            self.entries.move_to_end(mid)
+        return data
+
+    def peek(self, mid: EntryId) -> bytes | None:
+        """An entry, its place in the LRU order left as it is."""
+        return self.entries.get(mid)
+
     def add(self, mid: EntryId, data: bytes) -> None:
         self.entries[mid] = data
         self.held += len(data)

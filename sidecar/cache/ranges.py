@@ -69,9 +69,8 @@ class ExactRanges:
     async def _kept(self, ref: ObjectRef, start: int, end: int) -> bytes | None:
         cache = self.cache
         rid = (ref.key, ref.etag, ("range", start, end))
-        data = cache.memory.entries.get(rid)
+        data = cache.memory.get(rid)
         if data is not None:
-            cache.memory.entries.move_to_end(rid)
             cache.stats.range_hits += 1
             return data
         if cache.disk is None:
@@ -106,4 +105,4 @@ class ExactRanges:
 
     def kept(self, ref: ObjectRef, start: int, end: int) -> bytes | None:
         """A range kept in memory, without counting a hit."""
-        return self.cache.memory.entries.get((ref.key, ref.etag, ("range", start, end)))
+        return self.cache.memory.peek((ref.key, ref.etag, ("range", start, end)))

@@ -168,6 +168,24 @@ def test_credentials_post_bodies_get_a_400(body):
     assert exc.value.status == 400
 
 
+def test_a_webdav_pass_posted_under_rclones_name_is_revealed_and_a_plain_one_refused():
+    import json
+    import shutil
+    import subprocess
+
+    from sidecar.log import redact_text as redact
+
+    exe = shutil.which("rclone")
+    if exe is None:
+        pytest.skip("rclone is not installed (scripts/bootstrap.sh installs it)")
+    obscured = subprocess.run([exe, "obscure", "posted-dav-secret"], capture_output=True, text=True, check=True).stdout.strip()
+    assert parse_credentials(json.dumps({"pass": obscured}).encode(), "webdav") == {"password": "posted-dav-secret"}
+    assert "posted-dav-secret" not in redact(f"x posted-dav-secret {obscured} y") and obscured not in redact(f"{obscured}")
+    with pytest.raises(HTTPError) as exc:
+        parse_credentials(b'{"pass": "plain-text"}', "webdav")
+    assert exc.value.status == 400 and "give a plain password as `password`" in str(exc.value)
+
+
 def test_laptop_runtime_dir_made_by_another_user_is_refused(tmp_path, monkeypatch):
     from sidecar import local
 
