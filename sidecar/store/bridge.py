@@ -71,15 +71,7 @@ async def run_on_loop(
     fut = asyncio.run_coroutine_threadsafe(wrapper(), loop)
     fut.add_done_callback(lambda _f: token.run_sync_soon(done.set))
     try:
-        if stall is None or progress is None:
-            await done.wait()
-        else:
-            while not done.is_set():
-                left = progress.last + stall - time.monotonic()
-                if left <= 0:
-                    raise trio.TooSlowError
-                with trio.move_on_after(left):
-                    await done.wait()
+        await _until_done(done, stall, progress)
     except BaseException:
         fut.cancel()
         raise
@@ -106,16 +98,22 @@ async def run_in_thread(
                 pass  # nobody waits any more
 
         trio.lowlevel.start_thread_soon(fn, deliver)
-        if stall is None or progress is None:
-            await done.wait()
-        else:
-            while not done.is_set():
-                left = progress.last + stall - time.monotonic()
-                if left <= 0:
-                    raise trio.TooSlowError
-                with trio.move_on_after(left):
-                    await done.wait()
+        await _until_done(done, stall, progress)
         return box[0].unwrap()  # type: ignore[no-any-return]
+
+
+async def _until_done(done: trio.Event, stall: float | None, progress: Progress | None) -> None:
+    """Waits for `done`; with `stall`, raises trio.TooSlowError once `progress` has not moved
+    for `stall` seconds."""
+    if stall is None or progress is None:
+        await done.wait()
+        return
+    while not done.is_set():
+        left = progress.last + stall - time.monotonic()
+        if left <= 0:
+            raise trio.TooSlowError
+        with trio.move_on_after(left):
+            await done.wait()
 
 
 # Errors of a body that broke off mid-way (a reset connection): the read is tried again.
