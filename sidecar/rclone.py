@@ -232,6 +232,7 @@ def _webdav(options: dict[str, Any], source_path: str, loc: str, source_loc: str
         if name == "url":
             base = _endpoint(field, value)
         elif name == "vendor":
+            value = _text(field, value)
             if value in WEBDAV_REFUSED:
                 raise RcloneError(field, f"rclone option of type webdav not supported: {value!r} ({WEBDAV_REFUSED[value]})")
             if value not in WEBDAV_VENDORS:

@@ -116,6 +116,8 @@ def test_manifest_documents(doc):
 
 @fuzz
 @given(rclone_manifest_like())
+@example({"root": "/p", "storages": [{"name": "", "storage_type": "webdav", "configuration": {"type": "webdav", "vendor": []},
+                                      "source_path": "bucket-a/x", "target_path": "", "readonly": False}], "mounts": []})
 def test_manifest_documents_in_rclones_terms(doc):
     _check_manifest(json.dumps(doc).encode())
 
