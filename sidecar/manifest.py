@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sidecar import urls
 from sidecar.protocol import DEADLINE, METADATA_TTL, METADATA_TTL_READONLY, WRITEBACK_DELAY
+from sidecar.rclone import WEBDAV_VENDORS
 
 DEFAULT_INSTANCE = "renkulab.io"
 
@@ -40,12 +41,12 @@ OPTION_PATTERNS: dict[str, tuple[re.Pattern[str], str]] = {
     "region": (re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"), "a region name: letters, digits, '-' and '_' (e.g. us-east-1)"),
     # Azure: 3-24 lower-case letters and digits (devstoreaccount1 for Azurite).
     "account_name": (re.compile(r"^[a-z0-9]{3,24}$"), "an Azure storage account name: 3-24 lower-case letters and digits"),
-    # GCP project ids: 6-30 characters, a letter first, no dash last; legacy domain-scoped
-    # ids ("example.com:my-project") are accepted too.
     # rclone's WebDAV vendors that the sidecar serves (sidecar.store.webdav).
-    "vendor": (re.compile(r"^(other|nextcloud|owncloud|rclone|fastmail)$"), "one of other, nextcloud, owncloud, rclone, fastmail"),
+    "vendor": (re.compile(f"^({'|'.join(sorted(WEBDAV_VENDORS))})$"), f"one of {', '.join(sorted(WEBDAV_VENDORS))}"),
     # A user name for HTTP basic authentication: printable, no ':' (it ends the name there).
     "user": (re.compile(r"^[^\x00-\x1f\x7f:]{1,256}$"), "a user name: 1-256 printable characters, no ':'"),
+    # GCP project ids: 6-30 characters, a letter first, no dash last; legacy domain-scoped
+    # ids ("example.com:my-project") are accepted too.
     "project": (re.compile(r"^([a-z][a-z0-9.-]{0,62}:)?[a-z][a-z0-9-]{4,28}[a-z0-9]$"), "a Google Cloud project id: 6-30 lower-case letters, digits and '-'"),
 }
 

@@ -132,13 +132,13 @@ class MemoryStore:
             raise NotFound(src)
         return self.put(dst, self.objects[src][0])
 
-
     async def rename(self, src: str, dst: str, size: int | None = None, *, mtime: float | None = None) -> ObjectInfo:
         info = await self.copy(src, dst, size)
         await self.delete(src)
         if mtime is not None:
             info = self.put(dst, self.objects[dst][0], mtime=mtime)
         return info
+
     async def put_marker(self, key: str) -> None:
         await self._call()
         self.put(key.rstrip("/") + "/", b"")

@@ -146,6 +146,25 @@ class WebDAVStore(CallingStore):
             mtime = props.modified.timestamp() if props.modified is not None else 0.0
             yield key, False, ObjectInfo(key, size, _identity(props.etag, mtime, size), mtime)
 
+    def _listing(self, result: Any, prefix: str) -> Listing:
+        """The folder `prefix` of a depth-1 multistatus answer (without the folder itself)."""
+        out = Listing()
+        for key, is_dir, info in self._entries(result):
+            if key == prefix:
+                continue
+            if is_dir:
+                out.dirs.append(key)
+            elif info is not None:
+                out.files.append(info)
+        return out
+
+    async def _stored(self, key: str, what: str) -> ObjectInfo:
+        """The file `key` just stored, copied or moved there (one PROPFIND): its new ETag."""
+        info = await self.stat(key)
+        if not isinstance(info, ObjectInfo):
+            raise BackendUnavailable(f"{what}: the file is not there afterwards")
+        return info
+
     # -- reads -------------------------------------------------------------------------------
 
     async def list_dir(self, prefix: str, *, max_entries: int | None = None) -> Listing:
@@ -161,15 +180,7 @@ class WebDAVStore(CallingStore):
                 if exc.status_code == 404 and prefix:
                     return Listing()  # a folder that is not there (yet) is empty, as a prefix is
                 raise
-            out = Listing()
-            for key, is_dir, info in self._entries(result):
-                if key == prefix:
-                    continue
-                if is_dir:
-                    out.dirs.append(key)
-                elif info is not None:
-                    out.files.append(info)
-            return out
+            return self._listing(result, prefix)
 
         return await self._run(f"list {prefix or '/'}", call)  # type: ignore[no-any-return]
 
@@ -311,10 +322,7 @@ class WebDAVStore(CallingStore):
         await self._run(f"write {key}", call, progress=progress)
         self.stats.put_requests += 1
         self.stats.bytes_stored += size
-        info = await self.stat(key)
-        if not isinstance(info, ObjectInfo):
-            raise BackendUnavailable(f"write {key}: the file is not there after the upload")
-        return info
+        return await self._stored(key, f"write {key}")
 
     async def delete(self, key: str) -> None:
         """A file (gone already: nothing to do, as on S3), or an empty folder ("name/"): a folder
@@ -340,10 +348,7 @@ class WebDAVStore(CallingStore):
         headers = {"Destination": self._url(dst), "Overwrite": "T", "Depth": "0"}
         await self._run(f"copy {src}", lambda: self._ok(self._with_parents(dst, lambda: self.http.request("COPY", self._url(src), headers=headers))))
         self.stats.put_requests += 1
-        info = await self.stat(dst)
-        if not isinstance(info, ObjectInfo):
-            raise BackendUnavailable(f"copy {src}: the copy is not there")
-        return info
+        return await self._stored(dst, f"copy {src}")
 
     moves_folders = True
 
@@ -355,10 +360,7 @@ class WebDAVStore(CallingStore):
     async def rename(self, src: str, dst: str, size: int | None = None, *, mtime: float | None = None) -> ObjectInfo:
         """One MOVE (replacing `dst`): the server renames, nothing is copied."""
         await self._move(src, dst, folder=False)
-        info = await self.stat(dst)
-        if not isinstance(info, ObjectInfo):
-            raise BackendUnavailable(f"move {src}: the file is not there under its new name")
-        return info
+        return await self._stored(dst, f"move {src}")
 
     async def rename_folder(self, src: str, dst: str) -> None:
         """One MOVE of the collection with all it holds."""
@@ -390,11 +392,7 @@ class WebDAVStore(CallingStore):
                     raise
                 self._propfind("", "0", collection=True)  # the served folder itself
                 return Listing()
-            out = Listing()
-            for key, is_dir, info in self._entries(result):
-                if key != prefix:
-                    (out.dirs.append(key) if is_dir else out.files.append(info))  # type: ignore[arg-type]
-            return out
+            return self._listing(result, prefix)
 
         found = await run_in_thread(listing, self.limiter)
         if writable and write_probe:

@@ -139,8 +139,7 @@ class Mutations(Namespace):
             # (rsync sets the time of its temporary file, then renames it) carries it instead.
             self._mtimes_due[node.key] = (node.etag, mtime, trio.current_time() + MTIME_DELAY)
             self._mtimes_wake.set()
-            self.mtimes.set(node.key, node.etag, mtime)
-            self.listings.add(node.key, Entry(False, ObjectInfo(node.key, node.size, node.etag, mtime)))
+            self._remember_mtime(node, mtime)
             return
         await self._store_mtime_now(node, mtime)
 
@@ -178,6 +177,10 @@ class Mutations(Namespace):
             node.etag = info.etag
             if node.staged is not None and self.staging is not None:
                 self.staging.mark(node.staged, base_etag=info.etag)
+        self._remember_mtime(node, mtime)
+
+    def _remember_mtime(self, node: Node, mtime: float) -> None:
+        """The mount shows `mtime` for this version of the file: in its index and its listing."""
         self.mtimes.set(node.key, node.etag, mtime)
         self.listings.add(node.key, Entry(False, ObjectInfo(node.key, node.size, node.etag, mtime)))
 
