@@ -126,7 +126,7 @@ class WorkerStats(TypedDict, total=False):
     requests: dict[str, int]  # FUSE requests served, by operation
     inodes: int
     write_mode: str | None
-    unsynced: dict[str, int] | None  # files, bytes, queued, incomplete, conflicts
+    unsynced: dict[str, int] | None  # files, bytes, queued, incomplete, conflicts, old_names (renamed-away names whose delete waits)
     staged: list[dict[str, Any]]  # StagedFile.public() of each pending file
     prefetch: dict[str, Any] | None  # PrefetchProgress.public()
     copy: dict[str, Any] | None  # copy mode: CopyProgress.public() and `refused`

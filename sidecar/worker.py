@@ -317,7 +317,7 @@ class MountWorker:
             "requests": dict(self.ops.requests),
             "inodes": fs.inode_count,
             "write_mode": self.cfg.mount.write_mode if staging else None,
-            "unsynced": fs.writer.unsynced() if fs.writer else None,
+            "unsynced": {**fs.writer.unsynced(), "old_names": len(fs.deletes)} if fs.writer else None,
             "prefetch": self.prefetcher.progress.public() if self.prefetcher.progress.state != "idle" else None,
             "staged": [f.public() for f in staging.pending()] if staging else [],
         }
@@ -432,6 +432,7 @@ class MountWorker:
                 if fs.writer is not None:
                     await nursery.start(fs.writer.run)
                     await nursery.start(fs.store_mtimes)
+                    await nursery.start(fs.deletes.run)
                 if cfg.mount.prefetch:
                     nursery.start_soon(self.on_prefetch, Prefetch(tuple(cfg.mount.prefetch)))
                 await pyfuse3.main()
@@ -452,6 +453,7 @@ class MountWorker:
         with trio.CancelScope(shield=True), trio.move_on_after(self.cfg.grace_period - 2):
             await writer.upload_pending(only_idle=False)
             await self.fs.flush_mtimes()
+            await self.fs.deletes.flush()
         writer.abandon_uncommitted()
         for f in staging.pending():
             logger.error("left_in_staging", key=f.key, size=f.size, state=f.state, local_path=str(f.data_path))

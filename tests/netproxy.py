@@ -11,7 +11,7 @@ link or a failing backend: the link emulator and fault proxy of the test suite a
 
 Every knob can be switched while the proxy runs. Requests are counted by kind (LIST is a GET
 with `list-type`/`prefix`/`delimiter`/`restype=container` or a GCS `/o?` listing; GET, HEAD,
-PUT, POST, DELETE; COPY is a PUT with a copy source), and the bytes of request and response
+PUT, POST, DELETE; COPY is a PUT with a copy source, DELETE_MANY a POST ?delete), and the bytes of request and response
 bodies are counted, so tests assert request counts and bytes instead of timings.
 
 Each client connection gets a thread; requests on it are handled one after the other (HTTP/1.1
@@ -97,6 +97,8 @@ def _kind(method: str, target: str, fields: dict[str, str]) -> str:
         return "GET"
     if method == "PUT" and ("x-amz-copy-source" in fields or "x-ms-copy-source" in fields):
         return "COPY"
+    if method == "POST" and target.partition("?")[2].split("&")[0] in ("delete", "delete="):
+        return "DELETE_MANY"  # S3 DeleteObjects
     return method
 
 
@@ -106,6 +108,7 @@ class LinkProxy:
         self.bandwidth: float | None = None  # bytes/s per connection and direction; None: unlimited
         self.first_byte_delay = 0.0  # s before each response's first byte
         self.stall = False
+        self.stall_kinds: frozenset[str] = frozenset()  # requests of these kinds stall (as `stall`, for them only)
         self.reset_fraction = 0.0
         self.error_fraction = 0.0
         self.errors_next = 0  # the next N responses are replaced by a 503 (after the server acted)
@@ -207,9 +210,9 @@ class LinkProxy:
                 if ahead > 0:
                     time.sleep(ahead)
 
-    def _wait_unstalled(self) -> None:
+    def _wait_unstalled(self, kind: str = "") -> None:
         with self._unstalled:
-            while self.stall and not self._stop.is_set():
+            while (self.stall or kind in self.stall_kinds) and not self._stop.is_set():
                 self._unstalled.wait(0.5)
 
     def _serve(self, client: socket.socket) -> None:
@@ -225,8 +228,8 @@ class LinkProxy:
                 with self._lock:
                     self.counts[kind] += 1
                     self.continues += fields.get("expect", "").lower() == "100-continue"
-                if self.stall:
-                    self._wait_unstalled()
+                if self.stall or kind in self.stall_kinds:
+                    self._wait_unstalled(kind)
                     raise _Closed()  # a stalled request never gets an answer
                 # A new upstream connection per request: the local servers (werkzeug for moto)
                 # may close a connection after any response, and the client's keep-alive is

@@ -287,11 +287,6 @@ class BlockCache:
         self._start_run(ref, [index], reserved=False)
         return self._inflight[(ref.key, ref.etag, index)]
 
-
-
-
-
-
     def _complete(self, ref: ObjectRef, index: int, fetch: BlockFetch, data: bytes | None, error: BaseException | None, held: bool) -> None:
         """Finishes one block's fetch: wakes its waiters and moves its memory reservation (if
         `held`) into the memory tier, or releases it on error. Idempotent."""
@@ -417,5 +412,26 @@ class BlockCache:
         log.warning(event, error=type(exc).__name__, detail=str(exc)[:200], errors=self.disk.errors)
 
 
+def adopt(cache: BlockCache, ref: ObjectRef, index: int, data: bytes) -> bool:
+    """Keeps `data`, known to be block `index` of `ref` (a file the mount just stored), as if
+    fetched: in memory while the budget has room, and on disk. False if there was no room (or
+    the block is held already)."""
+    start, end = cache.block_range(ref, index)
+    if cache.held(ref, index) or len(data) != end - start:
+        return False
+    fetch = cache.reserve_fetch(ref, index, ahead=False)
+    if fetch is None:
+        return False
+    cache.stats.misses -= 1  # not a miss: nothing was asked of the backend
+    cache.complete(ref, index, fetch, data, None)
+    cache.keep_on_disk(ref, index, data)
+    return True
 
 
+def carry(cache: BlockCache, old: ObjectRef, new: ObjectRef) -> None:
+    """`new` is a server-side copy of `old` (a rename): the blocks of `old` held in memory are
+    kept for `new` too."""
+    for index in range(cache.blocks_of(old) if old.size == new.size else 0):
+        data = cache.memory.peek((old.key, old.etag, index))
+        if data is not None:
+            adopt(cache, new, index, data)

@@ -184,6 +184,14 @@ class ObjectStore(Protocol):
 
     async def delete(self, key: str) -> None: ...
 
+    deletes_in_batches: bool  # True: `delete_many` sends many keys in one request (S3 DeleteObjects)
+
+    async def delete_many(self, items: list[tuple[str, str | None]]) -> dict[str, str]:
+        """Deletes the objects `(key, etag)`, each only at that version where the server can say
+        so (etag None: any version). Returns the keys not deleted, with the reason's code
+        ("changed": the object is another version now); a key already gone counts as deleted.
+        A failure of the whole call raises."""
+
     async def copy(self, src: str, dst: str, size: int | None = None) -> ObjectInfo:
         """A server-side copy of `src` (of `size` bytes, when known) to `dst`."""
 

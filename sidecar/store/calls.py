@@ -60,6 +60,17 @@ class CallingStore:
         await self.delete(src)  # type: ignore[attr-defined]
         return info
 
+    deletes_in_batches = False
+
+    async def delete_many(self, items: list[tuple[str, str | None]]) -> dict[str, str]:
+        """One delete per object, where the store has no batch request."""
+        for key, _ in items:
+            try:
+                await self.delete(key)  # type: ignore[attr-defined]
+            except NotFound:
+                pass
+        return {}
+
     async def rename_folder(self, src: str, dst: str) -> None:
         from sidecar.errors import NotSupported
 

@@ -21,6 +21,7 @@ class MemoryStore:
         self.streams = True  # get_blocks honours a gate (as S3's streamed body does)
         self.moves_folders = False
         self.mtime_by_copy = False  # a test may set it: mtimes are then deferred and carried by renames
+        self.deletes_in_batches = False  # a test may set it: renames then leave their deletes to a batch
 
     def put(self, key: str, data: bytes, mtime: float | None = None) -> ObjectInfo:
         etag = hashlib.md5(data + key.encode()).hexdigest()
@@ -125,6 +126,19 @@ class MemoryStore:
         await self._call()
         self.stats.delete_requests += 1
         self.objects.pop(key, None)
+
+    async def delete_many(self, items: list[tuple[str, str | None]]) -> dict[str, str]:
+        """One call for all, each conditional on its etag (as S3's conditional DeleteObjects)."""
+        await self._call()
+        self.stats.delete_requests += 1
+        refused = {}
+        for key, etag in items:
+            held = self.objects.get(key)
+            if held is not None and etag and held[1].etag != etag:
+                refused[key] = "changed"
+            else:
+                self.objects.pop(key, None)
+        return refused
 
     async def copy(self, src: str, dst: str, size: int | None = None) -> ObjectInfo:
         await self._call()

@@ -37,6 +37,7 @@ REUSE_PART_SIZE = 8 << 20  # finer parts when unchanged ranges can be copied: le
 
 
 UPLOAD_CONCURRENCY = 8
+DELETE_BATCH = 1000  # keys per DeleteObjects, S3's limit
 
 
 def _read_part(path: str, offset: int, size: int) -> bytes:
@@ -200,6 +201,28 @@ class _S3Writes:
     async def delete(self, key: str) -> None:
         self.stats.delete_requests += 1
         await self._run(f"delete {key}", lambda: self.fs._call_s3("delete_object", Bucket=self.bucket, Key=key))  # type: ignore[attr-defined]
+
+    deletes_in_batches = True
+
+    async def delete_many(self, items: list[tuple[str, str | None]]) -> dict[str, str]:
+        """DeleteObjects, DELETE_BATCH keys a request. Each key carries its etag: S3 deletes it
+        only at that version (a conditional delete; servers that do not know the condition,
+        such as moto and rclone's, delete whatever is there)."""
+        refused: dict[str, str] = {}
+        for i in range(0, len(items), DELETE_BATCH):
+            chunk = items[i : i + DELETE_BATCH]
+            objects = [{"Key": key, **({"ETag": f'"{etag}"'} if etag else {})} for key, etag in chunk]
+
+            async def delete_objects(objects: list[dict[str, str]] = objects) -> Any:
+                return await self.fs._call_s3("delete_objects", Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})  # type: ignore[attr-defined]
+
+            self.stats.delete_requests += 1
+            resp = await self._run(f"delete {len(chunk)} objects", delete_objects)  # type: ignore[attr-defined]
+            for err in resp.get("Errors", []):
+                code = str(err.get("Code", ""))
+                if code != "NoSuchKey":
+                    refused[str(err.get("Key", ""))] = "changed" if code in ("PreconditionFailed", "ConditionalRequestConflict") else code or "failed"
+        return refused
 
     async def copy(self, src: str, dst: str, size: int | None = None, *, mtime: float | None = None) -> ObjectInfo:
         """A server-side CopyObject (metadata, mtime included, copied too; with `mtime`, the

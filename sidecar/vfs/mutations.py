@@ -13,7 +13,7 @@ import time
 
 import trio
 
-from sidecar.cache.blocks import ObjectRef
+from sidecar.cache.blocks import ObjectRef, carry
 from sidecar.errors import (
     BadHandle, CrossDevice, Exists, InvalidName, IsADirectory, NameTooLong, NotADirectory, NotEmpty, NotFound, NotSupported, ReadOnly,
     SidecarError,
@@ -57,6 +57,7 @@ class Mutations(Namespace):
         self._require_writable(key)
         self._storable(name)
         assert self.staging is not None
+        await self.deletes.claim(key)
         now = trio.current_time()
         node = self.inodes.for_entry(key, False, ObjectInfo(key, 0, "", time.time()), now)
         if node.staged is not None:
@@ -243,6 +244,7 @@ class Mutations(Namespace):
 
     async def rmdir(self, parent_ino: int, name: str) -> None:
         node, key = await self._removable(parent_ino, name, is_dir=True)
+        await self.deletes.claim_under(key)
         self.listings.forget(key)
         if await self._list(node):
             raise NotEmpty(key)
@@ -261,6 +263,10 @@ class Mutations(Namespace):
         if src is None:
             raise NotFound(src_key)
         dst = await self._existing(dst_parent, name_new)
+        await self.deletes.claim(dst_key)
+        if src.is_dir:
+            await self.deletes.claim_under(src_key)
+            await self.deletes.claim_under(dst_key)
         if dst is not None:
             if flags & RENAME_NOREPLACE:
                 raise Exists(dst_key)
@@ -308,8 +314,7 @@ class Mutations(Namespace):
             self._unstage(dst)
         staged = src.staged
         if staged is not None and (staged.dirty or staged.base_etag is None):
-            had_remote = staged.base_etag is not None
-            old_key = src.key
+            old_key, old_etag = src.key, staged.base_etag
             # The destination may exist remotely: the upload replaces the version the lookup
             # above saw (from the folder's listing: no request), or requires the name to be free.
             # Either precondition travels with the upload, so a change meanwhile is a conflict.
@@ -317,13 +322,19 @@ class Mutations(Namespace):
             self.inodes.move(src, dst_key)
             if staged.handles <= 0:
                 await self.writer.commit(staged)
-            if had_remote:
-                await self.store.delete(old_key)
+            if old_etag is not None:
+                await self._delete_old_name(old_key, old_etag)
             return
         set_mtime = self.mtimes.get(src.key, src.etag)
         deferred = self._mtimes_due.pop(src.key, None)
         carried = deferred[1] if deferred is not None and deferred[0] == src.etag else None
-        info = await self.store.rename(src.key, dst_key, src.size, mtime=carried)
+        if self.deletes.active:
+            copied = self.store.copy(src.key, dst_key, src.size, mtime=carried) if carried is not None else self.store.copy(src.key, dst_key, src.size)
+            info = await copied  # type: ignore[call-arg]
+            self.deletes.add(src.key, src.etag)
+        else:
+            info = await self.store.rename(src.key, dst_key, src.size, mtime=carried)
+        carry(self.cache, ObjectRef(src.key, src.etag, src.size), ObjectRef(dst_key, info.etag, info.size))
         if set_mtime is not None:  # the copy keeps the metadata; the index follows the name
             self.mtimes.set(dst_key, info.etag, set_mtime)
         if staged is not None:
@@ -350,14 +361,21 @@ class Mutations(Namespace):
             await self.store.put_marker(dst_key + d[len(prefix) :])
         for f in files:  # its size from the listing: a copy needs no HEAD
             await self.store.copy(f.key, dst_key + f.key[len(prefix) :], f.size)
-        for f in files:
-            await self.store.delete(f.key)
-        for d in reversed(dirs):
-            try:
-                await self.store.delete(d + "/")
-            except NotFound:
-                pass  # an implicit folder (a prefix without a marker)
+        # S3: 1,000 to a request. Markers last (a store without batches deletes in this order);
+        # an implicit folder (a prefix without a marker) has none, which is no error.
+        old = [(f.key, f.etag or None) for f in files] + [(d + "/", None) for d in reversed(dirs)]
+        refused = await self.store.delete_many(old)
+        for key, code in refused.items():
+            log.warning("old_name_not_deleted", key=key, code=code, reason="another version is there now" if code == "changed" else "the server refused")
         self._moved_tree(prefix, dst_key, src)
+
+    async def _delete_old_name(self, key: str, etag: str) -> None:
+        """The old name of a renamed object: its delete waits to go with others where the store
+        deletes in batches (sidecar.vfs.deletes), else it is deleted now."""
+        if self.deletes.active:
+            self.deletes.add(key, etag)
+        else:
+            await self.store.delete(key)
 
     def _moved_tree(self, prefix: str, dst_key: str, src: Node) -> None:
         for node in self.inodes.under(prefix):  # inodes below move with the directory, as in POSIX

@@ -18,6 +18,7 @@ import trio
 from sidecar.cache.blocks import BlockCache, ObjectRef
 from sidecar.errors import BadHandle, NotADirectory, NotFound, ObjectChanged, SidecarError
 from sidecar.store.base import DirInfo, Listing, ObjectInfo, ObjectStore
+from sidecar.vfs.deletes import PendingDeletes
 from sidecar.vfs.inodes import ROOT_INO, InodeTable, Node
 from sidecar.vfs.listings import NAME_MAX, Entry, Listings, parent_key, unusable_name
 from sidecar.vfs.reader import Reader
@@ -84,6 +85,7 @@ class Namespace:
     inodes: InodeTable
     listings: Listings
     staging: StagingArea | None
+    deletes: PendingDeletes
 
     def _child_key(self, parent: Node, name: str) -> str:
         return f"{parent.key}/{name}" if parent.key else name
@@ -178,6 +180,9 @@ class Namespace:
         """A complete listing of folder `prefix` answers lookups, getattrs and opens of its
         names while it is fresh, whoever made it (a lookup, readdir, or a prefetch's plan)."""
         entries = self.listings.entries_of(prefix, listing)
+        if self.deletes:  # old names of renamed objects, their deletes waiting (sidecar.vfs.deletes)
+            for name in [n for n, e in entries.items() if e.info is not None and self.deletes.hides(e.info.key)]:
+                del entries[name]
         if self.mtime_from_metadata:
             await self._learn_mtimes([e.info for e in entries.values() if e.info is not None])
         for name, e in entries.items():
@@ -258,7 +263,10 @@ class Namespace:
             entry = None
         else:
             staged = self.staging.by_key.get(key) if self.staging else None
-            found = self._staged_info(staged) if staged is not None and staged.state != "conflict" else await self.store.stat(key)
+            if staged is not None and staged.state != "conflict":
+                found = self._staged_info(staged)
+            else:
+                found = None if self.deletes.hides(key) else await self.store.stat(key)
             if isinstance(found, ObjectInfo):
                 found = self._with_mtime(found)
             if found is None:

@@ -3,6 +3,7 @@
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -75,9 +76,9 @@ def test_cp_r_of_500_files_costs_at_most_one_request_per_file_besides_its_put(s3
 
 
 def test_mv_of_a_folder_copies_each_object_once_and_heads_none(s3, proxied, mount_worker):
-    """`mv` of a folder of 60 objects in 3 subfolders (durable): a copy and a delete per object
-    and a marker per folder, no HEAD (the sizes come from the walk's listings; before: two HEADs
-    per object)."""
+    """`mv` of a folder of 60 objects in 3 subfolders (durable): a copy per object and a marker
+    per folder, no HEAD (the sizes come from the walk's listings; before: two HEADs per object),
+    and the old names deleted in one request (before: a DELETE each)."""
     proxy, bucket = proxied
     for i in range(60):
         s3.client().put_object(Bucket=bucket, Key=f"src/d{i % 3}/f{i:02d}.txt", Body=b"object %d" % i)
@@ -86,34 +87,70 @@ def test_mv_of_a_folder_copies_each_object_once_and_heads_none(s3, proxied, moun
     proxy.reset_counts()
     subprocess.run(["mv", f"{w.mnt}/src", f"{w.mnt}/dst"], check=True)
     counts = dict(proxy.counts)
-    assert counts.get("HEAD", 0) == 0 and counts.get("COPY", 0) == 60 and counts.get("DELETE", 0) >= 60, counts
+    assert counts.get("HEAD", 0) == 0 and counts.get("COPY", 0) == 60, counts
+    assert counts.get("DELETE_MANY", 0) == 1 and counts.get("DELETE", 0) == 0, counts
     keys = {o["Key"] for p in s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in p.get("Contents", [])}
     assert {f"dst/d{i % 3}/f{i:02d}.txt" for i in range(60)} <= keys and not any(k.startswith("src/") for k in keys)
 
 
-def test_durable_rsync_costs_an_upload_a_copy_and_a_delete_per_file_and_keeps_mtimes(s3, proxied, mount_worker, tmp_path):
+def test_durable_rsync_costs_an_upload_and_a_copy_per_file_and_keeps_mtimes(s3, proxied, mount_worker, tmp_path):
     """rsync -a in durable mode writes `.name.XXXXXX`, closes it (the upload), sets its mtime and
     renames it. The mtime, which on S3 costs a copy of the object onto itself, waits a moment and
-    rides with the rename's copy: a PUT, a COPY and a DELETE per file (before: two COPYs), and
-    the final objects carry rclone's `mtime` metadata of the source files."""
+    rides with the rename's copy; the deletes of the temporary names wait too and go together
+    (DeleteObjects): a PUT and a COPY per file (before: and a DELETE). The temporary names are
+    never seen in the mount, and the final objects carry rclone's `mtime` metadata of the
+    source files."""
     proxy, bucket = proxied
     src = tmp_path / "src"
     src.mkdir()
-    for i in range(40):
-        (src / f"f{i:02d}.dat").write_bytes(os.urandom(300 + i))
-        os.utime(src / f"f{i:02d}.dat", (1_700_000_000 + i, 1_700_000_000 + i))
+    n = 200
+    for i in range(n):
+        (src / f"f{i:03d}.dat").write_bytes(os.urandom(300 + i))
+        os.utime(src / f"f{i:03d}.dat", (1_700_000_000 + i, 1_700_000_000 + i))
     w = mount_worker(bucket, options={"endpoint_url": proxy.endpoint}, readonly=False, ttl=30.0)
     os.mkdir(f"{w.mnt}/out")
     os.listdir(f"{w.mnt}/out")
     proxy.reset_counts()
     subprocess.run(["rsync", "-a", f"{src}/", f"{w.mnt}/out/"], check=True)
+    assert sorted(os.listdir(f"{w.mnt}/out")) == [f"f{i:03d}.dat" for i in range(n)]
+    wait_for(lambda: w.stats()["unsynced"]["old_names"] == 0, timeout=60, what="the deletes of the temporary names")
     counts = dict(proxy.counts)
-    assert (counts.pop("PUT", 0), counts.pop("COPY", 0), counts.pop("DELETE", 0)) == (40, 40, 40), counts
+    assert (counts.pop("PUT", 0), counts.pop("COPY", 0), counts.get("DELETE", 0)) == (n, n, 0), counts
+    deletes = counts.pop("DELETE_MANY", 0)
+    assert 1 <= deletes <= 3, deletes  # one DeleteObjects per pause of a second (rsync never pauses here)
     assert counts.get("HEAD", 0) == 0 and sum(counts.values()) <= 2, counts
-    for i in (0, 17, 39):
-        head = s3.client().head_object(Bucket=bucket, Key=f"out/f{i:02d}.dat")
+    keys = {o["Key"] for p in s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in p.get("Contents", [])}
+    assert keys == {"out/"} | {f"out/f{i:03d}.dat" for i in range(n)}, sorted(keys - {f"out/f{i:03d}.dat" for i in range(n)})
+    for i in (0, 17, n - 1):
+        head = s3.client().head_object(Bucket=bucket, Key=f"out/f{i:03d}.dat")
         assert float(head["Metadata"]["mtime"]) == 1_700_000_000 + i
-        assert os.stat(f"{w.mnt}/out/f{i:02d}.dat").st_mtime == 1_700_000_000 + i
+        assert os.stat(f"{w.mnt}/out/f{i:03d}.dat").st_mtime == 1_700_000_000 + i
+
+
+def test_old_names_whose_delete_a_kill_interrupted_are_deleted_by_the_next_start(s3, proxied, mount_worker, tmp_path):
+    """The deletes of renamed-away names wait a moment; a worker SIGKILLed before they went
+    leaves them journaled, and the next start deletes them (after a HEAD each shows the same
+    version), never the renamed objects."""
+    proxy, bucket = proxied
+    cfg = dict(options={"endpoint_url": proxy.endpoint}, readonly=False, ttl=1.0, cache_dir=str(tmp_path / "kc"), name="kill", deadline=3.0)
+    w = mount_worker(bucket, **cfg)
+    proxy.set(stall_kinds=frozenset({"DELETE_MANY"}))  # whenever the batch goes, it is never answered
+    os.mkdir(f"{w.mnt}/out")
+    for i in range(5):
+        with open(f"{w.mnt}/out/.f{i}.tmp", "wb") as f:
+            f.write(b"file %d" % i)
+        os.rename(f"{w.mnt}/out/.f{i}.tmp", f"{w.mnt}/out/f{i}")
+    assert w.stats()["unsynced"]["old_names"] == 5
+    assert sorted(os.listdir(f"{w.mnt}/out")) == [f"f{i}" for i in range(5)]
+    os.kill(w.proc.pid, signal.SIGKILL)
+    w.proc.wait()
+    subprocess.run(["fusermount3", "-u", "-z", w.mnt], check=False)
+    proxy.set(stall_kinds=frozenset())
+    assert set(s3_keys(s3, bucket)) >= {f"out/.f{i}.tmp" for i in range(5)}
+    w2 = mount_worker(bucket, mountpath=w.mnt, **cfg)
+    wait_for(lambda: set(s3_keys(s3, bucket)) == {"out/"} | {f"out/f{i}" for i in range(5)}, timeout=30, what="the old names deleted")
+    assert sorted(os.listdir(f"{w2.mnt}/out")) == [f"f{i}" for i in range(5)]
+    assert open(f"{w2.mnt}/out/f3", "rb").read() == b"file 3"
 
 
 def test_an_mtime_set_without_a_rename_is_stored_a_moment_later(s3, proxied, mount_worker):
@@ -329,3 +366,63 @@ def test_the_daemon_reports_a_copy_and_ready_does_not_wait_for_it(s3, tmp_path, 
     (st,) = d.get("/status")[1]["mounts"]
     assert st["mode"] == "copy" and st["copy"]["files_done"] == 20 and "stay local" in st["copy"]["note"]
     assert (tmp_path / "project/data/x/7.txt").read_bytes() == b"copy me 7"
+
+
+def _git_repo(path, files):
+    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.org", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.org")
+    subprocess.run(["git", "init", "-q", str(path)], check=True)
+    for i in range(files):
+        p = path / f"d{i % 10}" / f"f{i:03d}.py"
+        p.parent.mkdir(exist_ok=True)
+        p.write_text(f"# file {i}\n" + "x = 1\n" * (i % 50))
+    subprocess.run(["git", "-C", str(path), "add", "-A"], check=True, env=env)
+    subprocess.run(["git", "-C", str(path), "commit", "-q", "-m", "first"], check=True, env=env)
+    return env
+
+
+@pytest.mark.parametrize("write_mode", ["durable", "writeback"])
+def test_git_clone_into_a_mount_costs_about_a_request_per_file(s3, proxied, mount_worker, tmp_path, write_mode):
+    """`git clone` of a 200-file repository into a writable mount: the checkout writes each file
+    once; git's lock files and temporary packs are renamed into place (a copy, their deletes
+    together); the clone is whole (`git status` clean, `git fsck` passes)."""
+    proxy, bucket = proxied
+    env = _git_repo(tmp_path / "src", 200)
+    w = mount_worker(bucket, options={"endpoint_url": proxy.endpoint}, readonly=False, ttl=30.0, write_mode=write_mode, writeback_delay=1.0)
+    proxy.reset_counts()
+    subprocess.run(["git", "clone", "-q", "--no-hardlinks", f"file://{tmp_path}/src", f"{w.mnt}/clone"], check=True, env=env)
+    wait_for(lambda: w.stats()["unsynced"]["files"] == 0 and w.stats()["unsynced"]["old_names"] == 0, timeout=60, what="uploads and deletes")
+    counts = dict(proxy.counts)
+    print(f"\ngit clone of 200 files ({write_mode}): {counts}")
+    # 2026-12-03: durable 270 PUT, 18 COPY, 13 DeleteObjects, 6 DELETE, 1 LIST; write-back 254 PUT, 1 LIST
+    assert counts.get("GET", 0) == 0 and counts.get("HEAD", 0) == 0, counts  # what git wrote, it reads from the cache
+    if write_mode == "durable":
+        assert sum(counts.values()) <= 1.6 * 200, counts
+    else:
+        assert set(counts) <= {"PUT", "LIST"} and counts["PUT"] <= 1.3 * 200, counts
+    st = subprocess.run(["git", "-C", f"{w.mnt}/clone", "status", "--porcelain"], capture_output=True, text=True, env=env)
+    assert st.returncode == 0 and st.stdout == "", st.stdout + st.stderr
+    assert subprocess.run(["git", "-C", f"{w.mnt}/clone", "fsck", "--no-progress"], capture_output=True, env=env).returncode == 0
+
+
+def test_a_jupyter_style_save_costs_two_uploads_and_a_delete(s3, proxied, mount_worker):
+    """Jupyter's atomic save (jupyter_server's `atomic_writing`): copy the notebook to `.~name`,
+    write the notebook in place, fsync, close, remove the copy. Durable: the copy's upload, the
+    notebook's and the copy's delete; reading the notebook it saved last costs nothing (the
+    bytes this mount stored are kept in its cache)."""
+    proxy, bucket = proxied
+    s3.client().put_object(Bucket=bucket, Key="nb.ipynb", Body=b'{"cells": []}' * 1000)
+    w = mount_worker(bucket, options={"endpoint_url": proxy.endpoint}, readonly=False, ttl=30.0)
+    nb, backup = f"{w.mnt}/nb.ipynb", f"{w.mnt}/.~nb.ipynb"
+    assert open(nb, "rb").read().startswith(b'{"cells"')  # the notebook is open in Jupyter: read
+    proxy.reset_counts()
+    for i in range(5):
+        shutil.copy2(nb, backup)
+        with open(nb, "w") as f:
+            f.write('{"cells": [%d]}' % i)
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(backup)
+    counts = dict(proxy.counts)
+    assert counts == {"PUT": 10, "DELETE": 5}, counts
+    assert s3.client().get_object(Bucket=bucket, Key="nb.ipynb")["Body"].read() == b'{"cells": [4]}'
+    assert set(s3_keys(s3, bucket)) == {"nb.ipynb"}
