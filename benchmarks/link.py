@@ -162,7 +162,7 @@ class LinkBench:
         base.update(cfg)
         return WorkerProcess(base)
 
-    def rclone_mount(self, mode: str = "off") -> tuple[subprocess.Popen, str]:
+    def rclone_mount(self, mode: str = "off", *extra: str) -> tuple[subprocess.Popen, str]:
         self._n += 1
         mnt = str(self.work / f"rclone{self._n}")
         os.makedirs(mnt)
@@ -171,7 +171,7 @@ class LinkBench:
         env.pop("AWS_CA_BUNDLE", None)
         proc = subprocess.Popen([rclone_binary(), "mount", f"l:{BUCKET}", mnt, "--config", "/dev/null", "--vfs-cache-mode", mode,
                                  "--cache-dir", str(self.work / f"rclone-cache{self._n}"),
-                                 "--log-file", str(self.work / "rclone-mount.log")], env=env)
+                                 "--log-file", str(self.work / "rclone-mount.log"), *extra], env=env)
         wait_mounted(mnt, proc)
         return proc, mnt
 
