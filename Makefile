@@ -35,6 +35,7 @@ bench:
 	$(PY) -m benchmarks $(BENCH_ARGS)
 	$(PY) -m benchmarks.link $(LINK_ARGS)
 	$(PY) -m benchmarks.webdav $(WEBDAV_ARGS)
+	$(PY) -m benchmarks.clients $(CLIENTS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .demo

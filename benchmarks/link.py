@@ -162,14 +162,14 @@ class LinkBench:
         base.update(cfg)
         return WorkerProcess(base)
 
-    def rclone_mount(self, mode: str = "off", *extra: str) -> tuple[subprocess.Popen, str]:
+    def rclone_mount(self, mode: str = "off", *extra: str, creds: tuple[str, str] = (KEY, SECRET), bucket: str = BUCKET) -> tuple[subprocess.Popen, str]:
         self._n += 1
         mnt = str(self.work / f"rclone{self._n}")
         os.makedirs(mnt)
         env = dict(os.environ, RCLONE_CONFIG_L_TYPE="s3", RCLONE_CONFIG_L_PROVIDER="Other", RCLONE_CONFIG_L_ENDPOINT=self.proxy.endpoint,
-                   RCLONE_CONFIG_L_ACCESS_KEY_ID=KEY, RCLONE_CONFIG_L_SECRET_ACCESS_KEY=SECRET, RCLONE_CONFIG_L_REGION="us-east-1")
+                   RCLONE_CONFIG_L_ACCESS_KEY_ID=creds[0], RCLONE_CONFIG_L_SECRET_ACCESS_KEY=creds[1], RCLONE_CONFIG_L_REGION="us-east-1")
         env.pop("AWS_CA_BUNDLE", None)
-        proc = subprocess.Popen([rclone_binary(), "mount", f"l:{BUCKET}", mnt, "--config", "/dev/null", "--vfs-cache-mode", mode,
+        proc = subprocess.Popen([rclone_binary(), "mount", f"l:{bucket}", mnt, "--config", "/dev/null", "--vfs-cache-mode", mode,
                                  "--cache-dir", str(self.work / f"rclone-cache{self._n}"),
                                  "--log-file", str(self.work / "rclone-mount.log"), *extra], env=env)
         wait_mounted(mnt, proc)

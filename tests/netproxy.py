@@ -377,10 +377,11 @@ class Response:
     """One forwarded response body: its request's kind and Range header, the bytes handed to
     the client's socket, and of those the ones still queued when the client hung up."""
 
-    __slots__ = ("kind", "range", "sent", "unsent")
+    __slots__ = ("kind", "range", "sent", "unsent", "at")
 
     def __init__(self, kind: str, range_: str) -> None:
         self.kind, self.range, self.sent, self.unsent = kind, range_, 0, 0
+        self.at = time.monotonic()  # when its head was forwarded (a timeline of a workload's requests)
 
     @property
     def delivered(self) -> int:

@@ -29,7 +29,7 @@ cannot match.
 
 from __future__ import annotations
 
-import bisect
+import re
 from collections import OrderedDict, deque
 
 RECENT = 16  # read ends remembered per handle
@@ -123,14 +123,16 @@ FOLDERS = 64  # folders whose walk is remembered
 
 class FolderWalk:
     """Read-ahead across files: a reader that opens a folder's files one after another in name
-    order (`cat *`, `grep -r`, a data loader over an image folder, zarr chunks) gets the next
-    FOLDER_AHEAD names fetched ahead once it has opened FOLDER_STREAK of them in a row, and
+    order (`cat *`, `grep -r`, a data loader over an image folder) or in natural order, numbers
+    compared as numbers (zarr's chunks "0.9", "0.10", "0.11"; "img2" before "img10"), gets the
+    next FOLDER_AHEAD names fetched ahead once it has opened FOLDER_STREAK of them in a row, and
     stays that far ahead while it walks on. One file per request is otherwise a round trip per
     file, paid one after another. Opens in any other order fetch nothing ahead.
 
-    `on_open` gets the folder's fresh listing (a dict; the sorted names are kept while the same
-    listing is handed in) and returns the names to fetch now. The caller decides what is worth
-    fetching (small files) and where from."""
+    `on_open` gets the folder's fresh listing (a dict; the orders are kept while the same
+    listing is handed in; the natural one is made only once opens left name order) and returns
+    the names to fetch now. The caller decides what is worth fetching (small files) and where
+    from."""
 
     def __init__(self, ahead: int = FOLDER_AHEAD, streak: int = FOLDER_STREAK) -> None:
         self.ahead = ahead
@@ -145,23 +147,54 @@ class FolderWalk:
             while len(self._walks) > FOLDERS:
                 self._walks.popitem(last=False)
         self._walks.move_to_end(folder)
-        i = bisect.bisect_left(walk.names, name)
-        if i >= len(walk.names) or walk.names[i] != name:
+        if name not in listing:
             return []
-        walk.run = walk.run + 1 if 0 < i - walk.last <= FOLDER_SKIP else 1
-        walk.last = i
-        if walk.run < self.streak:
+        walk.opens += 1
+        ahead: list[str] = []
+        for order in walk.orders:  # the natural order, once made and walked, has the last word
+            got = self._step(order, name)
+            if order.run >= self.streak:
+                ahead = got
+        if len(walk.orders) == 1 and walk.opens > self.streak and walk.orders[0].run < self.streak:
+            walk.orders.append(_Order(sorted(listing, key=natural_key)))  # opens left name order
+        return ahead
+
+    def _step(self, order: _Order, name: str) -> list[str]:
+        i = order.index.get(name)
+        if i is None:
+            return []  # added to the listing after this order was made (the mount's own new file)
+        order.run = order.run + 1 if 0 < i - order.last <= FOLDER_SKIP else 1
+        order.last = i
+        if order.run < self.streak:
             return []
-        start, end = max(i + 1, walk.fetched), min(i + 1 + self.ahead, len(walk.names))
-        if end - start < self.ahead // 2 and end < len(walk.names):
+        start, end = max(i + 1, order.fetched), min(i + 1 + self.ahead, len(order.names))
+        if end - start < self.ahead // 2 and end < len(order.names):
             return []  # topped up in batches, like a handle's window
-        walk.fetched = max(walk.fetched, end)
-        return walk.names[start:end]
+        order.fetched = max(order.fetched, end)
+        return order.names[start:end]
+
+
+def natural_key(name: str) -> tuple[tuple[int, int, str], ...]:
+    """Sorts runs of digits by their value: "a2" before "a10", "0.9" before "0.10"."""
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in _DIGITS.split(name) if t)
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+class _Order:
+    __slots__ = ("names", "index", "last", "run", "fetched")
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.index = {n: i for i, n in enumerate(names)}
+        self.last, self.run, self.fetched = -FOLDER_SKIP - 2, 0, 0
 
 
 class _Walk:
-    __slots__ = ("listing", "names", "last", "run", "fetched")
+    __slots__ = ("listing", "orders", "opens")
 
     def __init__(self, listing: dict[str, object], names: list[str]) -> None:
-        self.listing, self.names = listing, names
-        self.last, self.run, self.fetched = -FOLDER_SKIP - 2, 0, 0
+        self.listing = listing
+        self.orders = [_Order(names)]
+        self.opens = 0

@@ -29,6 +29,7 @@ from sidecar.vfs.namespace import Attr, FileHandle, Namespace
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 DIR_RENAME_LIMIT = 1000  # objects; a larger directory answers EXDEV and `mv` copies it instead
+DIR_RENAME_COPIES = 16  # server-side copies of a directory rename in flight at once
 MTIME_DELAY = 1.0  # s an mtime that costs a copy waits for a rename to carry it (stores that `mtime_by_copy`)
 
 log = get_logger(__name__)
@@ -359,8 +360,22 @@ class Mutations(Namespace):
             raise CrossDevice(f"{prefix}: more than {DIR_RENAME_LIMIT} objects")
         for d in dirs:  # every folder becomes an explicit marker under the new name
             await self.store.put_marker(dst_key + d[len(prefix) :])
-        for f in files:  # its size from the listing: a copy needs no HEAD
-            await self.store.copy(f.key, dst_key + f.key[len(prefix) :], f.size)
+        limiter = trio.CapacityLimiter(DIR_RENAME_COPIES)
+        failed: list[SidecarError] = []
+
+        async def copy(f: ObjectInfo) -> None:
+            async with limiter:  # its size from the listing: a copy needs no HEAD
+                try:
+                    await self.store.copy(f.key, dst_key + f.key[len(prefix) :], f.size)
+                except SidecarError as exc:  # the others are cancelled, and nothing is deleted
+                    failed.append(exc)
+                    nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            for f in files:
+                nursery.start_soon(copy, f)
+        if failed:
+            raise failed[0]
         # S3: 1,000 to a request. Markers last (a store without batches deletes in this order);
         # an implicit folder (a prefix without a marker) has none, which is no error.
         old = [(f.key, f.etag or None) for f in files] + [(d + "/", None) for d in reversed(dirs)]

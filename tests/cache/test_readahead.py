@@ -116,3 +116,26 @@ def test_the_folder_walk_policy():
     assert w.on_open("d", listing, "n10") == ["n11"]  # the end of the folder
     assert w.on_open("d", listing, "zz") == []  # not in the listing
     assert w.on_open("e", {"a": None, "b": None}, "a") == [] and w.on_open("e", {"a": None, "b": None}, "b") == []
+
+
+def test_a_walk_in_natural_order_is_followed_too():
+    """zarr opens its chunks "0.0", "0.1", ..., "0.9", "0.10": numbers in the names in order of
+    their value, which is not name order ("0.10" sorts before "0.2")."""
+    from sidecar.cache.readahead import FolderWalk, natural_key
+
+    assert sorted(["0.10", "0.9", "1.0", "0.2", "a", ".zarray"], key=natural_key) == ["0.2", "0.9", "0.10", "1.0", ".zarray", "a"]
+    w = FolderWalk(ahead=4, streak=2)
+    listing = {f"{i}.{j}": None for i in range(3) for j in range(12)}
+    got = [w.on_open("z", listing, f"0.{j}") for j in range(12)]
+    assert got[1] == ["0.10", "0.11", "0.2", "0.3"]  # two in name order: guessed as a name-order walk
+    # name order broke at "0.2"; from then on the natural order is followed, 4 ahead, in batches
+    assert got[6] == ["0.9", "0.10"] and got[8] == ["0.11", "1.0"] and got[10] == ["1.1", "1.2"]
+    assert got[5] == got[7] == got[9] == got[11] == []
+    names = list(listing)
+    import random
+
+    random.Random(1).shuffle(names)
+    shuffled = FolderWalk(ahead=4, streak=2)
+    listing["new"] = None  # the mount adds its own new files to the listing it keeps
+    assert w.on_open("z", listing, "new") == []
+    assert sum(len(shuffled.on_open("t", listing, n)) for n in names) <= 8  # a shuffled reader gets (almost) nothing ahead

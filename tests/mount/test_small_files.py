@@ -388,6 +388,7 @@ def test_git_clone_into_a_mount_costs_about_a_request_per_file(s3, proxied, moun
     proxy, bucket = proxied
     env = _git_repo(tmp_path / "src", 200)
     w = mount_worker(bucket, options={"endpoint_url": proxy.endpoint}, readonly=False, ttl=30.0, write_mode=write_mode, writeback_delay=1.0)
+    proxy.set(first_byte_delay=0.03)  # a link's round trip: uploads and reads overlap as they would
     proxy.reset_counts()
     subprocess.run(["git", "clone", "-q", "--no-hardlinks", f"file://{tmp_path}/src", f"{w.mnt}/clone"], check=True, env=env)
     wait_for(lambda: w.stats()["unsynced"]["files"] == 0 and w.stats()["unsynced"]["old_names"] == 0, timeout=60, what="uploads and deletes")

@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 from sidecar.cache.blocks import BlockCache
-from sidecar.errors import NoSpace, NotFound, SidecarError
+from sidecar.errors import BackendUnavailable, NoSpace, NotFound, SidecarError
 from tests.conftest import wait_for
 from tests.fshelpers import BS, errno_of, writable, write_file
 from sidecar.store.memory import MemoryStore
@@ -242,6 +242,33 @@ def test_mkdir_rmdir_and_directory_rename(tmp_path, monkeypatch):
             with pytest.raises(SidecarError) as err:
                 await fs.rename(ROOT_INO, "e", ROOT_INO, "x", mutations.RENAME_NOREPLACE)
             assert errno_of(err) == errno.EEXIST
+
+    trio.run(main)
+
+
+def test_a_directory_rename_whose_copy_fails_deletes_nothing(tmp_path):
+    """The copies of a directory rename run in parallel; one failing stops the rename with its
+    own error (EIO, not a group of errors) and no object of the old tree is deleted."""
+    store = MemoryStore()
+    for i in range(40):
+        store.put(f"d/f{i:02d}", b"%d" % i)
+    copy = store.copy
+
+    async def flaky_copy(src, dst, size=None):
+        if src == "d/f17":
+            raise BackendUnavailable("copy refused")
+        await trio.sleep(0.01)
+        return await copy(src, dst, size)
+
+    store.copy = flaky_copy
+
+    async def main():
+        async with writable(store, tmp_path) as fs:
+            with pytest.raises(SidecarError) as err:
+                await fs.rename(ROOT_INO, "d", ROOT_INO, "e")
+            assert errno_of(err) == errno.EIO
+            assert {f"d/f{i:02d}" for i in range(40)} <= set(store.objects)  # the whole old tree
+            assert store.stats.delete_requests == 0
 
     trio.run(main)
 
