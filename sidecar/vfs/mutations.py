@@ -19,7 +19,7 @@ from sidecar.errors import (
     SidecarError,
 )
 from sidecar.log import get_logger
-from sidecar.store.base import ObjectInfo
+from sidecar.store.base import ObjectInfo, ObjectStore
 from sidecar.vfs.inodes import Node
 from sidecar.vfs.listings import NAME_MAX, Entry, unusable_name
 from sidecar.vfs.writer import Writer
@@ -292,21 +292,6 @@ class Mutations(Namespace):
         else:
             self.listings.add(dst_key, Entry(False, ObjectInfo(dst_key, src.size, src.etag, src.mtime)))
 
-    async def _walk(self, prefix: str, limit: int) -> tuple[list[ObjectInfo], list[str]]:
-        """Objects and folder prefixes under `prefix` (itself included), one LIST per folder;
-        stops early once more than `limit` were found."""
-        files: list[ObjectInfo] = []
-        dirs: list[str] = []
-        todo = [prefix]
-        while todo and len(files) + len(dirs) <= limit:
-            d = todo.pop()
-            dirs.append(d)
-            listing = await self.store.list_dir(d)
-            files += listing.files
-            todo += listing.dirs
-            todo += [m.rstrip("/") for m in listing.markers if m.rstrip("/") != d and m.rstrip("/") not in listing.dirs]
-        return files, dirs
-
     async def _rename_file(self, src: Node, dst_key: str, dst: Node | None) -> None:
         """Copy, then delete: from this mount's view the new name appears complete (the copy is
         one server-side request) and only then the old one goes."""
@@ -355,27 +340,12 @@ class Mutations(Namespace):
             await self.store.rename_folder(prefix, dst_key)
             self._moved_tree(prefix, dst_key, src)
             return
-        files, dirs = await self._walk(prefix, DIR_RENAME_LIMIT)
+        files, dirs = await walk_tree(self.store, prefix, DIR_RENAME_LIMIT)
         if len(files) + len(dirs) > DIR_RENAME_LIMIT:
             raise CrossDevice(f"{prefix}: more than {DIR_RENAME_LIMIT} objects")
         for d in dirs:  # every folder becomes an explicit marker under the new name
             await self.store.put_marker(dst_key + d[len(prefix) :])
-        limiter = trio.CapacityLimiter(DIR_RENAME_COPIES)
-        failed: list[SidecarError] = []
-
-        async def copy(f: ObjectInfo) -> None:
-            async with limiter:  # its size from the listing: a copy needs no HEAD
-                try:
-                    await self.store.copy(f.key, dst_key + f.key[len(prefix) :], f.size)
-                except SidecarError as exc:  # the others are cancelled, and nothing is deleted
-                    failed.append(exc)
-                    nursery.cancel_scope.cancel()
-
-        async with trio.open_nursery() as nursery:
-            for f in files:
-                nursery.start_soon(copy, f)
-        if failed:
-            raise failed[0]
+        await copy_objects(self.store, [(f, dst_key + f.key[len(prefix) :]) for f in files])
         # S3: 1,000 to a request. Markers last (a store without batches deletes in this order);
         # an implicit folder (a prefix without a marker) has none, which is no error.
         old = [(f.key, f.etag or None) for f in files] + [(d + "/", None) for d in reversed(dirs)]
@@ -397,3 +367,40 @@ class Mutations(Namespace):
             self.inodes.move(node, dst_key + node.key[len(prefix) :])
         self.listings.forget_tree(prefix)
         self.inodes.move(src, dst_key)
+
+
+async def walk_tree(store: ObjectStore, prefix: str, limit: int) -> tuple[list[ObjectInfo], list[str]]:
+    """Objects and folder prefixes under `prefix` (itself included), one LIST per folder;
+    stops early once more than `limit` were found."""
+    files: list[ObjectInfo] = []
+    dirs: list[str] = []
+    todo = [prefix]
+    while todo and len(files) + len(dirs) <= limit:
+        d = todo.pop()
+        dirs.append(d)
+        listing = await store.list_dir(d)
+        files += listing.files
+        todo += listing.dirs
+        todo += [m.rstrip("/") for m in listing.markers if m.rstrip("/") != d and m.rstrip("/") not in listing.dirs]
+    return files, dirs
+
+
+async def copy_objects(store: ObjectStore, pairs: list[tuple[ObjectInfo, str]]) -> None:
+    """Server-side copies, DIR_RENAME_COPIES at a time (each object's size from its listing: no
+    HEAD). The first failure cancels the others and is raised as it is."""
+    limiter = trio.CapacityLimiter(DIR_RENAME_COPIES)
+    failed: list[SidecarError] = []
+
+    async def copy(f: ObjectInfo, dst: str) -> None:
+        async with limiter:
+            try:
+                await store.copy(f.key, dst, f.size)
+            except SidecarError as exc:
+                failed.append(exc)
+                nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        for f, dst in pairs:
+            nursery.start_soon(copy, f, dst)
+    if failed:
+        raise failed[0]
