@@ -119,23 +119,23 @@ def test_the_folder_walk_policy():
 
 
 def test_a_walk_in_natural_order_is_followed_too():
-    """zarr opens its chunks "0.0", "0.1", ..., "0.9", "0.10": numbers in the names in order of
-    their value, which is not name order ("0.10" sorts before "0.2")."""
-    from sidecar.cache.readahead import FolderWalk, natural_key
+    """zarr opens its chunks "0.0", "0.1", ..., "0.9", "0.10", ..., "0.11", "1.0": numbers in the
+    names counted up, which is not name order ("0.10" sorts before "0.2")."""
+    from sidecar.cache.readahead import FolderWalk, counted_up
 
-    assert sorted(["0.10", "0.9", "1.0", "0.2", "a", ".zarray"], key=natural_key) == ["0.2", "0.9", "0.10", "1.0", ".zarray", "a"]
-    w = FolderWalk(ahead=4, streak=2)
     listing = {f"{i}.{j}": None for i in range(3) for j in range(12)}
-    got = [w.on_open("z", listing, f"0.{j}") for j in range(12)]
-    assert got[1] == ["0.10", "0.11", "0.2", "0.3"]  # two in name order: guessed as a name-order walk
-    # name order broke at "0.2"; from then on the natural order is followed, 4 ahead, in batches
-    assert got[6] == ["0.9", "0.10"] and got[8] == ["0.11", "1.0"] and got[10] == ["1.1", "1.2"]
-    assert got[5] == got[7] == got[9] == got[11] == []
+    assert [counted_up(n, listing) for n in ("0.9", "0.11", "2.11", "x")] == ["0.10", "1.0", None, None]
+    assert counted_up("img009.png", {"img010.png": None}) == "img010.png"  # zero-padded: same width
+    w = FolderWalk(ahead=4, streak=2)
+    got = [w.on_open("z", listing, f"0.{j}") for j in range(12)] + [w.on_open("z", listing, "1.0")]
+    assert got[1] == ["0.2", "0.3", "0.4", "0.5"]  # the second counted up in a row
+    assert got[3] == ["0.6", "0.7"] and got[7] == ["0.10", "0.11"] and got[9] == ["1.0", "1.1"]  # 4 ahead, in batches
+    assert got[10] == [] and got[11] == ["1.2", "1.3"] and got[12] == []
+    listing["new"] = None  # the mount adds its own new files to the listing it keeps
+    assert w.on_open("z", listing, "new") == []
     names = list(listing)
     import random
 
     random.Random(1).shuffle(names)
     shuffled = FolderWalk(ahead=4, streak=2)
-    listing["new"] = None  # the mount adds its own new files to the listing it keeps
-    assert w.on_open("z", listing, "new") == []
     assert sum(len(shuffled.on_open("t", listing, n)) for n in names) <= 8  # a shuffled reader gets (almost) nothing ahead
