@@ -129,6 +129,14 @@ class Gate:
         return i < self.allowed
 
 
+async def copy_carrying(store: ObjectStore, src: str, dst: str, size: int | None, mtime: float | None) -> ObjectInfo:
+    """A server-side copy; with `mtime` (stores that `mtime_by_copy`), the copy stores it as the
+    new object's `mtime` metadata (the other stores' `copy` takes no mtime)."""
+    if mtime is None:
+        return await store.copy(src, dst, size)
+    return await store.copy(src, dst, size, mtime=mtime)  # type: ignore[call-arg]
+
+
 def block_pieces(start: int, end: int, block_size: int) -> Iterator[tuple[int, int, int]]:
     """(i, lo, hi) of the consecutive pieces of [start, end) that `get_blocks` hands over: each
     ends at a multiple of `block_size` (or at `end`), so a range that starts inside a block

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import trio
 
 from sidecar.errors import BackendTimeout, NotFound, ObjectChanged
-from sidecar.store.base import ObjectInfo, StoreStats
+from sidecar.store.base import ObjectInfo, StoreStats, copy_carrying
 from sidecar.store.bridge import FAIL_FAST_S, STALL_AFTER, Progress
 from sidecar.store.classify import domain_error
 from sidecar.store.patches import retry_attempts
@@ -56,7 +56,7 @@ class CallingStore:
 
     async def rename(self, src: str, dst: str, size: int | None = None, *, mtime: float | None = None) -> ObjectInfo:
         """A copy, then the delete of `src`: the new name is complete before the old one goes."""
-        info: ObjectInfo = await (self.copy(src, dst, size, mtime=mtime) if mtime is not None else self.copy(src, dst, size))  # type: ignore[attr-defined]
+        info = await copy_carrying(self, src, dst, size, mtime)  # type: ignore[arg-type]
         await self.delete(src)  # type: ignore[attr-defined]
         return info
 

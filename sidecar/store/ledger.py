@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,10 @@ class Abandoned:
     since: float  # when it was started (wall clock)
 
 
-class UploadLedger:
+class JsonLines:
+    """An append-only file of JSON lines. A line is one write(2): a kill leaves it whole or
+    missing, and the page cache keeps it through the kill."""
+
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
 
@@ -40,6 +44,25 @@ class UploadLedger:
         finally:
             os.close(fd)
 
+    def _records(self) -> Iterator[dict[str, Any]]:
+        """The lines written, in order; a torn one (a full disk) is skipped."""
+        try:
+            lines = self.path.read_text().splitlines()
+        except FileNotFoundError:
+            return
+        for line in lines:
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(doc, dict):
+                yield doc
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class UploadLedger(JsonLines):
     def creating(self, key: str) -> float:
         t = time.time()
         self._append({"op": "creating", "key": key, "t": t})
@@ -53,17 +76,12 @@ class UploadLedger:
 
     def abandoned(self) -> list[Abandoned]:
         """Uploads started and never finished, by what the ledger says."""
-        try:
-            lines = self.path.read_text().splitlines()
-        except FileNotFoundError:
-            return []
         started: dict[tuple[str, float], Abandoned] = {}
-        for line in lines:
+        for doc in self._records():
             try:
-                doc = json.loads(line)
                 key, t = str(doc["key"]), float(doc["t"])
             except (ValueError, KeyError, TypeError):
-                continue  # a torn line (a full disk): at worst one upload is not aborted
+                continue  # at worst one upload is not aborted
             if doc.get("op") == "creating":
                 started[(key, t)] = Abandoned(key, None, t)
             elif doc.get("op") == "open":
@@ -71,6 +89,3 @@ class UploadLedger:
             elif doc.get("op") == "done":
                 started.pop((key, t), None)
         return list(started.values())
-
-    def clear(self) -> None:
-        self.path.unlink(missing_ok=True)

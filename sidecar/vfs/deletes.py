@@ -23,16 +23,14 @@ the bucket still sees the old names (SEMANTICS, "Renames").
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
 
 import trio
 
 from sidecar.errors import SidecarError
 from sidecar.log import get_logger
 from sidecar.store.base import ObjectInfo, ObjectStore
+from sidecar.store.ledger import JsonLines
 
 DELETE_IDLE = 1.0  # s without a new rename before the waiting deletes go
 DELETE_MAX_AGE = 30.0  # s the oldest waiting delete waits at most
@@ -42,19 +40,15 @@ RETRY_S = 5.0  # s before deletes whose request failed are tried again
 log = get_logger(__name__)
 
 
-class DeleteJournal:
-    """Append-only lines "queued key etag" and "done keys"; one write(2) each, so a kill leaves a
-    line whole or missing (the page cache keeps it through the kill, as the upload ledger)."""
+def report_refused(refused: dict[str, str]) -> None:
+    """Logs the old names a `delete_many` left in the bucket, with why."""
+    for key, code in refused.items():
+        log.warning("old_name_not_deleted", key=key, code=code,
+                    reason="another version is there now" if code == "changed" else "the server refused the delete")
 
-    def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
 
-    def _append(self, doc: dict[str, object]) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, ("\n" + json.dumps(doc) + "\n").encode())
-        finally:
-            os.close(fd)
+class DeleteJournal(JsonLines):
+    """Lines "queued key etag" and "done keys", beside the upload ledger."""
 
     def queued(self, key: str, etag: str) -> None:
         self._append({"op": "queued", "key": key, "etag": etag})
@@ -64,25 +58,17 @@ class DeleteJournal:
 
     def left(self) -> list[tuple[str, str]]:
         """The deletes queued and never done, oldest first."""
-        try:
-            lines = self.path.read_text().splitlines()
-        except FileNotFoundError:
-            return []
         left: dict[str, str] = {}
-        for line in lines:
+        for doc in self._records():
             try:
-                doc = json.loads(line)
                 if doc.get("op") == "queued":
                     left[str(doc["key"])] = str(doc["etag"])
                 elif doc.get("op") == "done":
                     for key in doc["keys"]:
                         left.pop(str(key), None)
-            except (ValueError, KeyError, TypeError, AttributeError):
-                continue  # a torn line (a full disk): at worst one old name stays in the bucket
+            except (KeyError, TypeError):
+                continue  # at worst one old name stays in the bucket
         return list(left.items())
-
-    def clear(self) -> None:
-        self.path.unlink(missing_ok=True)
 
 
 class PendingDeletes:
@@ -187,9 +173,7 @@ class PendingDeletes:
         self._retry_at = -math.inf
         self.requests += 1
         self.sent += len(items) - len(refused)
-        for key, code in refused.items():
-            log.warning("old_name_not_deleted", key=key, code=code,
-                        reason="another version is there now" if code == "changed" else "the server refused the delete")
+        report_refused(refused)
         if self.journal is not None:
             if self._waiting or self._sending:
                 self.journal.done(keys)

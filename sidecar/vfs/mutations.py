@@ -19,7 +19,8 @@ from sidecar.errors import (
     SidecarError,
 )
 from sidecar.log import get_logger
-from sidecar.store.base import ObjectInfo, ObjectStore
+from sidecar.store.base import ObjectInfo, ObjectStore, copy_carrying
+from sidecar.vfs.deletes import report_refused
 from sidecar.vfs.inodes import Node
 from sidecar.vfs.listings import NAME_MAX, Entry, unusable_name
 from sidecar.vfs.writer import Writer
@@ -315,8 +316,7 @@ class Mutations(Namespace):
         deferred = self._mtimes_due.pop(src.key, None)
         carried = deferred[1] if deferred is not None and deferred[0] == src.etag else None
         if self.deletes.active:
-            copied = self.store.copy(src.key, dst_key, src.size, mtime=carried) if carried is not None else self.store.copy(src.key, dst_key, src.size)
-            info = await copied  # type: ignore[call-arg]
+            info = await copy_carrying(self.store, src.key, dst_key, src.size, carried)
             self.deletes.add(src.key, src.etag)
         else:
             info = await self.store.rename(src.key, dst_key, src.size, mtime=carried)
@@ -349,9 +349,7 @@ class Mutations(Namespace):
         # S3: 1,000 to a request. Markers last (a store without batches deletes in this order);
         # an implicit folder (a prefix without a marker) has none, which is no error.
         old = [(f.key, f.etag or None) for f in files] + [(d + "/", None) for d in reversed(dirs)]
-        refused = await self.store.delete_many(old)
-        for key, code in refused.items():
-            log.warning("old_name_not_deleted", key=key, code=code, reason="another version is there now" if code == "changed" else "the server refused")
+        report_refused(await self.store.delete_many(old))
         self._moved_tree(prefix, dst_key, src)
 
     async def _delete_old_name(self, key: str, etag: str) -> None:
