@@ -45,7 +45,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def save_results(results: dict, name: str) -> Path:
     """Writes a benchmark's results to results/<date-time>-<name>.json and says where."""
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"{datetime.now(timezone.utc):%Y-%m-%d-%H%M}-{name}.json"
+    stamp = f"{datetime.now(timezone.utc):%Y-%m-%d-%H%M}"
+    out = RESULTS / f"{stamp}-{name}.json"
+    n = 1
+    while out.exists():  # two runs in one minute: the second never overwrites the first
+        n += 1
+        out = RESULTS / f"{stamp}-{name}-{n}.json"
     out.write_text(json.dumps(results, indent=1))
     print(f"results: {out}")
     return out
@@ -66,6 +71,12 @@ def status_kib(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
+
+
+def drop_page_cache() -> None:
+    """`sync; echo 3 > /proc/sys/vm/drop_caches` (dirty pages are not dropped: sync first)."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def read_through(path: str, bs: int = MiB) -> tuple[int, float]:
@@ -180,6 +191,14 @@ class LinkBench:
         subprocess.run(["fusermount3", "-u", mnt], check=False, capture_output=True)
         stop_process(proc)
 
+    def direct_best(self, key: str, size: int, part: int = 8 * MiB, threads: int = 16) -> dict[str, float]:
+        """Issue 34's reference: boto3, `threads` ranged GETs of `part` at a time, in its own
+        process (its CPU is its own): {"MBps", "cpu_s_per_GiB"}."""
+        out = subprocess.run([sys.executable, "-m", "benchmarks.direct", self.proxy.endpoint, BUCKET, key, str(size), "--part", str(part),
+                              "--threads", str(threads), "--access-key", KEY, "--secret-key", SECRET],
+                             cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, check=True, timeout=600)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
     def direct_parallel(self, key: str, size: int, part: int = 8 * MiB, inflight: int = 8) -> float:
         import s3fs
 
@@ -230,25 +249,39 @@ class LinkBench:
     def sequential(self) -> None:
         size = self.args.size_mib * MiB
         self.put("seq.bin", size)
-        rows: dict[str, list[float]] = {k: [] for k in ("sidecar_cold", "sidecar_warm", "direct", "rclone", "ceiling")}
-        cpu: dict[str, list[float]] = {k: [] for k in ("sidecar_cold", "sidecar_warm", "rclone")}
+        local = self.work / "local-seq.bin"  # the same file system as the disk cache
+        if not local.exists():
+            with open(local, "wb") as f:
+                for _ in range(size // (16 * MiB)):
+                    f.write(os.urandom(16 * MiB))
+                f.write(os.urandom(size % (16 * MiB)))
+        names = ("sidecar_cold", "sidecar_warm", "sidecar_warm_dropped", "local_dropped", "direct", "rclone", "ceiling")
+        rows: dict[str, list[float]] = {k: [] for k in names}
+        cpu: dict[str, list[float]] = {k: [] for k in ("sidecar_cold", "sidecar_warm", "sidecar_warm_dropped", "direct", "rclone")}
         gib = size / (1 << 30)
+
+        def sidecar(cache: Path, row: str, drop: bool = False) -> None:
+            w = self.worker(cache)
+            if drop:
+                drop_page_cache()
+            c0 = cpu_seconds(w.proc.pid)
+            n, secs = read_through(f"{w.mnt}/seq.bin")
+            cpu[row].append((cpu_seconds(w.proc.pid) - c0) / gib)
+            rows[row].append(n / secs / 1e6)
+            w.stop()
+
         for _ in range(self.args.repeat):
             cache = Path(tempfile.mkdtemp(dir=self.work))
-            w = self.worker(cache)
-            c0 = cpu_seconds(w.proc.pid)
-            n, secs = read_through(f"{w.mnt}/seq.bin")
-            cpu["sidecar_cold"].append((cpu_seconds(w.proc.pid) - c0) / gib)
-            rows["sidecar_cold"].append(n / secs / 1e6)
-            w.stop()
-            w = self.worker(cache)  # a new mount over the kept disk cache
-            c0 = cpu_seconds(w.proc.pid)
-            n, secs = read_through(f"{w.mnt}/seq.bin")
-            cpu["sidecar_warm"].append((cpu_seconds(w.proc.pid) - c0) / gib)
-            rows["sidecar_warm"].append(n / secs / 1e6)
-            w.stop()
+            sidecar(cache, "sidecar_cold")
+            sidecar(cache, "sidecar_warm")  # a new mount over the kept disk cache, its files in the page cache
+            sidecar(cache, "sidecar_warm_dropped", drop=True)  # the same after `sync; drop_caches`
+            drop_page_cache()
+            n, secs = read_through(str(local))
+            rows["local_dropped"].append(n / secs / 1e6)
             shutil.rmtree(cache, ignore_errors=True)
-            rows["direct"].append(self.direct_parallel("seq.bin", size))
+            direct = self.direct_best("seq.bin", size)
+            rows["direct"].append(direct["MBps"])
+            cpu["direct"].append(direct["cpu_s_per_GiB"])
             proc, mnt = self.rclone_mount()
             c0 = cpu_seconds(proc.pid)
             n, secs = read_through(f"{mnt}/seq.bin")
@@ -261,6 +294,8 @@ class LinkBench:
         self.results["sequential"] = {"MBps": rows, "cpu_s_per_GiB": cpu, "ratios": {
             "cold/direct": med["sidecar_cold"] / med["direct"], "cold/rclone_off": med["sidecar_cold"] / med["rclone"],
             "warm/ceiling": med["sidecar_warm"] / med["ceiling"],
+            "warm_dropped/min(local_dropped, ceiling)": med["sidecar_warm_dropped"] / min(med["local_dropped"], med["ceiling"]),
+            "cpu cold/direct": medcpu["sidecar_cold"] / medcpu["direct"],
             "cpu cold/rclone": medcpu["sidecar_cold"] / medcpu["rclone"], "cpu warm/rclone": medcpu["sidecar_warm"] / medcpu["rclone"]}}
 
     def ceiling(self, size: int) -> float:

@@ -14,18 +14,23 @@ Concurrency protocol (all on the trio thread unless noted):
   demand read waits for room; a prefetch that finds no room is simply not started.
 - A run of contiguous blocks is fetched as parallel streamed ranged GETs of `fetch_size` each (at
   most `max_fetches` in flight per mount); each block completes (wakes its waiters) as soon as
-  its bytes have arrived, not when the whole GET has.
+  its bytes have arrived, not when the whole GET has. Blocks a reader waits for are split finer,
+  by what one connection brings in a round trip (`fetch_parts`, `sidecar.cache.link`).
+- Blocks read from disk complete one by one as each is read; a disk run's parts take the disk
+  threads in block order.
 - Disk reads and writes run in worker threads (`trio.to_thread`, bounded by `_disk_limiter`).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import trio
 
 from sidecar.cache.disk import DiskTier, block_name
+from sidecar.cache.link import LinkEstimate
 from sidecar.cache.memory import MemoryBudget
 from sidecar.log import get_logger
 from sidecar.store.base import ObjectStore
@@ -62,6 +67,7 @@ class BlockFetch:
     error: BaseException | None = None
 
 
+DISK_THREADS = 4  # disk reads and writes at once
 DISK_RUN_BLOCKS = 16  # blocks read from disk per thread hop: a hop per 1 MiB block cost more than the read (mapped)
 COALESCE_S = 0.002  # backend runs started this close together are merged into one request
 
@@ -90,16 +96,20 @@ class BlockCache:
         self.memory = MemoryBudget(memory_limit)
         self._inflight: dict[tuple[str, str, int], BlockFetch] = {}
         self._nursery: trio.Nursery | None = None
-        self._disk_limiter = trio.CapacityLimiter(4)
+        self._disk_limiter = trio.CapacityLimiter(DISK_THREADS)
+        self._disk_turns = trio.Semaphore(DISK_THREADS)  # disk runs' parts, started in block order
         # Object stores scale by connections: a run of blocks is fetched as several ranged GETs
         # of `fetch_size` in flight at once, at most `max_fetches` per mount.
         self.fetch_blocks = max(1, fetch_size // block_size)
         self._fetch_limiter = trio.CapacityLimiter(max_fetches)
         self.max_fetches = max_fetches
+        # Blocks a reader waits for are fetched in parts of what one connection brings in a
+        # round trip instead (sidecar.cache.link): several short GETs beat one long one.
+        self.link = LinkEstimate()
         # Backend runs wait COALESCE_S before they start, merged with the runs started meanwhile:
         # the kernel splits one large read (a Parquet column chunk read at once) into 1 MiB
         # requests that arrive together, each a run of its own; merged, they are one GET.
-        self._pending: list[tuple[ObjectRef, int, BlockFetch]] = []  # reserved backend blocks not started yet
+        self._pending: list[Pending] = []  # reserved backend blocks not started yet
         self._flush_scheduled = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -156,7 +166,7 @@ class BlockCache:
         started = 0
 
         def start_run() -> int:  # disk runs are read DISK_RUN_BLOCKS per thread hop
-            return self._start_run(ref, run, part_blocks=DISK_RUN_BLOCKS if run_on_disk else None)
+            return self._start_run(ref, run, part_blocks=DISK_RUN_BLOCKS if run_on_disk else None, waited=not readahead)
 
         for index in indices:
             if index >= self.blocks_of(ref):
@@ -187,11 +197,11 @@ class BlockCache:
         start, end = self.block_range(ref, index)
         return end - start
 
-    def _start_run(self, ref: ObjectRef, run: list[int], *, reserved: bool = True, part_blocks: int | None = None) -> int:
+    def _start_run(self, ref: ObjectRef, run: list[int], *, reserved: bool = True, part_blocks: int | None = None, waited: bool = False) -> int:
         """Registers fetches for the contiguous blocks `run` and starts them as parallel ranged
         GETs of at most `fetch_blocks` blocks each (`part_blocks`: disk reads, DISK_RUN_BLOCKS
-        per thread hop). Reserved backend runs start after
-        COALESCE_S, merged with the runs registered meanwhile (`_flush_pending`)."""
+        per thread hop). Reserved backend runs start after COALESCE_S, merged with the runs
+        registered meanwhile (`_flush_pending`); `waited`: a reader waits for these blocks."""
         if not run:
             return 0
         if self._nursery is None:
@@ -204,44 +214,38 @@ class BlockCache:
             for index in run:  # backend blocks: merged with other runs of the next COALESCE_S
                 fetch = BlockFetch()
                 self._inflight[(ref.key, ref.etag, index)] = fetch
-                self._pending.append((ref, index, fetch))
+                self._pending.append((ref, index, fetch, waited))
             if not self._flush_scheduled:
                 self._flush_scheduled = True
                 self._nursery.start_soon(self._flush_pending)
             return len(run)
         step = part_blocks or self.fetch_blocks
+        parts = []
         for lo in range(0, len(run), step):
-            part = run[lo : lo + step]
-            fetches = []
-            for index in part:
-                fetch = BlockFetch()
+            fetches = [BlockFetch() for _ in run[lo : lo + step]]
+            for index, fetch in zip(run[lo : lo + step], fetches):
                 self._inflight[(ref.key, ref.etag, index)] = fetch
-                fetches.append(fetch)
-            self._nursery.start_soon(self._fetch_run, ref, part[0], fetches, reserved)
+            parts.append((run[lo], fetches))
+        if part_blocks is not None:  # from disk: the parts take the disk threads in block order
+            self._nursery.start_soon(self._disk_parts_in_order, ref, parts, reserved)
+        else:
+            for first, fetches in parts:
+                self._nursery.start_soon(self._fetch_run, ref, first, fetches, reserved)
         return len(run)
 
-
-
-
-
+    async def _disk_parts_in_order(self, ref: ObjectRef, parts: list[tuple[int, list[BlockFetch]]], reserved: bool) -> None:
+        """Trio starts tasks in no set order: a part a reader needs next could wait behind later ones."""
+        for first, fetches in parts:
+            await self._disk_turns.acquire()
+            self._nursery.start_soon(self._fetch_run, ref, first, fetches, reserved, self._disk_turns.release)  # type: ignore[union-attr]
 
     async def _flush_pending(self) -> None:
-        """Starts the pending backend blocks as contiguous runs of at most `fetch_blocks`."""
+        """Starts the pending backend blocks as contiguous runs (`fetch_parts`)."""
         await trio.sleep(COALESCE_S)
         pending, self._pending, self._flush_scheduled = self._pending, [], False
-        by_object: dict[tuple[str, str], list[tuple[ObjectRef, int, BlockFetch]]] = {}
-        for item in pending:
-            by_object.setdefault((item[0].key, item[0].etag), []).append(item)
         assert self._nursery is not None
-        for items in by_object.values():
-            items.sort(key=lambda item: item[1])
-            part: list[tuple[ObjectRef, int, BlockFetch]] = []
-            for item in items + [None]:  # type: ignore[list-item]
-                if part and (item is None or item[1] != part[-1][1] + 1 or len(part) >= self.fetch_blocks):
-                    self._nursery.start_soon(self._fetch_run, part[0][0], part[0][1], [p[2] for p in part], True)
-                    part = []
-                if item is not None:
-                    part.append(item)
+        for part in fetch_parts(pending, self.fetch_blocks, self.link.waited_part(self.block_size, self.fetch_blocks)):
+            self._nursery.start_soon(self._fetch_run, part[0][0], part[0][1], [p[2] for p in part], True)
 
     # -- for those who fetch blocks themselves (sidecar.cache.streams) ---------------------------
 
@@ -307,7 +311,7 @@ class BlockCache:
             del self._inflight[bid]
         fetch.done.set()
 
-    async def _fetch_run(self, ref: ObjectRef, first: int, fetches: list[BlockFetch], reserved: bool) -> None:
+    async def _fetch_run(self, ref: ObjectRef, first: int, fetches: list[BlockFetch], reserved: bool, done: Callable[[], None] | None = None) -> None:
         names = [block_name(self.storage_id, ref.key, ref.etag, first + i, self.block_size) for i in range(len(fetches))]
         to_disk: list[tuple[str, bytes]] = []
         pinned: list[tuple[str, str, Any]] = []  # their memory entries, kept until written
@@ -326,8 +330,12 @@ class BlockCache:
                 lo, hi = missing[0], missing[-1]
                 start, end = self.block_range(ref, first + lo)[0], self.block_range(ref, first + hi)[1]
                 self.stats.misses += len(missing)
+                timing: list[float] = []  # when the request went, then when each block arrived
+                sizes: list[int] = []
 
                 def on_block(i: int, data: bytes) -> None:
+                    timing.append(time.monotonic())
+                    sizes.append(len(data))
                     j = lo + i
                     if j < len(fetches) and not fetches[j].done.is_set():
                         self._complete(ref, first + j, fetches[j], data, None, held)
@@ -337,7 +345,10 @@ class BlockCache:
                             pinned.append((ref.key, ref.etag, first + j))
 
                 async with self._fetch_limiter:
+                    timing.append(time.monotonic())
                     await self.store.get_blocks(ref.key, start, end, ref.etag, self.block_size, on_block, object_size=ref.size)
+                if len(timing) >= 2:
+                    self.link.observe_stream(timing[0], timing[1], timing[-1], sizes[0], sum(sizes[1:]))
         except BaseException as exc:
             error = exc if isinstance(exc, Exception) else OSError("fetch cancelled")
             if not isinstance(exc, Exception):
@@ -350,43 +361,42 @@ class BlockCache:
             # block evicted meanwhile would be memory outside the budget. Its waiters have theirs.
             fetches.clear()
             fetch = None  # (the loop above left the last one here)
+            if done is not None:
+                done()
         if to_disk:
             await self._disk_put_many(to_disk, pinned)
 
     async def _complete_from_disk(self, ref: ObjectRef, first: int, fetches: list[BlockFetch], names: list[str], held: bool) -> list[int]:
         """Completes the run's blocks found on disk (one thread hop for the whole run, none if the
-        index has none of them); returns the indices in the run of the others."""
+        index has none of them), each as soon as it is read; returns the indices in the run of
+        the others."""
         if self.disk is None or not any(name in self.disk for name in names):
             return list(range(len(fetches)))
-        missing: list[int] = []
-        for i, data in enumerate(await self.disk_read(names)):
-            if data is not None and len(data) == self._block_len(ref, first + i):
-                self.stats.disk_hits += 1
-                self._complete(ref, first + i, fetches[i], data, None, held)
-            else:
-                missing.append(i)
+
+        def found(i: int, data: bytes | None) -> bool:
+            if data is None or len(data) != self._block_len(ref, first + i):
+                return False
+            self._complete(ref, first + i, fetches[i], data, None, held)  # (idempotent)
+            return True
+
+        # A reader waiting for the run's first block gets it when it is read, not when the
+        # run's last one is (a run is up to DISK_RUN_BLOCKS; read from a disk whose pages
+        # were dropped, it took 60-100 ms).
+        got = await self.disk_read(names, on_each=found)
+        missing = [i for i, data in enumerate(got) if not found(i, data)]
+        self.stats.disk_hits += len(got) - len(missing)
         return missing
 
     # The disk tier is a cache: any error of it (a full or failing disk, a bug) costs a refetch,
     # never a reader's request or the mount. Each is logged and counted.
 
-    async def disk_read(self, names: list[str]) -> list[bytes | None]:
-        """Entries of the disk tier (None for each missing or unreadable), in one thread hop."""
+    async def disk_read(self, names: list[str], on_each: Callable[[int, Any], Any] | None = None) -> list[bytes | None]:
+        """Entries of the disk tier (None for each missing or unreadable), in one thread hop;
+        `on_each(i, entry)` is also called on the trio thread as each is read."""
         if self.disk is None:
             return [None] * len(names)
-        disk = self.disk
-
-        def read_all() -> list[bytes | None]:
-            out: list[bytes | None] = []
-            for name in names:
-                try:
-                    out.append(disk.get(name))
-                except Exception as exc:  # one bad block costs that block only
-                    out.append(None)
-                    self._disk_failed("disk_cache_read_failed", exc)
-            return out
-
-        return await trio.to_thread.run_sync(read_all, limiter=self._disk_limiter)
+        token = trio.lowlevel.current_trio_token()
+        return await trio.to_thread.run_sync(read_entries, self, self.disk, names, on_each, token, limiter=self._disk_limiter)
 
     async def _disk_put_many(self, items: list[tuple[str, bytes]], pinned: list[tuple[str, str, Any]]) -> None:
         """Writes `items` to the disk tier, then unpins their memory entries `pinned` (`_pin`)."""
@@ -410,6 +420,48 @@ class BlockCache:
         assert self.disk is not None
         self.disk.errors += 1
         log.warning(event, error=type(exc).__name__, detail=str(exc)[:200], errors=self.disk.errors)
+
+
+def read_entries(cache: BlockCache, disk: DiskTier, names: list[str], on_each: Callable[[int, Any], Any] | None,
+                 token: trio.lowlevel.TrioToken) -> list[bytes | None]:
+    """`BlockCache.disk_read`'s thread: the entries, each handed to `on_each` (on the trio
+    thread, without waiting) as soon as it is read."""
+    out: list[bytes | None] = []
+    if len(names) > 1:
+        disk.will_need(names)  # the kernel reads them all at once, not block by block
+    for i, name in enumerate(names):
+        try:
+            out.append(disk.get(name))
+        except Exception as exc:  # one bad block costs that block only
+            out.append(None)
+            cache._disk_failed("disk_cache_read_failed", exc)
+        if on_each is not None:
+            token.run_sync_soon(on_each, i, out[-1])
+    return out
+
+
+Pending = tuple[ObjectRef, int, BlockFetch, bool]  # a reserved block, its fetch, whether a reader waits for it
+
+
+def fetch_parts(pending: list[Pending], most: int, waited_part: int) -> list[list[Pending]]:
+    """The pending blocks as GETs: contiguous blocks of one object version, at most `most` per
+    GET, and a block a reader waits for at most `waited_part` blocks into its GET (its bytes
+    come a round trip plus what is before it in the GET after the request)."""
+    by_object: dict[tuple[str, str], list[Pending]] = {}
+    for item in pending:
+        by_object.setdefault((item[0].key, item[0].etag), []).append(item)
+    parts: list[list[Pending]] = []
+    for items in by_object.values():
+        items.sort(key=lambda item: item[1])
+        part: list[Pending] = []
+        for item in items:
+            if part and (item[1] != part[-1][1] + 1 or len(part) >= most or (item[3] and len(part) >= waited_part)):
+                parts.append(part)
+                part = []
+            part.append(item)
+        if part:
+            parts.append(part)
+    return parts
 
 
 def adopt(cache: BlockCache, ref: ObjectRef, index: int, data: bytes) -> bool:

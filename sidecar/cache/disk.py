@@ -64,6 +64,33 @@ class _Pack:
         self.live = live  # its blocks still indexed
 
 
+def _read_in(fd: int, size: int, offset: int) -> None:
+    """Waits, with the GIL released, until a block's pages are in the page cache. CPython's
+    `mmap.madvise` keeps the GIL while MADV_POPULATE_READ waits for the disk, so populating a
+    block that is not in the page cache (a new mount after the page cache was dropped) stopped
+    every other thread meanwhile, the event loop serving the mount included. A block whose
+    last page is in the page cache is taken as read (a one-byte read that may not wait:
+    RWF_NOWAIT). Otherwise the kernel is asked to read the whole block (WILLNEED: one request,
+    in order) and a one-byte read of its last page waits for it (os.preadv releases the GIL);
+    a page of it still on its way is then waited for by the mapping, briefly."""
+    last = offset + size - 1
+    try:
+        os.preadv(fd, [_ONE_BYTE], last, os.RWF_NOWAIT)
+        return
+    except BlockingIOError:
+        pass
+    except OSError:  # a file system without RWF_NOWAIT
+        pass
+    try:
+        os.posix_fadvise(fd, offset, size, os.POSIX_FADV_WILLNEED)
+        os.preadv(fd, [_ONE_BYTE], last)
+    except OSError:
+        pass  # the mapping's own read reports it
+
+
+_ONE_BYTE = bytearray(1)
+
+
 def _mapped(fd: int, size: int, offset: int = 0) -> memoryview | None:
     """The block in file `fd`, mapped rather than read: the block is the page cache's pages
     themselves. A read copied it into fresh anonymous memory, which cost a page fault and a
@@ -74,6 +101,7 @@ def _mapped(fd: int, size: int, offset: int = 0) -> memoryview | None:
     the disk thread, with MADV_POPULATE_READ: a disk read error is an OSError (the block is
     refetched), not a SIGBUS on the event loop. A page the kernel reclaims later and cannot
     read back would still be a SIGBUS; the daemon then restarts the mount."""
+    _read_in(fd, size, offset)
     m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ, offset=offset)
     try:
         m.madvise(_POPULATE_READ)
@@ -251,6 +279,36 @@ class DiskTier:
         self.corrupt += 1
         self._drop(name)
         return None
+
+    def will_need(self, names: list[str]) -> None:
+        """Tells the kernel these blocks are about to be read: each is read ahead at once, in
+        large requests, instead of by the page faults of its mapping (a fault reads around
+        itself in the disk's read-ahead size, 128 KiB by default, and waits for it). One
+        request per block: the kernel reads ahead at most the device's largest request
+        (`max_sectors_kb`) per call, so a call for a whole pack would read its first block
+        only. Best effort."""
+        spans: dict[str, list[tuple[int, int]]] = {}
+        with self._lock:
+            for name in names:
+                if name in self._pending:
+                    continue
+                where = self._packed.get(name)
+                if where is not None:
+                    spans.setdefault(where[0], []).append((where[1], where[2]))
+                elif name in self._index:
+                    spans.setdefault(name, []).append((0, self._index[name]))
+        for file, parts in spans.items():
+            try:
+                fd = os.open(self._path(file), os.O_RDONLY)
+            except OSError:
+                continue  # gone meanwhile: `get` finds out
+            try:
+                for offset, length in parts:
+                    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
 
     def _drop(self, name: str) -> None:
         with self._lock:

@@ -14,6 +14,7 @@ a small file is better served by fetching the whole file (sidecar.vfs.reader).
 from __future__ import annotations
 
 import bisect
+import time
 
 from sidecar.cache.blocks import BlockCache, ObjectRef
 from sidecar.cache.disk import range_name
@@ -36,7 +37,9 @@ class ExactRanges:
         kept = await self.cached(ref, start, end)
         if kept is not None:
             return kept
+        asked = time.monotonic()
         data = await self.cache.store.get_range(ref.key, start, end, ref.etag)
+        self.cache.link.observe_request(time.monotonic() - asked, len(data))
         self.keep(ref, start, data)
         self.cache.stats.direct_reads += 1
         if len(self.misses) >= MISSES_KEPT:

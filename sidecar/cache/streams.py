@@ -39,6 +39,7 @@ class FollowedStream:
         # starts after them, and its first `gap` bytes (if any) come from a GET of their own.
         self.gap, self.head = gap, head
         self.registered = start  # blocks [start, registered) are fetched by this stream (or held)
+        self.asked = start  # blocks [start, asked) were asked of the run (some fetched beside the stream)
         self.fetches: dict[int, BlockFetch] = {}  # registered blocks not delivered yet
         self.gate = Gate()
         self.closed = False
@@ -76,8 +77,18 @@ class Streams:
         fetched twice). False: the read is not followed (nothing needed, or no memory for even
         one block: the caller fetches as usual)."""
         streams[:] = [s for s in streams if not s.closed]
+        per_rtt = self.cache.link.blocks_per_rtt(self.cache.block_size)
+        reach = float("inf") if per_rtt is None else max(1.0, per_rtt)
         for s in streams:
-            if s.ref == ref and s.start <= first <= s.registered and first < s.end:
+            if s.ref != ref or not s.start <= first <= max(s.registered, s.asked) or first >= s.end:
+                continue
+            if s.fetches and first - min(s.fetches) > reach:
+                # The reader asks further ahead than the stream has brought (the kernel's
+                # read-ahead, or a large read it split, sends several requests at once): a GET
+                # of their own brings these blocks sooner than the stream would.
+                s.asked = max(s.asked, last + 1)
+                return False
+            if first <= s.registered:
                 streams.remove(s)
                 streams.append(s)  # the most recently read last
                 self._open.move_to_end(s)  # (a stream not closed is in both)
@@ -85,6 +96,8 @@ class Streams:
                 # turns round, and what a run fetches past its end is at most its last block.
                 self._register(s, last + 1, last + 1)
                 return True
+            s.close()  # the reader went on past it (its last blocks came from GETs of their own)
+            break
         if not may_start:
             return False
         s = self._new(ref, first, last, after)

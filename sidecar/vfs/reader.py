@@ -25,6 +25,7 @@ read (a stream may continue one) are the handle's own.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from enum import Enum
 
@@ -65,7 +66,7 @@ class Reader:
         window."""
         bs = self.cache.block_size
         first, last = offset // bs, (end - 1) // bs
-        ahead = self.readahead.on_read(offset, end - offset)
+        ahead = self.readahead.on_read(offset, end - offset, time.monotonic())
         if self.streams is not None:
             if self.streams.follow(self.followed, self.ref, first, last, may_start=self.readahead.following, after=self.exact):
                 return Strategy.FOLLOWED, range(0)

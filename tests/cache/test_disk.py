@@ -3,6 +3,9 @@
 import os
 import random
 import threading
+import time
+
+import pytest
 
 import trio
 
@@ -268,3 +271,78 @@ def test_disk_limit_is_capped_by_free_space(tmp_path, monkeypatch):
     disk = DiskTier(tmp_path / "cache", 10 << 30)
     assert disk.configured_limit == 10 << 30 and disk.limit == 400 * 1024
     assert oct(os.stat(tmp_path / "cache").st_mode & 0o777) == "0o700"
+
+
+def _resident(path, offset, length):
+    """Whether every page of bytes [offset, offset + length) of `path` is in the page cache
+    (mincore(2): looking reads nothing, where a read that may not wait would start one)."""
+    import ctypes
+    import mmap as mmapmod
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    start = offset // mmapmod.PAGESIZE * mmapmod.PAGESIZE
+    size = offset + length - start
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmapmod.PROT_READ, mmapmod.MAP_SHARED, fd, start)
+        assert addr not in (None, ctypes.c_void_p(-1).value), "mmap failed"
+        try:
+            vec = (ctypes.c_ubyte * -(-size // mmapmod.PAGESIZE))()
+            assert libc.mincore(addr, size, vec) == 0, "mincore failed"
+            return all(v & 1 for v in vec)
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+def _evicted(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_blocks_not_in_the_page_cache_are_read_ahead_together_and_read_in_outside_the_mapping(tmp_path, monkeypatch):
+    """After the page cache lost a pack (a new session the next day), `will_need` starts the
+    kernel reading all the blocks asked for at once, and `get` waits for a block's pages with a
+    read that releases the GIL before mapping it (populating a mapping keeps the GIL while it
+    waits for the disk: the event loop stopped meanwhile). A block already in the page cache
+    costs a one-byte check."""
+    import sidecar.cache.disk as diskmod
+
+    rnd = random.Random(31)
+    blocks = [(f"{i:02x}" * 32, rnd.randbytes(MIB)) for i in range(4)]
+    disk = DiskTier(tmp_path, limit=64 << 20)
+    assert disk.put_many(blocks) == 4
+    pack = next(p for p in tmp_path.rglob("pack-*"))
+    _evicted(pack)
+    offsets = [disk._packed[name][1:] for name, _ in blocks]
+    if any(_resident(pack, off, n) for off, n in offsets):
+        pytest.skip("this file system keeps the pages (tmpfs?)")
+    disk.will_need([name for name, _ in blocks[2:]])
+    deadline = time.monotonic() + 10
+    while not all(_resident(pack, off, n) for off, n in offsets[2:]):
+        assert time.monotonic() < deadline, "the kernel never read the blocks asked for"
+        time.sleep(0.01)
+    assert not any(_resident(pack, off, n) for off, n in offsets[:2])  # only those asked for
+
+    reads = []
+    real = os.preadv
+
+    def counted(fd, buffers, offset, flags=0):
+        reads.append((sum(len(b) for b in buffers), flags))
+        return real(fd, buffers, offset, flags)
+
+    monkeypatch.setattr(diskmod.os, "preadv", counted)
+    assert disk.get(blocks[0][0]) == blocks[0][1]  # not resident: checked, then waited for outside the mapping
+    assert reads == [(1, os.RWF_NOWAIT), (1, 0)]
+    reads.clear()
+    assert disk.get(blocks[2][0]) == blocks[2][1]  # resident: only the check
+    assert reads == [(1, os.RWF_NOWAIT)]

@@ -235,13 +235,23 @@ def test_listing_costs_list_calls_only(s3_bucket, mount_worker):
 def test_mounted_means_served_with_the_kernel_read_ahead_raised(s3_bucket, mount_worker):
     """`mounted` comes once the mount has answered a request, with the kernel's read-ahead
     window of the mount already raised (it can only be set after FUSE_INIT): nothing of the
-    start-up is left for the first read."""
+    start-up is left for the first read. The kernel's bound on read-ahead requests in flight
+    is raised too (where the FUSE control file system is mounted)."""
+    from sidecar.worker import FUSE_MAX_BACKGROUND
+
     w = mount_worker(s3_bucket, kernel_readahead_kb=768)
     real = os.path.realpath(w.mnt)
     with open("/proc/self/mountinfo") as f:
         dev = [line.split()[2] for line in f if line.split()[4] == real][-1]
     with open(f"/sys/class/bdi/{dev}/read_ahead_kb") as f:
         assert int(f.read()) == 768  # read before anything of ours touched the mount
+    control = f"/sys/fs/fuse/connections/{os.makedev(*(int(n) for n in dev.split(':')))}"
+    if not os.path.isdir(control):
+        pytest.skip("the FUSE control file system is not mounted here")
+    with open(f"{control}/max_background") as f:
+        assert int(f.read()) == FUSE_MAX_BACKGROUND != 12  # the kernel's default is 12
+    with open(f"{control}/congestion_threshold") as f:
+        assert int(f.read()) == FUSE_MAX_BACKGROUND * 3 // 4
 
 
 def test_extended_attributes_are_not_supported_and_asked_once(s3_bucket, mount_worker):
