@@ -10,10 +10,10 @@ then fetches exactly the bytes asked for.
 Window size, in blocks:
 - a reader that started at offset 0 and reads in kernel-sized requests (a stream: `cat`, `cp`,
   `read_csv`) gets INITIAL_STREAM blocks at once, doubling per block it enters, up to
-  `max_blocks`, so the link's parallel ranged GETs are used from the start; the requests the
-  kernel sends together for one large read (BATCH_S apart: a DuckDB column chunk that starts at
-  offset 4, read in one call) are one step, not eight (a window of 128 blocks after a read of
-  eight fetched sixteen times what was read);
+  `max_blocks`, so the link's parallel ranged GETs are used from the start; but until the run
+  has read EARLY_RUN blocks, no more than twice what it has read: the kernel sends the pieces of
+  one large read together (a DuckDB column chunk that starts at offset 4, read in one call), and
+  doubling per piece opened a window of 128 blocks for a run of eight;
 - any other sequential run (a column chunk of a Parquet file, an HDF5 dataset) gets a window
   proportional to what it has read so far (an eighth of it, at least one block), so what is
   fetched beyond the end of the run stays a fraction of the run itself.
@@ -41,7 +41,7 @@ STREAK_TO_OPEN = 2  # sequential reads in a row before anything is read ahead
 INITIAL_STREAM = 4  # blocks ahead of a reader streaming from offset 0
 STREAM_REQUEST = 64 * 1024  # reads at least this large are kernel read-ahead sized
 PROPORTION = 8  # a run that did not start at 0 reads ahead 1/PROPORTION of what it has read
-BATCH_S = 0.005  # reads of one handle this close together are one step of a stream's window
+EARLY_RUN = 16  # blocks a stream reads before its window may exceed twice what it read
 FOLLOW_MAX = 32 * 1024 * 1024  # bytes of a run followed by one stream before parallel GETs take over
 
 
@@ -59,7 +59,6 @@ class ReadAhead:
         self._block = -1
         self._requested_end = 0  # first block index not yet requested ahead of the reader
         self._exact = False  # the last read began exactly where a recent one ended
-        self._doubled_at: float | None = None  # when the stream's window last grew
 
     @property
     def following(self) -> bool:
@@ -83,10 +82,8 @@ class ReadAhead:
         size = end - offset
         return size >= STREAM_REQUEST and any(e < offset <= e + 2 * size for e in self._ends)
 
-    def on_read(self, offset: int, size: int, now: float | None = None) -> range:
-        """Records a read and returns the block indices to prefetch (possibly empty). `now`
-        (monotonic seconds): a stream's window doubles at most once per BATCH_S (without it,
-        per block entered)."""
+    def on_read(self, offset: int, size: int) -> range:
+        """Records a read and returns the block indices to prefetch (possibly empty)."""
         end = offset + max(size, 1)
         block = offset // self.block_size
         last = (end - 1) // self.block_size
@@ -106,10 +103,11 @@ class ReadAhead:
             if self._stream:
                 if self.window == 0:
                     self.window = min(INITIAL_STREAM, self.max_blocks)
-                    self._doubled_at = now
-                elif block != self._block and (now is None or self._doubled_at is None or now - self._doubled_at >= BATCH_S):
+                elif block != self._block:
                     self.window = min(self.window * 2, self.max_blocks)
-                    self._doubled_at = now
+                read_blocks = self._run_bytes // self.block_size
+                if read_blocks < EARLY_RUN:
+                    self.window = min(self.window, max(INITIAL_STREAM, 2 * read_blocks))
             else:
                 proportional = self._run_bytes // (PROPORTION * self.block_size)
                 self.window = min(max(1, proportional), self.max_blocks)

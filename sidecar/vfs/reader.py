@@ -25,7 +25,6 @@ read (a stream may continue one) are the handle's own.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from enum import Enum
 
@@ -66,7 +65,7 @@ class Reader:
         window."""
         bs = self.cache.block_size
         first, last = offset // bs, (end - 1) // bs
-        ahead = self.readahead.on_read(offset, end - offset, time.monotonic())
+        ahead = self.readahead.on_read(offset, end - offset)
         if self.streams is not None:
             if self.streams.follow(self.followed, self.ref, first, last, may_start=self.readahead.following, after=self.exact):
                 return Strategy.FOLLOWED, range(0)

@@ -4,7 +4,7 @@ import random
 
 import trio
 
-from sidecar.cache.readahead import BATCH_S, INITIAL_STREAM, ReadAhead
+from sidecar.cache.readahead import EARLY_RUN, ReadAhead
 from sidecar.store.memory import MemoryStore
 from tests.fshelpers import BS, mounted, names, read_all, run
 
@@ -141,17 +141,14 @@ def test_a_walk_in_natural_order_is_followed_too():
     assert sum(len(shuffled.on_open("t", listing, n)) for n in names) <= 8  # a shuffled reader gets (almost) nothing ahead
 
 
-def test_reads_the_kernel_sends_together_are_one_step_of_a_streams_window():
+def test_a_stream_reads_ahead_at_most_twice_what_it_read_until_it_is_long():
     """A large read from offset 0 (DuckDB's first column chunk starts at byte 4) arrives as eight
-    requests at once: the window opens and stays, instead of doubling per request to 128 blocks
-    (what was fetched past the read was 16 times the read). Read one after another, the same
-    requests double it per block, as a stream (`cat`) wants."""
-    together = ReadAhead(MiB, max_blocks=128)
-    ahead = [together.on_read(i * MiB, MiB, now=5.0) for i in range(8)]
-    assert together.window == INITIAL_STREAM
-    assert max(r.stop for r in ahead if r) <= 8 + INITIAL_STREAM
-
-    apart = ReadAhead(MiB, max_blocks=128)
-    for i in range(8):
-        apart.on_read(i * MiB, MiB, now=5.0 + i * 10 * BATCH_S)
-    assert apart.window == 128
+    requests at once: doubling per request opened a window of 128 blocks for a run of eight
+    (what was fetched past the read was sixteen times the read). A stream's window stays within
+    twice what it read until it has read EARLY_RUN blocks, then opens to the maximum at once."""
+    ra = ReadAhead(MiB, max_blocks=128)
+    ahead = [ra.on_read(i * MiB, MiB) for i in range(8)]
+    assert ra.window <= 16 and max(r.stop for r in ahead if r) <= 8 + 16
+    for i in range(8, EARLY_RUN + 2):
+        ra.on_read(i * MiB, MiB)
+    assert ra.window == 128
