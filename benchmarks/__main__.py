@@ -1,8 +1,9 @@
 """`make bench` / `python -m benchmarks`: the mount side by side with direct fsspec reads, rclone
 and a local file, in one run against one local S3 server, reported as ratios.
 
-Cold = a fresh mount (new FUSE connection, so an empty page cache: writing drop_caches is not
-permitted here) with an empty disk cache; warm = a fresh mount over a filled disk cache; hot = a
+Cold = a fresh mount (new FUSE connection, so an empty page cache) with an empty disk cache;
+warm = a fresh mount over a filled disk cache (its files in the page cache; `benchmarks.link`
+also measures it after `drop_caches`); hot = a
 re-read in the same mount (page cache kept). Each workload runs --repeat times (default 3);
 the table shows the median and the JSON file keeps every run.
 """

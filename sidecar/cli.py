@@ -63,6 +63,9 @@ def _size(text: str) -> int:
 @click.option("--socket", "socket_path", default=None, help="Control socket (default $STORAGE_SIDECAR_SOCKET or /run/storage-sidecar/sidecar.sock).")
 @click.option("--socket-group", default=None, help="Group that may use the control socket (the session user's group).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Disk cache directory (none: memory only).")
+@click.option("--shared-cache", "shared_cache", type=click.Path(file_okay=False), default=None,
+              help="A node folder shared by the sidecars of the node (a hostPath): blocks of object versions, encrypted per version, kept once for all (docs/SECURITY.md).")
+@click.option("--shared-cache-limit", default=_human(defaults.SHARED_CACHE_LIMIT), show_default=True, help="Bytes of the shared cache, all sidecars of the node together.")
 @click.option("--credentials-dir", type=click.Path(file_okay=False), default=None, help="<dir>/<storage-name>/<field> credential files.")
 @click.option("--block-size", default=_human(defaults.BLOCK_SIZE), show_default=True, help="Block size of the cache.")
 @click.option("--fetch-size", default=_human(defaults.FETCH_SIZE), show_default=True, help="Bytes per ranged GET of a sequential reader.")
@@ -84,7 +87,7 @@ def _size(text: str) -> int:
 @click.option("--mount-helper", default=None, help="Socket of a privileged `storage-sidecar mount-helper`: mount through it (no SYS_ADMIN needed here).")
 @click.option("--copy-limit", default=_human(defaults.COPY_LIMIT), show_default=True, help="Largest folder a copy-mode mount downloads (larger: refused).")
 @click.option("--log-level", default="info", show_default=True)
-def run(manifest_path, socket_path, socket_group, cache_dir, credentials_dir, block_size, fetch_size, max_fetches, memory_limit, readahead, disk_limit, staging_limit, grace_period,
+def run(manifest_path, socket_path, socket_group, cache_dir, shared_cache, shared_cache_limit, credentials_dir, block_size, fetch_size, max_fetches, memory_limit, readahead, disk_limit, staging_limit, grace_period,
         check_deadline, credentials_wait, write_probe, uid, gid, allow_other, only, fork_template, wait_copies, mount_helper, copy_limit, log_level) -> None:
     """Mount every mount of the manifest and serve them until SIGTERM/SIGINT."""
     import os
@@ -117,7 +120,7 @@ def run(manifest_path, socket_path, socket_group, cache_dir, credentials_dir, bl
         credentials_dir=credentials_dir,
         cache=defaults.CacheConfig(cache_dir=cache_dir, block_size=_size(block_size), fetch_size=_size(fetch_size), max_fetches=max_fetches,
                                    memory_limit=_size(memory_limit), readahead=_size(readahead), disk_limit=_size(disk_limit),
-                                   staging_limit=_size(staging_limit)),
+                                   staging_limit=_size(staging_limit), shared_cache_dir=shared_cache, shared_cache_limit=_size(shared_cache_limit)),
         grace_period=grace_period,
         uid=uid,
         gid=gid,

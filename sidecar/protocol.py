@@ -30,6 +30,7 @@ METADATA_TTL = 5.0  # writable mounts: another writer's change is seen within se
 METADATA_TTL_READONLY = 300.0  # read-only mounts: data that rarely changes, cached long
 GRACE_PERIOD = 20.0
 KERNEL_READAHEAD_KB = 8192
+SHARED_CACHE_LIMIT = 10 << 30  # bytes of the node's shared cache, all sidecars together
 INCOMPLETE_KEEP_DAYS = 7.0
 COPY_LIMIT = 10 << 30
 WRITEBACK_DELAY = 2.0  # s a closed file rests before its write-back upload
@@ -50,6 +51,8 @@ class CacheConfig:
     disk_limit: int = DISK_LIMIT
     staging_limit: int = STAGING_LIMIT
     kernel_readahead_kb: int = KERNEL_READAHEAD_KB
+    shared_cache_dir: str | None = None  # the node's shared block cache (sidecar.cache.shared); None: none
+    shared_cache_limit: int = SHARED_CACHE_LIMIT
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> "CacheConfig":
@@ -121,6 +124,7 @@ class WorkerStats(TypedDict, total=False):
     store: dict[str, int | float]  # StoreStats fields, plus stalled_calls
     cache: dict[str, int]  # CacheStats fields
     memory_bytes: int
+    link: dict[str, float]  # the mount's estimate of a request's round trip and one connection's bandwidth (rtt_ms, bandwidth_mbps, samples)
     disk: dict[str, int] | None  # used, limit, configured_limit, blocks, corrupt, evictions, errors
     errors: dict[str, int]  # FUSE requests answered with an error, by reason
     requests: dict[str, int]  # FUSE requests served, by operation

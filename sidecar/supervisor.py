@@ -148,7 +148,7 @@ class Mount:
             "rescued": self.rescued,
             "rescued_total": self.rescued_total,
             "cache_hit_rate": (hits / lookups) if lookups else None,
-            "counters": {k: stats.get(k) for k in ("store", "cache", "disk", "errors", "memory_bytes")} if stats else None,
+            "counters": {k: stats.get(k) for k in ("store", "cache", "link", "disk", "errors", "memory_bytes")} if stats else None,
             "unsynced_writes": len(stats.get("staged") or []),
             "unsynced": stats.get("unsynced"),
             "prefetch": stats.get("prefetch"),

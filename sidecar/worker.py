@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from functools import partial
 import signal
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ import trio
 from sidecar import log, rescue, urls
 from sidecar.cache.blocks import BlockCache
 from sidecar.cache.disk import DiskTier
+from sidecar.cache.shared import SharedBlocks, VersionId
 from sidecar.cache.warmup import Prefetcher, PrefetchRefused
 from sidecar.errors import SidecarError
 from sidecar.mounthelper import HelperError
@@ -271,6 +273,10 @@ class MountWorker:
                                reason="the cache's file system has less free space than --disk-limit")
         self.cache = BlockCache(self.store, block_size=cfg.cache.block_size, memory_limit=cfg.cache.memory_limit, disk=self.disk,
                                 storage_id=cfg.storage_id, fetch_size=cfg.cache.fetch_size, max_fetches=cfg.cache.max_fetches)
+        if cfg.cache.shared_cache_dir:
+            self.cache.shared = await trio.to_thread.run_sync(SharedBlocks, cfg.cache.shared_cache_dir, cfg.cache.shared_cache_limit)
+            url, endpoint = self.url, str(cfg.options.get("endpoint_url") or self.url.endpoint or self.url.host)
+            self.cache.version_of = lambda ref: VersionId(url.provider, endpoint, url.bucket, ref.key, ref.etag, ref.size, "")
         if not cfg.readonly:
             self.staging = await self._open_staging()
         mtimes = MtimeIndex(Path(cfg.cache.cache_dir) / storage_dir_name(cfg) / "mtimes.db" if cfg.cache.cache_dir else None)
@@ -429,6 +435,8 @@ class MountWorker:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             await nursery.start(self.cache.run)
+            if self.cache.shared is not None:  # what writers killed midway left in the node's shared cache
+                nursery.start_soon(partial(trio.to_thread.run_sync, self.cache.shared.sweep, abandon_on_cancel=True))
             if not cfg.preflight:  # the check has listed the mount's folder with this client already
                 with trio.move_on_after(min(cfg.mount.deadline, WARM_UP_S)):
                     failed = await fs.warm_up()

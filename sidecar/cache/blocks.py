@@ -31,6 +31,7 @@ import trio
 
 from sidecar.cache.disk import DiskTier, block_name
 from sidecar.cache.link import LinkEstimate
+from sidecar.cache.shared import SharedBlocks, VersionId
 from sidecar.cache.memory import MemoryBudget
 from sidecar.log import get_logger
 from sidecar.store.base import ObjectStore
@@ -55,6 +56,7 @@ class CacheStats:
     single_flight_joins: int = 0
     direct_reads: int = 0  # random reads served with an exact ranged GET, not through blocks
     range_hits: int = 0  # random reads answered from a range fetched before (memory or disk)
+    shared_hits: int = 0  # blocks read from the node's shared cache (sidecar.cache.shared)
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -106,6 +108,8 @@ class BlockCache:
         # Blocks a reader waits for are fetched in parts of what one connection brings in a
         # round trip instead (sidecar.cache.link): several short GETs beat one long one.
         self.link = LinkEstimate()
+        self.shared: SharedBlocks | None = None  # the node's shared cache, and who a ref is in it:
+        self.version_of: Callable[[ObjectRef], VersionId] | None = None
         # Backend runs wait COALESCE_S before they start, merged with the runs started meanwhile:
         # the kernel splits one large read (a Parquet column chunk read at once) into 1 MiB
         # requests that arrive together, each a run of its own; merged, they are one GET.
@@ -323,7 +327,9 @@ class BlockCache:
                 held = True
             # Blocks already on disk are served from there (read in one thread hop for the whole
             # run); the rest are fetched in one stream.
-            missing = await self._complete_from_disk(ref, first, fetches, names, held)
+            missing = await complete_from_disk(self, ref, first, fetches, names, held)
+            if missing and self.shared is not None and ref.etag:
+                missing = await from_shared(self, ref, first, fetches, missing, held)
             if missing:
                 # One request from the first to the last missing block: a disk hit in between
                 # costs less as bytes in the stream than as another request.
@@ -339,7 +345,7 @@ class BlockCache:
                     j = lo + i
                     if j < len(fetches) and not fetches[j].done.is_set():
                         self._complete(ref, first + j, fetches[j], data, None, held)
-                        if self.disk is not None:
+                        if self.disk is not None or self.shared is not None:
                             self.memory.pin((ref.key, ref.etag, first + j))
                             to_disk.append((names[j], data))
                             pinned.append((ref.key, ref.etag, first + j))
@@ -364,28 +370,7 @@ class BlockCache:
             if done is not None:
                 done()
         if to_disk:
-            await self._disk_put_many(to_disk, pinned)
-
-    async def _complete_from_disk(self, ref: ObjectRef, first: int, fetches: list[BlockFetch], names: list[str], held: bool) -> list[int]:
-        """Completes the run's blocks found on disk (one thread hop for the whole run, none if the
-        index has none of them), each as soon as it is read; returns the indices in the run of
-        the others."""
-        if self.disk is None or not any(name in self.disk for name in names):
-            return list(range(len(fetches)))
-
-        def found(i: int, data: bytes | None) -> bool:
-            if data is None or len(data) != self._block_len(ref, first + i):
-                return False
-            self._complete(ref, first + i, fetches[i], data, None, held)  # (idempotent)
-            return True
-
-        # A reader waiting for the run's first block gets it when it is read, not when the
-        # run's last one is (a run is up to DISK_RUN_BLOCKS; read from a disk whose pages
-        # were dropped, it took 60-100 ms).
-        got = await self.disk_read(names, on_each=found)
-        missing = [i for i, data in enumerate(got) if not found(i, data)]
-        self.stats.disk_hits += len(got) - len(missing)
-        return missing
+            await self._disk_put_many(to_disk, pinned, share=ref if ref.etag else None)
 
     # The disk tier is a cache: any error of it (a full or failing disk, a bug) costs a refetch,
     # never a reader's request or the mount. Each is logged and counted.
@@ -398,17 +383,21 @@ class BlockCache:
         token = trio.lowlevel.current_trio_token()
         return await trio.to_thread.run_sync(read_entries, self, self.disk, names, on_each, token, limiter=self._disk_limiter)
 
-    async def _disk_put_many(self, items: list[tuple[str, bytes]], pinned: list[tuple[str, str, Any]]) -> None:
-        """Writes `items` to the disk tier, then unpins their memory entries `pinned` (`_pin`)."""
+    async def _disk_put_many(self, items: list[tuple[str, bytes]], pinned: list[tuple[str, str, Any]], share: ObjectRef | None = None) -> None:
+        """Writes `items` to the disk tier (and, with `share`, the blocks `pinned` names of that
+        version to the node's shared cache), then unpins their memory entries `pinned`."""
         disk = self.disk
-        if disk is None:
+        if disk is None and (share is None or self.shared is None):
             return  # (nothing is pinned without one)
 
         def write_all() -> None:
             try:
-                disk.put_many(items)  # a run's blocks in one file
+                if disk is not None:
+                    disk.put_many(items)  # a run's blocks in one file
             except Exception as exc:
                 self._disk_failed("disk_cache_write_failed", exc)
+            if share is not None:
+                share_blocks(self, share, [(mid[2], data) for mid, (_, data) in zip(pinned, items)])
 
         try:
             await trio.to_thread.run_sync(write_all, limiter=self._disk_limiter)
@@ -417,9 +406,77 @@ class BlockCache:
 
     def _disk_failed(self, event: str, exc: Exception) -> None:
         """Called from a disk thread: a counter and a log line, nothing that needs trio."""
-        assert self.disk is not None
-        self.disk.errors += 1
+        if self.disk is not None:
+            self.disk.errors += 1
         log.warning(event, error=type(exc).__name__, detail=str(exc)[:200], errors=self.disk.errors)
+
+
+async def complete_from_disk(cache: BlockCache, ref: ObjectRef, first: int, fetches: list[BlockFetch], names: list[str], held: bool) -> list[int]:
+    """Completes the run's blocks found on disk (one thread hop for the whole run, none if the
+    index has none of them), each as soon as it is read; returns the indices in the run of
+    the others."""
+    if cache.disk is None or not any(name in cache.disk for name in names):
+        return list(range(len(fetches)))
+
+    def found(i: int, data: bytes | None) -> bool:
+        if data is None or len(data) != cache._block_len(ref, first + i):
+            return False
+        cache._complete(ref, first + i, fetches[i], data, None, held)  # (idempotent)
+        return True
+
+    # A reader waiting for the run's first block gets it when it is read, not when the
+    # run's last one is (a run is up to DISK_RUN_BLOCKS; read from a disk whose pages
+    # were dropped, it took 60-100 ms).
+    got = await cache.disk_read(names, on_each=found)
+    missing = [i for i, data in enumerate(got) if not found(i, data)]
+    cache.stats.disk_hits += len(got) - len(missing)
+    return missing
+
+
+async def from_shared(cache: BlockCache, ref: ObjectRef, first: int, fetches: list[BlockFetch], missing: list[int], held: bool) -> list[int]:
+    """Completes the run's `missing` blocks the node's shared cache holds for this version (the
+    ref's ETag and size come from this sidecar's own listing or HEAD: its credentials saw the
+    version); returns the indices still missing."""
+    shared, version_of = cache.shared, cache.version_of
+    assert shared is not None and version_of is not None
+    version = version_of(ref)
+
+    def read() -> list[bytes | None]:
+        out = []
+        for i in missing:
+            try:
+                out.append(shared.get(version, cache.block_size, first + i))
+            except Exception as exc:  # a cache: its failure costs a fetch
+                out.append(None)
+                cache._disk_failed("shared_cache_read_failed", exc)
+        if shared.hits:
+            try:
+                shared.touch()
+            except Exception as exc:
+                cache._disk_failed("shared_cache_touch_failed", exc)
+        return out
+
+    got = await trio.to_thread.run_sync(read, limiter=cache._disk_limiter)
+    still = []
+    for i, data in zip(missing, got):
+        if data is not None and len(data) == cache._block_len(ref, first + i):
+            cache.stats.shared_hits += 1
+            cache._complete(ref, first + i, fetches[i], data, None, held)
+        else:
+            still.append(i)
+    return still
+
+
+def share_blocks(cache: BlockCache, ref: ObjectRef, blocks: list[tuple[int, bytes]]) -> None:
+    """Writes fetched blocks of `ref` to the node's shared cache (from a disk thread)."""
+    if cache.shared is None or cache.version_of is None:
+        return
+    version = cache.version_of(ref)
+    for index, data in blocks:
+        try:
+            cache.shared.put(version, cache.block_size, index, data)
+        except Exception as exc:
+            cache._disk_failed("shared_cache_write_failed", exc)
 
 
 def read_entries(cache: BlockCache, disk: DiskTier, names: list[str], on_each: Callable[[int, Any], Any] | None,

@@ -372,3 +372,47 @@ def test_sqlite_point_queries_in_a_small_database_fetch_it_whole_not_page_by_pag
     fetched = after["bytes_fetched"] - before["bytes_fetched"]
     assert gets <= 8 + 2 * -(-len(data) // (8 * MiB)) + 4, gets  # before: 113 GETs here
     assert fetched <= 2 * len(data), (fetched, len(data))
+
+
+def test_the_mount_measures_its_links_round_trip_from_its_own_reads(s3, proxied, mount_worker):
+    """The fetch policy's estimate (docs/SEMANTICS.md, "Requests against bytes"): through a link
+    that waits 80 ms before each response, the mount's own GETs of a cold sequential read give
+    a round trip of at least that (moto's own time comes on top), with no request of its own."""
+    proxy, bucket = proxied
+    data = random.Random(44).randbytes(48 * MiB)
+    s3.client().put_object(Bucket=bucket, Key="seq.bin", Body=data)
+    w = mount_worker(bucket, options={"endpoint_url": proxy.endpoint})
+    assert w.stats()["link"]["samples"] == 0
+    proxy.set(first_byte_delay=0.08)
+    with open(os.path.join(w.mnt, "seq.bin"), "rb") as f:
+        assert f.read() == data
+    link = w.stats()["link"]
+    assert link["samples"] >= 2 and link["rtt_ms"] >= 70, link
+
+
+def test_a_second_session_reads_what_the_first_read_from_the_nodes_shared_cache(s3, s3_bucket, mount_worker, tmp_path):
+    """Two sidecars ("sessions") of one node, each with its own disk cache, one shared folder:
+    the second reads an object the first read with no GET for its bytes; once the object is
+    replaced, the new version is fetched and the old blocks are never served."""
+    data = random.Random(45).randbytes(24 * MiB)
+    s3_bucket.put("raw.bin", data)
+    shared = str(tmp_path / "node-shared")
+    first = mount_worker(s3_bucket, shared_cache_dir=shared, cache_dir=str(tmp_path / "cache-1"))
+    with open(os.path.join(first.mnt, "raw.bin"), "rb") as f:
+        assert f.read() == data
+    blocks = lambda: [p for p in (tmp_path / "node-shared").rglob("*") if len(p.name) == 64]  # noqa: E731
+    wait_for(lambda: len(blocks()) == 24, what="the first session's blocks in the shared folder")
+    second = mount_worker(s3_bucket, shared_cache_dir=shared, cache_dir=str(tmp_path / "cache-2"))
+    before = second.stats()["store"]["get_requests"]
+    with open(os.path.join(second.mnt, "raw.bin"), "rb") as f:
+        assert f.read() == data
+    st = second.stats()
+    assert st["store"]["get_requests"] == before  # no GET for the data
+    assert st["cache"]["shared_hits"] == 24
+
+    new = random.Random(46).randbytes(24 * MiB)
+    s3_bucket.put("raw.bin", new)
+    third = mount_worker(s3_bucket, shared_cache_dir=shared, cache_dir=str(tmp_path / "cache-3"))
+    with open(os.path.join(third.mnt, "raw.bin"), "rb") as f:
+        assert f.read() == new
+    assert third.stats()["cache"]["shared_hits"] == 0 and third.stats()["store"]["get_requests"] > 0

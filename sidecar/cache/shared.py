@@ -1,0 +1,237 @@
+"""A block cache shared by the sidecars of one node (issue 35): its storage format, its keys and
+its budget. Not yet wired into the mount (sidecar.cache.blocks); this module is the part every
+sidecar of the node must agree on.
+
+Who may read what: the sessions of a node belong to different people. A block of an object
+version is stored encrypted and authenticated (AES-256-GCM) under a key derived from the
+version's identity (`VersionId`: provider, endpoint, bucket, key, ETag, size, mtime), which a
+sidecar learns only from the listing or HEAD its own credentials were allowed to make. The file
+name is a different derivation of the same identity, so the folder shows neither the key nor the
+object's name. A block is bound to its place (the name, the block size and its index are the
+associated data): a valid block copied over another name fails authentication. Anything that
+fails (flipped bytes, a cut file, a block written by someone without the key, another version)
+is `None` to the caller, who fetches the block itself; nothing here ever returns bytes that did
+not authenticate. What this does not protect against is in docs/SECURITY.md.
+
+Never wrong, never stuck: a block is written to a temporary name in the same folder and renamed
+into place (a reader sees a whole block or none; a writer killed midway leaves a temporary file
+that `sweep` removes once it is old). No lock is held while a block is read or written.
+
+The budget (`limit` bytes for all sidecars together) is kept in an SQLite database in the folder
+(WAL mode; SQLite's own locks coordinate the processes): each stored block is a row with its size
+and when it was last used; a writer that takes the total over the limit deletes the least
+recently used rows and their files in the same transaction. Hits update `used` in batches
+(`touch`), so a read costs no database write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import sqlite3
+import struct
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+MAGIC = b"SSSB"  # storage-sidecar shared block
+FORMAT = 1
+_HEAD = struct.Struct("<4sB12s")  # magic, format, nonce
+KEY_LABEL = b"storage-sidecar shared block key v1"
+NAME_LABEL = b"storage-sidecar shared block name v1"
+TEMP_PREFIX = ".tmp-"
+TEMP_MAX_AGE = 3600.0  # s: a temporary file this old was left by a writer that died
+DB_NAME = "index.sqlite"
+
+
+@dataclass(frozen=True)
+class VersionId:
+    """What identifies one version of one object, as the sidecar's own listing or HEAD showed it."""
+
+    provider: str  # "s3", "azure", "gcs", "webdav"
+    endpoint: str  # the service's address (a bucket of the same name elsewhere is another)
+    bucket: str
+    key: str
+    etag: str
+    size: int
+    mtime: str  # as the server reported it (an ISO date or seconds), not reinterpreted
+
+    def canonical(self) -> bytes:
+        """The fields, each length-prefixed: no two identities share an encoding."""
+        out = bytearray()
+        for field in (self.provider, self.endpoint, self.bucket, self.key, self.etag, str(self.size), self.mtime):
+            raw = field.encode("utf-8", "surrogatepass")
+            out += struct.pack("<I", len(raw)) + raw
+        return bytes(out)
+
+
+def block_key(version: VersionId) -> bytes:
+    """The AES-256 key of a version's blocks."""
+    return hmac.new(KEY_LABEL, version.canonical(), hashlib.sha256).digest()
+
+
+def block_file_name(version: VersionId, block_size: int, index: int) -> str:
+    """The file name of one block: a different derivation than the key (one tells nothing of the other)."""
+    msg = version.canonical() + struct.pack("<QQ", block_size, index)
+    return hmac.new(NAME_LABEL, msg, hashlib.sha256).hexdigest()
+
+
+def _aad(name: str, block_size: int, index: int) -> bytes:
+    return name.encode("ascii") + struct.pack("<QQ", block_size, index)
+
+
+def seal(version: VersionId, block_size: int, index: int, data: bytes) -> tuple[str, bytes]:
+    """(file name, file content) of block `index` of `version`."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # (only where a shared cache is used)
+
+    name = block_file_name(version, block_size, index)
+    nonce = secrets.token_bytes(12)
+    sealed = AESGCM(block_key(version)).encrypt(nonce, data, _aad(name, block_size, index))
+    return name, _HEAD.pack(MAGIC, FORMAT, nonce) + sealed
+
+
+def unseal(version: VersionId, block_size: int, index: int, name: str, content: bytes) -> bytes | None:
+    """The block's bytes if `content` authenticates as block `index` of `version` stored under
+    `name`; None otherwise (never bytes that did not)."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    if len(content) < _HEAD.size + 16:
+        return None
+    magic, fmt, nonce = _HEAD.unpack_from(content)
+    if magic != MAGIC or fmt != FORMAT:
+        return None
+    try:
+        return AESGCM(block_key(version)).decrypt(nonce, content[_HEAD.size :], _aad(name, block_size, index))
+    except InvalidTag:
+        return None
+
+
+class SharedBlocks:
+    """The shared folder of one node. Blocking calls (file and database I/O): call them from a
+    worker thread. Safe to use from several threads and processes at once."""
+
+    def __init__(self, directory: str | os.PathLike[str], limit: int) -> None:
+        self.dir = Path(directory)
+        self.limit = limit
+        self.hits = 0
+        self.misses = 0
+        self.rejected = 0  # files that did not authenticate (flipped, cut, foreign, another version)
+        self.evictions = 0
+        self._touched: dict[str, float] = {}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._db_path = self.dir / DB_NAME
+        with self._db() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS blocks (name TEXT PRIMARY KEY, size INTEGER NOT NULL, used REAL NOT NULL)")
+            db.execute("CREATE INDEX IF NOT EXISTS blocks_used ON blocks (used)")
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self._db_path, timeout=30.0, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            yield db
+        finally:
+            db.close()
+
+    def _path(self, name: str) -> Path:
+        return self.dir / name[:2] / name
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def get(self, version: VersionId, block_size: int, index: int) -> bytes | None:
+        """Block `index` of `version`, if a sidecar stored it and it authenticates."""
+        name = block_file_name(version, block_size, index)
+        try:
+            with open(self._path(name), "rb") as f:
+                content = f.read()
+        except FileNotFoundError:
+            self.misses += 1
+            return None
+        data = unseal(version, block_size, index, name, content)
+        if data is None:
+            self.rejected += 1
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._touched[name] = time.time()
+        return data
+
+    def touch(self) -> None:
+        """Records when the blocks read since the last call were used (one transaction)."""
+        touched, self._touched = self._touched, {}
+        if not touched:
+            return
+        with self._db() as db:
+            db.executemany("UPDATE blocks SET used = ? WHERE name = ?", [(t, n) for n, t in touched.items()])
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def put(self, version: VersionId, block_size: int, index: int, data: bytes) -> bool:
+        """Stores a block for every sidecar of the node; False if it cannot fit the budget."""
+        name, content = seal(version, block_size, index, data)
+        if len(content) > self.limit:
+            return False
+        path = self._path(name)
+        path.parent.mkdir(exist_ok=True)
+        temp = path.parent / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
+        try:
+            with open(temp, "wb") as f:
+                f.write(content)
+            os.replace(temp, path)  # a reader sees the whole block or none
+        except OSError:
+            temp.unlink(missing_ok=True)
+            return False
+        self._account(name, len(content))
+        return True
+
+    def _account(self, name: str, size: int) -> None:
+        """Adds the block to the budget and evicts the least recently used blocks over it, in
+        one transaction (the database's lock orders the sidecars)."""
+        doomed: list[str] = []
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("INSERT OR REPLACE INTO blocks (name, size, used) VALUES (?, ?, ?)", (name, size, time.time()))
+                (total,) = db.execute("SELECT COALESCE(SUM(size), 0) FROM blocks").fetchone()
+                if total > self.limit:
+                    for old, old_size in db.execute("SELECT name, size FROM blocks WHERE name != ? ORDER BY used", (name,)):
+                        doomed.append(old)
+                        total -= old_size
+                        if total <= self.limit:
+                            break
+                    db.executemany("DELETE FROM blocks WHERE name = ?", [(n,) for n in doomed])
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        for old in doomed:  # a reader that opened one before still reads it whole
+            self._path(old).unlink(missing_ok=True)
+        self.evictions += len(doomed)
+
+    def used(self) -> int:
+        with self._db() as db:
+            (total,) = db.execute("SELECT COALESCE(SUM(size), 0) FROM blocks").fetchone()
+        return int(total)
+
+    def sweep(self, now: float | None = None) -> int:
+        """Removes temporary files left by writers that died (older than TEMP_MAX_AGE)."""
+        now = time.time() if now is None else now
+        removed = 0
+        for sub in self.dir.iterdir():
+            if not sub.is_dir():
+                continue
+            for f in sub.iterdir():
+                if f.name.startswith(TEMP_PREFIX):
+                    try:
+                        if now - f.stat().st_mtime > TEMP_MAX_AGE:
+                            f.unlink()
+                            removed += 1
+                    except FileNotFoundError:
+                        pass
+        return removed

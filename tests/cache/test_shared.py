@@ -1,0 +1,160 @@
+"""The node's shared block cache (sidecar.cache.shared): only a reader of a version finds and
+decrypts its blocks; nothing that fails authentication is ever returned; the budget holds for
+several processes at once."""
+
+import multiprocessing
+import os
+import random
+import sqlite3
+
+import pytest
+
+from sidecar.cache.shared import DB_NAME, TEMP_MAX_AGE, SharedBlocks, VersionId, block_file_name
+
+BS = 64 * 1024
+
+
+def version(**changes):
+    fields = dict(provider="s3", endpoint="https://s3.example.org", bucket="raw-data", key="images/cat-0001.png",
+                  etag="0123456789abcdef0123456789abcdef", size=3 * BS, mtime="2026-12-01T10:00:00Z")
+    fields.update(changes)
+    return VersionId(**fields)
+
+
+def block_files(folder):
+    return [p for p in folder.rglob("*") if p.is_file() and p.name != DB_NAME and not p.name.startswith(DB_NAME)]
+
+
+def test_a_stored_block_is_read_back_by_a_reader_of_the_same_version(tmp_path):
+    data = random.Random(1).randbytes(BS)
+    one, two = SharedBlocks(tmp_path, 1 << 20), SharedBlocks(tmp_path, 1 << 20)  # two sidecars
+    assert one.put(version(), BS, 2, data)
+    assert two.get(version(), BS, 2) == data
+    assert two.hits == 1
+
+
+@pytest.mark.parametrize("other", [dict(etag="ffffffffffffffffffffffffffffffff"), dict(size=3 * BS + 1), dict(mtime="2026-12-02T10:00:00Z"),
+                                   dict(bucket="other-bucket"), dict(endpoint="https://elsewhere.example.org"), dict(key="images/cat-0002.png"),
+                                   dict(provider="gcs")])
+def test_another_version_bucket_or_endpoint_never_finds_the_blocks(tmp_path, other):
+    """A reader that saw another version (or the same key in another bucket or service) derives
+    another name, so it finds nothing; and the stored file, put under its name, does not
+    authenticate for it either."""
+    shared = SharedBlocks(tmp_path, 1 << 20)
+    data = random.Random(2).randbytes(BS)
+    shared.put(version(), BS, 0, data)
+    assert block_file_name(version(**other), BS, 0) != block_file_name(version(), BS, 0)
+    assert shared.get(version(**other), BS, 0) is None
+    (stored,) = block_files(tmp_path)
+    forged = tmp_path / block_file_name(version(**other), BS, 0)[:2] / block_file_name(version(**other), BS, 0)
+    forged.parent.mkdir(exist_ok=True)
+    forged.write_bytes(stored.read_bytes())
+    assert shared.get(version(**other), BS, 0) is None and shared.rejected == 1
+
+
+def test_flipped_cut_foreign_or_misplaced_blocks_are_never_returned(tmp_path):
+    shared = SharedBlocks(tmp_path, 1 << 20)
+    rnd = random.Random(3)
+    blocks = [rnd.randbytes(BS) for _ in range(3)]
+    for i, data in enumerate(blocks):
+        shared.put(version(), BS, i, data)
+    path = lambda i: tmp_path / block_file_name(version(), BS, i)[:2] / block_file_name(version(), BS, i)  # noqa: E731
+
+    content = bytearray(path(0).read_bytes())
+    content[len(content) // 2] ^= 0x01
+    path(0).write_bytes(bytes(content))
+    assert shared.get(version(), BS, 0) is None  # one flipped bit
+
+    path(1).write_bytes(path(1).read_bytes()[:-100])
+    assert shared.get(version(), BS, 1) is None  # cut short
+
+    # block 2's valid content under block 1's name: bound to its place
+    path(1).write_bytes(path(2).read_bytes())
+    assert shared.get(version(), BS, 1) is None
+
+    # written by a process without the key, in the right format
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from sidecar.cache.shared import _HEAD, FORMAT, MAGIC
+
+    nonce = os.urandom(12)
+    path(2).write_bytes(_HEAD.pack(MAGIC, FORMAT, nonce) + AESGCM(AESGCM.generate_key(256)).encrypt(nonce, b"poison" * 100, None))
+    assert shared.get(version(), BS, 2) is None
+    assert shared.rejected == 4 and shared.hits == 0
+
+
+def test_the_folder_shows_neither_names_nor_bytes(tmp_path):
+    shared = SharedBlocks(tmp_path, 1 << 20)
+    data = b"patient-record " * 1000
+    shared.put(version(), BS, 0, data[:BS])
+    everything = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    names = " ".join(str(p) for p in tmp_path.rglob("*"))
+    for secret in ("cat-0001", "raw-data", "s3.example.org", "0123456789abcdef"):
+        assert secret not in names and secret.encode() not in everything
+    assert b"patient-record" not in everything
+
+
+def test_the_budget_evicts_the_least_recently_used_blocks(tmp_path):
+    one = SharedBlocks(tmp_path, limit=4 * (BS + 100))
+    two = SharedBlocks(tmp_path, limit=4 * (BS + 100))
+    rnd = random.Random(4)
+    data = [rnd.randbytes(BS) for _ in range(6)]
+    for i in range(4):
+        one.put(version(), BS, i, data[i])
+    assert two.get(version(), BS, 0) == data[0]  # block 0 used again (by the other sidecar)
+    two.touch()
+    one.put(version(), BS, 4, data[4])
+    one.put(version(), BS, 5, data[5])
+    assert one.used() <= 4 * (BS + 100)
+    assert [i for i in range(6) if one.get(version(), BS, i) is not None] == [0, 3, 4, 5]
+    assert len(block_files(tmp_path)) == 4 and one.evictions == 2
+
+
+def _writer(folder, seed, limit):
+    shared = SharedBlocks(folder, limit)
+    rnd = random.Random(seed)
+    for i in range(40):
+        shared.put(version(key=f"k{seed}"), BS, i, rnd.randbytes(BS))
+
+
+def test_the_budget_holds_with_several_processes_writing_at_once(tmp_path):
+    limit = 10 * (BS + 100)
+    SharedBlocks(tmp_path, limit)
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(tmp_path, seed, limit)) for seed in range(3)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(120)
+            assert p.exitcode == 0
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    shared = SharedBlocks(tmp_path, limit)
+    files = block_files(tmp_path)
+    assert shared.used() <= limit and 0 < len(files) <= 10
+    rows = sqlite3.connect(tmp_path / DB_NAME).execute("SELECT name FROM blocks").fetchall()
+    assert sorted(n for (n,) in rows) == sorted(p.name for p in files)  # the index and the folder agree
+    found = 0
+    for seed in range(3):  # every block left authenticates and is the writer's
+        rnd = random.Random(seed)
+        for i in range(40):
+            expected = rnd.randbytes(BS)
+            got = shared.get(version(key=f"k{seed}"), BS, i)
+            assert got is None or got == expected
+            found += got is not None
+    assert found == len(files)
+
+
+def test_a_writer_killed_midway_leaves_nothing_that_is_read_and_its_temporary_file_is_swept(tmp_path):
+    shared = SharedBlocks(tmp_path, 1 << 20)
+    name = block_file_name(version(), BS, 0)
+    (tmp_path / name[:2]).mkdir()
+    left = tmp_path / name[:2] / ".tmp-0123456789abcdef"
+    left.write_bytes(b"half a blo")  # what a writer killed before its rename leaves
+    assert shared.get(version(), BS, 0) is None
+    assert shared.sweep() == 0  # young: it may be a writer at work
+    os.utime(left, (0, os.path.getmtime(left) - TEMP_MAX_AGE - 1))
+    assert shared.sweep() == 1 and not left.exists()
