@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from functools import partial
 import signal
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 

@@ -404,11 +404,14 @@ class BlockCache:
         finally:
             self.memory.unpin(pinned)
 
-    def _disk_failed(self, event: str, exc: Exception) -> None:
-        """Called from a disk thread: a counter and a log line, nothing that needs trio."""
-        if self.disk is not None:
-            self.disk.errors += 1
-        log.warning(event, error=type(exc).__name__, detail=str(exc)[:200], errors=self.disk.errors)
+    def _disk_failed(self, event: str, exc: Exception, tier: DiskTier | SharedBlocks | None = None) -> None:
+        """Called from a disk thread: a counter of the failing tier (the disk tier unless told)
+        and a log line, nothing that needs trio."""
+        if tier is None:
+            tier = self.disk
+        assert tier is not None
+        tier.errors += 1
+        log.warning(event, error=type(exc).__name__, detail=str(exc)[:200], errors=tier.errors)
 
 
 async def complete_from_disk(cache: BlockCache, ref: ObjectRef, first: int, fetches: list[BlockFetch], names: list[str], held: bool) -> list[int]:
@@ -448,12 +451,11 @@ async def from_shared(cache: BlockCache, ref: ObjectRef, first: int, fetches: li
                 out.append(shared.get(version, cache.block_size, first + i))
             except Exception as exc:  # a cache: its failure costs a fetch
                 out.append(None)
-                cache._disk_failed("shared_cache_read_failed", exc)
-        if shared.hits:
-            try:
-                shared.touch()
-            except Exception as exc:
-                cache._disk_failed("shared_cache_touch_failed", exc)
+                cache._disk_failed("shared_cache_read_failed", exc, shared)
+        try:
+            shared.touch()  # (nothing to do without a hit)
+        except Exception as exc:
+            cache._disk_failed("shared_cache_touch_failed", exc, shared)
         return out
 
     got = await trio.to_thread.run_sync(read, limiter=cache._disk_limiter)
@@ -471,12 +473,10 @@ def share_blocks(cache: BlockCache, ref: ObjectRef, blocks: list[tuple[int, byte
     """Writes fetched blocks of `ref` to the node's shared cache (from a disk thread)."""
     if cache.shared is None or cache.version_of is None:
         return
-    version = cache.version_of(ref)
-    for index, data in blocks:
-        try:
-            cache.shared.put(version, cache.block_size, index, data)
-        except Exception as exc:
-            cache._disk_failed("shared_cache_write_failed", exc)
+    try:
+        cache.shared.put_many(cache.version_of(ref), cache.block_size, blocks)
+    except Exception as exc:
+        cache._disk_failed("shared_cache_write_failed", exc, cache.shared)
 
 
 def read_entries(cache: BlockCache, disk: DiskTier, names: list[str], on_each: Callable[[int, Any], Any] | None,

@@ -122,6 +122,7 @@ class SharedBlocks:
         self.misses = 0
         self.rejected = 0  # files that did not authenticate (flipped, cut, foreign, another version)
         self.evictions = 0
+        self.errors = 0  # calls that failed (the caller fetched instead)
         self._touched: dict[str, float] = {}
         self.dir.mkdir(parents=True, exist_ok=True)
         self._db_path = self.dir / DB_NAME
@@ -174,33 +175,44 @@ class SharedBlocks:
 
     def put(self, version: VersionId, block_size: int, index: int, data: bytes) -> bool:
         """Stores a block for every sidecar of the node; False if it cannot fit the budget."""
-        name, content = seal(version, block_size, index, data)
-        if len(content) > self.limit:
-            return False
-        path = self._path(name)
-        path.parent.mkdir(exist_ok=True)
-        temp = path.parent / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
-        try:
-            with open(temp, "wb") as f:
-                f.write(content)
-            os.replace(temp, path)  # a reader sees the whole block or none
-        except OSError:
-            temp.unlink(missing_ok=True)
-            return False
-        self._account(name, len(content))
-        return True
+        return self.put_many(version, block_size, [(index, data)]) == 1
 
-    def _account(self, name: str, size: int) -> None:
-        """Adds the block to the budget and evicts the least recently used blocks over it, in
+    def put_many(self, version: VersionId, block_size: int, blocks: list[tuple[int, bytes]]) -> int:
+        """Stores blocks of one version (a fetched run); one budget transaction for all of them.
+        Returns how many were stored."""
+        stored: list[tuple[str, int]] = []
+        for index, data in blocks:
+            name, content = seal(version, block_size, index, data)
+            if len(content) > self.limit:
+                continue
+            path = self._path(name)
+            path.parent.mkdir(exist_ok=True)
+            temp = path.parent / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
+            try:
+                with open(temp, "wb") as f:
+                    f.write(content)
+                os.replace(temp, path)  # a reader sees the whole block or none
+            except OSError:
+                temp.unlink(missing_ok=True)
+                continue
+            stored.append((name, len(content)))
+        if stored:
+            self._account(stored)
+        return len(stored)
+
+    def _account(self, stored: list[tuple[str, int]]) -> None:
+        """Adds the blocks to the budget and evicts the least recently used others over it, in
         one transaction (the database's lock orders the sidecars)."""
         doomed: list[str] = []
+        now = time.time()
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
-                db.execute("INSERT OR REPLACE INTO blocks (name, size, used) VALUES (?, ?, ?)", (name, size, time.time()))
+                db.executemany("INSERT OR REPLACE INTO blocks (name, size, used) VALUES (?, ?, ?)", [(n, size, now) for n, size in stored])
                 (total,) = db.execute("SELECT COALESCE(SUM(size), 0) FROM blocks").fetchone()
                 if total > self.limit:
-                    for old, old_size in db.execute("SELECT name, size FROM blocks WHERE name != ? ORDER BY used", (name,)):
+                    # (the run's own blocks are the most recent: they go last, if they alone exceed it)
+                    for old, old_size in db.execute("SELECT name, size FROM blocks ORDER BY used").fetchall():
                         doomed.append(old)
                         total -= old_size
                         if total <= self.limit:

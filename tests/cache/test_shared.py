@@ -158,3 +158,52 @@ def test_a_writer_killed_midway_leaves_nothing_that_is_read_and_its_temporary_fi
     assert shared.sweep() == 0  # young: it may be a writer at work
     os.utime(left, (0, os.path.getmtime(left) - TEMP_MAX_AGE - 1))
     assert shared.sweep() == 1 and not left.exists()
+
+
+def test_a_run_larger_than_the_budget_keeps_the_budget(tmp_path):
+    """Blocks stored together (one fetched run) are one budget transaction: older blocks go
+    first, and if the run alone exceeds the limit, its own blocks go too."""
+    shared = SharedBlocks(tmp_path, limit=3 * (BS + 100))
+    rnd = random.Random(6)
+    shared.put(version(key="old"), BS, 0, rnd.randbytes(BS))
+    assert shared.put_many(version(), BS, [(i, rnd.randbytes(BS)) for i in range(5)]) == 5
+    assert shared.used() <= 3 * (BS + 100) and len(block_files(tmp_path)) == 3
+    assert shared.get(version(key="old"), BS, 0) is None  # the oldest went first
+
+
+def test_a_failing_shared_cache_costs_a_fetch_not_the_read(tmp_path):
+    """A mount with no disk tier of its own and a shared cache that fails (a full or unreadable
+    node folder): the block is fetched, the failure is counted on the shared cache."""
+    import trio
+
+    from sidecar.cache.blocks import BlockCache, ObjectRef
+    from sidecar.store.memory import MemoryStore
+
+    store = MemoryStore()
+    data = random.Random(7).randbytes(4 * BS)
+    info = store.put("obj", data)
+    shared = SharedBlocks(tmp_path, 1 << 30)
+
+    def broken(*args):
+        raise PermissionError("the node folder is not ours")
+
+    shared.get = broken  # type: ignore[method-assign]
+    shared.put_many = broken  # type: ignore[method-assign]
+
+    async def main():
+        cache = BlockCache(store, block_size=BS, memory_limit=16 * BS)
+        cache.shared = shared
+        cache.version_of = lambda ref: version(key=ref.key, etag=ref.etag, size=ref.size)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            ref = ObjectRef("obj", info.etag, len(data))
+            cache.prefetch(ref, range(0, 4))
+            got = b"".join([await cache.get(ref, i) for i in range(4)])
+            with trio.fail_after(10):  # the write to the shared cache comes after the reader's bytes
+                while shared.errors < 5:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        return got
+
+    assert trio.run(main) == data
+    assert shared.errors == 5  # a read of each of the 4 blocks and the run's write
