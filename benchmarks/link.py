@@ -73,6 +73,15 @@ def status_kib(pid: int, field: str) -> int:
     return 0
 
 
+def write_random(path: Path, size: int) -> None:
+    """A file of `size` random bytes (written 16 MiB at a time)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        for _ in range(size // (16 * MiB)):
+            f.write(os.urandom(16 * MiB))
+        f.write(os.urandom(size % (16 * MiB)))
+
+
 def drop_page_cache() -> None:
     """`sync; echo 3 > /proc/sys/vm/drop_caches` (dirty pages are not dropped: sync first)."""
     os.sync()
@@ -155,11 +164,7 @@ class LinkBench:
         path = self.served / BUCKET / name
         if not path.exists():
             self._dirty = True
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "wb") as f:
-                for _ in range(size // (16 * MiB)):
-                    f.write(os.urandom(16 * MiB))
-                f.write(os.urandom(size % (16 * MiB)))
+            write_random(path, size)
         return path
 
     # -- clients ----------------------------------------------------------------------------
@@ -199,26 +204,6 @@ class LinkBench:
                              cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, check=True, timeout=600)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    def direct_parallel(self, key: str, size: int, part: int = 8 * MiB, inflight: int = 8) -> float:
-        import s3fs
-
-        fs = s3fs.S3FileSystem(key=KEY, secret=SECRET, endpoint_url=self.proxy.endpoint, skip_instance_cache=True)
-
-        async def run() -> int:
-            await fs.set_session()
-            gate = asyncio.Semaphore(inflight)
-
-            async def one(lo: int) -> int:
-                async with gate:
-                    return len(await fs._cat_file(f"{BUCKET}/{key}", start=lo, end=min(lo + part, size)))
-
-            return sum(await asyncio.gather(*(one(lo) for lo in range(0, size, part))))
-
-        started = time.monotonic()
-        got = asyncio.run_coroutine_threadsafe(run(), fs.loop).result() if fs.loop else 0
-        assert got == size
-        return size / (time.monotonic() - started) / 1e6
-
     # -- workloads --------------------------------------------------------------------------
 
     def prepare(self, workload: str) -> None:
@@ -251,10 +236,7 @@ class LinkBench:
         self.put("seq.bin", size)
         local = self.work / "local-seq.bin"  # the same file system as the disk cache
         if not local.exists():
-            with open(local, "wb") as f:
-                for _ in range(size // (16 * MiB)):
-                    f.write(os.urandom(16 * MiB))
-                f.write(os.urandom(size % (16 * MiB)))
+            write_random(local, size)
         names = ("sidecar_cold", "sidecar_warm", "sidecar_warm_dropped", "local_dropped", "direct", "rclone", "ceiling")
         rows: dict[str, list[float]] = {k: [] for k in names}
         cpu: dict[str, list[float]] = {k: [] for k in ("sidecar_cold", "sidecar_warm", "sidecar_warm_dropped", "direct", "rclone")}

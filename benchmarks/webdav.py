@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.link import LinkBench, clean_up, rclone_binary, read_through, save_results, wait_mounted
+from benchmarks.link import LinkBench, clean_up, drop_page_cache, rclone_binary, read_through, save_results, wait_mounted
 from tests.devservers import WorkerProcess, free_port, stop_process, wait_http
 from tests.netproxy import LinkProxy
 
@@ -110,8 +110,7 @@ class WebDAVBench:
             rows["sidecar_cold"].append(self.measured(lambda: rate(f"{w.mnt}/seq.bin")))
             w.stop()
             if self.args.drop_caches:
-                subprocess.run(["sync"], check=True)
-                Path("/proc/sys/vm/drop_caches").write_text("3\n")
+                drop_page_cache()
             w = self.worker(cache)
             rows["sidecar_warm"].append(self.measured(lambda: rate(f"{w.mnt}/seq.bin")))
             w.stop()
