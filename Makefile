@@ -36,6 +36,7 @@ bench:
 	$(PY) -m benchmarks.link $(LINK_ARGS)
 	$(PY) -m benchmarks.webdav $(WEBDAV_ARGS)
 	$(PY) -m benchmarks.clients $(CLIENTS_ARGS)
+	$(PY) -m benchmarks.training $(TRAINING_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .demo

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from tests.devservers import WorkerProcess as Worker
-from tests.devservers import azurite_server, fuse_mounts, gcs_server, moto_server, webdav_server
+from tests.devservers import azurite_server, fuse_mounts, gcs_server, moto_server, rclone_s3_server, webdav_server
 from tests.backends import AzureBackend, GCSBackend, S3Backend, WebDAVBackend
 
 needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
@@ -42,6 +42,13 @@ def azure(tmp_path_factory):
 def gcs(tmp_path_factory):
     """gcp-storage-emulator on 127.0.0.1 (no authentication)."""
     with gcs_server(tmp_path_factory.mktemp("gcs") / "log") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def rclone_s3(tmp_path_factory):
+    """`rclone serve s3` on 127.0.0.1 (signed requests), objects kept as files."""
+    with rclone_s3_server(tmp_path_factory.mktemp("rclone-s3")) as server:
         yield server
 
 

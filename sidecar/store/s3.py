@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from sidecar.errors import NotFound, ObjectChanged
+from sidecar.log import get_logger
 from sidecar.store.base import DirInfo, Gate, Listing, ObjectInfo, StoreStats
 from sidecar.store.bridge import BODY_RETRIES, COMPLETE_RATE, Progress, body_errors, run_on_loop
 from sidecar.store.classify import PROBE_BODY, probe_name, reason_of
@@ -24,6 +25,8 @@ from sidecar.store.fsspec_store import FsspecStore, _mtime, _mtime_text, _user_m
 from sidecar.store.ledger import UploadLedger
 from sidecar.store.patches import INLINE_BODY, count_s3fs_retries, fast_timestamp, quick_plain_results, retry_attempts, small_bodies_at_once
 
+
+log = get_logger(__name__)
 
 MULTIPART_THRESHOLD = 16 << 20
 
@@ -196,7 +199,23 @@ class _S3Writes:
             raise
         if ledger is not None:
             ledger.done(key, upload_id, started)
-        return str(resp["ETag"])
+        return await self._shown_etag(key, str(resp["ETag"]), size)
+
+    async def _shown_etag(self, key: str, answered: str, size: int) -> str:
+        """The ETag the server shows for the object a multipart upload just completed. S3 shows
+        the one CompleteMultipartUpload answered; servers that keep objects as files (`rclone
+        serve s3`, gateways) answer a multipart ETag and show the file's MD5 afterwards, so the
+        mount's next conditional write (If-Match) would conflict with its own object. One HEAD
+        per multipart upload (at least 16 MiB sent) costs little beside it."""
+        try:
+            head = await self.fs._call_s3("head_object", Bucket=self.bucket, Key=key)
+        except Exception:
+            return answered  # stored all the same; a later replacement may report a conflict
+        shown = str(head.get("ETag", answered))
+        if shown.strip('"') != answered.strip('"') and head.get("ContentLength") == size:
+            log.info("server_shows_another_etag", key=key, answered=answered.strip('"'), shown=shown.strip('"'))
+            return shown
+        return answered
 
     async def delete(self, key: str) -> None:
         self.stats.delete_requests += 1

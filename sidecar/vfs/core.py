@@ -35,7 +35,7 @@ from sidecar.cache.streams import Streams
 from sidecar.errors import Exists, IsADirectory, NoSpace, ObjectChanged
 from sidecar.store.base import ObjectInfo, ObjectStore
 from sidecar.vfs.inodes import ROOT_INO, InodeTable, Node
-from sidecar.vfs.listings import NAME_MAX, Entry, Listings
+from sidecar.vfs.listings import LIST_AHEAD, NAME_MAX, Entry, ListAhead, Listings
 from sidecar.vfs.mtimes import MtimeIndex
 from sidecar.vfs.deletes import DeleteJournal, PendingDeletes
 from sidecar.vfs.mutations import Mutations
@@ -89,6 +89,8 @@ class Filesystem(Mutations):
         self.mtime_from_metadata = mtime_from_metadata
         self._listing_flights: dict[str, trio.Event] = {}
         self._walks = FolderWalk()
+        self._ahead = ListAhead()
+        self._ahead_limiter = trio.CapacityLimiter(LIST_AHEAD // 2)  # listings ahead of a tree walk in flight
         self._big: dict[str, float] = {}  # folders too large to list for one lookup -> until
         self._mtimes_due: dict[str, tuple[str, float, float]] = {}  # key -> (etag, mtime, when to store it)
         self._mtimes_wake = trio.Event()
@@ -131,12 +133,16 @@ class Filesystem(Mutations):
         entries = self.listings.fresh(folder, trio.current_time())
         if entries is None:
             return
+        room = self.cache.memory.limit // 4  # what a folder's files fetched ahead may take at once: readers keep the rest
         for ahead in self._walks.on_open(folder, entries, name):
             info = entries[ahead].info
             if info is None or not 0 < info.size <= self.cache.block_size or (self.staging and info.key in self.staging.by_key):
                 continue
             ref = ObjectRef(info.key, info.etag, info.size)
-            if not self.cache.has(ref, 0) and not self.cache.prefetch(ref, range(1)):
+            if self.ranges.holds(ref, 0, info.size) or self.cache.has(ref, 0):
+                continue  # kept whole already, as a block or as a random reader's exact range
+            room -= info.size
+            if room < 0 or not self.cache.prefetch(ref, range(1)):
                 break  # no room in the memory budget: the reader fetches its own
 
     def _changed_remotely(self, node: Node) -> None:

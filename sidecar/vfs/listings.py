@@ -10,6 +10,7 @@ All times are `trio.current_time()`; used from the trio thread only.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -200,6 +201,32 @@ def _bounded(d: dict[str, Any], limit: int, expired: Callable[[Any], bool]) -> N
         del d[k]
     for k in list(itertools.islice(d, max(0, len(d) - limit * 9 // 10))):
         del d[k]
+
+
+LIST_AHEAD = 16  # sibling folders listed ahead of a walk going down a tree
+SORTED_KEPT = 64  # folders whose sorted subfolder names are kept for it
+
+
+class ListAhead:
+    """Listings ahead of a tree walk (`os.walk`, `find`, `du`, a Dataset indexing its files):
+    such a walker lists a folder, goes down into its first subfolder, then the next, one LIST
+    after another. Once it went down into one, the next LIST_AHEAD subfolders of the same parent
+    are the ones it will list next: they are listed ahead, in parallel. A walker that stops
+    costs at most LIST_AHEAD listings it did not read; `ls` of one folder costs none."""
+
+    def __init__(self) -> None:
+        self._sorted: dict[str, tuple[dict[str, Entry], list[str]]] = {}  # parent -> (its entries, sorted folder names)
+
+    def next_folders(self, parent: str, entries: dict[str, Entry], name: str) -> list[str]:
+        """The keys of the subfolders of `parent` after `name` that a walker lists next."""
+        kept = self._sorted.get(parent)
+        if kept is None or kept[0] is not entries:
+            kept = self._sorted[parent] = (entries, sorted(n for n, e in entries.items() if e.is_dir))
+            while len(self._sorted) > SORTED_KEPT:
+                self._sorted.pop(next(iter(self._sorted)))
+        dirs = kept[1]
+        i = bisect.bisect_right(dirs, name)
+        return [f"{parent}/{d}" if parent else d for d in dirs[i : i + LIST_AHEAD]]
 
 
 def parent_key(key: str) -> str:

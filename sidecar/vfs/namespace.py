@@ -20,10 +20,13 @@ from sidecar.errors import BadHandle, NotADirectory, NotFound, ObjectChanged, Si
 from sidecar.store.base import DirInfo, Listing, ObjectInfo, ObjectStore
 from sidecar.vfs.deletes import PendingDeletes
 from sidecar.vfs.inodes import ROOT_INO, InodeTable, Node
-from sidecar.vfs.listings import NAME_MAX, Entry, Listings, parent_key, unusable_name
+from sidecar.log import get_logger
+from sidecar.vfs.listings import NAME_MAX, Entry, ListAhead, Listings, parent_key, unusable_name
 from sidecar.vfs.reader import Reader
 from sidecar.vfs.staging import StagedFile, StagingArea
 
+
+log = get_logger(__name__)
 
 DIR_TTL_MIN = 30.0  # s a known folder is trusted, whatever the metadata TTL
 # entries: a lookup in an unlisted folder lists all of it (every page, once, kept for the TTL) up
@@ -86,6 +89,8 @@ class Namespace:
     listings: Listings
     staging: StagingArea | None
     deletes: PendingDeletes
+    _ahead: ListAhead
+    _ahead_limiter: trio.CapacityLimiter
 
     def _child_key(self, parent: Node, name: str) -> str:
         return f"{parent.key}/{name}" if parent.key else name
@@ -152,29 +157,52 @@ class Namespace:
         return None
 
     async def _list(self, node: Node, *, bounded: bool = False) -> dict[str, Entry] | None:
+        return await self._list_key(node.key, bounded=bounded)
+
+    async def _list_key(self, key: str, *, bounded: bool = False) -> dict[str, Entry] | None:
         """The folder's entries, from the cache while fresh, else one LIST shared by everyone
         who asks meanwhile (single flight). With `bounded`, returns None (and remembers the
         folder as big) when it holds more than FOLDER_LIST_MAX entries."""
         while True:
-            cached = self.listings.fresh(node.key, trio.current_time())
+            cached = self.listings.fresh(key, trio.current_time())
             if cached is not None:
                 return cached
-            flight = self._listing_flights.get(node.key)
+            flight = self._listing_flights.get(key)
             if flight is None:
                 break
             await flight.wait()  # someone is listing it: share their answer
-            if bounded and self._big.get(node.key, float("-inf")) > trio.current_time():
+            if bounded and self._big.get(key, float("-inf")) > trio.current_time():
                 return None
-        flight = self._listing_flights[node.key] = trio.Event()
+        flight = self._listing_flights[key] = trio.Event()
         try:
-            listing = await self.store.list_dir(node.key, max_entries=FOLDER_LIST_MAX if bounded else None)
+            listing = await self.store.list_dir(key, max_entries=FOLDER_LIST_MAX if bounded else None)
             if not listing.complete:
-                self._big[node.key] = trio.current_time() + self.dir_ttl
+                self._big[key] = trio.current_time() + self.dir_ttl
                 return None
-            return await self.adopt_listing(node.key, listing)
+            return await self.adopt_listing(key, listing)
         finally:
-            del self._listing_flights[node.key]
+            del self._listing_flights[key]
             flight.set()
+
+    def _list_ahead(self, node: Node) -> None:
+        """A walker went down into `node`: its next sibling folders are listed ahead (ListAhead)."""
+        if not node.key:
+            return
+        parent, _, name = node.key.rpartition("/")
+        now = trio.current_time()
+        siblings = self.listings.fresh(parent, now)
+        if siblings is None:
+            return
+        for key in self._ahead.next_folders(parent, siblings, name):
+            if key not in self._listing_flights and self.listings.fresh(key, now) is None:
+                self.cache.spawn(self._list_quietly, key)
+
+    async def _list_quietly(self, key: str) -> None:
+        async with self._ahead_limiter:
+            try:
+                await self._list_key(key, bounded=True)
+            except SidecarError as exc:  # the walker lists it itself, and gets the error then
+                log.debug("list_ahead_failed", key=key, code=exc.code)
 
     async def adopt_listing(self, prefix: str, listing: Listing) -> dict[str, Entry]:
         """A complete listing of folder `prefix` answers lookups, getattrs and opens of its
@@ -316,6 +344,7 @@ class Namespace:
         if not node.is_dir:
             raise NotADirectory(node.key)
         entries = await self._list(node)
+        self._list_ahead(node)
         now = trio.current_time()
         # A snapshot: offsets stay valid while the remote directory changes under a reader.
         # Each node in it is pinned until releasedir, so every inode readdir answers is known.
