@@ -290,7 +290,9 @@ class TrainingBench(LinkBench):
         the bucket's ckpt is the previous or the new one, whole."""
         out: dict[str, Any] = {}
         for point in ("before_rename", "at_rename"):
-            w = self.worker(cache, readonly=False, write_mode=mode)
+            # The restart is the same mount (its name keys its staging area), as a restarted sidecar's
+            w = self.worker(cache, readonly=False, write_mode=mode, name=f"ckpt-{mode}", mountpath=str(self.work / f"ckpt-{mode}"),
+                            writeback_delay=600.0)  # write-back: nothing leaves before the kill
             previous = self._served_digest("ckpt")
             new = self._write_ckpt(w.mnt, 100 + len(out), block)
             if point == "at_rename" and mode == "durable":
@@ -306,7 +308,7 @@ class TrainingBench(LinkBench):
             w.proc.wait()
             subprocess.run(["fusermount3", "-u", "-z", w.mnt], check=False)
             self.proxy.stall_kinds = frozenset()
-            w2 = self.worker(cache, readonly=False, write_mode=mode, mountpath=w.mnt)
+            w2 = self.worker(cache, readonly=False, write_mode=mode, name=f"ckpt-{mode}", mountpath=w.mnt)
             self._settled(w2)
             w2.stop()
             got = self._served_digest("ckpt")

@@ -173,13 +173,12 @@ class FolderWalk:
             return []
         by_name = self._by_name(walk, name)
         by_number = self._by_number(walk, listing, name)
-        ahead = by_number if walk.counted >= self.streak else by_name
-        return ahead + self._dense(folder, listing, name)
+        return by_number if walk.counted >= self.streak else by_name
 
-    def _dense(self, folder: str, listing: dict[str, object], name: str) -> list[str]:
-        """The folder's names not opened yet, once (when its opens make it dense). Counted for
-        more folders than walks are kept: a shuffled epoch goes round every folder of the tree
-        before it comes back to one."""
+    def dense(self, folder: str, listing: dict[str, object], name: str) -> list[str]:
+        """`name` of `folder` was opened: the folder's names not opened yet, once (when its
+        opens make it dense), else nothing. Counted for more folders than walks are kept: a
+        shuffled epoch goes round every folder of the tree before it comes back to one."""
         kept = self._opened.get(folder)
         if kept is None or kept[0] is not listing:
             if kept is not None and kept[1] is not None:

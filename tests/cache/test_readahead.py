@@ -139,7 +139,7 @@ def test_a_walk_in_natural_order_is_followed_too():
     random.Random(1).shuffle(names)
     shuffled = FolderWalk(ahead=4, streak=2)
     # a shuffled reader gets (almost) nothing ahead until it has read a quarter (test_a_folder_read_densely_...)
-    assert sum(len(shuffled.on_open("t", listing, n)) for n in names[: DENSE_MIN - 1]) <= 8
+    assert sum(len(shuffled.on_open("t", listing, n) + shuffled.dense("t", listing, n)) for n in names[: DENSE_MIN - 1]) <= 8
 
 
 def test_a_folder_read_densely_in_any_order_gets_the_rest_fetched_once():
@@ -154,23 +154,23 @@ def test_a_folder_read_densely_in_any_order_gets_the_rest_fetched_once():
     names = list(listing)
     random.Random(2).shuffle(names)
     w = FolderWalk()
-    got = [w.on_open("d", listing, n) for n in names]
+    got = [w.on_open("d", listing, n) + w.dense("d", listing, n) for n in names]
     at = 24  # the 25th distinct name opened is a quarter of 100
     assert sum(len(g) for g in got[:at]) <= 8  # by chance, a short walk in name order
     assert set(got[at]) == set(names[at + 1 :])  # the rest, once
     assert sum(len(g) for g in got[at + 1 :]) <= 8
-    again = [w.on_open("d", listing, n) for n in names[:30]]  # a second pass: nothing again
+    again = [w.on_open("d", listing, n) + w.dense("d", listing, n) for n in names[:30]]  # a second pass: nothing again
     assert sum(len(g) for g in again) <= 8
     sample = FolderWalk()
-    assert sum(len(sample.on_open("s", listing, n)) for n in names[:at]) <= 8  # a sample under a quarter
+    assert sum(len(sample.on_open("s", listing, n) + sample.dense("s", listing, n)) for n in names[:at]) <= 8  # a sample under a quarter
     small = [f"s{i:02d}" for i in range(20)]
     random.Random(3).shuffle(small)
     few = FolderWalk()
-    got = [few.on_open("t", dict.fromkeys(sorted(small)), n) for n in small[:DENSE_MIN]]  # a new listing each time: a new walk
+    got = [few.dense("t", dict.fromkeys(sorted(small)), n) for n in small[:DENSE_MIN]]  # a new listing each time: a new walk
     assert sum(len(g) for g in got) <= 8
     few = FolderWalk()
     listing = dict.fromkeys(sorted(small))
-    got = [few.on_open("t", listing, n) for n in small[:DENSE_MIN]]  # DENSE_MIN of 20 names
+    got = [few.dense("t", listing, n) for n in small[:DENSE_MIN]]  # DENSE_MIN of 20 names
     assert set(got[-1]) == set(small[DENSE_MIN:])
 
 
@@ -201,5 +201,5 @@ def test_a_shuffled_epoch_over_more_folders_than_walks_are_kept_is_still_seen_de
     w = FolderWalk()
     rest = {f: set() for f in listings}
     for f, n in opens:
-        rest[f].update(w.on_open(f, listings[f], n))
+        rest[f].update(w.on_open(f, listings[f], n) + w.dense(f, listings[f], n))
     assert all(len(r) >= 40 - 16 - 8 for r in rest.values())  # each folder's rest handed out after ~16 opens
