@@ -31,7 +31,6 @@ class ExactRanges:
         self.misses: dict[tuple[str, str], int] = {}  # (key, etag) -> ranges fetched from the backend
         self._spans: dict[tuple[str, str], list[tuple[int, int]]] = {}  # (key, etag) -> kept ranges, by start
         self._span_count = 0
-        self._fetching: dict[tuple[str, str], int] = {}  # (key, etag) -> exact ranges of it in flight
 
     async def read(self, ref: ObjectRef, start: int, end: int) -> bytes:
         """Bytes [start, end) of `ref`: kept ones, else one ranged GET (then kept)."""
@@ -39,18 +38,13 @@ class ExactRanges:
         if kept is not None:
             return kept
         asked = time.monotonic()
-        vid = (ref.key, ref.etag)
-        self._fetching[vid] = self._fetching.get(vid, 0) + 1
-        try:
-            data = await self.cache.store.get_range(ref.key, start, end, ref.etag)
-        finally:
-            if (left := self._fetching.pop(vid) - 1) > 0:
-                self._fetching[vid] = left
+        data = await self.cache.store.get_range(ref.key, start, end, ref.etag)
         self.cache.link.observe_request(time.monotonic() - asked, len(data))
         self.keep(ref, start, data)
         self.cache.stats.direct_reads += 1
         if len(self.misses) >= MISSES_KEPT:
             self.misses.clear()
+        vid = (ref.key, ref.etag)
         self.misses[vid] = self.misses.get(vid, 0) + 1
         return data
 
@@ -115,10 +109,6 @@ class ExactRanges:
     def kept(self, ref: ObjectRef, start: int, end: int) -> bytes | None:
         """A range kept in memory, without counting a hit."""
         return self.cache.memory.peek((ref.key, ref.etag, ("range", start, end)))
-
-    def fetching(self, ref: ObjectRef) -> bool:
-        """Whether a range of this object version is being fetched."""
-        return (ref.key, ref.etag) in self._fetching
 
     def holds(self, ref: ObjectRef, start: int, end: int) -> bool:
         """Whether range [start, end) is kept, in memory or on disk (no read, no hit counted)."""

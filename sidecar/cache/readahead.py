@@ -127,10 +127,6 @@ FOLDER_STREAK = 3  # files opened one after another in name order before the nex
 FOLDER_AHEAD = 8  # files fetched ahead of such a reader
 FOLDER_SKIP = 2  # a reader that skips a name or two (a filter, a glob) still walks the folder
 FOLDERS = 64  # folders whose walk is remembered
-DENSE_MIN = 16  # distinct files opened in a folder before it may count as read densely,
-DENSE_SHARE = 4  # and at least 1/DENSE_SHARE of its names
-DENSE_FOLDERS = 4096  # folders whose opened names are counted (an epoch goes round all of them)
-DENSE_NAMES = 1_000_000  # names counted at most, all folders together
 
 
 class FolderWalk:
@@ -139,13 +135,7 @@ class FolderWalk:
     counted up (zarr's chunks "0.8", "0.9", "0.10", ..., "0.49", "1.0"; "img9" then "img10"),
     gets the next FOLDER_AHEAD names fetched ahead once it has opened FOLDER_STREAK of them in a
     row, and stays that far ahead while it walks on. One file per request is otherwise a round
-    trip per file, paid one after another.
-
-    A folder read densely in any order (a training epoch: every file once, shuffled) gets the
-    rest of its files fetched once a quarter of its names (at least DENSE_MIN) were opened: the
-    reader's own concurrency is otherwise the bound (a round trip per file per reader), and a
-    reader that stops there costs at most three times what it read of that folder. Sparser opens
-    in another order fetch nothing ahead.
+    trip per file, paid one after another. Opens in any other order fetch nothing ahead.
 
     `on_open` gets the folder's fresh listing (a dict; its sorted names are kept while the same
     listing is handed in) and returns the names to fetch now. The natural order is never sorted
@@ -157,9 +147,6 @@ class FolderWalk:
         self.ahead = ahead
         self.streak = streak
         self._walks: OrderedDict[str, _Walk] = OrderedDict()
-        # folder -> (the listing counted against, the distinct names opened; None once dense)
-        self._opened: OrderedDict[str, tuple[dict[str, object], set[str] | None]] = OrderedDict()
-        self._counted = 0
 
     def on_open(self, folder: str, listing: dict[str, object], name: str) -> list[str]:
         walk = self._walks.get(folder)
@@ -174,30 +161,6 @@ class FolderWalk:
         by_name = self._by_name(walk, name)
         by_number = self._by_number(walk, listing, name)
         return by_number if walk.counted >= self.streak else by_name
-
-    def dense(self, folder: str, listing: dict[str, object], name: str) -> list[str]:
-        """`name` of `folder` was opened: the folder's names not opened yet, once (when its
-        opens make it dense), else nothing. Counted for more folders than walks are kept: a
-        shuffled epoch goes round every folder of the tree before it comes back to one."""
-        kept = self._opened.get(folder)
-        if kept is None or kept[0] is not listing:
-            if kept is not None and kept[1] is not None:
-                self._counted -= len(kept[1])
-            kept = self._opened[folder] = (listing, set())
-            while len(self._opened) > DENSE_FOLDERS or self._counted > DENSE_NAMES:
-                _, (_, dropped) = self._opened.popitem(last=False)
-                self._counted -= len(dropped) if dropped is not None else 0
-        self._opened.move_to_end(folder)
-        opened = kept[1]
-        if opened is None or name in opened:
-            return []
-        opened.add(name)
-        self._counted += 1
-        if len(opened) < DENSE_MIN or len(opened) * DENSE_SHARE < len(listing):
-            return []
-        self._opened[folder] = (listing, None)
-        self._counted -= len(opened)
-        return [n for n in sorted(listing) if n not in opened]
 
     def _by_name(self, walk: _Walk, name: str) -> list[str]:
         i = bisect.bisect_left(walk.names, name)

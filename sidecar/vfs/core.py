@@ -22,11 +22,9 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import time
-from collections import deque
 
 import trio
 
@@ -34,7 +32,7 @@ from sidecar.cache.blocks import BlockCache, ObjectRef, adopt
 from sidecar.cache.ranges import ExactRanges
 from sidecar.cache.readahead import FolderWalk
 from sidecar.cache.streams import Streams
-from sidecar.errors import Exists, IsADirectory, NoSpace, ObjectChanged, SidecarError
+from sidecar.errors import Exists, IsADirectory, NoSpace, ObjectChanged
 from sidecar.store.base import ObjectInfo, ObjectStore
 from sidecar.vfs.inodes import ROOT_INO, InodeTable, Node
 from sidecar.vfs.listings import LIST_AHEAD, NAME_MAX, Entry, ListAhead, Listings
@@ -44,9 +42,6 @@ from sidecar.vfs.mutations import Mutations
 from sidecar.vfs.namespace import DIR_TTL_MIN, NEGATIVE_TTL, Attr, DirHandle, FileHandle, StatFs
 from sidecar.vfs.staging import StagedFile, StagingArea, StagingFull
 from sidecar.vfs.writer import Writer
-
-REST_FETCHES = 8  # files of densely read folders fetched at once (the readers' own reads go beside them)
-REST_MAX = 100_000  # such files queued at most
 
 __all__ = ["ROOT_INO", "NAME_MAX", "Attr", "Filesystem", "Node", "StatFs"]
 
@@ -94,8 +89,6 @@ class Filesystem(Mutations):
         self.mtime_from_metadata = mtime_from_metadata
         self._listing_flights: dict[str, trio.Event] = {}
         self._walks = FolderWalk()
-        self._rest: deque[ObjectRef] = deque(maxlen=REST_MAX)  # files of densely read folders, to fetch
-        self._rest_fetchers = 0
         self._ahead = ListAhead()
         self._ahead_limiter = trio.CapacityLimiter(LIST_AHEAD // 2)  # listings ahead of a tree walk in flight
         self._big: dict[str, float] = {}  # folders too large to list for one lookup -> until
@@ -140,43 +133,15 @@ class Filesystem(Mutations):
         entries = self.listings.fresh(folder, trio.current_time())
         if entries is None:
             return
-        for ref in self._small_files(entries, self._walks.on_open(folder, entries, name)):
-            if not self.cache.prefetch(ref, range(1)):
-                break  # no room in the memory budget: the reader fetches its own
-        self._rest.extend(self._small_files(entries, self._walks.dense(folder, entries, name)))
-        while self._rest and self._rest_fetchers < REST_FETCHES:
-            self._rest_fetchers += 1
-            self.cache.spawn(self._fetch_rest)
-
-    def _small_files(self, entries: dict[str, Entry], names: list[str]) -> list[ObjectRef]:
-        """The files among `names` fetched whole in one block and not kept whole already (as a
-        block, or as the exact range a random reader was given)."""
-        refs = []
-        for n in names:
-            info = entries[n].info
+        for ahead in self._walks.on_open(folder, entries, name):
+            info = entries[ahead].info
             if info is None or not 0 < info.size <= self.cache.block_size or (self.staging and info.key in self.staging.by_key):
                 continue
             ref = ObjectRef(info.key, info.etag, info.size)
-            if not (self.ranges.holds(ref, 0, info.size) or self.cache.has(ref, 0)):
-                refs.append(ref)
-        return refs
-
-    async def _fetch_rest(self) -> None:
-        """Fetches the rest of densely read folders, one file at a time per fetcher: memory is
-        reserved only for what is in flight, and a reader who wants a file still queued fetches
-        it itself rather than waiting behind the queue."""
-        try:
-            while self._rest:
-                ref = self._rest.popleft()
-                if self.ranges.holds(ref, 0, ref.size) or self.ranges.fetching(ref) or self.cache.has(ref, 0):
-                    continue  # kept, or a reader fetches it: it never waits behind this queue
-                if not self.cache.prefetch(ref, range(1)):
-                    self._rest.clear()  # no room in the memory budget: the readers fetch their own
-                    return
-                with contextlib.suppress(SidecarError):
-                    await self.cache.get(ref, 0)
-        finally:
-            self._rest_fetchers -= 1
+            if self.ranges.holds(ref, 0, info.size) or self.cache.has(ref, 0):
+                continue  # kept whole already, as a block or as a random reader's exact range
+            if not self.cache.prefetch(ref, range(1)):
+                break  # no room in the memory budget: the reader fetches its own
 
     def _changed_remotely(self, node: Node) -> None:
         """A read found `node`'s version gone: the next lookup makes a new inode for the key."""

@@ -121,7 +121,7 @@ def test_the_folder_walk_policy():
 def test_a_walk_in_natural_order_is_followed_too():
     """zarr opens its chunks "0.0", "0.1", ..., "0.9", "0.10", ..., "0.11", "1.0": numbers in the
     names counted up, which is not name order ("0.10" sorts before "0.2")."""
-    from sidecar.cache.readahead import DENSE_MIN, FolderWalk, counted_up
+    from sidecar.cache.readahead import FolderWalk, counted_up
 
     listing = {f"{i}.{j}": None for i in range(3) for j in range(12)}
     assert [counted_up(n, listing) for n in ("0.9", "0.11", "2.11", "x")] == ["0.10", "1.0", None, None]
@@ -138,40 +138,7 @@ def test_a_walk_in_natural_order_is_followed_too():
 
     random.Random(1).shuffle(names)
     shuffled = FolderWalk(ahead=4, streak=2)
-    # a shuffled reader gets (almost) nothing ahead until it has read a quarter (test_a_folder_read_densely_...)
-    assert sum(len(shuffled.on_open("t", listing, n) + shuffled.dense("t", listing, n)) for n in names[: DENSE_MIN - 1]) <= 8
-
-
-def test_a_folder_read_densely_in_any_order_gets_the_rest_fetched_once():
-    """A training epoch opens every file of a folder once, shuffled: after a quarter of the
-    folder's names (and at least DENSE_MIN) the rest is handed out once; a reader of fewer
-    names (a sample) gets nothing of the kind."""
-    import random
-
-    from sidecar.cache.readahead import DENSE_MIN, FolderWalk
-
-    listing = {f"f{i:03d}": None for i in range(100)}
-    names = list(listing)
-    random.Random(2).shuffle(names)
-    w = FolderWalk()
-    got = [w.on_open("d", listing, n) + w.dense("d", listing, n) for n in names]
-    at = 24  # the 25th distinct name opened is a quarter of 100
-    assert sum(len(g) for g in got[:at]) <= 8  # by chance, a short walk in name order
-    assert set(got[at]) == set(names[at + 1 :])  # the rest, once
-    assert sum(len(g) for g in got[at + 1 :]) <= 8
-    again = [w.on_open("d", listing, n) + w.dense("d", listing, n) for n in names[:30]]  # a second pass: nothing again
-    assert sum(len(g) for g in again) <= 8
-    sample = FolderWalk()
-    assert sum(len(sample.on_open("s", listing, n) + sample.dense("s", listing, n)) for n in names[:at]) <= 8  # a sample under a quarter
-    small = [f"s{i:02d}" for i in range(20)]
-    random.Random(3).shuffle(small)
-    few = FolderWalk()
-    got = [few.dense("t", dict.fromkeys(sorted(small)), n) for n in small[:DENSE_MIN]]  # a new listing each time: a new walk
-    assert sum(len(g) for g in got) <= 8
-    few = FolderWalk()
-    listing = dict.fromkeys(sorted(small))
-    got = [few.dense("t", listing, n) for n in small[:DENSE_MIN]]  # DENSE_MIN of 20 names
-    assert set(got[-1]) == set(small[DENSE_MIN:])
+    assert sum(len(shuffled.on_open("t", listing, n)) for n in names) <= 8  # a shuffled reader gets (almost) nothing ahead
 
 
 def test_a_stream_reads_ahead_at_most_twice_what_it_read_until_it_is_long():
@@ -185,21 +152,3 @@ def test_a_stream_reads_ahead_at_most_twice_what_it_read_until_it_is_long():
     for i in range(8, EARLY_RUN + 2):
         ra.on_read(i * MiB, MiB)
     assert ra.window == 128
-
-
-def test_a_shuffled_epoch_over_more_folders_than_walks_are_kept_is_still_seen_dense():
-    """An epoch opens files of 100 folders in a random order, so a folder comes back only after
-    ~100 other opens: the counts outlive the walks (FOLDERS of them are kept)."""
-    import random
-
-    from sidecar.cache.readahead import FOLDERS, FolderWalk
-
-    folders = 2 * FOLDERS
-    listings = {f"c{f:03d}": {f"f{i:03d}": None for i in range(40)} for f in range(folders)}
-    opens = [(f, n) for f, names in listings.items() for n in names]
-    random.Random(4).shuffle(opens)
-    w = FolderWalk()
-    rest = {f: set() for f in listings}
-    for f, n in opens:
-        rest[f].update(w.on_open(f, listings[f], n) + w.dense(f, listings[f], n))
-    assert all(len(r) >= 40 - 16 - 8 for r in rest.values())  # each folder's rest handed out after ~16 opens

@@ -116,9 +116,8 @@ def test_a_checkpoint_killed_around_its_rename_leaves_a_whole_one(served, mount_
 
 def test_epochs_over_small_files_ask_once_then_never(served, mount_worker, tmp_path):
     """A tree of small files walked and stat-ed (LISTs only), then read whole in a shuffled order
-    by 8 readers: one GET per file and no HEAD (the rest of a folder read densely is fetched
-    ahead, each file still once); a second epoch on the same mount and a third on a new mount
-    over the same cache make no GET (the new mount lists the tree again)."""
+    by 8 readers: one GET per file and no HEAD; a second epoch on the same mount and a third on
+    a new mount over the same cache make no GET (the new mount lists the tree again)."""
     _, bucket, proxy = served
     files = {f"class{i % 4}/img{i:04d}.bin": random.Random(i).randbytes(random.Random(-i).randrange(16 << 10, 96 << 10)) for i in range(160)}
     with ThreadPoolExecutor(8) as pool:
