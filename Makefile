@@ -15,9 +15,9 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Every fault scenario, the long ones included (2 GiB on a slow link, 32 readers x 100 tries,
-# writes at 50 transitions of each kind).
+# writes at 50 transitions of each kind), and the variants `make test` leaves out for its bound.
 test-reliability: install
-	$(PY) -m pytest --reliability tests/mount/test_reliability.py tests/mount/test_faults.py tests/mount/test_path_hold.py $(PYTEST_ARGS)
+	$(PY) -m pytest --reliability tests/mount/test_reliability.py tests/mount/test_faults.py tests/mount/test_path_hold.py tests/mount/test_small_files.py $(PYTEST_ARGS)
 
 # The image built (podman; a Debian base made with mmdebstrap when no registry answers) and run
 # as a session pod of two containers, then the unprivileged (fd passing) mode.

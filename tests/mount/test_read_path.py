@@ -218,7 +218,7 @@ def test_file_owner_is_configurable(bucket, mount_worker):
 
 def test_listing_costs_list_calls_only(s3_bucket, mount_worker):
     bucket = s3_bucket  # S3 only: 2,500 uploads to each emulator would cost more than they prove
-    count = 2500  # three LIST pages of 1000
+    count = 2001  # three LIST pages of 1000
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda i: bucket.put(f"many/{i:05d}.txt", b"x" * (i % 7)), range(count)))
     w = mount_worker(bucket, ttl=30.0)

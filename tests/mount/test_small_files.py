@@ -380,7 +380,7 @@ def _git_repo(path, files):
     return env
 
 
-@pytest.mark.parametrize("write_mode", ["durable", "writeback"])
+@pytest.mark.parametrize("write_mode", ["durable", pytest.param("writeback", marks=pytest.mark.reliability)])  # make test: durable only
 def test_git_clone_into_a_mount_costs_about_a_request_per_file(s3, proxied, mount_worker, tmp_path, write_mode):
     """`git clone` of a 200-file repository into a writable mount: the checkout writes each file
     once; git's lock files and temporary packs are renamed into place (a copy, their deletes
