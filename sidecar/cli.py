@@ -638,6 +638,7 @@ def status(socket_path: str | None, as_json: bool, probe: str | None, watch: boo
                 problem,
             ))
         _table(("NAME", "STATE", "MOUNTPATH", "MODE", "HIT RATE", "READ FROM BACKEND", "ERRORS", "UNSYNCED", "PROBLEM"), rows)
+        _shared_line(mounts)
         for m in mounts:
             if m.get("path") in ("bare", "locked") and m["state"] not in ("copying", "copied"):
                 why = ("read-only: the storage is not mounted there and no placeholder could be" if m["path"] == "locked"
@@ -833,6 +834,21 @@ def _human(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+def _shared_line(mounts: list[dict[str, Any]]) -> None:
+    """One line for the node's shared cache, if the mounts use one: its size (as last seen) and
+    what this session's mounts read from it."""
+    reported = [s for m in mounts if (s := ((m.get("counters") or {}).get("shared")))]
+    for problem in sorted({s["unusable"] for s in reported if s.get("unusable")}):
+        click.echo(f"shared node cache unusable (reads are fetched): {problem}")
+    seen = [s for s in reported if not s.get("unusable")]
+    if not seen:
+        return
+    hits, served = sum(s.get("hits", 0) for s in seen), sum(s.get("bytes_served", 0) for s in seen)
+    evictions, size, limit = sum(s.get("evictions", 0) for s in seen), max(s.get("size", 0) for s in seen), seen[0].get("limit", 0)
+    click.echo(f"shared node cache: {_human(size)} of {_human(limit)}; {hits} block(s) read from it ({_human(served)}), "
+               f"{evictions} evicted by this session")
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:

@@ -27,6 +27,11 @@ class _DaemonCollector:
         latency = CounterMetricFamily("storage_sidecar_backend_seconds", "Time spent in backend calls", labels=["mount"])
         calls = CounterMetricFamily("storage_sidecar_backend_calls", "Backend calls (latency = seconds / calls)", labels=["mount"])
         memory = GaugeMetricFamily("storage_sidecar_memory_cache_bytes", "Bytes of cached and in-flight blocks", labels=["mount"])
+        shared = CounterMetricFamily("storage_sidecar_shared_cache_blocks", "Blocks of the node's shared cache by outcome (hit, miss, "
+                                     "stored, evicted by this mount, rejected: did not authenticate)", labels=["mount", "outcome"])
+        shared_served = CounterMetricFamily("storage_sidecar_shared_cache_bytes_served", "Bytes read from the node's shared cache", labels=["mount"])
+        shared_size = GaugeMetricFamily("storage_sidecar_shared_cache_bytes", "Bytes in the node's shared cache (all sidecars), as this mount last saw it",
+                                        labels=["mount"])
         for m in self.daemon.mounts.values():
             for s in STATES:
                 state.add_metric([m.name, s], 1.0 if m.state == s else 0.0)
@@ -48,7 +53,13 @@ class _DaemonCollector:
                 errors.add_metric([m.name, reason], n)
             disk.add_metric([m.name], (st.get("disk") or {}).get("used", 0))
             memory.add_metric([m.name], st.get("memory_bytes", 0))
-        yield from (state, restarts, cache, backend, fetched, errors, latency, calls, disk, memory)
+            sh = st.get("shared")
+            if sh:
+                for outcome, key in (("hit", "hits"), ("miss", "misses"), ("stored", "stored"), ("evicted", "evictions"), ("rejected", "rejected")):
+                    shared.add_metric([m.name, outcome], sh.get(key, 0))
+                shared_served.add_metric([m.name], sh.get("bytes_served", 0))
+                shared_size.add_metric([m.name], sh.get("size", 0))
+        yield from (state, restarts, cache, backend, fetched, errors, latency, calls, disk, memory, shared, shared_served, shared_size)
 
 
 def render(daemon: Any) -> str:

@@ -124,7 +124,7 @@ class Mount:
         st, url = self.storage, self.storage.parsed
         stats = self.stats or {}
         cache = stats.get("cache", {})
-        hits = cache.get("memory_hits", 0) + cache.get("disk_hits", 0)
+        hits = cache.get("memory_hits", 0) + cache.get("disk_hits", 0) + cache.get("shared_hits", 0)
         lookups = hits + cache.get("misses", 0)
         return {
             "name": self.name,
@@ -148,7 +148,7 @@ class Mount:
             "rescued": self.rescued,
             "rescued_total": self.rescued_total,
             "cache_hit_rate": (hits / lookups) if lookups else None,
-            "counters": {k: stats.get(k) for k in ("store", "cache", "link", "disk", "errors", "memory_bytes")} if stats else None,
+            "counters": {k: stats.get(k) for k in ("store", "cache", "link", "disk", "shared", "errors", "memory_bytes")} if stats else None,
             "unsynced_writes": len(stats.get("staged") or []),
             "unsynced": stats.get("unsynced"),
             "prefetch": stats.get("prefetch"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import sqlite3
 import sys
 from functools import partial
 from pathlib import Path
@@ -252,6 +253,7 @@ class MountWorker:
         self.store = store
         self.disk: DiskTier | None = None
         self.staging: StagingArea | None = None
+        self.shared_problem: str | None = None  # why the node's shared cache could not be opened
         self.cache: BlockCache
         self.fs: Filesystem
         self.ops: Any = None
@@ -274,9 +276,7 @@ class MountWorker:
         self.cache = BlockCache(self.store, block_size=cfg.cache.block_size, memory_limit=cfg.cache.memory_limit, disk=self.disk,
                                 storage_id=cfg.storage_id, fetch_size=cfg.cache.fetch_size, max_fetches=cfg.cache.max_fetches)
         if cfg.cache.shared_cache_dir:
-            self.cache.shared = await trio.to_thread.run_sync(SharedBlocks, cfg.cache.shared_cache_dir, cfg.cache.shared_cache_limit)
-            url, endpoint = self.url, str(cfg.options.get("endpoint_url") or self.url.endpoint or self.url.host)
-            self.cache.version_of = lambda ref: VersionId(url.provider, endpoint, url.bucket, ref.key, ref.etag, ref.size, "")
+            await self._open_shared(cfg.cache.shared_cache_dir, cfg.cache.shared_cache_limit)
         if not cfg.readonly:
             self.staging = await self._open_staging()
         mtimes = MtimeIndex(Path(cfg.cache.cache_dir) / storage_dir_name(cfg) / "mtimes.db" if cfg.cache.cache_dir else None)
@@ -291,6 +291,19 @@ class MountWorker:
             await self.fs.adopt_listing(self.fs.root_prefix, checked_listing)
         self.ops = FuseOps(self.fs, mount_name=cfg.name)
         self.prefetcher = Prefetcher(self.store, self.cache, self.url.key_prefix(cfg.mount.source_path), adopt=self.fs.adopt_listing)
+
+    async def _open_shared(self, directory: str, limit: int) -> None:
+        """The node's shared cache; one that cannot be opened (a folder this user may not write,
+        a broken index) is logged and the mount runs without it: it is a cache."""
+        try:
+            shared = await trio.to_thread.run_sync(SharedBlocks, directory, limit)
+        except (OSError, sqlite3.Error) as exc:
+            self.shared_problem = f"{type(exc).__name__}: {log.redact_text(str(exc))[:200]}"
+            logger.warning("shared_cache_unusable", error=type(exc).__name__, detail=str(exc)[:200])
+            return
+        url, endpoint = self.url, str(self.cfg.options.get("endpoint_url") or self.url.endpoint or self.url.host)
+        self.cache.shared = shared
+        self.cache.version_of = lambda ref: VersionId(url.provider, endpoint, url.bucket, ref.key, ref.etag, ref.size, "")
 
     async def _open_staging(self) -> StagingArea:
         """The staging area, with what a killed predecessor left: its multipart uploads aborted,
@@ -334,6 +347,7 @@ class MountWorker:
                      "corrupt": disk.corrupt, "evictions": disk.evictions, "errors": disk.errors}
             if disk is not None
             else None,
+            "shared": self.cache.shared.as_dict() if self.cache.shared is not None else ({"unusable": self.shared_problem} if self.shared_problem else None),
             "errors": dict(self.ops.errors),
             "requests": dict(self.ops.requests),
             "inodes": fs.inode_count,

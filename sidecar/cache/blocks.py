@@ -275,15 +275,18 @@ class BlockCache:
         self._complete(ref, index, fetch, data, error, True)
 
     def keep_on_disk(self, ref: ObjectRef, index: int, data: bytes) -> None:
-        """Writes a block to the disk tier in the background (its memory entry kept meanwhile)."""
-        self.write_behind((ref.key, ref.etag, index), block_name(self.storage_id, ref.key, ref.etag, index, self.block_size), data)
+        """Writes a block to the disk tier (and the node's shared cache) in the background (its
+        memory entry kept meanwhile)."""
+        self.write_behind((ref.key, ref.etag, index), block_name(self.storage_id, ref.key, ref.etag, index, self.block_size), data, block=(ref, index))
 
-    def write_behind(self, mid: Any, name: str, data: bytes) -> None:
+    def write_behind(self, mid: Any, name: str, data: bytes, block: tuple[ObjectRef, int] | None = None) -> None:
         """Writes memory entry `mid` to the disk tier as `name` in the background; the entry is
-        pinned until then. Nothing without a disk tier."""
-        if self.disk is not None and self._nursery is not None:
+        pinned until then. With `block` (a version, an index), `data` is that whole block, also
+        written to the node's shared cache. Nothing without either tier."""
+        share = block if block is not None and block[0].etag and self.shared is not None else None
+        if (self.disk is not None or share is not None) and self._nursery is not None:
             self.memory.pin(mid)
-            self._nursery.start_soon(self._disk_put_many, [(name, data)], [mid])
+            self._nursery.start_soon(self._disk_put_many, [(name, data)], [mid], share[0] if share else None, [share[1]] if share else None)
 
     def spawn(self, fn: Any, *args: Any) -> None:
         """Runs `fn(*args)` in the cache's nursery (fetches outlive the reader that started them)."""
@@ -383,9 +386,11 @@ class BlockCache:
         token = trio.lowlevel.current_trio_token()
         return await trio.to_thread.run_sync(read_entries, self, self.disk, names, on_each, token, limiter=self._disk_limiter)
 
-    async def _disk_put_many(self, items: list[tuple[str, bytes]], pinned: list[tuple[str, str, Any]], share: ObjectRef | None = None) -> None:
-        """Writes `items` to the disk tier (and, with `share`, the blocks `pinned` names of that
-        version to the node's shared cache), then unpins their memory entries `pinned`."""
+    async def _disk_put_many(self, items: list[tuple[str, bytes]], pinned: list[tuple[str, str, Any]], share: ObjectRef | None = None,
+                             indices: list[int] | None = None) -> None:
+        """Writes `items` to the disk tier (and, with `share`, to the node's shared cache as blocks
+        of that version: `indices`, else the block indices `pinned` names), then unpins their
+        memory entries `pinned`."""
         disk = self.disk
         if disk is None and (share is None or self.shared is None):
             return  # (nothing is pinned without one)
@@ -397,7 +402,7 @@ class BlockCache:
             except Exception as exc:
                 self._disk_failed("disk_cache_write_failed", exc)
             if share is not None:
-                share_blocks(self, share, [(mid[2], data) for mid, (_, data) in zip(pinned, items)])
+                share_blocks(self, share, list(zip(indices or [mid[2] for mid in pinned], (data for _, data in items))))
 
         try:
             await trio.to_thread.run_sync(write_all, limiter=self._disk_limiter)
@@ -436,19 +441,20 @@ async def complete_from_disk(cache: BlockCache, ref: ObjectRef, first: int, fetc
     return missing
 
 
-async def from_shared(cache: BlockCache, ref: ObjectRef, first: int, fetches: list[BlockFetch], missing: list[int], held: bool) -> list[int]:
-    """Completes the run's `missing` blocks the node's shared cache holds for this version (the
-    ref's ETag and size come from this sidecar's own listing or HEAD: its credentials saw the
-    version); returns the indices still missing."""
+async def read_shared(cache: BlockCache, ref: ObjectRef, indices: list[int]) -> list[bytes | None]:
+    """Blocks `indices` of `ref` from the node's shared cache, each None where it is not there
+    (or is not whole), in one thread hop. The ref's ETag and size come from this sidecar's own
+    listing or HEAD: its credentials saw the version. Hits are counted."""
     shared, version_of = cache.shared, cache.version_of
-    assert shared is not None and version_of is not None
+    if shared is None or version_of is None or not ref.etag:
+        return [None] * len(indices)
     version = version_of(ref)
 
     def read() -> list[bytes | None]:
         out = []
-        for i in missing:
+        for index in indices:
             try:
-                out.append(shared.get(version, cache.block_size, first + i))
+                out.append(shared.get(version, cache.block_size, index))
             except Exception as exc:  # a cache: its failure costs a fetch
                 out.append(None)
                 cache._disk_failed("shared_cache_read_failed", exc, shared)
@@ -459,14 +465,32 @@ async def from_shared(cache: BlockCache, ref: ObjectRef, first: int, fetches: li
         return out
 
     got = await trio.to_thread.run_sync(read, limiter=cache._disk_limiter)
+    out: list[bytes | None] = []
+    for index, data in zip(indices, got):
+        whole = data is not None and len(data) == cache._block_len(ref, index)
+        cache.stats.shared_hits += whole
+        out.append(data if whole else None)
+    return out
+
+
+async def from_shared(cache: BlockCache, ref: ObjectRef, first: int, fetches: list[BlockFetch], missing: list[int], held: bool) -> list[int]:
+    """Completes the run's `missing` blocks the node's shared cache holds for this version;
+    returns the indices still missing."""
+    got = await read_shared(cache, ref, [first + i for i in missing])
     still = []
     for i, data in zip(missing, got):
-        if data is not None and len(data) == cache._block_len(ref, first + i):
-            cache.stats.shared_hits += 1
+        if data is not None:
             cache._complete(ref, first + i, fetches[i], data, None, held)
         else:
             still.append(i)
     return still
+
+
+def whole_block(cache: BlockCache, ref: ObjectRef, start: int, end: int) -> int | None:
+    """The index of the block [start, end) is exactly (a small file read whole is its block 0),
+    or None."""
+    bs = cache.block_size
+    return start // bs if start % bs == 0 and end == min(start + bs, ref.size) else None
 
 
 def share_blocks(cache: BlockCache, ref: ObjectRef, blocks: list[tuple[int, bytes]]) -> None:

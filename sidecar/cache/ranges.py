@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import time
 
-from sidecar.cache.blocks import BlockCache, ObjectRef
+from sidecar.cache.blocks import BlockCache, ObjectRef, read_shared, whole_block
 from sidecar.cache.disk import range_name
 
 
@@ -37,10 +37,18 @@ class ExactRanges:
         kept = await self.cached(ref, start, end)
         if kept is not None:
             return kept
+        # A range that is a whole block (a small file read whole) is that block in the node's
+        # shared cache: found there, or put there for the other sessions.
+        block = whole_block(self.cache, ref, start, end)
+        if block is not None and self.cache.shared is not None:
+            (data,) = await read_shared(self.cache, ref, [block])
+            if data is not None:
+                self.keep(ref, start, data)
+                return data
         asked = time.monotonic()
         data = await self.cache.store.get_range(ref.key, start, end, ref.etag)
         self.cache.link.observe_request(time.monotonic() - asked, len(data))
-        self.keep(ref, start, data)
+        self.keep(ref, start, data, share=block is not None)
         self.cache.stats.direct_reads += 1
         if len(self.misses) >= MISSES_KEPT:
             self.misses.clear()
@@ -88,8 +96,9 @@ class ExactRanges:
         cache.memory.keep(rid, data)
         return data
 
-    def keep(self, ref: ObjectRef, start: int, data: bytes) -> None:
-        """Keeps a range a random reader fetched (memory now, disk in the background)."""
+    def keep(self, ref: ObjectRef, start: int, data: bytes, share: bool = False) -> None:
+        """Keeps a range a random reader fetched (memory now, disk in the background); with
+        `share`, the range is a whole block, written to the node's shared cache too."""
         cache = self.cache
         if not data or len(data) > cache.block_size:
             return
@@ -104,7 +113,8 @@ class ExactRanges:
             spans.insert(at, (start, end))
             self._span_count += 1
         cache.memory.keep(rid, data)
-        cache.write_behind(rid, range_name(cache.storage_id, ref.key, ref.etag, start, end), data)
+        block = (ref, start // cache.block_size) if share else None
+        cache.write_behind(rid, range_name(cache.storage_id, ref.key, ref.etag, start, end), data, block=block)
 
     def kept(self, ref: ObjectRef, start: int, end: int) -> bytes | None:
         """A range kept in memory, without counting a hit."""

@@ -1,6 +1,5 @@
 """A block cache shared by the sidecars of one node (issue 35): its storage format, its keys and
-its budget. Not yet wired into the mount (sidecar.cache.blocks); this module is the part every
-sidecar of the node must agree on.
+its budget: the part every sidecar of the node must agree on (sidecar.cache.blocks uses it).
 
 Who may read what: the sessions of a node belong to different people. A block of an object
 version is stored encrypted and authenticated (AES-256-GCM) under a key derived from the
@@ -123,12 +122,22 @@ class SharedBlocks:
         self.rejected = 0  # files that did not authenticate (flipped, cut, foreign, another version)
         self.evictions = 0
         self.errors = 0  # calls that failed (the caller fetched instead)
+        self.bytes_served = 0  # plaintext bytes of the hits
+        self.stored = 0  # blocks this instance wrote
         self._touched: dict[str, float] = {}
         self.dir.mkdir(parents=True, exist_ok=True)
         self._db_path = self.dir / DB_NAME
         with self._db() as db:
             db.execute("CREATE TABLE IF NOT EXISTS blocks (name TEXT PRIMARY KEY, size INTEGER NOT NULL, used REAL NOT NULL)")
             db.execute("CREATE INDEX IF NOT EXISTS blocks_used ON blocks (used)")
+            # The folder's size as this instance last saw it (every sidecar's writes and evictions):
+            # kept from the budget transactions, so reporting it costs no query.
+            (self.size,) = db.execute("SELECT COALESCE(SUM(size), 0) FROM blocks").fetchone()
+
+    def as_dict(self) -> dict[str, int]:
+        """Counters for status and /metrics (this sidecar's hits; the folder's size as last seen)."""
+        return {"hits": self.hits, "misses": self.misses, "bytes_served": self.bytes_served, "stored": self.stored,
+                "evictions": self.evictions, "rejected": self.rejected, "errors": self.errors, "size": int(self.size), "limit": self.limit}
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
@@ -160,6 +169,7 @@ class SharedBlocks:
             self.misses += 1
             return None
         self.hits += 1
+        self.bytes_served += len(data)
         self._touched[name] = time.time()
         return data
 
@@ -219,31 +229,49 @@ class SharedBlocks:
                             break
                     db.executemany("DELETE FROM blocks WHERE name = ?", [(n,) for n in doomed])
                 db.execute("COMMIT")
+                self.size = total
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
         for old in doomed:  # a reader that opened one before still reads it whole
             self._path(old).unlink(missing_ok=True)
         self.evictions += len(doomed)
+        self.stored += len(stored)
 
     def used(self) -> int:
         with self._db() as db:
             (total,) = db.execute("SELECT COALESCE(SUM(size), 0) FROM blocks").fetchone()
-        return int(total)
+        self.size = int(total)
+        return self.size
 
     def sweep(self, now: float | None = None) -> int:
-        """Removes temporary files left by writers that died (older than TEMP_MAX_AGE)."""
+        """Removes what writers that died left (older than TEMP_MAX_AGE): temporary files, and
+        blocks renamed into place whose budget row was never written (killed in between: no
+        row, so never evicted)."""
         now = time.time() if now is None else now
         removed = 0
+        old_blocks: list[Path] = []
         for sub in self.dir.iterdir():
             if not sub.is_dir():
                 continue
             for f in sub.iterdir():
-                if f.name.startswith(TEMP_PREFIX):
-                    try:
-                        if now - f.stat().st_mtime > TEMP_MAX_AGE:
-                            f.unlink()
-                            removed += 1
-                    except FileNotFoundError:
-                        pass
+                try:
+                    if now - f.stat().st_mtime <= TEMP_MAX_AGE:
+                        continue
+                    if f.name.startswith(TEMP_PREFIX):
+                        f.unlink()
+                        removed += 1
+                    else:
+                        old_blocks.append(f)
+                except FileNotFoundError:
+                    pass
+        with self._db() as db:
+            for i in range(0, len(old_blocks), 500):
+                part = old_blocks[i : i + 500]
+                rows = db.execute(f"SELECT name FROM blocks WHERE name IN ({','.join('?' * len(part))})", [f.name for f in part])
+                known = {name for (name,) in rows}
+                for f in part:
+                    if f.name not in known:
+                        f.unlink(missing_ok=True)
+                        removed += 1
         return removed

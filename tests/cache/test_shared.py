@@ -9,7 +9,7 @@ import sqlite3
 
 import pytest
 
-from sidecar.cache.shared import DB_NAME, TEMP_MAX_AGE, SharedBlocks, VersionId, block_file_name
+from sidecar.cache.shared import DB_NAME, TEMP_MAX_AGE, SharedBlocks, VersionId, block_file_name, seal
 
 BS = 64 * 1024
 
@@ -158,6 +158,23 @@ def test_a_writer_killed_midway_leaves_nothing_that_is_read_and_its_temporary_fi
     assert shared.sweep() == 0  # young: it may be a writer at work
     os.utime(left, (0, os.path.getmtime(left) - TEMP_MAX_AGE - 1))
     assert shared.sweep() == 1 and not left.exists()
+
+
+def test_a_block_left_without_its_budget_row_is_swept_once_old(tmp_path):
+    """A writer killed between its rename and its budget transaction leaves a whole block no
+    row accounts for (never evicted): the sweep removes it once old, and keeps accounted ones."""
+    shared = SharedBlocks(tmp_path, 1 << 20)
+    rnd = random.Random(7)
+    assert shared.put(version(key="kept"), BS, 0, rnd.randbytes(BS))
+    name, content = seal(version(key="orphan"), BS, 0, rnd.randbytes(BS))
+    (tmp_path / name[:2]).mkdir(exist_ok=True)
+    orphan = tmp_path / name[:2] / name
+    orphan.write_bytes(content)
+    assert shared.sweep() == 0  # young: its writer may be about to account for it
+    for f in block_files(tmp_path):
+        os.utime(f, (0, os.path.getmtime(f) - TEMP_MAX_AGE - 1))
+    assert shared.sweep() == 1 and not orphan.exists()
+    assert shared.get(version(key="kept"), BS, 0) is not None
 
 
 def test_a_run_larger_than_the_budget_keeps_the_budget(tmp_path):

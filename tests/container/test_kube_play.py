@@ -35,7 +35,7 @@ pytestmark = [
 ]
 
 
-def overlay(docs: list[dict], *, endpoint: str, bucket: str, creds: str, work: str, session_script: str) -> list[dict]:
+def overlay(docs: list[dict], *, endpoint: str, bucket: str, creds: str, work: str, session_script: str, shared: str) -> list[dict]:
     """The shipped documents with the smallest changes podman and this machine need."""
     out = []
     for doc in docs:
@@ -66,6 +66,8 @@ def overlay(docs: list[dict], *, endpoint: str, bucket: str, creds: str, work: s
                 if volume["name"] == "work":
                     volume.pop("emptyDir")
                     volume["hostPath"] = {"path": work, "type": "Directory"}
+                if volume["name"] == "shared-cache":  # the node's folder, here a test's
+                    volume["hostPath"]["path"] = shared
         out.append(doc)
     return out
 
@@ -92,8 +94,9 @@ def test_the_shipped_pod_yaml_plays_and_the_session_reads_the_bucket(s3, tmp_pat
         Path(creds, field).write_text(value)
         os.chmod(os.path.join(creds, field), 0o400)
     script = "cat /home/jovyan/work/my-project/data/giab/hello.txt; echo; echo SESSION-DONE; sleep 600"
+    shared = os.path.join(base, "node-shared")  # (DirectoryOrCreate: made by the play)
     docs = overlay([d for d in yaml.safe_load_all(POD.read_text()) if d], endpoint=s3.endpoint, bucket=bucket, creds=creds, work=work,
-                   session_script=script)
+                   session_script=script, shared=shared)
     conf = tmp_path / "containers.conf"
     conf.write_text('[containers]\ndefault_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]\n')
     played = tmp_path / "played.yaml"
@@ -107,6 +110,9 @@ def test_the_shipped_pod_yaml_plays_and_the_session_reads_the_bucket(s3, tmp_pat
         logs = podman("logs", session, check=False)
         assert "hello from the played pod" in logs.stdout, logs.stdout + logs.stderr
         assert "storage-sidecar ready" in logs.stderr
+        # the file read is a block of the node's shared cache, sealed (its bytes are not there in clear)
+        wait_for(lambda: any(len(p.name) == 64 for p in Path(shared).rglob("*")), timeout=30, what="a block in the node's shared cache")
+        assert not any(b"hello from the played pod" in p.read_bytes() for p in Path(shared).rglob("*") if p.is_file())
         sidecar_logs = podman("logs", f"{pod}-storage-sidecar", check=False)
         assert s3.secret not in sidecar_logs.stdout + sidecar_logs.stderr
         health = podman("healthcheck", "run", f"{pod}-storage-sidecar", check=False)
