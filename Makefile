@@ -39,6 +39,7 @@ bench:
 	$(PY) -m benchmarks.webdav $(WEBDAV_ARGS)
 	$(PY) -m benchmarks.clients $(CLIENTS_ARGS)
 	$(PY) -m benchmarks.training $(TRAINING_ARGS)
+	$(PY) -m benchmarks.shared $(SHARED_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .demo

@@ -72,6 +72,8 @@ class BlockFetch:
 DISK_THREADS = 4  # disk reads and writes at once
 DISK_RUN_BLOCKS = 16  # blocks read from disk per thread hop: a hop per 1 MiB block cost more than the read (mapped)
 COALESCE_S = 0.002  # backend runs started this close together are merged into one request
+CLAIM_WAIT_S = 5.0  # longest a run waits for blocks another sidecar of the node is fetching (then fetches them too)
+CLAIM_POLL_S = 0.02  # how often it looks whether they are stored
 
 
 class BlockCache:
@@ -333,31 +335,10 @@ class BlockCache:
             missing = await complete_from_disk(self, ref, first, fetches, names, held)
             if missing and self.shared is not None and ref.etag:
                 missing = await from_shared(self, ref, first, fetches, missing, held)
+            if missing and self.shared is not None and ref.etag:
+                missing = await fetch_claimed(self, ref, first, fetches, names, missing, held, to_disk, pinned)
             if missing:
-                # One request from the first to the last missing block: a disk hit in between
-                # costs less as bytes in the stream than as another request.
-                lo, hi = missing[0], missing[-1]
-                start, end = self.block_range(ref, first + lo)[0], self.block_range(ref, first + hi)[1]
-                self.stats.misses += len(missing)
-                timing: list[float] = []  # when the request went, then when each block arrived
-                sizes: list[int] = []
-
-                def on_block(i: int, data: bytes) -> None:
-                    timing.append(time.monotonic())
-                    sizes.append(len(data))
-                    j = lo + i
-                    if j < len(fetches) and not fetches[j].done.is_set():
-                        self._complete(ref, first + j, fetches[j], data, None, held)
-                        if self.disk is not None or self.shared is not None:
-                            self.memory.pin((ref.key, ref.etag, first + j))
-                            to_disk.append((names[j], data))
-                            pinned.append((ref.key, ref.etag, first + j))
-
-                async with self._fetch_limiter:
-                    timing.append(time.monotonic())
-                    await self.store.get_blocks(ref.key, start, end, ref.etag, self.block_size, on_block, object_size=ref.size)
-                if len(timing) >= 2:
-                    self.link.observe_stream(timing[0], timing[1], timing[-1], sizes[0], sum(sizes[1:]))
+                await get_run(self, ref, first, fetches, names, missing, held, to_disk, pinned)
         except BaseException as exc:
             error = exc if isinstance(exc, Exception) else OSError("fetch cancelled")
             if not isinstance(exc, Exception):
@@ -484,6 +465,77 @@ async def from_shared(cache: BlockCache, ref: ObjectRef, first: int, fetches: li
         else:
             still.append(i)
     return still
+
+
+async def get_run(cache: BlockCache, ref: ObjectRef, first: int, fetches: list[BlockFetch], names: list[str], missing: list[int], held: bool,
+                  to_disk: list[tuple[str, bytes]], pinned: list[tuple[str, str, Any]]) -> None:
+    """Fetches the run's `missing` blocks in one request from the first to the last of them (a
+    block held in between costs less as bytes in the stream than as another request), each
+    completed as it arrives and added to `to_disk`/`pinned` for the tiers' write."""
+    lo, hi = missing[0], missing[-1]
+    start, end = cache.block_range(ref, first + lo)[0], cache.block_range(ref, first + hi)[1]
+    cache.stats.misses += len(missing)
+    timing: list[float] = []  # when the request went, then when each block arrived
+    sizes: list[int] = []
+
+    def on_block(i: int, data: bytes) -> None:
+        timing.append(time.monotonic())
+        sizes.append(len(data))
+        j = lo + i
+        if j < len(fetches) and not fetches[j].done.is_set():
+            cache._complete(ref, first + j, fetches[j], data, None, held)
+            if cache.disk is not None or cache.shared is not None:
+                cache.memory.pin((ref.key, ref.etag, first + j))
+                to_disk.append((names[j], data))
+                pinned.append((ref.key, ref.etag, first + j))
+
+    async with cache._fetch_limiter:
+        timing.append(time.monotonic())
+        await cache.store.get_blocks(ref.key, start, end, ref.etag, cache.block_size, on_block, object_size=ref.size)
+    if len(timing) >= 2:
+        cache.link.observe_stream(timing[0], timing[1], timing[-1], sizes[0], sum(sizes[1:]))
+
+
+async def fetch_claimed(cache: BlockCache, ref: ObjectRef, first: int, fetches: list[BlockFetch], names: list[str], missing: list[int],
+                        held: bool, to_disk: list[tuple[str, bytes]], pinned: list[tuple[str, str, Any]]) -> list[int]:
+    """With the node's shared cache: two sidecars reading the same blocks at once fetch them
+    once. The run's leading `missing` blocks no other sidecar is fetching are claimed
+    (SharedBlocks.claim), fetched, stored and released at once; for the rest, the blocks another
+    sidecar claimed, this run waits until they are stored (read from there), their claim is
+    free without them (their fetcher failed or died) or CLAIM_WAIT_S passed. Returns the blocks
+    still missing, for the caller to fetch."""
+    shared, version_of = cache.shared, cache.version_of
+    assert shared is not None and version_of is not None
+    version, bs = version_of(ref), cache.block_size
+    limiter = cache._disk_limiter
+    try:
+        mine, rest = await trio.to_thread.run_sync(shared.claim, version, bs, [first + i for i in missing], limiter=limiter)
+    except Exception as exc:  # a cache: without claims, the run fetches everything itself
+        cache._disk_failed("shared_cache_claim_failed", exc, shared)
+        return missing
+    rest = [i - first for i in rest]
+    try:
+        if mine:
+            await get_run(cache, ref, first, fetches, names, [i for i in missing if first + i in mine], held, to_disk, pinned)
+            items, pins = to_disk[:], pinned[:]
+            del to_disk[:], pinned[:]
+            await cache._disk_put_many(items, pins, share=ref)  # stored before the claims are let go
+    finally:
+        shared.release(version, bs, mine)
+    deadline = trio.current_time() + CLAIM_WAIT_S
+    while rest:
+        stored, free = await trio.to_thread.run_sync(shared.waiting, version, bs, [first + i for i in rest], limiter=limiter)
+        got = await read_shared(cache, ref, stored) if stored else []
+        for index, data in zip(stored, got):
+            if data is not None:
+                cache._complete(ref, index, fetches[index - first], data, None, held)
+        rest = [i for i in rest if not fetches[i].done.is_set()]
+        # Nothing more to wait for: a block stored but unreadable (it failed authentication) or
+        # free without being stored is fetched by this run.
+        if not rest or trio.current_time() >= deadline or set(free) | set(stored) >= {first + i for i in rest}:
+            break
+        await trio.sleep(CLAIM_POLL_S)
+    return rest
 
 
 def whole_block(cache: BlockCache, ref: ObjectRef, start: int, end: int) -> int | None:

@@ -25,6 +25,7 @@ recently used rows and their files in the same transaction. Hits update `used` i
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import os
@@ -45,6 +46,7 @@ NAME_LABEL = b"storage-sidecar shared block name v1"
 TEMP_PREFIX = ".tmp-"
 TEMP_MAX_AGE = 3600.0  # s: a temporary file this old was left by a writer that died
 DB_NAME = "index.sqlite"
+CLAIMS = "claims"  # a claim file per block being fetched, locked (flock) by its fetcher
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,7 @@ class SharedBlocks:
         self.stored = 0  # blocks this instance wrote
         self._touched: dict[str, float] = {}
         self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / CLAIMS).mkdir(exist_ok=True)
         self._db_path = self.dir / DB_NAME
         with self._db() as db:
             db.execute("CREATE TABLE IF NOT EXISTS blocks (name TEXT PRIMARY KEY, size INTEGER NOT NULL, used REAL NOT NULL)")
@@ -209,6 +212,59 @@ class SharedBlocks:
         if stored:
             self._account(stored)
         return len(stored)
+
+    # -- fetching once for all --------------------------------------------------------------
+
+    def claim(self, version: VersionId, block_size: int, indices: list[int]) -> tuple[dict[int, int], list[int]]:
+        """Claims blocks this sidecar is about to fetch, so another sidecar of the node that
+        wants them waits for them to be stored instead of fetching them too: an exclusive flock
+        on a claim file per block (the kernel lets go of a dead process's locks: a killed
+        fetcher blocks nobody). In order, up to the first block that is stored already or
+        claimed by another: ({index: lock fd} claimed, the indices from there on)."""
+        mine: dict[int, int] = {}
+        for n, index in enumerate(indices):
+            name = block_file_name(version, block_size, index)
+            fd = self._try_lock(self._claim_path(name)) if not self._path(name).exists() else None
+            if fd is None:
+                return mine, indices[n:]
+            mine[index] = fd
+        return mine, []
+
+    def release(self, version: VersionId, block_size: int, claimed: dict[int, int]) -> None:
+        """Lets go of claims (their blocks stored, or their fetch failed)."""
+        for index, fd in claimed.items():
+            try:  # (a waiter that opened the old file finds it unlocked, then the block stored)
+                self._claim_path(block_file_name(version, block_size, index)).unlink(missing_ok=True)
+            finally:
+                os.close(fd)
+        claimed.clear()
+
+    def waiting(self, version: VersionId, block_size: int, indices: list[int]) -> tuple[list[int], list[int]]:
+        """For blocks another sidecar claimed: (those stored now, those neither stored nor
+        claimed any more: their fetcher failed or died)."""
+        stored, free = [], []
+        for index in indices:
+            name = block_file_name(version, block_size, index)
+            if self._path(name).exists():
+                stored.append(index)
+            elif (fd := self._try_lock(self._claim_path(name))) is not None:
+                self._claim_path(name).unlink(missing_ok=True)  # (the caller fetches it unclaimed)
+                os.close(fd)
+                free.append(index)
+        return stored, free
+
+    def _claim_path(self, name: str) -> Path:
+        return self.dir / CLAIMS / f"{name}.claim"
+
+    @staticmethod
+    def _try_lock(path: Path) -> int | None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
 
     def _account(self, stored: list[tuple[str, int]]) -> None:
         """Adds the blocks to the budget and evicts the least recently used others over it, in

@@ -224,3 +224,93 @@ def test_a_failing_shared_cache_costs_a_fetch_not_the_read(tmp_path):
 
     assert trio.run(main) == data
     assert shared.errors == 5  # a read of each of the 4 blocks and the run's write
+
+
+def test_a_claimed_block_is_waited_for_until_stored_and_claims_are_taken_in_order(tmp_path):
+    one, two = SharedBlocks(tmp_path, 1 << 20), SharedBlocks(tmp_path, 1 << 20)  # two sidecars
+    mine, rest = one.claim(version(), BS, [1])
+    assert list(mine) == [1] and rest == []
+    theirs, rest = two.claim(version(), BS, [0, 1, 2])
+    assert list(theirs) == [0] and rest == [1, 2]  # up to the first block another fetches
+    assert two.waiting(version(), BS, [1]) == ([], [])  # claimed, not stored: wait
+    one.put(version(), BS, 1, random.Random(8).randbytes(BS))
+    one.release(version(), BS, mine)
+    assert two.waiting(version(), BS, [1]) == ([1], [])  # stored: read it
+    again, rest = SharedBlocks(tmp_path, 1 << 20).claim(version(), BS, [1, 2])
+    assert again == {} and rest == [1, 2]  # stored already: nothing to claim
+    two.release(version(), BS, theirs)
+    assert not list((tmp_path / "claims").iterdir())
+
+
+def _claim_and_hang(folder, ready):
+    shared = SharedBlocks(folder, 1 << 20)
+    shared.claim(version(), BS, [0])
+    ready.set()
+    multiprocessing.Event().wait(60)
+
+
+def test_the_claim_of_a_killed_fetcher_is_free_at_once(tmp_path):
+    """A sidecar killed while it fetches a claimed block: the kernel lets go of its lock, and
+    the others see the block free (to fetch themselves) instead of waiting for it."""
+    ready = multiprocessing.Event()
+    child = multiprocessing.get_context("fork").Process(target=_claim_and_hang, args=(tmp_path, ready))
+    child.start()
+    try:
+        assert ready.wait(30)
+        other = SharedBlocks(tmp_path, 1 << 20)
+        assert other.waiting(version(), BS, [0]) == ([], [])
+        child.kill()
+        child.join(30)
+        assert other.waiting(version(), BS, [0]) == ([], [0])
+    finally:
+        child.kill()
+        child.join(30)
+
+
+@pytest.mark.parametrize("other_stores_them", [True, False])
+def test_blocks_another_sidecar_claimed_are_waited_for(tmp_path, other_stores_them):
+    """Blocks another sidecar of the node is fetching (claimed) are not fetched again: the read
+    waits and takes them from the folder once stored; if that sidecar lets go without storing
+    them (its fetch failed), the read fetches them itself."""
+    import trio
+
+    from sidecar.cache.blocks import BlockCache, ObjectRef
+    from sidecar.store.memory import MemoryStore
+
+    store = MemoryStore()
+    data = random.Random(9).randbytes(4 * BS)
+    info = store.put("obj", data)
+    v = version(key="obj", etag=info.etag, size=len(data))
+    other = SharedBlocks(tmp_path, 1 << 30)
+    claimed, _ = other.claim(v, BS, [0, 1, 2, 3])
+    assert len(claimed) == 4
+
+    async def main():
+        cache = BlockCache(store, block_size=BS, memory_limit=16 * BS)
+        cache.shared = SharedBlocks(tmp_path, 1 << 30)
+        cache.version_of = lambda ref: v
+        got = []
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+
+            async def read():
+                ref = ObjectRef("obj", info.etag, len(data))
+                cache.prefetch(ref, range(0, 4))
+                got.append(b"".join([await cache.get(ref, i) for i in range(4)]))
+
+            nursery.start_soon(read)
+            await trio.sleep(0.2)  # (the read is waiting: nothing can complete it but the other sidecar)
+            assert not got and store.stats.get_requests == 0
+            if other_stores_them:
+                other.put_many(v, BS, [(i, data[i * BS : (i + 1) * BS]) for i in range(4)])
+            other.release(v, BS, claimed)
+            with trio.fail_after(10):
+                while not got:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        return got[0], cache.stats
+
+    got, stats = trio.run(main)
+    assert got == data
+    assert store.stats.get_requests == (0 if other_stores_them else 1)
+    assert stats.shared_hits == (4 if other_stores_them else 0)

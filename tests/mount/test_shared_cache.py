@@ -218,3 +218,34 @@ def test_small_files_one_session_read_are_read_by_the_next_with_no_get(node, mou
         w.stop()
     assert link.counts["GET"] == 0, link.counts
     assert st["cache"]["shared_hits"] == 48 and st["shared"]["rejected"] == 0
+
+
+def test_two_sessions_reading_the_same_object_at_once_fetch_it_once(node, mount_worker, tmp_path):
+    """Two sidecars start reading the same object at the same moment, over a link slow enough
+    that their reads overlap: each block is fetched by one of them (it claims it) and read from
+    the shared folder by the other, so the link carries the object about once, not twice."""
+    _, bucket, proxy = node
+    size = 48 * MiB
+    data = random.Random(355).randbytes(size)
+    bucket.put("same.bin", data)
+    link = proxy()
+    link.set(bandwidth=16 * MiB, first_byte_delay=0.02)
+    workers = [_worker(mount_worker, bucket, link, tmp_path, str(i)) for i in range(2)]
+    link.reset_counts()
+    results: list[bool] = []
+    go = threading.Barrier(2)
+
+    def read(w):
+        go.wait()
+        with open(os.path.join(w.mnt, "same.bin"), "rb") as f:
+            results.append(f.read() == data)
+
+    threads = [threading.Thread(target=read, args=(w,)) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == [True, True]
+    stats = [w.stats() for w in workers]
+    assert link.bytes_down <= 1.25 * size, (link.bytes_down / size, link.counts, [s["cache"] for s in stats])
+    assert sum(s["cache"]["shared_hits"] for s in stats) >= 0.75 * size / MiB
