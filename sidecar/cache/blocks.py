@@ -377,13 +377,14 @@ class BlockCache:
             return  # (nothing is pinned without one)
 
         def write_all() -> None:
+            # One copy per node: blocks the shared cache took are not written to this mount's
+            # own disk tier too (found there again after a restart, or by another session).
+            shared = share_blocks(self, share, list(zip(indices or [mid[2] for mid in pinned], (data for _, data in items)))) if share else 0
             try:
-                if disk is not None:
+                if disk is not None and shared < len(items):
                     disk.put_many(items)  # a run's blocks in one file
             except Exception as exc:
                 self._disk_failed("disk_cache_write_failed", exc)
-            if share is not None:
-                share_blocks(self, share, list(zip(indices or [mid[2] for mid in pinned], (data for _, data in items))))
 
         try:
             await trio.to_thread.run_sync(write_all, limiter=self._disk_limiter)
@@ -545,14 +546,16 @@ def whole_block(cache: BlockCache, ref: ObjectRef, start: int, end: int) -> int 
     return start // bs if start % bs == 0 and end == min(start + bs, ref.size) else None
 
 
-def share_blocks(cache: BlockCache, ref: ObjectRef, blocks: list[tuple[int, bytes]]) -> None:
-    """Writes fetched blocks of `ref` to the node's shared cache (from a disk thread)."""
+def share_blocks(cache: BlockCache, ref: ObjectRef, blocks: list[tuple[int, bytes]]) -> int:
+    """Writes fetched blocks of `ref` to the node's shared cache (from a disk thread); how many
+    it took."""
     if cache.shared is None or cache.version_of is None:
-        return
+        return 0
     try:
-        cache.shared.put_many(cache.version_of(ref), cache.block_size, blocks)
+        return cache.shared.put_many(cache.version_of(ref), cache.block_size, blocks)
     except Exception as exc:
         cache._disk_failed("shared_cache_write_failed", exc, cache.shared)
+        return 0
 
 
 def read_entries(cache: BlockCache, disk: DiskTier, names: list[str], on_each: Callable[[int, Any], Any] | None,

@@ -32,6 +32,7 @@ import os
 import secrets
 import sqlite3
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,6 +42,7 @@ from pathlib import Path
 MAGIC = b"SSSB"  # storage-sidecar shared block
 FORMAT = 1
 _HEAD = struct.Struct("<4sB12s")  # magic, format, nonce
+TAG_SIZE = 16  # AES-GCM's authentication tag, after the ciphertext
 KEY_LABEL = b"storage-sidecar shared block key v1"
 NAME_LABEL = b"storage-sidecar shared block name v1"
 TEMP_PREFIX = ".tmp-"
@@ -85,29 +87,48 @@ def _aad(name: str, block_size: int, index: int) -> bytes:
     return name.encode("ascii") + struct.pack("<QQ", block_size, index)
 
 
-def seal(version: VersionId, block_size: int, index: int, data: bytes) -> tuple[str, bytes]:
-    """(file name, file content) of block `index` of `version`."""
+_buffers = threading.local()  # one file-sized buffer per thread: a new 1 MiB object per block cost more than its encryption
+
+
+def _buffer(size: int) -> memoryview:
+    buf = getattr(_buffers, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = _buffers.buf = bytearray(size)
+    return memoryview(buf)[:size]
+
+
+def seal_into(version: VersionId, block_size: int, index: int, data: bytes) -> tuple[str, memoryview]:
+    """(file name, file content) of block `index` of `version`; the content is this thread's
+    buffer, valid until its next call."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # (only where a shared cache is used)
 
     name = block_file_name(version, block_size, index)
     nonce = secrets.token_bytes(12)
-    sealed = AESGCM(block_key(version)).encrypt(nonce, data, _aad(name, block_size, index))
-    return name, _HEAD.pack(MAGIC, FORMAT, nonce) + sealed
+    out = _buffer(_HEAD.size + len(data) + TAG_SIZE)
+    _HEAD.pack_into(out, 0, MAGIC, FORMAT, nonce)
+    AESGCM(block_key(version)).encrypt_into(nonce, data, _aad(name, block_size, index), out[_HEAD.size :])
+    return name, out
 
 
-def unseal(version: VersionId, block_size: int, index: int, name: str, content: bytes) -> bytes | None:
+def seal(version: VersionId, block_size: int, index: int, data: bytes) -> tuple[str, bytes]:
+    """(file name, file content) of block `index` of `version`."""
+    name, out = seal_into(version, block_size, index, data)
+    return name, bytes(out)
+
+
+def unseal(version: VersionId, block_size: int, index: int, name: str, content: bytes | memoryview) -> bytes | None:
     """The block's bytes if `content` authenticates as block `index` of `version` stored under
     `name`; None otherwise (never bytes that did not)."""
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    if len(content) < _HEAD.size + 16:
+    if len(content) < _HEAD.size + TAG_SIZE:
         return None
     magic, fmt, nonce = _HEAD.unpack_from(content)
     if magic != MAGIC or fmt != FORMAT:
         return None
     try:
-        return AESGCM(block_key(version)).decrypt(nonce, content[_HEAD.size :], _aad(name, block_size, index))
+        return AESGCM(block_key(version)).decrypt(nonce, memoryview(content)[_HEAD.size :], _aad(name, block_size, index))
     except InvalidTag:
         return None
 
@@ -127,6 +148,7 @@ class SharedBlocks:
         self.bytes_served = 0  # plaintext bytes of the hits
         self.stored = 0  # blocks this instance wrote
         self._touched: dict[str, float] = {}
+        self._subdirs: set[str] = set()  # the two-letter folders known to exist
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / CLAIMS).mkdir(exist_ok=True)
         self._db_path = self.dir / DB_NAME
@@ -147,7 +169,7 @@ class SharedBlocks:
         db = sqlite3.connect(self._db_path, timeout=30.0, isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA synchronous=OFF")  # an index of a cache: a crash loses rows, whose files the sweep removes
             yield db
         finally:
             db.close()
@@ -161,12 +183,17 @@ class SharedBlocks:
         """Block `index` of `version`, if a sidecar stored it and it authenticates."""
         name = block_file_name(version, block_size, index)
         try:
-            with open(self._path(name), "rb") as f:
-                content = f.read()
+            with open(self._path(name), "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > _HEAD.size + block_size + TAG_SIZE:
+                    content: memoryview | None = None  # (no block of this size is that long)
+                else:
+                    content = _buffer(size)
+                    content = content[: f.readinto(content)]
         except FileNotFoundError:
             self.misses += 1
             return None
-        data = unseal(version, block_size, index, name, content)
+        data = unseal(version, block_size, index, name, content) if content is not None else None
         if data is None:
             self.rejected += 1
             self.misses += 1
@@ -195,11 +222,13 @@ class SharedBlocks:
         Returns how many were stored."""
         stored: list[tuple[str, int]] = []
         for index, data in blocks:
-            name, content = seal(version, block_size, index, data)
+            name, content = seal_into(version, block_size, index, data)
             if len(content) > self.limit:
                 continue
             path = self._path(name)
-            path.parent.mkdir(exist_ok=True)
+            if name[:2] not in self._subdirs:
+                path.parent.mkdir(exist_ok=True)
+                self._subdirs.add(name[:2])
             temp = path.parent / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
             try:
                 with open(temp, "wb") as f:
@@ -207,6 +236,7 @@ class SharedBlocks:
                 os.replace(temp, path)  # a reader sees the whole block or none
             except OSError:
                 temp.unlink(missing_ok=True)
+                self._subdirs.discard(name[:2])  # (the folder may have been cleaned meanwhile)
                 continue
             stored.append((name, len(content)))
         if stored:
