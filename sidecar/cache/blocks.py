@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import trio
 
@@ -523,20 +523,58 @@ async def fetch_claimed(cache: BlockCache, ref: ObjectRef, first: int, fetches: 
             await cache._disk_put_many(items, pins, share=ref)  # stored before the claims are let go
     finally:
         shared.release(version, bs, mine)
-    deadline = trio.current_time() + CLAIM_WAIT_S
+    found = await wait_for_claimed(cache, ref, [first + i for i in rest],
+                                   lambda index, data: cache._complete(ref, index, fetches[index - first], data, None, held))
+    return [i for i in rest if first + i not in found]
+
+
+async def wait_for_claimed(cache: BlockCache, ref: ObjectRef, indices: list[int], on_found: Callable[[int, bytes], None] | None = None) -> dict[int, bytes]:
+    """Blocks `indices` of `ref` that other sidecars of the node claimed, as they are stored
+    (each handed to `on_found` at once); stops waiting for a block when it is stored but does
+    not read (it failed authentication), when its claim is free without it (its fetcher failed
+    or died), or after CLAIM_WAIT_S. Returns those found."""
+    shared, version_of = cache.shared, cache.version_of
+    assert shared is not None and version_of is not None
+    version, found = version_of(ref), {}
+    rest, deadline = list(indices), trio.current_time() + CLAIM_WAIT_S
     while rest:
-        stored, free = await trio.to_thread.run_sync(shared.waiting, version, bs, [first + i for i in rest], limiter=limiter)
-        got = await read_shared(cache, ref, stored) if stored else []
-        for index, data in zip(stored, got):
+        stored, free = await trio.to_thread.run_sync(shared.waiting, version, cache.block_size, rest, limiter=cache._disk_limiter)
+        for index, data in zip(stored, await read_shared(cache, ref, stored) if stored else []):
             if data is not None:
-                cache._complete(ref, index, fetches[index - first], data, None, held)
-        rest = [i for i in rest if not fetches[i].done.is_set()]
-        # Nothing more to wait for: a block stored but unreadable (it failed authentication) or
-        # free without being stored is fetched by this run.
-        if not rest or trio.current_time() >= deadline or set(free) | set(stored) >= {first + i for i in rest}:
+                found[index] = data
+                if on_found is not None:
+                    on_found(index, data)
+        rest = [i for i in rest if i not in found]
+        if not rest or trio.current_time() >= deadline or set(free) | set(stored) >= set(rest):
             break
         await trio.sleep(CLAIM_POLL_S)
-    return rest
+    return found
+
+
+async def fetch_block_once(cache: BlockCache, ref: ObjectRef, index: int, fetch: Callable[[], Awaitable[bytes]]) -> tuple[bytes, bool]:
+    """Whole block `index` of `ref` (a small file's bytes) with the node's shared cache: read
+    from there, or waited for while another sidecar fetches it, or claimed, fetched by `fetch`
+    and stored before the claim is let go. Returns (the bytes, whether the folder holds them)."""
+    shared, version_of = cache.shared, cache.version_of
+    assert shared is not None and version_of is not None
+    (data,) = await read_shared(cache, ref, [index])
+    if data is not None:
+        return data, True
+    version, bs = version_of(ref), cache.block_size
+    try:
+        mine, _ = await trio.to_thread.run_sync(shared.claim, version, bs, [index], limiter=cache._disk_limiter)
+    except Exception as exc:  # a cache: without a claim, the block is fetched
+        cache._disk_failed("shared_cache_claim_failed", exc, shared)
+        return await fetch(), False
+    if not mine:  # another sidecar fetches it, or has just stored it
+        found = await wait_for_claimed(cache, ref, [index])
+        return (found[index], True) if index in found else (await fetch(), False)
+    try:
+        data = await fetch()
+        stored = await trio.to_thread.run_sync(share_blocks, cache, ref, [(index, data)], limiter=cache._disk_limiter)
+    finally:
+        shared.release(version, bs, mine)
+    return data, stored == 1
 
 
 def whole_block(cache: BlockCache, ref: ObjectRef, start: int, end: int) -> int | None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import time
 
-from sidecar.cache.blocks import BlockCache, ObjectRef, read_shared, whole_block
+from sidecar.cache.blocks import BlockCache, ObjectRef, fetch_block_once, whole_block
 from sidecar.cache.disk import range_name
 
 
@@ -38,17 +38,22 @@ class ExactRanges:
         if kept is not None:
             return kept
         # A range that is a whole block (a small file read whole) is that block in the node's
-        # shared cache: found there, or put there for the other sessions.
+        # shared cache: found there, or fetched once for all sidecars and stored there (then not
+        # in this mount's disk tier too).
         block = whole_block(self.cache, ref, start, end)
         if block is not None and self.cache.shared is not None:
-            (data,) = await read_shared(self.cache, ref, [block])
-            if data is not None:
-                self.keep(ref, start, data)
-                return data
+            data, in_shared = await fetch_block_once(self.cache, ref, block, lambda: self._get(ref, start, end))
+            self.keep(ref, start, data, on_disk=not in_shared)
+            return data
+        data = await self._get(ref, start, end)
+        self.keep(ref, start, data)
+        return data
+
+    async def _get(self, ref: ObjectRef, start: int, end: int) -> bytes:
+        """One ranged GET, counted."""
         asked = time.monotonic()
         data = await self.cache.store.get_range(ref.key, start, end, ref.etag)
         self.cache.link.observe_request(time.monotonic() - asked, len(data))
-        self.keep(ref, start, data, share=block is not None)
         self.cache.stats.direct_reads += 1
         if len(self.misses) >= MISSES_KEPT:
             self.misses.clear()
@@ -96,9 +101,9 @@ class ExactRanges:
         cache.memory.keep(rid, data)
         return data
 
-    def keep(self, ref: ObjectRef, start: int, data: bytes, share: bool = False) -> None:
-        """Keeps a range a random reader fetched (memory now, disk in the background); with
-        `share`, the range is a whole block, written to the node's shared cache too."""
+    def keep(self, ref: ObjectRef, start: int, data: bytes, on_disk: bool = True) -> None:
+        """Keeps a range a random reader fetched (memory now, and with `on_disk` the disk tier in
+        the background)."""
         cache = self.cache
         if not data or len(data) > cache.block_size:
             return
@@ -113,8 +118,8 @@ class ExactRanges:
             spans.insert(at, (start, end))
             self._span_count += 1
         cache.memory.keep(rid, data)
-        block = (ref, start // cache.block_size) if share else None
-        cache.write_behind(rid, range_name(cache.storage_id, ref.key, ref.etag, start, end), data, block=block)
+        if on_disk:
+            cache.write_behind(rid, range_name(cache.storage_id, ref.key, ref.etag, start, end), data)
 
     def kept(self, ref: ObjectRef, start: int, end: int) -> bytes | None:
         """A range kept in memory, without counting a hit."""

@@ -249,3 +249,34 @@ def test_two_sessions_reading_the_same_object_at_once_fetch_it_once(node, mount_
     stats = [w.stats() for w in workers]
     assert link.bytes_down <= 1.25 * size, (link.bytes_down / size, link.counts, [s["cache"] for s in stats])
     assert sum(s["cache"]["shared_hits"] for s in stats) >= 0.75 * size / MiB
+
+
+def test_two_sessions_reading_the_same_small_files_at_once_fetch_each_once(node, mount_worker, tmp_path):
+    """Small files read whole, in a shuffled order, by two sidecars at the same moment:
+    each file is fetched by the one that claims it, the other waits and reads it from the folder."""
+    _, bucket, proxy = node
+    files = {f"imgs/img{i:03d}.bin": random.Random(356 + i).randbytes(random.Random(-i).randrange(8 << 10, 300 << 10)) for i in range(24)}
+    for key, value in files.items():
+        bucket.put(key, value)
+    link = proxy()
+    link.set(first_byte_delay=0.03)
+    workers = [_worker(mount_worker, bucket, link, tmp_path, str(i)) for i in range(2)]
+    link.reset_counts()
+    go = threading.Barrier(2)
+    results: list[bool] = []
+
+    order = list(files)
+    random.Random(357).shuffle(order)  # (not a walk: each file is read exactly, as it is opened)
+
+    def read(w):
+        go.wait()
+        results.append(all(open(os.path.join(w.mnt, key), "rb").read() == files[key] for key in order))
+
+    threads = [threading.Thread(target=read, args=(w,)) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == [True, True]
+    assert link.counts["GET"] == len(files), link.counts  # each fetched once (without the claims, some twice)
+    assert sum(w.stats()["cache"]["shared_hits"] for w in workers) >= 22
