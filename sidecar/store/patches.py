@@ -1,8 +1,8 @@
 """What the SDKs are made to do differently, in one place: counting s3fs's and botocore's own
 retries per store, answering plain values without an awaitable check (aiobotocore), parsing S3's
-timestamps without dateutil, sending small bodies without `100 Continue`, and sharing botocore's
-parsed data between the workers a template forks. Each patch says why and is a no-op where the
-SDK no longer has what it replaces."""
+timestamps without dateutil, sending small bodies without `100 Continue`, parsing a whole listing
+page once, and sharing botocore's parsed data between the workers a template forks. Each patch
+says why and is a no-op where the SDK no longer has what it replaces."""
 
 from __future__ import annotations
 
@@ -141,6 +141,30 @@ def small_bodies_at_once(params: dict[str, Any], **_: Any) -> None:
         size = determine_content_length(params.get("body"))
         if size is not None and size <= INLINE_BODY:
             del headers["Expect"]
+
+
+def quick_200_check(session: Any) -> None:
+    """botocore parses every S3 response body of 200 twice: once to see whether it is an error
+    document S3 sent with a 200 (CopyObject, CompleteMultipartUpload), and then for its data. For
+    a listing page that is a tenth of a tree walk's CPU (py-spy). A listing that ends with its
+    own closing tag is whole and not an error, and skips the first parse; everything else (a cut
+    body, any other operation) still gets botocore's check."""
+    from botocore import handlers
+
+    original = getattr(handlers, "_handle_200_error", None)
+    if original is None:
+        return
+
+    def check(operation_model: Any, response_dict: Any, **kwargs: Any) -> Any:
+        if operation_model.name in ("ListObjectsV2", "ListObjects") and response_dict and response_dict.get("status_code") == 200:
+            body = response_dict.get("body")
+            if isinstance(body, (bytes, bytearray)) and body.rstrip().endswith(b"</ListBucketResult>"):
+                return None
+        return original(operation_model, response_dict, **kwargs)
+
+    emitter = session.get_component("event_emitter")
+    emitter.unregister("before-parse.s3.*", original)
+    emitter.register_first("before-parse.s3.*", check)
 
 
 _SHARED: dict[tuple, object] = {}  # what the template built once for every worker it forks

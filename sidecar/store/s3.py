@@ -23,7 +23,7 @@ from sidecar.store.bridge import BODY_RETRIES, COMPLETE_RATE, Progress, body_err
 from sidecar.store.classify import PROBE_BODY, probe_name, reason_of
 from sidecar.store.fsspec_store import FsspecStore, _mtime, _mtime_text, _user_mtime, run_write_probe
 from sidecar.store.ledger import UploadLedger
-from sidecar.store.patches import INLINE_BODY, count_s3fs_retries, fast_timestamp, quick_plain_results, retry_attempts, small_bodies_at_once
+from sidecar.store.patches import INLINE_BODY, count_s3fs_retries, fast_timestamp, quick_200_check, quick_plain_results, retry_attempts, small_bodies_at_once
 
 
 log = get_logger(__name__)
@@ -605,6 +605,7 @@ def make_s3_filesystem(
     session = aiobotocore.session.AioSession()
     session.get_component("event_emitter").register_last("before-call.s3", small_bodies_at_once)
     session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=fast_timestamp)
+    quick_200_check(session)
     fs = s3fs.S3FileSystem(session=session, **kwargs)
     fs.retries = retries
     count_s3fs_retries()

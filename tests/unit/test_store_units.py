@@ -245,3 +245,47 @@ def test_a_worker_gives_each_block_its_own_mapping_so_freed_blocks_leave_its_mem
 
     assert where("off") == "[heap]"
     assert where("on") == "anonymous"
+
+
+def test_a_whole_listing_page_is_parsed_once_and_an_error_with_200_still_is_one(monkeypatch):
+    """S3's 200-with-an-error-document check skips a listing page that ends with its closing tag
+    (so its body is parsed once) and still turns any other 200 body that is an error, or a cut
+    listing, into a 500 for botocore's retry."""
+    import botocore.session
+    from botocore import handlers
+
+    from sidecar.store.patches import quick_200_check
+
+    checked = []
+    real = handlers._looks_like_special_case_error
+    monkeypatch.setattr(handlers, "_looks_like_special_case_error", lambda status, body: checked.append(body) or real(status, body))
+    session = botocore.session.Session()
+    quick_200_check(session)
+    s3 = session.get_service_model("s3")
+    emitter = session.get_component("event_emitter")
+
+    def parse(op, body):
+        response = {"status_code": 200, "body": body, "headers": {}}
+        emitter.emit(f"before-parse.s3.{op}", operation_model=s3.operation_model(op), response_dict=response, customized_response_dict={})
+        return response["status_code"]
+
+    listing = b'<?xml version="1.0" encoding="UTF-8"?>\n<ListBucketResult><Name>b</Name><KeyCount>0</KeyCount></ListBucketResult>\n'
+    assert parse("ListObjectsV2", listing) == 200 and checked == []
+    error = b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code><Message>x</Message></Error>'
+    assert parse("ListObjectsV2", error) == 500
+    assert parse("ListObjectsV2", listing[:60]) == 500  # cut: botocore's check sees it
+    assert parse("CompleteMultipartUpload", error) == 500
+    assert len(checked) == 3
+
+
+def test_a_worker_collects_garbage_less_often_than_pythons_default():
+    import gc
+
+    from sidecar.worker import GC_THRESHOLDS, collect_less_often
+
+    before = gc.get_threshold()
+    try:
+        collect_less_often()
+        assert gc.get_threshold() == GC_THRESHOLDS and GC_THRESHOLDS[0] > before[0]
+    finally:
+        gc.set_threshold(*before)
