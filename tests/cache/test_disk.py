@@ -300,11 +300,11 @@ def _resident(path, offset, length):
         os.close(fd)
 
 
-def _evicted(path):
+def _evicted(path, offset=0, length=0):
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
 
@@ -340,6 +340,11 @@ def test_blocks_not_in_the_page_cache_are_read_ahead_together_and_read_in_outsid
         reads.append((sum(len(b) for b in buffers), flags))
         return real(fd, buffers, offset, flags)
 
+    # (block 0 is evicted once more right before: on a busy machine its pages came back once, by
+    # whoever read the file's start between the check above and the read below)
+    _evicted(pack, *offsets[0])
+    if _resident(pack, *offsets[0]):
+        pytest.skip("the kernel keeps block 0's pages")
     monkeypatch.setattr(diskmod.os, "preadv", counted)
     assert disk.get(blocks[0][0]) == blocks[0][1]  # not resident: checked, then waited for outside the mapping
     assert reads == [(1, os.RWF_NOWAIT), (1, 0)]

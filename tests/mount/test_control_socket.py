@@ -48,7 +48,7 @@ def test_probes_are_answered_within_a_second_while_a_group_member_floods_the_soc
                     args=["--socket-group", "nogroup"])
         d.wait_ready()
         before = rss_kib(d.proc.pid)
-        flood = subprocess.Popen(["/usr/bin/python3", FLOOD, sock, "2000", "20"], stdout=subprocess.PIPE, text=True, preexec_fn=as_nobody)
+        flood = subprocess.Popen(["/usr/bin/python3", FLOOD, sock, "2000", "12"], stdout=subprocess.PIPE, text=True, preexec_fn=as_nobody)
         try:
             wait_for(lambda: any(f.startswith("socket:") for f in _fds(flood.pid)), what="the flood's connections")
             time.sleep(1.0)  # let the flood reach its steady state before probing
