@@ -205,16 +205,24 @@ class TrainingBench(LinkBench):
         self.results["epochs"] = out
 
     def listing(self) -> None:
+        """The walk on a new mount against a direct paginated LIST, alternating, 2 rounds each,
+        after one unmeasured LIST: the first listing of a new `rclone serve s3` costs it each
+        file's MD5 (its ETag), which whoever lists first would pay."""
         self.make_tree()
-        out: dict[str, Any] = {"files": self.args.files}
-        w = self.worker(None)
-        r = self.measured("walk", f"{w.mnt}/{TREE}")
-        r.pop("names")
-        out["sidecar"] = r
-        w.stop()
-        self.proxy.reset_counts()
-        out["direct_list"] = run_child("list", self.proxy.endpoint, TREE + "/")
-        out["direct_list"]["requests"] = self.requests()
+        out: dict[str, Any] = {"files": self.args.files, "sidecar_rounds": [], "direct_list_rounds": []}
+        out["first_list_after_start"] = run_child("list", self.proxy.endpoint, TREE + "/")  # (not compared)
+        for _ in range(2):
+            self.proxy.reset_counts()
+            d = run_child("list", self.proxy.endpoint, TREE + "/")
+            d["requests"] = self.requests()
+            out["direct_list_rounds"].append(d)
+            w = self.worker(None)
+            r = self.measured("walk", f"{w.mnt}/{TREE}")
+            r.pop("names")
+            out["sidecar_rounds"].append(r)
+            w.stop()
+        out["sidecar"] = min(out["sidecar_rounds"], key=lambda r: r["seconds"])
+        out["direct_list"] = min(out["direct_list_rounds"], key=lambda r: r["seconds"])
         proc, mnt = self.rclone_mount("off", "--use-server-modtime")
         r = self.measured("walk", f"{mnt}/{TREE}")
         r.pop("names")
