@@ -138,6 +138,7 @@ def test_backend_down_at_start_gives_a_read_only_placeholder_then_mounts_by_itse
     assert not os.path.ismount(mnt)
 
 
+@pytest.mark.reliability  # (12 s of a hung pre-flight: make test-reliability, for make test's bound)
 def test_a_slow_mount_request_is_answered_202_and_followed(tmp_path, daemons):
     # A hung endpoint: accepts connections, never answers. Its pre-flight takes the whole
     # --check-deadline (12 s), longer than the socket's 10 s request deadline.

@@ -122,6 +122,7 @@ def _close_on_slow_link(s3, proxy, bucket, mount_worker, size, bandwidth, deadli
     return closed, written - started
 
 
+@pytest.mark.reliability  # (~16 s of a slow link: make test-reliability, for make test's bound)
 def test_close_of_a_large_file_on_a_slow_link(s3, proxied, mount_worker):
     # 256 MiB through a link of 4 MB/s per connection, deadline 5 s: the upload takes longer
     # than the deadline (8 parts of 16 MiB in flight: ~8 s) yet moves all along, so close
