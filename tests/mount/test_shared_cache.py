@@ -115,6 +115,21 @@ def _worker(mount_worker, bucket, proxy, tmp_path, name, **cfg):
                         shared_cache_dir=str(tmp_path / "node-shared"), cache_dir=str(tmp_path / f"cache-{name}"), **cfg)
 
 
+def _at_once(workers, read):
+    """`read(worker)` in a thread per worker, all released together; joined."""
+    go = threading.Barrier(len(workers))
+
+    def run(w):
+        go.wait()
+        read(w)
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+
+
 def test_a_sidecar_killed_while_writing_blocks_leaves_the_others_reading_right_bytes(node, mount_worker, tmp_path):
     """The first sidecar reads through a slow link and is SIGKILLed once some of its blocks are
     in the shared folder (more are being fetched and written): the next one reads every byte
@@ -160,15 +175,12 @@ def test_three_sidecars_reading_at_once_keep_one_budget(node, mount_worker, tmp_
     workers = [_worker(mount_worker, bucket, link, tmp_path, str(i), shared_cache_limit=limit) for i in range(3)]
     results: dict[str, bool] = {}
 
-    def read(w, key):
+    def read(w):
+        key = f"obj{workers.index(w)}.bin"
         with open(os.path.join(w.mnt, key), "rb") as f:
             results[key] = f.read() == objects[key]
 
-    threads = [threading.Thread(target=read, args=(w, key)) for w, key in zip(workers, objects)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    _at_once(workers, read)
     assert results == {key: True for key in objects}
     for w in workers:
         w.stop()  # (a write queued for a disk thread is dropped: the folder is checked as it is left)
@@ -233,18 +245,12 @@ def test_two_sessions_reading_the_same_object_at_once_fetch_it_once(node, mount_
     workers = [_worker(mount_worker, bucket, link, tmp_path, str(i)) for i in range(2)]
     link.reset_counts()
     results: list[bool] = []
-    go = threading.Barrier(2)
 
     def read(w):
-        go.wait()
         with open(os.path.join(w.mnt, "same.bin"), "rb") as f:
             results.append(f.read() == data)
 
-    threads = [threading.Thread(target=read, args=(w,)) for w in workers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    _at_once(workers, read)
     assert results == [True, True]
     stats = [w.stats() for w in workers]
     assert link.bytes_down <= 1.25 * size, (link.bytes_down / size, link.counts, [s["cache"] for s in stats])
@@ -262,21 +268,10 @@ def test_two_sessions_reading_the_same_small_files_at_once_fetch_each_once(node,
     link.set(first_byte_delay=0.03)
     workers = [_worker(mount_worker, bucket, link, tmp_path, str(i)) for i in range(2)]
     link.reset_counts()
-    go = threading.Barrier(2)
     results: list[bool] = []
-
     order = list(files)
     random.Random(357).shuffle(order)  # (not a walk: each file is read exactly, as it is opened)
-
-    def read(w):
-        go.wait()
-        results.append(all(open(os.path.join(w.mnt, key), "rb").read() == files[key] for key in order))
-
-    threads = [threading.Thread(target=read, args=(w,)) for w in workers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    _at_once(workers, lambda w: results.append(all(open(os.path.join(w.mnt, key), "rb").read() == files[key] for key in order)))
     assert results == [True, True]
     assert link.counts["GET"] == len(files), link.counts  # each fetched once (without the claims, some twice)
     assert sum(w.stats()["cache"]["shared_hits"] for w in workers) >= 22
