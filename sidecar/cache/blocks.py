@@ -382,7 +382,7 @@ class BlockCache:
             shared = share_blocks(self, share, list(zip(indices or [mid[2] for mid in pinned], (data for _, data in items)))) if share else 0
             try:
                 if disk is not None and shared < len(items):
-                    disk.put_many(items)  # a run's blocks in one file
+                    store_on_disk(self, disk, items, pinned)
             except Exception as exc:
                 self._disk_failed("disk_cache_write_failed", exc)
 
@@ -594,6 +594,16 @@ def share_blocks(cache: BlockCache, ref: ObjectRef, blocks: list[tuple[int, byte
     except Exception as exc:
         cache._disk_failed("shared_cache_write_failed", exc, cache.shared)
         return 0
+
+
+def store_on_disk(cache: BlockCache, disk: DiskTier, items: list[tuple[str, bytes]], pinned: list[tuple[str, str, Any]]) -> None:
+    """Blocks of one object version go into its segments, in the object's order on disk (read
+    back after a restart as fast as one file); anything else (exact ranges) as a pack."""
+    if pinned and len(pinned) == len(items) and all(isinstance(mid[2], int) and mid[:2] == pinned[0][:2] for mid in pinned):
+        key, etag = pinned[0][0], pinned[0][1]
+        disk.put_blocks(cache.storage_id, key, etag, cache.block_size, [(mid[2], data) for mid, (_, data) in zip(pinned, items)])
+    else:
+        disk.put_many(items)
 
 
 def read_entries(cache: BlockCache, disk: DiskTier, names: list[str], on_each: Callable[[int, Any], Any] | None,

@@ -1,19 +1,36 @@
 """Disk tier of the block cache: checksummed block files under a hard byte limit, LRU eviction.
 
-Layout: `<dir>/<2 hex>/<sha256 hex>` per block, each file a 16-byte header
-(magic, crc32 of the data, data length) followed by the data. A block is written to a temp file
-in the same directory and renamed, so a reader never sees a half-written block; a block whose
-checksum does not match is deleted and counted as corrupt (the caller refetches it).
+Layout: `<dir>/<2 hex>/<sha256 hex>.<crc32 hex>` per entry written alone (an exact range of a
+random reader, a block), the file holding the data only: its checksum is in its name, so a 4 KiB
+range is one page on disk (with a header in the file it was two pages, read for each such range
+after a restart). A file is written to a temp file in the
+same directory and renamed, so a reader never sees a half-written one; one whose checksum does
+not match is deleted and counted as corrupt (the caller refetches it). Files of another format
+(an earlier version's) are deleted at start.
 
-Packs: the blocks of one fetched run (`put_many`, up to 8 MiB of a sequential reader) go into
-one file, `<dir>/<2 hex>/pack-<first block's name>`: a table page (PACK_MAGIC, count, then per
-block its name, offset and length) followed by each block as above (header and data), each at
-a page-aligned offset so it can be mapped alone. One file per run instead of one per block: the
-file system's per-file work (inode allocation, directory entries, rename) was most of what
-writing the cache cost, far more than copying the bytes (on an ext4 without a journal,
-allocating an inode scans recently deleted ones). A pack is written once and renamed into
-place like a block; it is evicted whole when its least recently used block is, and a block
+Packs: entries written together that are not blocks of one object version (`put_many`) go into
+one file, `<dir>/<2 hex>/pack-<first entry's name>`: a table page (PACK_MAGIC, count, then per
+entry its name, offset and length) followed by each entry as a 16-byte header (magic, crc32 of
+the data, data length) and its data, each at a page-aligned offset so it can be mapped alone.
+One file instead of one per entry: the file system's per-file work (inode allocation, directory
+entries, rename) was most of what writing the cache cost, far more than copying the bytes (on an
+ext4 without a journal, allocating an inode scans recently deleted ones). A pack is written once
+and renamed into place; it is evicted whole when its least recently used entry is, and an entry
 dropped from it (corrupt) leaves the others until the last goes.
+
+Segments: the blocks of an object version go into one file per SEGMENT_MAX blocks of it (fewer
+with a small disk limit), `<dir>/<2 hex>/seg-<slot 0's name>-<slots>`: a table (SEG_MAGIC, slot
+count, slot size, then each slot's block name and its data's length once written) followed by
+fixed slots, slot i holding block `first + i` (header and data, as in a pack), written in place
+as it arrives, then its length in the table (read at start: one read per segment, not one per
+slot). Whatever order parallel GETs bring the blocks in, the file holds the object in its order,
+and a sequential reader after a restart reads one large file as it would a local copy (files of
+8 MiB, the packs these replaced for blocks, read back markedly slower than one large file once
+the page cache was dropped: benchmarks/results/HISTORY.md). A slot is written once (a block
+dropped as corrupt is written again with the same bytes); the table is written before any slot
+(a new file renamed into place), so a crash leaves slots whose table length or checksum does not
+hold, which are not indexed or are dropped when read. A segment is evicted whole, never while a
+slot of it is being written.
 
 Invariant: `used` (bytes of all block files, temp files included) never exceeds `limit`. Space is
 reserved under `_lock` before a file is written, and eviction of least-recently-used blocks makes
@@ -56,12 +73,28 @@ def _page_up(n: int) -> int:
     return -(-n // PAGE) * PAGE
 
 
+SEG_PREFIX = "seg-"
+SEG_MAGIC = b"SSCS"
+_SEG = struct.Struct("<4sIQ")  # magic, number of slots, bytes per slot
+_SLOT = struct.Struct("<64sI")  # a slot's block name, its data's length once written (0: not yet)
+SEGMENT_MAX = 64  # blocks per segment
+SEGMENT_SHARE = 8  # a segment holds at most this fraction of the disk limit
+
+
 class _Pack:
-    __slots__ = ("name", "size", "live")
+    __slots__ = ("name", "size", "live", "writers", "counted", "ready")
 
     def __init__(self, name: str, size: int, live: set[str]) -> None:
         self.name, self.size = name, size  # its file's name and bytes
         self.live = live  # its blocks still indexed
+        self.writers = 0  # threads writing slots of it (a segment): never evicted meanwhile
+        self.counted: set[str] = set()  # a segment's slots whose bytes `size` counts
+        self.ready: threading.Event | None = None  # a segment: set once its file exists
+
+
+def segment_layout(slots: int, block_size: int) -> tuple[int, int]:
+    """A segment's table bytes and bytes per slot."""
+    return _page_up(_SEG.size + slots * _SLOT.size), _page_up(_HEADER.size + block_size)
 
 
 def _read_in(fd: int, size: int, offset: int) -> None:
@@ -91,7 +124,8 @@ def _read_in(fd: int, size: int, offset: int) -> None:
 _ONE_BYTE = bytearray(1)
 
 
-def _mapped(fd: int, size: int, offset: int = 0) -> memoryview | None:
+
+def _mapped(fd: int, size: int, offset: int = 0, crc: int | None = None) -> memoryview | None:
     """The block in file `fd`, mapped rather than read: the block is the page cache's pages
     themselves. A read copied it into fresh anonymous memory, which cost a page fault and a
     zeroed page per 4 KiB besides the copy (warm reads: 1.3-1.5 CPU-s per GiB before, 0.6-0.8
@@ -109,10 +143,19 @@ def _mapped(fd: int, size: int, offset: int = 0) -> memoryview | None:
         if exc.errno != errno.EINVAL:  # EINVAL: a kernel before 5.14, the pages fault in on use
             m.close()
             raise
-    data = _checked(m, size)
+    data = _checked(m, size) if crc is None else _checked_raw(m, crc)
     if data is None:
         m.close()  # (no view of it is left)
     return data
+
+
+def _checked_raw(content: bytes | mmap.mmap, crc: int) -> memoryview | None:
+    """`content` if its CRC is `crc` (a file written alone: its checksum is in its name)."""
+    data = memoryview(content)
+    if crc32(data) == crc:
+        return data
+    data.release()
+    return None
 
 
 def _checked(content: bytes | mmap.mmap, size: int) -> memoryview | None:
@@ -148,6 +191,7 @@ class DiskTier:
         self._pending: set[str] = set()  # reserved, still being written
         self._packed: dict[str, tuple[str, int, int]] = {}  # packed block -> (pack, offset, bytes)
         self._packs: dict[str, _Pack] = {}
+        self._crc: dict[str, int] = {}  # an entry written alone -> its checksum (in its file's name)
         self._lock = threading.Lock()
         # Cached blocks are the bucket's data: readable by the daemon's user only.
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -160,8 +204,11 @@ class DiskTier:
         self._evict_locked(0)
 
     def _path(self, name: str) -> Path:
-        """The file of a block or a pack (a pack lies beside its first block's name)."""
-        return self.dir / name[len(PACK_PREFIX) : len(PACK_PREFIX) + 2] / name if name.startswith(PACK_PREFIX) else self.dir / name[:2] / name
+        """The file of a block, a pack or a segment (beside its first block's name)."""
+        for prefix in (PACK_PREFIX, SEG_PREFIX):
+            if name.startswith(prefix):
+                return self.dir / name[len(prefix) : len(prefix) + 2] / name
+        return self.dir / name[:2] / f"{name}.{self._crc.get(name, 0):08x}"
 
     def _load(self) -> None:
         found: list[tuple[float, str, int]] = []
@@ -179,9 +226,10 @@ class DiskTier:
         for _, name, size in found:
             if name.startswith(PACK_PREFIX):
                 self._load_pack(name, size)
-            elif name not in self._index:
-                self._index[name] = size
-                self.used += size
+            elif name.startswith(SEG_PREFIX):
+                load_segment(self, name)
+            else:
+                load_single(self, name, size)
         self._evict_locked(0)  # the limit may have been lowered since the last run
 
     def _load_pack(self, pack: str, size: int) -> None:
@@ -227,13 +275,13 @@ class DiskTier:
             where = self._packed.get(name)
             if where is not None:  # the whole pack goes
                 pack = self._packs[where[0]]
+                if pack.writers:
+                    continue
                 self.evictions += len(pack.live)
                 for other in list(pack.live):
                     self._forget_locked(other)
                 continue
-            size = self._index.pop(name)
-            self._path(name).unlink(missing_ok=True)
-            self.used -= size
+            self._forget_locked(name)
             self.evictions += 1
         return self.used + need <= self.limit
 
@@ -245,12 +293,13 @@ class DiskTier:
         if where is not None:
             pack = self._packs[where[0]]
             pack.live.discard(name)
-            if not pack.live:
+            if not pack.live and not pack.writers:
                 del self._packs[where[0]]
                 self._path(where[0]).unlink(missing_ok=True)
                 self.used -= pack.size
         elif size is not None:
             self._path(name).unlink(missing_ok=True)
+            self._crc.pop(name, None)
             self.used -= size
 
     def get(self, name: str) -> bytes | memoryview | None:
@@ -259,18 +308,20 @@ class DiskTier:
                 return None
             self._index.move_to_end(name)
             where = self._packed.get(name)
+            crc = None if where else self._crc.get(name)
+            path = self._path(where[0] if where else name)
         data: bytes | memoryview | None = None
         try:
-            fd = os.open(self._path(where[0] if where else name), os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             self._drop(name)
             return None
         try:
             offset, size = (where[1], where[2]) if where else (0, os.fstat(fd).st_size)
-            if _HEADER.size <= size <= _HEADER.size + self.limit:
+            if size <= _HEADER.size + self.limit and (crc is not None or size >= _HEADER.size):
                 if size >= MAP_MIN:
-                    data = _mapped(fd, size, offset)
-                elif (small := _checked(os.pread(fd, size, offset), size)) is not None:
+                    data = _mapped(fd, size, offset, crc)
+                elif (small := _checked(os.pread(fd, size, offset), size) if crc is None else _checked_raw(os.pread(fd, size, 0), crc)) is not None:
                     data = bytes(small)
         finally:
             os.close(fd)
@@ -287,19 +338,19 @@ class DiskTier:
         request per block: the kernel reads ahead at most the device's largest request
         (`max_sectors_kb`) per call, so a call for a whole pack would read its first block
         only. Best effort."""
-        spans: dict[str, list[tuple[int, int]]] = {}
+        spans: dict[Path, list[tuple[int, int]]] = {}
         with self._lock:
             for name in names:
                 if name in self._pending:
                     continue
                 where = self._packed.get(name)
                 if where is not None:
-                    spans.setdefault(where[0], []).append((where[1], where[2]))
+                    spans.setdefault(self._path(where[0]), []).append((where[1], where[2]))
                 elif name in self._index:
-                    spans.setdefault(name, []).append((0, self._index[name]))
+                    spans.setdefault(self._path(name), []).append((0, self._index[name]))
         for file, parts in spans.items():
             try:
-                fd = os.open(self._path(file), os.O_RDONLY)
+                fd = os.open(file, os.O_RDONLY)
             except OSError:
                 continue  # gone meanwhile: `get` finds out
             try:
@@ -315,7 +366,7 @@ class DiskTier:
             self._forget_locked(name)
 
     def put(self, name: str, data: bytes) -> bool:
-        size = _HEADER.size + len(data)
+        size, crc = len(data), crc32(data)
         with self._lock:
             if name in self._index:
                 self._index.move_to_end(name)
@@ -324,14 +375,14 @@ class DiskTier:
                 return False
             # Reserve before writing: concurrent writers can never push usage past the limit.
             self._index[name] = size
+            self._crc[name] = crc
             self._pending.add(name)
             self.used += size
-        path = self._path(name)
+            path = self._path(name)
         tmp = path.parent / f".tmp{threading.get_ident()}-{name}"
         try:
             path.parent.mkdir(exist_ok=True, mode=0o700)
             with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-                f.write(_HEADER.pack(MAGIC, crc32(data), len(data)))
                 f.write(data)
             os.replace(tmp, path)
         except OSError:
@@ -395,6 +446,18 @@ class DiskTier:
                 self._pending.discard(name)
         return stored + len(new)
 
+    def put_blocks(self, storage: str, key: str, etag: str, block_size: int, blocks: list[tuple[int, bytes]]) -> int:
+        """Stores blocks of one object version (index, bytes) in their segments; returns how
+        many are now on disk. With a disk limit too small for segments, a pack (`put_many`)."""
+        slots = max(1, min(SEGMENT_MAX, self.limit // (SEGMENT_SHARE * block_size)))
+        if slots == 1:
+            return self.put_many([(block_name(storage, key, etag, index, block_size), data) for index, data in blocks])
+        by_segment: dict[int, list[tuple[int, bytes]]] = {}
+        for index, data in blocks:
+            by_segment.setdefault(index // slots, []).append((index, data))
+        identity = (storage, key, etag, block_size)
+        return sum(write_segment(self, identity, slots, segment * slots, items) for segment, items in by_segment.items())
+
     def _reserve_pack_locked(self, new: list[tuple[str, bytes]]) -> tuple[_Pack, list[int]] | None:
         """Lays out a pack of the blocks `new` and reserves its room (evicting if need be); its
         blocks are indexed as pending until it is written. The pack and its blocks' offsets;
@@ -418,6 +481,155 @@ class DiskTier:
     def disk_bytes(self) -> int:
         """Bytes actually on disk under the cache directory (for tests and status)."""
         return tree_bytes(self.dir)
+
+
+def write_segment(tier: DiskTier, identity: tuple[str, str, str, int], slots: int, first: int, items: list[tuple[int, bytes]]) -> int:
+    """Writes blocks `items` (index, bytes) into their slots of the segment whose slot 0 is block
+    `first`, creating it if need be; how many of them are now on disk."""
+    storage, key, etag, block_size = identity
+    names = [block_name(storage, key, etag, first + i, block_size) for i in range(slots)]
+    table, slot = segment_layout(slots, block_size)
+    name = f"{SEG_PREFIX}{names[0]}-{slots}"  # (a limit changed since: another layout, another file)
+    with tier._lock:
+        new = []
+        for index, data in items:
+            if names[index - first] in tier._index:
+                tier._index.move_to_end(names[index - first])
+            elif all(i != index for i, _ in new):
+                new.append((index, data))
+        stored = len(items) - len(new)
+        pack = tier._packs.get(name)
+        if not new:
+            return stored
+        create = pack is None
+        if create:
+            pack = _Pack(name, table, set())
+            pack.ready = threading.Event()
+        need = (table if create else 0) + slot * sum(names[i - first] not in pack.counted for i, _ in new)
+        pack.writers += 1  # (not evicted to make its own room)
+        if need > tier.limit or not tier._evict_locked(need):
+            pack.writers -= 1
+            return stored
+        tier._packs[name] = pack
+        for index, data in new:
+            block = names[index - first]
+            tier._index[block] = 0
+            tier._packed[block] = (name, table + (index - first) * slot, _HEADER.size + len(data))
+            tier._pending.add(block)
+            if block not in pack.counted:
+                pack.counted.add(block)
+                pack.size += slot
+        tier.used += need
+    ok = False
+    path = tier._path(name)
+    try:
+        if create:
+            _create_segment(path, names, table, slot)
+        elif pack.ready is not None:  # (None: found at start)
+            pack.ready.wait(30)  # until its creator has renamed it into place
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            for index, data in new:
+                os.pwritev(fd, [_HEADER.pack(MAGIC, crc32(data), len(data)), data], table + (index - first) * slot)
+            for index, data in new:
+                os.pwrite(fd, struct.pack("<I", len(data)), _SEG.size + (index - first) * _SLOT.size + 64)
+        finally:
+            os.close(fd)
+        ok = True
+    except OSError:
+        pass
+    finally:
+        if create:
+            assert pack.ready is not None
+            pack.ready.set()
+        _segment_written(tier, pack, [names[index - first] for index, _ in new], ok)
+    return stored + (len(new) if ok else 0)
+
+
+def _create_segment(path: Path, names: list[str], table: int, slot: int) -> None:
+    """A new segment's file: its table, renamed into place (its slots are holes until written)."""
+    head = bytearray(table)
+    _SEG.pack_into(head, 0, SEG_MAGIC, len(names), slot)
+    for i, block in enumerate(names):
+        _SLOT.pack_into(head, _SEG.size + i * _SLOT.size, block.encode("ascii"), 0)
+    path.parent.mkdir(exist_ok=True, mode=0o700)
+    tmp = path.parent / f".tmp{threading.get_ident()}-{path.name}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.pwrite(fd, head, 0)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _segment_written(tier: DiskTier, pack: _Pack, blocks: list[str], ok: bool) -> None:
+    """Ends a write into segment `pack`: its blocks are live (or forgotten, `ok` False), and a
+    segment left with no live block goes."""
+    with tier._lock:
+        pack.writers -= 1
+        for block in blocks:
+            tier._pending.discard(block)
+            if ok:
+                pack.live.add(block)
+            else:
+                tier._forget_locked(block)
+        if not pack.live and not pack.writers and tier._packs.get(pack.name) is pack:
+            del tier._packs[pack.name]
+            tier._path(pack.name).unlink(missing_ok=True)
+            tier.used -= pack.size
+
+
+def load_single(tier: DiskTier, name: str, size: int) -> None:
+    """Indexes an entry written alone found at start (`<name>.<crc32 hex>`); a file of another
+    format is deleted."""
+    block, _, crc = name.rpartition(".")
+    if len(block) == 64 and len(crc) == 8 and all(c in "0123456789abcdef" for c in crc) and block not in tier._index:
+        tier._index[block] = size
+        tier._crc[block] = int(crc, 16)
+        tier.used += size
+    else:
+        (tier.dir / name[:2] / name).unlink(missing_ok=True)
+
+
+def load_segment(tier: DiskTier, name: str) -> None:
+    """Indexes a segment found at start: the slots its table says were written (their header
+    and checksum are checked when a block is read); a file that is not a segment of ours is
+    deleted."""
+    path = tier._path(name)
+    live: set[str] = set()
+    try:
+        with open(path, "rb") as f:
+            head = f.read(PAGE)
+            magic, slots, slot = _SEG.unpack_from(head)
+            if magic != SEG_MAGIC or not name.endswith(f"-{slots}") or not 0 < slots <= 4096 or slot % PAGE or slot <= _HEADER.size:
+                raise ValueError("not a segment")
+            table = _page_up(_SEG.size + slots * _SLOT.size)
+            head += f.read(table - len(head))
+            if len(head) != table or os.fstat(f.fileno()).st_size > table + slots * slot:
+                raise ValueError("not a segment")
+    except (OSError, ValueError, struct.error):
+        path.unlink(missing_ok=True)
+        return
+    pack = _Pack(name, table, live)
+    for i in range(slots):
+        raw, length = _SLOT.unpack_from(head, _SEG.size + i * _SLOT.size)
+        block = raw.decode("ascii", "replace")
+        if not 0 < length <= slot - _HEADER.size or block in tier._index:
+            continue
+        tier._index[block] = 0
+        tier._packed[block] = (name, table + i * slot, _HEADER.size + length)
+        live.add(block)
+        pack.counted.add(block)
+        pack.size += slot
+    if live:
+        tier._packs[name] = pack
+        tier.used += pack.size
+    else:
+        path.unlink(missing_ok=True)
 
 
 def tree_bytes(directory: str | os.PathLike[str]) -> int:

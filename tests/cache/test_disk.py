@@ -34,9 +34,9 @@ def test_disk_tier_survives_restart_and_detects_corruption(tmp_path):
     run(main, mock_clock=False)
     gets = store.stats.get_requests
     assert 1 <= gets <= 5
-    # the stream's blocks are one pack file: corrupt the last block in it
+    # the stream's blocks are one segment file, in the object's order: corrupt the last block
     files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
-    assert len(files) == 1 and files[0].name.startswith("pack-")
+    assert len(files) == 1 and files[0].name.startswith("seg-")
     raw = bytearray(files[0].read_bytes())
     raw[-1] ^= 0xFF
     files[0].write_bytes(bytes(raw))
@@ -66,7 +66,7 @@ def test_a_big_block_on_disk_is_served_mapped_and_a_view_outlives_its_files_repl
     assert held == old and disk.get("b") == new
     small = rnd.randbytes(1000)
     assert disk.put("s", small) and disk.get("s") == small
-    path = next(p for p in tmp_path.rglob("*") if p.is_file() and p.stat().st_size > (1 << 20))
+    path = next(p for p in tmp_path.rglob("*") if p.is_file() and p.stat().st_size >= (1 << 20))
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     path.write_bytes(bytes(raw))
@@ -104,6 +104,140 @@ def test_a_runs_blocks_are_one_pack_file_served_block_by_block_and_kept_across_r
     assert kept.get("ee" * 32) == b"later"
     assert kept.evictions == 5 and kept.used == kept.disk_bytes()
     assert held == blocks[2][1]  # the unlinked pack's mapping still holds its bytes
+
+
+def test_an_entry_written_alone_is_its_bytes_only_with_its_checksum_in_its_name(tmp_path):
+    """A 4 KiB exact range is one page on disk (a random reader after a restart reads what it
+    asks, not a header's page besides); its checksum, in its file's name, still finds a flipped
+    byte; a file of another format is deleted at start."""
+    from sidecar.cache.disk import crc32
+
+    rnd = random.Random(34)
+    small, big = rnd.randbytes(4096), rnd.randbytes(MIB)
+    disk = DiskTier(tmp_path, limit=64 << 20)
+    assert disk.put("ab" * 32, small) and disk.put("cd" * 32, big)
+    f = tmp_path / "ab" / f"{'ab' * 32}.{crc32(small):08x}"
+    assert f.read_bytes() == small  # the bytes, nothing else
+    assert disk.used == 4096 + MIB == disk.disk_bytes()
+    old = tmp_path / "ef" / ("ef" * 32)  # an earlier version's file: a header, then the data
+    old.parent.mkdir()
+    old.write_bytes(b"SSCB" + bytes(12) + small)
+    again = DiskTier(tmp_path, limit=64 << 20)
+    assert not old.exists() and len(again) == 2 and again.used == disk.used
+    assert again.get("ab" * 32) == small
+    held = again.get("cd" * 32)
+    assert isinstance(held, memoryview) and held == big  # mapped
+    raw = bytearray(small)
+    raw[100] ^= 1
+    f.write_bytes(bytes(raw))
+    assert again.get("ab" * 32) is None and again.corrupt == 1 and not f.exists()
+
+
+def _segment_files(root):
+    return sorted(p for p in root.rglob("seg-*") if p.is_file())
+
+
+def test_an_objects_blocks_are_laid_out_in_its_order_in_one_segment_and_kept_across_restarts(tmp_path):
+    """Runs of one object version arriving out of order (parallel GETs) land in one segment
+    file, each block at its own slot, so the file holds the object in its order; a restart
+    reads one table per segment and finds exactly the written slots; each block is served
+    mapped, and a view of one outlives its segment's eviction."""
+    rnd = random.Random(31)
+    data = {i: rnd.randbytes(MIB) for i in range(12)}
+    data[12] = rnd.randbytes(1000)  # the object's short last block
+    disk = DiskTier(tmp_path, limit=256 << 20)  # 256 MiB: segments of 32 blocks
+    for run in ([4, 5, 6, 7], [0, 1, 2, 3], [12], [8, 9, 10, 11]):
+        assert disk.put_blocks("st", "obj", "e1", MIB, [(i, data[i]) for i in run]) == len(run)
+    (seg,) = _segment_files(tmp_path)
+    assert seg.name.endswith("-32")
+    names = [block_name("st", "obj", "e1", i, MIB) for i in range(13)]
+    offsets = [disk._packed[n][1] for n in names]
+    assert offsets == sorted(offsets) and len(set(offsets)) == 13  # in the object's order
+    raw = seg.read_bytes()
+    for i, off in enumerate(offsets):  # each slot: the header, then the block itself
+        assert raw[off + 16 : off + 16 + len(data[i])] == data[i]
+    assert disk.put_blocks("st", "obj", "e1", MIB, [(3, data[3])]) == 1  # held: not written again
+    held = disk.get(names[5])
+    assert isinstance(held, memoryview) and held == data[5]
+
+    kept = DiskTier(tmp_path, limit=256 << 20)
+    assert len(kept) == 13 and kept.used == disk.used
+    assert all(kept.get(n) == data[i] for i, n in enumerate(names))
+    assert kept.get(block_name("st", "obj", "e1", 13, MIB)) is None  # an unwritten slot: not indexed
+    assert kept.put("ee" * 32, b"later")
+    kept.limit = kept.used - 1  # the least recently used block goes, with its whole segment
+    assert kept._evict_locked(0)
+    assert not seg.exists() and all(kept.get(n) is None for n in names)
+    assert kept.evictions == 13 and kept.used == kept.disk_bytes()
+    assert held == data[5]  # the unlinked segment's mapping still holds its bytes
+
+
+def test_a_segment_cut_short_corrupt_or_foreign_costs_only_its_bad_blocks(tmp_path):
+    """Slots whose table entry was never written (a crash between the data and the table) are
+    not indexed; a slot whose bytes were damaged is found by its checksum when read and
+    written again in place; a file under a segment's name that is not one is deleted."""
+    rnd = random.Random(32)
+    data = [rnd.randbytes(MIB) for _ in range(4)]
+    disk = DiskTier(tmp_path, limit=256 << 20)
+    assert disk.put_blocks("st", "obj", "e1", MIB, list(enumerate(data))) == 4
+    (seg,) = _segment_files(tmp_path)
+    names = [block_name("st", "obj", "e1", i, MIB) for i in range(4)]
+    raw = bytearray(seg.read_bytes())
+    raw[16 + 3 * 68 + 64 : 16 + 3 * 68 + 68] = bytes(4)  # slot 3's length in the table: not yet
+    raw[disk._packed[names[1]][1] + 16 + MIB // 2] ^= 0xFF  # slot 1's data damaged
+    seg.write_bytes(bytes(raw))
+    foreign = tmp_path / "ab" / f"seg-{'ab' * 32}-8"
+    foreign.parent.mkdir(exist_ok=True)
+    foreign.write_bytes(b"not a segment")
+    again = DiskTier(tmp_path, limit=256 << 20)
+    assert len(again) == 3 and not foreign.exists()
+    assert again.get(names[0]) == data[0] and again.get(names[2]) == data[2]
+    assert again.get(names[1]) is None and again.corrupt == 1
+    assert again.put_blocks("st", "obj", "e1", MIB, [(1, data[1]), (3, data[3])]) == 2  # in place
+    assert _segment_files(tmp_path) == [seg]
+    third = DiskTier(tmp_path, limit=256 << 20)
+    assert [third.get(n) == d for n, d in zip(names, data)] == [True] * 4
+
+
+def test_segments_follow_the_disk_limit_and_writers_at_once_stay_within_it(tmp_path):
+    """A segment holds at most an eighth of the limit (another limit: another file, never a
+    slot written in the other layout); threads writing runs of several objects at once never
+    take the cache past its limit, and every block indexed reads back whole."""
+    rnd = random.Random(33)
+    data = {(o, i): rnd.randbytes(BS) for o in range(4) for i in range(40)}
+    small = DiskTier(tmp_path, limit=BS * 48)  # segments of 6 blocks
+    assert small.put_blocks("st", "o0", "e", BS, [(i, data[(0, i)]) for i in range(6)]) == 6
+    (seg,) = _segment_files(tmp_path)
+    assert seg.name.endswith("-6")
+    larger = DiskTier(tmp_path, limit=BS * 160)  # segments of 20: slots 0-5 are already held
+    assert larger.put_blocks("st", "o0", "e", BS, [(i, data[(0, i)]) for i in range(10)]) == 10
+    assert {p.name.rsplit("-", 1)[1] for p in _segment_files(tmp_path)} == {"6", "20"}
+    assert all(larger.get(block_name("st", "o0", "e", i, BS)) == data[(0, i)] for i in range(10))
+
+    disk = DiskTier(tmp_path / "c", limit=BS * 64)  # segments of 8
+    errors = []
+
+    def writer(o):
+        try:
+            order = list(range(0, 40, 4))
+            random.Random(o).shuffle(order)
+            for first in order:
+                disk.put_blocks("st", f"o{o}", "e", BS, [(i, data[(o, i)]) for i in range(first, first + 4)])
+                assert disk.used <= disk.limit
+        except AssertionError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(o,)) for o in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and disk.used <= disk.limit and disk.evictions > 0
+    again = DiskTier(tmp_path / "c", limit=BS * 64)
+    assert again.used == disk.used and len(again) == len(disk) > 0
+    for (o, i), block in data.items():
+        got = again.get(block_name("st", f"o{o}", "e", i, BS))
+        assert got is None or got == block
 
 
 def test_a_corrupt_or_cut_pack_costs_only_its_bad_blocks(tmp_path):
@@ -177,9 +311,9 @@ def test_blocks_waiting_for_their_disk_write_stay_in_the_memory_budget(tmp_path)
     release = threading.Event()
 
     class StuckDisk(DiskTier):
-        def put_many(self, items):
+        def put_blocks(self, *args):
             release.wait(30)
-            return super().put_many(items)
+            return super().put_blocks(*args)
 
     disk = StuckDisk(tmp_path, limit=BS * 100)
 
@@ -247,7 +381,7 @@ def test_disk_tier_error_that_is_not_oserror_costs_a_refetch(tmp_path):
         raise ValueError("a bug in the disk tier")
 
     disk.get = broken
-    disk.put = disk.put_many = broken
+    disk.put = disk.put_many = disk.put_blocks = broken
 
     async def main():
         async with mounted(store, disk=disk) as fs:
