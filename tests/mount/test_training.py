@@ -153,8 +153,10 @@ def test_epochs_over_small_files_ask_once_then_never(served, mount_worker, tmp_p
     proxy.reset_counts()
     epoch(w.mnt, 2)
     assert sum(proxy.counts.values()) == 0, proxy.requests
-    # A read-only mount answers the kernel's first FLUSH with ENOSYS: no close waits for one again.
-    assert w.stats()["requests"].get("flush", 0) <= 1, w.stats()["requests"]
+    # A read-only mount answers the kernel's first FLUSH with ENOSYS: no close waits for one again
+    # (the 8 readers' closes may send theirs together before that first answer: at most 8 of
+    # the 320 closes).
+    assert w.stats()["requests"].get("flush", 0) <= 8, w.stats()["requests"]
     w.stop()
     w = _mount(mount_worker, bucket, proxy, cache_dir=cache, name="epochs", mountpath=str(tmp_path / "epochs"))
     proxy.reset_counts()
