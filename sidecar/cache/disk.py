@@ -94,7 +94,11 @@ class _Pack:
 
 def segment_layout(slots: int, block_size: int) -> tuple[int, int]:
     """A segment's table bytes and bytes per slot."""
-    return _page_up(_SEG.size + slots * _SLOT.size), _page_up(_HEADER.size + block_size)
+    return _segment_table(slots), _page_up(_HEADER.size + block_size)
+
+
+def _segment_table(slots: int) -> int:
+    return _page_up(_SEG.size + slots * _SLOT.size)
 
 
 def _read_in(fd: int, size: int, offset: int) -> None:
@@ -124,14 +128,14 @@ def _read_in(fd: int, size: int, offset: int) -> None:
 _ONE_BYTE = bytearray(1)
 
 
-
 def _mapped(fd: int, size: int, offset: int = 0, crc: int | None = None) -> memoryview | None:
     """The block in file `fd`, mapped rather than read: the block is the page cache's pages
     themselves. A read copied it into fresh anonymous memory, which cost a page fault and a
     zeroed page per 4 KiB besides the copy (warm reads: 1.3-1.5 CPU-s per GiB before, 0.6-0.8
-    after); the FUSE reply is written from the mapping. Safe because a block file is never
-    written in place (a new block is a new file renamed over the name, eviction unlinks it),
-    so a mapping holds its bytes while a view of it lives. The pages are populated here, in
+    after); the FUSE reply is written from the mapping. Safe because what a view maps is never
+    written with other bytes (a file is renamed into place whole, eviction unlinks it; a
+    segment's slot is written before it is indexed, or again with the same bytes), so a mapping
+    holds its bytes while a view of it lives. The pages are populated here, in
     the disk thread, with MADV_POPULATE_READ: a disk read error is an OSError (the block is
     refetched), not a SIGBUS on the event loop. A page the kernel reclaims later and cannot
     read back would still be a SIGBUS; the daemon then restarts the mount."""
@@ -143,26 +147,23 @@ def _mapped(fd: int, size: int, offset: int = 0, crc: int | None = None) -> memo
         if exc.errno != errno.EINVAL:  # EINVAL: a kernel before 5.14, the pages fault in on use
             m.close()
             raise
-    data = _checked(m, size) if crc is None else _checked_raw(m, crc)
+    data = _checked(m, size, crc)
     if data is None:
         m.close()  # (no view of it is left)
     return data
 
 
-def _checked_raw(content: bytes | mmap.mmap, crc: int) -> memoryview | None:
-    """`content` if its CRC is `crc` (a file written alone: its checksum is in its name)."""
-    data = memoryview(content)
-    if crc32(data) == crc:
-        return data
-    data.release()
-    return None
-
-
-def _checked(content: bytes | mmap.mmap, size: int) -> memoryview | None:
-    """The data of a block file's `content` (`size` bytes) if its header and CRC hold."""
-    magic, crc, length = _HEADER.unpack_from(content)
-    data = memoryview(content)[_HEADER.size :]
-    if magic == MAGIC and length == size - _HEADER.size and crc32(data) == crc:
+def _checked(content: bytes | mmap.mmap, size: int, crc: int | None = None) -> memoryview | None:
+    """The data of an entry's `content` (`size` bytes) if it holds: with `crc` (a file written
+    alone, its checksum in its name) the bytes themselves, else a header and the data."""
+    if crc is not None:
+        data = memoryview(content)
+        ok = crc32(data) == crc
+    else:
+        magic, crc, length = _HEADER.unpack_from(content)
+        data = memoryview(content)[_HEADER.size :]
+        ok = magic == MAGIC and length == size - _HEADER.size and crc32(data) == crc
+    if ok:
         return data
     data.release()
     return None
@@ -293,10 +294,7 @@ class DiskTier:
         if where is not None:
             pack = self._packs[where[0]]
             pack.live.discard(name)
-            if not pack.live and not pack.writers:
-                del self._packs[where[0]]
-                self._path(where[0]).unlink(missing_ok=True)
-                self.used -= pack.size
+            _drop_pack_if_unused(self, pack)
         elif size is not None:
             self._path(name).unlink(missing_ok=True)
             self._crc.pop(name, None)
@@ -321,7 +319,7 @@ class DiskTier:
             if size <= _HEADER.size + self.limit and (crc is not None or size >= _HEADER.size):
                 if size >= MAP_MIN:
                     data = _mapped(fd, size, offset, crc)
-                elif (small := _checked(os.pread(fd, size, offset), size) if crc is None else _checked_raw(os.pread(fd, size, 0), crc)) is not None:
+                elif (small := _checked(os.pread(fd, size, offset), size, crc)) is not None:
                     data = bytes(small)
         finally:
             os.close(fd)
@@ -491,12 +489,13 @@ def write_segment(tier: DiskTier, identity: tuple[str, str, str, int], slots: in
     table, slot = segment_layout(slots, block_size)
     name = f"{SEG_PREFIX}{names[0]}-{slots}"  # (a limit changed since: another layout, another file)
     with tier._lock:
-        new = []
+        fresh: dict[int, bytes] = {}
         for index, data in items:
             if names[index - first] in tier._index:
                 tier._index.move_to_end(names[index - first])
-            elif all(i != index for i, _ in new):
-                new.append((index, data))
+            else:
+                fresh.setdefault(index, data)
+        new = list(fresh.items())
         stored = len(items) - len(new)
         pack = tier._packs.get(name)
         if not new:
@@ -575,12 +574,18 @@ def _segment_written(tier: DiskTier, pack: _Pack, blocks: list[str], ok: bool) -
             tier._pending.discard(block)
             if ok:
                 pack.live.add(block)
-            else:
-                tier._forget_locked(block)
-        if not pack.live and not pack.writers and tier._packs.get(pack.name) is pack:
-            del tier._packs[pack.name]
-            tier._path(pack.name).unlink(missing_ok=True)
-            tier.used -= pack.size
+            else:  # (not `_forget_locked`: the first of them would drop the pack under the rest)
+                tier._index.pop(block, None)
+                tier._packed.pop(block, None)
+        _drop_pack_if_unused(tier, pack)
+
+
+def _drop_pack_if_unused(tier: DiskTier, pack: _Pack) -> None:
+    """A pack or segment with no indexed block and no writer goes: its file and its bytes."""
+    if not pack.live and not pack.writers and tier._packs.get(pack.name) is pack:
+        del tier._packs[pack.name]
+        tier._path(pack.name).unlink(missing_ok=True)
+        tier.used -= pack.size
 
 
 def load_single(tier: DiskTier, name: str, size: int) -> None:
@@ -607,7 +612,7 @@ def load_segment(tier: DiskTier, name: str) -> None:
             magic, slots, slot = _SEG.unpack_from(head)
             if magic != SEG_MAGIC or not name.endswith(f"-{slots}") or not 0 < slots <= 4096 or slot % PAGE or slot <= _HEADER.size:
                 raise ValueError("not a segment")
-            table = _page_up(_SEG.size + slots * _SLOT.size)
+            table = _segment_table(slots)
             head += f.read(table - len(head))
             if len(head) != table or os.fstat(f.fileno()).st_size > table + slots * slot:
                 raise ValueError("not a segment")

@@ -1,5 +1,6 @@
 """The disk tier (sidecar.cache.disk) and its hand-off from the block cache."""
 
+import errno
 import os
 import random
 import threading
@@ -197,6 +198,36 @@ def test_a_segment_cut_short_corrupt_or_foreign_costs_only_its_bad_blocks(tmp_pa
     assert _segment_files(tmp_path) == [seg]
     third = DiskTier(tmp_path, limit=256 << 20)
     assert [third.get(n) == d for n, d in zip(names, data)] == [True] * 4
+
+
+def test_a_segment_write_that_fails_leaves_nothing_of_it_and_the_other_blocks_readable(tmp_path, monkeypatch):
+    """A full or failing disk while slots are written: the run's blocks are not indexed; a new
+    segment left with no block is removed with its bytes, one that holds blocks already keeps
+    them, readable, and keeps counting the failed slots (part of their bytes may be on disk)
+    once, also when they are written later."""
+    import sidecar.cache.disk as diskmod
+
+    rnd = random.Random(35)
+    data = [rnd.randbytes(MIB) for _ in range(6)]
+    disk = DiskTier(tmp_path, limit=256 << 20)
+    assert disk.put_blocks("st", "kept", "e1", MIB, [(0, data[0])]) == 1
+    used = disk.used
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(diskmod.os, "pwritev", full)
+    assert disk.put_blocks("st", "new", "e1", MIB, list(enumerate(data[:3]))) == 0  # a new segment
+    assert disk.put_blocks("st", "kept", "e1", MIB, [(1, data[1]), (2, data[2])]) == 0  # beside a block
+    monkeypatch.undo()
+    slot = diskmod.segment_layout(32, MIB)[1]
+    assert len(disk) == 1 and disk.used == used + 2 * slot and len(_segment_files(tmp_path)) == 1
+    assert disk.get(block_name("st", "kept", "e1", 0, MIB)) == data[0]
+    assert all(disk.get(block_name("st", "new", "e1", i, MIB)) is None for i in range(3))
+    assert disk.put_blocks("st", "kept", "e1", MIB, [(1, data[1])]) == 1  # the slot, written later
+    assert disk.used == used + 2 * slot
+    again = DiskTier(tmp_path, limit=256 << 20)
+    assert [again.get(block_name("st", "kept", "e1", i, MIB)) == data[i] for i in (0, 1)] == [True, True]
 
 
 def test_segments_follow_the_disk_limit_and_writers_at_once_stay_within_it(tmp_path):
