@@ -417,10 +417,12 @@ async def complete_from_disk(cache: BlockCache, ref: ObjectRef, first: int, fetc
     # A reader waiting for the run's first block gets it when it is read, not when the
     # run's last one is (a run is up to DISK_RUN_BLOCKS; read from a disk whose pages
     # were dropped, it took 60-100 ms).
-    got = await cache.disk_read(names, on_each=found)
-    missing = [i for i, data in enumerate(got) if not found(i, data)]
-    cache.stats.disk_hits += len(got) - len(missing)
-    return missing
+    def arrived(i: int, data: bytes | None) -> None:
+        if found(i, data):  # counted as its reader gets it, not once the whole run is read
+            cache.stats.disk_hits += 1
+
+    got = await cache.disk_read(names, on_each=arrived)
+    return [i for i, data in enumerate(got) if not found(i, data)]
 
 
 async def read_shared(cache: BlockCache, ref: ObjectRef, indices: list[int]) -> list[bytes | None]:
