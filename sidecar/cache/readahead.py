@@ -43,6 +43,7 @@ STREAM_REQUEST = 64 * 1024  # reads at least this large are kernel read-ahead si
 PROPORTION = 8  # a run that did not start at 0 reads ahead 1/PROPORTION of what it has read
 EARLY_RUN = 16  # blocks a stream reads before its window may exceed twice what it read
 FOLLOW_MAX = 32 * 1024 * 1024  # bytes of a run followed by one stream before parallel GETs take over
+OVERTAKE = 8 * 1024 * 1024  # bytes: the kernel read-ahead the worker sets (protocol.KERNEL_READAHEAD_KB)
 
 
 class ReadAhead:
@@ -77,10 +78,16 @@ class ReadAhead:
         # arrived before it (the kernel's read-ahead requests overtake each other).
         if any(start <= offset <= e for start, e in zip(self._starts, self._ends)) or end in self._starts:
             return True
-        # ... or it overtook the request before it: a kernel-sized read starting at most two of
-        # its own sizes past a recent end. A small read with a gap (a random reader) never is.
+        # ... or it overtook the requests before it: a kernel-sized read starting at most two of
+        # its own sizes past a recent end or, in a stream from offset 0, within the kernel's
+        # read-ahead window past it (the kernel sends a window's requests together and they
+        # reach the worker out of order: on kernel 6.18 a read four blocks ahead of the last
+        # one came before the three between). Elsewhere such a jump may be a reader skipping
+        # to its next run (a Parquet column chunk a few MiB on), which must not continue this
+        # one. A small read with a gap (a random reader) never is sequential.
         size = end - offset
-        return size >= STREAM_REQUEST and any(e < offset <= e + 2 * size for e in self._ends)
+        reach = max(2 * size, OVERTAKE if self._stream else 0)
+        return size >= STREAM_REQUEST and any(e < offset <= e + reach for e in self._ends)
 
     def on_read(self, offset: int, size: int) -> range:
         """Records a read and returns the block indices to prefetch (possibly empty)."""

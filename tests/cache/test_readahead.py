@@ -43,6 +43,38 @@ def test_kernel_read_ahead_requests_out_of_order_still_count_as_sequential():
     assert ra.window >= 4
 
 
+def test_a_stream_stays_a_stream_when_the_kernel_sends_a_request_several_blocks_early():
+    """The order a worker saw `cat` of 256 MiB arrive in (1 MiB requests, kernel 6.18): block
+    14 before 11-13, and so on through the file. Each early request used to end the stream (the
+    run restarted elsewhere, followed by one GET, then one GET per block: 180 GETs and a
+    quarter of the speed)."""
+    ra = ReadAhead(block_size=MiB, max_blocks=128)
+    order = list(range(11)) + [14, 15, 16, 17, 18, 19, 11, 12, 13] + [24, 25, 20, 21, 22, 23] + list(range(26, 40))
+    windows = []
+    for i in order:
+        ra.on_read(i * MiB, MiB)
+        windows.append(ra.window)
+    assert min(windows[1:]) >= 4 and windows[-1] == 128  # never closed, and opened fully
+
+
+def test_a_run_elsewhere_is_not_continued_by_a_read_a_few_blocks_past_its_end():
+    """A Parquet reader skipping a column chunk: its next chunk starts a new run (with a stream
+    from offset 0 the same jump is the kernel's read-ahead overtaking itself)."""
+    ra = ReadAhead(block_size=MiB, max_blocks=128)
+    for i in range(8):
+        ra.on_read(300 * MiB + i * MiB, MiB)
+    assert ra.window == 1
+    ra.on_read(312 * MiB, MiB)
+    assert ra.window == 0
+
+
+def test_a_large_read_far_past_the_last_one_is_not_sequential():
+    ra = ReadAhead(block_size=MiB, max_blocks=128)
+    for off in (500 * MiB, 40 * MiB, 100 * MiB, 7 * MiB, 300 * MiB, 18 * MiB):  # 1 MiB reads at random
+        ra.on_read(off, MiB)
+        assert ra.window == 0
+
+
 def test_a_run_elsewhere_gets_a_window_proportional_to_what_it_read():
     """A column chunk of a Parquet file: what is fetched beyond its end stays a fraction of it."""
     ra = ReadAhead(block_size=MiB, max_blocks=128)
