@@ -123,8 +123,7 @@ def raise_kernel_readahead(real_mountpath: str, kb: int, background: int = FUSE_
     HISTORY.md). It also sends at most 12 read-ahead requests of a mount at once, and a reader
     that would send more waits in the kernel (pyarrow's pre-buffering of eight column chunks
     waited for each other): `background` raises that bound through the FUSE control file system
-    (mounted at /sys/fs/fuse/connections on most systems). Best effort: needs a writable /sys
-    (root in the pod)."""
+    (mounted here if it is not). Best effort: needs a writable /sys (root in the pod)."""
     # Runs on the event loop, which serves the mount: nothing here may touch the mount point
     # (stat, realpath would wait for this very process). The device number comes from
     # mountinfo, and the caller resolved the path before mounting.
@@ -140,13 +139,36 @@ def raise_kernel_readahead(real_mountpath: str, kb: int, background: int = FUSE_
         logger.debug("kernel_readahead_unchanged", reason=str(exc))
         return
     major, minor = (int(n) for n in devs[-1].split(":"))
-    control = f"/sys/fs/fuse/connections/{os.makedev(major, minor)}"
+    control = f"{FUSE_CONTROL}/{os.makedev(major, minor)}"
+    if not os.path.isdir(control) and not mount_fuse_control():
+        return
     try:
         for name, value in (("max_background", background), ("congestion_threshold", background * 3 // 4)):
             with open(f"{control}/{name}", "w") as f:
                 f.write(str(value))
     except OSError as exc:
         logger.debug("fuse_background_unchanged", reason=str(exc))
+
+
+FUSE_CONTROL = "/sys/fs/fuse/connections"
+
+
+def mount_fuse_control() -> bool:
+    """Mounts the FUSE control file system where the kernel expects it, if nothing is mounted
+    there: systemd does so at boot, a machine or container without it has none, and the
+    kernel's bound of 12 read-ahead requests then stays. Best effort (root, a writable /sys):
+    whether it is mounted now."""
+    if os.path.ismount(FUSE_CONTROL):
+        return True
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if libc.mount(b"fusectl", FUSE_CONTROL.encode(), b"fusectl", 0, None) != 0:
+        logger.debug("fuse_control_not_mounted", reason=os.strerror(ctypes.get_errno()))
+        return False
+    logger.info("fuse_control_mounted", path=FUSE_CONTROL)
+    return True
 
 
 def stall_counts(store: Any) -> dict[str, int]:
