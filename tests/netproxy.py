@@ -191,6 +191,10 @@ class LinkProxy:
             # client (a reader that stops reading holds back the server within SEND_BUFFER,
             # rather than the bytes piling up here, counted though never delivered).
             client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+            # A response's head and the small body after it go out at once, as a server's do:
+            # with Nagle's algorithm the body waited for the client's delayed ACK of the head
+            # (up to 40 ms a response on Linux, a latency the emulated link does not have).
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._serve, args=(client,), name="linkproxy-conn", daemon=True).start()
 
     def _track(self, s: socket.socket, add: bool) -> None:
@@ -241,6 +245,7 @@ class LinkProxy:
                     self._track(upstream, False)
                     upstream.close()
                 upstream = socket.create_connection(self.upstream)
+                upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self._track(upstream, True)
                 ureader = _Reader(upstream)
                 if fields.get("expect", "").lower() == "100-continue":
