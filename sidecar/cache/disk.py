@@ -504,7 +504,11 @@ def write_segment(tier: DiskTier, identity: tuple[str, str, str, int], slots: in
         if create:
             pack = _Pack(name, table, set())
             pack.ready = threading.Event()
-        need = (table if create else 0) + slot * sum(names[i - first] not in pack.counted for i, _ in new)
+        # A slot's room is its block's pages, not the whole slot: a small object's one block (a
+        # training image, a zarr chunk) is its bytes on disk, the rest of its slot a hole.
+        # Counted as whole slots, a cache of many small files evicted them long before their
+        # bytes reached the limit (a shuffled epoch asked the server again for them).
+        need = (table if create else 0) + sum(_page_up(_HEADER.size + len(data)) for i, data in new if names[i - first] not in pack.counted)
         pack.writers += 1  # (not evicted to make its own room)
         if need > tier.limit or not tier._evict_locked(need):
             pack.writers -= 1
@@ -517,7 +521,7 @@ def write_segment(tier: DiskTier, identity: tuple[str, str, str, int], slots: in
             tier._pending.add(block)
             if block not in pack.counted:
                 pack.counted.add(block)
-                pack.size += slot
+                pack.size += _page_up(_HEADER.size + len(data))
         tier.used += need
     ok = False
     path = tier._path(name)
@@ -629,7 +633,7 @@ def load_segment(tier: DiskTier, name: str) -> None:
         tier._packed[block] = (name, table + i * slot, _HEADER.size + length)
         live.add(block)
         pack.counted.add(block)
-        pack.size += slot
+        pack.size += _page_up(_HEADER.size + length)
     if live:
         tier._packs[name] = pack
         tier.used += pack.size

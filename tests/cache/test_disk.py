@@ -516,3 +516,19 @@ def test_blocks_not_in_the_page_cache_are_read_ahead_together_and_read_in_outsid
     reads.clear()
     assert disk.get(blocks[2][0]) == blocks[2][1]  # resident: only the check
     assert reads == [(1, os.RWF_NOWAIT)]
+
+
+def test_small_objects_count_their_bytes_not_whole_slots(tmp_path):
+    """A small object's one block (a training image, a zarr chunk) takes its own pages in its
+    segment; the rest of the slot is a hole and is not counted against the limit: a cache
+    holding many small files keeps all that fit, and evicts none of them early."""
+    rnd = random.Random(34)
+    objects = {f"img{o}": rnd.randbytes(64 << 10) for o in range(60)}  # 60 x 64 KiB: ~4 MiB
+    disk = DiskTier(tmp_path, limit=16 * MIB)  # 60 whole slots of 1 MiB would be 60 MiB
+    for key, data in objects.items():
+        assert disk.put_blocks("st", key, "e", MIB, [(0, data)]) == 1
+    assert disk.evictions == 0 and len(disk) == len(objects)
+    assert disk.disk_bytes() <= disk.used <= disk.disk_bytes() + len(objects) * 4096  # within a page each
+    again = DiskTier(tmp_path, limit=16 * MIB)
+    assert again.used == disk.used
+    assert all(again.get(block_name("st", key, "e", 0, MIB)) == data for key, data in objects.items())
