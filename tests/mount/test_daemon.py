@@ -81,6 +81,15 @@ def test_three_mounts_valid_missing_bucket_unreachable(s3, tmp_path, daemons):
     assert d.status_cli().returncode == 2
 
 
+def _running(pid):
+    """Whether process `pid` exists and is not a zombie (it may be reaped while we look)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def test_sigkill_then_restart_cleans_stale_mounts(s3, tmp_path, daemons):
     b = new_bucket(s3, {"f.txt": b"data"})
     d = daemons(tmp_path, one_mount(tmp_path, s3, b), creds=creds_dir(tmp_path, s3, ["one"]))
@@ -95,7 +104,7 @@ def test_sigkill_then_restart_cleans_stale_mounts(s3, tmp_path, daemons):
         os.kill(int(pid), signal.SIGKILL)
     d.proc.kill()
     d.proc.wait()
-    wait_for(lambda: not any(os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z" for p in worker_pids), what="workers dead")
+    wait_for(lambda: not any(_running(p) for p in worker_pids), what="workers dead")
     assert mnt in fuse_mounts()
     with pytest.raises(OSError):
         os.listdir(mnt)  # Transport endpoint is not connected
