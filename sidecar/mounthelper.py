@@ -45,12 +45,20 @@ class HelperError(Exception):
     pass
 
 
+def mount(source: str, target: str, fstype: str, flags: int = 0, data: str | None = None) -> None:
+    """mount(2); OSError with the errno where it fails."""
+    if _libc.mount(source.encode(), target.encode(), fstype.encode(), flags, data.encode() if data is not None else None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), target)
+
+
 def _mount_fuse(target: str, fsname: str, fd: int, uid: int, gid: int, *, readonly: bool, allow_other: bool) -> None:
     flags = MS_NOSUID | MS_NODEV | (MS_RDONLY if readonly else 0)
     data = f"fd={fd},rootmode=40000,user_id={uid},group_id={gid}" + (",allow_other" if allow_other else "")
-    if _libc.mount(fsname.encode(), target.encode(), b"fuse.storage-sidecar", flags, data.encode()) != 0:
-        err = ctypes.get_errno()
-        raise HelperError(f"mount({target}) failed: {os.strerror(err)}")
+    try:
+        mount(fsname, target, "fuse.storage-sidecar", flags, data)
+    except OSError as exc:
+        raise HelperError(f"mount({target}) failed: {exc.strerror}") from None
 
 
 def _unmount(target: str) -> None:

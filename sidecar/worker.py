@@ -29,7 +29,7 @@ from sidecar.cache.disk import DiskTier
 from sidecar.cache.shared import SharedBlocks, VersionId
 from sidecar.cache.warmup import Prefetcher, PrefetchRefused
 from sidecar.errors import SidecarError
-from sidecar.mounthelper import HelperError
+from sidecar.mounthelper import HelperError, mount
 from sidecar.mounttable import UnsafeMountPath
 from sidecar.private import private_folder
 from sidecar.process import clear_stale_mount, command_lines, default_cache_dir, emit, fuse_init, prepare_mountpoint, read_command, read_config_line
@@ -160,12 +160,10 @@ def mount_fuse_control() -> bool:
     whether it is mounted now."""
     if os.path.ismount(FUSE_CONTROL):
         return True
-    import ctypes
-    import ctypes.util
-
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    if libc.mount(b"fusectl", FUSE_CONTROL.encode(), b"fusectl", 0, None) != 0:
-        logger.debug("fuse_control_not_mounted", reason=os.strerror(ctypes.get_errno()))
+    try:
+        mount("fusectl", FUSE_CONTROL, "fusectl")
+    except OSError as exc:
+        logger.debug("fuse_control_not_mounted", reason=exc.strerror)
         return False
     logger.info("fuse_control_mounted", path=FUSE_CONTROL)
     return True
@@ -306,7 +304,8 @@ class MountWorker:
         self.fs = Filesystem(
             self.store, self.cache, staging=self.staging, mtimes=mtimes, mtime_from_metadata=cfg.mount.mtime_source == "metadata",
             root_prefix=self.url.key_prefix(cfg.mount.source_path), ttl=cfg.mount.ttl, uid=cfg.uid, gid=cfg.gid, readonly=cfg.readonly,
-            max_readahead_blocks=max(1, cfg.cache.readahead // cfg.cache.block_size), write_mode=cfg.mount.write_mode, writeback_delay=cfg.mount.writeback_delay,
+            max_readahead_blocks=max(1, cfg.cache.readahead // cfg.cache.block_size),
+            kernel_readahead=cfg.cache.kernel_readahead_kb * 1024, write_mode=cfg.mount.write_mode, writeback_delay=cfg.mount.writeback_delay,
         )
         if checked_listing is not None and not self.fs.mtime_from_metadata:
             # The check's LIST held the whole folder: the mount's root is listed from the start, so

@@ -417,12 +417,17 @@ async def complete_from_disk(cache: BlockCache, ref: ObjectRef, first: int, fetc
     # A reader waiting for the run's first block gets it when it is read, not when the
     # run's last one is (a run is up to DISK_RUN_BLOCKS; read from a disk whose pages
     # were dropped, it took 60-100 ms).
+    hits: set[int] = set()
+
     def arrived(i: int, data: bytes | None) -> None:
         if found(i, data):  # counted as its reader gets it, not once the whole run is read
             cache.stats.disk_hits += 1
+            hits.add(i)
 
     got = await cache.disk_read(names, on_each=arrived)
-    return [i for i, data in enumerate(got) if not found(i, data)]
+    # (trio runs the callbacks in order before the thread's result; a block whose callback had
+    # not run would be completed here, idempotently)
+    return [i for i, data in enumerate(got) if i not in hits and not found(i, data)]
 
 
 async def read_shared(cache: BlockCache, ref: ObjectRef, indices: list[int]) -> list[bytes | None]:

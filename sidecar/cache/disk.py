@@ -73,6 +73,11 @@ def _page_up(n: int) -> int:
     return -(-n // PAGE) * PAGE
 
 
+def _block_pages(length: int) -> int:
+    """Bytes on disk of a block of `length` bytes with its header, in whole pages."""
+    return _page_up(_HEADER.size + length)
+
+
 SEG_PREFIX = "seg-"
 SEG_MAGIC = b"SSCS"
 _SEG = struct.Struct("<4sIQ")  # magic, number of slots, bytes per slot
@@ -94,7 +99,7 @@ class _Pack:
 
 def segment_layout(slots: int, block_size: int) -> tuple[int, int]:
     """A segment's table bytes and bytes per slot."""
-    return _segment_table(slots), _page_up(_HEADER.size + block_size)
+    return _segment_table(slots), _block_pages(block_size)
 
 
 def _segment_table(slots: int) -> int:
@@ -508,7 +513,7 @@ def write_segment(tier: DiskTier, identity: tuple[str, str, str, int], slots: in
         # training image, a zarr chunk) is its bytes on disk, the rest of its slot a hole.
         # Counted as whole slots, a cache of many small files evicted them long before their
         # bytes reached the limit (a shuffled epoch asked the server again for them).
-        need = (table if create else 0) + sum(_page_up(_HEADER.size + len(data)) for i, data in new if names[i - first] not in pack.counted)
+        need = (table if create else 0) + sum(_block_pages(len(data)) for i, data in new if names[i - first] not in pack.counted)
         pack.writers += 1  # (not evicted to make its own room)
         if need > tier.limit or not tier._evict_locked(need):
             pack.writers -= 1
@@ -521,7 +526,7 @@ def write_segment(tier: DiskTier, identity: tuple[str, str, str, int], slots: in
             tier._pending.add(block)
             if block not in pack.counted:
                 pack.counted.add(block)
-                pack.size += _page_up(_HEADER.size + len(data))
+                pack.size += _block_pages(len(data))
         tier.used += need
     ok = False
     path = tier._path(name)
@@ -633,7 +638,7 @@ def load_segment(tier: DiskTier, name: str) -> None:
         tier._packed[block] = (name, table + i * slot, _HEADER.size + length)
         live.add(block)
         pack.counted.add(block)
-        pack.size += _page_up(_HEADER.size + length)
+        pack.size += _block_pages(length)
     if live:
         tier._packs[name] = pack
         tier.used += pack.size

@@ -43,13 +43,14 @@ STREAM_REQUEST = 64 * 1024  # reads at least this large are kernel read-ahead si
 PROPORTION = 8  # a run that did not start at 0 reads ahead 1/PROPORTION of what it has read
 EARLY_RUN = 16  # blocks a stream reads before its window may exceed twice what it read
 FOLLOW_MAX = 32 * 1024 * 1024  # bytes of a run followed by one stream before parallel GETs take over
-OVERTAKE = 8 * 1024 * 1024  # bytes: the kernel read-ahead the worker sets (protocol.KERNEL_READAHEAD_KB)
+KERNEL_WINDOW = 8 * 1024 * 1024  # bytes: the kernel read-ahead the worker sets by default (protocol.KERNEL_READAHEAD_KB)
 
 
 class ReadAhead:
-    def __init__(self, block_size: int, max_blocks: int = 8) -> None:
+    def __init__(self, block_size: int, max_blocks: int = 8, kernel_window: int = KERNEL_WINDOW) -> None:
         self.block_size = block_size
         self.max_blocks = max(1, max_blocks)
+        self.kernel_window = kernel_window  # bytes the kernel reads ahead on this mount
         self.window = 0
         self._ends: deque[int] = deque(maxlen=RECENT)
         self._starts: deque[int] = deque(maxlen=RECENT)
@@ -86,7 +87,7 @@ class ReadAhead:
         # to its next run (a Parquet column chunk a few MiB on), which must not continue this
         # one. A small read with a gap (a random reader) never is sequential.
         size = end - offset
-        reach = max(2 * size, OVERTAKE if self._stream else 0)
+        reach = max(2 * size, self.kernel_window if self._stream else 0)
         return size >= STREAM_REQUEST and any(e < offset <= e + reach for e in self._ends)
 
     def on_read(self, offset: int, size: int) -> range:

@@ -30,7 +30,7 @@ import trio
 
 from sidecar.cache.blocks import BlockCache, ObjectRef, adopt
 from sidecar.cache.ranges import ExactRanges
-from sidecar.cache.readahead import FolderWalk
+from sidecar.cache.readahead import KERNEL_WINDOW, FolderWalk
 from sidecar.cache.streams import Streams
 from sidecar.errors import Exists, IsADirectory, NoSpace, ObjectChanged
 from sidecar.store.base import ObjectInfo, ObjectStore
@@ -62,6 +62,7 @@ class Filesystem(Mutations):
         gid: int | None = None,
         readonly: bool = True,
         max_readahead_blocks: int = 8,
+        kernel_readahead: int = KERNEL_WINDOW,
         staging: StagingArea | None = None,
         write_mode: str = "durable",
         writeback_delay: float = 0.0,
@@ -82,6 +83,7 @@ class Filesystem(Mutations):
         self.gid = os.getgid() if gid is None else gid
         self.readonly = readonly
         self.max_readahead_blocks = max_readahead_blocks
+        self.kernel_readahead = kernel_readahead  # bytes: the window set on the mount's kernel side
         self.inodes = InodeTable(self.root_prefix)
         self.listings = Listings(ttl)
         self.negative_ttl = min(ttl, NEGATIVE_TTL)

@@ -371,7 +371,7 @@ class Namespace:
                 self.inodes.unpin(node)
 
     def _reader(self, ref: ObjectRef) -> Reader:
-        return Reader(ref, self.cache, self.ranges, self.streams, self.max_readahead_blocks)
+        return Reader(ref, self.cache, self.ranges, self.streams, self.max_readahead_blocks, self.kernel_readahead)
 
     def _handle(self, fh: int, kind: type) -> FileHandle | DirHandle:
         h = self._handles.get(fh)

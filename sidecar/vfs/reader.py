@@ -30,7 +30,7 @@ from enum import Enum
 
 from sidecar.cache.blocks import BlockCache, ObjectRef
 from sidecar.cache.ranges import ExactRanges
-from sidecar.cache.readahead import ReadAhead
+from sidecar.cache.readahead import KERNEL_WINDOW, ReadAhead
 from sidecar.cache.streams import FOLLOWS_PER_HANDLE, FollowedStream, Streams
 
 
@@ -45,12 +45,13 @@ class Strategy(Enum):
 
 
 class Reader:
-    def __init__(self, ref: ObjectRef, cache: BlockCache, ranges: ExactRanges, streams: Streams | None, max_readahead_blocks: int = 8) -> None:
+    def __init__(self, ref: ObjectRef, cache: BlockCache, ranges: ExactRanges, streams: Streams | None, max_readahead_blocks: int = 8,
+                 kernel_window: int = KERNEL_WINDOW) -> None:
         self.ref = ref
         self.cache = cache
         self.ranges = ranges
         self.streams = streams  # None: the store cannot stream a gated body
-        self.readahead = ReadAhead(cache.block_size, max_readahead_blocks)
+        self.readahead = ReadAhead(cache.block_size, max_readahead_blocks, kernel_window)
         self.followed: list[FollowedStream] = []  # streamed GETs following this reader's runs
         # The last ranges read exactly (a stream may continue one; several, since one reader may
         # read several runs at once):

@@ -57,6 +57,18 @@ def test_a_stream_stays_a_stream_when_the_kernel_sends_a_request_several_blocks_
     assert min(windows[1:]) >= 4 and windows[-1] == 128  # never closed, and opened fully
 
 
+def test_a_streams_tolerance_is_the_kernels_window_on_the_mount():
+    """A mount whose kernel reads ahead 1 MiB cannot have sent a read 4 MiB past the last one
+    as part of the same window: there the jump starts a new run."""
+    narrow = ReadAhead(block_size=MiB, max_blocks=128, kernel_window=MiB)
+    wide = ReadAhead(block_size=MiB, max_blocks=128, kernel_window=8 * MiB)
+    for ra in (narrow, wide):
+        for i in range(6):
+            ra.on_read(i * MiB, MiB)
+        ra.on_read(10 * MiB, MiB)
+    assert wide.window > 0 and narrow.window == 0
+
+
 def test_a_run_elsewhere_is_not_continued_by_a_read_a_few_blocks_past_its_end():
     """A Parquet reader skipping a column chunk: its next chunk starts a new run (with a stream
     from offset 0 the same jump is the kernel's read-ahead overtaking itself)."""
