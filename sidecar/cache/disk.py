@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import mmap
 import os
 import struct
@@ -76,6 +77,9 @@ def _page_up(n: int) -> int:
 def _block_pages(length: int) -> int:
     """Bytes on disk of a block of `length` bytes with its header, in whole pages."""
     return _page_up(_HEADER.size + length)
+
+
+EVICT_BATCH = 64  # index entries looked at per step of an eviction
 
 
 SEG_PREFIX = "seg-"
@@ -273,23 +277,39 @@ class DiskTier:
             return name in self._index and name not in self._pending
 
     def _evict_locked(self, need: int) -> bool:
-        for name in list(self._index):
-            if self.used + need <= self.limit:
+        # The least recently used first, a few at a time: a copy of the whole index per call
+        # (each write of a block makes one) held the GIL for a time that grew with the cache:
+        # in a first epoch over 20,000 small files it was the disk threads' largest cost and
+        # stalled the event loop with them. Entries passed over (being written) stay at the
+        # front, so the next batch starts after them.
+        skipped = 0
+        while self.used + need > self.limit:
+            batch = list(itertools.islice(self._index, skipped, skipped + EVICT_BATCH))
+            if not batch:
                 break
-            if name in self._pending or name not in self._index:  # (a pack evicted before it)
-                continue
-            where = self._packed.get(name)
-            if where is not None:  # the whole pack goes
-                pack = self._packs[where[0]]
-                if pack.writers:
+            for name in batch:
+                if self.used + need <= self.limit:
+                    break
+                if name not in self._index:  # (a pack evicted before it)
                     continue
+                self._evict_one_locked(name)
+                skipped += name in self._index  # (being written: passed over)
+        return self.used + need <= self.limit
+
+    def _evict_one_locked(self, name: str) -> None:
+        """Evicts `name` (with the rest of its pack) unless it is being written."""
+        if name in self._pending:
+            return
+        where = self._packed.get(name)
+        if where is not None:  # the whole pack goes
+            pack = self._packs[where[0]]
+            if not pack.writers:
                 self.evictions += len(pack.live)
                 for other in list(pack.live):
                     self._forget_locked(other)
-                continue
-            self._forget_locked(name)
-            self.evictions += 1
-        return self.used + need <= self.limit
+            return
+        self._forget_locked(name)
+        self.evictions += 1
 
     def _forget_locked(self, name: str) -> None:
         """Takes `name` out of the index; its file (or its pack, once it holds no other indexed

@@ -532,3 +532,36 @@ def test_small_objects_count_their_bytes_not_whole_slots(tmp_path):
     again = DiskTier(tmp_path, limit=16 * MIB)
     assert again.used == disk.used
     assert all(again.get(block_name("st", key, "e", 0, MIB)) == data for key, data in objects.items())
+
+
+def test_a_write_looks_at_the_index_only_when_it_must_evict_and_then_at_a_few_entries(tmp_path):
+    """Each write asks for room: it used to copy the whole index first, so its cost (the GIL
+    held meanwhile) grew with the cache (a first epoch over 20,000 small files). Entries being
+    written are passed over, and the least recently used others go first."""
+    from collections import OrderedDict
+
+    from sidecar.cache.disk import EVICT_BATCH
+
+    class Counted(OrderedDict):
+        looked = 0
+
+        def __iter__(self):
+            for name in super().__iter__():
+                Counted.looked += 1
+                yield name
+
+    rnd = random.Random(36)
+    disk = DiskTier(tmp_path, limit=4 * MIB)
+    disk._index = Counted(disk._index)
+    for i in range(120):  # 120 x 24 KiB: about 3 MiB, all kept
+        assert disk.put_blocks("st", f"f{i}", "e", MIB, [(0, rnd.randbytes(24 << 10))]) == 1
+    assert Counted.looked == 0 and disk.evictions == 0
+    oldest = block_name("st", "f0", "e", 0, MIB)
+    disk._pending.add(oldest)  # as if being written
+    for i in range(120, 250):  # past the limit: each write evicts the oldest it may
+        assert disk.put_blocks("st", f"f{i}", "e", MIB, [(0, rnd.randbytes(24 << 10))]) == 1
+    disk._pending.discard(oldest)
+    assert disk.evictions > 0 and disk.used <= disk.limit
+    assert oldest in disk and block_name("st", "f1", "e", 0, MIB) not in disk
+    assert block_name("st", "f249", "e", 0, MIB) in disk
+    assert Counted.looked <= 130 * (EVICT_BATCH + 2)
