@@ -11,7 +11,7 @@ Only the common answer is handled here: the range asked for (206, or 200 with it
 (404) or a changed version (412) is raised as the SDK's ClientError with the server's code, so
 it is classified as before. Anything else (a redirect, a throttle, a server error, a
 connection that fails) is left to the SDK path (`None`), which retries and classifies it as it
-always did; an answer that says the request itself was wrong for this bucket (a redirect, a
+always did (after a 5xx or a 429, for COOL_DOWN_S: its backoff then paces the reads); an answer that says the request itself was wrong for this bucket (a redirect, a
 malformed signature) also turns the fast path off for the store.
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import weakref
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -28,6 +29,7 @@ from sidecar.log import get_logger
 log = get_logger(__name__)
 
 CONNECTIONS = 32  # as the SDK's pool (max_pool_connections)
+COOL_DOWN_S = 10.0  # after a 5xx or 429, seconds of reads left to the SDK
 _CODE = re.compile(rb"<Code>([^<]{1,64})</Code>")
 _WRONG_FOR_BUCKET = {"PermanentRedirect", "TemporaryRedirect", "AuthorizationHeaderMalformed", "SignatureDoesNotMatch",
                      "IllegalLocationConstraintException", "InvalidRequest", "InvalidArgument"}
@@ -60,6 +62,7 @@ class LeanGets:
         self._region = "us-east-1"
         self._unsigned = False
         self._session: Any = None
+        self._resume_at = 0.0  # monotonic time before which the SDK answers (after a 5xx)
 
     async def _setup(self, client: Any) -> None:
         import aiohttp
@@ -110,7 +113,7 @@ class LeanGets:
     async def open(self, key: str, start: int, end: int, etag: str) -> _Body | None:
         """The body of bytes [start, end) of `key` at `etag`, or None: ask the SDK."""
         client = getattr(self.fs, "_s3", None)
-        if not self.enabled or client is None:
+        if not self.enabled or client is None or time.monotonic() < self._resume_at:
             return None
         import aiohttp
         import yarl
@@ -150,6 +153,10 @@ class LeanGets:
             raise ClientError({"Error": {"Code": code, "Message": ""}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
         if status in (301, 307, 400) or code in _WRONG_FOR_BUCKET:
             self._off(code, None, status)
+        elif status == 429 or status >= 500:
+            # A throttle or a server in trouble: the SDK's retries with their backoff answer
+            # for a while, rather than one more request of this path per read.
+            self._resume_at = time.monotonic() + COOL_DOWN_S
         return None
 
     def _off(self, reason: str, exc: BaseException | None, status: int | None = None) -> None:

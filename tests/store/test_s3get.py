@@ -88,8 +88,9 @@ def test_an_object_stored_with_a_content_encoding_is_served_as_its_bytes(s3, pro
 
 
 def test_an_answer_it_does_not_handle_is_left_to_the_sdk(s3, proxied):
-    """A 503 to the plain GET: the SDK path asks again (with its retries) and the read succeeds;
-    the fast path stays on (it was this request's answer, not the bucket's)."""
+    """A 503 to the plain GET: the SDK path asks again (with its retries) and the read succeeds.
+    Reads go to the SDK (and its backoff) for a while after it, not one more request each; then
+    the fast path takes them again (it was the server's state, not the bucket's)."""
     proxy, bucket = proxied
     etag = s3.client().put_object(Bucket=bucket, Key="f.bin", Body=b"x" * 5000)["ETag"].strip('"')
     store = _store(s3, bucket, proxy.endpoint)
@@ -98,12 +99,17 @@ def test_an_answer_it_does_not_handle_is_left_to_the_sdk(s3, proxied):
     async def main():
         await store.warm_up()
         proxy.set(errors_next=1)
+        proxy.reset_counts()
         assert await store.get_range("f.bin", 100, 200, etag) == b"x" * 100
         assert await store.get_range("f.bin", 0, 10, etag) == b"x" * 10
+        assert proxy.counts["GET"] == 3  # the 503, the SDK's answer, the SDK again
+        assert sdk == ["f.bin", "f.bin"]
+        store._lean._resume_at = 0.0  # (the cool-down over)
+        assert await store.get_range("f.bin", 10, 20, etag) == b"x" * 10
 
     trio.run(main)
     assert proxy.errors_injected == 1
-    assert sdk == ["f.bin"]
+    assert sdk == ["f.bin", "f.bin"]
     assert store._lean.enabled
 
 
