@@ -13,8 +13,14 @@ demo: install
 
 # The container suite (the image built and played as a pod, ~3 minutes) is `make test-container`:
 # .ci/run runs both, and `make test` stays within its 15 minutes on a loaded 2-core machine.
+# Two test processes side by side (pytest-xdist): a mount test mostly waits for servers, mounts
+# and process starts. The tests marked `serial` time an answer under a load they make
+# themselves: they run after the others, alone (exit 5, none selected, only when PYTEST_ARGS
+# narrows the run to tests without them).
+TEST_JOBS ?= 2
 test: install
-	$(PY) -m pytest --ignore=tests/container $(PYTEST_ARGS)
+	$(PY) -m pytest --ignore=tests/container -n $(TEST_JOBS) -m "not serial" $(PYTEST_ARGS)
+	$(PY) -m pytest --ignore=tests/container -m serial $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 # Every fault scenario, the long ones included (2 GiB on a slow link, 32 readers x 100 tries,
 # writes at 50 transitions of each kind), and the variants `make test` leaves out for its bound.

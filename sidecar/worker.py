@@ -44,6 +44,7 @@ from sidecar.vfs.staging import SPARES, StagingArea
 logger = log.get_logger("sidecar.worker")
 FUSE_MAX_BACKGROUND = 64  # read-ahead requests the kernel sends a mount at once (its default: 12)
 WARM_UP_S = 3.0  # at most this long for the warm-up listing before the mount is announced
+CLOSE_STORE_S = 2.0  # at most this long for a store to close its connections when the worker ends
 
 
 async def open_store(cfg: WorkerConfig, url: urls.StorageURL) -> tuple[Any, Any]:
@@ -197,12 +198,19 @@ def storage_dir_name(cfg: WorkerConfig) -> str:
 async def serve_copy(cfg: WorkerConfig) -> int:
     """Copy mode: download the storage's folder into the mount path, report progress, then stay
     (for `stats` and `push`) until told to stop."""
-    from sidecar.copier import Copier, CopyRefused
-
     url = urls.parse(cfg.url)
     store, _ = await open_store(cfg, url)
     if store is None:
         return 1
+    try:
+        return await copy_and_serve(cfg, url, store)
+    finally:
+        await close_store(store)
+
+
+async def copy_and_serve(cfg: WorkerConfig, url: urls.StorageURL, store: Any) -> int:
+    from sidecar.copier import Copier, CopyRefused
+
     try:
         dest = prepare_mountpoint(cfg.root, cfg.mountpath)
     except UnsafeMountPath as exc:
@@ -259,9 +267,23 @@ async def serve(cfg: WorkerConfig) -> int:
     store, checked_listing = await open_store(cfg, url)
     if store is None:
         return 1
-    worker = MountWorker(cfg, url, store)
-    await worker.open_caches(checked_listing)
-    return await worker.run()
+    try:
+        worker = MountWorker(cfg, url, store)
+        await worker.open_caches(checked_listing)
+        return await worker.run()
+    finally:
+        await close_store(store)
+
+
+async def close_store(store: Any) -> None:
+    """Closes the store's own connections (the SDK's are fsspec's), within a bound: a worker
+    that ends is not held by a server that does not answer."""
+    with trio.move_on_after(CLOSE_STORE_S) as scope:
+        scope.shield = True
+        try:
+            await store.close()
+        except Exception as exc:  # its connections end with the process anyway
+            logger.debug("store_not_closed", error=type(exc).__name__)
 
 
 class MountWorker:

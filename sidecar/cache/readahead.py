@@ -36,6 +36,8 @@ import bisect
 import re
 from collections import OrderedDict, deque
 
+from sidecar.protocol import KERNEL_READAHEAD_KB
+
 RECENT = 16  # read ends remembered per handle
 STREAK_TO_OPEN = 2  # sequential reads in a row before anything is read ahead
 INITIAL_STREAM = 4  # blocks ahead of a reader streaming from offset 0
@@ -43,7 +45,7 @@ STREAM_REQUEST = 64 * 1024  # reads at least this large are kernel read-ahead si
 PROPORTION = 8  # a run that did not start at 0 reads ahead 1/PROPORTION of what it has read
 EARLY_RUN = 16  # blocks a stream reads before its window may exceed twice what it read
 FOLLOW_MAX = 32 * 1024 * 1024  # bytes of a run followed by one stream before parallel GETs take over
-KERNEL_WINDOW = 8 * 1024 * 1024  # bytes: the kernel read-ahead the worker sets by default (protocol.KERNEL_READAHEAD_KB)
+KERNEL_WINDOW = KERNEL_READAHEAD_KB * 1024  # bytes: the kernel read-ahead a mount gets unless it is configured
 
 
 class ReadAhead:

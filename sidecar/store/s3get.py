@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from sidecar.log import get_logger
+from sidecar.store.bridge import body_errors
 
 log = get_logger(__name__)
 
@@ -59,7 +60,7 @@ class LeanGets:
         self.bucket = bucket
         self.enabled = not getattr(fs, "req_kw", None)  # requester-pays and such: the SDK adds what they need
         self._prefix: str | None = None  # the bucket's URL up to the key
-        self._region = "us-east-1"
+        self._region = ""  # (set with the prefix)
         self._unsigned = False
         self._session: Any = None
         self._resume_at = 0.0  # monotonic time before which the SDK answers (after a 5xx)
@@ -141,7 +142,7 @@ class LeanGets:
         status = response.status
         try:
             head = await response.content.read(4096) if status >= 300 else b""
-        except (aiohttp_errors() + (asyncio.TimeoutError,)):
+        except body_errors():
             head = b""
         finally:
             response.close()
@@ -189,9 +190,3 @@ def _is_range(headers: Any, start: int, end: int) -> bool:
     if given is None:
         return start == 0 and headers.get("Content-Length") == str(end - start)
     return given.startswith(f"bytes {start}-{end - 1}/")
-
-
-def aiohttp_errors() -> tuple[type[BaseException], ...]:
-    import aiohttp
-
-    return (aiohttp.ClientError,)

@@ -1,6 +1,7 @@
 """Holds many connections to a unix socket open, as a hostile member of its group would: half of
 them with a request that never ends, half with nothing sent; a connection the server closes is
-opened again. Runs for the given seconds, then prints what happened as JSON. Standard library
+opened again. Prints "flooding" once every connection has been opened, then runs until its stdin
+is closed or the given seconds have passed, and prints what happened as JSON. Standard library
 only: it runs as another user under the system's python3 (tests/mount/test_control_socket.py)."""
 
 import json
@@ -36,9 +37,14 @@ def open_one(kind):
 
 for i in range(count):
     open_one("half" if i % 2 else "idle")
+print("flooding", flush=True)
+sel.register(sys.stdin, selectors.EVENT_READ, "stop")
 end = time.monotonic() + seconds
 while time.monotonic() < end:
-    for key, _ in sel.select(timeout=0.1):
+    events = sel.select(timeout=0.1)
+    if any(key.data == "stop" for key, _ in events):
+        break
+    for key, _ in events:
         try:
             data = key.fileobj.recv(65536)
         except OSError:

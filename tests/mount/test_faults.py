@@ -167,6 +167,7 @@ def test_a_slow_mount_request_is_answered_202_and_followed(tmp_path, daemons):
 
 
 @pytest.mark.reliability
+@pytest.mark.serial
 def test_backend_down_for_60_s_at_start(tmp_path, daemons):
     port = free_port()
     bucket = f"late-{uuid.uuid4().hex[:8]}"
@@ -199,6 +200,7 @@ def test_backend_down_for_60_s_at_start(tmp_path, daemons):
         d.stop()
 
 
+@pytest.mark.serial
 def test_ten_hung_endpoints_cost_one_check_deadline_not_ten(tmp_path, daemons):
     hung = socket.socket()
     hung.bind(("127.0.0.1", 0))

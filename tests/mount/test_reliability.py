@@ -68,6 +68,7 @@ def test_replaced_while_open_readers_never_mix_versions(s3, proxied, mount_worke
 # -- deadlines: a stall is an error within the deadline, a slow transfer is not -------------
 
 
+@pytest.mark.serial
 def test_stalled_backend_fails_read_and_close_within_the_deadline(s3, proxied, mount_worker):
     proxy, bucket = proxied
     s3.client().put_object(Bucket=bucket, Key="data.bin", Body=os.urandom(8 * MiB))

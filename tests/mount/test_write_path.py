@@ -226,6 +226,7 @@ def test_a_new_file_whose_name_appears_in_the_bucket_meanwhile_is_a_conflict(buc
     _write_while_another_writer_stores(bucket, writable, "race.txt", "wb", b"theirs, stored first")
 
 
+@pytest.mark.serial
 def test_upload_failure_then_backend_returns(tmp_path, mount_worker):
     from tests.devservers import free_port
 

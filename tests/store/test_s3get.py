@@ -161,3 +161,19 @@ def test_a_server_that_answers_a_range_with_200_and_its_content_range(rclone_s3)
 
     trio.run(main)
     assert sdk == []
+
+
+def test_closing_the_store_closes_the_connections_of_its_gets(s3, proxied):
+    proxy, bucket = proxied
+    etag = s3.client().put_object(Bucket=bucket, Key="f.bin", Body=b"x" * 5000)["ETag"].strip('"')
+    store = _store(s3, bucket, proxy.endpoint)
+
+    async def main():
+        await store.warm_up()
+        assert await store.get_range("f.bin", 0, 100, etag) == b"x" * 100
+        session = store._lean._session
+        assert not session.closed
+        await store.close()
+        assert session.closed
+
+    trio.run(main)

@@ -289,3 +289,36 @@ def test_a_worker_collects_garbage_less_often_than_pythons_default():
         assert gc.get_threshold() == GC_THRESHOLDS and GC_THRESHOLDS[0] > before[0]
     finally:
         gc.set_threshold(*before)
+
+
+def test_a_worker_closes_its_store_within_a_bound_and_whatever_the_store_raises(monkeypatch):
+    """A store whose close never returns holds the worker's exit CLOSE_STORE_S at most (a mock
+    clock: no waiting), and one whose close fails does not turn the exit into an error."""
+    import trio.testing
+
+    from sidecar import worker
+
+    closed = []
+
+    class Hangs:
+        async def close(self):
+            await trio.sleep_forever()
+
+    class Fails:
+        async def close(self):
+            closed.append("fails")
+            raise RuntimeError("connection reset")
+
+    class Closes:
+        async def close(self):
+            closed.append("closes")
+
+    async def main():
+        start = trio.current_time()
+        await worker.close_store(Hangs())
+        assert trio.current_time() - start == pytest.approx(worker.CLOSE_STORE_S)
+        await worker.close_store(Fails())
+        await worker.close_store(Closes())
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert closed == ["fails", "closes"]
