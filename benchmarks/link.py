@@ -292,15 +292,11 @@ class LinkBench:
         mnt = self.work / f"ram{self._n}"
         self._n += 1
         mnt.mkdir()
-        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.ramfs", str(mnt), str(size)], stdout=subprocess.PIPE)
-        try:
-            proc.stdout.readline()
-            wait_mounted(str(mnt), proc)
+        from benchmarks import ramfs
+
+        with ramfs.mounted(str(mnt), str(size)):
             n, secs = read_through(f"{mnt}/data.bin")
             return n / secs / 1e6
-        finally:
-            subprocess.run(["fusermount3", "-u", str(mnt)], check=False, capture_output=True)
-            stop_process(proc)
 
     def random_reads(self) -> None:
         size = 1 << 30

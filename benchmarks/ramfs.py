@@ -3,15 +3,22 @@ memory, replying memoryviews. `python -m benchmarks.ramfs MOUNTPOINT SIZE` mount
 SIGTERM; the warm read benchmark compares the sidecar's warm path with it, in the same run.
 `python -m benchmarks.ramfs MOUNTPOINT 0 --writable` mounts an empty writable one instead
 (folders and files in memory, nothing else): the floor of creating files through pyfuse3 + trio
-here, which `benchmarks.smallfiles` measures `cp -r` against."""
+here, which `benchmarks.smallfiles` measures `cp -r` against. `python -m benchmarks.ramfs
+MOUNTPOINT 0 --tree SPEC.json` mounts a read-only tree of the files SPEC names (relative path ->
+size; zeros), whose open keeps the page cache from the second open on, as the sidecar's does: the
+floor of a training epoch's opens and reads here (`benchmarks.training`)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
 import os
 import signal
 import stat
+import subprocess
 import sys
+from collections.abc import Iterator
 
 import pyfuse3
 import trio
@@ -125,8 +132,61 @@ class WritableRamFS(pyfuse3.Operations):
                 break
 
 
-async def serve(mountpoint: str, size: int, writable: bool = False) -> None:
-    if writable:
+class TreeRamFS(WritableRamFS):
+    """A read-only tree of files of given sizes, bytes all zero, from memory."""
+
+    def __init__(self, sizes: dict[str, int]) -> None:
+        super().__init__()
+        self.sizes: dict[int, int] = {}
+        self.opened: set[int] = set()
+        self.zeros = memoryview(bytes(max(sizes.values(), default=0)))
+        for path, size in sizes.items():
+            parent = pyfuse3.ROOT_INODE
+            *folders, name = path.encode().split(b"/")
+            for folder in folders:
+                found = self.children[parent].get(folder)
+                if found is None:
+                    found = self._new(parent, folder, stat.S_IFDIR | 0o555)
+                    self.children[found] = {}
+                parent = found
+            self.sizes[self._new(parent, name, stat.S_IFREG | 0o444)] = size
+
+    def _attr(self, ino: int) -> pyfuse3.EntryAttributes:
+        e = super()._attr(ino)
+        e.st_size = self.sizes.get(ino, 0)
+        return e
+
+    async def open(self, inode, flags, ctx):
+        keep = inode in self.opened
+        self.opened.add(inode)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=keep)
+
+    async def read(self, fh, off, size):
+        return self.zeros[off : min(off + size, self.sizes[fh])]
+
+
+@contextlib.contextmanager
+def mounted(mountpoint: str, *args: str) -> Iterator[subprocess.Popen]:
+    """This file system mounted at `mountpoint` (`args` as on the command line after it) in a
+    process of its own, unmounted and stopped at the end."""
+    from benchmarks.link import wait_mounted
+    from tests.devservers import stop_process
+
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.ramfs", mountpoint, *args], stdout=subprocess.PIPE)
+    try:
+        proc.stdout.readline()  # type: ignore[union-attr]
+        wait_mounted(mountpoint, proc)
+        yield proc
+    finally:
+        subprocess.run(["fusermount3", "-u", mountpoint], check=False, capture_output=True)
+        stop_process(proc)
+
+
+async def serve(mountpoint: str, size: int, writable: bool = False, tree: str | None = None) -> None:
+    if tree is not None:
+        with open(tree) as f:
+            pyfuse3.init(TreeRamFS(json.load(f)), mountpoint, {"fsname=ramfs", "ro"})
+    elif writable:
         pyfuse3.init(WritableRamFS(), mountpoint, {"fsname=ramfs"})
     else:
         pyfuse3.init(RamFS(size), mountpoint, {"fsname=ramfs", "ro"})
@@ -148,4 +208,5 @@ async def serve(mountpoint: str, size: int, writable: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    trio.run(serve, sys.argv[1], int(sys.argv[2]), "--writable" in sys.argv[3:])
+    rest = sys.argv[3:]
+    trio.run(serve, sys.argv[1], int(sys.argv[2]), "--writable" in rest, rest[rest.index("--tree") + 1] if "--tree" in rest else None)

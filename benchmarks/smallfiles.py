@@ -29,6 +29,7 @@ from pathlib import Path
 from tests.devservers import WorkerProcess, moto_server, stop_process
 from sidecar.status import Unreachable, request
 from benchmarks.link import rclone_binary, save_results, wait_mounted
+from benchmarks import ramfs
 from tests.netproxy import LinkProxy
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -176,14 +177,8 @@ class SmallFiles:
         # The floor of any pyfuse3 + trio file system here: files created in memory, nothing else.
         floor = self.work / f"floor-{name}"
         floor.mkdir()
-        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.ramfs", str(floor), "0", "--writable"], stdout=subprocess.PIPE)
-        try:
-            proc.stdout.readline()  # type: ignore[union-attr]
-            wait_mounted(str(floor), proc)
+        with ramfs.mounted(str(floor), "0", "--writable"):
             self.measure(name, "pyfuse3_floor", lambda: cp_into(str(floor)))
-        finally:
-            subprocess.run(["fusermount3", "-u", str(floor)], check=False, capture_output=True)
-            stop_process(proc)
 
     def copy_in(self) -> None:
         self._cp_r_500("cp_r_500")

@@ -7,7 +7,9 @@ the served files are the local-disk reference. Workloads:
 - epochs: a tree of small files (default 20,000 of 16-256 KiB in 100 folders) walked and stat-ed
   once, as a Dataset does, then read whole by 8 worker processes in a new shuffled order per epoch,
   3 epochs; the sidecar, `rclone mount --vfs-cache-mode full --use-server-modtime`, a direct client at the same
-  concurrency (boto3 GETs in 8 processes) and the local disk (page cache dropped before epoch 1).
+  concurrency (boto3 GETs in 8 processes), the local disk (page cache dropped before epoch 1) and
+  the floor of any pyfuse3 + trio file system here (benchmarks/ramfs.py: the same names and sizes
+  from memory).
 - listing: the same walk + stat on a new mount against a direct paginated LIST of the prefix.
 - checkpoint: a file written as `ckpt.tmp`, fsync, `os.replace` to `ckpt`, in durable and in
   write-back mode: requests and bytes uploaded per round; then the worker SIGKILLed between the
@@ -37,7 +39,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.link import BUCKET, KEY, SECRET, LinkBench, clean_up, drop_page_cache, save_results
+from benchmarks import ramfs
+from benchmarks.link import BUCKET, KEY, SECRET, LinkBench, clean_up, cpu_seconds, drop_page_cache, save_results
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -171,11 +174,14 @@ class TrainingBench(LinkBench):
         out["bytes"] = listed["bytes"]
         expected: dict[int, str] = {}
 
-        def run(who: str, root: str, n: int, endpoint: str = "") -> list[dict[str, Any]]:
+        def run(who: str, root: str, n: int, endpoint: str = "", same_bytes: bool = True, pid: int | None = None) -> list[dict[str, Any]]:
             rows = []
             for e in range(n):
+                cpu = cpu_seconds(pid) if pid else 0.0
                 r = self.measured("epoch", root, names, 1000 + e, a.workers, endpoint)
-                if expected.setdefault(e, r["digest"]) != r["digest"]:
+                if pid:  # the file system's process (with its children: the sidecar's has none)
+                    r["fs_cpu_us_per_file"] = 1e6 * (cpu_seconds(pid) - cpu) / r["files"]
+                if same_bytes and expected.setdefault(e, r["digest"]) != r["digest"]:
                     raise AssertionError(f"{who} epoch {e + 1}: other bytes than the local files")
                 rows.append(r)
                 print(f"  {who} epoch {e + 1}: {r['files_per_s']:.0f} files/s {r['requests']}", flush=True)
@@ -183,10 +189,18 @@ class TrainingBench(LinkBench):
 
         drop_page_cache()
         out["local"] = run("local", local, a.epochs)
+        # The floor of any pyfuse3 + trio file system here: the same names and sizes (zeros) from
+        # memory, the page cache kept from the second open on; what a FUSE request costs, nothing else.
+        spec = self.work / "tree.json"
+        spec.write_text(json.dumps({n: os.path.getsize(os.path.join(local, n)) for n in names}))
+        floor = self.work / "floor"
+        floor.mkdir(exist_ok=True)
+        with ramfs.mounted(str(floor), "0", "--tree", str(spec)) as proc:
+            out["pyfuse3_floor"] = run("pyfuse3_floor", str(floor), a.epochs, same_bytes=False, pid=proc.pid)
         w = self.worker(Path(tempfile.mkdtemp(dir=self.work)))
         out["sidecar_walk"] = self.measured("walk", f"{w.mnt}/{TREE}")
         out["sidecar_walk"].pop("names")
-        out["sidecar"] = run("sidecar", f"{w.mnt}/{TREE}", a.epochs)
+        out["sidecar"] = run("sidecar", f"{w.mnt}/{TREE}", a.epochs, pid=w.proc.pid)
         out["sidecar_worker_stats"] = {k: v for k, v in w.stats().items() if k in ("store", "cache")}
         w.stop()
         out["direct"] = run("direct", TREE, 1, self.proxy.endpoint)
@@ -197,11 +211,13 @@ class TrainingBench(LinkBench):
         out["rclone_full_walk"].pop("names")
         out["rclone_full"] = run("rclone_full", f"{mnt}/{TREE}", a.epochs)
         self.rclone_unmount(proc, mnt)
-        fps = {k: [r["files_per_s"] for r in out[k]] for k in ("local", "sidecar", "direct", "rclone_full")}
+        fps = {k: [r["files_per_s"] for r in out[k]] for k in ("local", "pyfuse3_floor", "sidecar", "direct", "rclone_full")}
         out["ratios"] = {"epoch1 sidecar/direct": fps["sidecar"][0] / fps["direct"][0],
                          "epoch1 sidecar/rclone_full": fps["sidecar"][0] / fps["rclone_full"][0],
                          "epochs2+ sidecar/local": [s / l for s, l in zip(fps["sidecar"][1:], fps["local"][1:])],
-                         "epochs2+ rclone_full/local": [s / l for s, l in zip(fps["rclone_full"][1:], fps["local"][1:])]}
+                         "epochs2+ rclone_full/local": [s / l for s, l in zip(fps["rclone_full"][1:], fps["local"][1:])],
+                         "epochs2+ pyfuse3_floor/local": [s / l for s, l in zip(fps["pyfuse3_floor"][1:], fps["local"][1:])],
+                         "epochs2+ sidecar/pyfuse3_floor": [s / l for s, l in zip(fps["sidecar"][1:], fps["pyfuse3_floor"][1:])]}
         self.results["epochs"] = out
 
     def listing(self) -> None:
