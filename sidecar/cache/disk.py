@@ -580,10 +580,13 @@ def _create_segment(path: Path, names: list[str], table: int, slot: int) -> None
     _SEG.pack_into(head, 0, SEG_MAGIC, len(names), slot)
     for i, block in enumerate(names):
         _SLOT.pack_into(head, _SEG.size + i * _SLOT.size, block.encode("ascii"), 0)
-    path.parent.mkdir(exist_ok=True, mode=0o700)
     tmp = path.parent / f".tmp{threading.get_ident()}-{path.name}"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        except FileNotFoundError:  # its folder is made with its first segment, not looked at for each
+            path.parent.mkdir(exist_ok=True, mode=0o700)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.pwrite(fd, head, 0)
         finally:

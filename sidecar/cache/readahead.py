@@ -148,10 +148,13 @@ class FolderWalk:
     trip per file, paid one after another. Opens in any other order fetch nothing ahead.
 
     `on_open` gets the folder's fresh listing (a dict; its sorted names are kept while the same
-    listing is handed in) and returns the names to fetch now. The natural order is never sorted
-    (a 100,000-name folder would cost a third of a second): the next name is the current one
-    counted up, looked up in the listing. The caller decides what is worth fetching (small
-    files) and where from."""
+    listing is handed in) and returns the names to fetch now. The listing is sorted only once
+    the last `streak` names opened in it rose in name order: a shuffled reader (a training
+    epoch over more folders than are remembered here) otherwise paid a sort of the folder for
+    most opens, more than the open itself. The natural order is never sorted (a 100,000-name
+    folder would cost a third of a second): the next name is the current one counted up, looked
+    up in the listing, and only for a name whose numbers are above the last one's. The caller
+    decides what is worth fetching (small files) and where from."""
 
     def __init__(self, ahead: int = FOLDER_AHEAD, streak: int = FOLDER_STREAK) -> None:
         self.ahead = ahead
@@ -161,7 +164,7 @@ class FolderWalk:
     def on_open(self, folder: str, listing: dict[str, object], name: str) -> list[str]:
         walk = self._walks.get(folder)
         if walk is None or walk.listing is not listing:
-            walk = _Walk(listing, sorted(listing))
+            walk = _Walk(listing)
             self._walks[folder] = walk
             while len(self._walks) > FOLDERS:
                 self._walks.popitem(last=False)
@@ -173,18 +176,32 @@ class FolderWalk:
         return by_number if walk.counted >= self.streak else by_name
 
     def _by_name(self, walk: _Walk, name: str) -> list[str]:
-        i = bisect.bisect_left(walk.names, name)
-        if i >= len(walk.names) or walk.names[i] != name:
-            return []  # added to the listing after the walk began (the mount's own new file)
-        walk.run = walk.run + 1 if 0 < i - walk.last <= FOLDER_SKIP else 1
-        walk.last = i
-        if walk.run < self.streak:
+        if walk.names is None:
+            walk.rising = (walk.rising + [name])[-self.streak :] if not walk.rising or name > walk.rising[-1] else [name]
+            if len(walk.rising) < self.streak:
+                return []
+            walk.names = sorted(walk.listing)
+            for earlier in walk.rising[:-1]:  # the run so far, as if the names had been sorted all along
+                self._step(walk, earlier)
+        if not self._step(walk, name):
             return []
-        start, end = max(i + 1, walk.fetched), min(i + 1 + self.ahead, len(walk.names))
-        if end - start < self.ahead // 2 and end < len(walk.names):
+        i, names = walk.last, walk.names
+        start, end = max(i + 1, walk.fetched), min(i + 1 + self.ahead, len(names))
+        if end - start < self.ahead // 2 and end < len(names):
             return []  # topped up in batches, like a handle's window
         walk.fetched = max(walk.fetched, end)
-        return walk.names[start:end]
+        return names[start:end]
+
+    def _step(self, walk: _Walk, name: str) -> bool:
+        """Counts `name` into the walk's run in name order; whether the run is a walk."""
+        names = walk.names
+        assert names is not None
+        i = bisect.bisect_left(names, name)
+        if i >= len(names) or names[i] != name:
+            return False  # added to the listing after the walk began (the mount's own new file)
+        walk.run = walk.run + 1 if 0 < i - walk.last <= FOLDER_SKIP else 1
+        walk.last = i
+        return walk.run >= self.streak
 
     def _by_number(self, walk: _Walk, listing: dict[str, object], name: str) -> list[str]:
         if name in walk.counted_ahead:
@@ -192,10 +209,14 @@ class FolderWalk:
             walk.counted_ahead = walk.counted_ahead[walk.counted_ahead.index(name) + 1 :]
         else:
             nxt, skipped = walk.last_name, 0
-            while nxt is not None and skipped <= FOLDER_SKIP and nxt != name:
-                nxt, skipped = counted_up(nxt, listing), skipped + 1
+            # (a name counted up has greater numbers: a name whose numbers are not cannot be one)
+            key = _numbers(name)
+            if walk.last_key is not None and key > walk.last_key:
+                while nxt is not None and skipped <= FOLDER_SKIP and nxt != name:
+                    nxt, skipped = counted_up(nxt, listing), skipped + 1
             walk.counted = walk.counted + 1 if nxt == name and skipped > 0 else 1
             walk.counted_ahead = []
+            walk.last_key = key
         walk.last_name = name
         if walk.counted < self.streak or len(walk.counted_ahead) > self.ahead // 2:
             return []
@@ -228,12 +249,19 @@ def counted_up(name: str, listing: dict[str, object]) -> str | None:
     return None
 
 
-class _Walk:
-    __slots__ = ("listing", "names", "last", "run", "fetched", "last_name", "counted", "counted_ahead")
+def _numbers(name: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in _DIGITS.findall(name))
 
-    def __init__(self, listing: dict[str, object], names: list[str]) -> None:
-        self.listing, self.names = listing, names
+
+class _Walk:
+    __slots__ = ("listing", "names", "rising", "last", "run", "fetched", "last_name", "last_key", "counted", "counted_ahead")
+
+    def __init__(self, listing: dict[str, object]) -> None:
+        self.listing = listing
+        self.names: list[str] | None = None  # sorted once `rising` is a streak
+        self.rising: list[str] = []  # the last names opened while they rise in name order
         self.last, self.run, self.fetched = -FOLDER_SKIP - 2, 0, 0
         self.last_name: str | None = None  # the natural-order walk: the last name opened,
+        self.last_key: tuple[int, ...] | None = None  # its numbers,
         self.counted = 0  # how many in a row followed each other counting up,
         self.counted_ahead: list[str] = []  # and the names fetched ahead of it, in order

@@ -125,7 +125,7 @@ class Filesystem(Mutations):
         if not writable and node.staged is None:
             self._walk_on(node)
         fh = next(self._next_fh)
-        self._handles[fh] = FileHandle(node, self._reader(ObjectRef(node.key, node.etag, node.size)), writable)
+        self._handles[fh] = FileHandle(node, ObjectRef(node.key, node.etag, node.size), writable)
         return fh, keep_cache
 
     def _walk_on(self, node: Node) -> None:
@@ -155,8 +155,11 @@ class Filesystem(Mutations):
         assert isinstance(h, FileHandle)
         if h.node.staged is not None:  # written in this mount: the local bytes are the truth
             return self.staging.read(h.node.staged, offset, size)  # type: ignore[union-attr]
+        reader = h.reader
+        if reader is None:
+            reader = h.reader = self._reader(h.ref)
         try:
-            return await h.reader.read(offset, size)
+            return await reader.read(offset, size)
         except ObjectChanged:
             self._changed_remotely(h.node)
             raise
@@ -165,7 +168,8 @@ class Filesystem(Mutations):
         h = self._handles.pop(fh, None)
         if not isinstance(h, FileHandle):
             return
-        h.reader.close()
+        if h.reader is not None:
+            h.reader.close()
         node = h.node
         if h.writable and node.staged is not None:
             staged = node.staged

@@ -75,7 +75,7 @@ class Mutations(Namespace):
         self.inodes.pin(node)
         self.listings.add(key, Entry(False, ObjectInfo(key, 0, "", time.time())))
         fh = next(self._next_fh)
-        self._handles[fh] = FileHandle(node, self._reader(ObjectRef(key, "", 0)), True)
+        self._handles[fh] = FileHandle(node, ObjectRef(key, "", 0), True)
         return fh, self.attr(node)
 
     def write(self, fh: int, offset: int, data: bytes) -> int:

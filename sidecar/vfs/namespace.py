@@ -56,8 +56,11 @@ class Attr:
 @dataclass
 class FileHandle:
     node: Node
-    reader: Reader  # how its reads of the object are served (not used while the node is staged)
+    ref: ObjectRef  # the version it reads (not used while the node is staged)
     writable: bool = False
+    # How its reads of `ref` are served; made at the first read: an open whose file the kernel
+    # has in its page cache (a training epoch after the first) reads nothing through it.
+    reader: Reader | None = None
 
 
 @dataclass

@@ -565,3 +565,22 @@ def test_a_write_looks_at_the_index_only_when_it_must_evict_and_then_at_a_few_en
     assert oldest in disk and block_name("st", "f1", "e", 0, MIB) not in disk
     assert block_name("st", "f249", "e", 0, MIB) in disk
     assert Counted.looked <= 130 * (EVICT_BATCH + 2)
+
+
+def test_a_new_segment_makes_its_folder_only_when_the_folder_is_missing(tmp_path, monkeypatch):
+    """Segments of 40 objects: a folder made (or looked at) once per folder, not per segment;
+    every block read back."""
+    from pathlib import Path
+
+    made = []
+    real = Path.mkdir
+    monkeypatch.setattr(Path, "mkdir", lambda self, *a, **kw: made.append(self) or real(self, *a, **kw))
+    disk = DiskTier(tmp_path, limit=256 << 20)
+    made.clear()  # (the tier's own folders, at its start)
+    blocks = {f"obj{i}": random.Random(i).randbytes(MIB) for i in range(40)}
+    for key, data in blocks.items():
+        assert disk.put_blocks("st", key, "e1", MIB, [(0, data)]) == 1
+    assert len(_segment_files(tmp_path)) == 40
+    folders = {p.parent for p in _segment_files(tmp_path)}
+    assert len(made) == len(folders) < 40
+    assert all(disk.get(block_name("st", k, "e1", 0, MIB)) == d for k, d in blocks.items())

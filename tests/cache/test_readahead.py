@@ -196,3 +196,31 @@ def test_a_stream_reads_ahead_at_most_twice_what_it_read_until_it_is_long():
     for i in range(8, EARLY_RUN + 2):
         ra.on_read(i * MiB, MiB)
     assert ra.window == 128
+
+
+def test_a_shuffled_reader_over_many_folders_rarely_sorts_a_folder(monkeypatch):
+    """A training epoch: 20,000 names in 100 folders (more than FOLDERS are remembered) opened
+    in a shuffled order. Sorting a folder's listing for most opens cost more than the open: a
+    folder is sorted only once its last opens rose in name order. Nothing is fetched ahead."""
+    import random
+
+    from sidecar.cache import readahead
+    from sidecar.cache.readahead import FOLDERS, FolderWalk
+
+    sorts = []
+    monkeypatch.setattr(readahead, "sorted", lambda names: sorts.append(1) or list(builtins_sorted(names)), raising=False)
+    folders = {f"class{f:03d}": {f"img{i:06d}.bin": None for i in range(f, 20_000, 100)} for f in range(100)}
+    assert len(folders) > FOLDERS
+    opens = [(f, n) for f, names in folders.items() for n in names]
+    random.Random(5).shuffle(opens)
+    w = FolderWalk()
+    fetched = sum(len(w.on_open(f, folders[f], n)) for f, n in opens)
+    assert len(sorts) < len(opens) // 10, len(sorts)  # before: 7,477 of the 20,000 opens; now ~1,000
+    assert fetched <= 16
+    sorts.clear()
+    walker = FolderWalk()
+    got = [walker.on_open("class000", folders["class000"], n) for n in sorted(folders["class000"])[:10]]
+    assert len(sorts) == 1 and got[2] == sorted(folders["class000"])[3:3 + readahead.FOLDER_AHEAD]
+
+
+builtins_sorted = sorted

@@ -156,3 +156,29 @@ def test_a_read_inside_a_kept_range_is_served_from_it_whatever_its_alignment():
             assert store.stats.get_requests == gets
 
     run(main)
+
+
+def test_an_open_that_reads_nothing_builds_no_reader(monkeypatch):
+    """A training epoch after the first: the kernel answers the reads from its page cache, and
+    the sidecar sees an open and a release per file. Neither builds a reader; the first read does."""
+    from sidecar.vfs import namespace
+
+    built = []
+    real = namespace.Reader
+    monkeypatch.setattr(namespace, "Reader", lambda *a, **kw: built.append(a[0]) or real(*a, **kw))
+    store = MemoryStore()
+    store.put("f", b"abc" * 1000)
+
+    async def main():
+        async with mounted(store) as fs:
+            ino = await path_ino(fs, "f")
+            for _ in range(3):
+                fh, _ = await fs.open(ino, os.O_RDONLY)
+                fs.release(fh)
+            assert built == []
+            fh, _ = await fs.open(ino, os.O_RDONLY)
+            assert await fs.read(fh, 3, 3) == b"abc" and await fs.read(fh, 6, 3) == b"abc"
+            fs.release(fh)
+            assert [ref.key for ref in built] == ["f"]
+
+    run(main)
