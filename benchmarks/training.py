@@ -179,7 +179,7 @@ class TrainingBench(LinkBench):
             for e in range(n):
                 cpu = cpu_seconds(pid) if pid else 0.0
                 r = self.measured("epoch", root, names, 1000 + e, a.workers, endpoint)
-                if pid:  # the file system's process (with its children: the sidecar's has none)
+                if pid:  # the file system's process, all its threads (the floor's or the sidecar worker's)
                     r["fs_cpu_us_per_file"] = 1e6 * (cpu_seconds(pid) - cpu) / r["files"]
                 if same_bytes and expected.setdefault(e, r["digest"]) != r["digest"]:
                     raise AssertionError(f"{who} epoch {e + 1}: other bytes than the local files")

@@ -278,8 +278,7 @@ async def serve(cfg: WorkerConfig) -> int:
 async def close_store(store: Any) -> None:
     """Closes the store's own connections (the SDK's are fsspec's), within a bound: a worker
     that ends is not held by a server that does not answer."""
-    with trio.move_on_after(CLOSE_STORE_S) as scope:
-        scope.shield = True
+    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_STORE_S):
         try:
             await store.close()
         except Exception as exc:  # its connections end with the process anyway
