@@ -57,6 +57,7 @@ class CacheStats:
     direct_reads: int = 0  # random reads served with an exact ranged GET, not through blocks
     range_hits: int = 0  # random reads answered from a range fetched before (memory or disk)
     shared_hits: int = 0  # blocks read from the node's shared cache (sidecar.cache.shared)
+    buffers_recycled: int = 0  # blocks fetched into an evicted block's buffer (sidecar.cache.memory)
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -67,6 +68,7 @@ class BlockFetch:
     done: trio.Event = field(default_factory=trio.Event)
     data: bytes | None = None
     error: BaseException | None = None
+    buffer: bytearray | None = None  # a recycled one to fill with the block (MemoryBudget.reserve_block)
 
 
 DISK_THREADS = 4  # disk reads and writes at once
@@ -97,7 +99,9 @@ class BlockCache:
         self.storage_id = storage_id or store.name
         self.stats = CacheStats()
         # blocks: (key, etag, index); exact ranges of random readers: (key, etag, ("range", start, end))
-        self.memory = MemoryBudget(memory_limit)
+        # A store that fills buffers (S3's streamed GETs) gets the evicted blocks' to fill again.
+        self.fills_buffers = bool(getattr(store, "fills_buffers", False))
+        self.memory = MemoryBudget(memory_limit, block_size if self.fills_buffers else 0)
         self._inflight: dict[tuple[str, str, int], BlockFetch] = {}
         self._nursery: trio.Nursery | None = None
         self._disk_limiter = trio.CapacityLimiter(DISK_THREADS)
@@ -170,9 +174,10 @@ class BlockCache:
         run: list[int] = []
         run_on_disk = False
         started = 0
+        buffers: dict[int, bytearray] = {}
 
         def start_run() -> int:  # disk runs are read DISK_RUN_BLOCKS per thread hop
-            return self._start_run(ref, run, part_blocks=DISK_RUN_BLOCKS if run_on_disk else None, waited=not readahead)
+            return self._start_run(ref, run, part_blocks=DISK_RUN_BLOCKS if run_on_disk else None, waited=not readahead, buffers=buffers)
 
         for index in indices:
             if index >= self.blocks_of(ref):
@@ -189,9 +194,12 @@ class BlockCache:
             if run and on_disk != run_on_disk:
                 started += start_run()
                 run = []
-            if not self.memory.try_reserve(self._block_len(ref, index)):
+            ok, buffer = (self.memory.try_reserve(self._block_len(ref, index)), None) if on_disk else self._reserve_block(ref, index)
+            if not ok:
                 self.stats.prefetch_skipped += readahead
                 break
+            if buffer is not None:
+                buffers[index] = buffer
             run.append(index)
             run_on_disk = on_disk
         started += start_run()
@@ -199,11 +207,17 @@ class BlockCache:
             self.stats.prefetches += started
         return started
 
+    def _reserve_block(self, ref: ObjectRef, index: int) -> tuple[bool, bytearray | None]:
+        ok, buffer = self.memory.reserve_block(self._block_len(ref, index))
+        self.stats.buffers_recycled += buffer is not None
+        return ok, buffer
+
     def _block_len(self, ref: ObjectRef, index: int) -> int:
         start, end = self.block_range(ref, index)
         return end - start
 
-    def _start_run(self, ref: ObjectRef, run: list[int], *, reserved: bool = True, part_blocks: int | None = None, waited: bool = False) -> int:
+    def _start_run(self, ref: ObjectRef, run: list[int], *, reserved: bool = True, part_blocks: int | None = None, waited: bool = False,
+                   buffers: dict[int, bytearray] | None = None) -> int:
         """Registers fetches for the contiguous blocks `run` and starts them as parallel ranged
         GETs of at most `fetch_blocks` blocks each (`part_blocks`: disk reads, DISK_RUN_BLOCKS
         per thread hop). Reserved backend runs start after COALESCE_S, merged with the runs
@@ -218,7 +232,7 @@ class BlockCache:
         whole = run[0] == 0 and run[-1] + 1 >= self.blocks_of(ref)
         if part_blocks is None and reserved and COALESCE_S > 0 and not whole:
             for index in run:  # backend blocks: merged with other runs of the next COALESCE_S
-                fetch = BlockFetch()
+                fetch = BlockFetch(buffer=buffers.pop(index, None) if buffers else None)
                 self._inflight[(ref.key, ref.etag, index)] = fetch
                 self._pending.append((ref, index, fetch, waited))
             if not self._flush_scheduled:
@@ -228,7 +242,7 @@ class BlockCache:
         step = part_blocks or self.fetch_blocks
         parts = []
         for lo in range(0, len(run), step):
-            fetches = [BlockFetch() for _ in run[lo : lo + step]]
+            fetches = [BlockFetch(buffer=buffers.pop(index, None) if buffers else None) for index in run[lo : lo + step]]
             for index, fetch in zip(run[lo : lo + step], fetches):
                 self._inflight[(ref.key, ref.etag, index)] = fetch
             parts.append((run[lo], fetches))
@@ -264,9 +278,10 @@ class BlockCache:
         """A fetch of block `index`, its memory reserved and its waiters registered, for the
         caller to `complete`; None when the budget has no room. `ahead`: fetched before its
         reader asked (counted as a prefetch)."""
-        if not self.memory.try_reserve(self._block_len(ref, index)):
+        ok, buffer = self._reserve_block(ref, index)
+        if not ok:
             return None
-        fetch = BlockFetch()
+        fetch = BlockFetch(buffer=buffer)
         self._inflight[(ref.key, ref.etag, index)] = fetch
         self.stats.misses += 1
         self.stats.prefetches += ahead
@@ -305,6 +320,7 @@ class BlockCache:
         `held`) into the memory tier, or releases it on error. Idempotent."""
         if fetch.done.is_set():
             return
+        fetch.buffer = None  # (the block's bytes, if they came in it, are `data`)
         bid = (ref.key, ref.etag, index)
         n = self._block_len(ref, index)
         if data is not None and len(data) != n:
@@ -328,7 +344,8 @@ class BlockCache:
         error: BaseException = OSError(f"{ref.key}: the backend sent fewer bytes than asked")
         try:
             if not held:
-                await self.memory.reserve(self._block_len(ref, first))  # a run of one demand block
+                fetches[0].buffer = await self.memory.reserve_buffer(self._block_len(ref, first))  # a run of one demand block
+                self.stats.buffers_recycled += fetches[0].buffer is not None
                 held = True
             # Blocks already on disk are served from there (read in one thread hop for the whole
             # run); the rest are fetched in one stream.
@@ -497,9 +514,11 @@ async def get_run(cache: BlockCache, ref: ObjectRef, first: int, fetches: list[B
                 to_disk.append((names[j], data))
                 pinned.append((ref.key, ref.etag, first + j))
 
+    # (taken here: the stream fills them on the store's thread, and `fetches` may change meanwhile)
+    extra = {"buffers": handing_out([f.buffer for f in fetches[lo : hi + 1]])} if cache.fills_buffers else {}
     async with cache._fetch_limiter:
         timing.append(time.monotonic())
-        await cache.store.get_blocks(ref.key, start, end, ref.etag, cache.block_size, on_block, object_size=ref.size)
+        await cache.store.get_blocks(ref.key, start, end, ref.etag, cache.block_size, on_block, object_size=ref.size, **extra)
     if len(timing) >= 2:
         cache.link.observe_stream(timing[0], timing[1], timing[-1], sizes[0], sum(sizes[1:]))
 
@@ -629,6 +648,19 @@ def read_entries(cache: BlockCache, disk: DiskTier, names: list[str], on_each: C
         if on_each is not None:
             token.run_sync_soon(on_each, i, out[-1])
     return out
+
+
+def handing_out(buffers: list[bytearray | None]) -> Callable[[int], bytearray | None]:
+    """`buffers(i)` for a store's get_blocks: block i's buffer, given out once and then no longer
+    referenced here (a block evicted while the rest of its GET is still coming can be recycled)."""
+
+    def take(i: int) -> bytearray | None:
+        if i >= len(buffers):
+            return None
+        buffer, buffers[i] = buffers[i], None
+        return buffer
+
+    return take
 
 
 Pending = tuple[ObjectRef, int, BlockFetch, bool]  # a reserved block, its fetch, whether a reader waits for it

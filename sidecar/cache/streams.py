@@ -166,8 +166,9 @@ class Streams:
             start, end = s.start * bs + s.gap + len(s.head), min(s.end * bs, ref.size)
             if s.gap:
                 self.cache.spawn(self._fetch_gap, s)  # beside the stream; it never raises
+            extra = {"buffers": lambda i: _buffer(s.fetches.get(s.start + i))} if self.cache.fills_buffers else {}
             await self.cache.store.get_blocks(ref.key, start, end, ref.etag, bs, lambda i, data: self._on_block(s, i, data),
-                                              object_size=ref.size, gate=s.gate)
+                                              object_size=ref.size, gate=s.gate, **extra)
         except BaseException as exc:
             error = exc if isinstance(exc, Exception) else OSError("fetch cancelled")
             if not isinstance(exc, Exception):
@@ -214,3 +215,9 @@ class Streams:
             # Block by block: the stream goes at its reader's pace, and a block held back for a
             # pack would be pinned in memory meanwhile.
             self.cache.keep_on_disk(s.ref, index, data)
+
+
+def _buffer(fetch: BlockFetch | None) -> bytearray | None:
+    """The recycled buffer a registered block is to be filled in (read from the store's thread:
+    a dict lookup and an attribute, each whole under the GIL)."""
+    return None if fetch is None else fetch.buffer

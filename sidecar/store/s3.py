@@ -463,10 +463,15 @@ class S3Store(_S3Writes, FsspecStore):
             return b""
         return self._fetched(await self._run(f"read {key}", fetch))
 
+    fills_buffers = True  # get_blocks takes `buffers` (sidecar.cache.memory: recycled buffers)
+
     async def get_blocks(
         self, key: str, start: int, end: int, etag: str, block_size: int, on_block: Callable[[int, bytes], None], object_size: int | None = None,
-        gate: Gate | None = None,
+        gate: Gate | None = None, buffers: Callable[[int], bytearray | None] | None = None,
     ) -> None:
+        """As the protocol's. With `buffers`, each whole block is read into a bytearray of its
+        own, which the cache may recycle (sidecar.cache.memory): `buffers(i)`, one recycled for
+        block i (its pages in place), or None (a new one)."""
         token = trio.lowlevel.current_trio_token()
         stats = self.stats
         progress = Progress()
@@ -500,17 +505,27 @@ class S3Store(_S3Writes, FsspecStore):
                                 return
                             progress.tick()
                         want = min((pos // block_size + 1) * block_size, end) - pos  # to the block's end
-                        chunks, filled = [], 0
-                        while filled < want:
-                            chunk = await body.read(min(want - filled, piece))
-                            if not chunk:
-                                break
-                            chunks.append(chunk)
-                            filled += len(chunk)
-                            progress.tick()
+                        buffer = None
+                        if buffers is not None and want == block_size:
+                            buffer = buffers(index)
+                            if buffer is None or len(buffer) != want:
+                                buffer = bytearray(want)
+                        if buffer is not None:
+                            filled = await _read_into(body, buffer, piece, progress)
+                            data: bytes | bytearray = buffer
+                        else:
+                            chunks, filled = [], 0
+                            while filled < want:
+                                chunk = await body.read(min(want - filled, piece))
+                                if not chunk:
+                                    break
+                                chunks.append(chunk)
+                                filled += len(chunk)
+                                progress.tick()
+                            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                         if filled < want:  # the stream ended early: the cache fails what is missing
                             return
-                        token.run_sync_soon(deliver, index, chunks[0] if len(chunks) == 1 else b"".join(chunks))
+                        token.run_sync_soon(deliver, index, data)
                         index, pos = index + 1, pos + want
                 except broken:
                     retries += 1
@@ -526,6 +541,22 @@ class S3Store(_S3Writes, FsspecStore):
         self.stats.get_requests += 1
         # No fixed total: the stream may take as long as it needs while bytes keep arriving.
         await self._run(f"read {key}", stream, progress=progress)
+
+
+async def _read_into(body: Any, buffer: bytearray, piece: int, progress: Progress) -> int:
+    """Reads the body into `buffer` until it is full or the body ends; the bytes read."""
+    view, filled, want = memoryview(buffer), 0, len(buffer)
+    try:
+        while filled < want:
+            chunk = await body.read(min(want - filled, piece))
+            if not chunk:
+                break
+            view[filled : filled + len(chunk)] = chunk
+            filled += len(chunk)
+            progress.tick()
+    finally:
+        view.release()  # (a view left alive would keep the buffer from being recycled)
+    return filled
 
 
 REHEARSAL_KEY = ".storage-sidecar-rehearsal"  # the key of the warm-up calls no server ever sees

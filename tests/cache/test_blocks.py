@@ -122,3 +122,56 @@ def test_object_ref_blocks():
     assert cache.blocks_of(ObjectRef("k", "e", 0)) == 0
     assert cache.blocks_of(ObjectRef("k", "e", 10)) == 1
     assert cache.blocks_of(ObjectRef("k", "e", 11)) == 2
+
+
+def test_an_evicted_block_nobody_holds_becomes_the_next_blocks_buffer():
+    """MemoryBudget.reserve_block: the least recently used block, a bytearray of the block size
+    that nothing else references, is handed to the new reservation instead of being freed; one
+    that a view still reads (a reply in flight), one pinned for its disk write, or an entry of
+    another kind is evicted or skipped as before. The budget never goes over."""
+    from sidecar.cache.memory import MemoryBudget
+
+    budget = MemoryBudget(3 * BS, buffer_size=BS)
+    a, b, c = bytearray(b"a" * BS), bytearray(b"b" * BS), bytearray(b"c" * BS)
+    for name, data in (("a", a), ("b", b), ("c", c)):
+        budget.add(("k", "e", name), data)
+    del data
+    view = memoryview(b)[10:20]  # a reply of b's bytes, still being written
+    budget.pin(("k", "e", "c"))  # c waits for its disk write
+    ida = id(a)
+    del a  # only the tier holds a now
+    ok, got = budget.reserve_block(BS)
+    assert ok and got is not None and id(got) == ida
+    assert budget.used == 3 * BS and ("k", "e", "a") not in budget.entries
+    del got
+    ok, got = budget.reserve_block(BS)  # b is next: a view holds it, so it is freed, not reused
+    assert (ok, got) == (True, None)
+    assert ("k", "e", "b") not in budget.entries and bytes(view) == b"b" * 10
+    assert budget.used == 3 * BS
+    ok, got = budget.reserve_block(BS)  # only c is left, and it is pinned
+    assert (ok, got) == (False, None) and budget.used == 3 * BS
+    budget.add(("k", "e", ("range", 0, 10)), b"0123456789")
+    assert budget.reserve_block(5) == (False, None)  # not a block: try_reserve, as before
+
+
+def test_blocks_read_through_a_small_budget_reuse_the_evicted_blocks_buffers():
+    """Read through a cache whose memory holds three blocks: the later blocks are fetched into
+    the buffers of evicted ones, and every byte is right, also those of a block a reader still
+    holds a view of (as a FUSE reply being written) while the blocks after it arrive."""
+    store = MemoryStore()
+    data = random.Random(30).randbytes(BS * 12)
+    info = store.put("big", data)
+
+    async def main():
+        cache = BlockCache(store, block_size=BS, memory_limit=BS * 3)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            ref = ObjectRef("big", info.etag, len(data))
+            held = memoryview(await cache.get(ref, 0))
+            for i in range(1, 12):
+                assert await cache.get(ref, i) == data[i * BS : (i + 1) * BS]
+            assert held == data[:BS]
+            nursery.cancel_scope.cancel()
+        return cache.stats.buffers_recycled
+
+    assert run(main, mock_clock=False) >= 8
