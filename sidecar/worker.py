@@ -387,7 +387,8 @@ class MountWorker:
             "memory_bytes": self.cache.memory_bytes,
             "link": self.cache.link.as_dict(),
             "disk": {"used": disk.used, "limit": disk.limit, "configured_limit": disk.configured_limit, "blocks": len(disk),
-                     "corrupt": disk.corrupt, "evictions": disk.evictions, "errors": disk.errors}
+                     "corrupt": disk.corrupt, "evictions": disk.evictions, "errors": disk.errors,
+                     "direct_reads": disk.direct_reads}
             if disk is not None
             else None,
             "shared": self.cache.shared.as_dict() if self.cache.shared is not None else ({"unusable": self.shared_problem} if self.shared_problem else None),

@@ -29,7 +29,7 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from sidecar.cache.disk import DiskTier, block_name
+from sidecar.cache.disk import DiskTier, block_cached, block_name, read_direct
 from sidecar.cache.link import LinkEstimate
 from sidecar.cache.shared import SharedBlocks, VersionId
 from sidecar.cache.memory import MemoryBudget
@@ -68,10 +68,11 @@ class BlockFetch:
     done: trio.Event = field(default_factory=trio.Event)
     data: bytes | None = None
     error: BaseException | None = None
-    buffer: bytearray | None = None  # a recycled one to fill with the block (MemoryBudget.reserve_block)
+    buffer: Any = None  # a recycled one to fill with the block (MemoryBudget.reserve_block)
 
 
 DISK_THREADS = 4  # disk reads and writes at once
+DIRECT_RUN = 4  # blocks read from disk with one O_DIRECT request (4 MiB: a virtio disk's largest request)
 DISK_RUN_BLOCKS = 16  # blocks read from disk per thread hop: a hop per 1 MiB block cost more than the read (mapped)
 COALESCE_S = 0.002  # backend runs started this close together are merged into one request
 CLAIM_WAIT_S = 5.0  # longest a run waits for blocks another sidecar of the node is fetching (then fetches them too)
@@ -101,7 +102,7 @@ class BlockCache:
         # blocks: (key, etag, index); exact ranges of random readers: (key, etag, ("range", start, end))
         # A store that fills buffers (S3's streamed GETs) gets the evicted blocks' to fill again.
         self.fills_buffers = bool(getattr(store, "fills_buffers", False))
-        self.memory = MemoryBudget(memory_limit, block_size if self.fills_buffers else 0)
+        self.memory = MemoryBudget(memory_limit, block_size)
         self._inflight: dict[tuple[str, str, int], BlockFetch] = {}
         self._nursery: trio.Nursery | None = None
         self._disk_limiter = trio.CapacityLimiter(DISK_THREADS)
@@ -164,6 +165,7 @@ class BlockCache:
         if fetch.error is not None:
             raise fetch.error
         assert fetch.data is not None
+        self.memory.was_served(bid)
         return fetch.data
 
     def prefetch(self, ref: ObjectRef, indices: range, *, readahead: bool = True) -> int:
@@ -174,7 +176,7 @@ class BlockCache:
         run: list[int] = []
         run_on_disk = False
         started = 0
-        buffers: dict[int, bytearray] = {}
+        buffers: dict[int, Any] = {}
 
         def start_run() -> int:  # disk runs are read DISK_RUN_BLOCKS per thread hop
             return self._start_run(ref, run, part_blocks=DISK_RUN_BLOCKS if run_on_disk else None, waited=not readahead, buffers=buffers)
@@ -194,7 +196,7 @@ class BlockCache:
             if run and on_disk != run_on_disk:
                 started += start_run()
                 run = []
-            ok, buffer = (self.memory.try_reserve(self._block_len(ref, index)), None) if on_disk else self._reserve_block(ref, index)
+            ok, buffer = self._reserve_block(ref, index, on_disk=on_disk)
             if not ok:
                 self.stats.prefetch_skipped += readahead
                 break
@@ -207,8 +209,13 @@ class BlockCache:
             self.stats.prefetches += started
         return started
 
-    def _reserve_block(self, ref: ObjectRef, index: int) -> tuple[bool, bytearray | None]:
-        ok, buffer = self.memory.reserve_block(self._block_len(ref, index))
+    def _reserve_block(self, ref: ObjectRef, index: int, *, on_disk: bool = False) -> tuple[bool, Any]:
+        """Reserves a block's memory, with a recycled buffer for it where one is free and will
+        be filled: by a store that fills buffers, or (`on_disk`) by a direct read of the disk
+        tier."""
+        if not (on_disk or self.fills_buffers):
+            return self.memory.try_reserve(self._block_len(ref, index)), None
+        ok, buffer = self.memory.reserve_block(self._block_len(ref, index), aligned=on_disk)
         self.stats.buffers_recycled += buffer is not None
         return ok, buffer
 
@@ -217,7 +224,7 @@ class BlockCache:
         return end - start
 
     def _start_run(self, ref: ObjectRef, run: list[int], *, reserved: bool = True, part_blocks: int | None = None, waited: bool = False,
-                   buffers: dict[int, bytearray] | None = None) -> int:
+                   buffers: dict[int, Any] | None = None) -> int:
         """Registers fetches for the contiguous blocks `run` and starts them as parallel ranged
         GETs of at most `fetch_blocks` blocks each (`part_blocks`: disk reads, DISK_RUN_BLOCKS
         per thread hop). Reserved backend runs start after COALESCE_S, merged with the runs
@@ -315,7 +322,8 @@ class BlockCache:
         self._start_run(ref, [index], reserved=False)
         return self._inflight[(ref.key, ref.etag, index)]
 
-    def _complete(self, ref: ObjectRef, index: int, fetch: BlockFetch, data: bytes | None, error: BaseException | None, held: bool) -> None:
+    def _complete(self, ref: ObjectRef, index: int, fetch: BlockFetch, data: bytes | None, error: BaseException | None, held: bool,
+                  from_disk: bool = False) -> None:
         """Finishes one block's fetch: wakes its waiters and moves its memory reservation (if
         `held`) into the memory tier, or releases it on error. Idempotent."""
         if fetch.done.is_set():
@@ -327,7 +335,7 @@ class BlockCache:
             data, error = None, OSError(f"short read of {ref.key} block {index}: {len(data)} of {n} bytes")
         if data is not None:
             fetch.data = data
-            self.memory.add(bid, data)
+            self.memory.add(bid, data, from_disk=from_disk)
         else:
             fetch.error = error
         if held:
@@ -343,9 +351,8 @@ class BlockCache:
         held = reserved
         error: BaseException = OSError(f"{ref.key}: the backend sent fewer bytes than asked")
         try:
-            if not held:
-                fetches[0].buffer = await self.memory.reserve_buffer(self._block_len(ref, first))  # a run of one demand block
-                self.stats.buffers_recycled += fetches[0].buffer is not None
+            if not held:  # a run of one demand block
+                fetches[0].buffer = await reserve_demand(self, ref, first, names[0])
                 held = True
             # Blocks already on disk are served from there (read in one thread hop for the whole
             # run); the rest are fetched in one stream.
@@ -376,13 +383,15 @@ class BlockCache:
     # The disk tier is a cache: any error of it (a full or failing disk, a bug) costs a refetch,
     # never a reader's request or the mount. Each is logged and counted.
 
-    async def disk_read(self, names: list[str], on_each: Callable[[int, Any], Any] | None = None) -> list[bytes | None]:
+    async def disk_read(self, names: list[str], on_each: Callable[[int, Any], Any] | None = None, buffers: list[Any] | None = None) -> list[bytes | None]:
         """Entries of the disk tier (None for each missing or unreadable), in one thread hop;
-        `on_each(i, entry)` is also called on the trio thread as each is read."""
+        `on_each(i, entry)` is also called on the trio thread as each is read. With `buffers`
+        (one per name, a `Buffer` or None), whole blocks not in the page cache are read
+        directly into them (or into new ones)."""
         if self.disk is None:
             return [None] * len(names)
         token = trio.lowlevel.current_trio_token()
-        return await trio.to_thread.run_sync(read_entries, self, self.disk, names, on_each, token, limiter=self._disk_limiter)
+        return await trio.to_thread.run_sync(read_entries, self, self.disk, names, on_each, token, buffers, limiter=self._disk_limiter)
 
     async def _disk_put_many(self, items: list[tuple[str, bytes]], pinned: list[tuple[str, str, Any]], share: ObjectRef | None = None,
                              indices: list[int] | None = None) -> None:
@@ -428,7 +437,7 @@ async def complete_from_disk(cache: BlockCache, ref: ObjectRef, first: int, fetc
     def found(i: int, data: bytes | None) -> bool:
         if data is None or len(data) != cache._block_len(ref, first + i):
             return False
-        cache._complete(ref, first + i, fetches[i], data, None, held)  # (idempotent)
+        cache._complete(ref, first + i, fetches[i], data, None, held, from_disk=True)  # (idempotent)
         return True
 
     # A reader waiting for the run's first block gets it when it is read, not when the
@@ -441,10 +450,11 @@ async def complete_from_disk(cache: BlockCache, ref: ObjectRef, first: int, fetc
             cache.stats.disk_hits += 1
             hits.add(i)
 
-    got = await cache.disk_read(names, on_each=arrived)
-    # (trio runs the callbacks in order before the thread's result; a block whose callback had
-    # not run would be completed here, idempotently)
-    return [i for i, data in enumerate(got) if i not in hits and not found(i, data)]
+    # (a buffer the thread did not use stays its fetch's, for a fetch from the backend)
+    got = await cache.disk_read(names, on_each=arrived, buffers=[fetch.buffer for fetch in fetches])
+    # (trio runs the callbacks in order before the thread's result: an entry handed to one is
+    # HANDED here, a hit if `arrived` found it whole)
+    return [i for i, data in enumerate(got) if i not in hits and (data is HANDED or not found(i, data))]
 
 
 async def read_shared(cache: BlockCache, ref: ObjectRef, indices: list[int]) -> list[bytes | None]:
@@ -603,6 +613,26 @@ async def fetch_block_once(cache: BlockCache, ref: ObjectRef, index: int, fetch:
     return data, stored == 1
 
 
+def on_disk(cache: BlockCache, ref: ObjectRef, index: int) -> bool:
+    """Block `index` of `ref` is in the disk tier (whether or not also in memory or being read
+    from there)."""
+    if cache.disk is None or index >= cache.blocks_of(ref):
+        return False
+    return block_name(cache.storage_id, ref.key, ref.etag, index, cache.block_size) in cache.disk
+
+
+async def reserve_demand(cache: BlockCache, ref: ObjectRef, index: int, name: str) -> Any:
+    """Waits for a demand block's memory; the buffer to read it into where one is recycled
+    (from disk: a `Buffer`)."""
+    from_disk = cache.disk is not None and name in cache.disk
+    if not (from_disk or cache.fills_buffers):
+        await cache.memory.reserve(cache._block_len(ref, index))
+        return None
+    buffer = await cache.memory.reserve_buffer(cache._block_len(ref, index), aligned=from_disk)
+    cache.stats.buffers_recycled += buffer is not None
+    return buffer
+
+
 def whole_block(cache: BlockCache, ref: ObjectRef, start: int, end: int) -> int | None:
     """The index of the block [start, end) is exactly (a small file read whole is its block 0),
     or None."""
@@ -633,34 +663,64 @@ def store_on_disk(cache: BlockCache, disk: DiskTier, items: list[tuple[str, byte
 
 
 def read_entries(cache: BlockCache, disk: DiskTier, names: list[str], on_each: Callable[[int, Any], Any] | None,
-                 token: trio.lowlevel.TrioToken) -> list[bytes | None]:
+                 token: trio.lowlevel.TrioToken, buffers: list[Any] | None = None) -> list[bytes | None]:
     """`BlockCache.disk_read`'s thread: the entries, each handed to `on_each` (on the trio
-    thread, without waiting) as soon as it is read."""
+    thread, without waiting) as soon as it is read. With `buffers`, blocks the page cache does
+    not hold are read directly (`DiskTier.get`), and the kernel is not asked to read them ahead
+    into the page cache."""
     out: list[bytes | None] = []
-    if len(names) > 1:
+    direct = buffers is not None and disk.direct_ok
+    if len(names) > 1 and not (direct and not block_cached(disk, names[0])):
         disk.will_need(names)  # the kernel reads them all at once, not block by block
     for i, name in enumerate(names):
+        if direct and i % DIRECT_RUN == 0 and buffers is not None:
+            # A run's blocks in one request (up to a device's largest), not one by one
+            group = names[i : i + DIRECT_RUN]
+            try:
+                together = read_direct(disk, group, buffers[i : i + len(group)]) if len(group) > 1 else None
+            except OSError as exc:
+                together = None
+                cache._disk_failed("disk_cache_read_failed", exc)
+            if together is not None:
+                for j, data in enumerate(together):
+                    buffers[i + j] = together[j] = None
+                    if on_each is not None:
+                        token.run_sync_soon(on_each, i + j, data)
+                    out.append(HANDED if on_each is not None and data is not None else data)  # (not held here once its entry has it)
+                    del data
+                continue
+        if len(out) > i:
+            continue  # (read with its group)
+        buffer = buffers[i] if buffers is not None and i < len(buffers) else None
+        if buffers is not None and i < len(buffers):
+            buffers[i] = None  # (held once, here, until the entry takes it)
         try:
-            out.append(disk.get(name))
+            out.append(disk.get(name, buffer, direct=direct))
         except Exception as exc:  # one bad block costs that block only
             out.append(None)
             cache._disk_failed("disk_cache_read_failed", exc)
+        del buffer
         if on_each is not None:
             token.run_sync_soon(on_each, i, out[-1])
+            if out[-1] is not None:
+                out[-1] = HANDED
     return out
 
 
-def handing_out(buffers: list[bytearray | None]) -> Callable[[int], bytearray | None]:
+def handing_out(buffers: list[Any]) -> Callable[[int], Any]:
     """`buffers(i)` for a store's get_blocks: block i's buffer, given out once and then no longer
     referenced here (a block evicted while the rest of its GET is still coming can be recycled)."""
 
-    def take(i: int) -> bytearray | None:
+    def take(i: int) -> Any:
         if i >= len(buffers):
             return None
         buffer, buffers[i] = buffers[i], None
         return buffer
 
     return take
+
+
+HANDED: Any = object()  # read_entries: an entry given to `on_each` (and no longer held in its result)
 
 
 Pending = tuple[ObjectRef, int, BlockFetch, bool]  # a reserved block, its fetch, whether a reader waits for it

@@ -20,17 +20,21 @@ dropped from it (corrupt) leaves the others until the last goes.
 
 Segments: the blocks of an object version go into one file per SEGMENT_MAX blocks of it (fewer
 with a small disk limit), `<dir>/<2 hex>/seg-<slot 0's name>-<slots>`: a table (SEG_MAGIC, slot
-count, slot size, then each slot's block name and its data's length once written) followed by
-fixed slots, slot i holding block `first + i` (header and data, as in a pack), written in place
-as it arrives, then its length in the table (read at start: one read per segment, not one per
-slot). Whatever order parallel GETs bring the blocks in, the file holds the object in its order,
+count, slot size, then each slot's block name, and its data's length and crc32 once written)
+followed by fixed slots, slot i holding block `first + i`'s data alone at a page boundary,
+written in place as it arrives, then its length and checksum in the table (read at start: one
+read per segment, not one per slot). Data at a page boundary, with nothing before it, can be
+read with O_DIRECT straight into a block's buffer (`get` with `direct`): after a restart, when
+the page cache does not hold a segment, a block read that way costs no page-cache page (each an
+allocation, a mapping and later a reclaim: most of what a warm read from disk cost in CPU). Whatever order parallel GETs bring the blocks in, the file holds the object in its order,
 and a sequential reader after a restart reads one large file as it would a local copy (files of
 8 MiB, the packs these replaced for blocks, read back markedly slower than one large file once
 the page cache was dropped: benchmarks/results/HISTORY.md). A slot is written once (a block
 dropped as corrupt is written again with the same bytes); the table is written before any slot
 (a new file renamed into place), so a crash leaves slots whose table length or checksum does not
 hold, which are not indexed or are dropped when read. A segment is evicted whole, never while a
-slot of it is being written.
+slot of it is being written. (SEG_MAGIC "SSCS" segments had a header before each slot's data;
+they are deleted at start as any file of another format.)
 
 Invariant: `used` (bytes of all block files, temp files included) never exceeds `limit`. Space is
 reserved under `_lock` before a file is written, and eviction of least-recently-used blocks makes
@@ -43,6 +47,8 @@ daemon restart and a block is reused while its object's etag still matches.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import hashlib
 import itertools
@@ -57,6 +63,8 @@ except ImportError:  # pragma: no cover - isal is a dependency; zlib is the fall
     from zlib import crc32
 from collections import OrderedDict
 from pathlib import Path
+
+from sidecar.cache.memory import Buffer
 
 MAGIC = b"SSCB"
 _POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14; Python 3.12 names it
@@ -74,18 +82,13 @@ def _page_up(n: int) -> int:
     return -(-n // PAGE) * PAGE
 
 
-def _block_pages(length: int) -> int:
-    """Bytes on disk of a block of `length` bytes with its header, in whole pages."""
-    return _page_up(_HEADER.size + length)
-
-
 EVICT_BATCH = 64  # index entries looked at per step of an eviction
 
 
 SEG_PREFIX = "seg-"
-SEG_MAGIC = b"SSCS"
+SEG_MAGIC = b"SSC2"
 _SEG = struct.Struct("<4sIQ")  # magic, number of slots, bytes per slot
-_SLOT = struct.Struct("<64sI")  # a slot's block name, its data's length once written (0: not yet)
+_SLOT = struct.Struct("<64sII")  # a slot's block name, its data's length and crc32 once written (length 0: not yet)
 SEGMENT_MAX = 64  # blocks per segment
 SEGMENT_SHARE = 8  # a segment holds at most this fraction of the disk limit
 
@@ -103,7 +106,7 @@ class _Pack:
 
 def segment_layout(slots: int, block_size: int) -> tuple[int, int]:
     """A segment's table bytes and bytes per slot."""
-    return _segment_table(slots), _block_pages(block_size)
+    return _segment_table(slots), _page_up(block_size)
 
 
 def _segment_table(slots: int) -> int:
@@ -135,6 +138,77 @@ def _read_in(fd: int, size: int, offset: int) -> None:
 
 
 _ONE_BYTE = bytearray(1)
+
+
+class _CacheStatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _CacheStat(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_uint64) for f in ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
+
+
+_SYS_CACHESTAT = 451  # Linux 6.5, the same number on every architecture
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+_cachestat_ok = True
+
+
+def cachestat_pages(fd: int, offset: int, size: int) -> int:
+    """Pages of [offset, offset + size) of `fd` in the page cache (cachestat(2)); -1 where it
+    cannot be told (a kernel before 6.5)."""
+    global _cachestat_ok
+    if _cachestat_ok:
+        stat = _CacheStat()
+        if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(_CacheStatRange(offset, size)), ctypes.byref(stat), 0) == 0:
+            return stat.nr_cache
+        _cachestat_ok = False  # (ENOSYS)
+    return -1
+
+
+def _resident(fd: int, offset: int, size: int) -> bool:
+    """Whether the page cache holds every page of [offset, offset + size) of `fd`, asked
+    without touching them: cachestat(2), else mincore(2) on a mapping never read. (A one-byte
+    read that may not wait, RWF_NOWAIT, answers too, but starts the read-ahead it finds
+    missing: the device's whole read-ahead window, 8 MiB here, into the page cache.) True
+    where it cannot be told."""
+    global _cachestat_ok
+    pages = -(-size // PAGE)
+    if _cachestat_ok:
+        stat = _CacheStat()
+        if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(_CacheStatRange(offset, size)), ctypes.byref(stat), 0) == 0:
+            return stat.nr_cache >= pages
+        _cachestat_ok = False  # (ENOSYS: a kernel before 6.5)
+    try:
+        # (private and writable only for ctypes to take its address: never written, never read)
+        m = mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+    except (OSError, ValueError):
+        return True
+    try:
+        vec = ctypes.create_string_buffer(pages)
+        view = ctypes.c_char.from_buffer(m)  # (its address; never read)
+        try:
+            if _libc.mincore(ctypes.addressof(view), size, vec) != 0:
+                return True
+        finally:
+            del view
+        return all(b & 1 for b in vec.raw)
+    finally:
+        m.close()
+
+
+def _read_direct(path: Path, size: int, offset: int, crc: int, buffer: Buffer | None) -> Buffer | None:
+    """A segment slot's data read with O_DIRECT into `buffer` (a new one if it is not a
+    `Buffer` of `size` bytes); None if its checksum does not hold. OSError(EINVAL): the file
+    system does not read directly."""
+    if type(buffer) is not Buffer or len(buffer) != size:
+        buffer = Buffer.new(size)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        got = os.preadv(fd, [buffer], offset)
+    finally:
+        os.close(fd)
+    return buffer if got == size and crc32(buffer) == crc else None
 
 
 def _mapped(fd: int, size: int, offset: int = 0, crc: int | None = None) -> memoryview | None:
@@ -201,7 +275,9 @@ class DiskTier:
         self._pending: set[str] = set()  # reserved, still being written
         self._packed: dict[str, tuple[str, int, int]] = {}  # packed block -> (pack, offset, bytes)
         self._packs: dict[str, _Pack] = {}
-        self._crc: dict[str, int] = {}  # an entry written alone -> its checksum (in its file's name)
+        self._crc: dict[str, int] = {}  # an entry written alone (its checksum in its file's name), a segment's block -> its checksum
+        self.direct_ok = True  # whether this file system reads with O_DIRECT (until EINVAL says not)
+        self.direct_reads = 0  # blocks read with O_DIRECT
         self._lock = threading.Lock()
         # Cached blocks are the bucket's data: readable by the daemon's user only.
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -317,6 +393,7 @@ class DiskTier:
         size = self._index.pop(name, None)
         where = self._packed.pop(name, None)
         if where is not None:
+            self._crc.pop(name, None)
             pack = self._packs[where[0]]
             pack.live.discard(name)
             _drop_pack_if_unused(self, pack)
@@ -325,13 +402,17 @@ class DiskTier:
             self._crc.pop(name, None)
             self.used -= size
 
-    def get(self, name: str) -> bytes | memoryview | None:
+    def get(self, name: str, buffer: Buffer | None = None, *, direct: bool = False) -> bytes | memoryview | Buffer | None:
+        """An entry's bytes, checked. `direct`: a segment's whole block (a multiple of pages)
+        that the page cache does not hold is read with O_DIRECT into `buffer` (or a new
+        `Buffer`) and that buffer returned; else the page cache's pages are mapped (a large
+        entry) or copied (a small one)."""
         with self._lock:
             if name not in self._index or name in self._pending:
                 return None
             self._index.move_to_end(name)
             where = self._packed.get(name)
-            crc = None if where else self._crc.get(name)
+            crc = self._crc.get(name)  # (None for a pack's entry: a header holds it)
             path = self._path(where[0] if where else name)
         data: bytes | memoryview | None = None
         try:
@@ -341,7 +422,17 @@ class DiskTier:
             return None
         try:
             offset, size = (where[1], where[2]) if where else (0, os.fstat(fd).st_size)
-            if size <= _HEADER.size + self.limit and (crc is not None or size >= _HEADER.size):
+            if (direct and self.direct_ok and where is not None and crc is not None and size >= MAP_MIN and size % PAGE == 0
+                    and not _resident(fd, offset, size)):
+                try:
+                    data = _read_direct(path, size, offset, crc, buffer)
+                    self.direct_reads += data is not None
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    self.direct_ok = False  # (tmpfs, some FUSE file systems): the page cache, as below
+                    data = _mapped(fd, size, offset, crc)
+            elif size <= _HEADER.size + self.limit and (crc is not None or size >= _HEADER.size):
                 if size >= MAP_MIN:
                     data = _mapped(fd, size, offset, crc)
                 elif (small := _checked(os.pread(fd, size, offset), size, crc)) is not None:
@@ -506,11 +597,82 @@ class DiskTier:
         return tree_bytes(self.dir)
 
 
+def block_cached(tier: DiskTier, name: str) -> bool:
+    """Whether the page cache holds a segment's block (its last page); True for any other
+    entry, or where that cannot be told."""
+    with tier._lock:
+        where = tier._packed.get(name)
+        if where is None or name not in tier._crc:
+            return True
+        path = tier._path(where[0])
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return True
+    try:
+        return _resident(fd, where[1], where[2])
+    finally:
+        os.close(fd)
+
+
+def read_direct(tier: DiskTier, names: list[str], buffers: list[Buffer | None]) -> list[Buffer | None] | None:
+    """Whole blocks `names`, contiguous slots of one segment that the page cache holds none
+    of, read with one O_DIRECT request into `buffers` (new ones where a buffer is not a
+    `Buffer` of the block's size), each checked (None: corrupt, dropped); None if they are
+    not such blocks (the caller reads them one by one)."""
+    with tier._lock:
+        where = [tier._packed.get(name) for name in names]
+        crcs = [tier._crc.get(name) for name in names]
+        if (not tier.direct_ok or any(w is None or c is None or name not in tier._index or name in tier._pending for name, w, c in zip(names, where, crcs))
+                or len({w[0] for w in where}) != 1):  # type: ignore[index]
+            return None
+        for name in names:
+            tier._index.move_to_end(name)
+        path = tier._path(where[0][0])  # type: ignore[index]
+    spans = [(w[1], w[2]) for w in where]  # type: ignore[index]
+    offset = spans[0][0]
+    if any(size % PAGE or size < MAP_MIN or at != offset + i * size for i, (at, size) in enumerate(spans)) or len({size for _, size in spans}) != 1:
+        return None
+    size = spans[0][1]
+    total = size * len(names)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        if cachestat_pages(fd, offset, total) != 0:
+            return None  # (some in the page cache: mapped, one by one)
+    finally:
+        os.close(fd)
+    bufs = [b if type(b) is Buffer and len(b) == size else Buffer.new(size) for b in buffers]
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            tier.direct_ok = False
+        return None
+    try:
+        got = os.preadv(fd, bufs, offset)
+    finally:
+        os.close(fd)
+    out: list[Buffer | None] = []
+    for i, (name, buf, crc) in enumerate(zip(names, bufs, crcs)):
+        if got >= (i + 1) * size and crc32(buf) == crc:
+            out.append(buf)
+            tier.direct_reads += 1
+        else:
+            out.append(None)
+            tier.corrupt += 1
+            tier._drop(name)
+    return out
+
+
 def write_segment(tier: DiskTier, identity: tuple[str, str, str, int], slots: int, first: int, items: list[tuple[int, bytes]]) -> int:
     """Writes blocks `items` (index, bytes) into their slots of the segment whose slot 0 is block
     `first`, creating it if need be; how many of them are now on disk."""
     storage, key, etag, block_size = identity
     names = [block_name(storage, key, etag, first + i, block_size) for i in range(slots)]
+    crcs = {index: crc32(data) for index, data in items}
     table, slot = segment_layout(slots, block_size)
     name = f"{SEG_PREFIX}{names[0]}-{slots}"  # (a limit changed since: another layout, another file)
     with tier._lock:
@@ -533,7 +695,7 @@ def write_segment(tier: DiskTier, identity: tuple[str, str, str, int], slots: in
         # training image, a zarr chunk) is its bytes on disk, the rest of its slot a hole.
         # Counted as whole slots, a cache of many small files evicted them long before their
         # bytes reached the limit (a shuffled epoch asked the server again for them).
-        need = (table if create else 0) + sum(_block_pages(len(data)) for i, data in new if names[i - first] not in pack.counted)
+        need = (table if create else 0) + sum(_page_up(len(data)) for i, data in new if names[i - first] not in pack.counted)
         pack.writers += 1  # (not evicted to make its own room)
         if need > tier.limit or not tier._evict_locked(need):
             pack.writers -= 1
@@ -542,11 +704,12 @@ def write_segment(tier: DiskTier, identity: tuple[str, str, str, int], slots: in
         for index, data in new:
             block = names[index - first]
             tier._index[block] = 0
-            tier._packed[block] = (name, table + (index - first) * slot, _HEADER.size + len(data))
+            tier._packed[block] = (name, table + (index - first) * slot, len(data))
+            tier._crc[block] = crcs[index]
             tier._pending.add(block)
             if block not in pack.counted:
                 pack.counted.add(block)
-                pack.size += _block_pages(len(data))
+                pack.size += _page_up(len(data))
         tier.used += need
     ok = False
     path = tier._path(name)
@@ -558,9 +721,9 @@ def write_segment(tier: DiskTier, identity: tuple[str, str, str, int], slots: in
         fd = os.open(path, os.O_WRONLY)
         try:
             for index, data in new:
-                os.pwritev(fd, [_HEADER.pack(MAGIC, crc32(data), len(data)), data], table + (index - first) * slot)
+                os.pwrite(fd, data, table + (index - first) * slot)
             for index, data in new:
-                os.pwrite(fd, struct.pack("<I", len(data)), _SEG.size + (index - first) * _SLOT.size + 64)
+                os.pwrite(fd, struct.pack("<II", len(data), crcs[index]), _SEG.size + (index - first) * _SLOT.size + 64)
         finally:
             os.close(fd)
         ok = True
@@ -579,7 +742,7 @@ def _create_segment(path: Path, names: list[str], table: int, slot: int) -> None
     head = bytearray(table)
     _SEG.pack_into(head, 0, SEG_MAGIC, len(names), slot)
     for i, block in enumerate(names):
-        _SLOT.pack_into(head, _SEG.size + i * _SLOT.size, block.encode("ascii"), 0)
+        _SLOT.pack_into(head, _SEG.size + i * _SLOT.size, block.encode("ascii"), 0, 0)
     tmp = path.parent / f".tmp{threading.get_ident()}-{path.name}"
     try:
         try:
@@ -609,6 +772,7 @@ def _segment_written(tier: DiskTier, pack: _Pack, blocks: list[str], ok: bool) -
             else:  # (not `_forget_locked`: the first of them would drop the pack under the rest)
                 tier._index.pop(block, None)
                 tier._packed.pop(block, None)
+                tier._crc.pop(block, None)
         _drop_pack_if_unused(tier, pack)
 
 
@@ -633,16 +797,15 @@ def load_single(tier: DiskTier, name: str, size: int) -> None:
 
 
 def load_segment(tier: DiskTier, name: str) -> None:
-    """Indexes a segment found at start: the slots its table says were written (their header
-    and checksum are checked when a block is read); a file that is not a segment of ours is
-    deleted."""
+    """Indexes a segment found at start: the slots its table says were written (their checksum
+    is checked when a block is read); a file that is not a segment of ours is deleted."""
     path = tier._path(name)
     live: set[str] = set()
     try:
         with open(path, "rb") as f:
             head = f.read(PAGE)
             magic, slots, slot = _SEG.unpack_from(head)
-            if magic != SEG_MAGIC or not name.endswith(f"-{slots}") or not 0 < slots <= 4096 or slot % PAGE or slot <= _HEADER.size:
+            if magic != SEG_MAGIC or not name.endswith(f"-{slots}") or not 0 < slots <= 4096 or slot % PAGE or slot < PAGE:
                 raise ValueError("not a segment")
             table = _segment_table(slots)
             head += f.read(table - len(head))
@@ -653,15 +816,16 @@ def load_segment(tier: DiskTier, name: str) -> None:
         return
     pack = _Pack(name, table, live)
     for i in range(slots):
-        raw, length = _SLOT.unpack_from(head, _SEG.size + i * _SLOT.size)
+        raw, length, crc = _SLOT.unpack_from(head, _SEG.size + i * _SLOT.size)
         block = raw.decode("ascii", "replace")
-        if not 0 < length <= slot - _HEADER.size or block in tier._index:
+        if not 0 < length <= slot or block in tier._index:
             continue
         tier._index[block] = 0
-        tier._packed[block] = (name, table + i * slot, _HEADER.size + length)
+        tier._packed[block] = (name, table + i * slot, length)
+        tier._crc[block] = crc
         live.add(block)
         pack.counted.add(block)
-        pack.size += _block_pages(length)
+        pack.size += _page_up(length)
     if live:
         tier._packs[name] = pack
         tier.used += pack.size

@@ -15,12 +15,21 @@ allocation is a mapping of its own (worker.return_freed_blocks), and the kernel 
 zeroed each new one page by page: a fifth of a cold read's CPU (perf). The budget is unchanged:
 the buffer moves from the tier to the reservation.
 
+Blocks read back from the disk tier come in page-aligned `Buffer`s (the disk reads them with
+O_DIRECT, sidecar.cache.disk), recycled the same way, and earlier: such a block costs a local
+read to get again, so once a reader has been served from it and SERVED_KEEP later ones, its
+buffer is the next disk read's even while the budget has room. Without that, every block of a
+mount's first `limit` bytes read after a restart was a new allocation, whose page faults cost as
+much as the page cache the direct reads avoid.
+
 Concurrency: trio thread only. `reserve` waits for room; whoever frees room (a release, an
 unpin) wakes the waiters.
 """
 
 from __future__ import annotations
 
+import itertools
+import mmap
 import sys
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -29,6 +38,26 @@ from typing import Any
 import trio
 
 EntryId = tuple[str, str, Any]  # (key, etag, block index or ("range", start, end))
+SERVED_TRIES = 8  # served blocks looked at per reservation
+SERVED_KEEP = 16  # blocks read from disk kept after they served a reader, before their buffers are reused
+
+
+class Buffer(mmap.mmap):
+    """A block's buffer: anonymous memory at a page boundary, as O_DIRECT wants it. Compares
+    as its bytes (a bytearray's would)."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __eq__(self, other: object) -> bool:
+        return memoryview(self) == other
+
+    @classmethod
+    def new(cls, n: int) -> "Buffer":
+        # (private: Python maps anonymous memory shared by default, pages of a shmem file)
+        return cls(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
+RECYCLED = (bytearray, Buffer)
 
 
 class MemoryBudget:
@@ -40,6 +69,8 @@ class MemoryBudget:
         self.reserved = 0  # bytes reserved by fetches in flight
         self.unwritten: dict[EntryId, int] = {}  # pinned entries, with their pin counts
         self._room = trio.Event()  # set (and replaced) whenever room may have been freed
+        self.from_disk: set[EntryId] = set()  # entries read back from the disk tier
+        self.served: OrderedDict[EntryId, None] = OrderedDict()  # those a reader got, by when it first did
 
     @property
     def used(self) -> int:
@@ -50,15 +81,31 @@ class MemoryBudget:
         data = self.entries.get(mid)
         if data is not None:
             self.entries.move_to_end(mid)
+            self.was_served(mid)
         return data
+
+    def was_served(self, mid: EntryId) -> None:
+        """A reader got entry `mid` (from the tier, or as its fetch completed)."""
+        if mid in self.from_disk and mid not in self.served:
+            self.served[mid] = None
 
     def peek(self, mid: EntryId) -> bytes | None:
         """An entry, its place in the LRU order left as it is."""
         return self.entries.get(mid)
 
-    def add(self, mid: EntryId, data: bytes) -> None:
+    def add(self, mid: EntryId, data: bytes, *, from_disk: bool = False) -> None:
         self.entries[mid] = data
         self.held += len(data)
+        if from_disk:
+            self.from_disk.add(mid)
+
+    def _pop(self, mid: EntryId) -> Any:
+        data = self.entries.pop(mid)
+        self.held -= len(data)
+        if mid in self.from_disk:
+            self.from_disk.discard(mid)
+            self.served.pop(mid, None)
+        return data
 
     def keep(self, mid: EntryId, data: bytes) -> None:
         """Adds an entry if there is room for it (evicting others); else forgets it."""
@@ -78,7 +125,7 @@ class MemoryBudget:
                     victims.append(mid)
                     over -= len(data)
             for mid in victims:
-                self.held -= len(self.entries.pop(mid))
+                self._pop(mid)
         return self.used + need <= self.limit
 
     def pin(self, mid: EntryId) -> None:
@@ -102,30 +149,45 @@ class MemoryBudget:
         while not self.try_reserve(n):
             await self._room.wait()
 
-    def reserve_block(self, n: int) -> tuple[bool, bytearray | None]:
+    def reserve_block(self, n: int, aligned: bool = False) -> tuple[bool, Any]:
         """`try_reserve` for a block of `n` bytes, and a buffer to fill it in: an evicted block's
-        that nobody else holds, if the room came from one (else None: the caller makes one)."""
+        that nobody else holds, if the room came from one (else None: the caller makes one).
+        `aligned`: a block read from disk, whose buffer must be a `Buffer`; a served block read
+        from disk gives up its buffer first (SERVED_KEEP)."""
         if n != self.buffer_size:
             return self.try_reserve(n), None
+        kinds = (Buffer,) if aligned else RECYCLED
+        if aligned:
+            # The oldest served blocks past SERVED_KEEP, the first one nothing else holds (one
+            # still held, by its reply or by the disk run it came in, is tried again later)
+            for mid in list(itertools.islice(self.served, max(0, min(SERVED_TRIES, len(self.served) - SERVED_KEEP)))):
+                data = self.entries.get(mid)
+                if type(data) is not Buffer or mid in self.unwritten or len(data) != n:
+                    del self.served[mid]
+                    continue
+                # (refcount 3: the tier's, `data` and getrefcount's argument)
+                if sys.getrefcount(data) == 3:
+                    self._pop(mid)
+                    self.reserved += n  # (its n bytes are the room)
+                    return True, data
+                del data
         while self.used + n > self.limit:
             victim = next((mid for mid in self.entries if mid not in self.unwritten), None)
             if victim is None:
                 return False, None
-            data = self.entries.pop(victim)
+            data = self._pop(victim)
             # (refcount 2: `data` and getrefcount's argument; a view of it anywhere holds one more)
-            if type(data) is bytearray and len(data) == n and sys.getrefcount(data) == 2:
-                self.held -= n
+            if type(data) in kinds and len(data) == n and sys.getrefcount(data) == 2:
                 self.reserved += n
                 return True, data
-            self.held -= len(data)
             del data
         self.reserved += n
         return True, None
 
-    async def reserve_buffer(self, n: int) -> bytearray | None:
+    async def reserve_buffer(self, n: int, aligned: bool = False) -> Any:
         """`reserve` for a block: waits for room; a recycled buffer or None."""
         while True:
-            ok, buffer = self.reserve_block(n)
+            ok, buffer = self.reserve_block(n, aligned)
             if ok:
                 return buffer
             await self._room.wait()
@@ -137,7 +199,7 @@ class MemoryBudget:
     def clear(self) -> None:
         """Forgets every entry not pinned (tests: a cache as after a restart)."""
         for mid in [m for m in self.entries if m not in self.unwritten]:
-            self.held -= len(self.entries.pop(mid))
+            self._pop(mid)
 
     def _wake(self) -> None:
         self._room.set()

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections import deque
 from enum import Enum
 
-from sidecar.cache.blocks import BlockCache, ObjectRef
+from sidecar.cache.blocks import BlockCache, ObjectRef, on_disk
 from sidecar.cache.ranges import ExactRanges
 from sidecar.cache.readahead import KERNEL_WINDOW, ReadAhead
 from sidecar.cache.streams import FOLLOWS_PER_HANDLE, FollowedStream, Streams
@@ -36,6 +36,7 @@ from sidecar.cache.streams import FOLLOWS_PER_HANDLE, FollowedStream, Streams
 
 WHOLE_AFTER = 8  # exact misses in one object version before a small file is fetched whole
 WHOLE_MAX = 256 << 20  # bytes: larger files are never fetched whole for a random reader
+DISK_WINDOW = 64  # blocks read ahead of a reader whose next blocks are on the local disk
 
 
 class Strategy(Enum):
@@ -52,6 +53,7 @@ class Reader:
         self.ranges = ranges
         self.streams = streams  # None: the store cannot stream a gated body
         self.readahead = ReadAhead(cache.block_size, max_readahead_blocks, kernel_window)
+        self.max_readahead_blocks = max_readahead_blocks
         self.followed: list[FollowedStream] = []  # streamed GETs following this reader's runs
         # The last ranges read exactly (a stream may continue one; several, since one reader may
         # read several runs at once):
@@ -66,6 +68,11 @@ class Reader:
         window."""
         bs = self.cache.block_size
         first, last = offset // bs, (end - 1) // bs
+        # Ahead of a reader whose next blocks are on the local disk, a window of DISK_WINDOW
+        # blocks keeps it from waiting (a disk read is a millisecond, not a round trip), and
+        # its blocks' buffers are reused sooner (sidecar.cache.memory: SERVED_KEEP).
+        self.readahead.max_blocks = (min(DISK_WINDOW, self.max_readahead_blocks) if on_disk(self.cache, self.ref, last + 1)
+                                     else self.max_readahead_blocks)
         ahead = self.readahead.on_read(offset, end - offset)
         if self.streams is not None:
             if self.streams.follow(self.followed, self.ref, first, last, may_start=self.readahead.following, after=self.exact):

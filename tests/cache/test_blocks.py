@@ -154,6 +154,44 @@ def test_an_evicted_block_nobody_holds_becomes_the_next_blocks_buffer():
     assert budget.reserve_block(5) == (False, None)  # not a block: try_reserve, as before
 
 
+def test_blocks_read_from_disk_give_their_buffers_back_once_served_even_with_room():
+    """A block read from the disk tier costs a local read to get again: once a reader got it and
+    SERVED_KEEP later such blocks, its `Buffer` is the next disk read's, though the budget has
+    room. Not before it was served (read ahead, not yet asked for), not while a view of it
+    lives, not a buffer of another kind (a bytearray cannot be read into with O_DIRECT), and
+    only for a disk read (`aligned`)."""
+    from sidecar.cache.memory import SERVED_KEEP, Buffer, MemoryBudget
+
+    budget = MemoryBudget(1000 * BS, buffer_size=BS)
+    ids = [("k", "e", i) for i in range(SERVED_KEEP + 4)]
+    for mid in ids:
+        budget.add(mid, Buffer.new(BS), from_disk=True)
+    budget.add(("k", "e", "net"), bytearray(BS))
+    budget.add(("k", "e", "unserved"), Buffer.new(BS), from_disk=True)
+    assert budget.reserve_block(BS, aligned=True) == (True, None)  # none served yet: a new one
+    budget.release(BS)
+    view = memoryview(budget.get(ids[0]))[:10]  # served, and a reply of it still being written
+    for mid in ids[1:]:
+        budget.get(mid)
+    budget.get(("k", "e", "net"))
+    assert budget.reserve_block(BS) == (True, None)  # not a disk read: room, nothing recycled
+    budget.release(BS)
+    used = budget.used
+    ok, got = budget.reserve_block(BS, aligned=True)
+    assert ok and type(got) is Buffer and len(got) == BS
+    assert ids[0] in budget.entries and ids[1] not in budget.entries  # 0: kept (its view), 1: reused
+    assert budget.used == used and bytes(view) == bytes(10)
+    del view
+    ok, got = budget.reserve_block(BS, aligned=True)  # 0, no longer held, is the oldest
+    assert ok and type(got) is Buffer and ids[0] not in budget.entries
+    while len(budget.served) > SERVED_KEEP:
+        ok, got = budget.reserve_block(BS, aligned=True)
+        assert ok and type(got) is Buffer
+    assert len(budget.served) == SERVED_KEEP and ("k", "e", "unserved") in budget.entries
+    assert budget.reserve_block(BS, aligned=True) == (True, None)  # SERVED_KEEP left: kept
+    assert sum(mid not in budget.entries for mid in ids) == len(ids) - SERVED_KEEP
+
+
 def test_blocks_read_through_a_small_budget_reuse_the_evicted_blocks_buffers():
     """Read through a cache whose memory holds three blocks: the later blocks are fetched into
     the buffers of evicted ones, and every byte is right, also those of a block a reader still

@@ -10,7 +10,7 @@ import pytest
 
 import trio
 
-from sidecar.cache.disk import DiskTier, block_name
+from sidecar.cache.disk import DiskTier, block_cached, block_name
 from sidecar.store.memory import MemoryStore
 from tests.fshelpers import BS, mounted, path_ino, read_all, run
 
@@ -155,8 +155,8 @@ def test_an_objects_blocks_are_laid_out_in_its_order_in_one_segment_and_kept_acr
     offsets = [disk._packed[n][1] for n in names]
     assert offsets == sorted(offsets) and len(set(offsets)) == 13  # in the object's order
     raw = seg.read_bytes()
-    for i, off in enumerate(offsets):  # each slot: the header, then the block itself
-        assert raw[off + 16 : off + 16 + len(data[i])] == data[i]
+    for i, off in enumerate(offsets):  # each slot: the block itself, at a page boundary
+        assert off % 4096 == 0 and raw[off : off + len(data[i])] == data[i]
     assert disk.put_blocks("st", "obj", "e1", MIB, [(3, data[3])]) == 1  # held: not written again
     held = disk.get(names[5])
     assert isinstance(held, memoryview) and held == data[5]
@@ -184,8 +184,8 @@ def test_a_segment_cut_short_corrupt_or_foreign_costs_only_its_bad_blocks(tmp_pa
     (seg,) = _segment_files(tmp_path)
     names = [block_name("st", "obj", "e1", i, MIB) for i in range(4)]
     raw = bytearray(seg.read_bytes())
-    raw[16 + 3 * 68 + 64 : 16 + 3 * 68 + 68] = bytes(4)  # slot 3's length in the table: not yet
-    raw[disk._packed[names[1]][1] + 16 + MIB // 2] ^= 0xFF  # slot 1's data damaged
+    raw[16 + 3 * 72 + 64 : 16 + 3 * 72 + 68] = bytes(4)  # slot 3's length in the table: not yet
+    raw[disk._packed[names[1]][1] + MIB // 2] ^= 0xFF  # slot 1's data damaged
     seg.write_bytes(bytes(raw))
     foreign = tmp_path / "ab" / f"seg-{'ab' * 32}-8"
     foreign.parent.mkdir(exist_ok=True)
@@ -217,6 +217,7 @@ def test_a_segment_write_that_fails_leaves_nothing_of_it_and_the_other_blocks_re
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(diskmod.os, "pwritev", full)
+    monkeypatch.setattr(diskmod.os, "pwrite", full)
     assert disk.put_blocks("st", "new", "e1", MIB, list(enumerate(data[:3]))) == 0  # a new segment
     assert disk.put_blocks("st", "kept", "e1", MIB, [(1, data[1]), (2, data[2])]) == 0  # beside a block
     monkeypatch.undo()
@@ -584,3 +585,66 @@ def test_a_new_segment_makes_its_folder_only_when_the_folder_is_missing(tmp_path
     folders = {p.parent for p in _segment_files(tmp_path)}
     assert len(made) == len(folders) < 40
     assert all(disk.get(block_name("st", k, "e1", 0, MIB)) == d for k, d in blocks.items())
+
+
+def _evict_page_cache(root):
+    """Every file under `root` written out and dropped from the page cache (clean pages go)."""
+    for d, _, names in os.walk(root):
+        for n in names:
+            fd = os.open(os.path.join(d, n), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _reads_direct(root) -> bool:
+    try:
+        fd = os.open(os.path.join(root, "probe"), os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600)
+        os.close(fd)
+        return True
+    except OSError:
+        return False
+    finally:
+        try:
+            os.unlink(os.path.join(root, "probe"))
+        except FileNotFoundError:
+            pass
+
+
+def test_a_segment_block_the_page_cache_does_not_hold_is_read_directly_into_the_given_buffer(tmp_path):
+    """After a restart with the page cache dropped, a whole block of a segment is read with
+    O_DIRECT into the caller's `Buffer` (a recycled one), checked, and that buffer is the
+    block; a block the page cache holds is mapped as before; a damaged slot read directly is
+    corrupt (dropped, counted), and a short last block or an entry of a pack is read as before."""
+    from sidecar.cache.memory import Buffer
+
+    if not _reads_direct(str(tmp_path)):
+        pytest.skip("this file system does not read with O_DIRECT")
+    rnd = random.Random(36)
+    data = [rnd.randbytes(MIB) for _ in range(4)] + [rnd.randbytes(MIB // 2 + 3)]
+    disk = DiskTier(tmp_path / "c", limit=256 << 20)
+    assert disk.put_blocks("st", "obj", "e1", MIB, list(enumerate(data))) == 5
+    names = [block_name("st", "obj", "e1", i, MIB) for i in range(5)]
+    _evict_page_cache(tmp_path / "c")
+    again = DiskTier(tmp_path / "c", limit=256 << 20)
+    assert not block_cached(again, names[0])
+    mine = Buffer.new(MIB)
+    got = again.get(names[0], mine, direct=True)
+    assert got is mine and got == data[0] and again.direct_reads == 1
+    assert not block_cached(again, names[0])  # read past the page cache
+    new = again.get(names[1], None, direct=True)  # no buffer given: a new one
+    assert type(new) is Buffer and new == data[1] and again.direct_reads == 2
+    assert again.get(names[4], Buffer.new(MIB), direct=True) == data[4]  # short: mapped
+    assert again.direct_reads == 2
+    assert again.get(names[2]) == data[2]  # not direct: the page cache's pages
+    assert block_cached(again, names[2])
+    assert isinstance(again.get(names[2], Buffer.new(MIB), direct=True), memoryview) and again.direct_reads == 2
+    (seg,) = _segment_files(tmp_path / "c")
+    with open(seg, "r+b") as f:
+        f.seek(again._packed[names[3]][1] + 1000)
+        f.write(b"\xff")
+    _evict_page_cache(tmp_path / "c")
+    assert again.get(names[3], Buffer.new(MIB), direct=True) is None
+    assert again.corrupt == 1 and names[3] not in again and again.direct_reads == 2

@@ -126,6 +126,46 @@ def test_readers_through_a_small_memory_budget_reuse_buffers_and_read_right_byte
     assert w.stats()["cache"]["buffers_recycled"] - before >= 8  # of its 25 blocks
 
 
+def test_a_new_mount_over_a_disk_cache_the_page_cache_dropped_reads_it_directly_into_recycled_buffers(s3_bucket, mount_worker, tmp_path):
+    """A file read whole, then a new mount over the same disk cache after its files left the
+    page cache (as after a restart on a node whose page cache went elsewhere): read again, its
+    blocks come from disk with O_DIRECT, into buffers of blocks read before (SERVED_KEEP) though
+    the budget has room, with no request to the server, and every byte is right; two files
+    read at once."""
+    from tests.cache.test_disk import _evict_page_cache, _reads_direct
+
+    if not _reads_direct(str(tmp_path)):
+        pytest.skip("this file system does not read with O_DIRECT")
+    rng = random.Random(37)
+    files = {f"w{i}.bin": rng.randbytes(72 * MiB + 5 * i) for i in range(2)}
+    for k, v in files.items():
+        s3_bucket.put(k, v)
+    cache = str(tmp_path / "warm-cache")
+    first = mount_worker(s3_bucket, block_size=MiB, cache_dir=cache)
+    for name, data in files.items():
+        with open(os.path.join(first.mnt, name), "rb") as f:
+            assert sha(f.read()) == sha(data)
+    blocks = sum(-(-len(v) // MiB) for v in files.values())
+    wait_for(lambda: first.stats()["disk"]["blocks"] == blocks, timeout=30, what="the blocks on disk")
+    first.stop()
+    _evict_page_cache(cache)
+    w = mount_worker(s3_bucket, block_size=MiB, cache_dir=cache)
+    gets = w.stats()["store"]["get_requests"]
+
+    def read(name):
+        with open(os.path.join(w.mnt, name), "rb") as f:
+            return name, sha(f.read())
+
+    with ThreadPoolExecutor(2) as pool:
+        for name, got in pool.map(read, files):
+            assert got == sha(files[name])
+    st = w.stats()
+    assert st["store"]["get_requests"] == gets and st["disk"]["corrupt"] == 0
+    assert st["disk"]["direct_reads"] >= 2 * 64  # the last, short blocks are mapped; a few may be cached
+    # (the budget, 256 MiB, never fills: without the early reuse of served blocks none would be)
+    assert st["cache"]["buffers_recycled"] >= 8
+
+
 def test_replaced_object_seen_after_ttl_never_mixed(bucket, mount_worker):
     old = bucket.put("obj.bin", random.Random(4).randbytes(3 * MiB))
     w = mount_worker(bucket, block_size=MiB, ttl=1.0)
