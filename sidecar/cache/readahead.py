@@ -65,6 +65,11 @@ class ReadAhead:
         self._exact = False  # the last read began exactly where a recent one ended
 
     @property
+    def requested_end(self) -> int:
+        """The first block not yet requested ahead of the reader."""
+        return self._requested_end
+
+    @property
     def following(self) -> bool:
         """The current read continues a run that did not start at offset 0 (and is not long yet):
         one streamed GET should follow it (see the module's docstring)."""

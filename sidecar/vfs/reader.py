@@ -68,11 +68,13 @@ class Reader:
         window."""
         bs = self.cache.block_size
         first, last = offset // bs, (end - 1) // bs
-        # Ahead of a reader whose next blocks are on the local disk, a window of DISK_WINDOW
-        # blocks keeps it from waiting (a disk read is a millisecond, not a round trip), and
-        # its blocks' buffers are reused sooner (sidecar.cache.memory: SERVED_KEEP).
-        self.readahead.max_blocks = (min(DISK_WINDOW, self.max_readahead_blocks) if on_disk(self.cache, self.ref, last + 1)
-                                     else self.max_readahead_blocks)
+        # Ahead of a reader whose read-ahead reaches blocks on the local disk, a window of
+        # DISK_WINDOW blocks keeps it from waiting (a disk read is a millisecond, not a round
+        # trip), and its blocks' buffers are reused sooner (sidecar.cache.memory: SERVED_KEEP).
+        # (The first block not yet asked for: behind a cold reader the blocks just fetched are
+        # on disk too, and its window must stay the link's.)
+        self.readahead.max_blocks = (min(DISK_WINDOW, self.max_readahead_blocks)
+                                     if on_disk(self.cache, self.ref, max(last + 1, self.readahead.requested_end)) else self.max_readahead_blocks)
         ahead = self.readahead.on_read(offset, end - offset)
         if self.streams is not None:
             if self.streams.follow(self.followed, self.ref, first, last, may_start=self.readahead.following, after=self.exact):
