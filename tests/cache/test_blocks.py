@@ -190,6 +190,11 @@ def test_blocks_read_from_disk_give_their_buffers_back_once_served_even_with_roo
     assert len(budget.served) == SERVED_KEEP and ("k", "e", "unserved") in budget.entries
     assert budget.reserve_block(BS, aligned=True) == (True, None)  # SERVED_KEEP left: kept
     assert sum(mid not in budget.entries for mid in ids) == len(ids) - SERVED_KEEP
+    full = MemoryBudget(2 * BS, buffer_size=BS)  # full: a Buffer evicted serves a fetch from the store too
+    full.add(("k", "e", 0), Buffer.new(BS), from_disk=True)
+    full.add(("k", "e", 1), bytearray(BS))
+    ok, got = full.reserve_block(BS)
+    assert ok and type(got) is Buffer and full.used == 2 * BS
 
 
 def test_blocks_read_through_a_small_budget_reuse_the_evicted_blocks_buffers():
