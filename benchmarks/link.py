@@ -263,6 +263,7 @@ class LinkBench:
         for _ in range(self.args.repeat):
             cache = Path(tempfile.mkdtemp(dir=self.work))
             sidecar(cache, "sidecar_cold")
+            os.sync()  # (the cold read's disk-cache writes, still going out, would compete with the warm read)
             sidecar(cache, "sidecar_warm")  # a new mount over the kept disk cache, its files in the page cache
             sidecar(cache, "sidecar_warm_dropped", drop=True)  # the same after `sync; drop_caches`
             drop_page_cache()
