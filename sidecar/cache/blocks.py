@@ -414,6 +414,10 @@ class BlockCache:
 
         try:
             await trio.to_thread.run_sync(write_all, limiter=self._disk_limiter)
+            if disk is not None:
+                for mid, (name, _) in zip(pinned, items):
+                    if name in disk:
+                        self.memory.mark_local(mid)
         finally:
             self.memory.unpin(pinned)
 

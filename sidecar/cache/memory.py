@@ -16,11 +16,12 @@ zeroed each new one page by page: a fifth of a cold read's CPU (perf). The budge
 the buffer moves from the tier to the reservation.
 
 Blocks read back from the disk tier come in page-aligned `Buffer`s (the disk reads them with
-O_DIRECT, sidecar.cache.disk), recycled the same way, and earlier: such a block costs a local
-read to get again, so once a reader has been served from it and SERVED_KEEP later ones, its
-buffer is the next disk read's even while the budget has room. Without that, every block of a
-mount's first `limit` bytes read after a restart was a new allocation, whose page faults cost as
-much as the page cache the direct reads avoid.
+O_DIRECT, sidecar.cache.disk), recycled the same way. And earlier: a block whose bytes are on the
+local disk (read from it, or written to it since it was fetched) costs a local read to get
+again, so once a reader has been served from it and SERVED_KEEP blocks after it, its buffer is
+the next block's even while the budget has room. Without that, every block of a mount's first
+`limit` bytes was a new allocation: after a restart its page faults cost as much as the page
+cache the direct reads avoid, and a cold read paid them for its first 256 MiB.
 
 Concurrency: trio thread only. `reserve` waits for room; whoever frees room (a release, an
 unpin) wakes the waiters.
@@ -39,7 +40,7 @@ import trio
 
 EntryId = tuple[str, str, Any]  # (key, etag, block index or ("range", start, end))
 SERVED_TRIES = 8  # served blocks looked at per reservation
-SERVED_KEEP = 16  # blocks read from disk kept after they served a reader, before their buffers are reused
+SERVED_KEEP = 16  # blocks on the local disk kept after they served a reader, before their buffers are reused
 
 
 class Buffer(mmap.mmap):
@@ -69,8 +70,8 @@ class MemoryBudget:
         self.reserved = 0  # bytes reserved by fetches in flight
         self.unwritten: dict[EntryId, int] = {}  # pinned entries, with their pin counts
         self._room = trio.Event()  # set (and replaced) whenever room may have been freed
-        self.from_disk: set[EntryId] = set()  # entries read back from the disk tier
-        self.served: OrderedDict[EntryId, None] = OrderedDict()  # those a reader got, by when it first did
+        self.local: set[EntryId] = set()  # entries whose bytes are on the local disk (read from it, or written)
+        self.served: OrderedDict[EntryId, None] = OrderedDict()  # entries a reader got, by when it first did
 
     @property
     def used(self) -> int:
@@ -86,8 +87,13 @@ class MemoryBudget:
 
     def was_served(self, mid: EntryId) -> None:
         """A reader got entry `mid` (from the tier, or as its fetch completed)."""
-        if mid in self.from_disk and mid not in self.served:
+        if mid in self.entries and mid not in self.served:
             self.served[mid] = None
+
+    def mark_local(self, mid: EntryId) -> None:
+        """Entry `mid`'s bytes are now on the local disk too (its write is done)."""
+        if mid in self.entries:
+            self.local.add(mid)
 
     def peek(self, mid: EntryId) -> bytes | None:
         """An entry, its place in the LRU order left as it is."""
@@ -97,14 +103,13 @@ class MemoryBudget:
         self.entries[mid] = data
         self.held += len(data)
         if from_disk:
-            self.from_disk.add(mid)
+            self.local.add(mid)
 
     def _pop(self, mid: EntryId) -> Any:
         data = self.entries.pop(mid)
         self.held -= len(data)
-        if mid in self.from_disk:
-            self.from_disk.discard(mid)
-            self.served.pop(mid, None)
+        self.local.discard(mid)
+        self.served.pop(mid, None)
         return data
 
     def keep(self, mid: EntryId, data: bytes) -> None:
@@ -152,25 +157,27 @@ class MemoryBudget:
     def reserve_block(self, n: int, aligned: bool = False) -> tuple[bool, Any]:
         """`try_reserve` for a block of `n` bytes, and a buffer to fill it in: an evicted block's
         that nobody else holds, if the room came from one (else None: the caller makes one).
-        `aligned`: a block read from disk, whose buffer must be a `Buffer`; a served block read
-        from disk gives up its buffer first (SERVED_KEEP)."""
+        `aligned`: a block read from disk, whose buffer must be a `Buffer`. A served block on the
+        local disk gives up its buffer first (SERVED_KEEP)."""
         if n != self.buffer_size:
             return self.try_reserve(n), None
         kinds = (Buffer,) if aligned else RECYCLED
-        if aligned:
-            # The oldest served blocks past SERVED_KEEP, the first one nothing else holds (one
-            # still held, by its reply or by the disk run it came in, is tried again later)
-            for mid in list(itertools.islice(self.served, max(0, min(SERVED_TRIES, len(self.served) - SERVED_KEEP)))):
-                data = self.entries.get(mid)
-                if type(data) is not Buffer or mid in self.unwritten or len(data) != n:
-                    del self.served[mid]
-                    continue
-                # (refcount 3: the tier's, `data` and getrefcount's argument)
-                if sys.getrefcount(data) == 3:
-                    self._pop(mid)
-                    self.reserved += n  # (its n bytes are the room)
-                    return True, data
-                del data
+        # The oldest served blocks past SERVED_KEEP, the first one on the local disk that
+        # nothing else holds (one still held, by its reply or its run, or still being written,
+        # is tried again later; one that cannot become such a buffer is passed for good)
+        for mid in list(itertools.islice(self.served, max(0, min(SERVED_TRIES, len(self.served) - SERVED_KEEP)))):
+            if mid in self.unwritten:
+                continue
+            data = self.entries.get(mid)
+            if mid not in self.local or type(data) not in RECYCLED or len(data) != n:
+                del self.served[mid]
+                continue
+            # (refcount 3: the tier's, `data` and getrefcount's argument)
+            if type(data) in kinds and sys.getrefcount(data) == 3:
+                self._pop(mid)
+                self.reserved += n  # (its n bytes are the room)
+                return True, data
+            del data
         while self.used + n > self.limit:
             victim = next((mid for mid in self.entries if mid not in self.unwritten), None)
             if victim is None:

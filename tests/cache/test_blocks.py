@@ -154,42 +154,54 @@ def test_an_evicted_block_nobody_holds_becomes_the_next_blocks_buffer():
     assert budget.reserve_block(5) == (False, None)  # not a block: try_reserve, as before
 
 
-def test_blocks_read_from_disk_give_their_buffers_back_once_served_even_with_room():
-    """A block read from the disk tier costs a local read to get again: once a reader got it and
-    SERVED_KEEP later such blocks, its `Buffer` is the next disk read's, though the budget has
-    room. Not before it was served (read ahead, not yet asked for), not while a view of it
-    lives, not a buffer of another kind (a bytearray cannot be read into with O_DIRECT), and
-    only for a disk read (`aligned`)."""
+def test_blocks_on_the_local_disk_give_their_buffers_back_once_served_even_with_room():
+    """A block whose bytes are on the local disk (read from it, or written since it was
+    fetched) costs a local read to get again: once a reader got it and SERVED_KEEP blocks after
+    it, its buffer is the next block's, though the budget has room. Not before it was served
+    (read ahead, not yet asked for), not while a view of it lives, not before its disk write is
+    done, never one that is not on the disk; a disk read (`aligned`) takes only a `Buffer` (a
+    bytearray cannot be read into with O_DIRECT), a fetch from the store either kind."""
     from sidecar.cache.memory import SERVED_KEEP, Buffer, MemoryBudget
 
     budget = MemoryBudget(1000 * BS, buffer_size=BS)
-    ids = [("k", "e", i) for i in range(SERVED_KEEP + 4)]
+    ids = [("k", "e", i) for i in range(SERVED_KEEP + 6)]
     for mid in ids:
         budget.add(mid, Buffer.new(BS), from_disk=True)
-    budget.add(("k", "e", "net"), bytearray(BS))
+    fetched, unwritten = ("k", "e", "fetched"), ("k", "e", "unwritten")
+    budget.add(fetched, bytearray(BS))  # from the store, its disk write done
+    budget.add(unwritten, bytearray(BS))  # from the store, still being written
+    budget.pin(unwritten)
+    budget.add(("k", "e", "nowhere"), bytearray(BS))  # never written (no disk tier took it)
     budget.add(("k", "e", "unserved"), Buffer.new(BS), from_disk=True)
     assert budget.reserve_block(BS, aligned=True) == (True, None)  # none served yet: a new one
     budget.release(BS)
+    for mid in (("k", "e", "nowhere"), unwritten, fetched):
+        budget.get(mid)
+    budget.mark_local(fetched)
     view = memoryview(budget.get(ids[0]))[:10]  # served, and a reply of it still being written
     for mid in ids[1:]:
         budget.get(mid)
-    budget.get(("k", "e", "net"))
-    assert budget.reserve_block(BS) == (True, None)  # not a disk read: room, nothing recycled
-    budget.release(BS)
     used = budget.used
-    ok, got = budget.reserve_block(BS, aligned=True)
-    assert ok and type(got) is Buffer and len(got) == BS
+    ok, got = budget.reserve_block(BS)  # a fetch from the store: the oldest free one, a bytearray
+    assert ok and type(got) is bytearray and fetched not in budget.entries
+    assert ("k", "e", "nowhere") in budget.entries and ("k", "e", "nowhere") not in budget.served
+    ok, got = budget.reserve_block(BS, aligned=True)  # a disk read: not the one being written
+    assert ok and type(got) is Buffer and unwritten in budget.entries
     assert ids[0] in budget.entries and ids[1] not in budget.entries  # 0: kept (its view), 1: reused
     assert budget.used == used and bytes(view) == bytes(10)
     del view
-    ok, got = budget.reserve_block(BS, aligned=True)  # 0, no longer held, is the oldest
-    assert ok and type(got) is Buffer and ids[0] not in budget.entries
-    while len(budget.served) > SERVED_KEEP:
+    budget.unpin([unwritten])
+    budget.mark_local(unwritten)
+    ok, got = budget.reserve_block(BS, aligned=True)  # the bytearray is passed over for a Buffer
+    assert ok and type(got) is Buffer and ids[0] not in budget.entries and unwritten in budget.entries
+    while len(budget.served) > SERVED_KEEP + 1:
         ok, got = budget.reserve_block(BS, aligned=True)
         assert ok and type(got) is Buffer
+    ok, got = budget.reserve_block(BS)  # the store's fetch takes the bytearray, now on disk
+    assert ok and type(got) is bytearray and unwritten not in budget.entries
     assert len(budget.served) == SERVED_KEEP and ("k", "e", "unserved") in budget.entries
     assert budget.reserve_block(BS, aligned=True) == (True, None)  # SERVED_KEEP left: kept
-    assert sum(mid not in budget.entries for mid in ids) == len(ids) - SERVED_KEEP
+    budget.release(BS)
     full = MemoryBudget(2 * BS, buffer_size=BS)  # full: a Buffer evicted serves a fetch from the store too
     full.add(("k", "e", 0), Buffer.new(BS), from_disk=True)
     full.add(("k", "e", 1), bytearray(BS))

@@ -127,8 +127,8 @@ def test_readers_through_a_small_memory_budget_reuse_buffers_and_read_right_byte
 
 
 def test_a_new_mount_over_a_disk_cache_the_page_cache_dropped_reads_it_directly_into_recycled_buffers(s3_bucket, mount_worker, tmp_path):
-    """A file read whole, then a new mount over the same disk cache after its files left the
-    page cache (as after a restart on a node whose page cache went elsewhere): read again, its
+    """Two files read whole (fetched blocks, once on disk and served, give their buffers to
+    later fetches), then a new mount over the same disk cache after its files left the page cache (as after a restart on a node whose page cache went elsewhere): read again, its
     blocks come from disk with O_DIRECT, into buffers of blocks read before (SERVED_KEEP) though
     the budget has room, with no request to the server, and every byte is right; two files
     read at once."""
@@ -142,11 +142,14 @@ def test_a_new_mount_over_a_disk_cache_the_page_cache_dropped_reads_it_directly_
         s3_bucket.put(k, v)
     cache = str(tmp_path / "warm-cache")
     first = mount_worker(s3_bucket, block_size=MiB, cache_dir=cache)
-    for name, data in files.items():
+    blocks = 0
+    for name, data in files.items():  # one after the other: the second's fetches find the first's blocks on disk
         with open(os.path.join(first.mnt, name), "rb") as f:
             assert sha(f.read()) == sha(data)
-    blocks = sum(-(-len(v) // MiB) for v in files.values())
-    wait_for(lambda: first.stats()["disk"]["blocks"] == blocks, timeout=30, what="the blocks on disk")
+        blocks += -(-len(data) // MiB)
+        wait_for(lambda: first.stats()["disk"]["blocks"] == blocks, timeout=30, what="the blocks on disk")
+    # Cold too: blocks written to disk and served gave their buffers to later fetches
+    assert first.stats()["cache"]["buffers_recycled"] >= 32
     first.stop()
     _evict_page_cache(cache)
     w = mount_worker(s3_bucket, block_size=MiB, cache_dir=cache)
