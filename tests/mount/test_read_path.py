@@ -127,11 +127,14 @@ def test_readers_through_a_small_memory_budget_reuse_buffers_and_read_right_byte
 
 
 def test_a_new_mount_over_a_disk_cache_the_page_cache_dropped_reads_it_directly_into_recycled_buffers(s3_bucket, mount_worker, tmp_path):
-    """Two files read whole (fetched blocks, once on disk and served, give their buffers to
-    later fetches), then a new mount over the same disk cache after its files left the page cache (as after a restart on a node whose page cache went elsewhere): read again, its
-    blocks come from disk with O_DIRECT, into buffers of blocks read before (SERVED_KEEP) though
-    the budget has room, with no request to the server, and every byte is right; two files
-    read at once."""
+    """Two files read whole, one after the other (the second's fetched blocks reuse the buffers
+    of the first's, on disk and served), then a new mount over the same disk cache after its
+    files left the page cache (as after a restart on a node whose page cache went elsewhere):
+    read again in the same order, their blocks come from disk with O_DIRECT, the second's into
+    the buffers of the first's though the budget has room, with no request to the server, and
+    every byte is right. (One after the other: read at once, two files of 72 blocks have most of
+    their blocks asked for by the read-ahead before 16 are served, so how many are reused
+    depends on the timing.)"""
     from tests.cache.test_disk import _evict_page_cache, _reads_direct
 
     if not _reads_direct(str(tmp_path)):
@@ -143,30 +146,24 @@ def test_a_new_mount_over_a_disk_cache_the_page_cache_dropped_reads_it_directly_
     cache = str(tmp_path / "warm-cache")
     first = mount_worker(s3_bucket, block_size=MiB, cache_dir=cache)
     blocks = 0
-    for name, data in files.items():  # one after the other: the second's fetches find the first's blocks on disk
+    for name, data in files.items():
         with open(os.path.join(first.mnt, name), "rb") as f:
             assert sha(f.read()) == sha(data)
         blocks += -(-len(data) // MiB)
         wait_for(lambda: first.stats()["disk"]["blocks"] == blocks, timeout=30, what="the blocks on disk")
-    # Cold too: blocks written to disk and served gave their buffers to later fetches
+    # (the budget, 256 MiB, never fills: without the early reuse of served blocks none would be)
     assert first.stats()["cache"]["buffers_recycled"] >= 32
     first.stop()
     _evict_page_cache(cache)
     w = mount_worker(s3_bucket, block_size=MiB, cache_dir=cache)
     gets = w.stats()["store"]["get_requests"]
-
-    def read(name):
+    for name, data in files.items():
         with open(os.path.join(w.mnt, name), "rb") as f:
-            return name, sha(f.read())
-
-    with ThreadPoolExecutor(2) as pool:
-        for name, got in pool.map(read, files):
-            assert got == sha(files[name])
+            assert sha(f.read()) == sha(data)
     st = w.stats()
     assert st["store"]["get_requests"] == gets and st["disk"]["corrupt"] == 0
     assert st["disk"]["direct_reads"] >= 2 * 64  # the last, short blocks are mapped; a few may be cached
-    # (the budget, 256 MiB, never fills: without the early reuse of served blocks none would be)
-    assert st["cache"]["buffers_recycled"] >= 8
+    assert st["cache"]["buffers_recycled"] >= 32
 
 
 def test_replaced_object_seen_after_ttl_never_mixed(bucket, mount_worker):
