@@ -145,9 +145,7 @@ class BlockCache:
     def has(self, ref: ObjectRef, index: int) -> bool:
         """In memory, being fetched, or on disk: reading it through the cache costs no request."""
         bid = (ref.key, ref.etag, index)
-        if bid in self.memory.entries or bid in self._inflight:
-            return True
-        return self.disk is not None and block_name(self.storage_id, ref.key, ref.etag, index, self.block_size) in self.disk
+        return bid in self.memory.entries or bid in self._inflight or on_disk(self, ref, index)
 
     async def get(self, ref: ObjectRef, index: int) -> bytes:
         """The bytes of block `index` of `ref` (shorter than block_size for the last block)."""
@@ -192,18 +190,18 @@ class BlockCache:
             # Blocks on disk are read ahead too (into memory, by a disk thread, while the reader
             # is being answered): a warm sequential reader never waits for the disk. A run is
             # all disk or all backend, so a disk read never waits behind a network stream.
-            on_disk = self.disk is not None and block_name(self.storage_id, ref.key, ref.etag, index, self.block_size) in self.disk
-            if run and on_disk != run_on_disk:
+            from_disk = on_disk(self, ref, index)
+            if run and from_disk != run_on_disk:
                 started += start_run()
                 run = []
-            ok, buffer = self._reserve_block(ref, index, on_disk=on_disk)
+            ok, buffer = self._reserve_block(ref, index, on_disk=from_disk)
             if not ok:
                 self.stats.prefetch_skipped += readahead
                 break
             if buffer is not None:
                 buffers[index] = buffer
             run.append(index)
-            run_on_disk = on_disk
+            run_on_disk = from_disk
         started += start_run()
         if readahead:
             self.stats.prefetches += started
@@ -352,7 +350,7 @@ class BlockCache:
         error: BaseException = OSError(f"{ref.key}: the backend sent fewer bytes than asked")
         try:
             if not held:  # a run of one demand block
-                fetches[0].buffer = await reserve_demand(self, ref, first, names[0])
+                fetches[0].buffer = await reserve_demand(self, ref, first)
                 held = True
             # Blocks already on disk are served from there (read in one thread hop for the whole
             # run); the rest are fetched in one stream.
@@ -625,16 +623,14 @@ def on_disk(cache: BlockCache, ref: ObjectRef, index: int) -> bool:
     return block_name(cache.storage_id, ref.key, ref.etag, index, cache.block_size) in cache.disk
 
 
-async def reserve_demand(cache: BlockCache, ref: ObjectRef, index: int, name: str) -> Any:
-    """Waits for a demand block's memory; the buffer to read it into where one is recycled
-    (from disk: a `Buffer`)."""
-    from_disk = cache.disk is not None and name in cache.disk
-    if not (from_disk or cache.fills_buffers):
-        await cache.memory.reserve(cache._block_len(ref, index))
-        return None
-    buffer = await cache.memory.reserve_buffer(cache._block_len(ref, index), aligned=from_disk)
-    cache.stats.buffers_recycled += buffer is not None
-    return buffer
+async def reserve_demand(cache: BlockCache, ref: ObjectRef, index: int) -> Any:
+    """`BlockCache._reserve_block` for a block a reader waits for: waits for room."""
+    from_disk = on_disk(cache, ref, index)
+    while True:
+        ok, buffer = cache._reserve_block(ref, index, on_disk=from_disk)
+        if ok:
+            return buffer
+        await cache.memory.room()
 
 
 def whole_block(cache: BlockCache, ref: ObjectRef, start: int, end: int) -> int | None:

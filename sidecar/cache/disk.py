@@ -154,61 +154,50 @@ _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
 _cachestat_ok = True
 
 
-def cachestat_pages(fd: int, offset: int, size: int) -> int:
-    """Pages of [offset, offset + size) of `fd` in the page cache (cachestat(2)); -1 where it
-    cannot be told (a kernel before 6.5)."""
+def cached_pages(fd: int, offset: int, size: int) -> int | None:
+    """How many pages of [offset, offset + size) of `fd` the page cache holds, asked without
+    touching them: cachestat(2), else mincore(2) on a mapping never read; None where it cannot
+    be told. (A one-byte read that may not wait, RWF_NOWAIT, answers too, but starts the
+    read-ahead it finds missing: the device's whole read-ahead window, 8 MiB here, into the
+    page cache.)"""
     global _cachestat_ok
     if _cachestat_ok:
         stat = _CacheStat()
         if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(_CacheStatRange(offset, size)), ctypes.byref(stat), 0) == 0:
             return stat.nr_cache
-        _cachestat_ok = False  # (ENOSYS)
-    return -1
-
-
-def _resident(fd: int, offset: int, size: int) -> bool:
-    """Whether the page cache holds every page of [offset, offset + size) of `fd`, asked
-    without touching them: cachestat(2), else mincore(2) on a mapping never read. (A one-byte
-    read that may not wait, RWF_NOWAIT, answers too, but starts the read-ahead it finds
-    missing: the device's whole read-ahead window, 8 MiB here, into the page cache.) True
-    where it cannot be told."""
-    global _cachestat_ok
-    pages = -(-size // PAGE)
-    if _cachestat_ok:
-        stat = _CacheStat()
-        if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(_CacheStatRange(offset, size)), ctypes.byref(stat), 0) == 0:
-            return stat.nr_cache >= pages
         _cachestat_ok = False  # (ENOSYS: a kernel before 6.5)
     try:
         # (private and writable only for ctypes to take its address: never written, never read)
         m = mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
     except (OSError, ValueError):
-        return True
+        return None
     try:
-        vec = ctypes.create_string_buffer(pages)
+        vec = ctypes.create_string_buffer(-(-size // PAGE))
         view = ctypes.c_char.from_buffer(m)  # (its address; never read)
         try:
             if _libc.mincore(ctypes.addressof(view), size, vec) != 0:
-                return True
+                return None
         finally:
             del view
-        return all(b & 1 for b in vec.raw)
+        return sum(b & 1 for b in vec.raw)
     finally:
         m.close()
 
 
-def _read_direct(path: Path, size: int, offset: int, crc: int, buffer: Buffer | None) -> Buffer | None:
-    """A segment slot's data read with O_DIRECT into `buffer` (a new one if it is not a
-    `Buffer` of `size` bytes); None if its checksum does not hold. OSError(EINVAL): the file
-    system does not read directly."""
-    if type(buffer) is not Buffer or len(buffer) != size:
-        buffer = Buffer.new(size)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        got = os.preadv(fd, [buffer], offset)
-    finally:
-        os.close(fd)
-    return buffer if got == size and crc32(buffer) == crc else None
+def _resident(fd: int, offset: int, size: int) -> bool:
+    """Whether the page cache holds every page of [offset, offset + size) of `fd`; True where
+    it cannot be told."""
+    pages = cached_pages(fd, offset, size)
+    return pages is None or pages >= -(-size // PAGE)
+
+
+def _read_direct(fd: int, offset: int, size: int, buffers: list[Buffer | None], crcs: list[int]) -> list[Buffer | None]:
+    """Blocks of `size` bytes each, contiguous from `offset` in `fd` (opened with O_DIRECT: a
+    file system that cannot read directly refuses that with EINVAL), read with one request into `buffers` (a new one where a buffer is not a `Buffer` of `size`
+    bytes); each one whose checksum does not hold (or that came short) is None."""
+    bufs = [b if type(b) is Buffer and len(b) == size else Buffer.new(size) for b in buffers]
+    got = os.preadv(fd, bufs, offset)
+    return [buf if got >= (i + 1) * size and crc32(buf) == crc else None for i, (buf, crc) in enumerate(zip(bufs, crcs))]
 
 
 def _mapped(fd: int, size: int, offset: int = 0, crc: int | None = None) -> memoryview | None:
@@ -425,13 +414,18 @@ class DiskTier:
             if (direct and self.direct_ok and where is not None and crc is not None and size >= MAP_MIN and size % PAGE == 0
                     and not _resident(fd, offset, size)):
                 try:
-                    data = _read_direct(path, size, offset, crc, buffer)
-                    self.direct_reads += data is not None
+                    direct_fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
                 except OSError as exc:
                     if exc.errno != errno.EINVAL:
                         raise
                     self.direct_ok = False  # (tmpfs, some FUSE file systems): the page cache, as below
                     data = _mapped(fd, size, offset, crc)
+                else:
+                    try:
+                        (data,) = _read_direct(direct_fd, offset, size, [buffer], [crc])
+                    finally:
+                        os.close(direct_fd)
+                    self.direct_reads += data is not None
             elif size <= _HEADER.size + self.limit and (crc is not None or size >= _HEADER.size):
                 if size >= MAP_MIN:
                     data = _mapped(fd, size, offset, crc)
@@ -634,17 +628,6 @@ def read_direct(tier: DiskTier, names: list[str], buffers: list[Buffer | None]) 
     if any(size % PAGE or size < MAP_MIN or at != offset + i * size for i, (at, size) in enumerate(spans)) or len({size for _, size in spans}) != 1:
         return None
     size = spans[0][1]
-    total = size * len(names)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        if cachestat_pages(fd, offset, total) != 0:
-            return None  # (some in the page cache: mapped, one by one)
-    finally:
-        os.close(fd)
-    bufs = [b if type(b) is Buffer and len(b) == size else Buffer.new(size) for b in buffers]
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     except OSError as exc:
@@ -652,16 +635,15 @@ def read_direct(tier: DiskTier, names: list[str], buffers: list[Buffer | None]) 
             tier.direct_ok = False
         return None
     try:
-        got = os.preadv(fd, bufs, offset)
+        if cached_pages(fd, offset, size * len(names)) != 0:
+            return None  # (some in the page cache, or not known: mapped, one by one)
+        out = _read_direct(fd, offset, size, buffers, crcs)  # type: ignore[arg-type]
     finally:
         os.close(fd)
-    out: list[Buffer | None] = []
-    for i, (name, buf, crc) in enumerate(zip(names, bufs, crcs)):
-        if got >= (i + 1) * size and crc32(buf) == crc:
-            out.append(buf)
+    for name, data in zip(names, out):
+        if data is not None:
             tier.direct_reads += 1
         else:
-            out.append(None)
             tier.corrupt += 1
             tier._drop(name)
     return out

@@ -152,7 +152,11 @@ class MemoryBudget:
 
     async def reserve(self, n: int) -> None:
         while not self.try_reserve(n):
-            await self._room.wait()
+            await self.room()
+
+    async def room(self) -> None:
+        """Waits until room may have been freed (a release, an unpin)."""
+        await self._room.wait()
 
     def reserve_block(self, n: int, aligned: bool = False) -> tuple[bool, Any]:
         """`try_reserve` for a block of `n` bytes, and a buffer to fill it in: an evicted block's
@@ -190,14 +194,6 @@ class MemoryBudget:
             del data
         self.reserved += n
         return True, None
-
-    async def reserve_buffer(self, n: int, aligned: bool = False) -> Any:
-        """`reserve` for a block: waits for room; a recycled buffer or None."""
-        while True:
-            ok, buffer = self.reserve_block(n, aligned)
-            if ok:
-                return buffer
-            await self._room.wait()
 
     def release(self, n: int) -> None:
         self.reserved -= n
