@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sidecar import urls
-from sidecar.protocol import DEADLINE, METADATA_TTL, METADATA_TTL_READONLY, WRITEBACK_DELAY
+from sidecar.protocol import DEADLINE, KERNEL_READAHEAD_KB, METADATA_TTL, METADATA_TTL_READONLY, WRITEBACK_DELAY
 from sidecar.rclone import WEBDAV_VENDORS
 
 DEFAULT_INSTANCE = "renkulab.io"
@@ -183,6 +183,12 @@ class StorageMount(_Model):
     writeback_delay: float = Field(
         default=WRITEBACK_DELAY, ge=0, le=3600,
         description="writeback: seconds a closed file waits before its upload (a file written again meanwhile waits again, and is sent once)",
+    )
+
+    kernel_readahead_kb: int | None = Field(
+        default=None, ge=128, le=65536,
+        description=f"KiB the kernel reads ahead of a reader and around a page fault of a memory-mapped file (default: "
+        f"the daemon's, {KERNEL_READAHEAD_KB}); 1024 suits model files loaded by mmap (safetensors), see the README",
     )
 
     @field_validator("name")

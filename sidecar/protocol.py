@@ -73,6 +73,7 @@ class MountOptions:
     prefetch: list[str] = field(default_factory=list)  # folders/files to warm the disk cache with at start
     ttl: float = METADATA_TTL
     deadline: float = DEADLINE
+    kernel_readahead_kb: int | None = None  # None: the daemon's (CacheConfig)
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> "MountOptions":

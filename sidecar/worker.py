@@ -118,6 +118,11 @@ async def rehearse_read(store: Any, cfg: WorkerConfig) -> None:
         logger.debug("read_rehearsal_failed", error=type(exc).__name__, detail=str(exc)[:200])
 
 
+def kernel_readahead_kb(cfg: WorkerConfig) -> int:
+    """The mount's kernel read-ahead window: its manifest's, else the daemon's."""
+    return cfg.mount.kernel_readahead_kb or cfg.cache.kernel_readahead_kb
+
+
 def raise_kernel_readahead(real_mountpath: str, kb: int, background: int = FUSE_MAX_BACKGROUND) -> None:
     """The kernel reads ahead 128 KiB on a FUSE mount by default; a larger window keeps more
     requests in flight for sequential readers, which raised warm throughput (benchmarks/results/
@@ -326,7 +331,7 @@ class MountWorker:
             self.store, self.cache, staging=self.staging, mtimes=mtimes, mtime_from_metadata=cfg.mount.mtime_source == "metadata",
             root_prefix=self.url.key_prefix(cfg.mount.source_path), ttl=cfg.mount.ttl, uid=cfg.uid, gid=cfg.gid, readonly=cfg.readonly,
             max_readahead_blocks=max(1, cfg.cache.readahead // cfg.cache.block_size),
-            kernel_readahead=cfg.cache.kernel_readahead_kb * 1024, write_mode=cfg.mount.write_mode, writeback_delay=cfg.mount.writeback_delay,
+            kernel_readahead=kernel_readahead_kb(cfg) * 1024, write_mode=cfg.mount.write_mode, writeback_delay=cfg.mount.writeback_delay,
         )
         if checked_listing is not None and not self.fs.mtime_from_metadata:
             # The check's LIST held the whole folder: the mount's root is listed from the start, so
@@ -479,7 +484,7 @@ class MountWorker:
             await trio.to_thread.run_sync(os.stat, self.mountpath)
         except OSError as exc:
             logger.debug("first_stat_failed", error=str(exc))
-        raise_kernel_readahead(self.mountpath, self.cfg.cache.kernel_readahead_kb)
+        raise_kernel_readahead(self.mountpath, kernel_readahead_kb(self.cfg))
         logger.info("mounted", mount=self.cfg.name, mountpath=self.mountpath, url=self.url.canonical(),
                     write_mode=self.cfg.mount.write_mode if self.staging else None)
         emit(Mounted(mountpath=self.mountpath))

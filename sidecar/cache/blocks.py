@@ -58,6 +58,7 @@ class CacheStats:
     range_hits: int = 0  # random reads answered from a range fetched before (memory or disk)
     shared_hits: int = 0  # blocks read from the node's shared cache (sidecar.cache.shared)
     buffers_recycled: int = 0  # blocks fetched into an evicted block's buffer (sidecar.cache.memory)
+    fills: int = 0  # copies out of a memory mapping whose middle was fetched at once (sidecar.vfs.reader)
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -110,7 +111,7 @@ class BlockCache:
         # Object stores scale by connections: a run of blocks is fetched as several ranged GETs
         # of `fetch_size` in flight at once, at most `max_fetches` per mount.
         self.fetch_blocks = max(1, fetch_size // block_size)
-        self._fetch_limiter = trio.CapacityLimiter(max_fetches)
+        self.fetch_limiter = trio.CapacityLimiter(max_fetches)
         self.max_fetches = max_fetches
         # Blocks a reader waits for are fetched in parts of what one connection brings in a
         # round trip instead (sidecar.cache.link): several short GETs beat one long one.
@@ -528,7 +529,7 @@ async def get_run(cache: BlockCache, ref: ObjectRef, first: int, fetches: list[B
 
     # (taken here: the stream fills them on the store's thread, and `fetches` may change meanwhile)
     extra = {"buffers": handing_out([f.buffer for f in fetches[lo : hi + 1]])} if cache.fills_buffers else {}
-    async with cache._fetch_limiter:
+    async with cache.fetch_limiter:
         timing.append(time.monotonic())
         await cache.store.get_blocks(ref.key, start, end, ref.etag, cache.block_size, on_block, object_size=ref.size, **extra)
     if len(timing) >= 2:

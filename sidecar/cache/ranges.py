@@ -49,12 +49,28 @@ class ExactRanges:
         self.keep(ref, start, data)
         return data
 
-    async def _get(self, ref: ObjectRef, start: int, end: int) -> bytes:
-        """One ranged GET, counted."""
+    async def fetch_piece(self, ref: ObjectRef, start: int, end: int) -> bytes:
+        """Bytes [start, end) (at most a block) of what a reader is about to read (a copy's
+        middle, sidecar.vfs.reader): one ranged GET under the mount's fetch limit, kept like a
+        random read's range, not counted as a random reader's miss. A kept one costs nothing."""
+        kept = await self.cached(ref, start, end)
+        if kept is not None:
+            return kept
+        async with self.cache.fetch_limiter:
+            data = await self._request(ref, start, end)
+        self.keep(ref, start, data)
+        return data
+
+    async def _request(self, ref: ObjectRef, start: int, end: int) -> bytes:
         asked = time.monotonic()
         data = await self.cache.store.get_range(ref.key, start, end, ref.etag)
         self.cache.link.observe_request(time.monotonic() - asked, len(data))
         self.cache.stats.direct_reads += 1
+        return data
+
+    async def _get(self, ref: ObjectRef, start: int, end: int) -> bytes:
+        """One ranged GET, counted as a miss of the object version."""
+        data = await self._request(ref, start, end)
         if len(self.misses) >= MISSES_KEPT:
             self.misses.clear()
         vid = (ref.key, ref.etag)

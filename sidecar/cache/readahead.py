@@ -21,6 +21,14 @@ Window size, in blocks:
 Blocks are requested in batches: only when what is requested ahead of the reader falls to half
 the window is it topped up.
 
+A copy out of a memory mapping (a tensor of a safetensors file, a numpy memmap slice) faults in
+its first page, then its last (a large memcpy moves both ends before the middle), then walks
+the middle: the kernel reads a window around each of the two faults, then reads ahead of the
+first. A read that continues a run of one kernel window while the reads since it are one window
+further on (at most COPY_GAP ahead) is such a copy: `copy` is then where that window begins and ends, and
+the bytes between the read and the window are what the reader reads next (sidecar.vfs.reader
+fetches them at once); what the kernel reads past the window is its read-ahead past the copy.
+
 A run that did not start at offset 0 is *followed* instead, from its second read (if it began
 exactly where the first ended; else once the window would open) until it has read FOLLOW_MAX:
 one streamed GET reads the object as far as the reader has asked (sidecar.cache.streams), rather
@@ -46,6 +54,7 @@ PROPORTION = 8  # a run that did not start at 0 reads ahead 1/PROPORTION of what
 EARLY_RUN = 16  # blocks a stream reads before its window may exceed twice what it read
 FOLLOW_MAX = 32 * 1024 * 1024  # bytes of a run followed by one stream before parallel GETs take over
 KERNEL_WINDOW = KERNEL_READAHEAD_KB * 1024  # bytes: the kernel read-ahead a mount gets unless it is configured
+COPY_GAP = FOLLOW_MAX  # bytes between a copy's two ends fetched at once, at most
 
 
 class ReadAhead:
@@ -63,6 +72,7 @@ class ReadAhead:
         self._block = -1
         self._requested_end = 0  # first block index not yet requested ahead of the reader
         self._exact = False  # the last read began exactly where a recent one ended
+        self.copy: tuple[int, int] | None = None  # the last read continues a copy whose far end the kernel read here
 
     @property
     def requested_end(self) -> int:
@@ -97,12 +107,34 @@ class ReadAhead:
         reach = max(2 * size, self.kernel_window if self._stream else 0)
         return size >= STREAM_REQUEST and any(e < offset <= e + reach for e in self._ends)
 
+    def _copy_end(self, offset: int, size: int) -> tuple[int, int] | None:
+        """Where the kernel read the far end of a copy, if this read (kernel-sized) continues a recent
+        read and every read since that one lies ahead of it, within one kernel window that starts
+        at most COPY_GAP on (see the module's docstring); else None."""
+        if size < STREAM_REQUEST or offset not in self._ends:
+            return None
+        starts, ends = list(self._starts), list(self._ends)
+        since = len(ends) - 1 - ends[::-1].index(offset)
+        later = list(zip(starts[since + 1 :], ends[since + 1 :]))
+        if not later:
+            return None
+        far, far_end = min(s for s, _ in later), max(e for _, e in later)
+        head = since  # the run that ends where this read begins, from its first read
+        while head > 0 and ends[head - 1] == starts[head]:
+            head -= 1
+        # Both ends exactly one window, as the kernel reads around a fault: two readers' runs
+        # (pyarrow's column chunks, read at once) rarely are.
+        if not offset < far <= offset + COPY_GAP or far_end - far != self.kernel_window or offset - starts[head] != self.kernel_window:
+            return None
+        return far, far_end
+
     def on_read(self, offset: int, size: int) -> range:
         """Records a read and returns the block indices to prefetch (possibly empty)."""
         end = offset + max(size, 1)
         block = offset // self.block_size
         last = (end - 1) // self.block_size
         self._exact = offset in self._ends
+        self.copy = self._copy_end(offset, size)
         if self._ends and self._sequential(offset, end):
             self._streak += 1
             self._run_bytes += size

@@ -10,6 +10,11 @@ before any of these, by the file system):
   with one streamed GET behind it (`Streams.follow`), never read ahead by the window;
 - **window**: any other read goes through the block cache: the blocks it needs first, then the
   read-ahead window (`ReadAhead`), as parallel ranged GETs.
+- **fill**: a copy out of a memory mapping (`ReadAhead.copy_to`: the kernel read around its first
+  and its last page, and the reader walks on from the first) gets the bytes between the two
+  fetched at once, as parallel exact ranges of at most a block (`Fill`), each kept like a random
+  read's; its reads are answered from them. Blocks would fetch the bytes already read around
+  each end again, and a stream would bring the middle through one connection.
 
 A random reader that keeps missing in a small file (sqlite, DuckDB, HDF5 metadata: many small
 reads one after another, each a round trip) is better served whole: once WHOLE_AFTER ranges of
@@ -28,6 +33,8 @@ from __future__ import annotations
 from collections import deque
 from enum import Enum
 
+import trio
+
 from sidecar.cache.blocks import BlockCache, ObjectRef, on_disk
 from sidecar.cache.ranges import ExactRanges
 from sidecar.cache.readahead import KERNEL_WINDOW, ReadAhead
@@ -43,6 +50,34 @@ class Strategy(Enum):
     EXACT = "exact"
     FOLLOWED = "followed"
     WINDOW = "window"
+    FILL = "fill"
+
+
+class Fill:
+    """Bytes [start, end) of one object version, fetched as pieces of at most a block side by
+    side; a read waits only for the pieces it needs."""
+
+    def __init__(self, start: int, end: int, piece: int) -> None:
+        self.start, self.end, self.piece = start, end, piece
+        self.bounds = [(lo, min(lo + piece, end)) for lo in range(start, end, piece)]
+        self.data: list[bytes | None] = [None] * len(self.bounds)
+        self.errors: list[BaseException | None] = [None] * len(self.bounds)
+        self.done = [trio.Event() for _ in self.bounds]
+
+    def covers(self, offset: int, end: int) -> bool:
+        return self.start <= offset and end <= self.end
+
+    async def read(self, offset: int, end: int) -> bytes:
+        parts = []
+        for i in range((offset - self.start) // self.piece, (end - 1 - self.start) // self.piece + 1):
+            await self.done[i].wait()
+            error, data = self.errors[i], self.data[i]
+            if error is not None:
+                raise error
+            assert data is not None
+            lo = self.bounds[i][0]
+            parts.append(memoryview(data)[max(offset - lo, 0) : min(end - lo, len(data))])
+        return parts[0] if len(parts) == 1 else b"".join(parts)  # type: ignore[return-value]
 
 
 class Reader:
@@ -60,6 +95,8 @@ class Reader:
         self.exact: deque[tuple[int, int]] = deque(maxlen=FOLLOWS_PER_HANDLE)
         self.whole = False  # the whole file was asked for: reads go through the block cache
         self.whole_limit = min(WHOLE_MAX, cache.memory.limit // 2)
+        self.fill: Fill | None = None  # the middle of the copy being read, if any
+        self.past_copy = -1  # where the last copy's far end, as the kernel read it, ends
 
     def strategy(self, offset: int, end: int) -> tuple[Strategy, range]:
         """Records the read [offset, end) and picks its strategy; with WINDOW, the blocks to read
@@ -76,6 +113,19 @@ class Reader:
         self.readahead.max_blocks = (min(DISK_WINDOW, self.max_readahead_blocks)
                                      if on_disk(self.cache, self.ref, max(last + 1, self.readahead.requested_end)) else self.max_readahead_blocks)
         ahead = self.readahead.on_read(offset, end - offset)
+        if self.fill is not None and not self.fill.covers(offset, end):
+            self.fill = None  # the reader went on past it: its pieces stay kept as ranges
+        copy = self.readahead.copy
+        # A stream that already follows the copy's first end (the kernel read that end in
+        # several requests) brings the middle sooner than new GETs would.
+        if self.fill is None and copy is not None and not self.whole and not self._streamed(first):
+            self._start_fill(offset, copy[0])
+            self.past_copy = copy[1]
+        if self.fill is not None:
+            return Strategy.FILL, range(0)
+        if offset == self.past_copy:  # the kernel's read-ahead past a copy's end: just that
+            self.past_copy = end
+            return Strategy.EXACT, range(0)
         if self.streams is not None:
             if self.streams.follow(self.followed, self.ref, first, last, may_start=self.readahead.following, after=self.exact):
                 return Strategy.FOLLOWED, range(0)
@@ -92,6 +142,31 @@ class Reader:
         """Whether this small file has been missed often enough to be fetched whole."""
         return self.ref.size <= self.whole_limit and self.ranges.misses.get((self.ref.key, self.ref.etag), 0) >= WHOLE_AFTER
 
+    def _streamed(self, index: int) -> bool:
+        """Whether one of the handle's open streams reaches block `index`."""
+        return any(not s.closed and s.start <= index <= max(s.registered, s.asked) and index < s.end for s in self.followed)
+
+    def _start_fill(self, start: int, end: int) -> None:
+        fill = self.fill = Fill(start, end, self.cache.block_size)
+        self.cache.stats.fills += 1
+        for i in range(len(fill.bounds)):
+            self.cache.spawn(self._fetch_piece, fill, i)
+
+    async def _fetch_piece(self, fill: Fill, i: int) -> None:
+        lo, hi = fill.bounds[i]
+        bs = self.cache.block_size
+        try:
+            if all(self.cache.has(self.ref, b) for b in range(lo // bs, (hi - 1) // bs + 1)):
+                fill.data[i] = bytes(await self._blocks(lo, hi, range(0)))  # read before, as blocks
+            else:
+                fill.data[i] = await self.ranges.fetch_piece(self.ref, lo, hi)
+        except Exception as exc:  # the reads that need this piece get the error
+            fill.errors[i] = exc
+        finally:
+            if fill.data[i] is None and fill.errors[i] is None:
+                fill.errors[i] = OSError(f"{self.ref.key}: fetch cancelled")
+            fill.done[i].set()
+
     async def read(self, offset: int, size: int) -> bytes:
         ref = self.ref
         if offset >= ref.size or size <= 0:
@@ -101,6 +176,9 @@ class Reader:
         if strategy is Strategy.EXACT:
             self.exact.append((offset, end))
             return await self.ranges.read(ref, offset, end)
+        if strategy is Strategy.FILL:
+            assert self.fill is not None
+            return await self.fill.read(offset, end)
         return await self._blocks(offset, end, ahead)
 
     async def _blocks(self, offset: int, end: int, ahead: range) -> bytes:

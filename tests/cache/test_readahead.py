@@ -224,3 +224,53 @@ def test_a_shuffled_reader_over_many_folders_rarely_sorts_a_folder(monkeypatch):
 
 
 builtins_sorted = sorted
+
+
+def test_a_copy_out_of_a_mapping_is_seen_from_its_two_ends():
+    """A copy out of a mapping faults in its first page, then its last, then walks the middle:
+    the kernel's read around each fault, then its read-ahead after the first. The read that
+    continues the first while the reads since lie one window further on names that window."""
+    for window in (128 * KiB, 1 * MiB, 8 * MiB):  # 8 MiB: each window comes as 1 MiB requests
+        ra = ReadAhead(block_size=MiB, max_blocks=128, kernel_window=window)
+        piece = min(window, MiB)
+        head, tail = 40 * MiB + 12288, 52 * MiB + 4096  # where the kernel read around the two faults
+        for off in range(head, head + window, piece):
+            ra.on_read(off, piece)
+            assert ra.copy is None
+        for off in range(tail, tail + window, piece):
+            ra.on_read(off, piece)
+            assert ra.copy is None
+        ra.on_read(head + window, piece)
+        assert ra.copy == (tail, tail + window), window
+        ra.on_read(head + window + piece, piece)  # the copy's next read: the same copy, not a new one
+        assert ra.copy is None
+
+
+def test_other_readers_are_not_copies():
+    ra = ReadAhead(block_size=MiB, max_blocks=128, kernel_window=MiB)
+    # small reads (a database's pages): page X, a page ahead, page X + 1
+    ra.on_read(10 * MiB, 4 * KiB)
+    ra.on_read(12 * MiB, 4 * KiB)
+    ra.on_read(10 * MiB + 4 * KiB, 4 * KiB)
+    assert ra.copy is None
+    # the far read is further than COPY_GAP ahead
+    ra.on_read(100 * MiB, MiB)
+    ra.on_read(200 * MiB, MiB)
+    ra.on_read(101 * MiB, MiB)
+    assert ra.copy is None
+    # what lies ahead is a run longer than one read-around (two readers of one handle): not a copy
+    ra.on_read(300 * MiB, MiB)
+    for i in range(3):
+        ra.on_read(310 * MiB + i * MiB, MiB)
+    ra.on_read(301 * MiB, MiB)
+    assert ra.copy is None
+    # two runs read at once (pyarrow's column chunks), each read smaller than the kernel's window
+    ra = ReadAhead(block_size=MiB, max_blocks=128, kernel_window=8 * MiB)
+    for i in range(4):
+        ra.on_read(500 * MiB + i * MiB, MiB)
+        ra.on_read(510 * MiB + i * MiB, MiB)
+        assert ra.copy is None
+    # a plain sequential reader
+    for i in range(20):
+        ra.on_read(400 * MiB + i * MiB, MiB)
+        assert ra.copy is None

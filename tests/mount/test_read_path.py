@@ -482,3 +482,29 @@ def test_a_second_session_reads_what_the_first_read_from_the_nodes_shared_cache(
     with open(os.path.join(third.mnt, "raw.bin"), "rb") as f:
         assert f.read() == new
     assert third.stats()["cache"]["shared_hits"] == 0 and third.stats()["store"]["get_requests"] > 0
+
+
+def test_a_copy_out_of_a_mapped_file_fetches_about_what_it_reads(s3_bucket, mount_worker):
+    """A tensor copied out of a memory-mapped model file (safetensors, numpy memmap) on a mount
+    with the kernel's 1 MiB read-ahead: the kernel reads 1 MiB around the copy's first page and
+    around its last, then reads ahead from the first. The middle is fetched once, at once, and
+    what the kernel reads past the end exactly: the link brings the copy and the kernel's
+    windows, not whole blocks around them again."""
+    import mmap
+
+    data = random.Random(36).randbytes(64 * MiB)
+    s3_bucket.put("model.bin", data)
+    w = mount_worker(s3_bucket, kernel_readahead_kb=1024, ttl=30.0)
+    copies = [(1 * MiB + 12345, 11 * MiB + 777), (40 * MiB + 4096, 49 * MiB + 8192 * 3), (20 * MiB, 30 * MiB + 300_000)]
+    before = w.stats()["store"]["bytes_fetched"]
+    with open(os.path.join(w.mnt, "model.bin"), "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+        for start, end in copies:
+            mm[start], mm[end - 1]  # the order a large memcpy touches them in
+            assert mm[start:end] == data[start:end]
+    fetched = w.stats()["store"]["bytes_fetched"] - before
+    assert w.stats()["cache"]["fills"] == 3
+    # Per copy, half a window before it and half after (the kernel's windows around the faults),
+    # and what the kernel read past its end: 3.97 MiB in all here. A stream past the end fetched
+    # whole blocks (4.47 MiB); followed by a stream instead of the fill, whole blocks around
+    # both ends came again.
+    assert fetched - sum(end - start for start, end in copies) <= 4 * MiB + MiB // 8

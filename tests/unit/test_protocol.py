@@ -1,6 +1,7 @@
 """The daemon↔child protocol (sidecar.protocol): every message survives its own encoding, and a
 line that is no message is refused with the reason, never half-read."""
 
+import dataclasses
 import json
 import re
 
@@ -95,3 +96,26 @@ def test_the_manifests_mount_names_the_mount_settings_alike():
 
     assert MOUNT_FIELDS - {"ttl"} <= set(StorageMount.model_fields)
     assert {f.name for f in dataclasses.fields(MountOptions)} == MOUNT_FIELDS
+
+
+def test_a_mounts_kernel_readahead_is_its_manifests():
+    """`kernel_readahead_kb` of a manifest mount reaches its worker (a mount of model files read
+    by mmap wants a small window, the others keep the daemon's); out of range, the manifest
+    names the field."""
+    from sidecar.config import DaemonConfig
+    from sidecar.manifest import ManifestError, parse_manifest
+    from sidecar.supervisor import Mount, worker_config
+    from sidecar.worker import kernel_readahead_kb
+
+    doc = {"root": "/work", "storages": [{"name": "models", "provider": "s3", "url": "s3://models"}],
+           "mounts": [{"storage": "models", "mountpath": "a", "kernel_readahead_kb": 1024}, {"storage": "models", "mountpath": "b"}]}
+    m = parse_manifest(doc)
+    cfg = DaemonConfig()
+    a, b = (worker_config(cfg, m.root, Mount(mt, m.storage_for(mt)), {}) for mt in m.mounts)
+    assert (a.mount.kernel_readahead_kb, kernel_readahead_kb(a)) == (1024, 1024)
+    assert (b.mount.kernel_readahead_kb, kernel_readahead_kb(b)) == (None, cfg.cache.kernel_readahead_kb)
+    assert kernel_readahead_kb(WorkerConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(a))))) == 1024  # over the pipe
+    doc["mounts"][0]["kernel_readahead_kb"] = 64
+    with pytest.raises(ManifestError) as err:
+        parse_manifest(doc)
+    assert "mounts[0].kernel_readahead_kb" in dict(err.value.errors)

@@ -182,3 +182,36 @@ def test_an_open_that_reads_nothing_builds_no_reader(monkeypatch):
             assert [ref.key for ref in built] == ["f"]
 
     run(main)
+
+
+def test_a_copy_out_of_a_mapping_fetches_its_middle_once_at_once():
+    """The reads of a copy out of a mapped file (the kernel's window around its first page, then
+    around its last, then its read-ahead from the first on): the middle is fetched at once as
+    ranges of at most a block, side by side, each byte once; what the kernel reads past the
+    copy's end is fetched exactly. (Followed by a stream, the middle's whole blocks fetched the
+    bytes around both ends again.)"""
+    store = MemoryStore()
+    data = random.Random(8).randbytes(BS * 200)
+    store.put("model", data)
+    window = 2 * BS  # the kernel's read-ahead on the mount, in one request
+    start, end = 20 * BS + 4096 * 3, 60 * BS + 12345  # the copy
+    head, tail = start - window // 2, end - window // 2
+    reads = [(head, window), (tail, window)]
+    reads += [(off, min(window, tail - off)) for off in range(head + window, tail, window)]
+    reads.append((tail + window, window))  # past the copy's end
+
+    async def main():
+        async with mounted(store, memory_limit=BS * 64) as fs:
+            fs.kernel_readahead = window
+            ino = await path_ino(fs, "model")
+            fh, _ = await fs.open(ino, os.O_RDONLY)
+            gets, fetched = store.stats.get_requests, store.stats.bytes_fetched
+            for off, n in reads:
+                assert bytes(await fs.read(fh, off, n)) == data[off : off + n]
+            assert fs.cache.stats.fills == 1
+            assert store.stats.bytes_fetched - fetched == sum(n for _, n in reads)  # each byte once
+            middle = -(-(tail - head - window) // BS)
+            assert store.stats.get_requests - gets == 2 + middle + 1
+            fs.release(fh)
+
+    run(main)
