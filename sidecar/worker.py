@@ -44,6 +44,7 @@ from sidecar.vfs.staging import SPARES, StagingArea
 logger = log.get_logger("sidecar.worker")
 FUSE_MAX_BACKGROUND = 64  # read-ahead requests the kernel sends a mount at once (its default: 12)
 WARM_UP_S = 3.0  # at most this long for the warm-up listing before the mount is announced
+DISK_DRAIN_S = 5.0  # s an exiting worker waits for its disk cache's writes
 CLOSE_STORE_S = 2.0  # at most this long for a store to close its connections when the worker ends
 
 
@@ -523,9 +524,15 @@ class MountWorker:
                     nursery.start_soon(self.on_prefetch, Prefetch(tuple(cfg.mount.prefetch)))
                 await pyfuse3.main()
             finally:
+                stopping = trio.current_time()
                 await self._store_before_unmount()
                 pyfuse3.close(unmount=True)
                 logger.info("unmounted", mount=cfg.name, mountpath=self.mountpath)
+                # The disk cache's writes still going out (a read's last blocks), bounded, and
+                # within the grace period: after a restart they are read from disk, not fetched.
+                until = min(trio.current_time() + DISK_DRAIN_S, stopping + cfg.grace_period - 1)
+                with trio.CancelScope(shield=True), trio.move_on_at(until):
+                    await self.cache.disk_writes.none_left()
                 nursery.cancel_scope.cancel()
         return 0
 

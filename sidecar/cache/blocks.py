@@ -122,6 +122,9 @@ class BlockCache:
         # the kernel splits one large read (a Parquet column chunk read at once) into 1 MiB
         # requests that arrive together, each a run of its own; merged, they are one GET.
         self._pending: list[Pending] = []  # reserved backend blocks not started yet
+        # Disk writes going out: an exiting worker waits for them (bounded), else the blocks a
+        # read fetched last are fetched again after the restart.
+        self.disk_writes = Outstanding()
         self._flush_scheduled = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -309,7 +312,8 @@ class BlockCache:
         share = block if block is not None and block[0].etag and self.shared is not None else None
         if (self.disk is not None or share is not None) and self._nursery is not None:
             self.memory.pin(mid)
-            self._nursery.start_soon(self._disk_put_many, [(name, data)], [mid], share[0] if share else None, [share[1]] if share else None)
+            self.disk_writes.begin()  # (now: a wait for none left must not end before the task begins)
+            self._nursery.start_soon(self._disk_put_many, [(name, data)], [mid], share[0] if share else None, [share[1]] if share else None, True)
 
     def spawn(self, fn: Any, *args: Any) -> None:
         """Runs `fn(*args)` in the cache's nursery (fetches outlive the reader that started them)."""
@@ -393,32 +397,16 @@ class BlockCache:
         return await trio.to_thread.run_sync(read_entries, self, self.disk, names, on_each, token, buffers, limiter=self._disk_limiter)
 
     async def _disk_put_many(self, items: list[tuple[str, bytes]], pinned: list[tuple[str, str, Any]], share: ObjectRef | None = None,
-                             indices: list[int] | None = None) -> None:
+                             indices: list[int] | None = None, counted: bool = False) -> None:
         """Writes `items` to the disk tier (and, with `share`, to the node's shared cache as blocks
         of that version: `indices`, else the block indices `pinned` names), then unpins their
-        memory entries `pinned`."""
-        disk = self.disk
-        if disk is None and (share is None or self.shared is None):
-            return  # (nothing is pinned without one)
-
-        def write_all() -> None:
-            # One copy per node: blocks the shared cache took are not written to this mount's
-            # own disk tier too (found there again after a restart, or by another session).
-            shared = share_blocks(self, share, list(zip(indices or [mid[2] for mid in pinned], (data for _, data in items)))) if share else 0
-            try:
-                if disk is not None and shared < len(items):
-                    store_on_disk(self, disk, items, pinned)
-            except Exception as exc:
-                self._disk_failed("disk_cache_write_failed", exc)
-
+        memory entries `pinned`. `counted`: the caller counted it in `disk_writes` already."""
+        if not counted:
+            self.disk_writes.begin()
         try:
-            await trio.to_thread.run_sync(write_all, limiter=self._disk_limiter)
-            if disk is not None:
-                for mid, (name, _) in zip(pinned, items):
-                    if name in disk:
-                        self.memory.mark_local(mid)
+            await put_many(self, items, pinned, share, indices)
         finally:
-            self.memory.unpin(pinned)
+            self.disk_writes.end()
 
     def _disk_failed(self, event: str, exc: Exception, tier: DiskTier | SharedBlocks | None = None) -> None:
         """Called from a disk thread: a counter of the failing tier (the disk tier unless told)
@@ -651,6 +639,54 @@ def share_blocks(cache: BlockCache, ref: ObjectRef, blocks: list[tuple[int, byte
     except Exception as exc:
         cache._disk_failed("shared_cache_write_failed", exc, cache.shared)
         return 0
+
+
+async def put_many(cache: BlockCache, items: list[tuple[str, bytes]], pinned: list[tuple[str, str, Any]], share: ObjectRef | None,
+                   indices: list[int] | None) -> None:
+    """`BlockCache._disk_put_many`'s work."""
+    disk = cache.disk
+    if disk is None and (share is None or cache.shared is None):
+        return  # (nothing is pinned without one)
+
+    def write_all() -> None:
+        # One copy per node: blocks the shared cache took are not written to this mount's
+        # own disk tier too (found there again after a restart, or by another session).
+        shared = share_blocks(cache, share, list(zip(indices or [mid[2] for mid in pinned], (data for _, data in items)))) if share else 0
+        try:
+            if disk is not None and shared < len(items):
+                store_on_disk(cache, disk, items, pinned)
+        except Exception as exc:
+            cache._disk_failed("disk_cache_write_failed", exc)
+
+    try:
+        await trio.to_thread.run_sync(write_all, limiter=cache._disk_limiter)
+        if disk is not None:
+            for mid, (name, _) in zip(pinned, items):
+                if name in disk:
+                    cache.memory.mark_local(mid)
+    finally:
+        cache.memory.unpin(pinned)
+
+
+class Outstanding:
+    """Work begun and not ended (a count), and a wait for none to be left."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._none = trio.Event()
+
+    def begin(self) -> None:
+        self.count += 1
+
+    def end(self) -> None:
+        self.count -= 1
+        if not self.count:
+            self._none.set()
+
+    async def none_left(self) -> None:
+        while self.count:
+            self._none = trio.Event() if self._none.is_set() else self._none
+            await self._none.wait()
 
 
 def store_on_disk(cache: BlockCache, disk: DiskTier, items: list[tuple[str, bytes]], pinned: list[tuple[str, str, Any]]) -> None:

@@ -230,3 +230,44 @@ def test_blocks_read_through_a_small_budget_reuse_the_evicted_blocks_buffers():
         return cache.stats.buffers_recycled
 
     assert run(main, mock_clock=False) >= 8
+
+
+def test_written_waits_for_the_disk_writes_still_going_out(tmp_path, monkeypatch):
+    """`disk_writes.none_left` (what an exiting worker waits for, bounded) returns only once every disk write
+    begun has ended: the blocks a read fetched are then on disk."""
+    import threading
+
+    from sidecar.cache import blocks
+    from sidecar.cache.disk import DiskTier
+
+    store = MemoryStore()
+    data = random.Random(9).randbytes(BS * 3)
+    info = store.put("f", data)
+    release = threading.Event()
+    real = blocks.store_on_disk
+
+    def slow_store_on_disk(*args):
+        release.wait(10)
+        real(*args)
+
+    monkeypatch.setattr(blocks, "store_on_disk", slow_store_on_disk)
+
+    async def main():
+        disk = DiskTier(tmp_path, limit=BS * 100)
+        cache = BlockCache(store, block_size=BS, memory_limit=BS * 16, disk=disk)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            await cache.disk_writes.none_left()  # nothing begun: at once
+            ref = ObjectRef("f", info.etag, len(data))
+            for i in range(3):
+                assert bytes(await cache.get(ref, i)) == data[i * BS : (i + 1) * BS]
+            with trio.move_on_after(0.5) as waited:
+                await cache.disk_writes.none_left()
+            assert waited.cancelled_caught  # the writes are held: still going out
+            release.set()
+            with trio.fail_after(5):
+                await cache.disk_writes.none_left()
+            assert all(blocks.on_disk(cache, ref, i) for i in range(3))
+            nursery.cancel_scope.cancel()
+
+    run(main, mock_clock=False)
