@@ -25,9 +25,11 @@ A copy out of a memory mapping (a tensor of a safetensors file, a numpy memmap s
 its first page, then its last (a large memcpy moves both ends before the middle), then walks
 the middle: the kernel reads a window around each of the two faults, then reads ahead of the
 first. A read that continues a run of one kernel window while the reads since it are one window
-further on (at most COPY_GAP ahead) is such a copy: `copy` is then where that window begins and ends, and
-the bytes between the read and the window are what the reader reads next (sidecar.vfs.reader
-fetches them at once); what the kernel reads past the window is its read-ahead past the copy.
+further on (at most COPY_GAP ahead) is such a copy: `copy` then names the bytes between the read and the
+window, what the reader reads next (sidecar.vfs.reader fetches them at once); what the kernel
+reads past the window is its read-ahead past the copy. A memcpy that runs backwards (glibc's
+does at some alignments) faults in the last page's window, then reads down from it: the
+bytes between the two windows are the copy's middle too.
 
 A run that did not start at offset 0 is *followed* instead, from its second read (if it began
 exactly where the first ended; else once the window would open) until it has read FOLLOW_MAX:
@@ -43,6 +45,7 @@ from __future__ import annotations
 import bisect
 import re
 from collections import OrderedDict, deque
+from typing import NamedTuple
 
 from sidecar.protocol import KERNEL_READAHEAD_KB
 
@@ -55,6 +58,16 @@ EARLY_RUN = 16  # blocks a stream reads before its window may exceed twice what 
 FOLLOW_MAX = 32 * 1024 * 1024  # bytes of a run followed by one stream before parallel GETs take over
 KERNEL_WINDOW = KERNEL_READAHEAD_KB * 1024  # bytes: the kernel read-ahead a mount gets unless it is configured
 COPY_GAP = FOLLOW_MAX  # bytes between a copy's two ends fetched at once, at most
+
+
+class Copy(NamedTuple):
+    """The middle of a copy out of a mapping: [lo, hi) to fetch at once, where the kernel's
+    window around its far end ends (-1: nothing past it is read), and its direction."""
+
+    lo: int
+    hi: int
+    past: int
+    backward: bool
 
 
 class ReadAhead:
@@ -72,7 +85,7 @@ class ReadAhead:
         self._block = -1
         self._requested_end = 0  # first block index not yet requested ahead of the reader
         self._exact = False  # the last read began exactly where a recent one ended
-        self.copy: tuple[int, int] | None = None  # the last read continues a copy whose far end the kernel read here
+        self.copy: Copy | None = None  # the middle of a copy the last read belongs to
 
     @property
     def requested_end(self) -> int:
@@ -107,26 +120,39 @@ class ReadAhead:
         reach = max(2 * size, self.kernel_window if self._stream else 0)
         return size >= STREAM_REQUEST and any(e < offset <= e + reach for e in self._ends)
 
-    def _copy_end(self, offset: int, size: int) -> tuple[int, int] | None:
-        """Where the kernel read the far end of a copy, if this read (kernel-sized) continues a recent
-        read and every read since that one lies ahead of it, within one kernel window that starts
-        at most COPY_GAP on (see the module's docstring); else None."""
-        if size < STREAM_REQUEST or offset not in self._ends:
+    def _copy_of(self, offset: int, size: int) -> Copy | None:
+        """The middle of a copy out of a mapping this read (kernel-sized) belongs to, seen from its
+        two ends (see the module's docstring); else None. Forwards: the read continues a run of
+        one kernel window, and every read since lies ahead, one window at most COPY_GAP on.
+        Backwards (memcpy runs backwards at some alignments): the read ends where the window
+        around the copy's last page begins, the last reads, and the window around its first
+        page lies below."""
+        if size < STREAM_REQUEST:
             return None
         starts, ends = list(self._starts), list(self._ends)
-        since = len(ends) - 1 - ends[::-1].index(offset)
-        later = list(zip(starts[since + 1 :], ends[since + 1 :]))
-        if not later:
+        end = offset + size
+        if offset in ends:  # forwards
+            since = len(ends) - 1 - ends[::-1].index(offset)
+            later = list(zip(starts[since + 1 :], ends[since + 1 :]))
+            head, head_end = since, offset
+        elif end in starts:  # backwards
+            since = len(starts) - 1 - starts[::-1].index(end)
+            later = list(zip(starts[since:], ends[since:]))
+            head, head_end = since - 1, ends[since - 1] if since else -1
+        else:
+            return None
+        if not later or head < 0:
             return None
         far, far_end = min(s for s, _ in later), max(e for _, e in later)
-        head = since  # the run that ends where this read begins, from its first read
-        while head > 0 and ends[head - 1] == starts[head]:
+        while head > 0 and ends[head - 1] == starts[head]:  # the run that ends at head_end, from its first read
             head -= 1
         # Both ends exactly one window, as the kernel reads around a fault: two readers' runs
         # (pyarrow's column chunks, read at once) rarely are.
-        if not offset < far <= offset + COPY_GAP or far_end - far != self.kernel_window or offset - starts[head] != self.kernel_window:
+        if far_end - far != self.kernel_window or head_end - starts[head] != self.kernel_window or not head_end < far <= head_end + COPY_GAP:
             return None
-        return far, far_end
+        if offset == head_end:
+            return Copy(offset, far, far_end, False)
+        return Copy(head_end, end, -1, True) if far == end and head_end < offset else None
 
     def on_read(self, offset: int, size: int) -> range:
         """Records a read and returns the block indices to prefetch (possibly empty)."""
@@ -134,7 +160,7 @@ class ReadAhead:
         block = offset // self.block_size
         last = (end - 1) // self.block_size
         self._exact = offset in self._ends
-        self.copy = self._copy_end(offset, size)
+        self.copy = self._copy_of(offset, size)
         if self._ends and self._sequential(offset, end):
             self._streak += 1
             self._run_bytes += size

@@ -10,7 +10,7 @@ before any of these, by the file system):
   with one streamed GET behind it (`Streams.follow`), never read ahead by the window;
 - **window**: any other read goes through the block cache: the blocks it needs first, then the
   read-ahead window (`ReadAhead`), as parallel ranged GETs.
-- **fill**: a copy out of a memory mapping (`ReadAhead.copy_to`: the kernel read around its first
+- **fill**: a copy out of a memory mapping (`ReadAhead.copy`: the kernel read around its first
   and its last page, and the reader walks on from the first) gets the bytes between the two
   fetched at once, as parallel exact ranges of at most a block (`Fill`), each kept like a random
   read's; its reads are answered from them. Blocks would fetch the bytes already read around
@@ -57,19 +57,24 @@ class Fill:
     """Bytes [start, end) of one object version, fetched as pieces of at most a block side by
     side; a read waits only for the pieces it needs."""
 
-    def __init__(self, start: int, end: int, piece: int) -> None:
-        self.start, self.end, self.piece = start, end, piece
+    def __init__(self, start: int, end: int, piece: int, backward: bool = False) -> None:
+        self.start, self.end, self.piece, self.backward = start, end, piece, backward
         self.bounds = [(lo, min(lo + piece, end)) for lo in range(start, end, piece)]
         self.data: list[bytes | None] = [None] * len(self.bounds)
         self.errors: list[BaseException | None] = [None] * len(self.bounds)
         self.done = [trio.Event() for _ in self.bounds]
+        self.released, self.released_from = 0, len(self.bounds)  # pieces before the one, and from the other on, are let go
 
     def covers(self, offset: int, end: int) -> bool:
         return self.start <= offset and end <= self.end
 
-    async def read(self, offset: int, end: int) -> bytes:
+    async def read(self, offset: int, end: int) -> bytes | None:
+        """The bytes; None if a piece they need was let go (the reader went back)."""
+        first, last = (offset - self.start) // self.piece, (end - 1 - self.start) // self.piece
+        if first < self.released or last >= self.released_from:
+            return None
         parts = []
-        for i in range((offset - self.start) // self.piece, (end - 1 - self.start) // self.piece + 1):
+        for i in range(first, last + 1):
             await self.done[i].wait()
             error, data = self.errors[i], self.data[i]
             if error is not None:
@@ -77,7 +82,20 @@ class Fill:
             assert data is not None
             lo = self.bounds[i][0]
             parts.append(memoryview(data)[max(offset - lo, 0) : min(end - lo, len(data))])
+        # Pieces more than one behind the reader (below it, or above a copy that runs backwards)
+        # are let go: they stay kept as ranges, under the memory budget, not held here beside it.
+        behind = range(last + 2, self.released_from) if self.backward else range(self.released, first - 1)
+        for j in behind:
+            self.data[j] = None
+        if self.backward:
+            self.released_from = min(self.released_from, last + 2)
+        else:
+            self.released = max(self.released, first - 1)
         return parts[0] if len(parts) == 1 else b"".join(parts)  # type: ignore[return-value]
+
+    def let_go(self, i: int) -> bool:
+        """Whether piece `i` was let go (a piece that arrives after is not held)."""
+        return i < self.released or i >= self.released_from
 
 
 class Reader:
@@ -119,8 +137,8 @@ class Reader:
         # A stream that already follows the copy's first end (the kernel read that end in
         # several requests) brings the middle sooner than new GETs would.
         if self.fill is None and copy is not None and not self.whole and not self._streamed(first):
-            self._start_fill(offset, copy[0])
-            self.past_copy = copy[1]
+            self._start_fill(copy.lo, copy.hi, copy.backward)
+            self.past_copy = copy.past
         if self.fill is not None:
             return Strategy.FILL, range(0)
         if offset == self.past_copy:  # the kernel's read-ahead past a copy's end: just that
@@ -146,8 +164,8 @@ class Reader:
         """Whether one of the handle's open streams reaches block `index`."""
         return any(not s.closed and s.start <= index <= max(s.registered, s.asked) and index < s.end for s in self.followed)
 
-    def _start_fill(self, start: int, end: int) -> None:
-        fill = self.fill = Fill(start, end, self.cache.block_size)
+    def _start_fill(self, start: int, end: int, backward: bool) -> None:
+        fill = self.fill = Fill(start, end, self.cache.block_size, backward)
         self.cache.stats.fills += 1
         for i in range(len(fill.bounds)):
             self.cache.spawn(self._fetch_piece, fill, i)
@@ -155,16 +173,19 @@ class Reader:
     async def _fetch_piece(self, fill: Fill, i: int) -> None:
         lo, hi = fill.bounds[i]
         bs = self.cache.block_size
+        data: bytes | None = None
         try:
             if all(self.cache.has(self.ref, b) for b in range(lo // bs, (hi - 1) // bs + 1)):
-                fill.data[i] = bytes(await self._blocks(lo, hi, range(0)))  # read before, as blocks
+                data = bytes(await self._blocks(lo, hi, range(0)))  # read before, as blocks
             else:
-                fill.data[i] = await self.ranges.fetch_piece(self.ref, lo, hi)
+                data = await self.ranges.fetch_piece(self.ref, lo, hi)
         except Exception as exc:  # the reads that need this piece get the error
             fill.errors[i] = exc
         finally:
-            if fill.data[i] is None and fill.errors[i] is None:
+            if data is None and fill.errors[i] is None:
                 fill.errors[i] = OSError(f"{self.ref.key}: fetch cancelled")
+            elif not fill.let_go(i):  # (else the reader is past it: kept as a range only)
+                fill.data[i] = data
             fill.done[i].set()
 
     async def read(self, offset: int, size: int) -> bytes:
@@ -178,7 +199,8 @@ class Reader:
             return await self.ranges.read(ref, offset, end)
         if strategy is Strategy.FILL:
             assert self.fill is not None
-            return await self.fill.read(offset, end)
+            data = await self.fill.read(offset, end)
+            return data if data is not None else await self.ranges.read(ref, offset, end)
         return await self._blocks(offset, end, ahead)
 
     async def _blocks(self, offset: int, end: int, ahead: range) -> bytes:

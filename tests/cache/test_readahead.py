@@ -241,9 +241,22 @@ def test_a_copy_out_of_a_mapping_is_seen_from_its_two_ends():
             ra.on_read(off, piece)
             assert ra.copy is None
         ra.on_read(head + window, piece)
-        assert ra.copy == (tail, tail + window), window
+        assert ra.copy == (head + window, tail, tail + window, False), window
         ra.on_read(head + window + piece, piece)  # the copy's next read: the same copy, not a new one
         assert ra.copy is None
+
+
+def test_a_copy_out_of_a_mapping_that_runs_backwards_is_seen_too():
+    """glibc's memcpy runs backwards at some alignments: after the two ends, the faults come
+    down from the last page's window."""
+    ra = ReadAhead(block_size=MiB, max_blocks=128, kernel_window=MiB)
+    head, tail = 40 * MiB + 12288, 52 * MiB + 4096
+    ra.on_read(head, MiB)
+    ra.on_read(tail, MiB)
+    ra.on_read(tail - 516 * KiB, 516 * KiB)  # the window around the next fault down, less what is cached
+    assert ra.copy == (head + MiB, tail, -1, True)
+    ra.on_read(tail - 2 * 516 * KiB, 516 * KiB)
+    assert ra.copy is None
 
 
 def test_other_readers_are_not_copies():

@@ -215,3 +215,57 @@ def test_a_copy_out_of_a_mapping_fetches_its_middle_once_at_once():
             fs.release(fh)
 
     run(main)
+
+
+def test_a_copys_pieces_behind_the_reader_are_let_go_and_a_read_back_still_answered():
+    """The fill holds a piece only while the reader is at most one piece past it (the pieces
+    stay kept as ranges, under the memory budget); a read that goes back to a piece let go is
+    answered from the kept ranges or the backend, with the right bytes."""
+    store = MemoryStore()
+    data = random.Random(10).randbytes(BS * 100)
+    store.put("model", data)
+    window = 2 * BS
+    start, end = 10 * BS + 4096, 40 * BS + 999
+    head, tail = start - window // 2, end - window // 2
+
+    async def main():
+        async with mounted(store, memory_limit=BS * 64) as fs:
+            fs.kernel_readahead = window
+            fh, _ = await fs.open(await path_ino(fs, "model"), os.O_RDONLY)
+            for off, n in [(head, window), (tail, window)] + [(off, min(window, tail - off)) for off in range(head + window, head + 9 * window, window)]:
+                assert bytes(await fs.read(fh, off, n)) == data[off : off + n]
+            fill = fs._handles[fh].reader.fill
+            assert fill is not None and fill.released >= 10  # 16 pieces read past, one kept as slack
+            assert all(d is None for d in fill.data[: fill.released])
+            back = head + window + 3 * BS + 100  # a read of a piece let go
+            assert bytes(await fs.read(fh, back, BS)) == data[back : back + BS]
+            fs.release(fh)
+
+    run(main)
+
+
+def test_a_copy_that_runs_backwards_fetches_its_middle_once_at_once():
+    """The same copy as memcpy runs it backwards: after the windows around both ends, the kernel
+    reads down from the last one, fault by fault. The middle is fetched at once, each byte once."""
+    store = MemoryStore()
+    data = random.Random(11).randbytes(BS * 200)
+    store.put("model", data)
+    window = 2 * BS
+    start, end = 20 * BS + 4096 * 3, 60 * BS + 12345
+    head, tail = start - window // 2, end - window // 2
+    reads = [(head, window), (tail, window)]
+    reads += [(max(off - window // 2, head + window), off - max(off - window // 2, head + window)) for off in range(tail, head + window, -window // 2)]
+
+    async def main():
+        async with mounted(store, memory_limit=BS * 64) as fs:
+            fs.kernel_readahead = window
+            fh, _ = await fs.open(await path_ino(fs, "model"), os.O_RDONLY)
+            gets, fetched = store.stats.get_requests, store.stats.bytes_fetched
+            for off, n in reads:
+                assert bytes(await fs.read(fh, off, n)) == data[off : off + n]
+            assert fs.cache.stats.fills == 1
+            assert store.stats.bytes_fetched - fetched == tail + window - head  # each byte once
+            assert store.stats.get_requests - gets == 2 + -(-(tail - head - window) // BS)
+            fs.release(fh)
+
+    run(main)
