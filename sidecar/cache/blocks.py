@@ -122,10 +122,10 @@ class BlockCache:
         # the kernel splits one large read (a Parquet column chunk read at once) into 1 MiB
         # requests that arrive together, each a run of its own; merged, they are one GET.
         self._pending: list[Pending] = []  # reserved backend blocks not started yet
+        self._flush_scheduled = False
         # Disk writes going out: an exiting worker waits for them (bounded), else the blocks a
         # read fetched last are fetched again after the restart.
         self.disk_writes = Outstanding()
-        self._flush_scheduled = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The cache's fetch service; start with `await nursery.start(cache.run)`."""

@@ -127,20 +127,19 @@ class ReadAhead:
         Backwards (memcpy runs backwards at some alignments): the read ends where the window
         around the copy's last page begins, the last reads, and the window around its first
         page lies below."""
-        if size < STREAM_REQUEST:
+        end = offset + size
+        # (on every read: the lists are built only for a read that meets a recent one's ends)
+        if size < STREAM_REQUEST or not (offset in self._ends or end in self._starts):
             return None
         starts, ends = list(self._starts), list(self._ends)
-        end = offset + size
         if offset in ends:  # forwards
             since = len(ends) - 1 - ends[::-1].index(offset)
             later = list(zip(starts[since + 1 :], ends[since + 1 :]))
             head, head_end = since, offset
-        elif end in starts:  # backwards
+        else:  # backwards
             since = len(starts) - 1 - starts[::-1].index(end)
             later = list(zip(starts[since:], ends[since:]))
             head, head_end = since - 1, ends[since - 1] if since else -1
-        else:
-            return None
         if not later or head < 0:
             return None
         far, far_end = min(s for s, _ in later), max(e for _, e in later)

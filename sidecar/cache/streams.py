@@ -48,6 +48,11 @@ class FollowedStream:
         self.first_piece: bytes | None = None  # the stream's first piece of the block
         self.gap_pending = bool(gap)  # the gap's GET has not ended yet
 
+    def reaches(self, index: int) -> bool:
+        """Whether a read of block `index` continues this stream: within what it registered or
+        was asked for, and within its range."""
+        return self.start <= index <= max(self.registered, self.asked) and index < self.end
+
     def close(self) -> None:
         """Stops the stream after the blocks registered so far (their waiters still get them)."""
         self.closed = True
@@ -80,7 +85,7 @@ class Streams:
         per_rtt = self.cache.link.blocks_per_rtt(self.cache.block_size)
         reach = float("inf") if per_rtt is None else max(1.0, per_rtt)
         for s in streams:
-            if s.ref != ref or not s.start <= first <= max(s.registered, s.asked) or first >= s.end:
+            if s.ref != ref or not s.reaches(first):
                 continue
             if s.fetches and first - min(s.fetches) > reach:
                 # The reader asks further ahead than the stream has brought (the kernel's

@@ -162,7 +162,7 @@ class Reader:
 
     def _streamed(self, index: int) -> bool:
         """Whether one of the handle's open streams reaches block `index`."""
-        return any(not s.closed and s.start <= index <= max(s.registered, s.asked) and index < s.end for s in self.followed)
+        return any(not s.closed and s.reaches(index) for s in self.followed)
 
     def _start_fill(self, start: int, end: int, backward: bool) -> None:
         fill = self.fill = Fill(start, end, self.cache.block_size, backward)
