@@ -3,9 +3,11 @@
 A GetObject through aiobotocore cost the worker about 2 ms of CPU (py-spy: the event system,
 parameter validation and serialisation, endpoint rules, the user agent rebuilt per call, the
 response parser), as much as the rest of a small file's whole read: in a training epoch of
-small files the worker was bound by it. Here a ranged GET is a plain aiohttp request signed
+small files the worker was bound by it. Here a ranged GET is a plain HTTP/1.1 request signed
 with botocore's own SigV4 signer, to the URL botocore itself builds for the bucket (taken once
-from a presigned URL, so the addressing style, endpoint and signing region are the SDK's).
+from a presigned URL, so the addressing style, endpoint and signing region are the SDK's), on
+connections whose bodies are received straight into the reader's buffers
+(sidecar.store.httpbody). Where the environment names a proxy for the endpoint, the SDK answers.
 
 Only the common answer is handled here: the range asked for (206, or 200 with its Content-Range). A missing key
 (404) or a changed version (412) is raised as the SDK's ClientError with the server's code, so
@@ -20,36 +22,19 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-import weakref
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 from sidecar.log import get_logger
-from sidecar.store.bridge import body_errors
+from sidecar.store.httpbody import ConnectFailed, ConnectionPool, Response, proxied
 
 log = get_logger(__name__)
 
-CONNECTIONS = 32  # as the SDK's pool (max_pool_connections)
+CONNECTIONS = 32  # in use at once, as the SDK's pool (max_pool_connections)
 COOL_DOWN_S = 10.0  # after a 5xx or 429, seconds of reads left to the SDK
 _CODE = re.compile(rb"<Code>([^<]{1,64})</Code>")
 _WRONG_FOR_BUCKET = {"PermanentRedirect", "TemporaryRedirect", "AuthorizationHeaderMalformed", "SignatureDoesNotMatch",
                      "IllegalLocationConstraintException", "InvalidRequest", "InvalidArgument"}
-
-
-class _Body:
-    """What the streaming code reads of a response (as botocore's StreamingBody): `read(n)`,
-    `close()`, and the aiohttp response as `_raw_stream` (its socket is tuned for gated reads)."""
-
-    __slots__ = ("_raw_stream",)
-
-    def __init__(self, response: Any) -> None:
-        self._raw_stream = response
-
-    async def read(self, n: int = -1) -> bytes:
-        return await self._raw_stream.content.read(n)
-
-    def close(self) -> None:
-        self._raw_stream.close()
 
 
 class LeanGets:
@@ -62,11 +47,10 @@ class LeanGets:
         self._prefix: str | None = None  # the bucket's URL up to the key
         self._region = ""  # (set with the prefix)
         self._unsigned = False
-        self._session: Any = None
+        self._pool: ConnectionPool | None = None
         self._resume_at = 0.0  # monotonic time before which the SDK answers (after a 5xx)
 
     async def _setup(self, client: Any) -> None:
-        import aiohttp
         import botocore
 
         url = await client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": "k"}, ExpiresIn=60)
@@ -78,20 +62,19 @@ class LeanGets:
         # answers a redirect or a malformed-authorization error, and the path turns off)
         self._region = client.meta.region_name or "us-east-1"
         self._unsigned = client.meta.config.signature_version is botocore.UNSIGNED
-        # No decompression: an object stored with a Content-Encoding is served as its bytes,
-        # as the SDK does (aiohttp would inflate it by default).
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=CONNECTIONS), auto_decompress=False, trust_env=True,  # HTTP(S)_PROXY as the SDK
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60))
-        # A store is not closed when its process ends: its connections are (and the session
-        # then does not report itself unclosed), as fsspec does for the SDK's.
-        weakref.finalize(self, _close_connections, self._session, asyncio.get_running_loop())
+        parts = urlsplit(base)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"unexpected object URL scheme: {parts.scheme!r}")
+        if proxied(base):
+            raise ValueError("the environment names a proxy for the endpoint")
+        self._host = parts.netloc.rsplit("@", 1)[-1]  # the Host header (and what is signed)
+        self._pool = ConnectionPool(parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), CONNECTIONS)
 
     async def prepare(self) -> None:
         """Builds what the first GET would (the bucket's URL, the session) and signs once, so
         the session's first read does not pay for it. Best effort."""
         client = getattr(self.fs, "_s3", None)
-        if not self.enabled or client is None or self._session is not None:
+        if not self.enabled or client is None or self._pool is not None:
             return
         try:
             await self._setup(client)
@@ -100,7 +83,7 @@ class LeanGets:
             log.debug("lean_gets_not_prepared", error=type(exc).__name__)
 
     async def _headers(self, client: Any, url: str, start: int, end: int, etag: str) -> dict[str, str]:
-        headers = {"Range": f"bytes={start}-{end - 1}", "If-Match": f'"{etag}"'}
+        headers = {"Host": self._host, "Range": f"bytes={start}-{end - 1}", "If-Match": f'"{etag}"', "Accept-Encoding": "identity"}
         if self._unsigned:
             return headers
         from botocore.auth import S3SigV4Auth
@@ -111,38 +94,36 @@ class LeanGets:
         S3SigV4Auth(credentials, "s3", self._region).add_auth(request)
         return dict(request.headers.items())
 
-    async def open(self, key: str, start: int, end: int, etag: str) -> _Body | None:
+    async def open(self, key: str, start: int, end: int, etag: str) -> Response | None:
         """The body of bytes [start, end) of `key` at `etag`, or None: ask the SDK."""
         client = getattr(self.fs, "_s3", None)
         if not self.enabled or client is None or time.monotonic() < self._resume_at:
             return None
-        import aiohttp
-        import yarl
-
         try:
-            if self._session is None:
+            if self._pool is None:
                 await self._setup(client)
             url = self._prefix + quote(key, safe="/~")  # type: ignore[operator]
             headers = await self._headers(client, url, start, end, etag)
-            response = await self._session.get(yarl.URL(url, encoded=True), headers=headers, allow_redirects=False)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            if isinstance(exc, (aiohttp.ClientSSLError, aiohttp.ClientConnectorError)):
-                # The SDK may reach what this cannot (its own CA bundle, its proxy settings): it
-                # answers from now on; a reset or a slow answer is only this request's.
-                self._off("connect", exc)
+            response = await self._pool.get(url[url.index("/", url.index("//") + 2) :], headers)  # type: ignore[union-attr]
+        except ConnectFailed as exc:
+            # The SDK may reach what this cannot (its own CA bundle, its proxy settings): it
+            # answers from now on; a reset or a slow answer is only this request's.
+            self._off("connect", exc)
+            return None
+        except (OSError, asyncio.TimeoutError):
             return None
         except (AttributeError, ValueError, TypeError) as exc:  # an SDK without what this needs
             self._off("setup", exc)
             return None
         if response.status in (200, 206) and _is_range(response.headers, start, end):
-            return _Body(response)
+            return response
         return await self._refused(response)
 
-    async def _refused(self, response: Any) -> None:
+    async def _refused(self, response: Response) -> None:
         status = response.status
         try:
-            head = await response.content.read(4096) if status >= 300 else b""
-        except body_errors():
+            head = await response.read(4096) if status >= 300 else b""
+        except (OSError, asyncio.TimeoutError):
             head = b""
         finally:
             response.close()
@@ -166,27 +147,15 @@ class LeanGets:
         self.enabled = False
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-
-def _close_connections(session: Any, loop: asyncio.AbstractEventLoop) -> None:
-    if session.closed:
-        return
-    try:
-        if loop.is_running():  # (fsspec's loop runs in a thread of its own)
-            asyncio.run_coroutine_threadsafe(session.close(), loop).result(timeout=1)
-        else:
-            session._connector._close()
-    except Exception:  # at exit: nothing to report to
-        pass
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
 
 def _is_range(headers: Any, start: int, end: int) -> bool:
     """The answer holds bytes [start, end): its Content-Range says so (some servers answer a
     range with 200 and the Content-Range), or, without one, it is the whole object from 0."""
-    given = headers.get("Content-Range")
+    given = headers.get("content-range")
     if given is None:
-        return start == 0 and headers.get("Content-Length") == str(end - start)
+        return start == 0 and headers.get("content-length") == str(end - start)
     return given.startswith(f"bytes {start}-{end - 1}/")

@@ -144,13 +144,8 @@ def test_a_request_wrong_for_the_bucket_turns_the_fast_path_off(s3, proxied):
 def test_a_server_that_answers_a_range_with_200_and_its_content_range(rclone_s3):
     """`rclone serve s3` answers a ranged GET with 200 and the Content-Range: still the fast
     path's answer (taking only 206 sent every read to the SDK too: two requests per read)."""
-    import uuid
-
-    bucket = f"r-{uuid.uuid4().hex[:12]}"
-    client = rclone_s3.client()
-    client.create_bucket(Bucket=bucket)
     data = bytes(range(256)) * 64
-    etag = client.put_object(Bucket=bucket, Key="f.bin", Body=data)["ETag"].strip('"')
+    bucket, etag = _rclone_bucket(rclone_s3, data)
     store = _store(rclone_s3, bucket, rclone_s3.endpoint)
     sdk = _sdk_gets(store)
 
@@ -163,17 +158,30 @@ def test_a_server_that_answers_a_range_with_200_and_its_content_range(rclone_s3)
     assert sdk == []
 
 
-def test_closing_the_store_closes_the_connections_of_its_gets(s3, proxied):
-    proxy, bucket = proxied
-    etag = s3.client().put_object(Bucket=bucket, Key="f.bin", Body=b"x" * 5000)["ETag"].strip('"')
-    store = _store(s3, bucket, proxy.endpoint)
+def _rclone_bucket(rclone_s3, data: bytes):
+    import uuid
+
+    bucket = f"r-{uuid.uuid4().hex[:12]}"
+    client = rclone_s3.client()
+    client.create_bucket(Bucket=bucket)
+    etag = client.put_object(Bucket=bucket, Key="f.bin", Body=data)["ETag"].strip('"')
+    return bucket, etag
+
+
+def test_gets_reuse_a_kept_alive_connection_and_closing_the_store_closes_it(rclone_s3):
+    """moto answers `Connection: close`; `rclone serve s3` keeps connections alive."""
+    data = bytes(range(256)) * 64
+    bucket, etag = _rclone_bucket(rclone_s3, data)
+    store = _store(rclone_s3, bucket, rclone_s3.endpoint)
 
     async def main():
         await store.warm_up()
-        assert await store.get_range("f.bin", 0, 100, etag) == b"x" * 100
-        session = store._lean._session
-        assert not session.closed
+        assert await store.get_range("f.bin", 0, 100, etag) == data[:100]
+        kept = list(store._lean._pool._idle)  # the GET's connection, kept alive for the next
+        assert len(kept) == 1 and not kept[0].transport.is_closing()
+        assert await store.get_range("f.bin", 100, 5000, etag) == data[100:5000]
+        assert store._lean._pool._idle == kept  # the same connection again
         await store.close()
-        assert session.closed
+        assert kept[0].transport.is_closing()
 
     trio.run(main)
