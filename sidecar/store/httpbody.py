@@ -25,7 +25,6 @@ import socket
 import ssl
 import urllib.request
 from collections.abc import Callable
-from typing import Any
 
 HEAD_LIMIT = 64 * 1024  # bytes of a response's status line and headers, at most
 SCRATCH = 64 * 1024  # the receive buffer while no body buffer is given (the head, and what came with it)
