@@ -170,20 +170,18 @@ class BlockCache:
         self.memory.was_served(bid)
         return fetch.data
 
-    def prefetch(self, ref: ObjectRef, indices: range, *, readahead: bool = True, reader_at: int | None = None) -> int:
+    def prefetch(self, ref: ObjectRef, indices: range, *, readahead: bool = True) -> int:
         """Starts fetching blocks `indices` (contiguous) in the background, as few requests as
         possible, for as many blocks as the memory budget has room for; never waits. Returns
         the number of blocks started. `readahead=False` marks blocks a reader is about to wait
-        for (not counted as prefetches); `reader_at`: the block its reader reads next (a block
-        near it is not put deep into a long GET)."""
+        for (not counted as prefetches)."""
         run: list[int] = []
         run_on_disk = False
         started = 0
         buffers: dict[int, Any] = {}
 
         def start_run() -> int:  # disk runs are read DISK_RUN_BLOCKS per thread hop
-            return self._start_run(ref, run, part_blocks=DISK_RUN_BLOCKS if run_on_disk else None, waited=not readahead, buffers=buffers,
-                                   reader_at=reader_at)
+            return self._start_run(ref, run, part_blocks=DISK_RUN_BLOCKS if run_on_disk else None, waited=not readahead, buffers=buffers)
 
         for index in indices:
             if index >= self.blocks_of(ref):
@@ -228,7 +226,7 @@ class BlockCache:
         return end - start
 
     def _start_run(self, ref: ObjectRef, run: list[int], *, reserved: bool = True, part_blocks: int | None = None, waited: bool = False,
-                   buffers: dict[int, Any] | None = None, reader_at: int | None = None) -> int:
+                   buffers: dict[int, Any] | None = None) -> int:
         """Registers fetches for the contiguous blocks `run` and starts them as parallel ranged
         GETs of at most `fetch_blocks` blocks each (`part_blocks`: disk reads, DISK_RUN_BLOCKS
         per thread hop). Reserved backend runs start after COALESCE_S, merged with the runs
@@ -245,7 +243,7 @@ class BlockCache:
             for index in run:  # backend blocks: merged with other runs of the next COALESCE_S
                 fetch = BlockFetch(buffer=buffers.pop(index, None) if buffers else None)
                 self._inflight[(ref.key, ref.etag, index)] = fetch
-                self._pending.append((ref, index, fetch, 0 if waited else None if reader_at is None else max(1, index - reader_at + 1)))
+                self._pending.append((ref, index, fetch, waited))
             if not self._flush_scheduled:
                 self._flush_scheduled = True
                 self._nursery.start_soon(self._flush_pending)
@@ -762,19 +760,13 @@ def handing_out(buffers: list[Any]) -> Callable[[int], Any]:
 HANDED: Any = object()  # read_entries: an entry given to `on_each` (and no longer held in its result)
 
 
-# A reserved block, its fetch, and how far ahead of its reader it is: 0, the reader waits for
-# it; n > 0, it is the reader's n-th block from now; None, no reader (a prefetch, a whole file).
-Pending = tuple[ObjectRef, int, BlockFetch, "int | None"]
+Pending = tuple[ObjectRef, int, BlockFetch, bool]  # a reserved block, its fetch, whether a reader waits for it
 
 
 def fetch_parts(pending: list[Pending], most: int, waited_part: int) -> list[list[Pending]]:
     """The pending blocks as GETs: contiguous blocks of one object version, at most `most` per
-    GET. A block's bytes come a round trip plus what is before it in its GET after the request,
-    so a block its reader needs soon is not deep in a GET: one a reader waits for is at most
-    `waited_part` blocks into it, the reader's n-th block from now at most n // PART_SPREAD
-    (a reader that has just begun gets its first blocks from short GETs side by side, each
-    there a round trip and a block later, rather than from one GET that brings its eighth
-    block seven blocks' time after its first)."""
+    GET, and a block a reader waits for at most `waited_part` blocks into its GET (its bytes
+    come a round trip plus what is before it in the GET after the request)."""
     by_object: dict[tuple[str, str], list[Pending]] = {}
     for item in pending:
         by_object.setdefault((item[0].key, item[0].etag), []).append(item)
@@ -783,18 +775,13 @@ def fetch_parts(pending: list[Pending], most: int, waited_part: int) -> list[lis
         items.sort(key=lambda item: item[1])
         part: list[Pending] = []
         for item in items:
-            ahead = item[3]
-            deepest = most if ahead is None else waited_part if ahead == 0 else max(1, ahead // PART_SPREAD)
-            if part and (item[1] != part[-1][1] + 1 or len(part) >= min(most, deepest)):
+            if part and (item[1] != part[-1][1] + 1 or len(part) >= most or (item[3] and len(part) >= waited_part)):
                 parts.append(part)
                 part = []
             part.append(item)
         if part:
             parts.append(part)
     return parts
-
-
-PART_SPREAD = 8  # blocks of distance from its reader per block of depth in a GET (fetch_parts)
 
 
 def adopt(cache: BlockCache, ref: ObjectRef, index: int, data: bytes) -> bool:

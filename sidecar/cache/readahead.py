@@ -93,11 +93,6 @@ class ReadAhead:
         return self._requested_end
 
     @property
-    def streaming(self) -> bool:
-        """The current run began at offset 0 with a kernel-sized read (`cat`, `read_csv`)."""
-        return self._stream
-
-    @property
     def following(self) -> bool:
         """The current read continues a run that did not start at offset 0 (and is not long yet):
         one streamed GET should follow it (see the module's docstring)."""

@@ -211,10 +211,7 @@ class Reader:
         first, last = offset // bs, (end - 1) // bs
         cache.prefetch(ref, range(first, last + 1), readahead=False)
         if ahead:
-            # A stream from the start gets its next blocks from short GETs side by side: it
-            # has only begun to ask, and waits for each (sidecar.cache.blocks.fetch_parts).
-            # A run elsewhere (a column chunk) reads ahead a fraction of itself, in few GETs.
-            cache.prefetch(ref, ahead, reader_at=last + 1 if self.readahead.streaming and not self.whole else None)
+            cache.prefetch(ref, ahead)
         if first == last:
             block = await cache.get(ref, first)
             base = first * bs
