@@ -25,6 +25,7 @@ import socket
 import ssl
 import urllib.request
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 HEAD_LIMIT = 64 * 1024  # bytes of a response's status line and headers, at most
 SCRATCH = 64 * 1024  # the receive buffer while no body buffer is given (the head, and what came with it)
@@ -142,7 +143,7 @@ class _Connection(asyncio.BufferedProtocol):
     async def fill(self, view: memoryview, on_bytes: Callable[[], None] | None = None) -> int:
         """Receives the body's next bytes into `view`, until it is full or the body ends; the
         bytes received. Raises ResponseError if the connection breaks first."""
-        want = min(len(view), self.left + len(self._spill))
+        want = min(len(view), self.remaining)
         n = min(want, len(self._spill))
         view[:n] = self._spill[:n]
         self._spill = self._spill[n:]
@@ -158,9 +159,19 @@ class _Connection(asyncio.BufferedProtocol):
         return want
 
     @property
+    def remaining(self) -> int:
+        """The body's bytes not handed to a caller yet (some may have come with the head)."""
+        return self.left + len(self._spill)
+
+    @property
     def done(self) -> bool:
         """Whether the whole body was received."""
-        return self._phase == "body" and self.left == 0 and not self._spill
+        return self._phase == "body" and self.remaining == 0
+
+    def idle(self) -> None:
+        """Between requests: reading goes on, so a server that closes the connection is noticed."""
+        self._phase = "idle"
+        self._resume()
 
     def abort(self) -> None:
         self.keep = False
@@ -222,7 +233,7 @@ class Response:
     @property
     def length(self) -> int:
         """The body's bytes not received yet."""
-        return self._conn.left + len(self._conn._spill)
+        return self._conn.remaining
 
     async def fill(self, buffer: bytearray | memoryview, on_bytes: Callable[[], None] | None = None) -> int:
         """Receives the next body bytes into `buffer` until it is full or the body ends (the
@@ -259,8 +270,7 @@ class Response:
         self._closed = True
         conn = self._conn
         if conn.done and conn.keep and not conn.lost:
-            conn._phase = "idle"
-            conn._resume()  # an idle connection notices the server closing it
+            conn.idle()
             self._pool.release(conn)
         else:
             conn.abort()
@@ -327,8 +337,6 @@ class ConnectionPool:
 def proxied(url: str) -> bool:
     """Whether the environment sends requests to `url` through a proxy (HTTP(S)_PROXY, not
     excluded by NO_PROXY), as the SDK would."""
-    from urllib.parse import urlsplit
-
     parts = urlsplit(url)
     proxies = urllib.request.getproxies()
     if parts.scheme not in proxies:

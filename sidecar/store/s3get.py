@@ -45,6 +45,7 @@ class LeanGets:
         self.bucket = bucket
         self.enabled = not getattr(fs, "req_kw", None)  # requester-pays and such: the SDK adds what they need
         self._prefix: str | None = None  # the bucket's URL up to the key
+        self._path = ""  # its path (the request's target up to the key)
         self._region = ""  # (set with the prefix)
         self._unsigned = False
         self._pool: ConnectionPool | None = None
@@ -68,6 +69,7 @@ class LeanGets:
         if proxied(base):
             raise ValueError("the environment names a proxy for the endpoint")
         self._host = parts.netloc.rsplit("@", 1)[-1]  # the Host header (and what is signed)
+        self._path = parts.path[:-1]
         self._pool = ConnectionPool(parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), CONNECTIONS)
 
     async def prepare(self) -> None:
@@ -102,9 +104,9 @@ class LeanGets:
         try:
             if self._pool is None:
                 await self._setup(client)
-            url = self._prefix + quote(key, safe="/~")  # type: ignore[operator]
-            headers = await self._headers(client, url, start, end, etag)
-            response = await self._pool.get(url[url.index("/", url.index("//") + 2) :], headers)  # type: ignore[union-attr]
+            quoted = quote(key, safe="/~")
+            headers = await self._headers(client, self._prefix + quoted, start, end, etag)  # type: ignore[operator]
+            response = await self._pool.get(self._path + quoted, headers)  # type: ignore[union-attr]
         except ConnectFailed as exc:
             # The SDK may reach what this cannot (its own CA bundle, its proxy settings): it
             # answers from now on; a reset or a slow answer is only this request's.
