@@ -10,7 +10,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev l
     || apt-get install -y --no-install-recommends gcc libc6-dev libfuse3-dev pkg-config; rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir --upgrade pip wheel
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY sidecar ./sidecar
 RUN /opt/venv/bin/pip wheel --no-cache-dir --wheel-dir /wheels .
 

@@ -245,19 +245,29 @@ class LinkBench:
         local = self.work / "local-seq.bin"  # the same file system as the disk cache
         if not local.exists():
             write_random(local, size)
-        names = ("sidecar_cold", "sidecar_warm", "sidecar_warm_dropped", "local_dropped", "cache_files_dropped", "direct", "rclone", "ceiling")
+        # The warm rows twice: with FUSE passthrough where it works here (the kernel reads the
+        # cache file: the worker's CPU is ~0, the copy's is the reader's) and with the worker
+        # serving every read (`passthrough: false`, the "_worker" rows).
+        names = ("sidecar_cold", "sidecar_warm", "sidecar_warm_dropped", "sidecar_warm_worker", "sidecar_warm_dropped_worker", "local_dropped",
+                 "cache_files_dropped", "direct", "rclone", "ceiling")
         rows: dict[str, list[float]] = {k: [] for k in names}
-        cpu: dict[str, list[float]] = {k: [] for k in ("sidecar_cold", "sidecar_warm", "sidecar_warm_dropped", "direct", "rclone")}
+        cpu: dict[str, list[float]] = {k: [] for k in ("sidecar_cold", "sidecar_warm", "sidecar_warm_dropped", "sidecar_warm_worker",
+                                                       "sidecar_warm_dropped_worker", "direct", "rclone")}
+        reader_cpu: dict[str, list[float]] = {k: [] for k in cpu}
+        passed: dict[str, list[int]] = {}
         gib = size / (1 << 30)
 
-        def sidecar(cache: Path, row: str, drop: bool = False) -> None:
-            w = self.worker(cache)
+        def sidecar(cache: Path, row: str, drop: bool = False, **cfg) -> None:
+            w = self.worker(cache, **cfg)
             if drop:
                 drop_page_cache()
-            c0 = cpu_seconds(w.proc.pid)
+            c0, r0 = cpu_seconds(w.proc.pid), time.process_time()
             n, secs = read_through(f"{w.mnt}/seq.bin")
             cpu[row].append((cpu_seconds(w.proc.pid) - c0) / gib)
+            reader_cpu[row].append((time.process_time() - r0) / gib)
             rows[row].append(n / secs / 1e6)
+            if (pt := w.stats()["passthrough"]) is not None:
+                passed.setdefault(row, []).append(pt["opens"])
             w.stop()
 
         def cache_files(cache: Path) -> None:
@@ -275,10 +285,12 @@ class LinkBench:
             cache = Path(tempfile.mkdtemp(dir=self.work))
             sidecar(cache, "sidecar_cold")
             os.sync()  # (the cold read's disk-cache writes, still going out, would compete with the warm read)
-            sidecar(cache, "sidecar_warm")  # a new mount over the kept disk cache, its files in the page cache
+            for suffix, cfg in (("", {}), ("_worker", {"passthrough": False}))[:: 1 if i % 2 else -1]:
+                sidecar(cache, "sidecar_warm" + suffix, **cfg)  # a new mount over the kept disk cache, its files in the page cache
             if i % 2:  # which of the two reads the dropped files first alternates
                 cache_files(cache)
-            sidecar(cache, "sidecar_warm_dropped", drop=True)  # the same after `sync; drop_caches`
+            for suffix, cfg in (("", {}), ("_worker", {"passthrough": False}))[:: -1 if i % 2 else 1]:
+                sidecar(cache, "sidecar_warm_dropped" + suffix, drop=True, **cfg)  # the same after `sync; drop_caches`
             if not i % 2:
                 cache_files(cache)
             drop_page_cache()
@@ -297,11 +309,15 @@ class LinkBench:
             rows["ceiling"].append(self.ceiling(size))
         med = {k: statistics.median(v) for k, v in rows.items()}
         medcpu = {k: statistics.median(v) for k, v in cpu.items()}
-        self.results["sequential"] = {"MBps": rows, "cpu_s_per_GiB": cpu, "ratios": {
+        self.results["sequential"] = {"MBps": rows, "cpu_s_per_GiB": cpu, "reader_cpu_s_per_GiB": reader_cpu, "passthrough_opens": passed, "ratios": {
             "cold/direct": med["sidecar_cold"] / med["direct"], "cold/rclone_off": med["sidecar_cold"] / med["rclone"],
             "warm/ceiling": med["sidecar_warm"] / med["ceiling"],
             "warm_dropped/min(local_dropped, ceiling)": med["sidecar_warm_dropped"] / min(med["local_dropped"], med["ceiling"]),
             "warm_dropped/min(cache_files_dropped, ceiling)": med["sidecar_warm_dropped"] / min(med["cache_files_dropped"], med["ceiling"]),
+            "warm_dropped_worker/min(cache_files_dropped, ceiling)": med["sidecar_warm_dropped_worker"] / min(med["cache_files_dropped"], med["ceiling"]),
+            "warm_dropped/local_dropped": med["sidecar_warm_dropped"] / med["local_dropped"],
+            "warm_dropped/cache_files_dropped": med["sidecar_warm_dropped"] / med["cache_files_dropped"],
+            "warm_worker/ceiling": med["sidecar_warm_worker"] / med["ceiling"],
             "cpu cold/direct": medcpu["sidecar_cold"] / medcpu["direct"],
             "cpu cold/rclone": medcpu["sidecar_cold"] / medcpu["rclone"], "cpu warm/rclone": medcpu["sidecar_warm"] / medcpu["rclone"]}}
 

@@ -36,7 +36,7 @@ fi
 extras=test
 [[ "${1:-}" == "--bench" ]] && extras=test,bench
 stamp="$VENV/.installed-$extras"
-if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
+if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" || setup.py -nt "$stamp" || sidecar/_fusept.c -nt "$stamp" ]]; then
     echo "bootstrap: preparing the virtualenv $VENV ($extras)"
     [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip

@@ -20,6 +20,7 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from sidecar import passthrough  # (first: it must be loaded before pyfuse3 is)
 import pyfuse3
 import structlog
 
@@ -90,7 +91,7 @@ class FuseOps(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, fs: Filesystem, *, mount_name: str) -> None:
+    def __init__(self, fs: Filesystem, *, mount_name: str, passthrough_wanted: bool = True) -> None:
         super().__init__()
         self.fs = fs
         self.mount_name = mount_name
@@ -98,6 +99,8 @@ class FuseOps(pyfuse3.Operations):
         structlog.contextvars.bind_contextvars(mount=mount_name)
         self.errors = Counts()  # FUSE requests answered with an error, by reason
         self.requests = Counts()  # FUSE requests served, by operation
+        # Files the kernel reads from the disk cache itself: read-only mounts (see sidecar.passthrough).
+        self.open_files = passthrough.OpenFiles(fs.cached_file) if fs.readonly and passthrough_wanted and passthrough.wanted() else None
 
     def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -157,6 +160,8 @@ class FuseOps(pyfuse3.Operations):
     @_translated
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         fh, keep_cache = await self.fs.open(inode, flags)
+        if self.open_files is not None and self.open_files.opened(inode, fh):
+            return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False)  # the kernel reads the cache file
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache, direct_io=False)
 
     @_translated
@@ -165,6 +170,8 @@ class FuseOps(pyfuse3.Operations):
 
     @_translated
     async def release(self, fh: int) -> None:
+        if self.open_files is not None:
+            self.open_files.released(fh)
         self.fs.release(fh)
 
     @_translated

@@ -190,6 +190,11 @@ class StorageMount(_Model):
         description=f"KiB the kernel reads ahead of a reader and around a page fault of a memory-mapped file (default: "
         f"the daemon's, {KERNEL_READAHEAD_KB}); 1024 suits model files loaded by mmap (safetensors), see the README",
     )
+    passthrough: bool = Field(
+        default=True,
+        description="read-only mounts: a file whose whole version is in the disk cache is read by the kernel from the cache "
+        "file itself (FUSE passthrough, Linux 6.9+, a sidecar with CAP_SYS_ADMIN); false: every read through the sidecar",
+    )
 
     @field_validator("name")
     @classmethod

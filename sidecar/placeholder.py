@@ -28,6 +28,7 @@ import sys
 import time
 from typing import Any
 
+from sidecar import passthrough  # noqa: F401 (first: it must be loaded before pyfuse3 is)
 import pyfuse3
 import trio
 

@@ -74,6 +74,7 @@ class MountOptions:
     ttl: float = METADATA_TTL
     deadline: float = DEADLINE
     kernel_readahead_kb: int | None = None  # None: the daemon's (CacheConfig)
+    passthrough: bool = True  # the kernel reads files whole in the disk cache itself (sidecar.passthrough)
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> "MountOptions":

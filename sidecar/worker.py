@@ -23,7 +23,7 @@ from typing import Any
 
 import trio
 
-from sidecar import log, rescue, urls
+from sidecar import log, passthrough, rescue, urls  # (passthrough: before pyfuse3 is loaded; see there)
 from sidecar.cache.blocks import BlockCache
 from sidecar.cache.disk import DiskTier
 from sidecar.cache.shared import SharedBlocks, VersionId
@@ -106,7 +106,7 @@ async def rehearse_read(store: Any, cfg: WorkerConfig) -> None:
             async with trio.open_nursery() as nursery:
                 await nursery.start(cache.run)
                 fs = Filesystem(store, cache)
-                ops = FuseOps(fs, mount_name=cfg.name)
+                ops = FuseOps(fs, mount_name=cfg.name, passthrough_wanted=False)
                 node = fs.inodes.for_entry(REHEARSAL_KEY, False, ObjectInfo(REHEARSAL_KEY, REHEARSAL_SIZE, "0", 0.0), trio.current_time())
                 with trio.fail_after(cfg.mount.deadline):
                     info = await ops.open(node.ino, os.O_RDONLY, None)
@@ -338,7 +338,7 @@ class MountWorker:
             # The check's LIST held the whole folder: the mount's root is listed from the start, so
             # the session's first `ls` or open there costs no request (on S3: one round trip less).
             await self.fs.adopt_listing(self.fs.root_prefix, checked_listing)
-        self.ops = FuseOps(self.fs, mount_name=cfg.name)
+        self.ops = FuseOps(self.fs, mount_name=cfg.name, passthrough_wanted=cfg.mount.passthrough)
         self.prefetcher = Prefetcher(self.store, self.cache, self.url.key_prefix(cfg.mount.source_path), adopt=self.fs.adopt_listing)
 
     async def _open_shared(self, directory: str, limit: int) -> None:
@@ -400,6 +400,7 @@ class MountWorker:
             "shared": self.cache.shared.as_dict() if self.cache.shared is not None else ({"unusable": self.shared_problem} if self.shared_problem else None),
             "errors": dict(self.ops.errors),
             "requests": dict(self.ops.requests),
+            "passthrough": self.ops.open_files.as_dict() if self.ops.open_files is not None else None,
             "inodes": fs.inode_count,
             "write_mode": self.cfg.mount.write_mode if staging else None,
             "unsynced": {**fs.writer.unsynced(), "old_names": len(fs.deletes)} if fs.writer else None,
@@ -487,7 +488,8 @@ class MountWorker:
             logger.debug("first_stat_failed", error=str(exc))
         raise_kernel_readahead(self.mountpath, kernel_readahead_kb(self.cfg))
         logger.info("mounted", mount=self.cfg.name, mountpath=self.mountpath, url=self.url.canonical(),
-                    write_mode=self.cfg.mount.write_mode if self.staging else None)
+                    write_mode=self.cfg.mount.write_mode if self.staging else None,
+                    passthrough=passthrough.state() if self.ops.open_files is not None else "off")
         emit(Mounted(mountpath=self.mountpath))
 
     async def run(self) -> int:

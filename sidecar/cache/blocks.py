@@ -313,7 +313,8 @@ class BlockCache:
         if (self.disk is not None or share is not None) and self._nursery is not None:
             self.memory.pin(mid)
             self.disk_writes.begin()  # (now: a wait for none left must not end before the task begins)
-            self._nursery.start_soon(self._disk_put_many, [(name, data)], [mid], share[0] if share else None, [share[1]] if share else None, True)
+            self._nursery.start_soon(self._disk_put_many, [(name, data)], [mid], share[0] if share else None, [share[1]] if share else None, True,
+                                     block[0] if block is not None else None)
 
     def spawn(self, fn: Any, *args: Any) -> None:
         """Runs `fn(*args)` in the cache's nursery (fetches outlive the reader that started them)."""
@@ -381,7 +382,7 @@ class BlockCache:
             if done is not None:
                 done()
         if to_disk:
-            await self._disk_put_many(to_disk, pinned, share=ref if ref.etag else None)
+            await self._disk_put_many(to_disk, pinned, share=ref if ref.etag else None, ref=ref)
 
     # The disk tier is a cache: any error of it (a full or failing disk, a bug) costs a refetch,
     # never a reader's request or the mount. Each is logged and counted.
@@ -397,14 +398,15 @@ class BlockCache:
         return await trio.to_thread.run_sync(read_entries, self, self.disk, names, on_each, token, buffers, limiter=self._disk_limiter)
 
     async def _disk_put_many(self, items: list[tuple[str, bytes]], pinned: list[tuple[str, str, Any]], share: ObjectRef | None = None,
-                             indices: list[int] | None = None, counted: bool = False) -> None:
+                             indices: list[int] | None = None, counted: bool = False, ref: ObjectRef | None = None) -> None:
         """Writes `items` to the disk tier (and, with `share`, to the node's shared cache as blocks
         of that version: `indices`, else the block indices `pinned` names), then unpins their
-        memory entries `pinned`. `counted`: the caller counted it in `disk_writes` already."""
+        memory entries `pinned`. `counted`: the caller counted it in `disk_writes` already.
+        `ref`: the version the blocks are of (its size lays out its segments)."""
         if not counted:
             self.disk_writes.begin()
         try:
-            await put_many(self, items, pinned, share, indices)
+            await put_many(self, items, pinned, share, indices, ref)
         finally:
             self.disk_writes.end()
 
@@ -547,7 +549,7 @@ async def fetch_claimed(cache: BlockCache, ref: ObjectRef, first: int, fetches: 
             await get_run(cache, ref, first, fetches, names, [i for i in missing if first + i in mine], held, to_disk, pinned)
             items, pins = to_disk[:], pinned[:]
             del to_disk[:], pinned[:]
-            await cache._disk_put_many(items, pins, share=ref)  # stored before the claims are let go
+            await cache._disk_put_many(items, pins, share=ref, ref=ref)  # stored before the claims are let go
     finally:
         shared.release(version, bs, mine)
     found = await wait_for_claimed(cache, ref, [first + i for i in rest],
@@ -642,7 +644,7 @@ def share_blocks(cache: BlockCache, ref: ObjectRef, blocks: list[tuple[int, byte
 
 
 async def put_many(cache: BlockCache, items: list[tuple[str, bytes]], pinned: list[tuple[str, str, Any]], share: ObjectRef | None,
-                   indices: list[int] | None) -> None:
+                   indices: list[int] | None, ref: ObjectRef | None = None) -> None:
     """`BlockCache._disk_put_many`'s work."""
     disk = cache.disk
     if disk is None and (share is None or cache.shared is None):
@@ -654,7 +656,7 @@ async def put_many(cache: BlockCache, items: list[tuple[str, bytes]], pinned: li
         shared = share_blocks(cache, share, list(zip(indices or [mid[2] for mid in pinned], (data for _, data in items)))) if share else 0
         try:
             if disk is not None and shared < len(items):
-                store_on_disk(cache, disk, items, pinned)
+                store_on_disk(cache, disk, items, pinned, ref)
         except Exception as exc:
             cache._disk_failed("disk_cache_write_failed", exc)
 
@@ -689,12 +691,15 @@ class Outstanding:
             await self._none.wait()
 
 
-def store_on_disk(cache: BlockCache, disk: DiskTier, items: list[tuple[str, bytes]], pinned: list[tuple[str, str, Any]]) -> None:
+def store_on_disk(cache: BlockCache, disk: DiskTier, items: list[tuple[str, bytes]], pinned: list[tuple[str, str, Any]],
+                  ref: ObjectRef | None = None) -> None:
     """Blocks of one object version go into its segments, in the object's order on disk (read
-    back after a restart as fast as one file); anything else (exact ranges) as a pack."""
+    back after a restart as fast as one file, or by the kernel in place of the mounted file);
+    anything else (exact ranges) as a pack."""
     if pinned and len(pinned) == len(items) and all(isinstance(mid[2], int) and mid[:2] == pinned[0][:2] for mid in pinned):
         key, etag = pinned[0][0], pinned[0][1]
-        disk.put_blocks(cache.storage_id, key, etag, cache.block_size, [(mid[2], data) for mid, (_, data) in zip(pinned, items)])
+        size = ref.size if ref is not None and (ref.key, ref.etag) == (key, etag) else None
+        disk.put_blocks(cache.storage_id, key, etag, cache.block_size, [(mid[2], data) for mid, (_, data) in zip(pinned, items)], size)
     else:
         disk.put_many(items)
 

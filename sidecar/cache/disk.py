@@ -18,23 +18,27 @@ ext4 without a journal, allocating an inode scans recently deleted ones). A pack
 and renamed into place; it is evicted whole when its least recently used entry is, and an entry
 dropped from it (corrupt) leaves the others until the last goes.
 
-Segments: the blocks of an object version go into one file per SEGMENT_MAX blocks of it (fewer
-with a small disk limit), `<dir>/<2 hex>/seg-<slot 0's name>-<slots>`: a table (SEG_MAGIC, slot
-count, slot size, then each slot's block name, and its data's length and crc32 once written)
-followed by fixed slots, slot i holding block `first + i`'s data alone at a page boundary,
-written in place as it arrives, then its length and checksum in the table (read at start: one
-read per segment, not one per slot). Data at a page boundary, with nothing before it, can be
-read with O_DIRECT straight into a block's buffer (`get` with `direct`): after a restart, when
-the page cache does not hold a segment, a block read that way costs no page-cache page (each an
-allocation, a mapping and later a reclaim: most of what a warm read from disk cost in CPU). Whatever order parallel GETs bring the blocks in, the file holds the object in its order,
-and a sequential reader after a restart reads one large file as it would a local copy (files of
-8 MiB, the packs these replaced for blocks, read back markedly slower than one large file once
-the page cache was dropped: benchmarks/results/HISTORY.md). A slot is written once (a block
-dropped as corrupt is written again with the same bytes); the table is written before any slot
-(a new file renamed into place), so a crash leaves slots whose table length or checksum does not
-hold, which are not indexed or are dropped when read. A segment is evicted whole, never while a
-slot of it is being written. (SEG_MAGIC "SSCS" segments had a header before each slot's data;
-they are deleted at start as any file of another format.)
+Segments: the blocks of an object version go into one file per `slots` blocks of it, as many
+as the object has (at most a share of the disk limit, SEGMENT_SHARE, and SEGMENT_MAX when the
+object's size is not told), `<dir>/<2 hex>/seg-<slot 0's name>-<slots>`: slot i holds block
+`first + i` at offset i x slot size (the block size rounded up to pages), its data alone, written
+in place as it arrives. So a segment of the whole object is the object's bytes at their own
+offsets, a file the kernel can read in place of the mounted one (FUSE passthrough,
+`sidecar.passthrough`), and after a restart a sequential reader reads one large file as it would a
+local copy (files of 8 MiB, the packs these replaced for blocks, read back markedly slower once
+the page cache was dropped: benchmarks/results/HISTORY.md). Data at a page boundary can also be
+read with O_DIRECT straight into a block's buffer (`get` with `direct`): after a restart, when the
+page cache does not hold a segment, a block read that way costs no page-cache page. Its table is
+the file beside it, `<segment>.t` (SEG_MAGIC, slot count, slot size, then each slot's block name,
+and its data's length and crc32 once written; read at start, one read per segment), so that
+nothing but the object's bytes is in the segment. The segment file is created before its table
+is renamed into place, and a slot's table entry is written after its data, so a crash leaves
+slots whose table length or checksum does not hold, which are not indexed or are dropped when
+read, or a segment without a table, deleted at start. A slot is written once (a block dropped as
+corrupt is written again with the same bytes). A segment is evicted whole, never while a slot of
+it is being written. An object of one block is not a segment but an entry written alone: its
+file is the object's bytes too. (Segments with their table in front, SEG_MAGIC "SSC2", are
+deleted at start as any file of another format.)
 
 Invariant: `used` (bytes of all block files, temp files included) never exceeds `limit`. Space is
 reserved under `_lock` before a file is written, and eviction of least-recently-used blocks makes
@@ -86,10 +90,12 @@ EVICT_BATCH = 64  # index entries looked at per step of an eviction
 
 
 SEG_PREFIX = "seg-"
-SEG_MAGIC = b"SSC2"
+SEG_MAGIC = b"SSC3"
+SEG_TABLE = ".t"  # a segment's table file: its name and this
 _SEG = struct.Struct("<4sIQ")  # magic, number of slots, bytes per slot
 _SLOT = struct.Struct("<64sII")  # a slot's block name, its data's length and crc32 once written (length 0: not yet)
-SEGMENT_MAX = 64  # blocks per segment
+SEGMENT_MAX = 64  # blocks per segment when the object's size is not told
+SEGMENT_SLOTS_MAX = 4096  # blocks per segment in any case
 SEGMENT_SHARE = 8  # a segment holds at most this fraction of the disk limit
 
 
@@ -102,6 +108,14 @@ class _Pack:
         self.writers = 0  # threads writing slots of it (a segment): never evicted meanwhile
         self.counted: set[str] = set()  # a segment's slots whose bytes `size` counts
         self.ready: threading.Event | None = None  # a segment: set once its file exists
+
+
+def segment_slots(limit: int, block_size: int, size: int | None) -> int:
+    """Blocks per segment of an object of `size` bytes (None: not known) under a disk `limit`."""
+    most = max(1, limit // (SEGMENT_SHARE * block_size))
+    if size is None:
+        return min(SEGMENT_MAX, most)
+    return max(1, min(SEGMENT_SLOTS_MAX, most, -(-size // block_size)))
 
 
 def segment_layout(slots: int, block_size: int) -> tuple[int, int]:
@@ -298,13 +312,20 @@ class DiskTier:
                 st = f.stat()
                 found.append((st.st_atime, f.name, st.st_size))
         found.sort()
+        segments = []
         for _, name, size in found:
             if name.startswith(PACK_PREFIX):
                 self._load_pack(name, size)
             elif name.startswith(SEG_PREFIX):
-                load_segment(self, name)
+                if name.endswith(SEG_TABLE):
+                    load_segment(self, name[: -len(SEG_TABLE)])
+                else:
+                    segments.append(name)
             else:
                 load_single(self, name, size)
+        for name in segments:
+            if name not in self._packs:  # (no table: created when a crash came, or of another format)
+                self._path(name).unlink(missing_ok=True)
         self._evict_locked(0)  # the limit may have been lowered since the last run
 
     def _load_pack(self, pack: str, size: int) -> None:
@@ -554,10 +575,14 @@ class DiskTier:
                 self._pending.discard(name)
         return stored + len(new)
 
-    def put_blocks(self, storage: str, key: str, etag: str, block_size: int, blocks: list[tuple[int, bytes]]) -> int:
-        """Stores blocks of one object version (index, bytes) in their segments; returns how
-        many are now on disk. With a disk limit too small for segments, a pack (`put_many`)."""
-        slots = max(1, min(SEGMENT_MAX, self.limit // (SEGMENT_SHARE * block_size)))
+    def put_blocks(self, storage: str, key: str, etag: str, block_size: int, blocks: list[tuple[int, bytes]], size: int | None = None) -> int:
+        """Stores blocks of one object version (index, bytes) in their segments (the object's
+        `size` told: as few as the limit allows); returns how many are now on disk. The one
+        block of a one-block object, as an entry alone; with a disk limit too small for
+        segments, a pack (`put_many`)."""
+        slots = segment_slots(self.limit, block_size, size)
+        if size is not None and size <= block_size:
+            return sum(self.put(block_name(storage, key, etag, index, block_size), data) for index, data in blocks)
         if slots == 1:
             return self.put_many([(block_name(storage, key, etag, index, block_size), data) for index, data in blocks])
         by_segment: dict[int, list[tuple[int, bytes]]] = {}
@@ -589,6 +614,41 @@ class DiskTier:
     def disk_bytes(self) -> int:
         """Bytes actually on disk under the cache directory (for tests and status)."""
         return tree_bytes(self.dir)
+
+
+def whole_file(tier: DiskTier, storage: str, key: str, etag: str, block_size: int, size: int) -> str | None:
+    """The file that holds exactly the bytes of this object version, at their offsets, if
+    the disk tier has one (an entry alone, the only block or a random reader's range of all
+    of it, or a segment of every block, all written): the kernel may read it in place of
+    the mounted file."""
+    if size <= 0:
+        return None
+    count = -(-size // block_size)
+    whole = range_name(storage, key, etag, 0, size)
+    names = [block_name(storage, key, etag, index, block_size) for index in range(count)]
+    with tier._lock:
+        if whole in tier._index and whole not in tier._pending and whole not in tier._packed:
+            names = [whole]
+        elif any(name not in tier._index or name in tier._pending for name in names):
+            return None
+        where = tier._packed.get(names[0])
+        if where is None:
+            if len(names) != 1:
+                return None
+            path = tier._path(names[0])
+        else:
+            segment = where[0]
+            if where[1] != 0 or any(tier._packed.get(name, ("",))[0] != segment for name in names):
+                return None
+            path = tier._path(segment)
+        for name in names:
+            tier._index.move_to_end(name)
+    try:
+        if os.stat(path).st_size != size:
+            return None
+    except OSError:
+        return None
+    return str(path)
 
 
 def block_cached(tier: DiskTier, name: str) -> bool:
@@ -686,7 +746,7 @@ def write_segment(tier: DiskTier, identity: tuple[str, str, str, int], slots: in
         for index, data in new:
             block = names[index - first]
             tier._index[block] = 0
-            tier._packed[block] = (name, table + (index - first) * slot, len(data))
+            tier._packed[block] = (name, (index - first) * slot, len(data))
             tier._crc[block] = crcs[index]
             tier._pending.add(block)
             if block not in pack.counted:
@@ -703,7 +763,11 @@ def write_segment(tier: DiskTier, identity: tuple[str, str, str, int], slots: in
         fd = os.open(path, os.O_WRONLY)
         try:
             for index, data in new:
-                os.pwrite(fd, data, table + (index - first) * slot)
+                os.pwrite(fd, data, (index - first) * slot)
+        finally:
+            os.close(fd)
+        fd = os.open(table_path(path), os.O_WRONLY)
+        try:
             for index, data in new:
                 os.pwrite(fd, struct.pack("<II", len(data), crcs[index]), _SEG.size + (index - first) * _SLOT.size + 64)
         finally:
@@ -719,8 +783,13 @@ def write_segment(tier: DiskTier, identity: tuple[str, str, str, int], slots: in
     return stored + (len(new) if ok else 0)
 
 
+def table_path(segment: Path) -> Path:
+    return segment.with_name(segment.name + SEG_TABLE)
+
+
 def _create_segment(path: Path, names: list[str], table: int, slot: int) -> None:
-    """A new segment's file: its table, renamed into place (its slots are holes until written)."""
+    """A new segment's file (empty: its slots are holes until written), then its table, renamed
+    into place."""
     head = bytearray(table)
     _SEG.pack_into(head, 0, SEG_MAGIC, len(names), slot)
     for i, block in enumerate(names):
@@ -728,15 +797,16 @@ def _create_segment(path: Path, names: list[str], table: int, slot: int) -> None
     tmp = path.parent / f".tmp{threading.get_ident()}-{path.name}"
     try:
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
         except FileNotFoundError:  # its folder is made with its first segment, not looked at for each
             path.parent.mkdir(exist_ok=True, mode=0o700)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.pwrite(fd, head, 0)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        os.replace(tmp, table_path(path))
     except OSError:
         tmp.unlink(missing_ok=True)
         raise
@@ -762,7 +832,10 @@ def _drop_pack_if_unused(tier: DiskTier, pack: _Pack) -> None:
     """A pack or segment with no indexed block and no writer goes: its file and its bytes."""
     if not pack.live and not pack.writers and tier._packs.get(pack.name) is pack:
         del tier._packs[pack.name]
-        tier._path(pack.name).unlink(missing_ok=True)
+        path = tier._path(pack.name)
+        if pack.name.startswith(SEG_PREFIX):
+            table_path(path).unlink(missing_ok=True)  # (first: a table never stands without its segment)
+        path.unlink(missing_ok=True)
         tier.used -= pack.size
 
 
@@ -784,16 +857,17 @@ def load_segment(tier: DiskTier, name: str) -> None:
     path = tier._path(name)
     live: set[str] = set()
     try:
-        with open(path, "rb") as f:
+        with open(table_path(path), "rb") as f:
             head = f.read(PAGE)
             magic, slots, slot = _SEG.unpack_from(head)
-            if magic != SEG_MAGIC or not name.endswith(f"-{slots}") or not 0 < slots <= 4096 or slot % PAGE or slot < PAGE:
+            if magic != SEG_MAGIC or not name.endswith(f"-{slots}") or not 0 < slots <= SEGMENT_SLOTS_MAX or slot % PAGE or slot < PAGE:
                 raise ValueError("not a segment")
             table = _segment_table(slots)
             head += f.read(table - len(head))
-            if len(head) != table or os.fstat(f.fileno()).st_size > table + slots * slot:
-                raise ValueError("not a segment")
+        if len(head) != table or os.stat(path).st_size > slots * slot:
+            raise ValueError("not a segment")
     except (OSError, ValueError, struct.error):
+        table_path(path).unlink(missing_ok=True)
         path.unlink(missing_ok=True)
         return
     pack = _Pack(name, table, live)
@@ -803,7 +877,7 @@ def load_segment(tier: DiskTier, name: str) -> None:
         if not 0 < length <= slot or block in tier._index:
             continue
         tier._index[block] = 0
-        tier._packed[block] = (name, table + i * slot, length)
+        tier._packed[block] = (name, i * slot, length)
         tier._crc[block] = crc
         live.add(block)
         pack.counted.add(block)
@@ -812,6 +886,7 @@ def load_segment(tier: DiskTier, name: str) -> None:
         tier._packs[name] = pack
         tier.used += pack.size
     else:
+        table_path(path).unlink(missing_ok=True)
         path.unlink(missing_ok=True)
 
 

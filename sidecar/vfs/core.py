@@ -29,6 +29,7 @@ import time
 import trio
 
 from sidecar.cache.blocks import BlockCache, ObjectRef, adopt
+from sidecar.cache.disk import whole_file
 from sidecar.cache.ranges import ExactRanges
 from sidecar.cache.readahead import KERNEL_WINDOW, FolderWalk
 from sidecar.cache.streams import Streams
@@ -127,6 +128,15 @@ class Filesystem(Mutations):
         fh = next(self._next_fh)
         self._handles[fh] = FileHandle(node, ObjectRef(node.key, node.etag, node.size), writable)
         return fh, keep_cache
+
+    def cached_file(self, fh: int) -> str | None:
+        """The disk cache's file of exactly the bytes of this read-only handle's version, if it
+        has one, for the kernel to read in its place (`sidecar.passthrough`)."""
+        h = self._handles.get(fh)
+        disk = self.cache.disk
+        if not isinstance(h, FileHandle) or h.writable or h.node.staged is not None or disk is None:
+            return None
+        return whole_file(disk, self.cache.storage_id, h.ref.key, h.ref.etag, self.cache.block_size, h.ref.size)
 
     def _walk_on(self, node: Node) -> None:
         """A reader going through a folder's files in name order: its next small files (a block

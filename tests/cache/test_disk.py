@@ -10,7 +10,7 @@ import pytest
 
 import trio
 
-from sidecar.cache.disk import DiskTier, block_cached, block_name
+from sidecar.cache.disk import DiskTier, block_cached, block_name, whole_file
 from sidecar.store.memory import MemoryStore
 from tests.fshelpers import BS, mounted, path_ino, read_all, run
 
@@ -35,9 +35,11 @@ def test_disk_tier_survives_restart_and_detects_corruption(tmp_path):
     run(main, mock_clock=False)
     gets = store.stats.get_requests
     assert 1 <= gets <= 5
-    # the stream's blocks are one segment file, in the object's order: corrupt the last block
+    # the stream's blocks are one segment file, the object's bytes at their offsets, and its
+    # table beside it: corrupt the last block
     files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
-    assert len(files) == 1 and files[0].name.startswith("seg-")
+    assert [f.name.startswith("seg-") for f in files] == [True, True] and files[1].name == files[0].name + ".t"
+    assert files[0].read_bytes() == data
     raw = bytearray(files[0].read_bytes())
     raw[-1] ^= 0xFF
     files[0].write_bytes(bytes(raw))
@@ -135,7 +137,7 @@ def test_an_entry_written_alone_is_its_bytes_only_with_its_checksum_in_its_name(
 
 
 def _segment_files(root):
-    return sorted(p for p in root.rglob("seg-*") if p.is_file())
+    return sorted(p for p in root.rglob("seg-*") if p.is_file() and not p.name.endswith(".t"))
 
 
 def test_an_objects_blocks_are_laid_out_in_its_order_in_one_segment_and_kept_across_restarts(tmp_path):
@@ -183,15 +185,22 @@ def test_a_segment_cut_short_corrupt_or_foreign_costs_only_its_bad_blocks(tmp_pa
     assert disk.put_blocks("st", "obj", "e1", MIB, list(enumerate(data))) == 4
     (seg,) = _segment_files(tmp_path)
     names = [block_name("st", "obj", "e1", i, MIB) for i in range(4)]
-    raw = bytearray(seg.read_bytes())
+    table = seg.with_name(seg.name + ".t")
+    raw = bytearray(table.read_bytes())
     raw[16 + 3 * 72 + 64 : 16 + 3 * 72 + 68] = bytes(4)  # slot 3's length in the table: not yet
+    table.write_bytes(bytes(raw))
+    raw = bytearray(seg.read_bytes())
     raw[disk._packed[names[1]][1] + MIB // 2] ^= 0xFF  # slot 1's data damaged
     seg.write_bytes(bytes(raw))
     foreign = tmp_path / "ab" / f"seg-{'ab' * 32}-8"
     foreign.parent.mkdir(exist_ok=True)
     foreign.write_bytes(b"not a segment")
+    foreign.with_name(foreign.name + ".t").write_bytes(b"not a table")
+    orphan = tmp_path / "ac" / f"seg-{'ac' * 32}-8"  # a segment whose table was never renamed into place
+    orphan.parent.mkdir(exist_ok=True)
+    orphan.write_bytes(bytes(4096))
     again = DiskTier(tmp_path, limit=256 << 20)
-    assert len(again) == 3 and not foreign.exists()
+    assert len(again) == 3 and not foreign.exists() and not foreign.with_name(foreign.name + ".t").exists() and not orphan.exists()
     assert again.get(names[0]) == data[0] and again.get(names[2]) == data[2]
     assert again.get(names[1]) is None and again.corrupt == 1
     assert again.put_blocks("st", "obj", "e1", MIB, [(1, data[1]), (3, data[3])]) == 2  # in place
@@ -648,3 +657,32 @@ def test_a_segment_block_the_page_cache_does_not_hold_is_read_directly_into_the_
     _evict_page_cache(tmp_path / "c")
     assert again.get(names[3], Buffer.new(MIB), direct=True) is None
     assert again.corrupt == 1 and names[3] not in again and again.direct_reads == 2
+
+
+def test_an_object_whose_every_block_is_written_has_one_file_of_exactly_its_bytes(tmp_path):
+    """With the object's size told, its blocks go into one segment of as many slots as it has
+    blocks (a one-block object: an entry alone), so once all are written the disk tier names
+    one file holding exactly the object's bytes at their offsets (what FUSE passthrough
+    reads); not before, not for another version, and not once a block is gone."""
+    rnd = random.Random(36)
+    size = 5 * MIB + 123
+    data = rnd.randbytes(size)
+    blocks = [(i, data[i * MIB : (i + 1) * MIB]) for i in range(6)]
+    disk = DiskTier(tmp_path, limit=256 << 20)
+    assert disk.put_blocks("st", "obj", "e1", MIB, [blocks[5], blocks[0]], size) == 2
+    assert whole_file(disk, "st", "obj", "e1", MIB, size) is None  # blocks 1-4 missing
+    assert disk.put_blocks("st", "obj", "e1", MIB, blocks[1:5], size) == 4
+    (seg,) = _segment_files(tmp_path)
+    assert seg.name.endswith("-6")
+    whole = whole_file(disk, "st", "obj", "e1", MIB, size)
+    assert whole == str(seg) and open(whole, "rb").read() == data
+    assert whole_file(disk, "st", "obj", "e2", MIB, size) is None
+    kept = DiskTier(tmp_path, limit=256 << 20)  # found again after a restart
+    assert whole_file(kept, "st", "obj", "e1", MIB, size) == str(seg)
+    kept._drop(block_name("st", "obj", "e1", 3, MIB))  # (corrupt when read, say)
+    assert whole_file(kept, "st", "obj", "e1", MIB, size) is None
+
+    small = rnd.randbytes(70_000)
+    assert disk.put_blocks("st", "img", "e1", MIB, [(0, small)], len(small)) == 1
+    one = whole_file(disk, "st", "img", "e1", MIB, len(small))
+    assert one is not None and not os.path.basename(one).startswith("seg-") and open(one, "rb").read() == small

@@ -163,6 +163,11 @@ def test_epochs_over_small_files_ask_once_then_never(served, mount_worker, tmp_p
     assert walk(w.mnt) == sorted(files)
     epoch(w.mnt, 3)
     assert proxy.counts["GET"] == 0 and proxy.counts["HEAD"] == 0, dict(proxy.counts)
+    # Each file is whole in the disk cache: the kernel reads it from there (FUSE passthrough),
+    # not one READ reaches the worker (where the kernel and the worker's rights allow it).
+    stats = w.stats()
+    if stats["passthrough"]["state"] == "on":
+        assert stats["passthrough"]["opens"] == len(files) and stats["requests"].get("read", 0) == 0, stats
 
 
 def test_a_tree_walk_gets_the_next_folders_listed_ahead_each_once(served, mount_worker):

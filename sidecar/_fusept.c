@@ -1,0 +1,227 @@
+/*
+ * FUSE passthrough under pyfuse3 and libfuse 3.14.
+ *
+ * Since Linux 6.9 a FUSE server may hand the kernel an open file to serve an opened FUSE file's
+ * reads, writes and mmap from ("passthrough"): the kernel reads the cache file itself, at the
+ * disk's speed, and the server sees no READ at all. It takes two steps of the protocol:
+ *   - the INIT reply sets FUSE_PASSTHROUGH in flags2 and a max_stack_depth (1 or 2);
+ *   - an OPEN reply sets FOPEN_PASSTHROUGH and the backing_id that the FUSE_DEV_IOC_BACKING_OPEN
+ *     ioctl (CAP_SYS_ADMIN) returned for the file to read from.
+ * libfuse learned both in 3.17, and pyfuse3 neither; this machine's Debian has libfuse 3.14. Both
+ * steps are answers libfuse writes to /dev/fuse, so this library sets them in those answers:
+ *   - it defines fuse_session_mount(), loaded (RTLD_GLOBAL) before pyfuse3's extension so that
+ *     pyfuse3's call binds here; that calls libfuse's own and then installs custom I/O
+ *     (fuse_session_custom_io, public since libfuse 3.13) on the session;
+ *   - the custom read notes the INIT request (does the kernel offer passthrough?) and the unique
+ *     id of each OPEN request;
+ *   - the custom writev patches the INIT reply, and the reply to an OPEN whose file handle the
+ *     server registered (sidecar_pt_register) just before answering it.
+ * Without custom splice functions libfuse neither splices requests in nor replies out, so every
+ * message passes through these two functions. Nothing else is changed.
+ *
+ * Struct layouts are the kernel's ABI (include/uapi/linux/fuse.h, protocol 7.40), not libfuse's.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#define FUSE_USE_VERSION 34
+#include <fuse_lowlevel.h>
+
+struct pt_in_header {
+    uint32_t len, opcode;
+    uint64_t unique, nodeid;
+    uint32_t uid, gid, pid;
+    uint16_t total_extlen, padding;
+};
+struct pt_out_header {
+    uint32_t len;
+    int32_t error;
+    uint64_t unique;
+};
+
+enum {
+    OP_OPEN = 14,
+    OP_INIT = 26,
+};
+#define INIT_EXT (1u << 30)          /* fuse_init_in/out.flags: flags2 is valid */
+#define INIT_WRITEBACK (1u << 16)    /* FUSE_WRITEBACK_CACHE: the kernel refuses passthrough with it */
+#define INIT2_PASSTHROUGH (1u << 5)  /* FUSE_PASSTHROUGH (1 << 37), in flags2 */
+#define STACK_DEPTH 2                /* the cache may itself be on a stacked file system (overlayfs) */
+#define FOPEN_DIRECT_IO (1u << 0)
+#define FOPEN_NOFLUSH (1u << 5)
+#define FOPEN_PARALLEL_DIRECT_WRITES (1u << 6)
+#define FOPEN_PASSTHROUGH (1u << 7)
+/* The only flags the kernel accepts beside FOPEN_PASSTHROUGH (keep_cache would fail the open). */
+#define FOPEN_PASSTHROUGH_MASK (FOPEN_DIRECT_IO | FOPEN_NOFLUSH | FOPEN_PARALLEL_DIRECT_WRITES)
+
+/* fuse_init_in: major, minor, max_readahead, flags, flags2 (u32 each) */
+#define INIT_IN_FLAGS 3
+#define INIT_IN_FLAGS2 4
+/* fuse_init_out: flags at u32 3, flags2 at u32 8, max_stack_depth at u32 9 */
+#define INIT_OUT_FLAGS 3
+#define INIT_OUT_FLAGS2 8
+#define INIT_OUT_STACK 9
+#define OPEN_OUT_SIZE 16 /* fh (u64), open_flags (u32), backing_id (i32) */
+
+#define SLOTS 256
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static int hooked;   /* custom I/O installed on the session */
+static int offered;  /* the kernel's INIT offered passthrough */
+static int active;   /* our INIT reply asked for it */
+static int dev_fd = -1;
+static uint64_t init_unique = UINT64_MAX;
+static uint64_t opens[SLOTS];  /* OPEN requests not answered yet (0: free) */
+static struct {
+    uint64_t fh;
+    int32_t backing_id;  /* 0: free */
+} registered[SLOTS];
+
+static ssize_t pt_read(int fd, void *buf, size_t len, void *userdata)
+{
+    (void)userdata;
+    ssize_t n = read(fd, buf, len);
+    if (n < (ssize_t)sizeof(struct pt_in_header))
+        return n;
+    const struct pt_in_header *in = buf;
+    if (in->opcode == OP_INIT && n >= (ssize_t)(sizeof *in + 5 * sizeof(uint32_t))) {
+        const uint32_t *arg = (const uint32_t *)(in + 1);
+        init_unique = in->unique;
+        offered = (arg[INIT_IN_FLAGS] & INIT_EXT) && (arg[INIT_IN_FLAGS2] & INIT2_PASSTHROUGH);
+    } else if (in->opcode == OP_OPEN) {
+        pthread_mutex_lock(&lock);
+        for (int i = 0; i < SLOTS; i++) {
+            if (!opens[i]) {
+                opens[i] = in->unique;
+                break;
+            }
+        }  /* (none free: this open is answered as it is, not passed through) */
+        pthread_mutex_unlock(&lock);
+    }
+    return n;
+}
+
+/* The reply with iov[1] replaced by `arg` (a patched copy of it). */
+static ssize_t send_patched(int fd, const struct iovec *iov, void *arg, size_t size)
+{
+    struct iovec out[2] = {iov[0], {.iov_base = arg, .iov_len = size}};
+    return writev(fd, out, 2);
+}
+
+static ssize_t pt_writev(int fd, struct iovec *iov, int count, void *userdata)
+{
+    (void)userdata;
+    if (count < 1 || iov[0].iov_len < sizeof(struct pt_out_header))
+        return writev(fd, iov, count);
+    const struct pt_out_header *out = iov[0].iov_base;
+    uint32_t arg[32];
+    if (out->unique == init_unique) {
+        init_unique = UINT64_MAX;
+        if (count == 2 && out->error == 0 && offered && iov[1].iov_len >= (INIT_OUT_STACK + 1) * sizeof(uint32_t)
+                && iov[1].iov_len <= sizeof arg) {
+            memcpy(arg, iov[1].iov_base, iov[1].iov_len);
+            if ((arg[INIT_OUT_FLAGS] & INIT_EXT) && !(arg[INIT_OUT_FLAGS] & INIT_WRITEBACK)) {
+                arg[INIT_OUT_FLAGS2] |= INIT2_PASSTHROUGH;
+                arg[INIT_OUT_STACK] = STACK_DEPTH;
+                active = 1;
+                return send_patched(fd, iov, arg, iov[1].iov_len);
+            }
+        }
+        return writev(fd, iov, count);
+    }
+    int32_t backing_id = 0;
+    pthread_mutex_lock(&lock);
+    int was_open = 0;
+    for (int i = 0; i < SLOTS; i++) {
+        if (opens[i] == out->unique) {
+            opens[i] = 0;
+            was_open = 1;
+            break;
+        }
+    }
+    if (was_open && count == 2 && out->error == 0 && iov[1].iov_len == OPEN_OUT_SIZE) {
+        uint64_t fh;
+        memcpy(&fh, iov[1].iov_base, sizeof fh);
+        for (int i = 0; i < SLOTS; i++) {
+            if (registered[i].backing_id && registered[i].fh == fh) {
+                backing_id = registered[i].backing_id;
+                registered[i].backing_id = 0;  /* one open, one answer */
+                break;
+            }
+        }
+    }
+    pthread_mutex_unlock(&lock);
+    if (!backing_id)
+        return writev(fd, iov, count);
+    memcpy(arg, iov[1].iov_base, OPEN_OUT_SIZE);
+    arg[2] = (arg[2] & FOPEN_PASSTHROUGH_MASK) | FOPEN_PASSTHROUGH;
+    arg[3] = (uint32_t)backing_id;
+    return send_patched(fd, iov, arg, OPEN_OUT_SIZE);
+}
+
+int fuse_session_mount(struct fuse_session *se, const char *mountpoint)
+{
+    static int (*libfuse_mount)(struct fuse_session *, const char *);
+    if (!libfuse_mount) {
+        void *libfuse = dlopen("libfuse3.so.3", RTLD_NOLOAD | RTLD_LAZY);
+        if (libfuse)
+            libfuse_mount = (int (*)(struct fuse_session *, const char *))dlsym(libfuse, "fuse_session_mount");
+        if (!libfuse_mount)
+            return -1;
+    }
+    int res = libfuse_mount(se, mountpoint);
+    if (res == 0) {
+        const struct fuse_custom_io io = {.read = pt_read, .writev = pt_writev};
+        int fd = fuse_session_fd(se);
+        if (fuse_session_custom_io(se, &io, fd) == 0) {
+            dev_fd = fd;
+            hooked = 1;
+        }
+    }
+    return res;
+}
+
+/* bit 0: custom I/O installed; bit 1: the kernel offered passthrough; bit 2: it was asked for */
+int sidecar_pt_state(void)
+{
+    return hooked | offered << 1 | active << 2;
+}
+
+int sidecar_pt_fd(void)
+{
+    return dev_fd;
+}
+
+/* The next answer to an OPEN that returns file handle `fh` passes it through to `backing_id`.
+ * 0, or -1 when every slot is taken (answer that open as it is). */
+int sidecar_pt_register(uint64_t fh, int32_t backing_id)
+{
+    int res = -1;
+    pthread_mutex_lock(&lock);
+    for (int i = 0; i < SLOTS; i++) {
+        if (!registered[i].backing_id) {
+            registered[i].fh = fh;
+            registered[i].backing_id = backing_id;
+            res = 0;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&lock);
+    return res;
+}
+
+/* Forgets a registration that no answer consumed (the open failed before its reply). */
+void sidecar_pt_unregister(uint64_t fh)
+{
+    pthread_mutex_lock(&lock);
+    for (int i = 0; i < SLOTS; i++) {
+        if (registered[i].backing_id && registered[i].fh == fh)
+            registered[i].backing_id = 0;
+    }
+    pthread_mutex_unlock(&lock);
+}

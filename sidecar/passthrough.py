@@ -1,0 +1,212 @@
+"""FUSE passthrough: a file whose whole version is in the disk cache is read by the kernel
+straight from the cache file (Linux 6.9+), at the disk's speed, without a READ to this process.
+
+The protocol's two steps are set by `sidecar/_fusept.c` in the answers libfuse writes (see
+there); this module loads it and holds the rest:
+- `load()` must run before pyfuse3's extension is loaded in the process (the modules that import
+  pyfuse3 import this one first), else pyfuse3's mount binds to libfuse's own and nothing is
+  passed through;
+- `Backing.open(path)` asks the kernel for a backing id (FUSE_DEV_IOC_BACKING_OPEN, which needs
+  CAP_SYS_ADMIN: a worker without it, behind a mount helper, says so once and serves every read
+  itself);
+- `register(fh, id)` makes the answer to the open that returns `fh` a passthrough one.
+
+The kernel's rules, which `OpenFiles` keeps for the FUSE adapter: every open of an inode while
+one is passed through must be passed through to the same backing file, and none may be while
+the inode is open otherwise (the kernel fails such an open with EIO). So an inode's opens are
+passed through only when it has no other open handle, and then all of them are until the last
+closes: those are read-only opens of a read-only mount (an inode is one version of an object,
+so its backing file is that version's, whatever the disk cache does with it meanwhile: the
+kernel holds the file).
+
+A cache file is trusted for passthrough (read without the per-block checksums of the normal
+path) when it was written since the machine booted: a power loss can leave a file's table
+written and its data not, which only the checksums find. Older files are read the normal way.
+
+STORAGE_SIDECAR_PASSTHROUGH=0 turns it off (benchmarks compare both).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import importlib.util
+import os
+import struct
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+log = structlog.get_logger()
+
+_BACKING_OPEN = 0x4010E501  # _IOW(229, 1, struct fuse_backing_map {i32 fd, u32 flags, u64 padding})
+_BACKING_CLOSE = 0x4004E502  # _IOW(229, 2, u32)
+_HOOKED, _OFFERED, _ACTIVE = 1, 2, 4
+
+_lib: ctypes.CDLL | None = None
+_refused = False  # the kernel refused a backing file (no CAP_SYS_ADMIN): not asked again
+
+
+def wanted() -> bool:
+    return os.environ.get("STORAGE_SIDECAR_PASSTHROUGH", "1") != "0"
+
+
+def load() -> bool:
+    """Loads the protocol hook, once per process, if it was built and pyfuse3 is not loaded yet."""
+    global _lib
+    if _lib is not None:
+        return True
+    if not wanted() or "pyfuse3" in sys.modules:
+        return False
+    spec = importlib.util.find_spec("sidecar._fusept")
+    if spec is None or not spec.origin:
+        return False
+    try:
+        lib = ctypes.CDLL(spec.origin, mode=os.RTLD_GLOBAL | os.RTLD_NOW)
+    except OSError:
+        return False
+    lib.sidecar_pt_register.argtypes = [ctypes.c_uint64, ctypes.c_int32]
+    lib.sidecar_pt_unregister.argtypes = [ctypes.c_uint64]
+    _lib = lib
+    return True
+
+
+def active() -> bool:
+    """Whether this process's FUSE session agreed on passthrough with the kernel."""
+    return _lib is not None and not _refused and _lib.sidecar_pt_state() == _HOOKED | _OFFERED | _ACTIVE
+
+
+def state() -> str:
+    """For status and logs: why files are or are not passed through."""
+    if _lib is None:
+        return "off" if not wanted() else "unavailable"
+    bits = _lib.sidecar_pt_state()
+    if not bits & _HOOKED:
+        return "not hooked"
+    if not bits & _OFFERED:
+        return "kernel without passthrough"
+    if _refused:
+        return "refused (no CAP_SYS_ADMIN)"
+    return "on" if bits & _ACTIVE else "not agreed"
+
+
+def open_backing(path: str) -> int | None:
+    """A backing id for the file at `path`, or None (gone, or refused)."""
+    global _refused
+    assert _lib is not None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        arg = bytearray(struct.pack("<iIQ", fd, 0, 0))
+        return fcntl.ioctl(_lib.sidecar_pt_fd(), _BACKING_OPEN, arg, True)
+    except OSError as exc:
+        if exc.errno == errno.EPERM:
+            _refused = True
+            log.info("passthrough_refused", reason="FUSE_DEV_IOC_BACKING_OPEN needs CAP_SYS_ADMIN")
+        else:
+            log.warning("passthrough_backing_failed", error=exc.strerror)
+        return None
+    finally:
+        os.close(fd)
+
+
+def close_backing(backing_id: int) -> None:
+    assert _lib is not None
+    try:
+        fcntl.ioctl(_lib.sidecar_pt_fd(), _BACKING_CLOSE, struct.pack("<I", backing_id))
+    except OSError as exc:
+        log.warning("passthrough_close_failed", error=exc.strerror)
+
+
+def register(fh: int, backing_id: int) -> bool:
+    assert _lib is not None
+    return _lib.sidecar_pt_register(fh, backing_id) == 0
+
+
+def unregister(fh: int) -> None:
+    assert _lib is not None
+    _lib.sidecar_pt_unregister(fh)
+
+
+def _boot_time() -> float:
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return float("inf")  # not known: nothing is trusted
+
+
+_BOOTED = _boot_time()
+
+
+def written_since_boot(path: str) -> bool:
+    try:
+        return os.stat(path).st_mtime >= _BOOTED
+    except OSError:
+        return False
+
+
+@dataclass
+class _Inode:
+    backing_id: int = 0
+    passed: int = 0  # open handles passed through
+    others: int = 0  # open handles served by this process
+
+
+class OpenFiles:
+    """The open handles of a mount's inodes, and which are passed through (the kernel's rules
+    above). `backing_file(fh)` names the file holding exactly a handle's version, or None."""
+
+    def __init__(self, backing_file: Callable[[int], str | None]) -> None:
+        self._backing_file = backing_file
+        self._inodes: dict[int, _Inode] = {}
+        self._handles: dict[int, tuple[int, bool]] = {}  # fh -> (inode, passed through)
+        self.opens = 0  # opens passed through
+
+    def opened(self, ino: int, fh: int) -> bool:
+        """Records a read-only open; True if its answer passes it through."""
+        node = self._inodes.setdefault(ino, _Inode())
+        passed = False
+        if node.others == 0 and active():
+            if not node.backing_id:
+                path = self._backing_file(fh)
+                if path is not None and written_since_boot(path):
+                    node.backing_id = open_backing(path) or 0
+            passed = bool(node.backing_id) and register(fh, node.backing_id)
+        if passed:
+            node.passed += 1
+            self.opens += 1
+        else:
+            node.others += 1
+        self._handles[fh] = (ino, passed)
+        return passed
+
+    def released(self, fh: int) -> None:
+        ino, passed = self._handles.pop(fh, (0, False))
+        node = self._inodes.get(ino)
+        if node is None:
+            return
+        if passed:
+            node.passed -= 1
+        else:
+            node.others -= 1
+        if node.passed <= 0 and node.backing_id:
+            close_backing(node.backing_id)  # (the kernel keeps the file while it has it open)
+            node.backing_id = 0
+        if node.passed <= 0 and node.others <= 0:
+            del self._inodes[ino]
+
+    def as_dict(self) -> dict[str, object]:
+        return {"state": state(), "opens": self.opens, "open": sum(n.passed for n in self._inodes.values()),
+                "served": sum(n.others for n in self._inodes.values())}
+
+
+load()

@@ -1,0 +1,117 @@
+"""FUSE passthrough (sidecar.passthrough): a file whose whole version is in the disk cache is read
+by the kernel from the cache file, on a read-only mount, and the kernel's rules on mixing such
+opens with others are kept. Skipped where the kernel or the process's rights do not allow it
+(the worker says so in its stats)."""
+
+import mmap
+import os
+import random
+
+import pytest
+
+from tests.conftest import needs_fuse, sha, wait_for
+
+pytestmark = [pytest.mark.mount, needs_fuse]
+MiB = 1 << 20
+
+
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _cached(s3_bucket, mount_worker, cache, files, **cfg):
+    """A first mount reads `files` whole (so each is whole on disk) and stops."""
+    first = mount_worker(s3_bucket, block_size=MiB, cache_dir=cache, **cfg)
+    for name, data in files.items():
+        assert sha(_read(os.path.join(first.mnt, name))) == sha(data)
+    blocks = sum(-(-len(d) // MiB) for d in files.values())
+    wait_for(lambda: first.stats()["disk"]["blocks"] >= blocks, timeout=30, what="the blocks on disk")
+    first.stop()
+
+
+def _passing(w):
+    state = w.stats()["passthrough"]["state"]
+    if state != "on":
+        pytest.skip(f"no FUSE passthrough here: {state}")
+
+
+def test_a_file_whole_in_the_disk_cache_is_read_by_the_kernel_from_it(s3_bucket, mount_worker, tmp_path):
+    """After a restart over the disk cache, a file of several blocks and a small one are read,
+    read at odd offsets and mapped, all right, with not one READ reaching the worker and no
+    request to the server; a file not cached yet is served by the worker as before."""
+    rnd = random.Random(41)
+    files = {"big.bin": rnd.randbytes(5 * MiB + 321), "small.bin": rnd.randbytes(50_000)}
+    for k, v in files.items():
+        s3_bucket.put(k, v)
+    s3_bucket.put("later.bin", later := rnd.randbytes(2 * MiB))
+    cache = str(tmp_path / "cache-pt")
+    _cached(s3_bucket, mount_worker, cache, files)
+    w = mount_worker(s3_bucket, block_size=MiB, cache_dir=cache)
+    _passing(w)
+    gets = w.stats()["store"]["get_requests"]
+    for name, data in files.items():
+        path = os.path.join(w.mnt, name)
+        assert sha(_read(path)) == sha(data)
+        with open(path, "rb") as f:
+            f.seek(len(data) // 3)
+            assert f.read(4097) == data[len(data) // 3 : len(data) // 3 + 4097]
+            with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+                assert m[len(data) - 5000 :] == data[-5000:]
+        assert os.stat(path).st_size == len(data)
+    st = w.stats()
+    assert st["requests"].get("read", 0) == 0 and st["store"]["get_requests"] == gets, (st["requests"], st["passthrough"])
+    assert st["passthrough"]["opens"] == 2 * len(files)
+    wait_for(lambda: w.stats()["passthrough"]["open"] == 0, timeout=10, what="the worker told of every close")  # (RELEASE comes after close returns)
+    assert sha(_read(os.path.join(w.mnt, "later.bin"))) == sha(later)  # not cached: the worker reads it
+    st = w.stats()
+    assert st["requests"]["read"] > 0 and st["passthrough"]["opens"] == 2 * len(files)
+
+
+def test_an_inode_open_the_worker_way_is_not_passed_through_until_it_closes(s3_bucket, mount_worker, tmp_path):
+    """The kernel refuses (EIO) a passthrough open of an inode open otherwise, and the reverse:
+    while a handle served by the worker is open, a second open of the same file is served by the
+    worker too, though the file is whole on disk by then; once both close, the next open is
+    passed through, and while it is open a second one is passed through as well."""
+    data = random.Random(42).randbytes(3 * MiB + 7)
+    s3_bucket.put("f.bin", data)
+    w = mount_worker(s3_bucket, block_size=MiB, cache_dir=str(tmp_path / "cache-mix"))
+    _passing(w)
+    path = os.path.join(w.mnt, "f.bin")
+    with open(path, "rb") as cold:
+        assert sha(cold.read()) == sha(data)
+        wait_for(lambda: w.stats()["disk"]["blocks"] >= 4, timeout=30, what="the blocks on disk")
+        with open(path, "rb") as second:  # would be EIO if passed through now
+            assert sha(second.read()) == sha(data)
+        assert w.stats()["passthrough"]["opens"] == 0
+    wait_for(lambda: w.stats()["passthrough"]["served"] == 0, timeout=10, what="the worker told of both closes")  # (RELEASE comes after close returns)
+    with open(path, "rb") as a, open(path, "rb") as b:
+        assert a.read(MiB) == data[:MiB] and b.read() == data
+        assert w.stats()["passthrough"]["open"] == 2
+    assert w.stats()["passthrough"]["opens"] == 2
+    wait_for(lambda: w.stats()["passthrough"]["open"] == 0, timeout=10, what="the worker told of both closes")
+
+
+def test_a_cache_file_older_than_the_boot_is_read_the_checked_way(s3_bucket, mount_worker, tmp_path):
+    """A power loss can leave a cache file's table written and its data not, which only the
+    per-block checksums find: a file written before the machine booted is never passed
+    through (its blocks are read and checked by the worker); nor is any with `passthrough`
+    off in the mount's settings."""
+    data = random.Random(43).randbytes(2 * MiB + 1)
+    s3_bucket.put("old.bin", data)
+    cache = str(tmp_path / "cache-old")
+    _cached(s3_bucket, mount_worker, cache, {"old.bin": data})
+    for root, _, names in os.walk(cache):
+        for n in names:
+            if n.startswith("seg-"):
+                os.utime(os.path.join(root, n), (1_000_000, 1_000_000))
+    w = mount_worker(s3_bucket, block_size=MiB, cache_dir=cache)
+    _passing(w)
+    gets = w.stats()["store"]["get_requests"]
+    assert sha(_read(os.path.join(w.mnt, "old.bin"))) == sha(data)
+    st = w.stats()
+    assert st["passthrough"]["opens"] == 0 and st["requests"]["read"] > 0 and st["store"]["get_requests"] == gets
+    w.stop()
+    off = mount_worker(s3_bucket, block_size=MiB, cache_dir=cache, passthrough=False)
+    assert sha(_read(os.path.join(off.mnt, "old.bin"))) == sha(data)
+    assert off.stats()["passthrough"] is None and off.stats()["requests"]["read"] > 0
