@@ -201,7 +201,16 @@ class TrainingBench(LinkBench):
         out["sidecar_walk"] = self.measured("walk", f"{w.mnt}/{TREE}")
         out["sidecar_walk"].pop("names")
         out["sidecar"] = run("sidecar", f"{w.mnt}/{TREE}", a.epochs, pid=w.proc.pid)
-        out["sidecar_worker_stats"] = {k: v for k, v in w.stats().items() if k in ("store", "cache")}
+        out["sidecar_worker_stats"] = {k: v for k, v in w.stats().items() if k in ("store", "cache", "passthrough", "requests")}
+        w.stop()
+        # A new session over the kept disk cache, its files no longer in the page cache (a restart,
+        # a node whose page cache went elsewhere): one epoch against the local disk's first.
+        drop_page_cache()
+        w = self.worker(Path(w.cfg["cache_dir"]))
+        self.measured("walk", f"{w.mnt}/{TREE}")
+        drop_page_cache()
+        out["sidecar_restart"] = run("sidecar_restart", f"{w.mnt}/{TREE}", 1, pid=w.proc.pid)
+        out["sidecar_restart_worker_stats"] = {k: v for k, v in w.stats().items() if k in ("store", "passthrough", "requests")}
         w.stop()
         out["direct"] = run("direct", TREE, 1, self.proxy.endpoint)
         # rclone's best mode for this: without --use-server-modtime its stat of an S3 object is a
@@ -217,7 +226,8 @@ class TrainingBench(LinkBench):
                          "epochs2+ sidecar/local": [s / l for s, l in zip(fps["sidecar"][1:], fps["local"][1:])],
                          "epochs2+ rclone_full/local": [s / l for s, l in zip(fps["rclone_full"][1:], fps["local"][1:])],
                          "epochs2+ pyfuse3_floor/local": [s / l for s, l in zip(fps["pyfuse3_floor"][1:], fps["local"][1:])],
-                         "epochs2+ sidecar/pyfuse3_floor": [s / l for s, l in zip(fps["sidecar"][1:], fps["pyfuse3_floor"][1:])]}
+                         "epochs2+ sidecar/pyfuse3_floor": [s / l for s, l in zip(fps["sidecar"][1:], fps["pyfuse3_floor"][1:])],
+                         "restart epoch (page cache dropped) sidecar/local epoch 1": out["sidecar_restart"][0]["files_per_s"] / fps["local"][0]}
         self.results["epochs"] = out
 
     def listing(self) -> None:

@@ -99,8 +99,8 @@ class FuseOps(pyfuse3.Operations):
         structlog.contextvars.bind_contextvars(mount=mount_name)
         self.errors = Counts()  # FUSE requests answered with an error, by reason
         self.requests = Counts()  # FUSE requests served, by operation
-        # Files the kernel reads from the disk cache itself: read-only mounts (see sidecar.passthrough).
-        self.open_files = passthrough.OpenFiles(fs.cached_file) if fs.readonly and passthrough_wanted and passthrough.wanted() else None
+        # Files the kernel reads from the disk cache itself (see sidecar.passthrough).
+        self.open_files = passthrough.OpenFiles(fs.cached_file) if passthrough_wanted and passthrough.wanted() else None
 
     def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -159,8 +159,11 @@ class FuseOps(pyfuse3.Operations):
 
     @_translated
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        writing = bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND))
+        if writing and not self.fs.readonly and self.open_files is not None and self.open_files.passed_through(inode):
+            self.fs.make_way_for_writer(inode)
         fh, keep_cache = await self.fs.open(inode, flags)
-        if self.open_files is not None and self.open_files.opened(inode, fh):
+        if self.open_files is not None and self.open_files.opened(inode, fh, passable=not writing):
             return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False)  # the kernel reads the cache file
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache, direct_io=False)
 
@@ -220,6 +223,8 @@ class FuseOps(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> pyfuse3.EntryAttributes:
         size = attr.st_size if fields.update_size else None
         mtime = Mtime(attr.st_mtime_ns) if fields.update_mtime else None  # to the nanosecond
+        if size is not None and not self.fs.readonly and self.open_files is not None and self.open_files.passed_through(inode):
+            self.fs.make_way_for_writer(inode)  # (a truncation by path: the kernel retries it on the new inode)
         return self._entry(await self.fs.setattr(inode, size=size, mtime=mtime))
 
     @_translated

@@ -192,7 +192,7 @@ class StorageMount(_Model):
     )
     passthrough: bool = Field(
         default=True,
-        description="read-only mounts: a file whose whole version is in the disk cache is read by the kernel from the cache "
+        description="a file whose whole version is in the disk cache is read by the kernel from the cache "
         "file itself (FUSE passthrough, Linux 6.9+, a sidecar with CAP_SYS_ADMIN); false: every read through the sidecar",
     )
 

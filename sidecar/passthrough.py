@@ -6,7 +6,7 @@ there); this module loads it and holds the rest:
 - `load()` must run before pyfuse3's extension is loaded in the process (the modules that import
   pyfuse3 import this one first), else pyfuse3's mount binds to libfuse's own and nothing is
   passed through;
-- `Backing.open(path)` asks the kernel for a backing id (FUSE_DEV_IOC_BACKING_OPEN, which needs
+- `open_backing(path)` asks the kernel for a backing id (FUSE_DEV_IOC_BACKING_OPEN, which needs
   CAP_SYS_ADMIN: a worker without it, behind a mount helper, says so once and serves every read
   itself);
 - `register(fh, id)` makes the answer to the open that returns `fh` a passthrough one.
@@ -15,9 +15,11 @@ The kernel's rules, which `OpenFiles` keeps for the FUSE adapter: every open of 
 one is passed through must be passed through to the same backing file, and none may be while
 the inode is open otherwise (the kernel fails such an open with EIO). So an inode's opens are
 passed through only when it has no other open handle, and then all of them are until the last
-closes: those are read-only opens of a read-only mount (an inode is one version of an object,
-so its backing file is that version's, whatever the disk cache does with it meanwhile: the
-kernel holds the file).
+closes: those are read-only opens (an inode is one version of an object, so its backing file is
+that version's, whatever the disk cache does with it meanwhile: the kernel holds the file). A
+writer of an inode passed through (an open for writing, a truncation by path) is sent to a new
+inode of its key instead (`Filesystem.make_way_for_writer`): the readers keep their version, as
+they would had another client replaced the object.
 
 A cache file is trusted for passthrough (read without the per-block checksums of the normal
 path) when it was written since the machine booted: a power loss can leave a file's table
@@ -171,11 +173,15 @@ class OpenFiles:
         self._handles: dict[int, tuple[int, bool]] = {}  # fh -> (inode, passed through)
         self.opens = 0  # opens passed through
 
-    def opened(self, ino: int, fh: int) -> bool:
-        """Records a read-only open; True if its answer passes it through."""
+    def passed_through(self, ino: int) -> bool:
+        node = self._inodes.get(ino)
+        return node is not None and node.passed > 0
+
+    def opened(self, ino: int, fh: int, passable: bool = True) -> bool:
+        """Records an open (`passable`: a read-only one); True if its answer passes it through."""
         node = self._inodes.setdefault(ino, _Inode())
         passed = False
-        if node.others == 0 and active():
+        if passable and node.others == 0 and active():
             if not node.backing_id:
                 path = self._backing_file(fh)
                 if path is not None and written_since_boot(path):

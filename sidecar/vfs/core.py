@@ -138,6 +138,14 @@ class Filesystem(Mutations):
             return None
         return whole_file(disk, self.cache.storage_id, h.ref.key, h.ref.etag, self.cache.block_size, h.ref.size)
 
+    def make_way_for_writer(self, ino: int) -> None:
+        """`ino` is read by the kernel from a cache file (`sidecar.passthrough`), which refuses a
+        writer's open of it: the version stops standing for its key, its readers keep it, and the
+        writer is sent to a new inode of the key (ESTALE: the kernel looks the name up again)."""
+        node = self.node(ino)
+        self.inodes.supersede(node)
+        raise ObjectChanged(node.key)
+
     def _walk_on(self, node: Node) -> None:
         """A reader going through a folder's files in name order: its next small files (a block
         or less, fetched whole) are fetched ahead from the folder's fresh listing."""

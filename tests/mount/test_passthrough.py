@@ -115,3 +115,36 @@ def test_a_cache_file_older_than_the_boot_is_read_the_checked_way(s3_bucket, mou
     off = mount_worker(s3_bucket, block_size=MiB, cache_dir=cache, passthrough=False)
     assert sha(_read(os.path.join(off.mnt, "old.bin"))) == sha(data)
     assert off.stats()["passthrough"] is None and off.stats()["requests"]["read"] > 0
+
+
+def test_a_writer_of_a_file_read_by_the_kernel_gets_a_new_inode_and_its_readers_keep_theirs(s3_bucket, mount_worker, tmp_path):
+    """A writable mount passes read-only opens through too. The kernel would refuse a writer's
+    open of an inode passed through (EIO): the writer, and a truncation by path, are sent to a
+    new inode of the key instead, as if another client had replaced the object; the reader
+    goes on reading the version it opened, whole; the next open reads what was written."""
+    old = random.Random(44).randbytes(3 * MiB + 5)
+    s3_bucket.put("f.bin", old)
+    s3_bucket.put("g.bin", g := random.Random(45).randbytes(MiB + 9))
+    cache = str(tmp_path / "cache-rw")
+    _cached(s3_bucket, mount_worker, cache, {"f.bin": old, "g.bin": g})
+    w = mount_worker(s3_bucket, block_size=MiB, cache_dir=cache, readonly=False)
+    _passing(w)
+    path = os.path.join(w.mnt, "f.bin")
+    new = random.Random(46).randbytes(2 * MiB + 1)
+    with open(path, "rb") as reader:
+        assert reader.read(MiB) == old[:MiB]
+        assert w.stats()["passthrough"]["open"] == 1
+        with open(path, "r+b") as writer:  # EIO, were it answered on the reader's inode
+            assert os.fstat(writer.fileno()).st_ino != os.fstat(reader.fileno()).st_ino
+            writer.write(new)
+            writer.truncate()
+        assert reader.read() == old[MiB:]  # the version it opened, whole
+    assert _read(path) == new and s3_bucket.get("f.bin") == new
+    gpath = os.path.join(w.mnt, "g.bin")
+    with open(gpath, "rb") as reader:
+        assert reader.read(10) == g[:10] and w.stats()["passthrough"]["open"] >= 1
+        os.truncate(gpath, 100)  # by path: retried by the kernel on the new inode
+        assert _read(gpath) == g[:100]  # (on the reader's inode, it would get the reader's backing file)
+        assert reader.read() == g[10:]
+    assert _read(gpath) == g[:100]
+    assert w.stats()["passthrough"]["opens"] >= 2
