@@ -204,14 +204,17 @@ class TrainingBench(LinkBench):
         out["sidecar_worker_stats"] = {k: v for k, v in w.stats().items() if k in ("store", "cache", "passthrough", "requests")}
         w.stop()
         # A new session over the kept disk cache, its files no longer in the page cache (a restart,
-        # a node whose page cache went elsewhere): one epoch against the local disk's first.
-        drop_page_cache()
-        w = self.worker(Path(w.cfg["cache_dir"]))
-        self.measured("walk", f"{w.mnt}/{TREE}")
-        drop_page_cache()
-        out["sidecar_restart"] = run("sidecar_restart", f"{w.mnt}/{TREE}", 1, pid=w.proc.pid)
-        out["sidecar_restart_worker_stats"] = {k: v for k, v in w.stats().items() if k in ("store", "passthrough", "requests")}
-        w.stop()
+        # a node whose page cache went elsewhere): one epoch against the local disk's first, with
+        # FUSE passthrough and with the worker serving the reads (`passthrough: false`).
+        cache = Path(w.cfg["cache_dir"])
+        for row, cfg in (("sidecar_restart", {}), ("sidecar_restart_worker", {"passthrough": False})):
+            drop_page_cache()
+            w = self.worker(cache, **cfg)
+            self.measured("walk", f"{w.mnt}/{TREE}")
+            drop_page_cache()
+            out[row] = run(row, f"{w.mnt}/{TREE}", 1, pid=w.proc.pid)
+            out[row + "_stats"] = {k: v for k, v in w.stats().items() if k in ("store", "passthrough", "requests")}
+            w.stop()
         out["direct"] = run("direct", TREE, 1, self.proxy.endpoint)
         # rclone's best mode for this: without --use-server-modtime its stat of an S3 object is a
         # HEAD (for the mtime in its metadata), 20,000 of them one after another in the walk.
@@ -227,7 +230,8 @@ class TrainingBench(LinkBench):
                          "epochs2+ rclone_full/local": [s / l for s, l in zip(fps["rclone_full"][1:], fps["local"][1:])],
                          "epochs2+ pyfuse3_floor/local": [s / l for s, l in zip(fps["pyfuse3_floor"][1:], fps["local"][1:])],
                          "epochs2+ sidecar/pyfuse3_floor": [s / l for s, l in zip(fps["sidecar"][1:], fps["pyfuse3_floor"][1:])],
-                         "restart epoch (page cache dropped) sidecar/local epoch 1": out["sidecar_restart"][0]["files_per_s"] / fps["local"][0]}
+                         "restart epoch (page cache dropped) sidecar/local epoch 1": out["sidecar_restart"][0]["files_per_s"] / fps["local"][0],
+                         "restart epoch, the worker's way/local epoch 1": out["sidecar_restart_worker"][0]["files_per_s"] / fps["local"][0]}
         self.results["epochs"] = out
 
     def listing(self) -> None:

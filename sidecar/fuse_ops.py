@@ -135,6 +135,9 @@ class FuseOps(pyfuse3.Operations):
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         try:
             self.fs.forget(inode_list)
+            if self.open_files is not None:
+                for ino, _ in inode_list:
+                    self.open_files.forgotten(ino)
         except Exception:  # forget must never raise
             log.exception("forget_crashed")
 
@@ -163,7 +166,8 @@ class FuseOps(pyfuse3.Operations):
         if writing and not self.fs.readonly and self.open_files is not None and self.open_files.passed_through(inode):
             self.fs.make_way_for_writer(inode)
         fh, keep_cache = await self.fs.open(inode, flags)
-        if self.open_files is not None and self.open_files.opened(inode, fh, passable=not writing):
+        if self.open_files is not None and self.open_files.opened(inode, fh, passable=not writing,
+                                                                  page_cached=keep_cache and self.fs.handle_size(fh) <= self.fs.cache.block_size):
             return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False)  # the kernel reads the cache file
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache, direct_io=False)
 

@@ -95,8 +95,9 @@ def state() -> str:
     return "on" if bits & _ACTIVE else "not agreed"
 
 
-def open_backing(path: str) -> int | None:
-    """A backing id for the file at `path`, or None (gone, or refused)."""
+def open_backing(path: str, size: int) -> int | None:
+    """A backing id for the file at `path` if it holds `size` bytes and was written since boot;
+    None if not (gone, other, untrusted, or refused)."""
     global _refused
     assert _lib is not None
     try:
@@ -104,6 +105,9 @@ def open_backing(path: str) -> int | None:
     except OSError:
         return None
     try:
+        st = os.fstat(fd)
+        if st.st_size != size or st.st_mtime < _BOOTED:
+            return None
         arg = bytearray(struct.pack("<iIQ", fd, 0, 0))
         return fcntl.ioctl(_lib.sidecar_pt_fd(), _BACKING_OPEN, arg, True)
     except OSError as exc:
@@ -149,13 +153,6 @@ def _boot_time() -> float:
 _BOOTED = _boot_time()
 
 
-def written_since_boot(path: str) -> bool:
-    try:
-        return os.stat(path).st_mtime >= _BOOTED
-    except OSError:
-        return False
-
-
 @dataclass
 class _Inode:
     backing_id: int = 0
@@ -165,31 +162,40 @@ class _Inode:
 
 class OpenFiles:
     """The open handles of a mount's inodes, and which are passed through (the kernel's rules
-    above). `backing_file(fh)` names the file holding exactly a handle's version, or None."""
+    above). `backing_file(fh)` names the file holding exactly a handle's version, and its size,
+    or None. The backing file is opened on the event loop: after a restart that open reads the
+    file's inode from disk, but a thread per open cost more (a restart epoch over 5,000 small
+    files: 1,196-1,208 files/s and 735 us of CPU per file with one, 1,529-1,796 and 390 without:
+    benchmarks/results/HISTORY.md)."""
 
-    def __init__(self, backing_file: Callable[[int], str | None]) -> None:
+    def __init__(self, backing_file: Callable[[int], tuple[str, int] | None]) -> None:
         self._backing_file = backing_file
         self._inodes: dict[int, _Inode] = {}
         self._handles: dict[int, tuple[int, bool]] = {}  # fh -> (inode, passed through)
+        self._passed_before: set[int] = set()  # inodes passed through since the kernel looked them up
         self.opens = 0  # opens passed through
 
     def passed_through(self, ino: int) -> bool:
         node = self._inodes.get(ino)
         return node is not None and node.passed > 0
 
-    def opened(self, ino: int, fh: int, passable: bool = True) -> bool:
-        """Records an open (`passable`: a read-only one); True if its answer passes it through."""
+    def opened(self, ino: int, fh: int, passable: bool = True, page_cached: bool = False) -> bool:
+        """Records an open (`passable`: a read-only one); True if its answer passes it through.
+        `page_cached`: a small file this process served before, whose bytes the kernel keeps
+        in the mounted file's page cache: answered as before, unless it was passed through
+        before (then its pages are the cache file's). A passthrough open costs more here than
+        one the page cache answers (an open, a stat and two ioctls: 190-240 us of the worker's
+        CPU per file of an epoch on the same mount against 148-168, at the same files/s)."""
         node = self._inodes.setdefault(ino, _Inode())
         passed = False
-        if passable and node.others == 0 and active():
-            if not node.backing_id:
-                path = self._backing_file(fh)
-                if path is not None and written_since_boot(path):
-                    node.backing_id = open_backing(path) or 0
+        if passable and node.others == 0 and active() and (not page_cached or ino in self._passed_before):
+            if not node.backing_id and (found := self._backing_file(fh)) is not None:
+                node.backing_id = open_backing(*found) or 0
             passed = bool(node.backing_id) and register(fh, node.backing_id)
         if passed:
             node.passed += 1
             self.opens += 1
+            self._passed_before.add(ino)
         else:
             node.others += 1
         self._handles[fh] = (ino, passed)
@@ -209,6 +215,9 @@ class OpenFiles:
             node.backing_id = 0
         if node.passed <= 0 and node.others <= 0:
             del self._inodes[ino]
+
+    def forgotten(self, ino: int) -> None:
+        self._passed_before.discard(ino)
 
     def as_dict(self) -> dict[str, object]:
         return {"state": state(), "opens": self.opens, "open": sum(n.passed for n in self._inodes.values()),

@@ -620,7 +620,7 @@ def whole_file(tier: DiskTier, storage: str, key: str, etag: str, block_size: in
     """The file that holds exactly the bytes of this object version, at their offsets, if
     the disk tier has one (an entry alone, the only block or a random reader's range of all
     of it, or a segment of every block, all written): the kernel may read it in place of
-    the mounted file."""
+    the mounted file. From the index alone: no file is looked at (the caller opens it)."""
     if size <= 0:
         return None
     count = -(-size // block_size)
@@ -633,21 +633,16 @@ def whole_file(tier: DiskTier, storage: str, key: str, etag: str, block_size: in
             return None
         where = tier._packed.get(names[0])
         if where is None:
-            if len(names) != 1:
+            if len(names) != 1 or tier._index[names[0]] != size:
                 return None
             path = tier._path(names[0])
         else:
-            segment = where[0]
-            if where[1] != 0 or any(tier._packed.get(name, ("",))[0] != segment for name in names):
+            segment, last = where[0], tier._packed.get(names[-1], ("", 0, 0))
+            if where[1] != 0 or last[1] + last[2] != size or any(tier._packed.get(name, ("",))[0] != segment for name in names):
                 return None
             path = tier._path(segment)
         for name in names:
             tier._index.move_to_end(name)
-    try:
-        if os.stat(path).st_size != size:
-            return None
-    except OSError:
-        return None
     return str(path)
 
 

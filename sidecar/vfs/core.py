@@ -129,14 +129,19 @@ class Filesystem(Mutations):
         self._handles[fh] = FileHandle(node, ObjectRef(node.key, node.etag, node.size), writable)
         return fh, keep_cache
 
-    def cached_file(self, fh: int) -> str | None:
-        """The disk cache's file of exactly the bytes of this read-only handle's version, if it
-        has one, for the kernel to read in its place (`sidecar.passthrough`)."""
+    def handle_size(self, fh: int) -> int:
+        h = self._handles.get(fh)
+        return h.ref.size if isinstance(h, FileHandle) else 0
+
+    def cached_file(self, fh: int) -> tuple[str, int] | None:
+        """The disk cache's file of exactly the bytes of this read-only handle's version, and its
+        size, if it has one, for the kernel to read in its place (`sidecar.passthrough`)."""
         h = self._handles.get(fh)
         disk = self.cache.disk
         if not isinstance(h, FileHandle) or h.writable or h.node.staged is not None or disk is None:
             return None
-        return whole_file(disk, self.cache.storage_id, h.ref.key, h.ref.etag, self.cache.block_size, h.ref.size)
+        path = whole_file(disk, self.cache.storage_id, h.ref.key, h.ref.etag, self.cache.block_size, h.ref.size)
+        return (path, h.ref.size) if path is not None else None
 
     def make_way_for_writer(self, ino: int) -> None:
         """`ino` is read by the kernel from a cache file (`sidecar.passthrough`), which refuses a

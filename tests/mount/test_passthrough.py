@@ -148,3 +148,28 @@ def test_a_writer_of_a_file_read_by_the_kernel_gets_a_new_inode_and_its_readers_
         assert reader.read() == g[10:]
     assert _read(gpath) == g[:100]
     assert w.stats()["passthrough"]["opens"] >= 2
+
+
+def test_a_small_file_the_page_cache_holds_is_answered_from_it_and_one_passed_through_stays_so(s3_bucket, mount_worker, tmp_path):
+    """A small file read through the worker is opened again as before (its bytes in the mounted
+    file's page cache: no READ, no passthrough open, which would cost the worker more); on a new
+    mount over the cache it is passed through, and so is every later open of it there (its
+    pages are the cache file's)."""
+    data = random.Random(47).randbytes(60_000)
+    s3_bucket.put("s.bin", data)
+    cache = str(tmp_path / "cache-small")
+    w = mount_worker(s3_bucket, block_size=MiB, cache_dir=cache)
+    _passing(w)
+    path = os.path.join(w.mnt, "s.bin")
+    assert _read(path) == data
+    wait_for(lambda: w.stats()["disk"]["blocks"] >= 1, timeout=30, what="the file on disk")
+    reads = w.stats()["requests"]["read"]
+    assert _read(path) == data
+    st = w.stats()
+    assert st["passthrough"]["opens"] == 0 and st["requests"]["read"] == reads
+    w.stop()
+    w = mount_worker(s3_bucket, block_size=MiB, cache_dir=cache)
+    path = os.path.join(w.mnt, "s.bin")
+    assert _read(path) == data and _read(path) == data
+    st = w.stats()
+    assert st["passthrough"]["opens"] == 2 and st["requests"].get("read", 0) == 0
