@@ -215,7 +215,21 @@ int sidecar_pt_register(uint64_t fh, int32_t backing_id)
     return res;
 }
 
-/* Forgets a registration that no answer consumed (the open failed before its reply). */
+/* Whether a registration for `fh` is still waiting for its answer: after that answer was sent,
+ * it means the answer was not passed through (its OPEN was not noted: every slot was taken). */
+int sidecar_pt_pending(uint64_t fh)
+{
+    int res = 0;
+    pthread_mutex_lock(&lock);
+    for (int i = 0; i < SLOTS; i++) {
+        if (registered[i].backing_id && registered[i].fh == fh)
+            res = 1;
+    }
+    pthread_mutex_unlock(&lock);
+    return res;
+}
+
+/* Forgets a registration that no answer consumed. */
 void sidecar_pt_unregister(uint64_t fh)
 {
     pthread_mutex_lock(&lock);

@@ -38,7 +38,7 @@ import os
 import struct
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -72,6 +72,7 @@ def load() -> bool:
         return False
     lib.sidecar_pt_register.argtypes = [ctypes.c_uint64, ctypes.c_int32]
     lib.sidecar_pt_unregister.argtypes = [ctypes.c_uint64]
+    lib.sidecar_pt_pending.argtypes = [ctypes.c_uint64]
     _lib = lib
     return True
 
@@ -158,15 +159,20 @@ class _Inode:
     backing_id: int = 0
     passed: int = 0  # open handles passed through
     others: int = 0  # open handles served by this process
+    unconfirmed: list[int] = field(default_factory=list)  # handles passed through whose answer was not seen sent
 
 
 class OpenFiles:
     """The open handles of a mount's inodes, and which are passed through (the kernel's rules
     above). `backing_file(fh)` names the file holding exactly a handle's version, and its size,
     or None. The backing file is opened on the event loop: after a restart that open reads the
-    file's inode from disk, but a thread per open cost more (a restart epoch over 5,000 small
-    files: 1,196-1,208 files/s and 735 us of CPU per file with one, 1,529-1,796 and 390 without:
-    benchmarks/results/HISTORY.md)."""
+    file's inode from disk, but a thread per open cost more CPU than the wait it saved, on 2
+    cores (benchmarks/results/HISTORY.md, 2026-12-04).
+
+    A handle counts as passed through once its answer was sent with the backing id: the hook
+    patches only the answers to OPEN requests it noted, and one it could not note (every slot
+    taken) is sent as it was. Such a handle is found at the next open of its inode (before
+    that open is decided) or at its release, and counted as served by this process."""
 
     def __init__(self, backing_file: Callable[[int], tuple[str, int] | None]) -> None:
         self._backing_file = backing_file
@@ -183,10 +189,11 @@ class OpenFiles:
         """Records an open (`passable`: a read-only one); True if its answer passes it through.
         `page_cached`: a small file this process served before, whose bytes the kernel keeps
         in the mounted file's page cache: answered as before, unless it was passed through
-        before (then its pages are the cache file's). A passthrough open costs more here than
-        one the page cache answers (an open, a stat and two ioctls: 190-240 us of the worker's
-        CPU per file of an epoch on the same mount against 148-168, at the same files/s)."""
+        before (then its pages are the cache file's). A passthrough open costs the worker more
+        CPU than one the page cache answers (an open, a stat and two ioctls), at the same
+        files/s (benchmarks/results/HISTORY.md, 2026-12-04)."""
         node = self._inodes.setdefault(ino, _Inode())
+        self._confirm(ino, node)
         passed = False
         if passable and node.others == 0 and active() and (not page_cached or ino in self._passed_before):
             if not node.backing_id and (found := self._backing_file(fh)) is not None:
@@ -194,6 +201,7 @@ class OpenFiles:
             passed = bool(node.backing_id) and register(fh, node.backing_id)
         if passed:
             node.passed += 1
+            node.unconfirmed.append(fh)
             self.opens += 1
             self._passed_before.add(ino)
         else:
@@ -201,9 +209,24 @@ class OpenFiles:
         self._handles[fh] = (ino, passed)
         return passed
 
+    def _confirm(self, ino: int, node: _Inode) -> None:
+        """Handles of `node` whose answers went out without the backing id count as served here."""
+        assert _lib is not None or not node.unconfirmed
+        for fh in node.unconfirmed:
+            if _lib is not None and _lib.sidecar_pt_pending(fh):
+                unregister(fh)
+                node.passed -= 1
+                node.others += 1
+                self.opens -= 1
+                self._handles[fh] = (ino, False)
+        node.unconfirmed.clear()
+
     def released(self, fh: int) -> None:
-        ino, passed = self._handles.pop(fh, (0, False))
+        ino = self._handles.get(fh, (0, False))[0]
         node = self._inodes.get(ino)
+        if node is not None:
+            self._confirm(ino, node)
+        ino, passed = self._handles.pop(fh, (0, False))
         if node is None:
             return
         if passed:
