@@ -285,11 +285,12 @@ class LinkBench:
             cache = Path(tempfile.mkdtemp(dir=self.work))
             sidecar(cache, "sidecar_cold")
             os.sync()  # (the cold read's disk-cache writes, still going out, would compete with the warm read)
-            for suffix, cfg in (("", {}), ("_worker", {"passthrough": False}))[:: 1 if i % 2 else -1]:
+            variants = (("", {}), ("_worker", {"passthrough": False}))
+            for suffix, cfg in variants[:: 1 if i % 2 else -1]:
                 sidecar(cache, "sidecar_warm" + suffix, **cfg)  # a new mount over the kept disk cache, its files in the page cache
             if i % 2:  # which of the two reads the dropped files first alternates
                 cache_files(cache)
-            for suffix, cfg in (("", {}), ("_worker", {"passthrough": False}))[:: -1 if i % 2 else 1]:
+            for suffix, cfg in variants[:: -1 if i % 2 else 1]:
                 sidecar(cache, "sidecar_warm_dropped" + suffix, drop=True, **cfg)  # the same after `sync; drop_caches`
             if not i % 2:
                 cache_files(cache)

@@ -27,7 +27,7 @@ import structlog
 from sidecar.errors import InvalidName, NotFound, NotPermitted, SidecarError, errno_for
 from sidecar.mtime import Mtime, ns_of
 from sidecar.log import get_logger
-from sidecar.vfs.core import Attr, Filesystem
+from sidecar.vfs.core import Attr, Filesystem, opens_for_writing
 
 log = get_logger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -162,14 +162,20 @@ class FuseOps(pyfuse3.Operations):
 
     @_translated
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
-        writing = bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND))
-        if writing and not self.fs.readonly and self.open_files is not None and self.open_files.passed_through(inode):
-            self.fs.make_way_for_writer(inode)
+        writing = opens_for_writing(flags)
+        if writing:
+            self._make_way_for_writer(inode)
         fh, keep_cache = await self.fs.open(inode, flags)
         if self.open_files is not None and self.open_files.opened(inode, fh, passable=not writing,
                                                                   page_cached=keep_cache and self.fs.handle_size(fh) <= self.fs.cache.block_size):
             return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False)  # the kernel reads the cache file
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache, direct_io=False)
+
+    def _make_way_for_writer(self, inode: int) -> None:
+        """A writer of an inode the kernel reads from a cache file, which the kernel would
+        refuse: sent to a new inode of the key (ESTALE), the readers keep theirs."""
+        if not self.fs.readonly and self.open_files is not None and self.open_files.passed_through(inode):
+            self.fs.make_way_for_writer(inode)
 
     @_translated
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -227,8 +233,8 @@ class FuseOps(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> pyfuse3.EntryAttributes:
         size = attr.st_size if fields.update_size else None
         mtime = Mtime(attr.st_mtime_ns) if fields.update_mtime else None  # to the nanosecond
-        if size is not None and not self.fs.readonly and self.open_files is not None and self.open_files.passed_through(inode):
-            self.fs.make_way_for_writer(inode)  # (a truncation by path: the kernel retries it on the new inode)
+        if size is not None:
+            self._make_way_for_writer(inode)  # (a truncation by path: the kernel retries it on the new inode)
         return self._entry(await self.fs.setattr(inode, size=size, mtime=mtime))
 
     @_translated

@@ -623,14 +623,14 @@ def whole_file(tier: DiskTier, storage: str, key: str, etag: str, block_size: in
     the mounted file. From the index alone: no file is looked at (the caller opens it)."""
     if size <= 0:
         return None
-    count = -(-size // block_size)
     whole = range_name(storage, key, etag, 0, size)
-    names = [block_name(storage, key, etag, index, block_size) for index in range(count)]
     with tier._lock:
         if whole in tier._index and whole not in tier._pending and whole not in tier._packed:
             names = [whole]
-        elif any(name not in tier._index or name in tier._pending for name in names):
-            return None
+        else:
+            names = [block_name(storage, key, etag, index, block_size) for index in range(-(-size // block_size))]
+            if any(name not in tier._index or name in tier._pending for name in names):
+                return None
         where = tier._packed.get(names[0])
         if where is None:
             if len(names) != 1 or tier._index[names[0]] != size:
@@ -782,6 +782,11 @@ def table_path(segment: Path) -> Path:
     return segment.with_name(segment.name + SEG_TABLE)
 
 
+def _unlink_segment(path: Path) -> None:
+    table_path(path).unlink(missing_ok=True)  # (first: a table never stands without its segment)
+    path.unlink(missing_ok=True)
+
+
 def _create_segment(path: Path, names: list[str], table: int, slot: int) -> None:
     """A new segment's file (empty: its slots are holes until written), then its table, renamed
     into place."""
@@ -829,8 +834,9 @@ def _drop_pack_if_unused(tier: DiskTier, pack: _Pack) -> None:
         del tier._packs[pack.name]
         path = tier._path(pack.name)
         if pack.name.startswith(SEG_PREFIX):
-            table_path(path).unlink(missing_ok=True)  # (first: a table never stands without its segment)
-        path.unlink(missing_ok=True)
+            _unlink_segment(path)
+        else:
+            path.unlink(missing_ok=True)
         tier.used -= pack.size
 
 
@@ -862,8 +868,7 @@ def load_segment(tier: DiskTier, name: str) -> None:
         if len(head) != table or os.stat(path).st_size > slots * slot:
             raise ValueError("not a segment")
     except (OSError, ValueError, struct.error):
-        table_path(path).unlink(missing_ok=True)
-        path.unlink(missing_ok=True)
+        _unlink_segment(path)
         return
     pack = _Pack(name, table, live)
     for i in range(slots):
@@ -881,8 +886,7 @@ def load_segment(tier: DiskTier, name: str) -> None:
         tier._packs[name] = pack
         tier.used += pack.size
     else:
-        table_path(path).unlink(missing_ok=True)
-        path.unlink(missing_ok=True)
+        _unlink_segment(path)
 
 
 def tree_bytes(directory: str | os.PathLike[str]) -> int:

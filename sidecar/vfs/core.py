@@ -44,7 +44,12 @@ from sidecar.vfs.namespace import DIR_TTL_MIN, NEGATIVE_TTL, Attr, DirHandle, Fi
 from sidecar.vfs.staging import StagedFile, StagingArea, StagingFull
 from sidecar.vfs.writer import Writer
 
-__all__ = ["ROOT_INO", "NAME_MAX", "Attr", "Filesystem", "Node", "StatFs"]
+__all__ = ["ROOT_INO", "NAME_MAX", "Attr", "Filesystem", "Node", "StatFs", "opens_for_writing"]
+
+
+def opens_for_writing(flags: int) -> bool:
+    """Whether an open with `flags` may change the file (the kernel truncates with O_TRUNC)."""
+    return bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND))
 
 
 class Filesystem(Mutations):
@@ -111,7 +116,7 @@ class Filesystem(Mutations):
         node = self.node(ino)
         if node.is_dir:
             raise IsADirectory(node.key)
-        writable = bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND))
+        writable = opens_for_writing(flags)
         if writable:
             self._require_writable(node.key)
         await self._revalidate(node)
