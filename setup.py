@@ -1,5 +1,6 @@
-"""The one compiled part: FUSE passthrough for pyfuse3 on libfuse 3.14 (sidecar/_fusept.c).
-Optional: where it does not build (no libfuse3 headers), the mount serves every read itself."""
+"""The one compiled part: a FUSE protocol hook for pyfuse3 on libfuse 3.14 (sidecar/_fusept.c:
+passthrough, zero-message opens). Optional: where it does not build (no libfuse3 headers), the
+mount serves every read itself and every open is a request."""
 
 import subprocess
 

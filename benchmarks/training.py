@@ -6,7 +6,8 @@ the served files are the local-disk reference. Workloads:
 
 - epochs: a tree of small files (default 20,000 of 16-256 KiB in 100 folders) walked and stat-ed
   once, as a Dataset does, then read whole by 8 worker processes in a new shuffled order per epoch,
-  3 epochs; the sidecar, `rclone mount --vfs-cache-mode full --use-server-modtime`, a direct client at the same
+  3 epochs; the sidecar (and a mount with zero-message opens over its kept cache), `rclone mount
+  --vfs-cache-mode full --use-server-modtime`, a direct client at the same
   concurrency (boto3 GETs in 8 processes), the local disk (page cache dropped before epoch 1) and
   the floor of any pyfuse3 + trio file system here (benchmarks/ramfs.py: the same names and sizes
   from memory).
@@ -215,6 +216,16 @@ class TrainingBench(LinkBench):
             out[row] = run(row, f"{w.mnt}/{TREE}", 1, pid=w.proc.pid)
             out[row + "_stats"] = {k: v for k, v in w.stats().items() if k in ("store", "passthrough", "requests")}
             w.stop()
+        # Zero-message opens (`zero_message_opens: true`): the kernel opens the files alone. A new
+        # mount over the kept cache after the drop: its first epoch is a restart's (no
+        # passthrough: the worker reads the cache), the next ones reach the worker not at all.
+        drop_page_cache()
+        w = self.worker(cache, zero_message_opens=True)
+        self.measured("walk", f"{w.mnt}/{TREE}")
+        drop_page_cache()
+        out["sidecar_zero"] = run("sidecar_zero", f"{w.mnt}/{TREE}", a.epochs, pid=w.proc.pid)
+        out["sidecar_zero_stats"] = {k: v for k, v in w.stats().items() if k in ("store", "zero_message_opens", "requests")}
+        w.stop()
         out["direct"] = run("direct", TREE, 1, self.proxy.endpoint)
         # rclone's best mode for this: without --use-server-modtime its stat of an S3 object is a
         # HEAD (for the mtime in its metadata), 20,000 of them one after another in the walk.
@@ -223,13 +234,15 @@ class TrainingBench(LinkBench):
         out["rclone_full_walk"].pop("names")
         out["rclone_full"] = run("rclone_full", f"{mnt}/{TREE}", a.epochs)
         self.rclone_unmount(proc, mnt)
-        fps = {k: [r["files_per_s"] for r in out[k]] for k in ("local", "pyfuse3_floor", "sidecar", "direct", "rclone_full")}
+        fps = {k: [r["files_per_s"] for r in out[k]] for k in ("local", "pyfuse3_floor", "sidecar", "sidecar_zero", "direct", "rclone_full")}
         out["ratios"] = {"epoch1 sidecar/direct": fps["sidecar"][0] / fps["direct"][0],
                          "epoch1 sidecar/rclone_full": fps["sidecar"][0] / fps["rclone_full"][0],
                          "epochs2+ sidecar/local": [s / l for s, l in zip(fps["sidecar"][1:], fps["local"][1:])],
                          "epochs2+ rclone_full/local": [s / l for s, l in zip(fps["rclone_full"][1:], fps["local"][1:])],
                          "epochs2+ pyfuse3_floor/local": [s / l for s, l in zip(fps["pyfuse3_floor"][1:], fps["local"][1:])],
                          "epochs2+ sidecar/pyfuse3_floor": [s / l for s, l in zip(fps["sidecar"][1:], fps["pyfuse3_floor"][1:])],
+                         "epochs2+ zero-message opens/local": [s / l for s, l in zip(fps["sidecar_zero"][1:], fps["local"][1:])],
+                         "restart epoch, zero-message opens/local epoch 1": fps["sidecar_zero"][0] / fps["local"][0],
                          "restart epoch (page cache dropped) sidecar/local epoch 1": out["sidecar_restart"][0]["files_per_s"] / fps["local"][0],
                          "restart epoch, the worker's way/local epoch 1": out["sidecar_restart_worker"][0]["files_per_s"] / fps["local"][0]}
         self.results["epochs"] = out

@@ -1,5 +1,5 @@
 /*
- * FUSE passthrough under pyfuse3 and libfuse 3.14.
+ * FUSE passthrough, and zero-message opens, under pyfuse3 and libfuse 3.14.
  *
  * Since Linux 6.9 a FUSE server may hand the kernel an open file to serve an opened FUSE file's
  * reads, writes and mmap from ("passthrough"): the kernel reads the cache file itself, at the
@@ -18,6 +18,12 @@
  *     server registered (sidecar_pt_register) just before answering it.
  * Without custom splice functions libfuse neither splices requests in nor replies out, so every
  * message passes through these two functions. Nothing else is changed.
+ *
+ * Zero-message opens (a mount whose opens the kernel makes alone, sidecar_pt_zero_open): once
+ * the server answered an OPEN with ENOSYS, the kernel sends no OPEN or RELEASE for the
+ * connection's files, and their READs carry file handle 0. libfuse hands the READ
+ * on with its file handle and pyfuse3 drops the node id, so the custom read puts the node id,
+ * marked by ZERO_OPEN_FH, in place of that 0 (READ and FSYNC, whose arguments begin with it).
  *
  * Struct layouts are the kernel's ABI (include/uapi/linux/fuse.h, protocol 7.40), not libfuse's.
  */
@@ -46,8 +52,11 @@ struct pt_out_header {
 
 enum {
     OP_OPEN = 14,
+    OP_READ = 15,
+    OP_FSYNC = 20,
     OP_INIT = 26,
 };
+#define ZERO_OPEN_FH (1ull << 63)    /* a handle-less request's node id, as its file handle */
 #define INIT_EXT (1u << 30)          /* fuse_init_in/out.flags: flags2 is valid */
 #define INIT_WRITEBACK (1u << 16)    /* FUSE_WRITEBACK_CACHE: the kernel refuses passthrough with it */
 #define INIT2_PASSTHROUGH (1u << 5)  /* FUSE_PASSTHROUGH (1 << 37), in flags2 */
@@ -74,6 +83,7 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static int hooked;   /* custom I/O installed on the session */
 static int offered;  /* the kernel's INIT offered passthrough */
 static int active;   /* our INIT reply asked for it */
+static int zero_open;  /* handle-less READ and FSYNC carry their node id (see above) */
 static int dev_fd = -1;
 static uint64_t init_unique = UINT64_MAX;
 static uint64_t opens[SLOTS];  /* OPEN requests not answered yet (0: free) */
@@ -93,6 +103,14 @@ static ssize_t pt_read(int fd, void *buf, size_t len, void *userdata)
         const uint32_t *arg = (const uint32_t *)(in + 1);
         init_unique = in->unique;
         offered = (arg[INIT_IN_FLAGS] & INIT_EXT) && (arg[INIT_IN_FLAGS2] & INIT2_PASSTHROUGH);
+    } else if (zero_open && (in->opcode == OP_READ || in->opcode == OP_FSYNC)
+               && n >= (ssize_t)(sizeof *in + sizeof(uint64_t))) {
+        uint64_t fh;
+        memcpy(&fh, (const char *)buf + sizeof *in, sizeof fh);
+        if (fh == 0) {
+            fh = in->nodeid | ZERO_OPEN_FH;
+            memcpy((char *)buf + sizeof *in, &fh, sizeof fh);
+        }
     } else if (in->opcode == OP_OPEN) {
         pthread_mutex_lock(&lock);
         for (int i = 0; i < SLOTS; i++) {
@@ -186,10 +204,18 @@ int fuse_session_mount(struct fuse_session *se, const char *mountpoint)
     return res;
 }
 
-/* bit 0: custom I/O installed; bit 1: the kernel offered passthrough; bit 2: it was asked for */
+/* bit 0: custom I/O installed; bit 1: the kernel offered passthrough; bit 2: it was asked for;
+ * bit 3: handle-less requests carry their node id */
 int sidecar_pt_state(void)
 {
-    return hooked | offered << 1 | active << 2;
+    return hooked | offered << 1 | active << 2 | zero_open << 3;
+}
+
+/* From now on a READ or FSYNC with file handle 0 carries its node id (| ZERO_OPEN_FH) instead:
+ * to be set before the server first answers an OPEN with ENOSYS. */
+void sidecar_pt_zero_open(void)
+{
+    zero_open = 1;
 }
 
 int sidecar_pt_fd(void)

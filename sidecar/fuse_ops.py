@@ -101,6 +101,24 @@ class FuseOps(pyfuse3.Operations):
         self.requests = Counts()  # FUSE requests served, by operation
         # Files the kernel reads from the disk cache itself (see sidecar.passthrough).
         self.open_files = passthrough.OpenFiles(fs.cached_file) if passthrough_wanted and passthrough.wanted() else None
+        self.zero_message_opens = "off"  # "on": see `open_without_requests`, else why not
+
+    def open_without_requests(self) -> str:
+        """Zero-message opens, for a read-only mount of data read again and again (training
+        epochs): OPEN is answered with ENOSYS, on which the kernel opens and closes this mount's
+        files without a request (FUSE_NO_OPEN_SUPPORT; FLUSH is ENOSYS already), keeps their
+        pages between opens and names the inode in each READ (the protocol hook puts it in the
+        handle's place). A file read before is then read from the page cache with no request
+        at all. What is given up: passthrough (it is set up in an OPEN's answer), and the check
+        an open makes once the metadata TTL passed (the kernel's lookup after the entry's TTL
+        makes it instead). Call once mounted, before any open. Returns "on" or why not."""
+        if not self.fs.readonly:
+            self.zero_message_opens = "not for a writable mount"
+        else:
+            self.zero_message_opens = passthrough.zero_message_opens()
+            if self.zero_message_opens == "on":
+                self.open_files = None
+        return self.zero_message_opens
 
     def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -162,6 +180,8 @@ class FuseOps(pyfuse3.Operations):
 
     @_translated
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        if self.zero_message_opens == "on":
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # this open succeeds all the same, and no other is sent
         writing = opens_for_writing(flags)
         if writing:
             self._make_way_for_writer(inode)

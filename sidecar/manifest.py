@@ -195,6 +195,11 @@ class StorageMount(_Model):
         description="a file whose whole version is in the disk cache is read by the kernel from the cache "
         "file itself (FUSE passthrough, Linux 6.9+, a sidecar with CAP_SYS_ADMIN); false: every read through the sidecar",
     )
+    zero_message_opens: bool = Field(
+        default=False,
+        description="read-only storages: files are opened and closed by the kernel without asking the sidecar, and a file "
+        "read before is read again from the page cache with no request (training epochs); no passthrough then",
+    )
 
     @field_validator("name")
     @classmethod

@@ -25,7 +25,8 @@ A cache file is trusted for passthrough (read without the per-block checksums of
 path) when it was written since the machine booted: a power loss can leave a file's table
 written and its data not, which only the checksums find. Older files are read the normal way.
 
-STORAGE_SIDECAR_PASSTHROUGH=0 turns it off (benchmarks compare both).
+STORAGE_SIDECAR_PASSTHROUGH=0 turns it off (benchmarks compare both), and with it the hook's
+other use, zero-message opens (`zero_message_opens`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ log = structlog.get_logger()
 
 _BACKING_OPEN = 0x4010E501  # _IOW(229, 1, struct fuse_backing_map {i32 fd, u32 flags, u64 padding})
 _BACKING_CLOSE = 0x4004E502  # _IOW(229, 2, u32)
-_HOOKED, _OFFERED, _ACTIVE = 1, 2, 4
+_HOOKED, _OFFERED, _ACTIVE, _ZERO_OPEN = 1, 2, 4, 8
 
 _lib: ctypes.CDLL | None = None
 _refused = False  # the kernel refused a backing file (no CAP_SYS_ADMIN): not asked again
@@ -120,6 +121,19 @@ def open_backing(path: str, size: int) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+def zero_message_opens() -> str:
+    """Makes the hook give a READ or FSYNC without a handle its node id, in the file handle's
+    place (`sidecar.vfs.core.ZERO_OPEN_FH`): after that, and only then, the FUSE adapter may
+    answer OPEN with ENOSYS, the kernel's sign to open this connection's files alone. Call it
+    once the session is mounted. Returns "on", or why not."""
+    if _lib is None:
+        return "off" if not wanted() else "unavailable (the protocol hook is not built or not loaded first)"
+    if not _lib.sidecar_pt_state() & _HOOKED:
+        return "not hooked"
+    _lib.sidecar_pt_zero_open()
+    return "on"
 
 
 def close_backing(backing_id: int) -> None:

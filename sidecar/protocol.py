@@ -75,6 +75,7 @@ class MountOptions:
     deadline: float = DEADLINE
     kernel_readahead_kb: int | None = None  # None: the daemon's (CacheConfig)
     passthrough: bool = True  # the kernel reads files whole in the disk cache itself (sidecar.passthrough)
+    zero_message_opens: bool = False  # a read-only mount's opens made by the kernel alone (FuseOps.open_without_requests)
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> "MountOptions":
@@ -131,6 +132,8 @@ class WorkerStats(TypedDict, total=False):
     shared: dict[str, int] | None  # the node's shared cache: SharedBlocks.as_dict(); None without one
     errors: dict[str, int]  # FUSE requests answered with an error, by reason
     requests: dict[str, int]  # FUSE requests served, by operation
+    passthrough: dict[str, Any] | None  # OpenFiles.as_dict(): state, opens, open, served; None when off
+    zero_message_opens: dict[str, Any] | None  # state ("on" or why not), readers; None unless asked for
     inodes: int
     write_mode: str | None
     unsynced: dict[str, int] | None  # files, bytes, queued, incomplete, conflicts, old_names (renamed-away names whose delete waits)

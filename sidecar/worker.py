@@ -401,6 +401,7 @@ class MountWorker:
             "errors": dict(self.ops.errors),
             "requests": dict(self.ops.requests),
             "passthrough": self.ops.open_files.as_dict() if self.ops.open_files is not None else None,
+            "zero_message_opens": {"state": self.ops.zero_message_opens, "readers": fs.unopened_readers} if self.cfg.mount.zero_message_opens else None,
             "inodes": fs.inode_count,
             "write_mode": self.cfg.mount.write_mode if staging else None,
             "unsynced": {**fs.writer.unsynced(), "old_names": len(fs.deletes)} if fs.writer else None,
@@ -489,7 +490,8 @@ class MountWorker:
         raise_kernel_readahead(self.mountpath, kernel_readahead_kb(self.cfg))
         logger.info("mounted", mount=self.cfg.name, mountpath=self.mountpath, url=self.url.canonical(),
                     write_mode=self.cfg.mount.write_mode if self.staging else None,
-                    passthrough=passthrough.state() if self.ops.open_files is not None else "off")
+                    passthrough=passthrough.state() if self.ops.open_files is not None else "off",
+                    zero_message_opens=self.ops.zero_message_opens)
         emit(Mounted(mountpath=self.mountpath))
 
     async def run(self) -> int:
@@ -514,6 +516,8 @@ class MountWorker:
                 emit(Failed("mount_failed", str(exc)))
                 nursery.cancel_scope.cancel()
                 return 1
+            if cfg.mount.zero_message_opens and self.ops.open_without_requests() != "on":
+                logger.warning("zero_message_opens_unavailable", reason=self.ops.zero_message_opens)
             try:
                 nursery.start_soon(self.announce)
                 nursery.start_soon(self.control)

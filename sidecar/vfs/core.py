@@ -18,6 +18,12 @@ Invariants:
   `trio.current_time()`; folders, whose only attribute is that they exist, for at least
   DIR_TTL_MIN, so walking a deep tree costs one call per folder, not one per ancestor per step;
 - nothing is published that its writer did not close or fsync (see `writer`).
+
+Zero-message opens (a read-only mount's option, see `sidecar.fuse_ops`): the kernel opens and
+closes files without asking, and a read names its inode instead of a handle (`ZERO_OPEN_FH`).
+The inode is the version, so such reads get the same guarantee; each inode's `Reader` (its read
+pattern, its streams) is kept for the most recently read ZERO_OPEN_READERS inodes and while the
+kernel holds the inode.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections import OrderedDict
 
 import trio
 
@@ -44,7 +51,10 @@ from sidecar.vfs.namespace import DIR_TTL_MIN, NEGATIVE_TTL, Attr, DirHandle, Fi
 from sidecar.vfs.staging import StagedFile, StagingArea, StagingFull
 from sidecar.vfs.writer import Writer
 
-__all__ = ["ROOT_INO", "NAME_MAX", "Attr", "Filesystem", "Node", "StatFs", "opens_for_writing"]
+__all__ = ["ROOT_INO", "NAME_MAX", "ZERO_OPEN_FH", "Attr", "Filesystem", "Node", "StatFs", "opens_for_writing"]
+
+ZERO_OPEN_FH = 1 << 63  # a read without an open names its inode: ino | ZERO_OPEN_FH (sidecar/_fusept.c)
+ZERO_OPEN_READERS = 256  # inodes read without an open whose read state is kept (least recently read go first)
 
 
 def opens_for_writing(flags: int) -> bool:
@@ -108,6 +118,7 @@ class Filesystem(Mutations):
         self.writer = Writer(store, staging, mode=write_mode, delay=writeback_delay, on_stored=self._stored) if staging is not None else None
         self._handles: dict[int, FileHandle | DirHandle] = {}
         self._next_fh = itertools.count(1)
+        self._unopened: OrderedDict[int, FileHandle] = OrderedDict()  # ino -> the handle its reads without an open share
         self.mounted_at = time.time()  # mtime of directories, which object stores do not have
 
     async def open(self, ino: int, flags: int) -> tuple[int, bool]:
@@ -179,7 +190,7 @@ class Filesystem(Mutations):
         self.listings.forget_parent(node.key)
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
-        h = self._handle(fh, FileHandle)
+        h = self._unopened_handle(fh & ~ZERO_OPEN_FH) if fh & ZERO_OPEN_FH else self._handle(fh, FileHandle)
         assert isinstance(h, FileHandle)
         if h.node.staged is not None:  # written in this mount: the local bytes are the truth
             return self.staging.read(h.node.staged, offset, size)  # type: ignore[union-attr]
@@ -191,6 +202,41 @@ class Filesystem(Mutations):
         except ObjectChanged:
             self._changed_remotely(h.node)
             raise
+
+    def _unopened_handle(self, ino: int) -> FileHandle:
+        """The handle of an inode read without an open: its version, and the reader that
+        follows its read pattern, made at its first read (as an open would be)."""
+        h = self._unopened.get(ino)
+        if h is not None:
+            self._unopened.move_to_end(ino)
+            return h
+        node = self.node(ino)
+        if node.is_dir:
+            raise IsADirectory(node.key)
+        h = self._unopened[ino] = FileHandle(node, ObjectRef(node.key, node.etag, node.size))
+        if len(self._unopened) > ZERO_OPEN_READERS:
+            self._close_unopened(next(iter(self._unopened)))
+        if node.staged is None:
+            self._walk_on(node)
+        return h
+
+    def _close_unopened(self, ino: int) -> None:
+        h = self._unopened.pop(ino, None)
+        if h is not None and h.reader is not None:
+            h.reader.close()
+
+    def forget(self, items: list[tuple[int, int]]) -> None:
+        for ino, _ in items:
+            self._close_unopened(ino)  # the kernel has no file of it open any more
+        super().forget(items)
+
+    async def fsync(self, fh: int) -> None:
+        if not fh & ZERO_OPEN_FH:  # (without an open, a file of a read-only mount: nothing to store)
+            await super().fsync(fh)
+
+    @property
+    def unopened_readers(self) -> int:
+        return len(self._unopened)
 
     def release(self, fh: int) -> None:
         h = self._handles.pop(fh, None)

@@ -269,3 +269,44 @@ def test_a_copy_that_runs_backwards_fetches_its_middle_once_at_once():
             fs.release(fh)
 
     run(main)
+
+
+def test_reads_without_an_open_name_the_inode_and_keep_a_reader_per_inode():
+    """Zero-message opens: a read names its inode (| ZERO_OPEN_FH) instead of a handle. It gets
+    that inode's version, every byte right; the read state of at most ZERO_OPEN_READERS inodes is
+    kept (the least recently read one's reader is closed), and an inode's is dropped when the
+    kernel forgets it; an fsync of such a file stores nothing and succeeds."""
+    from sidecar.vfs import core
+    from sidecar.vfs.core import ZERO_OPEN_FH
+
+    store = MemoryStore()
+    files = {f"d/f{i}": random.Random(i).randbytes(BS * 2 + i) for i in range(5)}
+    for k, v in files.items():
+        store.put(k, v)
+
+    async def main():
+        async with mounted(store) as fs:
+            inos = {k: await path_ino(fs, k) for k in files}
+            closed = []
+            for k, v in files.items():
+                fh = inos[k] | ZERO_OPEN_FH
+                got = b"".join([await fs.read(fh, off, BS // 2) for off in range(0, len(v), BS // 2)])
+                assert got == v
+                await fs.fsync(fh)
+                reader = fs._unopened[inos[k]].reader
+                reader.close = lambda k=k, close=reader.close: (closed.append(k), close())
+            assert fs.unopened_readers == 3 and closed == ["d/f0", "d/f1"]  # (the limit, lowered below)
+            fs.forget([(inos["d/f4"], 1)])
+            assert closed[-1] == "d/f4" and fs.unopened_readers == 2
+            assert await fs.read(inos["d/f0"] | ZERO_OPEN_FH, BS, 10) == files["d/f0"][BS : BS + 10]  # made again
+            assert fs.unopened_readers == 3
+            with pytest.raises(SidecarError) as exc:
+                await fs.read(await path_ino(fs, "d") | ZERO_OPEN_FH, 0, 10)
+            assert errno_for(exc.value) == errno.EISDIR
+
+    limit = core.ZERO_OPEN_READERS
+    core.ZERO_OPEN_READERS = 3
+    try:
+        run(main)
+    finally:
+        core.ZERO_OPEN_READERS = limit
