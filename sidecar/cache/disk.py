@@ -68,7 +68,11 @@ except ImportError:  # pragma: no cover - isal is a dependency; zlib is the fall
 from collections import OrderedDict
 from pathlib import Path
 
+import structlog
+
 from sidecar.cache.memory import Buffer
+
+log = structlog.get_logger()
 
 MAGIC = b"SSCB"
 _POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14; Python 3.12 names it
@@ -768,8 +772,10 @@ def write_segment(tier: DiskTier, identity: tuple[str, str, str, int], slots: in
         finally:
             os.close(fd)
         ok = True
-    except OSError:
-        pass
+    except OSError as exc:  # a full or failing disk: the blocks are forgotten below, counted and said
+        with tier._lock:
+            tier.errors += 1
+        log.warning("disk_cache_write_failed", error=type(exc).__name__, detail=str(exc)[:200], errors=tier.errors)
     finally:
         if create:
             assert pack.ready is not None

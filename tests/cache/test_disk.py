@@ -229,6 +229,7 @@ def test_a_segment_write_that_fails_leaves_nothing_of_it_and_the_other_blocks_re
     monkeypatch.setattr(diskmod.os, "pwrite", full)
     assert disk.put_blocks("st", "new", "e1", MIB, list(enumerate(data[:3]))) == 0  # a new segment
     assert disk.put_blocks("st", "kept", "e1", MIB, [(1, data[1]), (2, data[2])]) == 0  # beside a block
+    assert disk.errors == 2  # (counted in the mount's stats, and logged)
     monkeypatch.undo()
     slot = diskmod.segment_layout(32, MIB)[1]
     assert len(disk) == 1 and disk.used == used + 2 * slot and len(_segment_files(tmp_path)) == 1
