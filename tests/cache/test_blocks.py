@@ -271,3 +271,42 @@ def test_written_waits_for_the_disk_writes_still_going_out(tmp_path, monkeypatch
             nursery.cancel_scope.cancel()
 
     run(main, mock_clock=False)
+
+
+def test_a_run_whose_request_is_still_open_counts_as_a_disk_write_going_out(tmp_path):
+    """A run's readers have its blocks as they arrive, before its request ends (a body's end,
+    the connection given back): `disk_writes.none_left` (what a stopping worker waits for,
+    bounded) must not return meanwhile, or the worker exits before the run's blocks are
+    written and a new mount fetches them again. Once the request ends they are on disk."""
+    from sidecar.cache import blocks
+    from sidecar.cache.disk import DiskTier
+
+    data = random.Random(10).randbytes(BS * 3)
+    ended = trio.Event()
+
+    class SlowEnd(MemoryStore):
+        async def get_blocks(self, *args, **kwargs):
+            await super().get_blocks(*args, **kwargs)
+            await ended.wait()  # every block delivered; the request not over yet
+
+    store = SlowEnd()
+    info = store.put("f", data)
+
+    async def main():
+        cache = BlockCache(store, block_size=BS, memory_limit=BS * 16, disk=DiskTier(tmp_path, limit=BS * 100))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            ref = ObjectRef("f", info.etag, len(data))
+            cache.prefetch(ref, range(3))
+            for i in range(3):
+                assert bytes(await cache.get(ref, i)) == data[i * BS : (i + 1) * BS]
+            with trio.move_on_after(0.5) as waited:
+                await cache.disk_writes.none_left()
+            assert waited.cancelled_caught and not any(blocks.on_disk(cache, ref, i) for i in range(3))
+            ended.set()
+            with trio.fail_after(5):
+                await cache.disk_writes.none_left()
+            assert all(blocks.on_disk(cache, ref, i) for i in range(3))
+            nursery.cancel_scope.cancel()
+
+    run(main, mock_clock=False)
