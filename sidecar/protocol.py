@@ -128,7 +128,7 @@ class WorkerStats(TypedDict, total=False):
     cache: dict[str, int]  # CacheStats fields
     memory_bytes: int
     link: dict[str, float]  # the mount's estimate of a request's round trip and one connection's bandwidth (rtt_ms, bandwidth_mbps, samples)
-    disk: dict[str, int] | None  # used, limit, configured_limit, blocks, corrupt, evictions, errors
+    disk: dict[str, int] | None  # used, limit, configured_limit, blocks (of them `writing`: not written yet), corrupt, evictions, errors
     shared: dict[str, int] | None  # the node's shared cache: SharedBlocks.as_dict(); None without one
     errors: dict[str, int]  # FUSE requests answered with an error, by reason
     requests: dict[str, int]  # FUSE requests served, by operation

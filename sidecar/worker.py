@@ -25,7 +25,7 @@ import trio
 
 from sidecar import log, passthrough, rescue, urls  # (passthrough: before pyfuse3 is loaded; see there)
 from sidecar.cache.blocks import BlockCache
-from sidecar.cache.disk import DiskTier
+from sidecar.cache.disk import DiskTier, writing as disk_writing
 from sidecar.cache.shared import SharedBlocks, VersionId
 from sidecar.cache.warmup import Prefetcher, PrefetchRefused
 from sidecar.errors import SidecarError
@@ -392,7 +392,7 @@ class MountWorker:
             "cache": self.cache.stats.as_dict(),
             "memory_bytes": self.cache.memory_bytes,
             "link": self.cache.link.as_dict(),
-            "disk": {"used": disk.used, "limit": disk.limit, "configured_limit": disk.configured_limit, "blocks": len(disk),
+            "disk": {"used": disk.used, "limit": disk.limit, "configured_limit": disk.configured_limit, "blocks": len(disk), "writing": disk_writing(disk),
                      "corrupt": disk.corrupt, "evictions": disk.evictions, "errors": disk.errors,
                      "direct_reads": disk.direct_reads}
             if disk is not None

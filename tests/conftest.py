@@ -86,6 +86,21 @@ def sha(data):
     return hashlib.sha256(data).hexdigest()
 
 
+def reads_back(path, data):
+    """`path` holds `data`: read whole, read from a third of it on, mapped (its first and last
+    pages), and stat-ed."""
+    import mmap
+
+    with open(path, "rb") as f:
+        assert sha(f.read()) == sha(data)
+        third = len(data) // 3
+        f.seek(third)
+        assert f.read(4099) == data[third : third + 4099]
+        with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+            assert m[:5000] == data[:5000] and m[len(data) - 5000 :] == data[-5000:]
+    assert os.stat(path).st_size == len(data)
+
+
 def s3_keys(s3, bucket):
     """Every key of an S3 bucket of the session's moto server (all pages)."""
     return [o["Key"] for p in s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in p.get("Contents", [])]

@@ -352,15 +352,40 @@ class BlockCache:
         names = [block_name(self.storage_id, ref.key, ref.etag, first + i, self.block_size) for i in range(len(fetches))]
         to_disk: list[tuple[str, bytes]] = []
         pinned: list[tuple[str, str, Any]] = []  # their memory entries, kept until written
+        held = reserved
+        error: BaseException = OSError(f"{ref.key}: the backend sent fewer bytes than asked")
         # Counted from now, not from the write: the readers have the run's blocks as they arrive,
         # before its request ends, and a worker told to stop meanwhile would give up waiting
         # for a write not begun yet (a new mount then fetched the run again).
         self.disk_writes.begin()
         try:
-            await run_and_keep(self, ref, first, fetches, names, reserved, to_disk, pinned, done)
-        except BaseException:
-            self.disk_writes.end()
-            raise
+            if not held:  # a run of one demand block
+                fetches[0].buffer = await reserve_demand(self, ref, first)
+                held = True
+            # Blocks already on disk are served from there (read in one thread hop for the whole
+            # run); the rest are fetched in one stream.
+            missing = await complete_from_disk(self, ref, first, fetches, names, held)
+            if missing and self.shared is not None and ref.etag:
+                missing = await from_shared(self, ref, first, fetches, missing, held)
+            if missing and self.shared is not None and ref.etag:
+                missing = await fetch_claimed(self, ref, first, fetches, names, missing, held, to_disk, pinned)
+            if missing:
+                await get_run(self, ref, first, fetches, names, missing, held, to_disk, pinned)
+        except BaseException as exc:
+            error = exc if isinstance(exc, Exception) else OSError("fetch cancelled")
+            if not isinstance(exc, Exception):
+                self.disk_writes.end()
+                raise
+        finally:
+            # Whatever did not arrive fails, so no waiter is left hanging.
+            for i, fetch in enumerate(fetches):
+                self._complete(ref, first + i, fetch, None, error, held)
+            # The run holds no block while its disk write waits (each BlockFetch holds its data): a
+            # block evicted meanwhile would be memory outside the budget. Its waiters have theirs.
+            fetches.clear()
+            fetch = None  # (the loop above left the last one here)
+            if done is not None:
+                done()
         if to_disk:
             await self._disk_put_many(to_disk, pinned, share=ref if ref.etag else None, ref=ref, counted=True)
         else:
@@ -400,41 +425,6 @@ class BlockCache:
         assert tier is not None
         tier.errors += 1
         log.warning(event, error=type(exc).__name__, detail=str(exc)[:200], errors=tier.errors)
-
-
-async def run_and_keep(cache: BlockCache, ref: ObjectRef, first: int, fetches: list[BlockFetch], names: list[str], held: bool,
-                       to_disk: list[tuple[str, bytes]], pinned: list[tuple[str, str, Any]], done: Callable[[], None] | None) -> None:
-    """`BlockCache._fetch_run`'s work: the run's blocks from the disk, the node's shared cache or
-    the backend, each completed as it arrives (the fetched ones added to `to_disk`/`pinned`);
-    whatever did not arrive fails."""
-    error: BaseException = OSError(f"{ref.key}: the backend sent fewer bytes than asked")
-    try:
-        if not held:  # a run of one demand block
-            fetches[0].buffer = await reserve_demand(cache, ref, first)
-            held = True
-        # Blocks already on disk are served from there (read in one thread hop for the whole
-        # run); the rest are fetched in one stream.
-        missing = await complete_from_disk(cache, ref, first, fetches, names, held)
-        if missing and cache.shared is not None and ref.etag:
-            missing = await from_shared(cache, ref, first, fetches, missing, held)
-        if missing and cache.shared is not None and ref.etag:
-            missing = await fetch_claimed(cache, ref, first, fetches, names, missing, held, to_disk, pinned)
-        if missing:
-            await get_run(cache, ref, first, fetches, names, missing, held, to_disk, pinned)
-    except BaseException as exc:
-        error = exc if isinstance(exc, Exception) else OSError("fetch cancelled")
-        if not isinstance(exc, Exception):
-            raise
-    finally:
-        # Whatever did not arrive fails, so no waiter is left hanging.
-        for i, fetch in enumerate(fetches):
-            cache._complete(ref, first + i, fetch, None, error, held)
-        # The run holds no block while its disk write waits (each BlockFetch holds its data): a
-        # block evicted meanwhile would be memory outside the budget. Its waiters have theirs.
-        fetches.clear()
-        fetch = None  # (the loop above left the last one here)
-        if done is not None:
-            done()
 
 
 async def complete_from_disk(cache: BlockCache, ref: ObjectRef, first: int, fetches: list[BlockFetch], names: list[str], held: bool) -> list[int]:

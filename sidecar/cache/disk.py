@@ -620,6 +620,11 @@ class DiskTier:
         return tree_bytes(self.dir)
 
 
+def writing(tier: DiskTier) -> int:
+    """Entries indexed whose bytes are still being written."""
+    return len(tier._pending)
+
+
 def whole_file(tier: DiskTier, storage: str, key: str, etag: str, block_size: int, size: int) -> str | None:
     """The file that holds exactly the bytes of this object version, at their offsets, if
     the disk tier has one (an entry alone, the only block or a random reader's range of all

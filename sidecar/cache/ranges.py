@@ -5,7 +5,8 @@ A random read is fetched as exactly the bytes asked for, not whole blocks (a 4 K
 the same budget and LRU as blocks) and on its disk tier, so a second pass over the same reads
 (a new handle, a new mount on the kept cache) fetches nothing. A range is found again by its
 exact offsets (random readers repeat theirs), and, within the mount that fetched it, for any read
-it covers, whatever its alignment (a second pass whose reads the kernel cut differently).
+it covers, whatever its alignment (a second pass whose reads the kernel cut differently); a
+range of the whole object (a small file read whole) also by a new mount over the disk cache.
 
 The ranges fetched of each object version are counted (`misses`): a reader that keeps missing in
 a small file is better served by fetching the whole file (sidecar.vfs.reader).
@@ -81,7 +82,7 @@ class ExactRanges:
         """The bytes of a kept range: this one, or one this mount kept that covers it."""
         data = await self._kept(ref, start, end)
         if data is None:
-            cover = self._cover(ref, start, end)
+            cover = self._cover(ref, start, end) or self._whole_kept(ref, start, end)
             if cover is not None:
                 whole = await self._kept(ref, *cover)
                 if whole is not None:
@@ -97,6 +98,12 @@ class ExactRanges:
             if s <= start and end <= e and (s, e) != (start, end):
                 return s, e
         return None
+
+    def _whole_kept(self, ref: ObjectRef, start: int, end: int) -> tuple[int, int] | None:
+        """The whole object as one kept range (a small file a random reader read whole), which
+        a new mount over the disk cache finds by name without knowing the spans kept before."""
+        whole = (0, ref.size)
+        return whole if (start, end) != whole and self.holds(ref, *whole) else None
 
     async def _kept(self, ref: ObjectRef, start: int, end: int) -> bytes | None:
         cache = self.cache

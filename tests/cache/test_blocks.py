@@ -232,6 +232,20 @@ def test_blocks_read_through_a_small_budget_reuse_the_evicted_blocks_buffers():
     assert run(main, mock_clock=False) >= 8
 
 
+async def _held_then_written(cache, ref, n, release):
+    """`disk_writes.none_left` does not return while the writes of `ref`'s first `n` blocks are
+    held (none of them is on disk yet), and does once `release()` let them go: then all are."""
+    from sidecar.cache import blocks
+
+    with trio.move_on_after(0.5) as waited:
+        await cache.disk_writes.none_left()
+    assert waited.cancelled_caught and not any(blocks.on_disk(cache, ref, i) for i in range(n))
+    release()
+    with trio.fail_after(5):
+        await cache.disk_writes.none_left()
+    assert all(blocks.on_disk(cache, ref, i) for i in range(n))
+
+
 def test_written_waits_for_the_disk_writes_still_going_out(tmp_path, monkeypatch):
     """`disk_writes.none_left` (what an exiting worker waits for, bounded) returns only once every disk write
     begun has ended: the blocks a read fetched are then on disk."""
@@ -261,13 +275,7 @@ def test_written_waits_for_the_disk_writes_still_going_out(tmp_path, monkeypatch
             ref = ObjectRef("f", info.etag, len(data))
             for i in range(3):
                 assert bytes(await cache.get(ref, i)) == data[i * BS : (i + 1) * BS]
-            with trio.move_on_after(0.5) as waited:
-                await cache.disk_writes.none_left()
-            assert waited.cancelled_caught  # the writes are held: still going out
-            release.set()
-            with trio.fail_after(5):
-                await cache.disk_writes.none_left()
-            assert all(blocks.on_disk(cache, ref, i) for i in range(3))
+            await _held_then_written(cache, ref, 3, release.set)
             nursery.cancel_scope.cancel()
 
     run(main, mock_clock=False)
@@ -278,7 +286,6 @@ def test_a_run_whose_request_is_still_open_counts_as_a_disk_write_going_out(tmp_
     the connection given back): `disk_writes.none_left` (what a stopping worker waits for,
     bounded) must not return meanwhile, or the worker exits before the run's blocks are
     written and a new mount fetches them again. Once the request ends they are on disk."""
-    from sidecar.cache import blocks
     from sidecar.cache.disk import DiskTier
 
     data = random.Random(10).randbytes(BS * 3)
@@ -300,13 +307,7 @@ def test_a_run_whose_request_is_still_open_counts_as_a_disk_write_going_out(tmp_
             cache.prefetch(ref, range(3))
             for i in range(3):
                 assert bytes(await cache.get(ref, i)) == data[i * BS : (i + 1) * BS]
-            with trio.move_on_after(0.5) as waited:
-                await cache.disk_writes.none_left()
-            assert waited.cancelled_caught and not any(blocks.on_disk(cache, ref, i) for i in range(3))
-            ended.set()
-            with trio.fail_after(5):
-                await cache.disk_writes.none_left()
-            assert all(blocks.on_disk(cache, ref, i) for i in range(3))
+            await _held_then_written(cache, ref, 3, ended.set)
             nursery.cancel_scope.cancel()
 
     run(main, mock_clock=False)

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from tests.conftest import needs_fuse, sha, wait_for
+from tests.conftest import needs_fuse, reads_back, sha, wait_for
 
 pytestmark = [pytest.mark.mount, needs_fuse]
 MiB = 1 << 20
@@ -47,14 +47,7 @@ def test_files_read_before_are_read_again_with_no_request(s3_bucket, mount_worke
     before = (st["requests"], st["store"]["get_requests"])
     for _ in range(2):
         for name, data in files.items():
-            path = os.path.join(w.mnt, name)
-            assert sha(_read(path)) == sha(data)
-            with open(path, "rb") as f:
-                f.seek(len(data) // 3)
-                assert f.read(4099) == data[len(data) // 3 : len(data) // 3 + 4099]
-                with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
-                    assert m[:5000] == data[:5000]
-            assert os.stat(path).st_size == len(data)
+            reads_back(os.path.join(w.mnt, name), data)
     st = w.stats()
     assert (st["requests"], st["store"]["get_requests"]) == before
     assert 0 < _zero(w)["readers"] <= len(files)

@@ -310,3 +310,34 @@ def test_reads_without_an_open_name_the_inode_and_keep_a_reader_per_inode():
         run(main)
     finally:
         core.ZERO_OPEN_READERS = limit
+
+
+def test_a_file_kept_whole_as_a_range_is_read_at_any_offset_by_a_new_mount(tmp_path):
+    """A small file a random reader read whole is kept as one range of all of it. A new mount
+    over the disk cache knows none of the spans kept before, and the kernel may cut its reads
+    otherwise (a tail whose pages were dropped, a read-ahead's second half): those reads are
+    answered from the whole range, with no request."""
+    from sidecar.cache.blocks import ObjectRef
+
+    store = MemoryStore()
+    data = random.Random(12).randbytes(BS - 1000)
+    info = store.put("small", data)
+    ref = ObjectRef("small", info.etag, len(data))
+
+    async def first():
+        async with mounted(store, disk=DiskTier(tmp_path, limit=BS * 100)) as fs:
+            fs.ranges.keep(ref, 0, data)
+            with trio.fail_after(10):
+                while len(fs.cache.disk) < 1:
+                    await trio.sleep(0.01)
+
+    async def again():
+        async with mounted(store, disk=DiskTier(tmp_path, limit=BS * 100)) as fs:
+            ino = await path_ino(fs, "small")
+            fh, _ = await fs.open(ino, os.O_RDONLY)
+            for off, n in ((4096, 8192), (len(data) // 2, BS), (len(data) - 10, 4096), (0, 4096)):
+                assert bytes(await fs.read(fh, off, n)) == data[off : off + n]
+            assert store.stats.get_requests == 0 and fs.cache.stats.range_hits >= 1
+
+    run(first, mock_clock=False)
+    run(again, mock_clock=False)
