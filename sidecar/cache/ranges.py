@@ -103,7 +103,9 @@ class ExactRanges:
         """The whole object as one kept range (a small file a random reader read whole), which
         a new mount over the disk cache finds by name without knowing the spans kept before."""
         whole = (0, ref.size)
-        return whole if (start, end) != whole and self.holds(ref, *whole) else None
+        if ref.size > self.cache.block_size or (start, end) == whole:
+            return None  # (`keep` keeps no range over a block: no name to look up for a large file's miss)
+        return whole if self.holds(ref, *whole) else None
 
     async def _kept(self, ref: ObjectRef, start: int, end: int) -> bytes | None:
         cache = self.cache

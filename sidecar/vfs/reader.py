@@ -193,7 +193,8 @@ class Reader:
         if offset >= ref.size or size <= 0:
             return b""
         end = min(offset + size, ref.size)
-        if ref.size <= self.cache.block_size and self.ranges.holds(ref, 0, ref.size) and not self.cache.has(ref, 0):
+        # (the block first: held in memory on a warm pass, a dict lookup answers before any name is hashed)
+        if ref.size <= self.cache.block_size and not self.cache.has(ref, 0) and self.ranges.holds(ref, 0, ref.size):
             return await self.ranges.read(ref, offset, end)  # a small file kept whole as a range (a random reader's)
         strategy, ahead = self.strategy(offset, end)
         if strategy is Strategy.EXACT:
