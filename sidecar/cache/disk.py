@@ -264,10 +264,37 @@ def block_name(storage: str, key: str, etag: str, index: int, block_size: int) -
     return hashlib.sha256(raw).hexdigest()
 
 
+RANGE_MARK = "r"  # the first letter of a kept range's name (a block's is a hex digit)
+_OFFSET_DIGITS = 12  # hex digits of a range's start and of its length in its name
+
+
+def version_tag(storage: str, key: str, etag: str) -> str:
+    """What names one object version in the names of its kept ranges (39 hex digits)."""
+    return hashlib.sha256(f"{storage}\0{key}\0{etag}\0range".encode()).hexdigest()[:39]
+
+
 def range_name(storage: str, key: str, etag: str, start: int, end: int) -> str:
-    """The name of an exact byte range kept for a random reader (never a block's name)."""
-    raw = f"{storage}\0{key}\0{etag}\0range\0{start}\0{end}".encode()
+    """The name of an exact byte range kept for a random reader (never a block's name): the
+    mark, the version's tag, the start and the length, so that a new mount over the disk
+    cache learns from the names alone which ranges of a version it holds (`kept_ranges`)."""
+    if 0 <= start < 16**_OFFSET_DIGITS and 0 < end - start < 16**_OFFSET_DIGITS:
+        return f"{RANGE_MARK}{version_tag(storage, key, etag)}{start:012x}{end - start:012x}"
+    raw = f"{storage}\0{key}\0{etag}\0range\0{start}\0{end}".encode()  # (found by its exact offsets only)
     return hashlib.sha256(raw).hexdigest()
+
+
+def kept_ranges(tier: DiskTier, most: int) -> dict[str, list[tuple[int, int]]]:
+    """The ranges the tier holds, by version tag, sorted by start: the `most` most recently
+    used of them."""
+    with tier._lock:
+        names = [name for name in reversed(tier._index) if name[0] == RANGE_MARK]
+    out: dict[str, list[tuple[int, int]]] = {}
+    for name in names[:most]:
+        start, size = int(name[40:52], 16), int(name[52:64], 16)
+        out.setdefault(name[1:40], []).append((start, start + size))
+    for spans in out.values():
+        spans.sort()
+    return out
 
 
 class DiskTier:

@@ -3,10 +3,11 @@
 A random read is fetched as exactly the bytes asked for, not whole blocks (a 4 KiB read of a
 5 GiB object costs a 4 KiB GET). The range is kept too, in the block cache's memory tier (under
 the same budget and LRU as blocks) and on its disk tier, so a second pass over the same reads
-(a new handle, a new mount on the kept cache) fetches nothing. A range is found again by its
-exact offsets (random readers repeat theirs), and, within the mount that fetched it, for any read
-it covers, whatever its alignment (a second pass whose reads the kernel cut differently); a
-range of the whole object (a small file read whole) also by a new mount over the disk cache.
+(a new handle, a new mount on the kept cache) fetches nothing. A read is answered from what is
+kept whenever that covers it, whatever its alignment: one kept range, or kept ranges and held
+blocks side by side (a second pass whose reads the kernel cut differently, a read across two
+earlier ones). The spans kept of each version are indexed in memory; a new mount learns them
+from the disk tier's names (`kept_ranges`), so it finds them as the mount that kept them does.
 
 The ranges fetched of each object version are counted (`misses`): a reader that keeps missing in
 a small file is better served by fetching the whole file (sidecar.vfs.reader).
@@ -18,12 +19,12 @@ import bisect
 import time
 
 from sidecar.cache.blocks import BlockCache, ObjectRef, fetch_block_once, whole_block
-from sidecar.cache.disk import range_name
+from sidecar.cache.disk import kept_ranges, range_name, version_tag
 
 
 MISSES_KEPT = 10_000  # object versions whose misses are counted (then the count starts again)
 SPANS_KEPT = 200_000  # ranges whose offsets are indexed for reads they cover (then the index starts again)
-COVER_LOOKBACK = 8  # kept ranges starting at or before a read that are tried as its cover
+COVER_LOOKBACK = 8  # kept ranges starting at or before a position that are tried as its cover
 
 
 class ExactRanges:
@@ -31,7 +32,9 @@ class ExactRanges:
         self.cache = cache
         self.misses: dict[tuple[str, str], int] = {}  # (key, etag) -> ranges fetched from the backend
         self._spans: dict[tuple[str, str], list[tuple[int, int]]] = {}  # (key, etag) -> kept ranges, by start
-        self._span_count = 0
+        # Found on the disk tier at start, by version tag: moved to `_spans` at the version's first read.
+        self._found = kept_ranges(cache.disk, SPANS_KEPT) if cache.disk is not None else {}
+        self._span_count = sum(len(spans) for spans in self._found.values())
 
     async def read(self, ref: ObjectRef, start: int, end: int) -> bytes:
         """Bytes [start, end) of `ref`: kept ones, else one ranged GET (then kept)."""
@@ -79,33 +82,60 @@ class ExactRanges:
         return data
 
     async def cached(self, ref: ObjectRef, start: int, end: int) -> bytes | None:
-        """The bytes of a kept range: this one, or one this mount kept that covers it."""
+        """The bytes of a kept range: this one, or what is kept that covers it."""
         data = await self._kept(ref, start, end)
-        if data is None:
-            cover = self._cover(ref, start, end) or self._whole_kept(ref, start, end)
-            if cover is not None:
-                whole = await self._kept(ref, *cover)
-                if whole is not None:
-                    return whole[start - cover[0] : end - cover[0]]
-        return data
+        return data if data is not None else await self.covered(ref, start, end)
 
-    def _cover(self, ref: ObjectRef, start: int, end: int) -> tuple[int, int] | None:
-        spans = self._spans.get((ref.key, ref.etag))
+    async def covered(self, ref: ObjectRef, start: int, end: int) -> bytes | None:
+        """Bytes [start, end) put together from kept ranges and held blocks that cover them
+        all, or None (nothing read) where they do not. A kept range found gone since (evicted)
+        is forgotten, and the read is a miss."""
+        plan = self._plan(ref, start, end)
+        if plan is None:
+            return None
+        bs = self.cache.block_size
+        parts = []
+        for s, e, is_block in plan:
+            piece = await self.cache.get(ref, s // bs) if is_block else await self._kept(ref, s, e)
+            if piece is None or len(piece) != e - s:
+                self._forget(ref, s, e)
+                return None
+            parts.append(memoryview(piece)[max(start, s) - s : min(end, e) - s])
+        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
+
+    def _plan(self, ref: ObjectRef, start: int, end: int) -> list[tuple[int, int, bool]] | None:
+        """Kept ranges and held blocks that cover [start, end) side by side, each reaching as far
+        as any does from where the one before ends: (start, end, is a block) each."""
+        spans = self._spans_of(ref)
         if not spans:
             return None
-        i = bisect.bisect_right(spans, (start, float("inf")))
-        for s, e in reversed(spans[max(0, i - COVER_LOOKBACK) : i]):
-            if s <= start and end <= e and (s, e) != (start, end):
-                return s, e
-        return None
+        bs, plan, at = self.cache.block_size, [], start
+        while at < end:
+            i = bisect.bisect_right(spans, (at, float("inf")))
+            best = max(((s, e, False) for s, e in spans[max(0, i - COVER_LOOKBACK) : i] if e > at), key=lambda p: p[1], default=None)
+            if (best is None or best[1] < end) and self.cache.has(ref, at // bs):
+                block = (at // bs * bs, min(at // bs * bs + bs, ref.size), True)
+                best = block if best is None or block[1] > best[1] else best
+            if best is None:
+                return None
+            plan.append(best)
+            at = best[1]
+        return plan
 
-    def _whole_kept(self, ref: ObjectRef, start: int, end: int) -> tuple[int, int] | None:
-        """The whole object as one kept range (a small file a random reader read whole), which
-        a new mount over the disk cache finds by name without knowing the spans kept before."""
-        whole = (0, ref.size)
-        if ref.size > self.cache.block_size or (start, end) == whole:
-            return None  # (`keep` keeps no range over a block: no name to look up for a large file's miss)
-        return whole if self.holds(ref, *whole) else None
+    def _spans_of(self, ref: ObjectRef) -> list[tuple[int, int]] | None:
+        vid = (ref.key, ref.etag)
+        spans = self._spans.get(vid)
+        if spans is None and self._found:
+            spans = self._found.pop(version_tag(self.cache.storage_id, ref.key, ref.etag), None)
+            if spans is not None:
+                self._spans[vid] = spans
+        return spans
+
+    def _forget(self, ref: ObjectRef, start: int, end: int) -> None:
+        spans = self._spans.get((ref.key, ref.etag))
+        if spans and (start, end) in spans:
+            spans.remove((start, end))
+            self._span_count -= 1
 
     async def _kept(self, ref: ObjectRef, start: int, end: int) -> bytes | None:
         cache = self.cache
@@ -136,8 +166,11 @@ class ExactRanges:
         rid = (ref.key, ref.etag, ("range", start, end))
         if self._span_count >= SPANS_KEPT:
             self._spans.clear()
+            self._found.clear()
             self._span_count = 0
-        spans = self._spans.setdefault((ref.key, ref.etag), [])
+        spans = self._spans_of(ref)
+        if spans is None:
+            spans = self._spans[(ref.key, ref.etag)] = []
         at = bisect.bisect_left(spans, (start, end))
         if at == len(spans) or spans[at] != (start, end):
             spans.insert(at, (start, end))

@@ -193,9 +193,13 @@ class Reader:
         if offset >= ref.size or size <= 0:
             return b""
         end = min(offset + size, ref.size)
-        # (the block first: held in memory on a warm pass, a dict lookup answers before any name is hashed)
-        if ref.size <= self.cache.block_size and not self.cache.has(ref, 0) and self.ranges.holds(ref, 0, ref.size):
-            return await self.ranges.read(ref, offset, end)  # a small file kept whole as a range (a random reader's)
+        bs = self.cache.block_size
+        if self.fill is None and not all(self.cache.has(ref, i) for i in range(offset // bs, (end - 1) // bs + 1)):
+            # What a random reader or a copy kept answers before any block is fetched or any
+            # stream started (a copy under way answers from its pieces itself: it lets them go).
+            kept = await self.ranges.covered(ref, offset, end)
+            if kept is not None:
+                return kept
         strategy, ahead = self.strategy(offset, end)
         if strategy is Strategy.EXACT:
             self.exact.append((offset, end))

@@ -136,6 +136,28 @@ def test_an_entry_written_alone_is_its_bytes_only_with_its_checksum_in_its_name(
     assert again.get("ab" * 32) is None and again.corrupt == 1 and not f.exists()
 
 
+
+def test_a_kept_ranges_name_says_its_version_and_offsets_to_a_new_tier(tmp_path):
+    """A new tier over the files lists the ranges it holds by version, sorted, the most
+    recently used first when bounded; a range past what a name can say is found by its exact
+    offsets only; a block's name is never taken for a range's."""
+    from sidecar.cache.disk import kept_ranges, range_name, version_tag
+
+    disk = DiskTier(tmp_path, limit=64 << 20)
+    spans = [(8192, 12288), (0, 4096), (5 << 40, (5 << 40) + 100)]
+    for s, e in spans:
+        assert disk.put(range_name("st", "k", "e1", s, e), bytes(e - s))
+    assert disk.put(range_name("st", "k", "e2", 0, 10), bytes(10))  # another version
+    assert disk.put(range_name("st", "k", "e1", 1 << 50, (1 << 50) + 10), bytes(10))  # too far for a name
+    assert disk.put(block_name("st", "k", "e1", 0, BS), bytes(BS))
+    again = DiskTier(tmp_path, limit=64 << 20)
+    found = kept_ranges(again, 100)
+    assert found == {version_tag("st", "k", "e1"): sorted(spans), version_tag("st", "k", "e2"): [(0, 10)]}
+    again.get(range_name("st", "k", "e2", 0, 10))  # used last
+    assert kept_ranges(again, 1) == {version_tag("st", "k", "e2"): [(0, 10)]}
+    assert again.get(range_name("st", "k", "e1", 1 << 50, (1 << 50) + 10)) == bytes(10)
+
+
 def _segment_files(root):
     return sorted(p for p in root.rglob("seg-*") if p.is_file() and not p.name.endswith(".t"))
 

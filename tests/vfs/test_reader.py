@@ -341,3 +341,72 @@ def test_a_file_kept_whole_as_a_range_is_read_at_any_offset_by_a_new_mount(tmp_p
 
     run(first, mock_clock=False)
     run(again, mock_clock=False)
+
+
+def test_a_read_across_kept_ranges_and_held_blocks_is_answered_from_them():
+    """A read no single kept piece covers, but kept ranges and held blocks side by side do (a
+    second pass cut otherwise than the first), is put together from them with no request; a
+    read with a gap among them is fetched, with the right bytes."""
+    from sidecar.cache.blocks import ObjectRef
+
+    store = MemoryStore()
+    data = random.Random(13).randbytes(BS * 8)
+    info = store.put("big", data)
+    ref = ObjectRef("big", info.etag, len(data))
+
+    async def main():
+        async with mounted(store, memory_limit=BS * 32) as fs:
+            a, b, c = BS + 100, BS + 30_000, 2 * BS
+            fs.ranges.keep(ref, a, data[a:b])
+            fs.ranges.keep(ref, b, data[b:c])
+            await fs.cache.get(ref, 2)  # block 2 held
+            gets = store.stats.get_requests
+            fh, _ = await fs.open(await path_ino(fs, "big"), os.O_RDONLY)
+            for off, n in ((a + 5, b - a), (b - 7, 3 * BS // 2), (a, 2 * BS - 200)):
+                assert bytes(await fs.read(fh, off, n)) == data[off : off + n]
+            assert store.stats.get_requests == gets
+            off = a - 50  # 50 bytes before the first range: not kept
+            assert bytes(await fs.read(fh, off, 200)) == data[off : off + 200]
+            assert store.stats.get_requests == gets + 1
+
+    run(main)
+
+
+def test_a_new_mount_finds_the_kept_ranges_a_read_falls_in(tmp_path):
+    """A new mount over the disk cache learns the ranges kept of each version from the disk
+    tier's names: a read inside a kept range, or across two, at offsets never read before,
+    costs no request; a range gone from the disk since is fetched again, and forgotten."""
+    from sidecar.cache.blocks import ObjectRef
+    from sidecar.cache.disk import range_name
+
+    store = MemoryStore()
+    data = random.Random(14).randbytes(BS * 64)
+    etag = store.put("big", data).etag
+    spans = [(BS * 3 + 100, BS * 3 + 40_000), (BS * 3 + 40_000, BS * 4 + 5), (BS * 40, BS * 40 + 4096)]
+
+    async def first():
+        async with mounted(store, disk=DiskTier(tmp_path, limit=BS * 100)) as fs:
+            ref = ObjectRef("big", etag, len(data))
+            for s, e in spans:
+                assert await fs.ranges.read(ref, s, e) == data[s:e]  # a random reader's, kept
+            with trio.fail_after(10):
+                while len(fs.cache.disk) < len(spans):
+                    await trio.sleep(0.01)
+
+    run(first, mock_clock=False)
+    assert store.stats.get_requests == len(spans)
+
+    async def again():
+        disk = DiskTier(tmp_path, limit=BS * 100)
+        async with mounted(store, disk=disk) as fs:
+            disk._drop(range_name(fs.cache.storage_id, "big", etag, *spans[2]))  # evicted since
+            fh, _ = await fs.open(await path_ino(fs, "big"), os.O_RDONLY)
+            for off, n in ((BS * 3 + 4096, 8192), (BS * 3 + 30_000, 30_000)):
+                assert bytes(await fs.read(fh, off, n)) == data[off : off + n]
+            assert store.stats.get_requests == len(spans) and fs.cache.stats.range_hits >= 2
+            off = BS * 40 + 2000
+            assert bytes(await fs.read(fh, off, 100)) == data[off : off + 100]
+            assert store.stats.get_requests == len(spans) + 1
+            assert spans[2] not in fs.ranges._spans[("big", etag)]
+
+    run(again, mock_clock=False)
