@@ -32,6 +32,7 @@ import json
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -225,7 +226,27 @@ class TrainingBench(LinkBench):
         drop_page_cache()
         out["sidecar_zero"] = run("sidecar_zero", f"{w.mnt}/{TREE}", a.epochs, pid=w.proc.pid)
         out["sidecar_zero_stats"] = {k: v for k, v in w.stats().items() if k in ("store", "zero_message_opens", "requests")}
+        # The same page-cached epochs side by side with the local disk's, alternating (this
+        # machine's speed drifts between minutes: one epoch of each minutes apart is no ratio).
+        run("local (warm-up)", local, 1)
+        out["alternating"] = alternating = []
+        for r in range(a.alternations):
+            pair = {}
+            for who, root in ((("local", local), ("sidecar_zero", f"{w.mnt}/{TREE}")) if r % 2 == 0 else
+                              (("sidecar_zero", f"{w.mnt}/{TREE}"), ("local", local))):
+                pair[who] = self.measured("epoch", root, names, 5000 + r, a.workers, "")["files_per_s"]
+            alternating.append(pair)
+            print(f"  alternating {r + 1}: {pair}", flush=True)
         w.stop()
+        # `zero_message_opens: auto`: the same over the kept cache after the drop, its first epoch
+        # passed through (opens asked), the switch early in the second.
+        drop_page_cache()
+        auto = self.worker(cache, zero_message_opens="auto")
+        self.measured("walk", f"{auto.mnt}/{TREE}")
+        drop_page_cache()
+        out["sidecar_auto"] = run("sidecar_auto", f"{auto.mnt}/{TREE}", a.epochs, pid=auto.proc.pid)
+        out["sidecar_auto_stats"] = {k: v for k, v in auto.stats().items() if k in ("store", "zero_message_opens", "passthrough", "requests")}
+        auto.stop()
         out["direct"] = run("direct", TREE, 1, self.proxy.endpoint)
         # rclone's best mode for this: without --use-server-modtime its stat of an S3 object is a
         # HEAD (for the mtime in its metadata), 20,000 of them one after another in the walk.
@@ -243,6 +264,9 @@ class TrainingBench(LinkBench):
                          "epochs2+ sidecar/pyfuse3_floor": [s / l for s, l in zip(fps["sidecar"][1:], fps["pyfuse3_floor"][1:])],
                          "epochs2+ zero-message opens/local": [s / l for s, l in zip(fps["sidecar_zero"][1:], fps["local"][1:])],
                          "restart epoch, zero-message opens/local epoch 1": fps["sidecar_zero"][0] / fps["local"][0],
+                         "zero_message_opens auto, epochs (restart, 2, 3)/local's (1, 2, 3)": [s["files_per_s"] / l for s, l in zip(out["sidecar_auto"], fps["local"])],
+                         "alternating page-cached epochs, zero-message opens/local, per round": [p["sidecar_zero"] / p["local"] for p in alternating],
+                         "alternating page-cached epochs, zero-message opens/local, median": statistics.median(p["sidecar_zero"] / p["local"] for p in alternating) if alternating else None,
                          "restart epoch (page cache dropped) sidecar/local epoch 1": out["sidecar_restart"][0]["files_per_s"] / fps["local"][0],
                          "restart epoch, the worker's way/local epoch 1": out["sidecar_restart_worker"][0]["files_per_s"] / fps["local"][0]}
         self.results["epochs"] = out
@@ -454,6 +478,7 @@ def main() -> int:
     p.add_argument("--folders", type=int, default=100)
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--alternations", type=int, default=6, help="page-cached epochs of the zero-message mount and the local disk, alternating")
     p.add_argument("--ckpt-mib", type=int, default=1024)
     p.add_argument("--ckpt-rounds", type=int, default=5)
     p.add_argument("--model-mib", type=int, default=2048)

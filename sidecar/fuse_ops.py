@@ -86,6 +86,9 @@ def _new_name(name: bytes) -> str:
         raise InvalidName(f"{name!r}: not UTF-8") from None
 
 
+OPENED_KEPT = 1_000_000  # inodes remembered as opened, for "auto" zero-message opens (then counted again)
+
+
 class FuseOps(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -101,7 +104,49 @@ class FuseOps(pyfuse3.Operations):
         self.requests = Counts()  # FUSE requests served, by operation
         # Files the kernel reads from the disk cache itself (see sidecar.passthrough).
         self.open_files = passthrough.OpenFiles(fs.cached_file) if passthrough_wanted and passthrough.wanted() else None
-        self.zero_message_opens = "off"  # "on": see `open_without_requests`, else why not
+        self.zero_message_opens = "off"  # "on": see `open_without_requests`, "auto: ...", else why not
+        self._reopens_left: int | None = None  # "auto": files still to be opened again before the switch
+        self._opened_before: set[int] = set()  # ("auto": inodes opened read-only so far)
+        self._unreleased: dict[int, list[int]] = {}  # inode -> handles open at the switch (no RELEASE comes)
+
+    def switch_after_reopens(self, reopens: int) -> str:
+        """Zero-message opens once `reopens` files were opened again for reading (data read
+        again and again: epochs), and until then every open asked, passed through where it
+        can be (a first pass over the disk cache after a restart is read by the kernel from
+        the cache files). The switch is the kernel's for the rest of the connection: an OPEN
+        answered ENOSYS, and none sent after it; files open at the switch read on through their
+        handles (see `_reopened` for their end). Call once mounted. Returns the state, or why
+        not."""
+        if not self.fs.readonly:
+            self.zero_message_opens = "not for a writable mount"
+        elif passthrough.zero_message_opens_available() != "yes":
+            self.zero_message_opens = passthrough.zero_message_opens_available()
+        else:
+            self._reopens_left = reopens
+            self.zero_message_opens = f"auto: after {reopens} files opened again"
+        return self.zero_message_opens
+
+    def _reopened(self, inode: int) -> bool:
+        """Counts a read-only open; True when it is the one that makes the switch."""
+        if inode not in self._opened_before:
+            if len(self._opened_before) >= OPENED_KEPT:
+                self._opened_before.clear()
+            self._opened_before.add(inode)
+            return False
+        assert self._reopens_left is not None
+        self._reopens_left -= 1
+        if self._reopens_left > 0:
+            return False
+        self._reopens_left, self._opened_before = None, set()
+        self.zero_message_opens = passthrough.zero_message_opens()
+        if self.zero_message_opens != "on":
+            return False
+        # Linux sends no RELEASE once a connection opens alone, not even for the files open now:
+        # their handles (and passthrough's backing files) are let go when the kernel forgets
+        # their inode, which it does only once no file of it is open.
+        self._unreleased = self.fs.open_files_by_inode()
+        log.info("zero_message_opens_switched", open_files=sum(map(len, self._unreleased.values())))
+        return True
 
     def open_without_requests(self) -> str:
         """Zero-message opens, for a read-only mount of data read again and again (training
@@ -152,6 +197,12 @@ class FuseOps(pyfuse3.Operations):
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         try:
+            if self._unreleased:
+                for ino, _ in inode_list:
+                    for fh in self._unreleased.pop(ino, ()):
+                        if self.open_files is not None:
+                            self.open_files.released(fh)
+                        self.fs.release(fh)
             self.fs.forget(inode_list)
             if self.open_files is not None:
                 for ino, _ in inode_list:
@@ -180,9 +231,9 @@ class FuseOps(pyfuse3.Operations):
 
     @_translated
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
-        if self.zero_message_opens == "on":
-            raise pyfuse3.FUSEError(errno.ENOSYS)  # this open succeeds all the same, and no other is sent
         writing = opens_for_writing(flags)
+        if self.zero_message_opens == "on" or (self._reopens_left is not None and not writing and self._reopened(inode)):
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # this open succeeds all the same, and no other is sent
         if writing:
             self._make_way_for_writer(inode)
         fh, keep_cache = await self.fs.open(inode, flags)

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sidecar import urls
-from sidecar.protocol import DEADLINE, KERNEL_READAHEAD_KB, METADATA_TTL, METADATA_TTL_READONLY, WRITEBACK_DELAY
+from sidecar.protocol import DEADLINE, KERNEL_READAHEAD_KB, METADATA_TTL, METADATA_TTL_READONLY, REOPENS_TO_SWITCH, WRITEBACK_DELAY
 from sidecar.rclone import WEBDAV_VENDORS
 
 DEFAULT_INSTANCE = "renkulab.io"
@@ -195,10 +195,11 @@ class StorageMount(_Model):
         description="a file whose whole version is in the disk cache is read by the kernel from the cache "
         "file itself (FUSE passthrough, Linux 6.9+, a sidecar with CAP_SYS_ADMIN); false: every read through the sidecar",
     )
-    zero_message_opens: bool = Field(
+    zero_message_opens: bool | Literal["auto"] = Field(
         default=False,
         description="read-only storages: files are opened and closed by the kernel without asking the sidecar, and a file "
-        "read before is read again from the page cache with no request (training epochs); no passthrough then",
+        "read before is read again from the page cache with no request (training epochs); no passthrough then. "
+        f"auto: opens are asked (and passed through) until {REOPENS_TO_SWITCH} files were opened again, then no longer",
     )
 
     @field_validator("name")

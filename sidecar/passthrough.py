@@ -123,15 +123,24 @@ def open_backing(path: str, size: int) -> int | None:
         os.close(fd)
 
 
+def zero_message_opens_available() -> str:
+    """"yes" if `zero_message_opens` can be turned on (now or later), else why not."""
+    if _lib is None:
+        return "off" if not wanted() else "unavailable (the protocol hook is not built or not loaded first)"
+    if not _lib.sidecar_pt_state() & _HOOKED:
+        return "not hooked"
+    return "yes"
+
+
 def zero_message_opens() -> str:
     """Makes the hook give a READ or FSYNC without a handle its node id, in the file handle's
     place (`sidecar.vfs.core.ZERO_OPEN_FH`): after that, and only then, the FUSE adapter may
     answer OPEN with ENOSYS, the kernel's sign to open this connection's files alone. Call it
     once the session is mounted. Returns "on", or why not."""
-    if _lib is None:
-        return "off" if not wanted() else "unavailable (the protocol hook is not built or not loaded first)"
-    if not _lib.sidecar_pt_state() & _HOOKED:
-        return "not hooked"
+    available = zero_message_opens_available()
+    if available != "yes":
+        return available
+    assert _lib is not None
     _lib.sidecar_pt_zero_open()
     return "on"
 

@@ -38,6 +38,9 @@ CHECK_DEADLINE = 10.0  # s for the pre-flight check of one storage
 CREDENTIALS_WAIT = 0.0  # s /ready waits for credentials or a skip (0: it does not wait)
 
 
+REOPENS_TO_SWITCH = 256  # zero_message_opens "auto": files opened again before the kernel is told to open alone
+
+
 @dataclass
 class CacheConfig:
     """How every mount reads and caches: the daemon's flags, passed whole to each worker."""
@@ -75,7 +78,9 @@ class MountOptions:
     deadline: float = DEADLINE
     kernel_readahead_kb: int | None = None  # None: the daemon's (CacheConfig)
     passthrough: bool = True  # the kernel reads files whole in the disk cache itself (sidecar.passthrough)
-    zero_message_opens: bool = False  # a read-only mount's opens made by the kernel alone (FuseOps.open_without_requests)
+    # A read-only mount's opens made by the kernel alone (FuseOps.open_without_requests); "auto":
+    # once REOPENS_TO_SWITCH files were opened again (FuseOps.switch_after_reopens).
+    zero_message_opens: bool | str = False
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> "MountOptions":
@@ -133,8 +138,9 @@ class WorkerStats(TypedDict, total=False):
     errors: dict[str, int]  # FUSE requests answered with an error, by reason
     requests: dict[str, int]  # FUSE requests served, by operation
     passthrough: dict[str, Any] | None  # OpenFiles.as_dict(): state, opens, open, served; None when off
-    zero_message_opens: dict[str, Any] | None  # state ("on" or why not), readers; None unless asked for
+    zero_message_opens: dict[str, Any] | None  # state ("on", "auto: ..." or why not), readers; None unless asked for
     inodes: int
+    handles: int  # file and folder handles open
     write_mode: str | None
     unsynced: dict[str, int] | None  # files, bytes, queued, incomplete, conflicts, old_names (renamed-away names whose delete waits)
     staged: list[dict[str, Any]]  # StagedFile.public() of each pending file

@@ -35,7 +35,7 @@ from sidecar.private import private_folder
 from sidecar.process import clear_stale_mount, command_lines, default_cache_dir, emit, fuse_init, prepare_mountpoint, read_command, read_config_line
 from sidecar.protocol import (
     Checked, Copying, Failed, Mount, Mounted, Prefetch, PrefetchStarted, Publish, Published, Push, Pushed, Refresh, Refreshed,
-    RescueUpload, RescueUploaded, Stats, StatsReport, Stop, WorkerConfig, WorkerStats,
+    REOPENS_TO_SWITCH, RescueUpload, RescueUploaded, Stats, StatsReport, Stop, WorkerConfig, WorkerStats,
 )
 from sidecar.vfs.core import Filesystem
 from sidecar.vfs.mtimes import MtimeIndex
@@ -403,6 +403,7 @@ class MountWorker:
             "passthrough": self.ops.open_files.as_dict() if self.ops.open_files is not None else None,
             "zero_message_opens": {"state": self.ops.zero_message_opens, "readers": fs.unopened_readers} if self.cfg.mount.zero_message_opens else None,
             "inodes": fs.inode_count,
+            "handles": fs.handle_count,
             "write_mode": self.cfg.mount.write_mode if staging else None,
             "unsynced": {**fs.writer.unsynced(), "old_names": len(fs.deletes)} if fs.writer else None,
             "prefetch": self.prefetcher.progress.public() if self.prefetcher.progress.state != "idle" else None,
@@ -516,7 +517,10 @@ class MountWorker:
                 emit(Failed("mount_failed", str(exc)))
                 nursery.cancel_scope.cancel()
                 return 1
-            if cfg.mount.zero_message_opens and self.ops.open_without_requests() != "on":
+            if cfg.mount.zero_message_opens == "auto":
+                if not self.ops.switch_after_reopens(REOPENS_TO_SWITCH).startswith("auto"):
+                    logger.warning("zero_message_opens_unavailable", reason=self.ops.zero_message_opens)
+            elif cfg.mount.zero_message_opens and self.ops.open_without_requests() != "on":
                 logger.warning("zero_message_opens_unavailable", reason=self.ops.zero_message_opens)
             try:
                 nursery.start_soon(self.announce)

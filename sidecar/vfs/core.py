@@ -238,6 +238,18 @@ class Filesystem(Mutations):
     def unopened_readers(self) -> int:
         return len(self._unopened)
 
+    @property
+    def handle_count(self) -> int:
+        return len(self._handles)
+
+    def open_files_by_inode(self) -> dict[int, list[int]]:
+        """The file handles open now, by inode."""
+        out: dict[int, list[int]] = {}
+        for fh, h in self._handles.items():
+            if isinstance(h, FileHandle):
+                out.setdefault(h.node.ino, []).append(fh)
+        return out
+
     def release(self, fh: int) -> None:
         h = self._handles.pop(fh, None)
         if not isinstance(h, FileHandle):

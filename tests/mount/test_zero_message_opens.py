@@ -95,3 +95,60 @@ def test_a_writable_mount_keeps_its_opens_and_without_the_hook_every_open_is_ask
     wait_for(lambda: off.stats()["requests"].get("release", 0) == 2, timeout=10, what="both closes told")  # (RELEASE comes after close returns)
     st = off.stats()
     assert st["zero_message_opens"]["state"] == "off" and st["requests"]["open"] == 2
+
+
+def test_auto_asks_every_open_until_files_are_opened_again_then_none(s3_bucket, mount_worker):
+    """`zero_message_opens: auto`: opens are asked (and passed through where they can be) until
+    REOPENS_TO_SWITCH opens of files opened before; that open is answered ENOSYS and no OPEN
+    comes after it. Files read before are then read again with no request at all (after one
+    pass through the worker for those whose pages passthrough left in the cache file), a file
+    open across the switch reads on and is released, and a file never read is read through
+    reads that name its inode."""
+    from sidecar.protocol import REOPENS_TO_SWITCH
+
+    rnd = random.Random(52)
+    files = {f"d/f{i}.bin": rnd.randbytes(50_000 + i) for i in range(4)}
+    late = rnd.randbytes(MiB + 3)
+    for k, v in {**files, "late.bin": late}.items():
+        s3_bucket.put(k, v)
+    w = mount_worker(s3_bucket, block_size=MiB, ttl=300.0, zero_message_opens="auto")
+    assert w.stats()["zero_message_opens"]["state"].startswith("auto"), w.stats()["zero_message_opens"]
+    names = list(files)
+    for name in names:
+        assert sha(_read(os.path.join(w.mnt, name))) == sha(files[name])
+    held = open(os.path.join(w.mnt, names[0]), "rb")  # opened again: 1
+    try:
+        for i in range(REOPENS_TO_SWITCH - 2):
+            with open(os.path.join(w.mnt, names[i % len(names)]), "rb"):
+                pass
+        st = w.stats()
+        assert st["zero_message_opens"]["state"].startswith("auto") and st["requests"]["open"] == len(names) + REOPENS_TO_SWITCH - 1
+        with open(os.path.join(w.mnt, names[1]), "rb"):  # the one that switches
+            pass
+        _zero(w)
+        asked = w.stats()["requests"]["open"]
+        gets = w.stats()["store"]["get_requests"]
+        for name in names:
+            reads_back(os.path.join(w.mnt, name), files[name])
+        before = w.stats()["requests"]
+        for name in names:
+            reads_back(os.path.join(w.mnt, name), files[name])
+        st = w.stats()
+        assert st["requests"] == before and st["requests"]["open"] == asked and st["store"]["get_requests"] == gets
+        assert held.read() == files[names[0]]
+    finally:
+        held.close()
+    # Linux sends no RELEASE once the connection opens alone, not even for a file open before:
+    # its handle goes when the kernel forgets the inode (none of its files is open then).
+    assert w.stats()["requests"]["release"] == len(names) + REOPENS_TO_SWITCH - 2 and w.stats()["handles"] >= 1
+
+    def forgotten():
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("2")  # (dentries and inodes: the kernel forgets what nothing holds)
+        return w.stats()["handles"] == 0
+
+    wait_for(forgotten, timeout=15, what="the handle open at the switch let go")
+    reads = w.stats()["requests"]["read"]
+    assert sha(_read(os.path.join(w.mnt, "late.bin"))) == sha(late)
+    st = w.stats()
+    assert st["requests"]["open"] == asked and st["requests"]["read"] > reads and st["store"]["get_requests"] > gets

@@ -264,3 +264,13 @@ def test_an_endpoint_with_a_trailing_newline_is_refused():
     d["storages"][0]["options"]["endpoint_url"] = "http://127.0.0.1:5000/\n"
     errs, _ = errors_of(d)
     assert list(errs) == ["storages[0].options.endpoint_url"]
+
+
+@pytest.mark.parametrize("value, parsed", [(True, True), (False, False), ("auto", "auto")])
+def test_zero_message_opens_is_a_bool_or_auto_and_nothing_else(value, parsed):
+    d = doc()
+    d["mounts"][0]["zero_message_opens"] = value
+    assert parse_manifest(d).mounts[0].zero_message_opens == parsed
+    d["mounts"][0]["zero_message_opens"] = "sometimes"
+    errs, _ = errors_of(d)
+    assert any(loc.startswith("mounts[0].zero_message_opens") for loc in errs), errs
