@@ -247,6 +247,13 @@ class TrainingBench(LinkBench):
         out["sidecar_auto"] = run("sidecar_auto", f"{auto.mnt}/{TREE}", a.epochs, pid=auto.proc.pid)
         out["sidecar_auto_stats"] = {k: v for k, v in auto.stats().items() if k in ("store", "zero_message_opens", "passthrough", "requests")}
         auto.stop()
+        # And on a new mount with an empty cache: epoch 1 from the link, through the sidecar (the
+        # files' pages kept), the switch early in epoch 2.
+        auto = self.worker(Path(tempfile.mkdtemp(dir=self.work)), zero_message_opens="auto")
+        self.measured("walk", f"{auto.mnt}/{TREE}")
+        out["sidecar_auto_cold"] = run("sidecar_auto_cold", f"{auto.mnt}/{TREE}", a.epochs, pid=auto.proc.pid)
+        out["sidecar_auto_cold_stats"] = {k: v for k, v in auto.stats().items() if k in ("store", "zero_message_opens", "passthrough", "requests")}
+        auto.stop()
         out["direct"] = run("direct", TREE, 1, self.proxy.endpoint)
         # rclone's best mode for this: without --use-server-modtime its stat of an S3 object is a
         # HEAD (for the mtime in its metadata), 20,000 of them one after another in the walk.
@@ -265,6 +272,7 @@ class TrainingBench(LinkBench):
                          "epochs2+ zero-message opens/local": [s / l for s, l in zip(fps["sidecar_zero"][1:], fps["local"][1:])],
                          "restart epoch, zero-message opens/local epoch 1": fps["sidecar_zero"][0] / fps["local"][0],
                          "zero_message_opens auto, epochs (restart, 2, 3)/local's (1, 2, 3)": [s["files_per_s"] / l for s, l in zip(out["sidecar_auto"], fps["local"])],
+                         "zero_message_opens auto on an empty cache, epochs 2-3/local's": [s["files_per_s"] / l for s, l in zip(out["sidecar_auto_cold"][1:], fps["local"][1:])],
                          "alternating page-cached epochs, zero-message opens/local, per round": [p["sidecar_zero"] / p["local"] for p in alternating],
                          "alternating page-cached epochs, zero-message opens/local, median": statistics.median(p["sidecar_zero"] / p["local"] for p in alternating) if alternating else None,
                          "restart epoch (page cache dropped) sidecar/local epoch 1": out["sidecar_restart"][0]["files_per_s"] / fps["local"][0],
