@@ -29,7 +29,7 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from sidecar.cache.disk import DiskTier, block_cached, block_name, read_direct
+from sidecar.cache.disk import DiskTier, block_cached, block_name, get_resident, read_direct
 from sidecar.cache.link import LinkEstimate
 from sidecar.cache.shared import SharedBlocks, VersionId
 from sidecar.cache.memory import MemoryBudget
@@ -59,6 +59,7 @@ class CacheStats:
     shared_hits: int = 0  # blocks read from the node's shared cache (sidecar.cache.shared)
     buffers_recycled: int = 0  # blocks fetched into an evicted block's buffer (sidecar.cache.memory)
     fills: int = 0  # copies out of a memory mapping whose middle was fetched at once (sidecar.vfs.reader)
+    disk_hits_resident: int = 0  # of disk_hits, small blocks the page cache held, read without a thread hop
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -433,6 +434,13 @@ async def complete_from_disk(cache: BlockCache, ref: ObjectRef, first: int, fetc
     the others."""
     if cache.disk is None or not any(name in cache.disk for name in names):
         return list(range(len(fetches)))
+    if len(names) == 1:  # (a small file's block, on disk and in the page cache: no thread hop)
+        data = get_resident(cache.disk, names[0])
+        if data is not None and len(data) == cache._block_len(ref, first):
+            cache._complete(ref, first, fetches[0], data, None, held, from_disk=True)
+            cache.stats.disk_hits += 1
+            cache.stats.disk_hits_resident += 1
+            return []
 
     def found(i: int, data: bytes | None) -> bool:
         if data is None or len(data) != cache._block_len(ref, first + i):

@@ -647,6 +647,39 @@ class DiskTier:
         return tree_bytes(self.dir)
 
 
+def get_resident(tier: DiskTier, name: str) -> bytes | None:
+    """A checked entry of less than MAP_MIN bytes (a small file, a kept range) that the page
+    cache holds whole, read without waiting for the disk, so the event loop may call it: a
+    thread hop costs more than such a read (100-170 µs of CPU against a few µs). None where it
+    is not one (missing, larger, not all in the page cache, or not as written): the caller
+    reads it from a thread, which also counts what is wrong with it."""
+    with tier._lock:
+        if name not in tier._index or name in tier._pending:
+            return None
+        where = tier._packed.get(name)
+        crc = tier._crc.get(name)
+        size = where[2] if where else tier._index[name]
+        if crc is None or not 0 < size < MAP_MIN:
+            return None
+        tier._index.move_to_end(name)
+        path = tier._path(where[0] if where else name)
+    offset = where[1] if where else 0
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        pages = cached_pages(fd, offset, size)
+        if pages is None or pages < -(-size // PAGE):
+            return None
+        data = os.pread(fd, size, offset)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return data if len(data) == size and crc32(data) == crc else None
+
+
 def writing(tier: DiskTier) -> int:
     """Entries indexed whose bytes are still being written."""
     return len(tier._pending)

@@ -709,3 +709,50 @@ def test_an_object_whose_every_block_is_written_has_one_file_of_exactly_its_byte
     assert disk.put_blocks("st", "img", "e1", MIB, [(0, small)], len(small)) == 1
     one = whole_file(disk, "st", "img", "e1", MIB, len(small))
     assert one is not None and not os.path.basename(one).startswith("seg-") and open(one, "rb").read() == small
+
+
+def test_a_small_block_the_page_cache_holds_is_read_without_a_thread_and_others_with_one(tmp_path):
+    """A small file's block on disk whose pages the page cache holds is read on the event loop
+    (a thread hop costs more than such a read); one whose pages were dropped, or whose bytes
+    are not as written, goes to a disk thread, which counts the corrupt one and refetches it."""
+    from sidecar.cache.blocks import ObjectRef
+
+    store = MemoryStore()
+    data = random.Random(61).randbytes(40_000)
+    ref = ObjectRef("small", store.put("small", data).etag, len(data))
+    disk = DiskTier(tmp_path, limit=BS * 100)
+
+    async def main():
+        async with mounted(store, disk=disk) as fs:
+            assert await fs.cache.get(ref, 0) == data  # (its block only, as a small file read whole)
+            with trio.fail_after(10):
+                while len(disk) < 1 or disk._pending:
+                    await trio.sleep(0.01)
+            gets = store.stats.get_requests
+            hops = []
+            disk_read = fs.cache.disk_read
+            fs.cache.disk_read = lambda *a, **k: (hops.append(a[0]), disk_read(*a, **k))[1]
+
+            async def again():
+                fs.cache.memory.clear()
+                fs._handles.clear()
+                ino = await path_ino(fs, "small")
+                fh, _ = await fs.open(ino, os.O_RDONLY)
+                return bytes(await fs.read(fh, 0, len(data)))  # (a small file read whole: its block)
+
+            assert await again() == data
+            assert hops == [] and fs.cache.stats.disk_hits_resident == 1 and store.stats.get_requests == gets
+            os.sync()
+            (path,) = [p for p in tmp_path.rglob("*") if p.is_file() and data[:64] in p.read_bytes()]
+            fd = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+            assert await again() == data
+            assert len(hops) == 1 and fs.cache.stats.disk_hits_resident == 1 and store.stats.get_requests == gets
+            raw = bytearray(path.read_bytes())
+            raw[raw.find(data[:64]) + 100] ^= 1
+            path.write_bytes(bytes(raw))  # (and in the page cache now)
+            assert await again() == data
+            assert len(hops) == 2 and disk.corrupt == 1 and store.stats.get_requests == gets + 1
+
+    run(main, mock_clock=False)
