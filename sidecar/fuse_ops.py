@@ -117,10 +117,11 @@ class FuseOps(pyfuse3.Operations):
         answered ENOSYS, and none sent after it; files open at the switch read on through their
         handles (see `_reopened` for their end). Call once mounted. Returns the state, or why
         not."""
+        available = passthrough.zero_message_opens_available()
         if not self.fs.readonly:
             self.zero_message_opens = "not for a writable mount"
-        elif passthrough.zero_message_opens_available() != "yes":
-            self.zero_message_opens = passthrough.zero_message_opens_available()
+        elif available != "yes":
+            self.zero_message_opens = available
         else:
             self._reopens_left = reopens
             self.zero_message_opens = f"auto: after {reopens} files opened again"

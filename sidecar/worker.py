@@ -517,11 +517,11 @@ class MountWorker:
                 emit(Failed("mount_failed", str(exc)))
                 nursery.cancel_scope.cancel()
                 return 1
-            if cfg.mount.zero_message_opens == "auto":
-                if not self.ops.switch_after_reopens(REOPENS_TO_SWITCH).startswith("auto"):
-                    logger.warning("zero_message_opens_unavailable", reason=self.ops.zero_message_opens)
-            elif cfg.mount.zero_message_opens and self.ops.open_without_requests() != "on":
-                logger.warning("zero_message_opens_unavailable", reason=self.ops.zero_message_opens)
+            if cfg.mount.zero_message_opens:
+                auto = cfg.mount.zero_message_opens == "auto"
+                state = self.ops.switch_after_reopens(REOPENS_TO_SWITCH) if auto else self.ops.open_without_requests()
+                if state != "on" and not state.startswith("auto"):
+                    logger.warning("zero_message_opens_unavailable", reason=state)
             try:
                 nursery.start_soon(self.announce)
                 nursery.start_soon(self.control)

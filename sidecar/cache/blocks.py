@@ -59,7 +59,7 @@ class CacheStats:
     shared_hits: int = 0  # blocks read from the node's shared cache (sidecar.cache.shared)
     buffers_recycled: int = 0  # blocks fetched into an evicted block's buffer (sidecar.cache.memory)
     fills: int = 0  # copies out of a memory mapping whose middle was fetched at once (sidecar.vfs.reader)
-    disk_hits_resident: int = 0  # of disk_hits, small blocks the page cache held, read without a thread hop
+    disk_hits_resident: int = 0  # small disk entries (blocks, kept ranges) the page cache held, read without a thread hop
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -399,9 +399,12 @@ class BlockCache:
         """Entries of the disk tier (None for each missing or unreadable), in one thread hop;
         `on_each(i, entry)` is also called on the trio thread as each is read. With `buffers`
         (one per name, a `Buffer` or None), whole blocks not in the page cache are read
-        directly into them (or into new ones)."""
+        directly into them (or into new ones). A lone small entry the page cache holds is read
+        here instead: a thread hop costs more than that read."""
         if self.disk is None:
             return [None] * len(names)
+        if len(names) == 1 and (got := read_resident(self, self.disk, names[0], on_each)) is not None:
+            return got
         token = trio.lowlevel.current_trio_token()
         return await trio.to_thread.run_sync(read_entries, self, self.disk, names, on_each, token, buffers, limiter=self._disk_limiter)
 
@@ -434,13 +437,6 @@ async def complete_from_disk(cache: BlockCache, ref: ObjectRef, first: int, fetc
     the others."""
     if cache.disk is None or not any(name in cache.disk for name in names):
         return list(range(len(fetches)))
-    if len(names) == 1:  # (a small file's block, on disk and in the page cache: no thread hop)
-        data = get_resident(cache.disk, names[0])
-        if data is not None and len(data) == cache._block_len(ref, first):
-            cache._complete(ref, first, fetches[0], data, None, held, from_disk=True)
-            cache.stats.disk_hits += 1
-            cache.stats.disk_hits_resident += 1
-            return []
 
     def found(i: int, data: bytes | None) -> bool:
         if data is None or len(data) != cache._block_len(ref, first + i):
@@ -717,6 +713,19 @@ def store_on_disk(cache: BlockCache, disk: DiskTier, items: list[tuple[str, byte
         disk.put_blocks(cache.storage_id, key, etag, cache.block_size, [(mid[2], data) for mid, (_, data) in zip(pinned, items)], size)
     else:
         disk.put_many(items)
+
+
+def read_resident(cache: BlockCache, disk: DiskTier, name: str, on_each: Callable[[int, Any], Any] | None) -> list[Any] | None:
+    """`BlockCache.disk_read` of one small entry the page cache holds, on the calling thread, as
+    `read_entries` would answer it; None if it is not one."""
+    data = get_resident(disk, name)
+    if data is None:
+        return None
+    cache.stats.disk_hits_resident += 1
+    if on_each is None:
+        return [data]
+    on_each(0, data)
+    return [HANDED]
 
 
 def read_entries(cache: BlockCache, disk: DiskTier, names: list[str], on_each: Callable[[int, Any], Any] | None,

@@ -19,7 +19,7 @@ import bisect
 import time
 
 from sidecar.cache.blocks import BlockCache, ObjectRef, fetch_block_once, whole_block
-from sidecar.cache.disk import get_resident, kept_ranges, range_name, version_tag
+from sidecar.cache.disk import kept_ranges, range_name, version_tag
 
 
 MISSES_KEPT = 10_000  # object versions whose misses are counted (then the count starts again)
@@ -122,6 +122,10 @@ class ExactRanges:
             at = best[1]
         return plan
 
+    def may_cover(self, ref: ObjectRef) -> bool:
+        """Whether any range of this version is indexed (`covered` can answer only then)."""
+        return bool(self._spans_of(ref))
+
     def _spans_of(self, ref: ObjectRef) -> list[tuple[int, int]] | None:
         vid = (ref.key, ref.etag)
         spans = self._spans.get(vid)
@@ -149,9 +153,7 @@ class ExactRanges:
         name = range_name(cache.storage_id, ref.key, ref.etag, start, end)
         if name not in cache.disk:
             return None
-        data = get_resident(cache.disk, name)
-        if data is None:
-            (data,) = await cache.disk_read([name])
+        (data,) = await cache.disk_read([name])
         if data is None or len(data) != end - start:
             return None
         cache.stats.range_hits += 1

@@ -194,7 +194,8 @@ class Reader:
             return b""
         end = min(offset + size, ref.size)
         bs = self.cache.block_size
-        if self.fill is None and not all(self.cache.has(ref, i) for i in range(offset // bs, (end - 1) // bs + 1)):
+        if (self.fill is None and self.ranges.may_cover(ref)
+                and not all(self.cache.has(ref, i) for i in range(offset // bs, (end - 1) // bs + 1))):
             # What a random reader or a copy kept answers before any block is fetched or any
             # stream started (a copy under way answers from its pieces itself: it lets them go).
             kept = await self.ranges.covered(ref, offset, end)

@@ -711,10 +711,11 @@ def test_an_object_whose_every_block_is_written_has_one_file_of_exactly_its_byte
     assert one is not None and not os.path.basename(one).startswith("seg-") and open(one, "rb").read() == small
 
 
-def test_a_small_block_the_page_cache_holds_is_read_without_a_thread_and_others_with_one(tmp_path):
+def test_a_small_block_the_page_cache_holds_is_read_without_a_thread_and_others_with_one(tmp_path, monkeypatch):
     """A small file's block on disk whose pages the page cache holds is read on the event loop
     (a thread hop costs more than such a read); one whose pages were dropped, or whose bytes
     are not as written, goes to a disk thread, which counts the corrupt one and refetches it."""
+    from sidecar.cache import blocks
     from sidecar.cache.blocks import ObjectRef
 
     store = MemoryStore()
@@ -729,9 +730,9 @@ def test_a_small_block_the_page_cache_holds_is_read_without_a_thread_and_others_
                 while len(disk) < 1 or disk._pending:
                     await trio.sleep(0.01)
             gets = store.stats.get_requests
-            hops = []
-            disk_read = fs.cache.disk_read
-            fs.cache.disk_read = lambda *a, **k: (hops.append(a[0]), disk_read(*a, **k))[1]
+            hops = []  # reads in a disk thread
+            read_entries = blocks.read_entries
+            monkeypatch.setattr(blocks, "read_entries", lambda *a, **k: (hops.append(a[2]), read_entries(*a, **k))[1])
 
             async def again():
                 fs.cache.memory.clear()
