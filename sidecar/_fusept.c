@@ -25,11 +25,31 @@
  * on with its file handle and pyfuse3 drops the node id, so the custom read puts the node id,
  * marked by ZERO_OPEN_FH, in place of that 0 (READ and FSYNC, whose arguments begin with it).
  *
+ * The device reader (a C thread, on read-only mounts; STORAGE_SIDECAR_DEVICE_THREAD=0 turns it
+ * off): Python's open() asks isatty() of every file it opens, which is an IOCTL request to a FUSE
+ * server (TCGETS). Linux remembers no refusal of an ioctl, so each costs a round trip; through
+ * pyfuse3 that is a wake of the event loop per opened file, the gap between a page-cached epoch
+ * of small files and the local disk's (benchmarks/results/HISTORY.md).
+ * So the thread owns /dev/fuse: it reads every request, answers an IOCTL itself (ENOTTY, the
+ * answer libfuse gives for a server without an ioctl handler, as the kernel turns ENOSYS into
+ * it), and queues every other request, in order, for libfuse. The session's fd becomes an
+ * eventfd that counts the queued requests, so pyfuse3 waits on it as it waited on the device,
+ * and the custom read takes the next request from the queue. Replies are written to the device
+ * as before. At unmount the thread is stopped and the device closed before libfuse unmounts
+ * (libfuse closes the device first so that a synchronous unmount cannot wait on this process).
+ * Not on writable mounts: a WRITE's data would be copied once more, between the threads, which
+ * costs a writer more CPU per byte than the IOCTLs it saves (HISTORY.md).
+ *
  * Struct layouts are the kernel's ABI (include/uapi/linux/fuse.h, protocol 7.40), not libfuse's.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
 #include <pthread.h>
+#include <stdlib.h>
+#include <sys/eventfd.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/uio.h>
@@ -55,6 +75,7 @@ enum {
     OP_READ = 15,
     OP_FSYNC = 20,
     OP_INIT = 26,
+    OP_IOCTL = 39,
 };
 #define ZERO_OPEN_FH (1ull << 63)    /* a handle-less request's node id, as its file handle */
 #define INIT_EXT (1u << 30)          /* fuse_init_in/out.flags: flags2 is valid */
@@ -78,6 +99,9 @@ enum {
 #define OPEN_OUT_SIZE 16 /* fh (u64), open_flags (u32), backing_id (i32) */
 
 #define SLOTS 256
+#define MAX_PAGES 256                /* libfuse 3.14's FUSE_MAX_MAX_PAGES: its buffer's size */
+#define HEADER_ROOM 0x1000           /* libfuse's FUSE_BUFFER_HEADER_SIZE */
+#define SMALL_REQUEST 65536          /* a request up to this size is copied out of the big buffer */
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static int hooked;   /* custom I/O installed on the session */
@@ -92,18 +116,18 @@ static struct {
     int32_t backing_id;  /* 0: free */
 } registered[SLOTS];
 
-static ssize_t pt_read(int fd, void *buf, size_t len, void *userdata)
+/* What the hook needs to know of a request, read from the device: the INIT's offer, the OPENs
+ * to answer, and a handle-less READ or FSYNC's node id. */
+static void note_request(void *buf, ssize_t n)
 {
-    (void)userdata;
-    ssize_t n = read(fd, buf, len);
     if (n < (ssize_t)sizeof(struct pt_in_header))
-        return n;
+        return;
     const struct pt_in_header *in = buf;
     if (in->opcode == OP_INIT && n >= (ssize_t)(sizeof *in + 5 * sizeof(uint32_t))) {
         const uint32_t *arg = (const uint32_t *)(in + 1);
         init_unique = in->unique;
         offered = (arg[INIT_IN_FLAGS] & INIT_EXT) && (arg[INIT_IN_FLAGS2] & INIT2_PASSTHROUGH);
-    } else if (zero_open && (in->opcode == OP_READ || in->opcode == OP_FSYNC)
+    } else if (__atomic_load_n(&zero_open, __ATOMIC_ACQUIRE) && (in->opcode == OP_READ || in->opcode == OP_FSYNC)
                && n >= (ssize_t)(sizeof *in + sizeof(uint64_t))) {
         uint64_t fh;
         memcpy(&fh, (const char *)buf + sizeof *in, sizeof fh);
@@ -121,6 +145,141 @@ static ssize_t pt_read(int fd, void *buf, size_t len, void *userdata)
         }  /* (none free: this open is answered as it is, not passed through) */
         pthread_mutex_unlock(&lock);
     }
+}
+
+/* The device reader's queue (see the top). */
+struct request {
+    struct request *next;
+    char *data;
+    size_t len;
+};
+static pthread_mutex_t queue_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct request *queue_head, *queue_tail;
+static int queue_errno;        /* the device's error (ENODEV: unmounted), once the reader ended */
+static int count_fd = -1;      /* the reader's descriptor of the eventfd libfuse holds (and may close) */
+static int stop_fd = -1;       /* an eventfd: stop reading */
+static pthread_t reader;
+static int reading;            /* the reader thread runs */
+static int reader_wanted = 1;  /* sidecar_pt_device_reader */
+static uint64_t ioctls;        /* IOCTL requests the reader answered */
+static size_t device_buffer;
+
+static void answer(uint64_t unique, int error)
+{
+    struct pt_out_header out = {.len = sizeof out, .error = -error, .unique = unique};
+    if (write(dev_fd, &out, sizeof out) < 0) {
+        /* the request was interrupted (ENOENT) or the connection ended: nothing waits for it */
+    }
+}
+
+static void enqueue(struct request *r)
+{
+    pthread_mutex_lock(&queue_lock);
+    if (queue_tail)
+        queue_tail->next = r;
+    else
+        queue_head = r;
+    queue_tail = r;
+    pthread_mutex_unlock(&queue_lock);
+    uint64_t one = 1;
+    if (write(count_fd, &one, sizeof one) < 0) {
+        /* an eventfd's counter cannot overflow at one request each */
+    }
+}
+
+static void *read_device(void *unused)
+{
+    (void)unused;
+    char *buf = malloc(device_buffer);
+    struct pollfd fds[2] = {{.fd = dev_fd, .events = POLLIN}, {.fd = stop_fd, .events = POLLIN}};
+    int error = buf ? 0 : ENOMEM;
+    while (!error) {
+        if (poll(fds, 2, -1) < 0) {
+            if (errno != EINTR)
+                error = errno;
+            continue;
+        }
+        if (fds[1].revents)
+            break;
+        ssize_t n = read(dev_fd, buf, device_buffer);
+        if (n < 0) {
+            /* EAGAIN: nothing after all; ENOENT: interrupted before it was read */
+            if (errno != EAGAIN && errno != EINTR && errno != ENOENT)
+                error = errno;
+            continue;
+        }
+        const struct pt_in_header *in = (const void *)buf;
+        if (n >= (ssize_t)sizeof *in && in->opcode == OP_IOCTL) {
+            answer(in->unique, ENOTTY);
+            __atomic_add_fetch(&ioctls, 1, __ATOMIC_RELAXED);
+            continue;
+        }
+        note_request(buf, n);
+        struct request *r = malloc(sizeof *r);
+        if (!r) {
+            error = ENOMEM;
+            continue;
+        }
+        r->next = NULL;
+        r->len = (size_t)n;
+        if (n <= SMALL_REQUEST) {
+            r->data = malloc(n ? (size_t)n : 1);
+            if (r->data)
+                memcpy(r->data, buf, (size_t)n);
+        } else {  /* a big one (a WRITE): its buffer is handed on, not copied */
+            r->data = buf;
+            buf = malloc(device_buffer);
+            error = buf ? 0 : ENOMEM;
+        }
+        if (!r->data) {
+            free(r);
+            error = ENOMEM;
+            continue;
+        }
+        enqueue(r);
+    }
+    free(buf);
+    pthread_mutex_lock(&queue_lock);
+    queue_errno = error ? error : ENODEV;
+    pthread_mutex_unlock(&queue_lock);
+    uint64_t many = UINT64_MAX / 2;  /* readable for good: every later read gets the error */
+    if (write(count_fd, &many, sizeof many) < 0) {
+        /* nothing to do */
+    }
+    return NULL;
+}
+
+static ssize_t pt_read(int fd, void *buf, size_t len, void *userdata)
+{
+    (void)userdata;
+    if (!reading) {
+        ssize_t n = read(fd, buf, len);
+        note_request(buf, n);
+        return n;
+    }
+    uint64_t count;
+    if (read(fd, &count, sizeof count) < 0)
+        return -1;
+    pthread_mutex_lock(&queue_lock);
+    struct request *r = queue_head;
+    if (r) {
+        queue_head = r->next;
+        if (!queue_head)
+            queue_tail = NULL;
+    }
+    int error = queue_errno;
+    pthread_mutex_unlock(&queue_lock);
+    if (!r) {
+        errno = error ? error : EAGAIN;
+        return -1;
+    }
+    ssize_t n = (ssize_t)r->len;
+    if (r->len <= len)
+        memcpy(buf, r->data, r->len);
+    else
+        n = -1, errno = EIO;  /* (libfuse's buffer is the size of the reader's) */
+    free(r->data);
+    free(r);
     return n;
 }
 
@@ -134,6 +293,7 @@ static ssize_t send_patched(int fd, const struct iovec *iov, void *arg, size_t s
 static ssize_t pt_writev(int fd, struct iovec *iov, int count, void *userdata)
 {
     (void)userdata;
+    fd = dev_fd;  /* (libfuse's session fd may be the reader's eventfd) */
     if (count < 1 || iov[0].iov_len < sizeof(struct pt_out_header))
         return writev(fd, iov, count);
     const struct pt_out_header *out = iov[0].iov_base;
@@ -182,26 +342,128 @@ static ssize_t pt_writev(int fd, struct iovec *iov, int count, void *userdata)
     return send_patched(fd, iov, arg, OPEN_OUT_SIZE);
 }
 
+/* Installs the custom I/O on `se`, with the device reader if it is wanted and starts (else
+ * libfuse reads the device through pt_read). 0 on success. */
+static int hook_session(struct fuse_session *se)
+{
+    const struct fuse_custom_io io = {.read = pt_read, .writev = pt_writev};
+    const char *env = getenv("STORAGE_SIDECAR_DEVICE_THREAD");
+    if (!reader_wanted || (env && strcmp(env, "0") == 0))
+        return fuse_session_custom_io(se, &io, dev_fd);
+    int queued = eventfd(0, EFD_CLOEXEC | EFD_SEMAPHORE);
+    int counter = queued < 0 ? -1 : fcntl(queued, F_DUPFD_CLOEXEC, 0);
+    int stop = eventfd(0, EFD_CLOEXEC);
+    int flags = fcntl(dev_fd, F_GETFL);
+    int res = -1;
+    if (queued >= 0 && counter >= 0 && stop >= 0 && flags >= 0 && fcntl(dev_fd, F_SETFL, flags | O_NONBLOCK) == 0) {
+        device_buffer = (size_t)MAX_PAGES * (size_t)getpagesize() + HEADER_ROOM;
+        count_fd = counter, stop_fd = stop;
+        reading = 1;  /* before libfuse may read through pt_read */
+        if (fuse_session_custom_io(se, &io, queued) == 0) {
+            if (pthread_create(&reader, NULL, read_device, NULL) == 0)
+                return 0;
+            res = fuse_session_custom_io(se, &io, dev_fd);  /* (libfuse does not close the eventfd) */
+        }
+        reading = 0;
+        count_fd = stop_fd = -1;
+        fcntl(dev_fd, F_SETFL, flags);
+    }
+    if (queued >= 0)
+        close(queued);
+    if (counter >= 0)
+        close(counter);
+    if (stop >= 0)
+        close(stop);
+    return res == 0 ? 0 : fuse_session_custom_io(se, &io, dev_fd);
+}
+
+/* Stops the device reader and closes the device, which ends the connection (requests still
+ * queued are never answered: the kernel fails them). */
+static void stop_reader(void)
+{
+    if (!reading)
+        return;
+    uint64_t one = 1;
+    if (write(stop_fd, &one, sizeof one) < 0) {
+        /* an eventfd accepts it */
+    }
+    pthread_join(reader, NULL);
+    reading = 0;
+    close(stop_fd);
+    close(count_fd);
+    stop_fd = count_fd = -1;
+    close(dev_fd);
+    dev_fd = -1;
+    pthread_mutex_lock(&queue_lock);
+    struct request *left = queue_head;
+    queue_head = queue_tail = NULL;
+    pthread_mutex_unlock(&queue_lock);
+    while (left) {
+        struct request *r = left;
+        left = r->next;
+        free(r->data);
+        free(r);
+    }
+}
+
+static void *libfuse_symbol(const char *name)
+{
+    void *libfuse = dlopen("libfuse3.so.3", RTLD_NOLOAD | RTLD_LAZY);
+    return libfuse ? dlsym(libfuse, name) : NULL;
+}
+
 int fuse_session_mount(struct fuse_session *se, const char *mountpoint)
 {
     static int (*libfuse_mount)(struct fuse_session *, const char *);
-    if (!libfuse_mount) {
-        void *libfuse = dlopen("libfuse3.so.3", RTLD_NOLOAD | RTLD_LAZY);
-        if (libfuse)
-            libfuse_mount = (int (*)(struct fuse_session *, const char *))dlsym(libfuse, "fuse_session_mount");
-        if (!libfuse_mount)
-            return -1;
-    }
+    if (!libfuse_mount)
+        libfuse_mount = (int (*)(struct fuse_session *, const char *))libfuse_symbol("fuse_session_mount");
+    if (!libfuse_mount)
+        return -1;
     int res = libfuse_mount(se, mountpoint);
     if (res == 0) {
-        const struct fuse_custom_io io = {.read = pt_read, .writev = pt_writev};
-        int fd = fuse_session_fd(se);
-        if (fuse_session_custom_io(se, &io, fd) == 0) {
-            dev_fd = fd;
+        dev_fd = fuse_session_fd(se);
+        if (hook_session(se) == 0)
             hooked = 1;
-        }
     }
     return res;
+}
+
+void fuse_session_unmount(struct fuse_session *se)
+{
+    static void (*libfuse_unmount)(struct fuse_session *);
+    if (!libfuse_unmount)
+        libfuse_unmount = (void (*)(struct fuse_session *))libfuse_symbol("fuse_session_unmount");
+    stop_reader();
+    if (libfuse_unmount)
+        libfuse_unmount(se);
+}
+
+void fuse_session_destroy(struct fuse_session *se)
+{
+    static void (*libfuse_destroy)(struct fuse_session *);
+    if (!libfuse_destroy)
+        libfuse_destroy = (void (*)(struct fuse_session *))libfuse_symbol("fuse_session_destroy");
+    stop_reader();
+    if (libfuse_destroy)
+        libfuse_destroy(se);
+}
+
+/* Whether the next mount runs the device reader (see the top): called before it. */
+void sidecar_pt_device_reader(int wanted)
+{
+    reader_wanted = wanted;
+}
+
+/* IOCTL requests the device reader answered. */
+uint64_t sidecar_pt_ioctls(void)
+{
+    return __atomic_load_n(&ioctls, __ATOMIC_RELAXED);
+}
+
+/* Whether the device reader runs. */
+int sidecar_pt_reading(void)
+{
+    return reading;
 }
 
 /* bit 0: custom I/O installed; bit 1: the kernel offered passthrough; bit 2: it was asked for;
@@ -215,7 +477,7 @@ int sidecar_pt_state(void)
  * to be set before the server first answers an OPEN with ENOSYS. */
 void sidecar_pt_zero_open(void)
 {
-    zero_open = 1;
+    __atomic_store_n(&zero_open, 1, __ATOMIC_RELEASE);
 }
 
 int sidecar_pt_fd(void)

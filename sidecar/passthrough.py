@@ -74,6 +74,7 @@ def load() -> bool:
     lib.sidecar_pt_register.argtypes = [ctypes.c_uint64, ctypes.c_int32]
     lib.sidecar_pt_unregister.argtypes = [ctypes.c_uint64]
     lib.sidecar_pt_pending.argtypes = [ctypes.c_uint64]
+    lib.sidecar_pt_ioctls.restype = ctypes.c_uint64
     _lib = lib
     return True
 
@@ -121,6 +122,23 @@ def open_backing(path: str, size: int) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+def device_reader(wanted: bool) -> None:
+    """Whether the next mount's hook reads the device in its own thread and refuses IOCTLs there
+    (see `_fusept.c`): for read-only mounts, not writable ones, whose WRITEs it would copy once
+    more. Call before pyfuse3.init."""
+    if _lib is not None:
+        _lib.sidecar_pt_device_reader(int(wanted))
+
+
+def answered_in_hook() -> dict[str, int]:
+    """FUSE requests the hook's device reader answered without this process's event loop, by
+    operation (IOCTL: the isatty() of Python's open()); empty when none."""
+    if _lib is None:
+        return {}
+    ioctls = int(_lib.sidecar_pt_ioctls())
+    return {"ioctl": ioctls} if ioctls else {}
 
 
 def zero_message_opens_available() -> str:

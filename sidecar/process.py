@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator
 
 import trio
 
-from sidecar import log
+from sidecar import log, passthrough  # (passthrough: before pyfuse3 is loaded; see there)
 from sidecar.mounthelper import request_fuse_fd
 from sidecar.mounttable import safe_mountpoint
 from sidecar.protocol import Command, Event, ProtocolError, decode_command
@@ -106,6 +106,7 @@ def fuse_init(ops: Any, mountpath: str, opts: set[str], helper: str | None, *, n
     Returns the helper connection to keep open (the mount lives as long as it does)."""
     import pyfuse3
 
+    passthrough.device_reader(readonly)
     if not helper:
         pyfuse3.init(ops, mountpath, opts)
         return None
