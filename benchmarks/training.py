@@ -254,6 +254,7 @@ class TrainingBench(LinkBench):
         out["sidecar_auto_cold"] = run("sidecar_auto_cold", f"{auto.mnt}/{TREE}", a.epochs, pid=auto.proc.pid)
         out["sidecar_auto_cold_stats"] = {k: v for k, v in auto.stats().items() if k in ("store", "zero_message_opens", "passthrough", "requests")}
         auto.stop()
+        out["sidecar_prefetch"] = self.prefetched_epoch(names, expected[0])
         out["direct"] = run("direct", TREE, 1, self.proxy.endpoint)
         # rclone's best mode for this: without --use-server-modtime its stat of an S3 object is a
         # HEAD (for the mtime in its metadata), 20,000 of them one after another in the walk.
@@ -265,6 +266,8 @@ class TrainingBench(LinkBench):
         fps = {k: [r["files_per_s"] for r in out[k]] for k in ("local", "pyfuse3_floor", "sidecar", "sidecar_zero", "direct", "rclone_full")}
         out["ratios"] = {"epoch1 sidecar/direct": fps["sidecar"][0] / fps["direct"][0],
                          "epoch1 sidecar/rclone_full": fps["sidecar"][0] / fps["rclone_full"][0],
+                         "epoch1 with the tree prefetched/rclone_full": out["sidecar_prefetch"]["files_per_s"] / fps["rclone_full"][0],
+                         "epoch1 with the tree prefetched/direct": out["sidecar_prefetch"]["files_per_s"] / fps["direct"][0],
                          "epochs2+ sidecar/local": [s / l for s, l in zip(fps["sidecar"][1:], fps["local"][1:])],
                          "epochs2+ rclone_full/local": [s / l for s, l in zip(fps["rclone_full"][1:], fps["local"][1:])],
                          "epochs2+ pyfuse3_floor/local": [s / l for s, l in zip(fps["pyfuse3_floor"][1:], fps["local"][1:])],
@@ -278,6 +281,29 @@ class TrainingBench(LinkBench):
                          "restart epoch (page cache dropped) sidecar/local epoch 1": out["sidecar_restart"][0]["files_per_s"] / fps["local"][0],
                          "restart epoch, the worker's way/local epoch 1": out["sidecar_restart_worker"][0]["files_per_s"] / fps["local"][0]}
         self.results["epochs"] = out
+
+    def prefetched_epoch(self, names: list[str], digest: str) -> dict[str, Any]:
+        """Epoch 1 on a new mount with an empty cache whose manifest prefetches the tree
+        (`prefetch: [train]`): the prefetch runs from the mount on, beside the walk and the
+        readers. Its files/s, the requests of the walk, the epoch and after it, and seconds from
+        the mount until the whole tree was in the disk cache."""
+        self.proxy.reset_counts()
+        mounted = time.monotonic()
+        w = self.worker(Path(tempfile.mkdtemp(dir=self.work)), prefetch=[TREE])
+        walk = run_child("walk", f"{w.mnt}/{TREE}")
+        during_walk = self.requests()
+        r = self.measured("epoch", f"{w.mnt}/{TREE}", names, 1000, self.args.workers, "")
+        if r["digest"] != digest:
+            raise AssertionError("prefetched epoch 1: other bytes than the local files")
+        print(f"  sidecar_prefetch epoch 1: {r['files_per_s']:.0f} files/s {r['requests']}", flush=True)
+        self.proxy.reset_counts()
+        deadline = time.monotonic() + 1800
+        while (st := w.stats())["prefetch"]["state"] not in ("done", "failed") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        r.update(walk_s=walk["seconds"], prefetch=st["prefetch"], prefetch_done_s=time.monotonic() - mounted,
+                 requests_during_walk=during_walk, requests_after_epoch=self.requests())
+        w.stop()
+        return r
 
     def listing(self) -> None:
         """The walk on a new mount against a direct paginated LIST, alternating, 2 rounds each,

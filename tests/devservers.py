@@ -300,10 +300,15 @@ class WorkerProcess:
             raise RuntimeError(f"worker did not mount: {event}; log: {Path(cfg['log']).read_text()[-3000:]}")
 
     def ask(self, command):
-        """Sends a sidecar.protocol command; the worker's answer (one JSON line, as a dict)."""
+        """Sends a sidecar.protocol command; the worker's answer (one JSON line, as a dict). Other
+        events before it are skipped, as the daemon does (the answer to a prefetch the
+        configuration started, which nobody asked for)."""
         self.proc.stdin.write(command.encode())
         self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
+        while True:
+            event = json.loads(self.proc.stdout.readline() or b'{"event": "exited"}')
+            if command.answer is None or event.get("event") in (command.answer, "exited"):
+                return event
 
     def stats(self):
         return self.ask(protocol.Stats())

@@ -121,6 +121,8 @@ class LinkProxy:
         self.errors_injected = 0
         self.responses: list[Response] = []  # every response body forwarded, in order
         self.requests: list[tuple[str, str, str]] = []  # (kind, target, Range) of every request, in order
+        self.in_flight: Counter[str] = Counter()  # requests of each kind between their head and their response's end
+        self.max_in_flight: Counter[str] = Counter()  # the most of each kind in flight at once since the last reset
         self._lock = threading.Lock()
         self._rng = random.Random(0)
         self._conns: set[socket.socket] = set()
@@ -140,7 +142,7 @@ class LinkProxy:
 
     def set(self, **settings: Any) -> None:
         for name, value in settings.items():
-            if not hasattr(self, name) or name.startswith("_") or name in ("counts", "continues", "upstream", "port", "requests"):
+            if not hasattr(self, name) or name.startswith("_") or name in ("counts", "continues", "upstream", "port", "requests", "in_flight", "max_in_flight"):
                 raise AttributeError(f"no proxy setting {name!r}")
             setattr(self, name, value)
         with self._unstalled:
@@ -149,6 +151,7 @@ class LinkProxy:
     def reset_counts(self) -> None:
         with self._lock:
             self.counts.clear()
+            self.max_in_flight = Counter(+self.in_flight)
             self.bytes_up = self.bytes_down = self.resets = self.errors_injected = self.continues = 0
             self.responses = []
             self.requests = []
@@ -235,56 +238,62 @@ class LinkProxy:
                     self.counts[kind] += 1
                     self.requests.append((kind, target, fields.get("range", "")))
                     self.continues += fields.get("expect", "").lower() == "100-continue"
-                if self.stall or kind in self.stall_kinds:
-                    self._wait_unstalled(kind)
-                    raise _Closed()  # a stalled request never gets an answer
-                # A new upstream connection per request: the local servers (werkzeug for moto)
-                # may close a connection after any response, and the client's keep-alive is
-                # what the link emulation is about.
-                if upstream is not None:
-                    self._track(upstream, False)
-                    upstream.close()
-                upstream = socket.create_connection(self.upstream)
-                upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self._track(upstream, True)
-                ureader = _Reader(upstream)
-                if fields.get("expect", "").lower() == "100-continue":
-                    # Answered here, after the link's first-byte delay (it is a round trip on a
-                    # real link too), and the header dropped: the server needs no 100 round trip.
-                    head = b"\r\n".join(h for h in head.split(b"\r\n") if not h.lower().startswith(b"expect:"))
+                    self.in_flight[kind] += 1
+                    self.max_in_flight[kind] = max(self.max_in_flight[kind], self.in_flight[kind])
+                try:
+                    if self.stall or kind in self.stall_kinds:
+                        self._wait_unstalled(kind)
+                        raise _Closed()  # a stalled request never gets an answer
+                    # A new upstream connection per request: the local servers (werkzeug for moto)
+                    # may close a connection after any response, and the client's keep-alive is
+                    # what the link emulation is about.
+                    if upstream is not None:
+                        self._track(upstream, False)
+                        upstream.close()
+                    upstream = socket.create_connection(self.upstream)
+                    upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    self._track(upstream, True)
+                    ureader = _Reader(upstream)
+                    if fields.get("expect", "").lower() == "100-continue":
+                        # Answered here, after the link's first-byte delay (it is a round trip on a
+                        # real link too), and the header dropped: the server needs no 100 round trip.
+                        head = b"\r\n".join(h for h in head.split(b"\r\n") if not h.lower().startswith(b"expect:"))
+                        if self.first_byte_delay:
+                            time.sleep(self.first_byte_delay)
+                        client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    started, sent = time.monotonic(), [0]
+                    upstream.sendall(head)
+                    self._pipe_body(creader, upstream, fields, started, sent, up=True)
+                    rhead = ureader.head()
+                    status_line, rfields = _headers(rhead)
                     if self.first_byte_delay:
                         time.sleep(self.first_byte_delay)
-                    client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-                started, sent = time.monotonic(), [0]
-                upstream.sendall(head)
-                self._pipe_body(creader, upstream, fields, started, sent, up=True)
-                rhead = ureader.head()
-                status_line, rfields = _headers(rhead)
-                if self.first_byte_delay:
-                    time.sleep(self.first_byte_delay)
-                if self.stall:
-                    self._wait_unstalled()
-                    raise _Closed()
-                with self._lock:
-                    inject = self.errors_next > 0
-                    self.errors_next -= inject
-                if inject or (self.error_fraction and self._rng.random() < self.error_fraction):
-                    self._drain_response(ureader, method, status_line, rfields)
-                    body = b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
-                    client.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                    if self.stall:
+                        self._wait_unstalled()
+                        raise _Closed()
                     with self._lock:
-                        self.errors_injected += 1
-                    continue
-                cut = self.reset_fraction and self._rng.random() < self.reset_fraction
-                client.sendall(rhead)
-                started, sent = time.monotonic(), [0]
-                response = Response(kind, fields.get("range", ""))
-                with self._lock:
-                    self.responses.append(response)
-                self._pipe_body(ureader, client, rfields, started, sent, up=False, method=method, status_line=status_line, cut=bool(cut),
-                                response=response)
-                if rfields.get("connection", "").lower() == "close":
-                    break
+                        inject = self.errors_next > 0
+                        self.errors_next -= inject
+                    if inject or (self.error_fraction and self._rng.random() < self.error_fraction):
+                        self._drain_response(ureader, method, status_line, rfields)
+                        body = b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                        client.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                        with self._lock:
+                            self.errors_injected += 1
+                        continue
+                    cut = self.reset_fraction and self._rng.random() < self.reset_fraction
+                    client.sendall(rhead)
+                    started, sent = time.monotonic(), [0]
+                    response = Response(kind, fields.get("range", ""))
+                    with self._lock:
+                        self.responses.append(response)
+                    self._pipe_body(ureader, client, rfields, started, sent, up=False, method=method, status_line=status_line, cut=bool(cut),
+                                    response=response)
+                    if rfields.get("connection", "").lower() == "close":
+                        break
+                finally:
+                    with self._lock:
+                        self.in_flight[kind] -= 1
         except (_Closed, OSError):
             pass
         finally:

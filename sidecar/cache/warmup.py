@@ -5,9 +5,11 @@
 sizes added; a plan larger than the disk cache's effective limit is refused with both sizes in
 the message (a prefetch that evicts itself would only cost traffic). The plan's listings are
 handed to the file system, so later lookups of the prefetched names need no LIST while fresh.
-Then the objects are read block by block through the block cache (PARALLEL_FILES at once, each
-with parallel ranged GETs, the memory budget honoured), which writes each block to the disk
-tier. Reads of prefetched data then come from disk: random readers too, since a read whose
+Then the objects are read block by block through the block cache, which writes each block to the
+disk tier: files larger than a block PARALLEL_FILES at once, each with parallel ranged GETs (the
+memory budget honoured); files of one block, one GET each, at up to three quarters of the mount's
+fetch limit at once (a small file's GET waits a round trip for few bytes, so only many at once
+fill the link; the last quarter stays free for the readers of the mount). Reads of prefetched data then come from disk: random readers too, since a read whose
 blocks are all on disk is served from them instead of a ranged GET.
 Progress (files and bytes done of total, errors) is in the worker's stats and so in `status`.
 """
@@ -15,7 +17,7 @@ Progress (files and bytes done of total, errors) is in the worker's stats and so
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterator
 
 import trio
 
@@ -28,6 +30,11 @@ log = get_logger(__name__)
 
 MAX_OBJECTS = 1_000_000
 PARALLEL_FILES = 4  # files fetched at once (each with its parallel ranged GETs, within the memory budget)
+
+
+def small_parallel(max_fetches: int) -> int:
+    """Files of one block fetched at once: three quarters of the mount's fetch limit."""
+    return max(1, max_fetches * 3 // 4)
 
 
 class PrefetchRefused(Exception):
@@ -52,11 +59,15 @@ class PrefetchProgress:
 
 class Prefetcher:
     def __init__(self, store: ObjectStore, cache: BlockCache, root_prefix: str,
-                 adopt: Callable[[str, Listing], Awaitable[Any]] | None = None) -> None:
+                 adopt: Callable[[str, Listing], Awaitable[Any]] | None = None,
+                 held_whole: Callable[[ObjectRef], bool] | None = None) -> None:
         self.store = store
         self.cache = cache
         self.root = root_prefix.strip("/")
         self.adopt = adopt  # hands each listing to the file system: reads of the data then need no LIST either
+        # Whether a small file is kept whole already: a reader of the mount may have read it
+        # first, as an exact range the block cache does not know (Filesystem.held_whole).
+        self.held_whole = held_whole
         self.progress = PrefetchProgress()
 
     def _key(self, path: str) -> str:
@@ -130,21 +141,27 @@ class Prefetcher:
 
     async def _fetch_all(self, objects: list[ObjectInfo]) -> None:
         p = self.progress
-        gate = trio.CapacityLimiter(PARALLEL_FILES)
+        small = iter([o for o in objects if o.size <= self.cache.block_size])
+        large = iter([o for o in objects if o.size > self.cache.block_size])
 
-        async def one(info: ObjectInfo) -> None:
-            async with gate:
+        async def fetcher(todo: Iterator[ObjectInfo]) -> None:
+            for info in todo:  # (the fetchers of a kind share one iterator: each object once)
                 await self._one(info)
                 p.files_done += 1
 
         async with trio.open_nursery() as nursery:
-            for info in objects:
-                nursery.start_soon(one, info)
+            for _ in range(small_parallel(self.cache.max_fetches)):
+                nursery.start_soon(fetcher, small)
+            for _ in range(PARALLEL_FILES):
+                nursery.start_soon(fetcher, large)
         p.state, p.finished = "done", trio.current_time()
         log.info("prefetch_done", files=p.files_done, bytes=p.bytes_done, errors=len(p.errors))
 
     async def _one(self, info: ObjectInfo) -> None:
         ref = ObjectRef(info.key, info.etag, info.size)
+        if info.size <= self.cache.block_size and self.held_whole is not None and self.held_whole(ref):
+            self.progress.bytes_done += info.size
+            return
         window = self.cache.fetch_blocks * 4
         try:
             for lo in range(0, self.cache.blocks_of(ref), window):

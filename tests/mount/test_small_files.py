@@ -293,6 +293,63 @@ def test_prefetch_warms_the_disk_cache_then_reads_make_no_request(s3, proxied, m
     assert not refused["ok"] and str(answer["bytes"]) in refused["reason"] and str(16 * 1024 * 1024) in refused["reason"]
 
 
+def test_a_prefetch_of_small_files_keeps_most_of_the_fetch_limit_in_flight(s3, proxied, mount_worker, tmp_path):
+    """Files of one block are prefetched many at once (a GET of one waits a round trip for few
+    bytes): with a first-byte delay that makes the GETs overlap, three quarters of the mount's
+    fetch limit are in flight at once, never more (the rest stays free for the mount's readers),
+    each file fetched once; a reader of one of them then makes no request."""
+    from sidecar.cache.warmup import PARALLEL_FILES, small_parallel
+
+    proxy, bucket = proxied
+    files = {f"small/{i:03d}.bin": os.urandom(4096 + i) for i in range(60)}
+    _put_many(s3, bucket, files)
+    w = mount_worker(bucket, options={"endpoint_url": proxy.endpoint}, ttl=300.0, cache_dir=str(tmp_path / "cache"), max_fetches=16)
+    proxy.set(first_byte_delay=0.2)
+    proxy.reset_counts()
+    answer = w.prefetch("small")
+    assert answer["ok"] and answer["files"] == 60
+    deadline = time.monotonic() + 60
+    while (st := w.stats())["prefetch"]["state"] != "done" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert st["prefetch"]["files_done"] == 60 and not st["prefetch"]["errors"], st["prefetch"]
+    assert proxy.counts["GET"] == 60, dict(proxy.counts)
+    # (the proxy sees a response end a little after the worker does, which may start the next
+    # GET meanwhile: one more may seem in flight; the whole fetch limit, 16, may not)
+    assert small_parallel(16) == 12 > PARALLEL_FILES
+    assert 12 <= proxy.max_in_flight["GET"] < 16, dict(proxy.max_in_flight)
+    proxy.reset_counts()
+    with open(f"{w.mnt}/small/042.bin", "rb") as f:
+        assert f.read() == files["small/042.bin"]
+    assert sum(proxy.counts.values()) == 0, dict(proxy.counts)
+
+
+def test_a_prefetch_skips_the_small_files_a_reader_read_before(s3, proxied, mount_worker, tmp_path):
+    """A small file read whole in one request is kept as the reader's exact range, which the
+    block cache does not know: a prefetch of its folder afterwards fetches only the others, and
+    every file is then read with no request."""
+    proxy, bucket = proxied
+    files = {f"few/{i:02d}.bin": os.urandom(8192 + i) for i in range(30)}
+    _put_many(s3, bucket, files)
+    w = mount_worker(bucket, options={"endpoint_url": proxy.endpoint}, ttl=300.0, cache_dir=str(tmp_path / "cache"))
+    read_first = sorted(files, reverse=True)[::3]  # (not in name order: that is a folder walk, read ahead as blocks)
+    for key in read_first:
+        with open(f"{w.mnt}/{key}", "rb") as f:
+            assert f.read() == files[key]
+    assert w.stats()["cache"]["direct_reads"] == len(read_first) == 10  # (exact ranges, not blocks)
+    proxy.reset_counts()
+    assert w.prefetch("few")["ok"]
+    deadline = time.monotonic() + 60
+    while (st := w.stats())["prefetch"]["state"] != "done" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert st["prefetch"]["bytes_done"] == sum(map(len, files.values())), st["prefetch"]
+    assert proxy.counts["GET"] == 20, dict(proxy.counts)
+    proxy.reset_counts()
+    for key, data in files.items():
+        with open(f"{w.mnt}/{key}", "rb") as f:
+            assert f.read() == data
+    assert sum(proxy.counts.values()) == 0, dict(proxy.counts)
+
+
 def _copy_worker(mount_worker, proxy, bucket, tmp_path, name, **cfg):
     return mount_worker(bucket, options={"endpoint_url": proxy.endpoint}, mode="copy", name=name,
                         mountpath=str(tmp_path / "copied"), readonly=False, **cfg)
