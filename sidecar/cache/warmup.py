@@ -29,6 +29,7 @@ from sidecar.store.base import Listing, ObjectInfo, ObjectStore
 log = get_logger(__name__)
 
 MAX_OBJECTS = 1_000_000
+PARALLEL_LISTS = 8  # folders listed at once by a plan
 PARALLEL_FILES = 4  # files fetched at once (each with its parallel ranged GETs, within the memory budget)
 
 
@@ -106,15 +107,35 @@ class Prefetcher:
                     raise PrefetchRefused(f"{path}: no such file or folder in the storage")
                 folder = key
             else:  # a folder (the root when no path was given): walked
-                todo = [folder]
-                while todo:
-                    listing = await listing_of(todo.pop())
-                    for info in listing.files:
-                        found[info.key] = info
-                    todo += listing.dirs
-                    if len(found) > MAX_OBJECTS:
-                        raise PrefetchRefused(f"more than {MAX_OBJECTS} objects")
+                await self._walk(folder, listing_of, found)
         return sorted(found.values(), key=lambda i: i.key)
+
+    async def _walk(self, top: str, listing_of: Callable[[str], Awaitable[Listing]], found: dict[str, ObjectInfo]) -> None:
+        """Every object below `top` into `found`, PARALLEL_LISTS folders listed at once (one
+        after another, a tree of 100 folders took as many round trips before the first fetch).
+        The first error stops the walk and is raised."""
+        gate = trio.CapacityLimiter(PARALLEL_LISTS)
+        errors: list[Exception] = []
+
+        async def walk(folder: str, nursery: trio.Nursery) -> None:
+            try:
+                async with gate:
+                    listing = await listing_of(folder)
+                for info in listing.files:
+                    found[info.key] = info
+                if len(found) > MAX_OBJECTS:
+                    raise PrefetchRefused(f"more than {MAX_OBJECTS} objects")
+            except (PrefetchRefused, SidecarError) as exc:
+                errors.append(exc)
+                nursery.cancel_scope.cancel()
+                return
+            for sub in listing.dirs:
+                nursery.start_soon(walk, sub, nursery)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(walk, top, nursery)
+        if errors:
+            raise errors[0]
 
     async def start(self, paths: list[str], nursery: trio.Nursery) -> PrefetchProgress:
         """Plans now (PrefetchRefused when it cannot be done), then fetches in `nursery`."""

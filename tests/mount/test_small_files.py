@@ -295,13 +295,14 @@ def test_prefetch_warms_the_disk_cache_then_reads_make_no_request(s3, proxied, m
 
 def test_a_prefetch_of_small_files_keeps_most_of_the_fetch_limit_in_flight(s3, proxied, mount_worker, tmp_path):
     """Files of one block are prefetched many at once (a GET of one waits a round trip for few
-    bytes): with a first-byte delay that makes the GETs overlap, three quarters of the mount's
-    fetch limit are in flight at once, never more (the rest stays free for the mount's readers),
-    each file fetched once; a reader of one of them then makes no request."""
-    from sidecar.cache.warmup import PARALLEL_FILES, small_parallel
+    bytes): with a first-byte delay that makes the requests overlap, three quarters of the
+    mount's fetch limit are in flight at once, not the whole (the rest stays free for the mount's
+    readers), each file fetched once; the plan lists 8 folders at once, each once; a reader of
+    one of the files then makes no request."""
+    from sidecar.cache.warmup import PARALLEL_FILES, PARALLEL_LISTS, small_parallel
 
     proxy, bucket = proxied
-    files = {f"small/{i:03d}.bin": os.urandom(4096 + i) for i in range(60)}
+    files = {f"small/{i % 12:02d}/{i:03d}.bin": os.urandom(4096 + i) for i in range(60)}
     _put_many(s3, bucket, files)
     w = mount_worker(bucket, options={"endpoint_url": proxy.endpoint}, ttl=300.0, cache_dir=str(tmp_path / "cache"), max_fetches=16)
     proxy.set(first_byte_delay=0.2)
@@ -312,14 +313,15 @@ def test_a_prefetch_of_small_files_keeps_most_of_the_fetch_limit_in_flight(s3, p
     while (st := w.stats())["prefetch"]["state"] != "done" and time.monotonic() < deadline:
         time.sleep(0.1)
     assert st["prefetch"]["files_done"] == 60 and not st["prefetch"]["errors"], st["prefetch"]
-    assert proxy.counts["GET"] == 60, dict(proxy.counts)
+    assert proxy.counts["GET"] == 60 and proxy.counts["LIST"] == 2 + 12, dict(proxy.counts)  # (the root, small/, its 12 folders)
     # (the proxy sees a response end a little after the worker does, which may start the next
-    # GET meanwhile: one more may seem in flight; the whole fetch limit, 16, may not)
+    # request meanwhile: one more may seem in flight; the whole fetch limit, 16, may not)
     assert small_parallel(16) == 12 > PARALLEL_FILES
     assert 12 <= proxy.max_in_flight["GET"] < 16, dict(proxy.max_in_flight)
+    assert PARALLEL_LISTS == 8 <= proxy.max_in_flight["LIST"] <= 9, dict(proxy.max_in_flight)
     proxy.reset_counts()
-    with open(f"{w.mnt}/small/042.bin", "rb") as f:
-        assert f.read() == files["small/042.bin"]
+    with open(f"{w.mnt}/small/06/042.bin", "rb") as f:
+        assert f.read() == files["small/06/042.bin"]
     assert sum(proxy.counts.values()) == 0, dict(proxy.counts)
 
 
