@@ -510,7 +510,8 @@ def test_a_copy_out_of_a_mapped_file_fetches_about_what_it_reads(s3_bucket, moun
     # and what the kernel read past its end: 3.97 MiB in all here. A stream past the end fetched
     # whole blocks (4.47 MiB); followed by a stream instead of the fill, whole blocks around
     # both ends came again.
-    assert fetched - sum(end - start for start, end in copies) <= 4 * MiB + MiB // 8
+    # (the message: what was fetched how, for a failure seen once in a full run and never alone)
+    assert fetched - sum(end - start for start, end in copies) <= 4 * MiB + MiB // 8, (fetched, w.stats()["cache"], w.stats()["store"])
 
 
 def test_a_worker_stopped_right_after_a_read_keeps_every_block_it_fetched(s3_bucket, mount_worker, tmp_path):
