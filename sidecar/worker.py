@@ -340,7 +340,7 @@ class MountWorker:
             await self.fs.adopt_listing(self.fs.root_prefix, checked_listing)
         self.ops = FuseOps(self.fs, mount_name=cfg.name, passthrough_wanted=cfg.mount.passthrough)
         self.prefetcher = Prefetcher(self.store, self.cache, self.url.key_prefix(cfg.mount.source_path), adopt=self.fs.adopt_listing,
-                                     held_whole=self.fs.held_whole)
+                                     ranges=self.fs.ranges)
 
     async def _open_shared(self, directory: str, limit: int) -> None:
         """The node's shared cache; one that cannot be opened (a folder this user may not write,

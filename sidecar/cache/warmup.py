@@ -22,6 +22,7 @@ from typing import Any, Awaitable, Callable, Iterator
 import trio
 
 from sidecar.cache.blocks import BlockCache, ObjectRef
+from sidecar.cache.ranges import ExactRanges
 from sidecar.errors import SidecarError
 from sidecar.log import get_logger
 from sidecar.store.base import Listing, ObjectInfo, ObjectStore
@@ -61,14 +62,15 @@ class PrefetchProgress:
 class Prefetcher:
     def __init__(self, store: ObjectStore, cache: BlockCache, root_prefix: str,
                  adopt: Callable[[str, Listing], Awaitable[Any]] | None = None,
-                 held_whole: Callable[[ObjectRef], bool] | None = None) -> None:
+                 ranges: ExactRanges | None = None) -> None:
         self.store = store
         self.cache = cache
         self.root = root_prefix.strip("/")
         self.adopt = adopt  # hands each listing to the file system: reads of the data then need no LIST either
-        # Whether a small file is kept whole already: a reader of the mount may have read it
-        # first, as an exact range the block cache does not know (Filesystem.held_whole).
-        self.held_whole = held_whole
+        # The mount's kept ranges: a reader may have read a small file whole first, kept as its
+        # exact range, which the block cache does not know (a block it holds or is fetching,
+        # `cache.get` finds or joins).
+        self.ranges = ranges
         self.progress = PrefetchProgress()
 
     def _key(self, path: str) -> str:
@@ -180,7 +182,7 @@ class Prefetcher:
 
     async def _one(self, info: ObjectInfo) -> None:
         ref = ObjectRef(info.key, info.etag, info.size)
-        if info.size <= self.cache.block_size and self.held_whole is not None and self.held_whole(ref):
+        if info.size <= self.cache.block_size and self.ranges is not None and self.ranges.holds(ref, 0, info.size):
             self.progress.bytes_done += info.size
             return
         window = self.cache.fetch_blocks * 4

@@ -179,15 +179,10 @@ class Filesystem(Mutations):
             if info is None or not 0 < info.size <= self.cache.block_size or (self.staging and info.key in self.staging.by_key):
                 continue
             ref = ObjectRef(info.key, info.etag, info.size)
-            if self.held_whole(ref):
-                continue
+            if self.ranges.holds(ref, 0, info.size) or self.cache.has(ref, 0):
+                continue  # kept whole already, as a block or as a random reader's exact range
             if not self.cache.prefetch(ref, range(1)):
                 break  # no room in the memory budget: the reader fetches its own
-
-    def held_whole(self, ref: ObjectRef) -> bool:
-        """Whether a file of at most a block is kept whole already (or on its way): as its block,
-        or as a random reader's exact range (a small file read whole in one request)."""
-        return self.ranges.holds(ref, 0, ref.size) or self.cache.has(ref, 0)
 
     def _changed_remotely(self, node: Node) -> None:
         """A read found `node`'s version gone: the next lookup makes a new inode for the key."""
