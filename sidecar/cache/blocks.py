@@ -617,6 +617,11 @@ async def fetch_block_once(cache: BlockCache, ref: ObjectRef, index: int, fetch:
     return data, stored == 1
 
 
+def fetching(cache: BlockCache, ref: ObjectRef, index: int) -> BlockFetch | None:
+    """The fetch of block `index` under way (from the backend or the disk), if any."""
+    return cache._inflight.get((ref.key, ref.etag, index))
+
+
 def on_disk(cache: BlockCache, ref: ObjectRef, index: int) -> bool:
     """Block `index` of `ref` is in the disk tier (whether or not also in memory or being read
     from there)."""

@@ -144,6 +144,12 @@ class MemoryBudget:
                 self.unwritten[mid] = left
         self._wake()  # they can be evicted now: a fetch waiting for room may go on
 
+    def could_reserve(self, n: int, share: float = 1.0) -> bool:
+        """Whether `n` more bytes fit within `share` of the budget besides what cannot be evicted
+        (reservations, and entries pinned until their disk write)."""
+        pinned = sum(len(self.entries.get(mid, b"")) for mid in self.unwritten)
+        return self.reserved + pinned + n <= self.limit * share
+
     def try_reserve(self, n: int) -> bool:
         if self.evict_for(n):
             self.reserved += n

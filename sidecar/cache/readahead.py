@@ -11,15 +11,28 @@ Window size, in blocks:
 - a reader that started at offset 0 and reads in kernel-sized requests (a stream: `cat`, `cp`,
   `read_csv`) gets INITIAL_STREAM blocks at once, doubling per block it enters, up to
   `max_blocks`, so the link's parallel ranged GETs are used from the start; but until the run
-  has read EARLY_RUN blocks, no more than twice what it has read: the kernel sends the pieces of
-  one large read together (a DuckDB column chunk that starts at offset 4, read in one call), and
-  doubling per piece opened a window of 128 blocks for a run of eight;
+  has read EARLY_RUN blocks, no more than twice what it has read while none of its reads has been
+  answered: the kernel sends the pieces of one large read together (a DuckDB column chunk that
+  starts at offset 4, read in one call), and doubling per piece opened a window of 128 blocks for
+  a run of eight. A read that comes after one of its run was answered was sent by a reader
+  consuming the stream (`cat`, `cp`: the kernel's next read-ahead), and the window doubles on
+  from there: capped until EARLY_RUN blocks, a cold 256 MiB read spent a third of its time
+  ramping up;
 - any other sequential run (a column chunk of a Parquet file, an HDF5 dataset) gets a window
   proportional to what it has read so far (an eighth of it, at least one block), so what is
   fetched beyond the end of the run stays a fraction of the run itself.
 
-Blocks are requested in batches: only when what is requested ahead of the reader falls to half
-the window is it topped up.
+Blocks are requested a GET at a time (`step` blocks, the cache's fetch size): when what is
+requested ahead of the reader falls a GET short of the window (or to half a small window), it is
+topped up. Topped up at half the window, a stream's GETs started in waves of eight, ended
+together, and between the waves half as many were in flight.
+
+A stream whose window is open all the way is *pumped* as well: each of its GETs that ends starts
+the next (`top_up`, sidecar.vfs.reader), whether or not the reader has read what it brought, as
+long as fewer than a window's blocks are in flight and what is requested stays within PUMP_AHEAD
+windows of the reader. A reader reads its GETs in order; GETs that ended before the one it waits
+for no longer leave their connections idle until it has read them, as a direct client with as
+many connections would not.
 
 A copy out of a memory mapping (a tensor of a safetensors file, a numpy memmap slice) faults in
 its first page, then its last (a large memcpy moves both ends before the middle), then walks
@@ -57,6 +70,7 @@ PROPORTION = 8  # a run that did not start at 0 reads ahead 1/PROPORTION of what
 EARLY_RUN = 16  # blocks a stream reads before its window may exceed twice what it read
 FOLLOW_MAX = 32 * 1024 * 1024  # bytes of a run followed by one stream before parallel GETs take over
 KERNEL_WINDOW = KERNEL_READAHEAD_KB * 1024  # bytes: the kernel read-ahead a mount gets unless it is configured
+PUMP_AHEAD = 2  # windows a stream's GETs may reach ahead of its reader when they end before it reads them
 COPY_GAP = FOLLOW_MAX  # bytes between a copy's two ends fetched at once, at most
 
 
@@ -71,8 +85,9 @@ class Copy(NamedTuple):
 
 
 class ReadAhead:
-    def __init__(self, block_size: int, max_blocks: int = 8, kernel_window: int = KERNEL_WINDOW) -> None:
+    def __init__(self, block_size: int, max_blocks: int = 8, kernel_window: int = KERNEL_WINDOW, step: int = 1) -> None:
         self.block_size = block_size
+        self.step = step
         self.max_blocks = max(1, max_blocks)
         self.kernel_window = kernel_window  # bytes the kernel reads ahead on this mount
         self.window = 0
@@ -82,7 +97,9 @@ class ReadAhead:
         self._run_start = 0  # offset where the current sequential run began
         self._run_bytes = 0  # bytes read in it
         self._stream = False  # the run began at offset 0 with kernel-sized reads
+        self._answered = False  # a read of the current run has been answered
         self._block = -1
+        self._last = -1  # the last block of the last read
         self._requested_end = 0  # first block index not yet requested ahead of the reader
         self._exact = False  # the last read began exactly where a recent one ended
         self.copy: Copy | None = None  # the middle of a copy the last read belongs to
@@ -91,6 +108,36 @@ class ReadAhead:
     def requested_end(self) -> int:
         """The first block not yet requested ahead of the reader."""
         return self._requested_end
+
+    def answered(self, offset: int) -> None:
+        """The read at `offset` was answered: reads of its run that come after it were sent by a
+        reader that is consuming the stream, not by the kernel splitting one large read."""
+        if offset >= self._run_start:
+            self._answered = True
+
+    @property
+    def position(self) -> int:
+        """The block after the last one read."""
+        return self._last + 1
+
+    @property
+    def pumping(self) -> bool:
+        """A stream whose window is open all the way: each of its GETs that ends starts the next
+        (`top_up`), whether or not the reader has read what it brought."""
+        return self._stream and self.window >= self.max_blocks > 1
+
+    def top_up(self, in_flight: int) -> range:
+        """Blocks to request now that GETs of a pumping stream ended and `in_flight` of the blocks
+        requested ahead of the reader are still on their way: a GET's worth at a time while fewer
+        than a window minus one GET are, up to PUMP_AHEAD windows ahead of the reader."""
+        if not self.pumping:
+            return range(0)
+        start = stop = self._requested_end
+        limit = self._last + 1 + PUMP_AHEAD * self.window
+        while in_flight + (stop - start) <= self.window - self.step and stop + self.step <= limit:
+            stop += self.step
+        self._requested_end = stop
+        return range(start, stop)
 
     @property
     def following(self) -> bool:
@@ -167,6 +214,7 @@ class ReadAhead:
             self._streak = 0 if self._ends or offset != 0 else 1
             self._run_start, self._run_bytes = offset, size
             self._stream = offset == 0 and size >= STREAM_REQUEST
+            self._answered = False
             self.window = 0
             self._requested_end = 0
         self._starts.append(offset)
@@ -178,16 +226,16 @@ class ReadAhead:
                 elif block != self._block:
                     self.window = min(self.window * 2, self.max_blocks)
                 read_blocks = self._run_bytes // self.block_size
-                if read_blocks < EARLY_RUN:
+                if read_blocks < EARLY_RUN and not self._answered:
                     self.window = min(self.window, max(INITIAL_STREAM, 2 * read_blocks))
             else:
                 proportional = self._run_bytes // (PROPORTION * self.block_size)
                 self.window = min(max(1, proportional), self.max_blocks)
-        self._block = block
+        self._block, self._last = block, last
         if self.window == 0:
             return range(0)
         self._requested_end = max(self._requested_end, last + 1)
-        if self._requested_end - (last + 1) > self.window // 2:
+        if self._requested_end - (last + 1) > max(self.window - self.step, self.window // 2):
             return range(0)
         target = last + 1 + self.window
         todo = range(self._requested_end, target)

@@ -9,7 +9,9 @@ before any of these, by the file system):
 - **followed**: a sequential run that did not start at offset 0 is read through the block cache
   with one streamed GET behind it (`Streams.follow`), never read ahead by the window;
 - **window**: any other read goes through the block cache: the blocks it needs first, then the
-  read-ahead window (`ReadAhead`), as parallel ranged GETs.
+  read-ahead window (`ReadAhead`), as parallel ranged GETs; a stream's window, once open all the
+  way, is pumped: each GET's end starts the next (`ReadAhead.top_up`), within PUMP_SHARE of the
+  memory budget besides what cannot be evicted.
 - **fill**: a copy out of a memory mapping (`ReadAhead.copy`: the kernel read around its first
   and its last page, and the reader walks on from the first) gets the bytes between the two
   fetched at once, as parallel exact ranges of at most a block (`Fill`), each kept like a random
@@ -35,7 +37,7 @@ from enum import Enum
 
 import trio
 
-from sidecar.cache.blocks import BlockCache, ObjectRef, on_disk
+from sidecar.cache.blocks import BlockCache, BlockFetch, ObjectRef, fetching, on_disk
 from sidecar.cache.ranges import ExactRanges
 from sidecar.cache.readahead import KERNEL_WINDOW, ReadAhead
 from sidecar.cache.streams import FOLLOWS_PER_HANDLE, FollowedStream, Streams
@@ -43,6 +45,7 @@ from sidecar.cache.streams import FOLLOWS_PER_HANDLE, FollowedStream, Streams
 
 WHOLE_AFTER = 8  # exact misses in one object version before a small file is fetched whole
 WHOLE_MAX = 256 << 20  # bytes: larger files are never fetched whole for a random reader
+PUMP_SHARE = 0.75  # of the memory budget a stream's pump may fill with what cannot be evicted
 DISK_WINDOW = 64  # blocks read ahead of a reader whose next blocks are on the local disk
 
 
@@ -105,7 +108,7 @@ class Reader:
         self.cache = cache
         self.ranges = ranges
         self.streams = streams  # None: the store cannot stream a gated body
-        self.readahead = ReadAhead(cache.block_size, max_readahead_blocks, kernel_window)
+        self.readahead = ReadAhead(cache.block_size, max_readahead_blocks, kernel_window, cache.fetch_blocks)
         self.max_readahead_blocks = max_readahead_blocks
         self.followed: list[FollowedStream] = []  # streamed GETs following this reader's runs
         # The last ranges read exactly (a stream may continue one; several, since one reader may
@@ -115,6 +118,7 @@ class Reader:
         self.whole_limit = min(WHOLE_MAX, cache.memory.limit // 2)
         self.fill: Fill | None = None  # the middle of the copy being read, if any
         self.past_copy = -1  # where the last copy's far end, as the kernel read it, ends
+        self.closed = False
 
     def strategy(self, offset: int, end: int) -> tuple[Strategy, range]:
         """Records the read [offset, end) and picks its strategy; with WINDOW, the blocks to read
@@ -209,7 +213,9 @@ class Reader:
             assert self.fill is not None
             data = await self.fill.read(offset, end)
             return data if data is not None else await self.ranges.read(ref, offset, end)
-        return await self._blocks(offset, end, ahead)
+        data = await self._blocks(offset, end, ahead)
+        self.readahead.answered(offset)
+        return data
 
     async def _blocks(self, offset: int, end: int, ahead: range) -> bytes:
         """Through the block cache: the blocks this read needs are started first, then the
@@ -220,6 +226,8 @@ class Reader:
         cache.prefetch(ref, range(first, last + 1), readahead=False)
         if ahead:
             cache.prefetch(ref, ahead)
+            if self.readahead.pumping and self.readahead.max_blocks == self.max_readahead_blocks:
+                self._pump(ahead)
         if first == last:
             block = await cache.get(ref, first)
             base = first * bs
@@ -232,6 +240,33 @@ class Reader:
             parts.append(memoryview(block)[max(offset - base, 0) : min(end - base, len(block))])
         return b"".join(parts)
 
+    def _pump(self, ahead: range) -> None:
+        """Watches the end of each GET's worth of `ahead` (a stream's window, just requested):
+        when one ends, the next GETs start at once (`ReadAhead.top_up`), as a direct client with
+        so many connections would, rather than when the reader has read past it. GETs started
+        together end together, and the reader reads them in order: topped up only as it read, the
+        window's GETs ran in waves, fewer in flight between them."""
+        step = self.cache.fetch_blocks
+        for index in range(min(ahead.start + step, ahead.stop) - 1, ahead.stop, step):
+            fetch = fetching(self.cache, self.ref, index)
+            if fetch is not None:
+                self.cache.spawn(self._ended, fetch)
+
+    async def _ended(self, fetch: BlockFetch) -> None:
+        await fetch.done.wait()
+        ra = self.readahead
+        if self.closed or fetch.error is not None or ra.max_blocks != self.max_readahead_blocks:
+            return
+        in_flight = sum(fetching(self.cache, self.ref, i) is not None for i in range(ra.position, ra.requested_end))
+        # Never at the expense of what the budget must hold (other readers' fetches, blocks
+        # waiting for their disk write): a GET whose room is not there would be split.
+        room = self.cache.memory.could_reserve(self.cache.fetch_blocks * self.cache.block_size, PUMP_SHARE)
+        more = ra.top_up(in_flight) if room else range(0)
+        if more:
+            self.cache.prefetch(self.ref, more)
+            self._pump(more)
+
     def close(self) -> None:
+        self.closed = True
         for stream in self.followed:
             stream.close()

@@ -287,3 +287,59 @@ def test_other_readers_are_not_copies():
     for i in range(20):
         ra.on_read(400 * MiB + i * MiB, MiB)
         assert ra.copy is None
+
+
+def test_a_full_window_is_topped_up_a_get_at_a_time():
+    """A stream whose window is open all the way asks for one more GET's worth (`step` blocks) each
+    time the reader has read one: topped up only at half the window, its GETs started in waves of
+    eight and ended together, and fewer were in flight between the waves."""
+    ra = ReadAhead(MiB, max_blocks=128, step=8)
+    for i in range(EARLY_RUN + 4):
+        ra.on_read(i * MiB, MiB)
+        ra.answered(i * MiB)
+    assert ra.window == 128
+    top_ups = [ra.on_read(i * MiB, MiB) for i in range(EARLY_RUN + 4, EARLY_RUN + 4 + 64)]
+    sizes = [len(r) for r in top_ups if r]
+    assert sizes and set(sizes) == {8}, sizes
+    assert len(sizes) == 8  # one per GET's worth read
+
+
+def test_a_stream_answered_before_it_goes_on_opens_its_window_without_the_early_cap():
+    """The early cap is for one large read the kernel split: its requests all arrive before any is
+    answered. A reader that goes on reading after its first blocks were answered (`cat`, `cp`) is
+    consuming a stream, and its window doubles per block from there: open all the way after a
+    few blocks, rather than after EARLY_RUN."""
+    split = ReadAhead(MiB, max_blocks=128)
+    for i in range(6):
+        split.on_read(i * MiB, MiB)
+    assert split.window <= 12
+    stream = ReadAhead(MiB, max_blocks=128)
+    stream.on_read(0, MiB)
+    stream.on_read(MiB, MiB)
+    stream.answered(0)
+    for i in range(2, 7):
+        stream.on_read(i * MiB, MiB)
+    assert stream.window == 128
+
+
+def test_a_pumping_stream_keeps_a_window_in_flight_up_to_two_windows_ahead():
+    """`top_up` (called as a stream's GETs end): GET-sized steps while fewer than a window minus
+    one GET are in flight, never past PUMP_AHEAD windows ahead of the reader; nothing for a
+    reader that is not a stream with its window open."""
+    from sidecar.cache.readahead import PUMP_AHEAD
+
+    random_reader = ReadAhead(MiB, max_blocks=16, step=4)
+    random_reader.on_read(40 * MiB, 4 * KiB)
+    assert not random_reader.pumping and random_reader.top_up(0) == range(0)
+    ra = ReadAhead(MiB, max_blocks=16, step=4)
+    for i in range(8):
+        ra.on_read(i * MiB, MiB)
+        ra.answered(i * MiB)
+    assert ra.pumping and ra.position == 8
+    end = ra.requested_end
+    assert ra.top_up(16) == range(0)  # a window in flight: nothing more
+    assert ra.top_up(10) == range(end, end + 4)  # room for one GET
+    assert ra.top_up(0) == range(end + 4, end + 16)  # all ended: three more GETs
+    while ra.top_up(0):  # the reader reads nothing meanwhile: it stops two windows ahead of it
+        pass
+    assert ra.requested_end <= ra.position + PUMP_AHEAD * 16 and ra.requested_end > ra.position + PUMP_AHEAD * 16 - 4

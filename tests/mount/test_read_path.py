@@ -535,3 +535,29 @@ def test_a_worker_stopped_right_after_a_read_keeps_every_block_it_fetched(s3_buc
             assert sha(f.read()) == sha(data)
         assert w.stats()["store"]["get_requests"] == gets, attempt
         w.stop()
+
+
+def test_a_streams_next_gets_start_as_its_gets_end_not_as_its_reader_reads(s3, proxied, mount_worker):
+    """Issue 34: a direct client with N connections starts a GET as soon as one ends; a stream's
+    window that was topped up only as its reader read ran its GETs in waves. A reader reads the
+    first 8 MiB of a file from offset 0, then holds it open and reads nothing: the GETs of its
+    window (16 MiB, 4 MiB GETs) that end start the next ones, up to two windows ahead of it
+    (without that, the requests stop one window ahead). The rest reads right, one GET per 4 MiB."""
+    proxy, bucket = proxied
+    data = random.Random(61).randbytes(64 * MiB)
+    s3.client().put_object(Bucket=bucket, Key="stream.bin", Body=data)
+    w = mount_worker(bucket, options={"endpoint_url": proxy.endpoint}, readahead=16 * MiB, fetch_size=4 * MiB, memory_limit=128 * MiB,
+                     kernel_readahead_kb=1024, ttl=30.0)
+
+    def furthest() -> int:
+        ends = [int(r.split("-")[1]) + 1 for kind, target, r in proxy.requests if kind == "GET" and target.endswith("/stream.bin") and "-" in r]
+        return max(ends, default=0)
+
+    with open(os.path.join(w.mnt, "stream.bin"), "rb", buffering=0) as f:
+        for i in range(8):
+            assert f.read(MiB) == data[i * MiB : (i + 1) * MiB]
+        # The reader is at most at 10 MiB (the kernel reads 1 MiB ahead): one window is 26 MiB.
+        wait_for(lambda: furthest() >= 34 * MiB, timeout=20, what=f"GETs 1.5 windows ahead (furthest {furthest() / MiB:.0f} MiB)")
+        assert f.read() == data[8 * MiB :]
+    gets = [r for kind, target, r in proxy.requests if kind == "GET" and target.endswith("/stream.bin")]
+    assert len(gets) <= 64 // 4 + 6, gets
