@@ -32,6 +32,7 @@ import trio
 from sidecar.cache.disk import DiskTier, block_cached, block_name, get_resident, read_direct
 from sidecar.cache.link import LinkEstimate
 from sidecar.cache.shared import SharedBlocks, VersionId
+from sidecar.cache.slots import FetchSlots, ticket
 from sidecar.cache.memory import MemoryBudget
 from sidecar.log import get_logger
 from sidecar.store.base import ObjectStore
@@ -71,6 +72,7 @@ class BlockFetch:
     data: bytes | None = None
     error: BaseException | None = None
     buffer: Any = None  # a recycled one to fill with the block (MemoryBudget.reserve_block)
+    ticket: int = field(default_factory=ticket)  # its place in the queue for a fetch slot (sidecar.cache.slots)
 
 
 DISK_THREADS = 4  # disk reads and writes at once
@@ -112,7 +114,7 @@ class BlockCache:
         # Object stores scale by connections: a run of blocks is fetched as several ranged GETs
         # of `fetch_size` in flight at once, at most `max_fetches` per mount.
         self.fetch_blocks = max(1, fetch_size // block_size)
-        self.fetch_limiter = trio.CapacityLimiter(max_fetches)
+        self.fetch_limiter = FetchSlots(max_fetches)
         self.max_fetches = max_fetches
         # Blocks a reader waits for are fetched in parts of what one connection brings in a
         # round trip instead (sidecar.cache.link): several short GETs beat one long one.
@@ -530,7 +532,7 @@ async def get_run(cache: BlockCache, ref: ObjectRef, first: int, fetches: list[B
 
     # (taken here: the stream fills them on the store's thread, and `fetches` may change meanwhile)
     extra = {"buffers": handing_out([f.buffer for f in fetches[lo : hi + 1]])} if cache.fills_buffers else {}
-    async with cache.fetch_limiter:
+    async with cache.fetch_limiter.slot(fetches[lo].ticket):
         timing.append(time.monotonic())
         await cache.store.get_blocks(ref.key, start, end, ref.etag, cache.block_size, on_block, object_size=ref.size, **extra)
     if len(timing) >= 2:

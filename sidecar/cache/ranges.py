@@ -60,7 +60,7 @@ class ExactRanges:
         kept = await self.cached(ref, start, end)
         if kept is not None:
             return kept
-        async with self.cache.fetch_limiter:
+        async with self.cache.fetch_limiter.slot():
             data = await self._request(ref, start, end)
         self.keep(ref, start, data)
         return data
