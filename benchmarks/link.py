@@ -257,7 +257,9 @@ class LinkBench:
         passed: dict[str, list[int]] = {}
         gib = size / (1 << 30)
 
-        def sidecar(cache: Path, row: str, drop: bool = False, **cfg) -> None:
+        def sidecar(cache: Path, row: str, drop: bool = False, drop_first: bool = False, **cfg) -> None:
+            if drop_first:  # (before the worker starts: a drop after it evicts its own code too)
+                drop_page_cache()
             w = self.worker(cache, **cfg)
             if drop:
                 drop_page_cache()
@@ -286,7 +288,7 @@ class LinkBench:
             # Each cold read starts from a dropped page cache: on this virtual machine, writes into
             # memory the guest had never used cost the disk cache's writer threads four times
             # the CPU (2.7 against 0.6 CPU-s per GiB), a cost a node's long-used memory does not have.
-            sidecar(cache, "sidecar_cold", drop=True)
+            sidecar(cache, "sidecar_cold", drop_first=True)
             os.sync()  # (the cold read's disk-cache writes, still going out, would compete with the warm read)
             variants = (("", {}), ("_worker", {"passthrough": False}))
             for suffix, cfg in variants[:: 1 if i % 2 else -1]:
@@ -305,8 +307,8 @@ class LinkBench:
             direct = self.direct_best("seq.bin", size)
             rows["direct"].append(direct["MBps"])
             cpu["direct"].append(direct["cpu_s_per_GiB"])
-            proc, mnt = self.rclone_mount()
             drop_page_cache()
+            proc, mnt = self.rclone_mount()
             c0 = cpu_seconds(proc.pid)
             n, secs = read_through(f"{mnt}/seq.bin")
             cpu["rclone"].append((cpu_seconds(proc.pid) - c0) / gib)
