@@ -343,3 +343,43 @@ def test_a_pumping_stream_keeps_a_window_in_flight_up_to_two_windows_ahead():
     while ra.top_up(0):  # the reader reads nothing meanwhile: it stops two windows ahead of it
         pass
     assert ra.requested_end <= ra.position + PUMP_AHEAD * 16 and ra.requested_end > ra.position + PUMP_AHEAD * 16 - 4
+
+
+def test_a_closed_readers_gets_that_end_start_no_others():
+    """The pump lives as long as its reader: GETs of a stream's window that end after its file
+    was closed start nothing more."""
+    from sidecar.cache.blocks import BlockCache, ObjectRef
+    from sidecar.cache.ranges import ExactRanges
+    from sidecar.vfs.reader import Reader
+
+    release, started = trio.Event(), []
+
+    class Held(MemoryStore):
+        async def get_blocks(self, key, start, end, *args, **kwargs):
+            started.append(start // BS)
+            if start >= 8 * BS:  # the window's far GETs stay in flight until the file is closed
+                await release.wait()
+            await super().get_blocks(key, start, end, *args, **kwargs)
+
+    store = Held()
+    data = random.Random(12).randbytes(BS * 64)
+    info = store.put("f", data)
+
+    async def main():
+        cache = BlockCache(store, block_size=BS, memory_limit=BS * 64, fetch_size=2 * BS)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            reader = Reader(ObjectRef("f", info.etag, len(data)), cache, ExactRanges(cache), None, max_readahead_blocks=8)
+            for i in range(4):
+                assert bytes(await reader.read(i * BS, BS)) == data[i * BS : (i + 1) * BS]
+            assert reader.readahead.pumping
+            await trio.sleep(1)  # (the mock clock's: the runs merged for COALESCE_S are started)
+            before = len(started)
+            assert max(started) >= 8  # a held GET is in flight
+            reader.close()
+            release.set()
+            await trio.sleep(1)
+            assert len(started) == before, started[before:]
+            nursery.cancel_scope.cancel()
+
+    run(main)
