@@ -31,9 +31,9 @@ import trio
 
 from sidecar.cache.disk import DiskTier, block_cached, block_name, get_resident, read_direct
 from sidecar.cache.link import LinkEstimate
+from sidecar.cache.memory import MemoryBudget
 from sidecar.cache.shared import SharedBlocks, VersionId
 from sidecar.cache.slots import FetchSlots, ticket
-from sidecar.cache.memory import MemoryBudget
 from sidecar.log import get_logger
 from sidecar.store.base import ObjectStore
 

@@ -99,7 +99,6 @@ class ReadAhead:
         self._stream = False  # the run began at offset 0 with kernel-sized reads
         self._answered = False  # a read of the current run has been answered
         self._block = -1
-        self._last = -1  # the last block of the last read
         self._requested_end = 0  # first block index not yet requested ahead of the reader
         self._exact = False  # the last read began exactly where a recent one ended
         self.copy: Copy | None = None  # the middle of a copy the last read belongs to
@@ -118,7 +117,7 @@ class ReadAhead:
     @property
     def position(self) -> int:
         """The block after the last one read."""
-        return self._last + 1
+        return (self._ends[-1] - 1) // self.block_size + 1 if self._ends else 0
 
     @property
     def pumping(self) -> bool:
@@ -133,7 +132,7 @@ class ReadAhead:
         if not self.pumping:
             return range(0)
         start = stop = self._requested_end
-        limit = self._last + 1 + PUMP_AHEAD * self.window
+        limit = self.position + PUMP_AHEAD * self.window
         while in_flight + (stop - start) <= self.window - self.step and stop + self.step <= limit:
             stop += self.step
         self._requested_end = stop
@@ -231,7 +230,7 @@ class ReadAhead:
             else:
                 proportional = self._run_bytes // (PROPORTION * self.block_size)
                 self.window = min(max(1, proportional), self.max_blocks)
-        self._block, self._last = block, last
+        self._block = block
         if self.window == 0:
             return range(0)
         self._requested_end = max(self._requested_end, last + 1)

@@ -226,7 +226,7 @@ class Reader:
         cache.prefetch(ref, range(first, last + 1), readahead=False)
         if ahead:
             cache.prefetch(ref, ahead)
-            if self.readahead.pumping and self.readahead.max_blocks == self.max_readahead_blocks:
+            if self._pumped():
                 self._pump(ahead)
         if first == last:
             block = await cache.get(ref, first)
@@ -239,6 +239,10 @@ class Reader:
             base = index * bs
             parts.append(memoryview(block)[max(offset - base, 0) : min(end - base, len(block))])
         return b"".join(parts)
+
+    def _pumped(self) -> bool:
+        """A stream open all the way on the link's window (not the disk's, DISK_WINDOW)."""
+        return self.readahead.pumping and self.readahead.max_blocks == self.max_readahead_blocks
 
     def _pump(self, ahead: range) -> None:
         """Watches the end of each GET's worth of `ahead` (a stream's window, just requested):
@@ -254,9 +258,9 @@ class Reader:
 
     async def _ended(self, fetch: BlockFetch) -> None:
         await fetch.done.wait()
-        ra = self.readahead
-        if self.closed or fetch.error is not None or ra.max_blocks != self.max_readahead_blocks:
+        if self.closed or fetch.error is not None or not self._pumped():
             return
+        ra = self.readahead
         in_flight = sum(fetching(self.cache, self.ref, i) is not None for i in range(ra.position, ra.requested_end))
         # Never at the expense of what the budget must hold (other readers' fetches, blocks
         # waiting for their disk write): a GET whose room is not there would be split.
