@@ -102,6 +102,7 @@ class FuseOps(pyfuse3.Operations):
         structlog.contextvars.bind_contextvars(mount=mount_name)
         self.errors = Counts()  # FUSE requests answered with an error, by reason
         self.requests = Counts()  # FUSE requests served, by operation
+        self.bytes_read = 0  # answered to the kernel's reads (not those passed through): bytes_fetched / this is the read amplification
         # Files the kernel reads from the disk cache itself (see sidecar.passthrough).
         self.open_files = passthrough.OpenFiles(fs.cached_file) if passthrough_wanted and passthrough.wanted() else None
         self.zero_message_opens = "off"  # "on": see `open_without_requests`, "auto: ...", else why not
@@ -251,7 +252,9 @@ class FuseOps(pyfuse3.Operations):
 
     @_translated
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await self.fs.read(fh, off, size)
+        data = await self.fs.read(fh, off, size)
+        self.bytes_read += len(data)
+        return data
 
     @_translated
     async def release(self, fh: int) -> None:

@@ -22,6 +22,8 @@ class _DaemonCollector:
         cache = CounterMetricFamily("storage_sidecar_cache_lookups", "Block cache lookups by outcome", labels=["mount", "outcome"])
         backend = CounterMetricFamily("storage_sidecar_backend_requests", "Requests to the backend by kind", labels=["mount", "kind"])
         fetched = CounterMetricFamily("storage_sidecar_backend_bytes_fetched", "Bytes read from the backend", labels=["mount"])
+        served = CounterMetricFamily("storage_sidecar_fuse_bytes_read", "Bytes answered to the kernel's reads (not those passed through to the disk cache)",
+                                     labels=["mount"])
         errors = CounterMetricFamily("storage_sidecar_fuse_errors", "FUSE requests answered with an error, by reason", labels=["mount", "reason"])
         disk = GaugeMetricFamily("storage_sidecar_disk_cache_bytes", "Bytes in the disk cache", labels=["mount"])
         latency = CounterMetricFamily("storage_sidecar_backend_seconds", "Time spent in backend calls", labels=["mount"])
@@ -49,6 +51,7 @@ class _DaemonCollector:
             latency.add_metric([m.name], b.get("latency_sum_s", 0.0))
             calls.add_metric([m.name], b.get("calls", 0))
             fetched.add_metric([m.name], b.get("bytes_fetched", 0))
+            served.add_metric([m.name], st.get("bytes_read", 0))
             for reason, n in (st.get("errors") or {}).items():
                 errors.add_metric([m.name, reason], n)
             disk.add_metric([m.name], (st.get("disk") or {}).get("used", 0))
@@ -59,7 +62,7 @@ class _DaemonCollector:
                     shared.add_metric([m.name, outcome], sh.get(key, 0))
                 shared_served.add_metric([m.name], sh.get("bytes_served", 0))
                 shared_size.add_metric([m.name], sh.get("size", 0))
-        yield from (state, restarts, cache, backend, fetched, errors, latency, calls, disk, memory, shared, shared_served, shared_size)
+        yield from (state, restarts, cache, backend, fetched, served, errors, latency, calls, disk, memory, shared, shared_served, shared_size)
 
 
 def render(daemon: Any) -> str:

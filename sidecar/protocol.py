@@ -137,6 +137,7 @@ class WorkerStats(TypedDict, total=False):
     shared: dict[str, int] | None  # the node's shared cache: SharedBlocks.as_dict(); None without one
     errors: dict[str, int]  # FUSE requests answered with an error, by reason
     requests: dict[str, int]  # FUSE requests served, by operation
+    bytes_read: int  # bytes answered to the kernel's reads (FUSE READ; reads passed through are the kernel's own)
     passthrough: dict[str, Any] | None  # OpenFiles.as_dict(): state, opens, open, served; None when off
     zero_message_opens: dict[str, Any] | None  # state ("on", "auto: ..." or why not), readers; None unless asked for
     inodes: int

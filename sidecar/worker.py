@@ -401,6 +401,7 @@ class MountWorker:
             "shared": self.cache.shared.as_dict() if self.cache.shared is not None else ({"unusable": self.shared_problem} if self.shared_problem else None),
             "errors": dict(self.ops.errors),
             "requests": {**self.ops.requests, **passthrough.answered_in_hook()},
+            "bytes_read": self.ops.bytes_read,
             "passthrough": self.ops.open_files.as_dict() if self.ops.open_files is not None else None,
             "zero_message_opens": {"state": self.ops.zero_message_opens, "readers": fs.unopened_readers} if self.cfg.mount.zero_message_opens else None,
             "inodes": fs.inode_count,

@@ -72,6 +72,7 @@ def test_three_mounts_valid_missing_bucket_unreachable(s3, tmp_path, daemons):
     metrics = d.get("/metrics")[1]
     assert 'storage_sidecar_mount_state{mount="good",state="mounted"} 1.0' in metrics
     assert 'storage_sidecar_backend_calls_total{mount="good"}' in metrics and 'kind="retry"' in metrics
+    assert 'storage_sidecar_fuse_bytes_read_total{mount="good"}' in metrics
     assert fresh["good"]["counters"]["store"]["calls"] >= 1 and fresh["good"]["counters"]["store"]["latency_sum_s"] > 0
 
     d.proc.send_signal(signal.SIGTERM)

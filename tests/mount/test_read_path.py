@@ -491,27 +491,31 @@ def test_a_copy_out_of_a_mapped_file_fetches_about_what_it_reads(s3_bucket, moun
     """A tensor copied out of a memory-mapped model file (safetensors, numpy memmap) on a mount
     with the kernel's 1 MiB read-ahead: the kernel reads 1 MiB around the copy's first page and
     around its last, then reads ahead from the first. The middle is fetched once, at once, and
-    what the kernel reads past the end exactly: the link brings the copy and the kernel's
-    windows, not whole blocks around them again."""
+    what the kernel reads past the end exactly: the link brings what the kernel reads, not whole
+    blocks around it again."""
     import mmap
 
     data = random.Random(36).randbytes(64 * MiB)
     s3_bucket.put("model.bin", data)
     w = mount_worker(s3_bucket, kernel_readahead_kb=1024, ttl=30.0)
     copies = [(1 * MiB + 12345, 11 * MiB + 777), (40 * MiB + 4096, 49 * MiB + 8192 * 3), (20 * MiB, 30 * MiB + 300_000)]
-    before = w.stats()["store"]["bytes_fetched"]
     with open(os.path.join(w.mnt, "model.bin"), "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+        before = w.stats()
         for start, end in copies:
             mm[start], mm[end - 1]  # the order a large memcpy touches them in
             assert mm[start:end] == data[start:end]
-    fetched = w.stats()["store"]["bytes_fetched"] - before
-    assert w.stats()["cache"]["fills"] == 3
-    # Per copy, half a window before it and half after (the kernel's windows around the faults),
-    # and what the kernel read past its end: 3.97 MiB in all here. A stream past the end fetched
-    # whole blocks (4.47 MiB); followed by a stream instead of the fill, whole blocks around
-    # both ends came again.
-    # (the message: what was fetched how, for a failure seen once in a full run and never alone)
-    assert fetched - sum(end - start for start, end in copies) <= 4 * MiB + MiB // 8, (fetched, w.stats()["cache"], w.stats()["store"])
+    after = w.stats()
+    fetched = after["store"]["bytes_fetched"] - before["store"]["bytes_fetched"]
+    read = after["bytes_read"] - before["bytes_read"]  # each page once: the copies are apart
+    assert after["cache"]["fills"] == 3
+    # The kernel reads half a window before each copy and half after (its windows around the
+    # faults) and, depending on when its read-ahead marker is met, a window past the end: 3.0
+    # MiB in all, or up to 4.7. What the link brought beyond that is the sidecar's own: whole
+    # blocks around both ends again when a stream followed instead of the fill (4.47 MiB over
+    # the copies once), a stream past the end fetching whole blocks.
+    copied = sum(end - start for start, end in copies)
+    assert read - copied <= len(copies) * 2 * MiB, (read, copied)
+    assert fetched <= read + MiB // 8, (fetched, read, after["cache"], after["store"])
 
 
 def test_a_worker_stopped_right_after_a_read_keeps_every_block_it_fetched(s3_bucket, mount_worker, tmp_path):
