@@ -7,7 +7,8 @@ made about 16,000 such turns, and the IO thread spent 1.4 CPU-s per GiB in them 
 threads' CPU, benchmarks/results/HISTORY.md), more than a whole direct client. Here a connection
 is an asyncio `BufferedProtocol`: while a block is being received the transport `recv_into`s
 the block's own buffer (its recycled pages, sidecar.cache.memory), one Python call per socket
-read and none per byte, and the waiting task wakes once per block.
+read and none per byte, and the waiting task wakes once per block. The socket's SO_RCVLOWAT
+makes a socket read a few hundred KiB rather than a segment (BODY_LOWAT).
 
 Only what a ranged GET of an object needs: one request at a time per connection (no
 pipelining), a body delimited by Content-Length, keep-alive; an answer without a length
@@ -30,6 +31,15 @@ from urllib.parse import urlsplit
 HEAD_LIMIT = 64 * 1024  # bytes of a response's status line and headers, at most
 SCRATCH = 64 * 1024  # the receive buffer while no body buffer is given (the head, and what came with it)
 CONNECT_TIMEOUT_S = 5.0
+# Bytes the kernel gathers for a body before it wakes the loop (SO_RCVLOWAT). A link delivers a
+# body in segments of a few dozen KiB (the emulated one in 64 KiB, 2.6 ms apart per connection),
+# and each wake costs the IO thread an epoll turn and a Python call: at one per segment, that was
+# most of the thread's CPU in a cold read. What a connection received in LOWAT_S at the rate its
+# last body part came, at most BODY_LOWAT: a slow link still reports progress often (a call
+# without any for seconds counts as stalled). Under memory pressure, or with a receive buffer
+# too small for it, Linux wakes the reader earlier anyway.
+BODY_LOWAT = 256 * 1024
+LOWAT_S = 0.02
 
 
 class ResponseError(ConnectionError):
@@ -61,11 +71,16 @@ class _Connection(asyncio.BufferedProtocol):
         self.headers: dict[str, str] = {}
         self.sized = True  # whether the body's length is known (Content-Length)
         self.sent_any = False  # whether the server answered anything on this connection
+        self._sock: socket.socket | None = None  # for SO_RCVLOWAT (None: not a socket we can set it on)
+        self._lowat = 1
+        self._rate = 0.0  # bytes/s at which the last body part came on this connection (0: none yet)
 
     # -- the transport's side -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        self._sock = sock if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) else None
 
     def get_buffer(self, sizehint: int) -> memoryview:  # noqa: ARG002 (the size is ours to choose)
         if self._target is not None:
@@ -83,6 +98,8 @@ class _Connection(asyncio.BufferedProtocol):
                 self._target = None
                 self._pause()
                 self._wake(None)
+            elif len(self._target) - self._filled < self._lowat:  # (else the last bytes never wake it)
+                self._set_lowat(len(self._target) - self._filled)
             return
         if self._phase != "head":  # bytes nobody asked for: the connection cannot be trusted again
             self.abort()
@@ -128,6 +145,7 @@ class _Connection(asyncio.BufferedProtocol):
     # -- the caller's side ----------------------------------------------------------------------
 
     def request(self, data: bytes) -> None:
+        self._set_lowat(1)
         self._phase, self.status, self.headers, self._head = "head", 0, {}, bytearray()
         self.keep = True
         self.transport.write(data)  # type: ignore[union-attr]
@@ -151,9 +169,15 @@ class _Connection(asyncio.BufferedProtocol):
             if self.lost:
                 raise ResponseError("the server closed the connection mid-body")
             self._target, self._filled, self._on_bytes = view[:want], n, on_bytes
+            self._set_lowat(max(1, min(want - n, BODY_LOWAT, int(self._rate * LOWAT_S))))
+            loop = asyncio.get_running_loop()
+            started = loop.time()
             try:
                 self._resume()
                 await self._wait()
+                took = loop.time() - started
+                if took > 0:
+                    self._rate = (want - n) / took
             finally:
                 self._target, self._on_bytes = None, None
         return want
@@ -170,6 +194,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def idle(self) -> None:
         """Between requests: reading goes on, so a server that closes the connection is noticed."""
+        self._set_lowat(1)
         self._phase = "idle"
         self._resume()
 
@@ -212,6 +237,14 @@ class _Connection(asyncio.BufferedProtocol):
                 waiter.set_result(None)
             else:
                 waiter.set_exception(exc)
+
+    def _set_lowat(self, n: int) -> None:
+        if self._sock is not None and n != self._lowat and not self.lost:
+            try:
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
+                self._lowat = n
+            except OSError:
+                self._sock = None
 
     def _pause(self) -> None:
         if self.transport is not None and not self.lost:
@@ -261,6 +294,9 @@ class Response:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
             except OSError:
                 pass
+        # A mark above such a buffer would wake the loop only under memory pressure: none.
+        self._conn._set_lowat(1)
+        self._conn._sock = None
 
     def close(self) -> None:
         """Gives the connection back for another request if its body was read to the end, else

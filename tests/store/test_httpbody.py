@@ -176,3 +176,45 @@ def test_no_server_is_a_connect_failure():
         assert pool._slots._value == 4  # the slot was given back
 
     run(main())
+
+
+def test_a_paced_body_wakes_the_loop_every_few_hundred_kib_not_per_segment(monkeypatch):
+    """A link brings a body in small segments over time; each wake of the IO loop costs an epoll
+    turn and a Python call. Once a connection's rate is known, the kernel gathers what LOWAT_S of
+    it brings (SO_RCVLOWAT, at most BODY_LOWAT) before it wakes the loop; the last bytes of a
+    buffer, fewer than that, still arrive (the mark is lowered to them)."""
+    from sidecar.store import httpbody
+
+    wakes = []
+    original = httpbody._Connection.buffer_updated
+    monkeypatch.setattr(httpbody._Connection, "buffer_updated", lambda self, n: (wakes.append(n), original(self, n))[1])
+    body = bytes(range(256)) * (8 * 1024 + 100)  # 2 MiB and 25,600 bytes: the body ends 25,600 bytes past a mark
+
+    async def paced(writer):
+        writer.write(f"HTTP/1.1 206 Partial Content\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        for lo in range(0, len(body), 16 * 1024):  # 16 KiB a millisecond: 16 MB/s
+            writer.write(body[lo : lo + 16 * 1024])
+            await writer.drain()
+            await asyncio.sleep(0.001)
+
+    async def main():
+        async with Server([paced, ok(b"next")]) as srv:  # (kept alive: no FIN ends the body early)
+            pool = ConnectionPool("http", "127.0.0.1", srv.port, 4)
+            resp = await pool.get("/b/k", {"Host": "x"})
+            parts = [bytearray(1 << 20), bytearray((1 << 20) + 100 * 256)]
+            counts = []
+            for part in parts:
+                before = len(wakes)
+                assert await asyncio.wait_for(resp.fill(part), 5) == len(part)
+                counts.append(len(wakes) - before)
+            resp.close()
+            assert b"".join(parts) == body
+            again = await pool.get("/b/k2", {"Host": "x"})  # the same connection, its mark back at a byte
+            assert await again.read() == b"next"
+            again.close()
+            assert srv.connections == 1
+            return counts
+
+    counts = run(main())
+    # The first MiB sets the rate (a wake per segment or so); the second comes in far fewer.
+    assert counts[1] <= 16 and counts[0] > 2 * counts[1], counts
