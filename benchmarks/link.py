@@ -143,6 +143,7 @@ class LinkBench:
         self.results: dict[str, object] = {"conditions": {
             "server": "rclone serve s3 " + subprocess.run([rclone_binary(), "version"], capture_output=True, text=True).stdout.split("\n")[0],
             "bandwidth_per_connection_MBps": args.bandwidth / 1e6, "first_byte_ms": args.first_byte * 1000,
+            "loopback": bool(getattr(args, "loopback", False)),
             "load_before": os.getloadavg(),
         }}
         self._n = 0
@@ -157,6 +158,9 @@ class LinkBench:
             stdout=open(self.work / "rclone-serve.log", "w"), stderr=subprocess.STDOUT)
         wait_http(f"http://127.0.0.1:{port}/", self.server)
         self.proxy = LinkProxy(port, bandwidth=self.args.bandwidth, first_byte_delay=self.args.first_byte)
+        # --loopback: the clients talk to the server itself, no proxy between (issue 34's
+        # CPU-bound case: a range-cheap server on loopback); nothing is counted at the proxy.
+        self.endpoint = f"http://127.0.0.1:{port}" if getattr(self.args, "loopback", False) else self.proxy.endpoint
 
     def stop(self) -> None:
         self.proxy.close()
@@ -180,7 +184,7 @@ class LinkBench:
     def worker(self, cache: Path | None, **cfg) -> WorkerProcess:
         self._n += 1
         base = {"name": f"link{self._n}", "storage_id": "link-bench", "url": f"s3://{BUCKET}",
-                "options": {"endpoint_url": self.proxy.endpoint}, "credentials": {"access_key_id": KEY, "secret_access_key": SECRET},
+                "options": {"endpoint_url": self.endpoint}, "credentials": {"access_key_id": KEY, "secret_access_key": SECRET},
                 "mountpath": str(self.work / f"mnt{self._n}"), "cache_dir": str(cache) if cache else None, "ttl": 300.0,
                 "log": str(self.work / "worker.log"), "log_level": "warning"}
         base.update(cfg)
@@ -190,7 +194,7 @@ class LinkBench:
         self._n += 1
         mnt = str(self.work / f"rclone{self._n}")
         os.makedirs(mnt)
-        env = dict(os.environ, RCLONE_CONFIG_L_TYPE="s3", RCLONE_CONFIG_L_PROVIDER="Other", RCLONE_CONFIG_L_ENDPOINT=self.proxy.endpoint,
+        env = dict(os.environ, RCLONE_CONFIG_L_TYPE="s3", RCLONE_CONFIG_L_PROVIDER="Other", RCLONE_CONFIG_L_ENDPOINT=self.endpoint,
                    RCLONE_CONFIG_L_ACCESS_KEY_ID=creds[0], RCLONE_CONFIG_L_SECRET_ACCESS_KEY=creds[1], RCLONE_CONFIG_L_REGION="us-east-1")
         env.pop("AWS_CA_BUNDLE", None)
         proc = subprocess.Popen([rclone_binary(), "mount", f"l:{bucket}", mnt, "--config", "/dev/null", "--vfs-cache-mode", mode,
@@ -207,7 +211,7 @@ class LinkBench:
     def direct_best(self, key: str, size: int, part: int = 8 * MiB, threads: int = 16) -> dict[str, float]:
         """Issue 34's reference: boto3, `threads` ranged GETs of `part` at a time, in its own
         process (its CPU is its own): {"MBps", "cpu_s_per_GiB"}."""
-        out = subprocess.run([sys.executable, "-m", "benchmarks.direct", self.proxy.endpoint, BUCKET, key, str(size), "--part", str(part),
+        out = subprocess.run([sys.executable, "-m", "benchmarks.direct", self.endpoint, BUCKET, key, str(size), "--part", str(part),
                               "--threads", str(threads), "--access-key", KEY, "--secret-key", SECRET],
                              cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, check=True, timeout=600)
         return json.loads(out.stdout.strip().splitlines()[-1])
@@ -665,7 +669,11 @@ def main() -> int:
     p.add_argument("--prefetch-files", type=int, default=64)
     p.add_argument("--prefetch-bytes", type=int, default=1 << 30)
     p.add_argument("--only", default="sequential,random,parquet,hdf5,sqlite,readers16,copy,prefetch")
+    p.add_argument("--loopback", action="store_true",
+                   help="no link emulation: every client talks to the server directly (sequential only; its counts come from the proxy)")
     args = p.parse_args()
+    if args.loopback and args.only != "sequential":
+        p.error("--loopback measures the sequential workload only (--only sequential)")
     work = Path(tempfile.mkdtemp(prefix="sidecar-link-"))
     bench = LinkBench(args, work)
     bench.start()
