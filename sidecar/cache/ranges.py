@@ -16,7 +16,11 @@ a small file is better served by fetching the whole file (sidecar.vfs.reader).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import time
+from collections.abc import Iterator
+
+import trio
 
 from sidecar.cache.blocks import BlockCache, ObjectRef, fetch_block_once, whole_block
 from sidecar.cache.disk import kept_ranges, range_name, version_tag
@@ -35,6 +39,9 @@ class ExactRanges:
         # Found on the disk tier at start, by version tag: moved to `_spans` at the version's first read.
         self._found = kept_ranges(cache.disk, SPANS_KEPT) if cache.disk is not None else {}
         self._span_count = sum(len(spans) for spans in self._found.values())
+        # Ranges being fetched now, by version: a read the kernel sends beside the one that
+        # fetches its bytes (a page fault's read inside a window still in flight) waits for them.
+        self._fetching: dict[tuple[str, str], list[tuple[int, int, trio.Event]]] = {}
 
     async def read(self, ref: ObjectRef, start: int, end: int) -> bytes:
         """Bytes [start, end) of `ref`: kept ones, else one ranged GET (then kept)."""
@@ -44,14 +51,15 @@ class ExactRanges:
         # A range that is a whole block (a small file read whole) is that block in the node's
         # shared cache: found there, or fetched once for all sidecars and stored there (then not
         # in this mount's disk tier too).
-        block = whole_block(self.cache, ref, start, end)
-        if block is not None and self.cache.shared is not None:
-            data, in_shared = await fetch_block_once(self.cache, ref, block, lambda: self._get(ref, start, end))
-            self.keep(ref, start, data, on_disk=not in_shared)
+        with self._fetch(ref, start, end):
+            block = whole_block(self.cache, ref, start, end)
+            if block is not None and self.cache.shared is not None:
+                data, in_shared = await fetch_block_once(self.cache, ref, block, lambda: self._get(ref, start, end))
+                self.keep(ref, start, data, on_disk=not in_shared)
+                return data
+            data = await self._get(ref, start, end)
+            self.keep(ref, start, data)
             return data
-        data = await self._get(ref, start, end)
-        self.keep(ref, start, data)
-        return data
 
     async def fetch_piece(self, ref: ObjectRef, start: int, end: int) -> bytes:
         """Bytes [start, end) (at most a block) of what a reader is about to read (a copy's
@@ -60,10 +68,38 @@ class ExactRanges:
         kept = await self.cached(ref, start, end)
         if kept is not None:
             return kept
-        async with self.cache.fetch_limiter.slot():
-            data = await self._request(ref, start, end)
-        self.keep(ref, start, data)
-        return data
+        with self._fetch(ref, start, end):
+            async with self.cache.fetch_limiter.slot():
+                data = await self._request(ref, start, end)
+            self.keep(ref, start, data)
+            return data
+
+    @contextlib.contextmanager
+    def _fetch(self, ref: ObjectRef, start: int, end: int) -> Iterator[None]:
+        """Range [start, end) is being fetched (and kept, unless it is larger than a block)."""
+        vid, entry = (ref.key, ref.etag), (start, end, trio.Event())
+        self._fetching.setdefault(vid, []).append(entry)
+        try:
+            yield
+        finally:
+            entry[2].set()
+            fetching = self._fetching[vid]
+            fetching.remove(entry)
+            if not fetching:
+                del self._fetching[vid]
+
+    async def joined(self, ref: ObjectRef, start: int, end: int) -> bytes | None:
+        """Bytes [start, end) from a range being fetched now that covers them, once it is kept;
+        None if no such range (or it failed, or was too large to keep)."""
+        for s, e, done in self._fetching.get((ref.key, ref.etag), ()):
+            if s <= start and end <= e:
+                await done.wait()
+                return await self.cached(ref, start, end)
+        return None
+
+    def in_flight(self, ref: ObjectRef) -> bool:
+        """Whether a range of this version is being fetched (`joined` can answer only then)."""
+        return (ref.key, ref.etag) in self._fetching
 
     async def _request(self, ref: ObjectRef, start: int, end: int) -> bytes:
         asked = time.monotonic()

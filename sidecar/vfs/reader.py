@@ -198,6 +198,8 @@ class Reader:
             return b""
         end = min(offset + size, ref.size)
         bs = self.cache.block_size
+        if self.fill is None and self.ranges.in_flight(ref) and (joined := await self.ranges.joined(ref, offset, end)) is not None:
+            return joined  # inside a range another read is fetching: no request, no stream of its own
         if (self.fill is None and self.ranges.may_cover(ref)
                 and not all(self.cache.has(ref, i) for i in range(offset // bs, (end - 1) // bs + 1))):
             # What a random reader or a copy kept answers before any block is fetched or any

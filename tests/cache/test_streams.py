@@ -4,6 +4,7 @@ import os
 import random
 
 import trio
+import trio.testing
 
 from sidecar.cache.blocks import BlockCache
 from sidecar.cache.disk import DiskTier
@@ -188,5 +189,38 @@ def test_more_followed_readers_than_streams_close_the_oldest_stream_instead_of_w
             for fh in handles:
                 fs.release(fh)
             nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_read_inside_an_exact_range_in_flight_waits_for_it_rather_than_fetching_again():
+    """A page fault's read that falls inside a window another read of the handle is fetching
+    (the kernel sent both before either was answered) gets its bytes from that range once it
+    is kept: no second GET, no stream. (Seen in the mapped-copy test under load: such a read
+    started a stream that brought a whole block nobody read.)"""
+    store = MemoryStore()
+    data = random.Random(62).randbytes(BS * 16)
+    store.put("f", data)
+    window = (BS * 10 + 777, BS)  # a random reader's first read: one exact GET
+    inside = (BS * 10 + 777 + 5000, 16384)
+
+    async def main():
+        async with mounted(store) as fs:
+            fh, _ = await fs.open(await path_ino(fs, "f"), os.O_RDONLY)
+            gets = store.stats.get_requests
+            store.delay = 0.5
+            got = {}
+
+            async def read(name, off, n):
+                got[name] = bytes(await fs.read(fh, off, n))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read, "window", *window)
+                await trio.testing.wait_all_tasks_blocked()  # its GET is in flight
+                nursery.start_soon(read, "inside", *inside)
+            for name, (off, n) in (("window", window), ("inside", inside)):
+                assert got[name] == data[off : off + n], name
+            assert store.stats.get_requests - gets == 1
+            fs.release(fh)
 
     run(main)
