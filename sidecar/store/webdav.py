@@ -41,6 +41,7 @@ from sidecar.store.classify import PROBE_BODY, WriteDenied, probe_name, reason_o
 
 CONNECTIONS = 24  # requests in flight per mount (the read path runs up to 16 fetches at once)
 CHUNK = 1 << 20  # bytes per read of a body, and per piece of an upload
+PROPFIND_TRIES = 5  # answers that do not parse (a listing that raced a delete) before the call fails
 
 PROPS = (
     '<?xml version="1.0" encoding="utf-8"?><d:propfind xmlns:d="DAV:"><d:prop>'
@@ -124,13 +125,9 @@ class WebDAVStore(CallingStore):
         return resp
 
     def _propfind(self, key: str, depth: str, collection: bool = False) -> Any:
-        from webdav4.multistatus import parse_multistatus_response
-
-        resp = self._ok(self.http.request("PROPFIND", self._url(key, collection), content=PROPS,
-                                          headers={"Depth": depth, "Content-Type": "application/xml; charset=utf-8"}))
-        if resp.status_code != 207:
-            raise BackendUnavailable(f"PROPFIND answered {resp.status_code}, not a multistatus")
-        return parse_multistatus_response(resp)
+        return multistatus(lambda: self._ok(self.http.request("PROPFIND", self._url(key, collection), content=PROPS,
+                                                              headers={"Depth": depth, "Content-Type": "application/xml; charset=utf-8"})),
+                           self.stats)
 
     def _entries(self, result: Any) -> Iterator[tuple[str, bool, ObjectInfo | None]]:
         """(key, is a folder, the file's info) of each resource of a multistatus answer."""
@@ -412,6 +409,27 @@ class WebDAVStore(CallingStore):
 
     async def close(self) -> None:
         await trio.to_thread.run_sync(self.http.close)
+
+
+def multistatus(propfind: Callable[[], Any], stats: Any) -> Any:
+    """A PROPFIND's multistatus answer, parsed. One that does not parse is asked again: `rclone
+    serve webdav` answers a listing that raced a file's delete (in this mount, in another
+    client) with a whole document followed by "Internal Server Error", its walk cut short at
+    that file, so the listing itself may lack entries (40-54% of the listings of a folder
+    another client churned, measured)."""
+    from xml.etree.ElementTree import ParseError
+
+    from webdav4.multistatus import parse_multistatus_response
+
+    for _ in range(PROPFIND_TRIES):
+        resp = propfind()
+        if resp.status_code != 207:
+            raise BackendUnavailable(f"PROPFIND answered {resp.status_code}, not a multistatus")
+        try:
+            return parse_multistatus_response(resp)
+        except ParseError:
+            stats.retries += 1
+    raise BackendUnavailable(f"PROPFIND answered {PROPFIND_TRIES} times with a multistatus that does not parse")
 
 
 def make_webdav_store(storage_id: str, url: urls.StorageURL, options: dict[str, Any], credentials: dict[str, str], *, deadline: float) -> WebDAVStore:
