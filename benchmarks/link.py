@@ -137,13 +137,15 @@ def copy_finished(w: WorkerProcess) -> dict:
 class LinkBench:
     def __init__(self, args: argparse.Namespace, work: Path) -> None:
         self.args = args
+        # (benchmarks.clients builds this class with arguments of its own, without --loopback)
+        self.loopback = bool(getattr(args, "loopback", False))
         self.work = work
         self.served = work / "served"
         (self.served / BUCKET).mkdir(parents=True)
         self.results: dict[str, object] = {"conditions": {
             "server": "rclone serve s3 " + subprocess.run([rclone_binary(), "version"], capture_output=True, text=True).stdout.split("\n")[0],
             "bandwidth_per_connection_MBps": args.bandwidth / 1e6, "first_byte_ms": args.first_byte * 1000,
-            "loopback": bool(getattr(args, "loopback", False)),
+            "loopback": self.loopback,
             "load_before": os.getloadavg(),
         }}
         self._n = 0
@@ -160,7 +162,7 @@ class LinkBench:
         self.proxy = LinkProxy(port, bandwidth=self.args.bandwidth, first_byte_delay=self.args.first_byte)
         # --loopback: the clients talk to the server itself, no proxy between (issue 34's
         # CPU-bound case: a range-cheap server on loopback); nothing is counted at the proxy.
-        self.endpoint = f"http://127.0.0.1:{port}" if getattr(self.args, "loopback", False) else self.proxy.endpoint
+        self.endpoint = f"http://127.0.0.1:{port}" if self.loopback else self.proxy.endpoint
 
     def stop(self) -> None:
         self.proxy.close()
@@ -679,7 +681,7 @@ def main() -> int:
     p.add_argument("--prefetch-bytes", type=int, default=1 << 30)
     p.add_argument("--only", default="sequential,random,parquet,hdf5,sqlite,readers16,copy,prefetch")
     p.add_argument("--loopback", action="store_true",
-                   help="no link emulation: every client talks to the server directly (sequential only; its counts come from the proxy)")
+                   help="no link emulation: every client talks to the server directly (sequential only: the other workloads count requests at the proxy)")
     args = p.parse_args()
     if args.loopback and args.only != "sequential":
         p.error("--loopback measures the sequential workload only (--only sequential)")

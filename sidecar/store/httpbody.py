@@ -192,6 +192,20 @@ class _Connection(asyncio.BufferedProtocol):
         """Whether the whole body was received."""
         return self._phase == "body" and self.remaining == 0
 
+    def hold_back(self, rcvbuf: int) -> None:
+        """A receive buffer of `rcvbuf` bytes for the rest of this connection's one body (see
+        `Response.hold_back`), and no low-water mark: one above such a buffer would wake the
+        loop only under memory pressure."""
+        self.keep = False
+        sock = None if self.transport is None else self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            except OSError:
+                pass
+        self._set_lowat(1)
+        self._sock = None
+
     def idle(self) -> None:
         """Between requests: reading goes on, so a server that closes the connection is noticed."""
         self._set_lowat(1)
@@ -286,17 +300,7 @@ class Response:
     def hold_back(self, rcvbuf: int) -> None:
         """Gives the connection a receive buffer of `rcvbuf` bytes (the server is held back
         within about that much while the body waits for its reader); it is not kept after."""
-        self._conn.keep = False
-        transport = self._conn.transport
-        sock = None if transport is None else transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-            except OSError:
-                pass
-        # A mark above such a buffer would wake the loop only under memory pressure: none.
-        self._conn._set_lowat(1)
-        self._conn._sock = None
+        self._conn.hold_back(rcvbuf)
 
     def close(self) -> None:
         """Gives the connection back for another request if its body was read to the end, else

@@ -160,7 +160,7 @@ def test_webdav_as_a_data_connector_an_rclone_remote_and_a_url_on_rclones_server
     d.wait_ready()
     # (the status in the message: its reasons name why a mount failed, and carry no secret)
     assert d.states() == {"as-url": "mounted", "as-remote": "mounted", "as-connector": "mounted"}, \
-        {m["name"]: (m["state"], m.get("error")) for m in d.get("/status")[1]["mounts"]}  # (failed once in a full run, never alone: its reason)
+        {m["name"]: (m["state"], m.get("error")) for m in d.get("/status")[1]["mounts"]}
     root = tmp_path / "project"
     for where in ("url", "remote", "connected"):
         assert sorted(os.listdir(root / where)) == ["hello.txt", "sub"]
