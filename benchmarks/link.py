@@ -159,10 +159,15 @@ class LinkBench:
             [rclone_binary(), "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key", f"{KEY},{SECRET}", str(self.served)],
             stdout=open(self.work / "rclone-serve.log", "w"), stderr=subprocess.STDOUT)
         wait_http(f"http://127.0.0.1:{port}/", self.server)
+        self.port = port
         self.proxy = LinkProxy(port, bandwidth=self.args.bandwidth, first_byte_delay=self.args.first_byte)
-        # --loopback: the clients talk to the server itself, no proxy between (issue 34's
-        # CPU-bound case: a range-cheap server on loopback); nothing is counted at the proxy.
-        self.endpoint = f"http://127.0.0.1:{port}" if self.loopback else self.proxy.endpoint
+
+    @property
+    def endpoint(self) -> str:
+        """Where the clients send requests: the proxy of the moment (benchmarks.clients' writers
+        swap in one in front of moto), or with --loopback the server itself, no proxy between
+        (issue 34's CPU-bound case: a range-cheap server on loopback; nothing counted)."""
+        return f"http://127.0.0.1:{self.port}" if self.loopback else self.proxy.endpoint
 
     def stop(self) -> None:
         self.proxy.close()
@@ -289,6 +294,18 @@ class LinkBench:
                 n, secs = n + got, secs + took
             rows["cache_files_dropped"].append(n / secs / 1e6)
 
+        def local_file() -> None:
+            drop_page_cache()
+            n, secs = read_through(str(local))
+            rows["local_dropped"].append(n / secs / 1e6)
+
+        # The reads after a drop, each a round of all four, in an order that rotates: on this
+        # virtual disk one read in four or five runs at a third of the usual speed, whoever reads
+        # (a fresh file as often as one read before), so a fixed order or a single round per kind
+        # compared one kind's outlier with another's usual speed (HISTORY, 2026-12-05).
+        dropped = [lambda: sidecar(cache, "sidecar_warm_dropped", drop=True), lambda: sidecar(cache, "sidecar_warm_dropped_worker", drop=True, passthrough=False),
+                   lambda: cache_files(cache), local_file]
+        turn = 0
         for i in range(self.args.repeat):
             cache = Path(tempfile.mkdtemp(dir=self.work))
             # Each cold read starts from a dropped page cache: on this virtual machine, writes into
@@ -299,15 +316,10 @@ class LinkBench:
             variants = (("", {}), ("_worker", {"passthrough": False}))
             for suffix, cfg in variants[:: 1 if i % 2 else -1]:
                 sidecar(cache, "sidecar_warm" + suffix, **cfg)  # a new mount over the kept disk cache, its files in the page cache
-            if i % 2:  # which of the two reads the dropped files first alternates
-                cache_files(cache)
-            for suffix, cfg in variants[:: -1 if i % 2 else 1]:
-                sidecar(cache, "sidecar_warm_dropped" + suffix, drop=True, **cfg)  # the same after `sync; drop_caches`
-            if not i % 2:
-                cache_files(cache)
-            drop_page_cache()
-            n, secs = read_through(str(local))
-            rows["local_dropped"].append(n / secs / 1e6)
+            for _ in range(self.args.dropped_rounds):  # a new mount over the kept disk cache after `sync; drop_caches`
+                for k in range(len(dropped)):
+                    dropped[(turn + k) % len(dropped)]()
+                turn += 1
             shutil.rmtree(cache, ignore_errors=True)
             drop_page_cache()
             direct = self.direct_best("seq.bin", size)
@@ -675,6 +687,7 @@ def main() -> int:
     p.add_argument("--size-mib", type=int, default=256)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--random-reads", type=int, default=10_000)
+    p.add_argument("--dropped-rounds", type=int, default=2, help="rounds of the reads after a drop per repeat (sequential)")
     p.add_argument("--copy-files", type=int, default=1000)
     p.add_argument("--copy-bytes", type=int, default=2 << 30)
     p.add_argument("--prefetch-files", type=int, default=64)
