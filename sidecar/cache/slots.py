@@ -47,12 +47,16 @@ class FetchSlots:
             self._release()
 
     async def _acquire(self, number: int) -> None:
-        if self.free > 0 and not self._waiting:
-            self.free -= 1
-            return
         entry = (number, next(self._ties), trio.Event())
         heapq.heappush(self._waiting, entry)
         try:
+            # Requests made together arrive here in the order their tasks first run, not in
+            # their tickets' order: when free slots went to whoever arrived first, a window of
+            # one GET more than the free slots could leave its reader's next GET waiting for
+            # another to end. After one checkpoint every task started with this one has queued;
+            # the free slots then go to the lowest tickets.
+            await trio.lowlevel.checkpoint()
+            self._hand_out()
             await entry[2].wait()
         except BaseException:
             if entry[2].is_set():  # handed a slot as it was cancelled: hand it on
@@ -61,6 +65,11 @@ class FetchSlots:
                 self._waiting.remove(entry)
                 heapq.heapify(self._waiting)
             raise
+
+    def _hand_out(self) -> None:
+        while self.free > 0 and self._waiting:
+            self.free -= 1
+            heapq.heappop(self._waiting)[2].set()
 
     def _release(self) -> None:
         if self._waiting:  # the slot goes straight to the lowest ticket waiting
