@@ -6,6 +6,17 @@ import trio.testing
 from sidecar.cache.slots import FetchSlots, ticket
 
 
+def _taker(slots, got, release):
+    """A request that notes its ticket once it has a slot and holds the slot until `release`."""
+
+    async def one(number):
+        async with slots.slot(number):
+            got.append(number)
+            await release.wait()
+
+    return one
+
+
 def test_a_freed_slot_goes_to_the_lowest_ticket_whatever_order_the_waiters_came_in():
     """Read-ahead GETs registered in block order but started as tasks take their first step in
     no set order: the slot must still go to the blocks asked for first."""
@@ -15,11 +26,7 @@ def test_a_freed_slot_goes_to_the_lowest_ticket_whatever_order_the_waiters_came_
         slots = FetchSlots(1)  # (one at a time: who got the slot is who appended)
         tickets = [ticket() for _ in range(6)]
         release = trio.Event()
-
-        async def one(number):
-            async with slots.slot(number):
-                order.append(number)
-                await release.wait()
+        one = _taker(slots, order, release)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(one, tickets[0])
@@ -76,11 +83,7 @@ def test_requests_started_together_take_the_free_slots_by_ticket_not_by_who_ran_
         tickets = [ticket() for _ in range(5)]
         got: list[int] = []
         release = trio.Event()
-
-        async def one(number):
-            async with slots.slot(number):
-                got.append(number)
-                await release.wait()
+        one = _taker(slots, got, release)
 
         async with trio.open_nursery() as nursery:
             for number in reversed(tickets):  # all started before any runs
