@@ -72,7 +72,5 @@ class FetchSlots:
             heapq.heappop(self._waiting)[2].set()
 
     def _release(self) -> None:
-        if self._waiting:  # the slot goes straight to the lowest ticket waiting
-            heapq.heappop(self._waiting)[2].set()
-        else:
-            self.free += 1
+        self.free += 1
+        self._hand_out()  # (straight to the lowest ticket waiting, if any)
