@@ -8,15 +8,16 @@ evicted before it: the write holds its bytes anyway, and evicted it would be mem
 budget).
 
 Recycled buffers: a whole block fetched from a store that fills buffers (S3) arrives in a
-`bytearray` of the block size. When one is evicted to make room for another such block and
-nothing else holds it (no reply, disk write or reader has a view of it: its reference count
-says so), it becomes that block's buffer (`reserve_block`) rather than being freed. A 1 MiB
-allocation is a mapping of its own (worker.return_freed_blocks), and the kernel faulted in and
-zeroed each new one page by page: a fifth of a cold read's CPU (perf). The budget is unchanged:
-the buffer moves from the tier to the reservation.
+`Buffer` of the block size (a mapping of its own, populated in one call: sidecar.store.base).
+When one is evicted to make room for another such block and nothing else holds it (no reply,
+disk write or reader has a view of it: its reference count says so), it becomes that block's
+buffer (`reserve_block`) rather than being freed. A new one costs the kernel its pages: faulted
+in and zeroed page by page (a bytearray), they were a fifth of a cold read's CPU (perf). The
+budget is unchanged: the buffer moves from the tier to the reservation.
 
-Blocks read back from the disk tier come in page-aligned `Buffer`s (the disk reads them with
-O_DIRECT, sidecar.cache.disk), recycled the same way. And earlier: a block whose bytes are on the
+Blocks read back from the disk tier come in `Buffer`s too (the disk reads them with O_DIRECT,
+sidecar.cache.disk), recycled the same way; one from a store serves for a disk read and the
+other way round. And earlier: a block whose bytes are on the
 local disk (read from it, or written to it since it was fetched) costs a local read to get
 again, so once a reader has been served from it and SERVED_KEEP blocks after it, its buffer is
 the next block's even while the budget has room. Without that, every block of a mount's first
@@ -30,7 +31,6 @@ unpin) wakes the waiters.
 from __future__ import annotations
 
 import itertools
-import mmap
 import sys
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -38,24 +38,11 @@ from typing import Any
 
 import trio
 
+from sidecar.store.base import Buffer
+
 EntryId = tuple[str, str, Any]  # (key, etag, block index or ("range", start, end))
 SERVED_TRIES = 8  # served blocks looked at per reservation
 SERVED_KEEP = 16  # blocks on the local disk kept after they served a reader, before their buffers are reused
-
-
-class Buffer(mmap.mmap):
-    """A block's buffer: anonymous memory at a page boundary, as O_DIRECT wants it. Compares
-    as its bytes (a bytearray's would)."""
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __eq__(self, other: object) -> bool:
-        return memoryview(self) == other
-
-    @classmethod
-    def new(cls, n: int) -> "Buffer":
-        # (private: Python maps anonymous memory shared by default, pages of a shmem file)
-        return cls(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
 RECYCLED = (bytearray, Buffer)

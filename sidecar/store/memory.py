@@ -8,7 +8,7 @@ import time
 import trio
 
 from sidecar.errors import BackendUnavailable, NotFound, ObjectChanged
-from sidecar.store.base import DirInfo, Listing, ObjectInfo, StoreStats, block_pieces
+from sidecar.store.base import Buffer, DirInfo, Listing, ObjectInfo, StoreStats, block_pieces
 
 
 class MemoryStore:
@@ -88,21 +88,21 @@ class MemoryStore:
         self.stats.bytes_fetched += len(chunk)
         return chunk
 
-    fills_buffers = True  # as S3Store: whole blocks in (recycled) bytearrays
+    fills_buffers = True  # as S3Store: whole blocks in (recycled) Buffers
 
     async def get_blocks(self, key, start, end, etag, block_size, on_block, object_size=None, gate=None, buffers=None) -> None:
         """Block by block, as a streamed body is read: with a `gate`, a block not allowed yet is
         waited for, and what is never read is never counted as fetched. With `buffers`, as
-        S3Store's: whole blocks in bytearrays, recycled ones where `buffers(i)` gives one."""
+        S3Store's: whole blocks in `Buffer`s, recycled ones where `buffers(i)` gives one."""
         data = await self._opened(key, etag)
         for i, lo, hi in block_pieces(start, end, block_size):
             if gate is not None and i >= gate.allowed and not await gate.wait_trio(i):
                 return
-            chunk: bytes | bytearray = data[lo:hi]
+            chunk: bytes | Buffer = data[lo:hi]
             if buffers is not None and hi - lo == block_size:
                 buffer = buffers(i)
                 if buffer is None or len(buffer) != block_size:
-                    buffer = bytearray(block_size)
+                    buffer = Buffer.new(block_size)
                 buffer[:] = chunk
                 chunk = buffer
             self.stats.bytes_fetched += len(chunk)

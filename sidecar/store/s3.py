@@ -19,7 +19,7 @@ import trio
 
 from sidecar.errors import NotFound, ObjectChanged
 from sidecar.log import get_logger
-from sidecar.store.base import DirInfo, Gate, Listing, ObjectInfo, StoreStats
+from sidecar.store.base import Buffer, DirInfo, Gate, Listing, ObjectInfo, StoreStats
 from sidecar.store.bridge import BODY_RETRIES, COMPLETE_RATE, Progress, body_errors, run_on_loop
 from sidecar.store.classify import PROBE_BODY, probe_name, reason_of
 from sidecar.store.fsspec_store import FsspecStore, _mtime, _mtime_text, _user_mtime, run_write_probe
@@ -467,9 +467,9 @@ class S3Store(_S3Writes, FsspecStore):
 
     async def get_blocks(
         self, key: str, start: int, end: int, etag: str, block_size: int, on_block: Callable[[int, bytes], None], object_size: int | None = None,
-        gate: Gate | None = None, buffers: Callable[[int], bytearray | None] | None = None,
+        gate: Gate | None = None, buffers: Callable[[int], Buffer | bytearray | None] | None = None,
     ) -> None:
-        """As the protocol's. With `buffers`, each whole block is read into a bytearray of its
+        """As the protocol's. With `buffers`, each whole block is read into a `Buffer` of its
         own, which the cache may recycle (sidecar.cache.memory): `buffers(i)`, one recycled for
         block i (its pages in place), or None (a new one)."""
         token = trio.lowlevel.current_trio_token()
@@ -509,10 +509,10 @@ class S3Store(_S3Writes, FsspecStore):
                         if buffers is not None and want == block_size:
                             buffer = buffers(index)
                             if buffer is None or len(buffer) != want:
-                                buffer = bytearray(want)
+                                buffer = Buffer.new(want)
                         if buffer is not None:
                             filled = await _read_into(body, buffer, piece, progress)
-                            data: bytes | bytearray = buffer
+                            data: bytes | bytearray | Buffer = buffer
                         else:
                             chunks, filled = [], 0
                             while filled < want:
@@ -543,7 +543,7 @@ class S3Store(_S3Writes, FsspecStore):
         await self._run(f"read {key}", stream, progress=progress)
 
 
-async def _read_into(body: Any, buffer: bytearray, piece: int, progress: Progress) -> int:
+async def _read_into(body: Any, buffer: Buffer | bytearray, piece: int, progress: Progress) -> int:
     """Reads the body into `buffer` until it is full or the body ends; the bytes read."""
     fill = getattr(body, "fill", None)
     if fill is not None:  # received in place (sidecar.store.httpbody)
