@@ -162,6 +162,27 @@ def _segment_files(root):
     return sorted(p for p in root.rglob("seg-*") if p.is_file() and not p.name.endswith(".t"))
 
 
+def test_writing_a_block_into_a_large_segment_costs_its_own_name_not_the_segments(tmp_path, monkeypatch):
+    """Each block written names itself (and slot 0, the segment's name), whatever the size of
+    its segment; only creating the segment names every slot (its table). Naming every slot for
+    each block made a cold read's CPU grow with the square of the object's blocks."""
+    from sidecar.cache import disk as disk_module
+
+    calls = []
+    real = disk_module.block_name
+    monkeypatch.setattr(disk_module, "block_name", lambda *a: calls.append(a[3]) or real(*a))
+    disk = DiskTier(tmp_path, limit=64 << 30)  # segments of up to 1,024 blocks of 4 KiB
+    size = 1024 * 4096
+    assert disk.put_blocks("st", "big", "e1", 4096, [(0, b"a" * 4096)], size) == 1
+    assert len(calls) >= 1024  # created: the table names every slot
+    calls.clear()
+    for i in range(1, 9):
+        assert disk.put_blocks("st", "big", "e1", 4096, [(i, bytes([i]) * 4096)], size) == 1
+    assert sorted(set(calls)) == list(range(9)) and len(calls) <= 2 * 8
+    kept = DiskTier(tmp_path, limit=64 << 30)
+    assert [kept.get(real("st", "big", "e1", i, 4096)) for i in range(9)] == [b"a" * 4096] + [bytes([i]) * 4096 for i in range(1, 9)]
+
+
 def test_an_objects_blocks_are_laid_out_in_its_order_in_one_segment_and_kept_across_restarts(tmp_path):
     """Runs of one object version arriving out of order (parallel GETs) land in one segment
     file, each block at its own slot, so the file holds the object in its order; a restart
