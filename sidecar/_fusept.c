@@ -40,9 +40,20 @@
  * Not on writable mounts: a WRITE's data would be copied once more, between the threads, which
  * costs a writer more CPU per byte than the IOCTLs it saves (HISTORY.md).
  *
+ * Large replies are written with the GIL released. pyfuse3 answers a READ from Python, holding
+ * the GIL, and the kernel copies the reply's bytes into the reader's pages inside that writev:
+ * for 1 MiB about as long as receiving it took. Held, the GIL stopped the threads that receive
+ * the next blocks and write the disk cache for a third of a cold read's time (py-spy --gil).
+ * A small reply (a lookup, an attribute) keeps it: taking the GIL back may wait for another
+ * thread's switch interval, which costs more than such a reply's copy.
+ *
  * Struct layouts are the kernel's ABI (include/uapi/linux/fuse.h, protocol 7.40), not libfuse's.
  */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>  /* (first: it sets feature macros, _GNU_SOURCE among them) */
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -283,6 +294,27 @@ static ssize_t pt_read(int fd, void *buf, size_t len, void *userdata)
     return n;
 }
 
+#define UNLOCKED_REPLY (64 * 1024)  /* bytes from which a reply is written without the GIL */
+
+/* writev(2) of a reply, with the GIL released if the calling thread holds it and the reply is
+ * large (see the top of this file). Exported for a test. */
+ssize_t sidecar_pt_send_reply(int fd, const struct iovec *iov, int count)
+{
+    size_t total = 0;
+    for (int i = 0; i < count; i++)
+        total += iov[i].iov_len;
+    if (total < UNLOCKED_REPLY || !Py_IsInitialized() || !PyGILState_Check())
+        return writev(fd, iov, count);
+    ssize_t n;
+    int error;
+    Py_BEGIN_ALLOW_THREADS
+    n = writev(fd, iov, count);
+    error = errno;
+    Py_END_ALLOW_THREADS
+    errno = error;
+    return n;
+}
+
 /* The reply with iov[1] replaced by `arg` (a patched copy of it). */
 static ssize_t send_patched(int fd, const struct iovec *iov, void *arg, size_t size)
 {
@@ -295,7 +327,7 @@ static ssize_t pt_writev(int fd, struct iovec *iov, int count, void *userdata)
     (void)userdata;
     fd = dev_fd;  /* (libfuse's session fd may be the reader's eventfd) */
     if (count < 1 || iov[0].iov_len < sizeof(struct pt_out_header))
-        return writev(fd, iov, count);
+        return sidecar_pt_send_reply(fd, iov, count);
     const struct pt_out_header *out = iov[0].iov_base;
     uint32_t arg[32];
     if (out->unique == init_unique) {
@@ -310,7 +342,7 @@ static ssize_t pt_writev(int fd, struct iovec *iov, int count, void *userdata)
                 return send_patched(fd, iov, arg, iov[1].iov_len);
             }
         }
-        return writev(fd, iov, count);
+        return sidecar_pt_send_reply(fd, iov, count);
     }
     int32_t backing_id = 0;
     pthread_mutex_lock(&lock);
@@ -335,7 +367,7 @@ static ssize_t pt_writev(int fd, struct iovec *iov, int count, void *userdata)
     }
     pthread_mutex_unlock(&lock);
     if (!backing_id)
-        return writev(fd, iov, count);
+        return sidecar_pt_send_reply(fd, iov, count);
     memcpy(arg, iov[1].iov_base, OPEN_OUT_SIZE);
     arg[2] = (arg[2] & FOPEN_PASSTHROUGH_MASK) | FOPEN_PASSTHROUGH;
     arg[3] = (uint32_t)backing_id;

@@ -58,3 +58,44 @@ def test_an_open_whose_answer_went_out_unpatched_counts_as_served_here(monkeypat
     files.released(5)
     d = files.as_dict()
     assert d["opens"] == 2 and d["open"] == 0 and d["served"] == 0 and 5 not in hook.registered
+
+
+_REPLY_WITH_A_DRAINING_THREAD = r"""
+import ctypes, importlib.util, os, sys, threading
+lib = ctypes.PyDLL(importlib.util.find_spec("sidecar._fusept").origin)  # (PyDLL: called with the GIL held, as pyfuse3 does)
+class IOVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+lib.sidecar_pt_send_reply.argtypes = [ctypes.c_int, ctypes.POINTER(IOVec), ctypes.c_int]
+lib.sidecar_pt_send_reply.restype = ctypes.c_ssize_t
+size = int(sys.argv[1])
+r, w = os.pipe()
+got = []
+drain = threading.Thread(target=lambda: got.append(sum(len(c) for c in iter(lambda: os.read(r, 1 << 16), b""))))
+drain.start()
+body = ctypes.create_string_buffer(b"x" * size, size)
+iov = (IOVec * 1)(IOVec(ctypes.addressof(body), size))
+n = lib.sidecar_pt_send_reply(w, iov, 1)
+os.close(w)
+drain.join()
+print(n, got[0])
+"""
+
+
+def test_a_large_reply_is_written_with_the_gil_released():
+    """pyfuse3 answers a READ holding the GIL; the hook writes a large reply without it, so the
+    worker's other threads (receiving the next blocks, writing the disk cache) run meanwhile.
+    Shown with a pipe whose only reader is a Python thread of the same process: a 1 MiB reply
+    fills the pipe, and only that thread draining it lets the write end (held, the GIL would
+    leave the writer and that thread waiting on each other forever)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    import pytest
+
+    if importlib.util.find_spec("sidecar._fusept") is None:
+        pytest.skip("the protocol hook is not built here")
+    for size in (1 << 20, 4096):  # (a small reply fits the pipe: it returns either way)
+        out = subprocess.run([sys.executable, "-c", _REPLY_WITH_A_DRAINING_THREAD, str(size)], capture_output=True, text=True, timeout=15)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == [str(size), str(size)]
