@@ -71,6 +71,7 @@ from pathlib import Path
 import structlog
 
 from sidecar.cache.memory import Buffer
+from sidecar.cache.staging import staging
 
 log = structlog.get_logger()
 
@@ -214,7 +215,15 @@ def _read_direct(fd: int, offset: int, size: int, buffers: list[Buffer | None], 
     file system that cannot read directly refuses that with EINVAL), read with one request into `buffers` (a new one where a buffer is not a `Buffer` of `size`
     bytes); each one whose checksum does not hold (or that came short) is None."""
     bufs = [b if type(b) is Buffer and len(b) == size else Buffer.new(size) for b in buffers]
-    got = os.preadv(fd, bufs, offset)
+    total = size * len(bufs)
+    area = staging(total)  # (huge pages: the disk gets requests several times larger)
+    if area is None:
+        got = os.preadv(fd, bufs, offset)
+    else:
+        got = os.preadv(fd, [area[:total]], offset)
+        for i, buf in enumerate(bufs):
+            if got >= (i + 1) * size:
+                buf[:] = area[i * size : (i + 1) * size]
     return [buf if got >= (i + 1) * size and crc32(buf) == crc else None for i, (buf, crc) in enumerate(zip(bufs, crcs))]
 
 

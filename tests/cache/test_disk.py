@@ -1,5 +1,6 @@
 """The disk tier (sidecar.cache.disk) and its hand-off from the block cache."""
 
+import ctypes
 import errno
 import os
 import random
@@ -778,3 +779,59 @@ def test_a_small_block_the_page_cache_holds_is_read_without_a_thread_and_others_
             assert len(hops) == 2 and disk.corrupt == 1 and store.stats.get_requests == gets + 1
 
     run(main, mock_clock=False)
+
+
+def _thp_allowed() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+def test_a_run_of_blocks_read_directly_goes_through_a_huge_page_staging_area(tmp_path, monkeypatch):
+    """Blocks read with O_DIRECT land first in the disk thread's staging area of 2 MiB pages
+    (one request of the run's size reaches the disk, not requests of at most 254 pages), then
+    in their own buffers, checked: every byte right, a damaged one dropped. Without an area
+    (no huge pages to be had) they are read into their buffers as before."""
+    from sidecar.cache import disk as disk_module
+    from sidecar.cache import staging as staging_module
+    from sidecar.cache.disk import read_direct
+    from sidecar.cache.memory import Buffer
+
+    if not _reads_direct(str(tmp_path)):
+        pytest.skip("this file system does not read with O_DIRECT")
+    rnd = random.Random(37)
+    data = [rnd.randbytes(MIB) for _ in range(4)]
+    disk = DiskTier(tmp_path / "c", limit=256 << 20)
+    assert disk.put_blocks("st", "obj", "e1", MIB, list(enumerate(data)), 4 * MIB) == 4
+    names = [block_name("st", "obj", "e1", i, MIB) for i in range(4)]
+    areas = []
+    real = staging_module.staging
+    monkeypatch.setattr(disk_module, "staging", lambda n: areas.append(real(n)) or areas[-1])
+    for attempt in ("staged", "not staged"):
+        _evict_page_cache(tmp_path / "c")
+        again = DiskTier(tmp_path / "c", limit=256 << 20)
+        got = read_direct(again, names, [Buffer.new(MIB), None, Buffer.new(MIB), None])
+        assert got is not None and [type(b) for b in got] == [Buffer] * 4 and got == data, attempt
+        assert again.direct_reads == 4
+        if attempt == "staged":
+            assert len(areas) == 1
+            if _thp_allowed():
+                area = areas[0]
+                assert area is not None and len(area) >= 4 * MIB
+                anchor = ctypes.c_char.from_buffer(area)
+                assert ctypes.addressof(anchor) % (2 << 20) == 0
+                assert staging_module._huge_bytes(ctypes.addressof(anchor)) >= 4 * MIB
+                del anchor
+            monkeypatch.setattr(disk_module, "staging", lambda n: None)
+    (seg,) = _segment_files(tmp_path / "c")
+    with open(seg, "r+b") as f:
+        f.seek(disk._packed[names[2]][1] + 7)
+        f.write(b"\x00" if data[2][7] else b"\x01")
+    monkeypatch.setattr(disk_module, "staging", real)
+    _evict_page_cache(tmp_path / "c")
+    again = DiskTier(tmp_path / "c", limit=256 << 20)
+    got = read_direct(again, names, [None] * 4)
+    assert got is not None and got[2] is None and [got[i] for i in (0, 1, 3)] == [data[i] for i in (0, 1, 3)]
+    assert again.corrupt == 1 and names[2] not in again
