@@ -41,9 +41,9 @@
  * costs a writer more CPU per byte than the IOCTLs it saves (HISTORY.md).
  *
  * Large replies are written with the GIL released. pyfuse3 answers a READ from Python, holding
- * the GIL, and the kernel copies the reply's bytes into the reader's pages inside that writev:
- * for 1 MiB about as long as receiving it took. Held, the GIL stopped the threads that receive
- * the next blocks and write the disk cache for a third of a cold read's time (py-spy --gil).
+ * the GIL, and the kernel copies the reply's bytes into the reader's pages inside that writev.
+ * Held, the GIL stopped the threads that receive the next blocks and write the disk cache for
+ * much of a cold read's time (py-spy --gil; benchmarks/results/HISTORY.md).
  * A small reply (a lookup, an attribute) keeps it: taking the GIL back may wait for another
  * thread's switch interval, which costs more than such a reply's copy.
  *

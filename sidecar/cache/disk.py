@@ -787,8 +787,8 @@ def write_segment(tier: DiskTier, identity: tuple[str, str, str, int], slots: in
     `first`, creating it if need be; how many of them are now on disk."""
     storage, key, etag, block_size = identity
     # The names of the blocks written, and slot 0's: all of a segment's (thousands for a large
-    # object) only to create it. For each block written, they made a cold read's CPU grow with
-    # the object's size (0.8 s per GiB at 1 GiB).
+    # object) only to create it. Computed for each block written, they made a cold read's CPU
+    # grow with the square of the object's blocks.
     names = {i: block_name(storage, key, etag, i, block_size) for i in {first, *(index for index, _ in items)}}
     crcs = {index: crc32(data) for index, data in items}
     table, slot = segment_layout(slots, block_size)

@@ -12,8 +12,9 @@ Recycled buffers: a whole block fetched from a store that fills buffers (S3) arr
 When one is evicted to make room for another such block and nothing else holds it (no reply,
 disk write or reader has a view of it: its reference count says so), it becomes that block's
 buffer (`reserve_block`) rather than being freed. A new one costs the kernel its pages: faulted
-in and zeroed page by page (a bytearray), they were a fifth of a cold read's CPU (perf). The
-budget is unchanged: the buffer moves from the tier to the reservation.
+in and zeroed page by page (a bytearray), they were a large part of a cold read's CPU
+(benchmarks/results/HISTORY.md). The budget is unchanged: the buffer moves from the tier to the
+reservation.
 
 Blocks read back from the disk tier come in `Buffer`s too (the disk reads them with O_DIRECT,
 sidecar.cache.disk), recycled the same way; one from a store serves for a disk read and the

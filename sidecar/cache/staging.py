@@ -1,11 +1,11 @@
 """A disk thread's staging area for O_DIRECT reads, in huge pages where the kernel gives them.
 
 A direct read into a block's own buffer (4 KiB pages) reaches a virtio disk as requests of at
-most 254 pages, its segment limit: on this machine 570-670 KiB on average at a queue depth of
-9-18, 1.2-1.5 GB/s. The same reads into memory of 2 MiB pages went out as 3.5 MiB requests at
-2.6-3.2 GB/s (benchmarks/results/HISTORY.md). So a run of blocks is read into a staging area of
+most 254 pages, its segment limit, many of them at once; the same reads into memory of 2 MiB
+pages went out as a few requests of several MiB, at about twice the speed
+(benchmarks/results/HISTORY.md). So a run of blocks is read into a staging area of
 huge pages, one per disk thread, made once, and copied into the blocks' buffers: a copy in
-memory for reads from the disk at twice the speed. Where the kernel gives no huge pages
+memory for fewer, larger disk requests. Where the kernel gives no huge pages
 (transparent huge pages off, or memory too fragmented when the area is made) there is no
 staging area, and blocks are read into their own buffers as before.
 

@@ -23,7 +23,8 @@ class Buffer(mmap.mmap):
     def new(cls, n: int) -> "Buffer":
         # Private (Python maps anonymous memory shared by default, pages of a shmem file), and
         # populated in one call: faulted in page by page as a body arrived, a new block's pages
-        # cost a fifth of its receiving thread's CPU (perf), and a bytearray zeroed them again.
+        # were a large part of its receiving thread's CPU, and a bytearray zeroed them again
+        # (benchmarks/results/HISTORY.md).
         return cls(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
 
 
