@@ -198,12 +198,16 @@ class Reader:
             return b""
         end = min(offset + size, ref.size)
         bs = self.cache.block_size
-        if self.fill is None and self.ranges.in_flight(ref) and (joined := await self.ranges.joined(ref, offset, end)) is not None:
+        # A copy under way answers what it covers from its pieces itself (it lets them go); a
+        # read outside it (the kernel asking again for a page of the window around its far end)
+        # may be answered by a range like any other.
+        outside = self.fill is None or not self.fill.covers(offset, end)
+        if outside and self.ranges.in_flight(ref) and (joined := await self.ranges.joined(ref, offset, end)) is not None:
             return joined  # inside a range another read is fetching: no request, no stream of its own
-        if (self.fill is None and self.ranges.may_cover(ref)
+        if (outside and self.ranges.may_cover(ref)
                 and not all(self.cache.has(ref, i) for i in range(offset // bs, (end - 1) // bs + 1))):
             # What a random reader or a copy kept answers before any block is fetched or any
-            # stream started (a copy under way answers from its pieces itself: it lets them go).
+            # stream started.
             kept = await self.ranges.covered(ref, offset, end)
             if kept is not None:
                 return kept
