@@ -255,6 +255,11 @@ class SharedBlocks:
         for n, index in enumerate(indices):
             name = block_file_name(version, block_size, index)
             fd = self._try_lock(self._claim_path(name)) if not self._path(name).exists() else None
+            if fd is not None and self._path(name).exists():
+                # Its fetcher stored it and let go between the look and the lock (a fetcher
+                # stores before it lets go: once the lock is taken, the look is final).
+                self._let_go(name, fd)
+                fd = None
             if fd is None:
                 return mine, indices[n:]
             mine[index] = fd
@@ -262,11 +267,8 @@ class SharedBlocks:
 
     def release(self, version: VersionId, block_size: int, claimed: dict[int, int]) -> None:
         """Lets go of claims (their blocks stored, or their fetch failed)."""
-        for index, fd in claimed.items():
-            try:  # (a waiter that opened the old file finds it unlocked, then the block stored)
-                self._claim_path(block_file_name(version, block_size, index)).unlink(missing_ok=True)
-            finally:
-                os.close(fd)
+        for index, fd in claimed.items():  # (a waiter that opened the old file finds it unlocked, then the block stored)
+            self._let_go(block_file_name(version, block_size, index), fd)
         claimed.clear()
 
     def waiting(self, version: VersionId, block_size: int, indices: list[int]) -> tuple[list[int], list[int]]:
@@ -278,10 +280,17 @@ class SharedBlocks:
             if self._path(name).exists():
                 stored.append(index)
             elif (fd := self._try_lock(self._claim_path(name))) is not None:
-                self._claim_path(name).unlink(missing_ok=True)  # (the caller fetches it unclaimed)
-                os.close(fd)
-                free.append(index)
+                self._let_go(name, fd)
+                # Stored and let go between the look and the lock, or failed or died (then the
+                # caller fetches it unclaimed).
+                (stored if self._path(name).exists() else free).append(index)
         return stored, free
+
+    def _let_go(self, name: str, fd: int) -> None:
+        try:
+            self._claim_path(name).unlink(missing_ok=True)
+        finally:
+            os.close(fd)
 
     def _claim_path(self, name: str) -> Path:
         return self.dir / CLAIMS / f"{name}.claim"

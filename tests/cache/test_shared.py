@@ -242,6 +242,31 @@ def test_a_claimed_block_is_waited_for_until_stored_and_claims_are_taken_in_orde
     assert not list((tmp_path / "claims").iterdir())
 
 
+@pytest.mark.parametrize("call", ["claim", "waiting"])
+def test_a_block_stored_between_the_look_and_the_lock_is_read_not_fetched_again(tmp_path, call):
+    """The fetcher stores its block and lets go of its claim just after another sidecar looked
+    for the block and just before that one takes the claim's lock: the other reads the block,
+    it does not fetch it again. (Before, it took the free lock for a fetcher that failed and
+    fetched the block again: a race that explains the 25 GETs for 24 files two sidecars made
+    once under load, reading the same small files at once.)"""
+    one, two = SharedBlocks(tmp_path, 1 << 20), SharedBlocks(tmp_path, 1 << 20)
+    mine, _ = one.claim(version(), BS, [1])
+    lock = two._try_lock
+
+    def late(path):  # the fetcher finishes right before this lock
+        if mine:
+            one.put(version(), BS, 1, random.Random(9).randbytes(BS))
+            one.release(version(), BS, mine)
+        return lock(path)
+
+    two._try_lock = late
+    if call == "claim":
+        assert two.claim(version(), BS, [1, 2]) == ({}, [1, 2])  # nothing to claim: wait, then read it
+    assert two.waiting(version(), BS, [1]) == ([1], [])
+    assert two.get(version(), BS, 1) == random.Random(9).randbytes(BS)
+    assert not list((tmp_path / "claims").iterdir())
+
+
 def _claim_and_hang(folder, ready):
     shared = SharedBlocks(folder, 1 << 20)
     shared.claim(version(), BS, [0])
