@@ -99,7 +99,8 @@ def test_sixteen_concurrent_readers_same_and_different_files(bucket, mount_worke
     with ThreadPoolExecutor(16) as pool:
         for name, got in pool.map(read, names):
             assert got == files[name]
-    assert w.stats()["store"]["get_requests"] <= sum(-(-len(v) // MiB) for v in files.values()) + 8
+    st = w.stats()  # (what the store and the cache did, said when it fails: it failed once under load, 86 GETs)
+    assert st["store"]["get_requests"] <= sum(-(-len(v) // MiB) for v in files.values()) + 8, (st["store"], st["cache"])
 
 
 def test_readers_through_a_small_memory_budget_reuse_buffers_and_read_right_bytes(s3_bucket, mount_worker):
@@ -152,7 +153,8 @@ def test_a_new_mount_over_a_disk_cache_the_page_cache_dropped_reads_it_directly_
         blocks += -(-len(data) // MiB)
         wait_for(lambda: first.stats()["disk"]["blocks"] == blocks, timeout=30, what="the blocks on disk")
     # (the budget, 256 MiB, never fills: without the early reuse of served blocks none would be)
-    assert first.stats()["cache"]["buffers_recycled"] >= 32
+    st = first.stats()
+    assert st["cache"]["buffers_recycled"] >= 32, (st["cache"], st["memory_bytes"], st["disk"])  # (it failed once under load, 24)
     first.stop()
     _evict_page_cache(cache)
     w = mount_worker(s3_bucket, block_size=MiB, cache_dir=cache, passthrough=False)
