@@ -267,7 +267,7 @@ class SharedBlocks:
 
     def release(self, version: VersionId, block_size: int, claimed: dict[int, int]) -> None:
         """Lets go of claims (their blocks stored, or their fetch failed)."""
-        for index, fd in claimed.items():  # (a waiter that opened the old file finds it unlocked, then the block stored)
+        for index, fd in claimed.items():
             self._let_go(block_file_name(version, block_size, index), fd)
         claimed.clear()
 
@@ -287,6 +287,9 @@ class SharedBlocks:
         return stored, free
 
     def _let_go(self, name: str, fd: int) -> None:
+        """Removes a claim file and lets go of its lock. (Another sidecar that opened the file
+        before it was removed then takes the lock, and looks for the block again: a fetcher
+        stores its block before it lets go.)"""
         try:
             self._claim_path(name).unlink(missing_ok=True)
         finally:
