@@ -247,8 +247,8 @@ def test_a_block_stored_between_the_look_and_the_lock_is_read_not_fetched_again(
     """The fetcher stores its block and lets go of its claim just after another sidecar looked
     for the block and just before that one takes the claim's lock: the other reads the block,
     it does not fetch it again. (Before, it took the free lock for a fetcher that failed and
-    fetched the block again: a race that explains the 25 GETs for 24 files two sidecars made
-    once under load, reading the same small files at once.)"""
+    fetched the block again: a race that would explain the 25 GETs for 24 files two sidecars
+    made once under load, reading the same small files at once.)"""
     one, two = SharedBlocks(tmp_path, 1 << 20), SharedBlocks(tmp_path, 1 << 20)
     mine, _ = one.claim(version(), BS, [1])
     lock = two._try_lock

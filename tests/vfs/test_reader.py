@@ -184,6 +184,16 @@ def test_an_open_that_reads_nothing_builds_no_reader(monkeypatch):
     run(main)
 
 
+def _copy_reads(start: int, end: int, window: int) -> tuple[int, int, list[tuple[int, int]]]:
+    """The kernel's reads for a copy of [start, end) out of a mapped file, forwards: the window
+    around its first page, then around its last, then its read-ahead from the first on up to
+    the second. Returns (where the first window starts, where the second does, the reads)."""
+    head, tail = start - window // 2, end - window // 2
+    reads = [(head, window), (tail, window)]
+    reads += [(off, min(window, tail - off)) for off in range(head + window, tail, window)]
+    return head, tail, reads
+
+
 def test_a_copy_out_of_a_mapping_fetches_its_middle_once_at_once():
     """The reads of a copy out of a mapped file (the kernel's window around its first page, then
     around its last, then its read-ahead from the first on): the middle is fetched at once as
@@ -194,10 +204,7 @@ def test_a_copy_out_of_a_mapping_fetches_its_middle_once_at_once():
     data = random.Random(8).randbytes(BS * 200)
     store.put("model", data)
     window = 2 * BS  # the kernel's read-ahead on the mount, in one request
-    start, end = 20 * BS + 4096 * 3, 60 * BS + 12345  # the copy
-    head, tail = start - window // 2, end - window // 2
-    reads = [(head, window), (tail, window)]
-    reads += [(off, min(window, tail - off)) for off in range(head + window, tail, window)]
+    head, tail, reads = _copy_reads(20 * BS + 4096 * 3, 60 * BS + 12345, window)
     reads.append((tail + window, window))  # past the copy's end
 
     async def main():
@@ -228,10 +235,8 @@ def test_a_read_inside_the_copys_far_end_is_answered_from_it_while_the_copy_is_u
     data = random.Random(9).randbytes(BS * 200)
     store.put("model", data)
     window = BS  # the kernel's read-ahead on the mount as in the failing runs (a block: kept as a range)
-    start, end = 20 * BS + 4096 * 3, 28 * BS + 12345  # a middle of a few reads: the far end's read is still recent
-    head, tail = start - window // 2, end - window // 2
-    reads = [(head, window), (tail, window)]
-    reads += [(off, min(window, tail - off)) for off in range(head + window, tail, window)]
+    # (a middle of a few reads: the far end's read is still among the recent ones)
+    head, tail, reads = _copy_reads(20 * BS + 4096 * 3, 28 * BS + 12345, window)
     again = [(tail + window // 4, 4096), (tail + window - 8192, 8192)]  # inside the far end's window
 
     async def main():
@@ -262,14 +267,13 @@ def test_a_copys_pieces_behind_the_reader_are_let_go_and_a_read_back_still_answe
     data = random.Random(10).randbytes(BS * 100)
     store.put("model", data)
     window = 2 * BS
-    start, end = 10 * BS + 4096, 40 * BS + 999
-    head, tail = start - window // 2, end - window // 2
+    head, tail, reads = _copy_reads(10 * BS + 4096, 40 * BS + 999, window)
 
     async def main():
         async with mounted(store, memory_limit=BS * 64) as fs:
             fs.kernel_readahead = window
             fh, _ = await fs.open(await path_ino(fs, "model"), os.O_RDONLY)
-            for off, n in [(head, window), (tail, window)] + [(off, min(window, tail - off)) for off in range(head + window, head + 9 * window, window)]:
+            for off, n in reads[: 2 + 8]:  # the two ends and eight windows of the middle
                 assert bytes(await fs.read(fh, off, n)) == data[off : off + n]
             fill = fs._handles[fh].reader.fill
             assert fill is not None and fill.released >= 10  # 16 pieces read past, one kept as slack
